@@ -1,0 +1,11 @@
+//! nla-engine: a training engine for Natural Language Autoencoders.
+//!
+//! The model's forward and backward are explicit sequences of [`device::Device`] ops over
+//! buffers laid out ahead of time; the CPU device is the reference for every op.
+
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod train;
+
+pub use error::{Error, Result};

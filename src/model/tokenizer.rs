@@ -1,0 +1,1 @@
+//! Tokenizer from HF tokenizer.json.

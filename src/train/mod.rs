@@ -1,0 +1,1 @@
+//! Training: optimizer, LR schedule, gradient clipping.
