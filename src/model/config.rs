@@ -100,6 +100,7 @@ impl ModelConfig {
                 return Err(f.err("rope_scaling", "RoPE scaling is not supported (only null)"));
             }
         }
+        let rope_theta = f.rope_theta()?;
         for key in ["attention_bias", "mlp_bias", "use_sliding_window"] {
             if f.bool(key)?.unwrap_or(false) {
                 return Err(f.err(key, "true is not supported"));
@@ -134,7 +135,7 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: f.f32("rms_norm_eps")?.unwrap_or(1e-6),
-            rope_theta: f.f32("rope_theta")?.unwrap_or(10000.0),
+            rope_theta,
             max_position_embeddings,
             tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
             bos_token_id: f.usize("bos_token_id")?.map(|x| x as u32),
@@ -153,10 +154,10 @@ impl ModelConfig {
                 return Err(f.err(name, "must be positive"));
             }
         }
-        if !(cfg.rms_norm_eps > 0.0) {
+        if cfg.rms_norm_eps.is_nan() || cfg.rms_norm_eps <= 0.0 {
             return Err(f.err("rms_norm_eps", "must be positive"));
         }
-        if !(cfg.rope_theta > 0.0) {
+        if cfg.rope_theta.is_nan() || cfg.rope_theta <= 0.0 {
             return Err(f.err("rope_theta", "must be positive"));
         }
         Ok(cfg)
@@ -243,6 +244,36 @@ impl Fields<'_> {
                 .as_f64()
                 .map(|x| Some(x as f32))
                 .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+        }
+    }
+
+    /// `rope_theta` at the top level (transformers 4) or in `rope_parameters` (transformers 5,
+    /// whose `rope_type` must then be "default": scaled RoPE variants are refused).
+    fn rope_theta(&self) -> Result<f32> {
+        let top = self.f32("rope_theta")?;
+        let Some(rp) = self.get("rope_parameters") else {
+            return Ok(top.unwrap_or(10000.0));
+        };
+        let sub = Fields {
+            json: rp,
+            path: self.path,
+        };
+        let kind = sub.string("rope_type")?.unwrap_or_else(|| "default".into());
+        if kind != "default" {
+            return Err(self.err(
+                "rope_parameters.rope_type",
+                format!("{kind:?} RoPE is not supported (only \"default\")"),
+            ));
+        }
+        let theta = sub
+            .f32("rope_theta")
+            .map_err(|_| self.err("rope_parameters.rope_theta", "expected a number"))?;
+        match (top, theta) {
+            (Some(a), Some(b)) if a != b => Err(self.err(
+                "rope_theta",
+                format!("{a} disagrees with rope_parameters.rope_theta {b}"),
+            )),
+            (a, b) => Ok(b.or(a).unwrap_or(10000.0)),
         }
     }
 

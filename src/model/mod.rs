@@ -8,3 +8,18 @@ pub use config::ModelConfig;
 pub use params::{LayerParams, ParamEntry, ParamTable};
 pub mod safetensors_io;
 pub mod tokenizer;
+pub mod activations;
+pub mod backward;
+pub mod batch;
+pub mod forward;
+pub mod llama;
+
+pub use activations::{ActivationSet, Activations, LayerActs, LayerSet};
+pub use backward::backward;
+pub use batch::{Batch, DeviceBatch};
+pub use forward::{forward, LossSum};
+pub use llama::Model;
+pub use safetensors_io::{
+    load_params, read_tensors, save_params, weight_files, write_tensors, NamedTensor, SaveDtype,
+};
+pub use tokenizer::Tokenizer;

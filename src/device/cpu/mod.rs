@@ -3,6 +3,24 @@
 //! Each op lives in `cpu/<op>.rs` as free functions generic over [`Real`] (f32 for the engine,
 //! f64 for finite-difference checks), multi-threaded with rayon over rows. [`CpuDevice`]
 //! implements [`Device`](super::Device) by checking lengths and dims, then calling them.
+//!
+//! The twins take plain slices and trust their lengths; every check on what a caller passes
+//! happens in [`CpuDevice`], which returns [`Error::Invalid`] instead of calling a twin with
+//! inconsistent arguments.
+
+pub mod adamw;
+pub mod attention;
+pub mod cross_entropy;
+pub mod embedding;
+pub mod matmul;
+pub mod residual;
+pub mod rmsnorm;
+pub mod rope;
+pub mod softmax;
+pub mod swiglu;
+
+use super::{AdamwStep, AttnDims, Device, DeviceBuf, View, ViewMut};
+use crate::{Error, Result};
 
 /// Float types the CPU twins run in: f32 (the engine) and f64 (gradient checks).
 pub trait Real:
@@ -36,5 +54,542 @@ impl Real for f64 {
     }
     fn to_f64(self) -> f64 {
         self
+    }
+}
+
+/// Elements per rayon task in elementwise ops.
+const CHUNK: usize = 1 << 14;
+/// Independent accumulators in [`dot`]: lets LLVM keep them in one SIMD register.
+const LANES: usize = 8;
+
+/// `x` rounded to `T` (exact for f64).
+fn real<T: Real>(x: f64) -> T {
+    T::from_f64(x).unwrap_or_else(T::nan)
+}
+
+/// `sum_i a[i] * b[i]` over the common length, in `LANES` interleaved partial sums.
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
+    let tail: T = a.remainder().iter().zip(b.remainder()).map(|(&x, &y)| x * y).sum();
+    let mut acc = [T::zero(); LANES];
+    for (x, y) in a.zip(b) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.into_iter().sum::<T>() + tail
+}
+
+/// `y += alpha * x`
+fn axpy<T: Real>(y: &mut [T], alpha: T, x: &[T]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += alpha * x;
+    }
+}
+
+/// `x *= alpha`
+fn scale<T: Real>(x: &mut [T], alpha: T) {
+    for x in x.iter_mut() {
+        *x *= alpha;
+    }
+}
+
+/// Largest element (-inf for an empty slice; NaN elements are skipped).
+fn max<T: Real>(x: &[T]) -> T {
+    x.iter().fold(T::neg_infinity(), |m, &v| m.max(v))
+}
+
+/// The CPU device. Work runs on rayon's global pool (`RAYON_NUM_THREADS` sets its size); GEMMs
+/// run on matrixmultiply's own threads (`MATMUL_NUM_THREADS`, default: physical cores, at most 4).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuDevice;
+
+impl CpuDevice {
+    pub fn new() -> Self {
+        CpuDevice
+    }
+}
+
+impl DeviceBuf for Vec<f32> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+type Buf = Vec<f32>;
+
+/// The elements a view covers.
+fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
+    let (off, len, total) = (v.offset(), v.len(), v.buf().len());
+    v.buf()
+        .get(off..off.saturating_add(len))
+        .ok_or_else(|| Error::invalid(op, format!("{what}: view {off}+{len} outside buffer of {total}")))
+}
+
+/// The elements a writable view covers.
+fn get_mut<'a>(op: &'static str, what: &str, v: ViewMut<'a, Buf>) -> Result<&'a mut [f32]> {
+    let (buf, off, len) = v.into_parts();
+    let total = buf.len();
+    buf.get_mut(off..off.saturating_add(len))
+        .ok_or_else(|| Error::invalid(op, format!("{what}: view {off}+{len} outside buffer of {total}")))
+}
+
+/// Product of dims, or an error on overflow.
+fn numel(op: &'static str, what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::invalid(op, format!("{what}: dims {dims:?} overflow usize")))
+}
+
+/// `what` (e.g. "x [N,C]") must hold exactly the product of `dims` elements.
+fn check_len(op: &'static str, what: &str, got: usize, dims: &[usize]) -> Result<()> {
+    let want = numel(op, what, dims)?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            format!("{what}: expected {want} elements (dims {dims:?}), got {got}"),
+        ))
+    }
+}
+
+/// Two lengths that must agree.
+fn check_same(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("{what}: expected {want} elements, got {got}")))
+    }
+}
+
+/// A dim that must be positive.
+fn check_pos(op: &'static str, name: &str, x: usize) -> Result<()> {
+    if x > 0 {
+        Ok(())
+    } else {
+        Err(Error::invalid(op, format!("{name} must be > 0")))
+    }
+}
+
+/// Every id must be below `limit`.
+fn check_ids(op: &'static str, what: &str, ids: &[u32], limit: usize) -> Result<()> {
+    match ids.iter().enumerate().find(|(_, &id)| id as usize >= limit) {
+        None => Ok(()),
+        Some((i, id)) => Err(Error::invalid(op, format!("{what}[{i}] = {id} is out of range (must be < {limit})"))),
+    }
+}
+
+/// A table `[rows, c]` given as a flat length: the number of rows.
+fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> {
+    if len % c == 0 {
+        Ok(len / c)
+    } else {
+        Err(Error::invalid(op, format!("{what}: {len} elements is not a multiple of C = {c}")))
+    }
+}
+
+fn check_attn(op: &'static str, d: &AttnDims) -> Result<()> {
+    check_pos(op, "NH", d.nh)?;
+    check_pos(op, "NKV", d.nkv)?;
+    check_pos(op, "HS", d.hs)?;
+    if d.nh % d.nkv != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("NH = {} is not a multiple of NKV = {}", d.nh, d.nkv),
+        ));
+    }
+    Ok(())
+}
+
+fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Result<()> {
+    let [_, _, h, hs] = dims;
+    check_pos(op, "H", h)?;
+    if hs == 0 || hs % 2 != 0 {
+        return Err(Error::invalid(op, format!("HS = {hs} must be even and > 0")));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(Error::invalid(op, format!("theta = {theta} must be finite and > 0")));
+    }
+    check_len(op, "x [B,T,H,HS]", len, &dims)
+}
+
+impl Device for CpuDevice {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn alloc(&self, n: usize) -> Result<Self::Buf> {
+        Ok(vec![0.0; n])
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf> {
+        Ok(host.to_vec())
+    }
+
+    fn download(&self, x: View<'_, Buf>) -> Result<Vec<f32>> {
+        Ok(get("download", "x", x)?.to_vec())
+    }
+
+    fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids> {
+        Ok(host.to_vec())
+    }
+
+    fn fill(&self, x: ViewMut<'_, Buf>, value: f32) -> Result<()> {
+        get_mut("fill", "x", x)?.fill(value);
+        Ok(())
+    }
+
+    fn copy(&self, dst: ViewMut<'_, Buf>, src: View<'_, Buf>) -> Result<()> {
+        const OP: &str = "copy";
+        check_same(OP, "dst", dst.len(), src.len())?;
+        get_mut(OP, "dst", dst)?.copy_from_slice(get(OP, "src", src)?);
+        Ok(())
+    }
+
+    fn embedding_fwd(&self, out: ViewMut<'_, Buf>, ids: &Self::Ids, wte: View<'_, Buf>, n: usize, c: usize) -> Result<()> {
+        const OP: &str = "embedding_fwd";
+        check_pos(OP, "C", c)?;
+        check_len(OP, "ids [N]", ids.len(), &[n])?;
+        check_len(OP, "out [N,C]", out.len(), &[n, c])?;
+        let v = rows_of(OP, "wte [V,C]", wte.len(), c)?;
+        check_ids(OP, "ids", ids, v)?;
+        embedding::embedding_fwd(get_mut(OP, "out", out)?, ids, get(OP, "wte", wte)?, c);
+        Ok(())
+    }
+
+    fn embedding_bwd(&self, dwte: ViewMut<'_, Buf>, ids: &Self::Ids, dout: View<'_, Buf>, n: usize, c: usize) -> Result<()> {
+        const OP: &str = "embedding_bwd";
+        check_pos(OP, "C", c)?;
+        check_len(OP, "ids [N]", ids.len(), &[n])?;
+        check_len(OP, "dout [N,C]", dout.len(), &[n, c])?;
+        let v = rows_of(OP, "dwte [V,C]", dwte.len(), c)?;
+        check_ids(OP, "ids", ids, v)?;
+        embedding::embedding_bwd(get_mut(OP, "dwte", dwte)?, ids, get(OP, "dout", dout)?, c);
+        Ok(())
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        rstd: ViewMut<'_, Buf>,
+        x: View<'_, Buf>,
+        w: View<'_, Buf>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_fwd";
+        check_pos(OP, "C", c)?;
+        check_len(OP, "out [N,C]", out.len(), &[n, c])?;
+        check_len(OP, "rstd [N]", rstd.len(), &[n])?;
+        check_len(OP, "x [N,C]", x.len(), &[n, c])?;
+        check_len(OP, "w [C]", w.len(), &[c])?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(Error::invalid(OP, format!("eps = {eps} must be finite and >= 0")));
+        }
+        rmsnorm::rmsnorm_fwd(
+            get_mut(OP, "out", out)?,
+            get_mut(OP, "rstd", rstd)?,
+            get(OP, "x", x)?,
+            get(OP, "w", w)?,
+            c,
+            eps,
+        );
+        Ok(())
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: ViewMut<'_, Buf>,
+        dw: ViewMut<'_, Buf>,
+        dout: View<'_, Buf>,
+        x: View<'_, Buf>,
+        w: View<'_, Buf>,
+        rstd: View<'_, Buf>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_bwd";
+        check_pos(OP, "C", c)?;
+        check_len(OP, "dx [N,C]", dx.len(), &[n, c])?;
+        check_len(OP, "dw [C]", dw.len(), &[c])?;
+        check_len(OP, "dout [N,C]", dout.len(), &[n, c])?;
+        check_len(OP, "x [N,C]", x.len(), &[n, c])?;
+        check_len(OP, "w [C]", w.len(), &[c])?;
+        check_len(OP, "rstd [N]", rstd.len(), &[n])?;
+        rmsnorm::rmsnorm_bwd(
+            get_mut(OP, "dx", dx)?,
+            get_mut(OP, "dw", dw)?,
+            get(OP, "dout", dout)?,
+            get(OP, "x", x)?,
+            get(OP, "w", w)?,
+            get(OP, "rstd", rstd)?,
+            c,
+        );
+        Ok(())
+    }
+
+    fn rope_fwd(&self, x: ViewMut<'_, Buf>, b: usize, t: usize, h: usize, hs: usize, pos0: usize, theta: f32) -> Result<()> {
+        const OP: &str = "rope_fwd";
+        check_rope(OP, x.len(), [b, t, h, hs], theta)?;
+        rope::rope_fwd(get_mut(OP, "x", x)?, t, h, hs, pos0, theta);
+        Ok(())
+    }
+
+    fn rope_bwd(&self, dx: ViewMut<'_, Buf>, b: usize, t: usize, h: usize, hs: usize, pos0: usize, theta: f32) -> Result<()> {
+        const OP: &str = "rope_bwd";
+        check_rope(OP, dx.len(), [b, t, h, hs], theta)?;
+        rope::rope_bwd(get_mut(OP, "dx", dx)?, t, h, hs, pos0, theta);
+        Ok(())
+    }
+
+    fn attention_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        lse: ViewMut<'_, Buf>,
+        q: View<'_, Buf>,
+        k: View<'_, Buf>,
+        v: View<'_, Buf>,
+        d: AttnDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_fwd";
+        check_attn(OP, &d)?;
+        let AttnDims { b, t, nh, nkv, hs } = d;
+        check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
+        check_len(OP, "lse [B,NH,T]", lse.len(), &[b, nh, t])?;
+        check_len(OP, "q [B,T,NH,HS]", q.len(), &[b, t, nh, hs])?;
+        check_len(OP, "k [B,T,NKV,HS]", k.len(), &[b, t, nkv, hs])?;
+        check_len(OP, "v [B,T,NKV,HS]", v.len(), &[b, t, nkv, hs])?;
+        attention::attention_fwd(
+            get_mut(OP, "out", out)?,
+            get_mut(OP, "lse", lse)?,
+            get(OP, "q", q)?,
+            get(OP, "k", k)?,
+            get(OP, "v", v)?,
+            d,
+        );
+        Ok(())
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: ViewMut<'_, Buf>,
+        dk: ViewMut<'_, Buf>,
+        dv: ViewMut<'_, Buf>,
+        dout: View<'_, Buf>,
+        q: View<'_, Buf>,
+        k: View<'_, Buf>,
+        v: View<'_, Buf>,
+        out: View<'_, Buf>,
+        lse: View<'_, Buf>,
+        d: AttnDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_bwd";
+        check_attn(OP, &d)?;
+        let AttnDims { b, t, nh, nkv, hs } = d;
+        check_len(OP, "dq [B,T,NH,HS]", dq.len(), &[b, t, nh, hs])?;
+        check_len(OP, "dk [B,T,NKV,HS]", dk.len(), &[b, t, nkv, hs])?;
+        check_len(OP, "dv [B,T,NKV,HS]", dv.len(), &[b, t, nkv, hs])?;
+        check_len(OP, "dout [B,T,NH,HS]", dout.len(), &[b, t, nh, hs])?;
+        check_len(OP, "q [B,T,NH,HS]", q.len(), &[b, t, nh, hs])?;
+        check_len(OP, "k [B,T,NKV,HS]", k.len(), &[b, t, nkv, hs])?;
+        check_len(OP, "v [B,T,NKV,HS]", v.len(), &[b, t, nkv, hs])?;
+        check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
+        check_len(OP, "lse [B,NH,T]", lse.len(), &[b, nh, t])?;
+        attention::attention_bwd(
+            get_mut(OP, "dq", dq)?,
+            get_mut(OP, "dk", dk)?,
+            get_mut(OP, "dv", dv)?,
+            get(OP, "dout", dout)?,
+            get(OP, "q", q)?,
+            get(OP, "k", k)?,
+            get(OP, "v", v)?,
+            get(OP, "out", out)?,
+            get(OP, "lse", lse)?,
+            d,
+        );
+        Ok(())
+    }
+
+    fn swiglu_fwd(&self, out: ViewMut<'_, Buf>, gate: View<'_, Buf>, up: View<'_, Buf>) -> Result<()> {
+        const OP: &str = "swiglu_fwd";
+        check_same(OP, "gate", gate.len(), out.len())?;
+        check_same(OP, "up", up.len(), out.len())?;
+        swiglu::swiglu_fwd(get_mut(OP, "out", out)?, get(OP, "gate", gate)?, get(OP, "up", up)?);
+        Ok(())
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: ViewMut<'_, Buf>,
+        dup: ViewMut<'_, Buf>,
+        dout: View<'_, Buf>,
+        gate: View<'_, Buf>,
+        up: View<'_, Buf>,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_bwd";
+        let n = dout.len();
+        check_same(OP, "dgate", dgate.len(), n)?;
+        check_same(OP, "dup", dup.len(), n)?;
+        check_same(OP, "gate", gate.len(), n)?;
+        check_same(OP, "up", up.len(), n)?;
+        swiglu::swiglu_bwd(
+            get_mut(OP, "dgate", dgate)?,
+            get_mut(OP, "dup", dup)?,
+            get(OP, "dout", dout)?,
+            get(OP, "gate", gate)?,
+            get(OP, "up", up)?,
+        );
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        c: ViewMut<'_, Buf>,
+        a: View<'_, Buf>,
+        b: View<'_, Buf>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        const OP: &str = "matmul";
+        check_len(OP, if ta { "a [K,M]" } else { "a [M,K]" }, a.len(), &[m, k])?;
+        check_len(OP, if tb { "b [N,K]" } else { "b [K,N]" }, b.len(), &[k, n])?;
+        check_len(OP, "c [M,N]", c.len(), &[m, n])?;
+        matmul::matmul(
+            get_mut(OP, "c", c)?,
+            get(OP, "a", a)?,
+            get(OP, "b", b)?,
+            [m, n, k],
+            ta,
+            tb,
+            alpha,
+            beta,
+        )
+    }
+
+    fn residual_fwd(&self, out: ViewMut<'_, Buf>, a: View<'_, Buf>, b: View<'_, Buf>) -> Result<()> {
+        const OP: &str = "residual_fwd";
+        check_same(OP, "a", a.len(), out.len())?;
+        check_same(OP, "b", b.len(), out.len())?;
+        residual::residual_fwd(get_mut(OP, "out", out)?, get(OP, "a", a)?, get(OP, "b", b)?);
+        Ok(())
+    }
+
+    fn residual_bwd(&self, da: ViewMut<'_, Buf>, dout: View<'_, Buf>) -> Result<()> {
+        const OP: &str = "residual_bwd";
+        check_same(OP, "dout", dout.len(), da.len())?;
+        residual::residual_bwd(get_mut(OP, "da", da)?, get(OP, "dout", dout)?);
+        Ok(())
+    }
+
+    fn cross_entropy_fwd(
+        &self,
+        losses: ViewMut<'_, Buf>,
+        logits: View<'_, Buf>,
+        targets: &Self::Ids,
+        mask: View<'_, Buf>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_fwd";
+        check_pos(OP, "V", v)?;
+        check_len(OP, "losses [N]", losses.len(), &[n])?;
+        check_len(OP, "logits [N,V]", logits.len(), &[n, v])?;
+        check_len(OP, "targets [N]", targets.len(), &[n])?;
+        check_len(OP, "mask [N]", mask.len(), &[n])?;
+        check_ids(OP, "targets", targets, v)?;
+        cross_entropy::cross_entropy_fwd(
+            get_mut(OP, "losses", losses)?,
+            get(OP, "logits", logits)?,
+            targets,
+            get(OP, "mask", mask)?,
+            v,
+        );
+        Ok(())
+    }
+
+    fn cross_entropy_bwd(
+        &self,
+        dlogits: ViewMut<'_, Buf>,
+        logits: View<'_, Buf>,
+        targets: &Self::Ids,
+        mask: View<'_, Buf>,
+        n: usize,
+        v: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_bwd";
+        check_pos(OP, "V", v)?;
+        check_len(OP, "dlogits [N,V]", dlogits.len(), &[n, v])?;
+        check_len(OP, "logits [N,V]", logits.len(), &[n, v])?;
+        check_len(OP, "targets [N]", targets.len(), &[n])?;
+        check_len(OP, "mask [N]", mask.len(), &[n])?;
+        check_ids(OP, "targets", targets, v)?;
+        cross_entropy::cross_entropy_bwd(
+            get_mut(OP, "dlogits", dlogits)?,
+            get(OP, "logits", logits)?,
+            targets,
+            get(OP, "mask", mask)?,
+            v,
+            scale,
+        );
+        Ok(())
+    }
+
+    fn softmax_fwd(&self, out: ViewMut<'_, Buf>, x: View<'_, Buf>, n: usize, v: usize) -> Result<()> {
+        const OP: &str = "softmax_fwd";
+        check_pos(OP, "V", v)?;
+        check_len(OP, "out [N,V]", out.len(), &[n, v])?;
+        check_len(OP, "x [N,V]", x.len(), &[n, v])?;
+        softmax::softmax_fwd(get_mut(OP, "out", out)?, get(OP, "x", x)?, v);
+        Ok(())
+    }
+
+    fn softmax_bwd(&self, dx: ViewMut<'_, Buf>, dout: View<'_, Buf>, out: View<'_, Buf>, n: usize, v: usize) -> Result<()> {
+        const OP: &str = "softmax_bwd";
+        check_pos(OP, "V", v)?;
+        check_len(OP, "dx [N,V]", dx.len(), &[n, v])?;
+        check_len(OP, "dout [N,V]", dout.len(), &[n, v])?;
+        check_len(OP, "out [N,V]", out.len(), &[n, v])?;
+        softmax::softmax_bwd(get_mut(OP, "dx", dx)?, get(OP, "dout", dout)?, get(OP, "out", out)?, v);
+        Ok(())
+    }
+
+    fn adamw(&self, p: ViewMut<'_, Buf>, g: View<'_, Buf>, m: ViewMut<'_, Buf>, v: ViewMut<'_, Buf>, hp: &AdamwStep) -> Result<()> {
+        const OP: &str = "adamw";
+        check_same(OP, "g", g.len(), p.len())?;
+        check_same(OP, "m", m.len(), p.len())?;
+        check_same(OP, "v", v.len(), p.len())?;
+        if hp.step == 0 {
+            return Err(Error::invalid(OP, "step is 1-based, got 0"));
+        }
+        if !((0.0..1.0).contains(&hp.beta1) && (0.0..1.0).contains(&hp.beta2)) {
+            return Err(Error::invalid(
+                OP,
+                format!("beta1 = {} and beta2 = {} must lie in [0, 1)", hp.beta1, hp.beta2),
+            ));
+        }
+        adamw::adamw(
+            get_mut(OP, "p", p)?,
+            get(OP, "g", g)?,
+            get_mut(OP, "m", m)?,
+            get_mut(OP, "v", v)?,
+            hp,
+        );
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: View<'_, Buf>) -> Result<f64> {
+        Ok(adamw::sum_squares(get("sum_squares", "x", x)?))
     }
 }

@@ -1,0 +1,99 @@
+//! A Llama-family decoder on a device: config, parameter table, flat parameters and gradients.
+
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+
+use super::{safetensors_io, ModelConfig, ParamTable};
+use crate::device::{Device, View, ViewMut};
+use crate::Result;
+
+pub struct Model<D: Device> {
+    pub cfg: ModelConfig,
+    pub table: ParamTable,
+    /// every parameter, flat [P]
+    pub params: D::Buf,
+    /// d loss / d params, flat [P]; accumulated by `backward`, cleared by `zero_grads`
+    pub grads: D::Buf,
+}
+
+impl<D: Device> Model<D> {
+    /// Loads `config.json` and the safetensors weights of an HF model folder.
+    pub fn load(dev: &D, dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let table = ParamTable::for_config(&cfg);
+        let flat = safetensors_io::load_params(dir, &table)?;
+        Self::from_host(dev, cfg, &flat)
+    }
+
+    /// A model whose parameters are `flat` (laid out as `ParamTable::for_config(&cfg)`).
+    pub fn from_host(dev: &D, cfg: ModelConfig, flat: &[f32]) -> Result<Self> {
+        let table = ParamTable::for_config(&cfg);
+        if flat.len() != table.total {
+            return Err(crate::Error::invalid(
+                "model",
+                format!("{} parameter values given, the config needs {}", flat.len(), table.total),
+            ));
+        }
+        Ok(Model {
+            params: dev.upload(flat)?,
+            grads: dev.alloc(table.total)?,
+            cfg,
+            table,
+        })
+    }
+
+    /// Fresh weights: matrices ~ N(0, std^2), norm weights 1. Deterministic in `seed`.
+    pub fn init_random(dev: &D, cfg: ModelConfig, seed: u64, std: f32) -> Result<Self> {
+        let table = ParamTable::for_config(&cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut flat = vec![0f32; table.total];
+        for e in &table.entries {
+            let w = &mut flat[e.offset..e.offset + e.len];
+            if e.shape.len() == 1 {
+                w.fill(1.0);
+            } else {
+                for x in w.iter_mut() {
+                    *x = std * normal(&mut rng);
+                }
+            }
+        }
+        Self::from_host(dev, cfg, &flat)
+    }
+
+    /// The parameters, copied to the host in table layout.
+    pub fn params_to_host(&self, dev: &D) -> Result<Vec<f32>> {
+        dev.download(View::all(&self.params))
+    }
+
+    pub fn grads_to_host(&self, dev: &D) -> Result<Vec<f32>> {
+        dev.download(View::all(&self.grads))
+    }
+
+    pub fn zero_grads(&mut self, dev: &D) -> Result<()> {
+        dev.fill(ViewMut::all(&mut self.grads), 0.0)
+    }
+
+    /// Writes an HF folder: config.json and model.safetensors (f32), loadable by transformers.
+    pub fn save(&self, dev: &D, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
+        let flat = self.params_to_host(dev)?;
+        safetensors_io::save_params(&dir.join("model.safetensors"), &self.table, &flat, safetensors_io::SaveDtype::F32)?;
+        let cfg = serde_json::to_string_pretty(&self.cfg.to_json())
+            .map_err(|e| crate::Error::format(dir.join("config.json"), e.to_string()))?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, cfg).map_err(|e| crate::Error::io(path, e))
+    }
+
+    /// Number of parameters.
+    pub fn num_params(&self) -> usize {
+        self.table.total
+    }
+}
+
+/// A standard normal sample (Box-Muller).
+fn normal(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(1e-300);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
