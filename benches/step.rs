@@ -18,7 +18,9 @@ fn rows(v: u32) -> Vec<Vec<u32>> {
         .map(|_| {
             (0..T)
                 .map(|_| {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((s >> 33) % v as u64) as u32
                 })
                 .collect()
@@ -39,11 +41,24 @@ fn bench(c: &mut Criterion) {
     {
         let mut acts = ActivationSet::new(&dev, &model.cfg, B, T).expect("activations");
         let db = batch.upload(&dev).expect("upload");
-        g.bench_function("forward", |b| b.iter(|| forward(&dev, &model, &mut acts, &db).expect("forward")));
+        g.bench_function("forward", |b| {
+            b.iter(|| forward(&dev, &model, &mut acts, &db).expect("forward"))
+        });
     }
-    let mut trainer = LmTrainer::new(&dev, model, AdamwConfig::default(), LrSchedule::constant(1e-4), 1.0).expect("trainer");
+    let mut trainer = LmTrainer::new(
+        &dev,
+        model,
+        AdamwConfig::default(),
+        LrSchedule::constant(1e-4),
+        1.0,
+    )
+    .expect("trainer");
     g.bench_function("forward_backward_adamw", |b| {
-        b.iter(|| trainer.step(&dev, std::slice::from_ref(&batch)).expect("step"))
+        b.iter(|| {
+            trainer
+                .step(&dev, std::slice::from_ref(&batch))
+                .expect("step")
+        })
     });
     g.finish();
 }

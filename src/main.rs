@@ -8,11 +8,17 @@ use clap::{Parser, Subcommand};
 
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, View};
-use nla_engine::model::{backward, forward, safetensors_io, ActivationSet, Batch, Model, ModelConfig, ParamTable};
+use nla_engine::model::{
+    backward, forward, safetensors_io, ActivationSet, Batch, Model, ModelConfig, ParamTable,
+};
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule, ScheduleKind};
 
 #[derive(Parser)]
-#[command(name = "nla-engine", version, about = "Train Natural Language Autoencoders: an actor LM that explains activation vectors and a critic LM that reconstructs them")]
+#[command(
+    name = "nla-engine",
+    version,
+    about = "Train Natural Language Autoencoders: an actor LM that explains activation vectors and a critic LM that reconstructs them"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -94,7 +100,11 @@ fn info(dir: &Path, batch: usize, seq: usize) -> Result<()> {
     let files = safetensors_io::weight_files(dir)?;
     let p = table.total;
     println!("model        {}", dir.display());
-    println!("architecture {} (weights in {} file(s))", cfg.model_type, files.len());
+    println!(
+        "architecture {} (weights in {} file(s))",
+        cfg.model_type,
+        files.len()
+    );
     println!("layers       {}", cfg.num_hidden_layers);
     println!("d_model      {}", cfg.hidden_size);
     println!("ffn          {}", cfg.intermediate_size);
@@ -107,7 +117,12 @@ fn info(dir: &Path, batch: usize, seq: usize) -> Result<()> {
     println!("rms_norm_eps {}", cfg.rms_norm_eps);
     println!("tied embed   {}", cfg.tie_word_embeddings);
     println!("parameters   {p} ({:.2} M)", p as f64 / 1e6);
-    println!("memory (f32) weights {}, + grads {}, + AdamW state {}", gib(p * 4), gib(p * 4), gib(p * 8));
+    println!(
+        "memory (f32) weights {}, + grads {}, + AdamW state {}",
+        gib(p * 4),
+        gib(p * 4),
+        gib(p * 8)
+    );
     let acts = ActivationSet::plan(&cfg, batch, seq).elements;
     println!(
         "training at batch {batch} x {seq}: activations {}, total {}",
@@ -118,9 +133,14 @@ fn info(dir: &Path, batch: usize, seq: usize) -> Result<()> {
 }
 
 fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let rows: Vec<Vec<u32>> = serde_json::from_str(&text)
-        .with_context(|| format!("{}: expected a JSON array of arrays of token ids", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: expected a JSON array of arrays of token ids",
+            path.display()
+        )
+    })?;
     Ok(rows)
 }
 
@@ -137,14 +157,20 @@ fn forward_cmd(dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
     let loss = forward(&dev, &model, &mut acts, &db)?;
     let logits = dev.download(View::all(&acts.logits))?;
     let loss_v = [loss.mean() as f32];
-    let mut out: Vec<(String, Vec<usize>, &[f32])> =
-        vec![("logits".into(), vec![b, t, v], &logits), ("loss".into(), vec![], &loss_v)];
+    let mut out: Vec<(String, Vec<usize>, &[f32])> = vec![
+        ("logits".into(), vec![b, t, v], &logits),
+        ("loss".into(), vec![], &loss_v),
+    ];
     let host_grads;
     if grads {
         backward(&dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32)?;
         host_grads = model.grads_to_host(&dev)?;
         for e in &model.table.entries {
-            out.push((format!("grad.{}", e.name), e.shape.clone(), &host_grads[e.offset..e.offset + e.len]));
+            out.push((
+                format!("grad.{}", e.name),
+                e.shape.clone(),
+                &host_grads[e.offset..e.offset + e.len],
+            ));
         }
     }
     safetensors_io::write_tensors(dump, &out)?;
@@ -203,14 +229,18 @@ fn demo(steps: u64, out: Option<&Path>, seed: u64) -> Result<()> {
         ..AdamwConfig::default()
     };
     let mut trainer = LmTrainer::new(&dev, model, adamw, schedule, 1.0)?;
-    let mut rng_state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut rng_state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let start = Instant::now();
     let mut tokens = 0usize;
     let mut first = None;
     for step in 1..=steps {
         let rows: Vec<Vec<u32>> = (0..b)
             .map(|_| {
-                rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                rng_state = rng_state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let at = (rng_state >> 33) as usize % (text.len() - t);
                 text[at..at + t].iter().map(|&c| c as u32).collect()
             })
@@ -231,9 +261,15 @@ fn demo(steps: u64, out: Option<&Path>, seed: u64) -> Result<()> {
     }
     let prompt = "A natural language autoencoder";
     let cont = greedy(&dev, &trainer.model, prompt.as_bytes(), 80)?;
-    println!("greedy continuation of {prompt:?}:\n  {prompt}{}", String::from_utf8_lossy(&cont));
+    println!(
+        "greedy continuation of {prompt:?}:\n  {prompt}{}",
+        String::from_utf8_lossy(&cont)
+    );
     if let Some(first) = first {
-        println!("loss went from {first:.3} to {:.3} (uniform guessing is ln 256 = 5.545)", trainer_last_loss(&dev, &trainer, text, t)?);
+        println!(
+            "loss went from {first:.3} to {:.3} (uniform guessing is ln 256 = 5.545)",
+            trainer_last_loss(&dev, &trainer, text, t)?
+        );
     }
     if let Some(dir) = out {
         trainer.model.save(&dev, dir)?;
@@ -243,7 +279,12 @@ fn demo(steps: u64, out: Option<&Path>, seed: u64) -> Result<()> {
 }
 
 /// Mean loss of the model over the first window of the text.
-fn trainer_last_loss<D: Device>(dev: &D, trainer: &LmTrainer<D>, text: &[u8], t: usize) -> Result<f64> {
+fn trainer_last_loss<D: Device>(
+    dev: &D,
+    trainer: &LmTrainer<D>,
+    text: &[u8],
+    t: usize,
+) -> Result<f64> {
     let row: Vec<u32> = text[..t].iter().map(|&c| c as u32).collect();
     let batch = Batch::causal_lm(&[row])?;
     let mut acts = ActivationSet::new(dev, &trainer.model.cfg, 1, t)?;
@@ -267,7 +308,13 @@ fn greedy<D: Device>(dev: &D, model: &Model<D>, prompt: &[u8], n: usize) -> Resu
         let next = last
             .iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best })
+            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+                if x > best.1 {
+                    (i, x)
+                } else {
+                    best
+                }
+            })
             .0;
         ids.push(next as u32);
     }

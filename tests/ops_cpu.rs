@@ -28,7 +28,7 @@ fn m(x: &mut Buf) -> ViewMut<'_, Buf> {
 
 fn ops() -> &'static HashMap<String, Tensor> {
     static OPS: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
-    OPS.get_or_init(|| load_tensors(fixtures_dir().join("ops.safetensors")))
+    OPS.get_or_init(|| load_tensors(&fixtures_dir().join("ops.safetensors")))
 }
 
 fn fx(name: &str) -> &'static Tensor {
@@ -58,14 +58,29 @@ fn embedding_fixture() {
     let mut out = vec![f32::NAN; n * c];
     dev.embedding_fwd(m(&mut out), &ids, v(&wte), n, c).unwrap();
     // A gather copies f32 values: exact.
-    assert_close("embedding out", &out, &fx("embedding.out").data, 0.0, 0.0, 0.0);
+    assert_close(
+        "embedding out",
+        &out,
+        &fx("embedding.out").data,
+        0.0,
+        0.0,
+        0.0,
+    );
 
     let mut dwte = vec![0.0; wte.len()];
-    dev.embedding_bwd(m(&mut dwte), &ids, v(&data("embedding.dout")), n, c).unwrap();
+    dev.embedding_bwd(m(&mut dwte), &ids, v(&data("embedding.dout")), n, c)
+        .unwrap();
     let want = &fx("embedding.dwte").data;
     // Each row sums a handful of O(1) f32 values (ids repeat up to ~4 times): a few roundings,
     // each <= u of the running sum, so ~2 u of the largest entry (cancellation defeats rtol).
-    assert_close("embedding dwte", &dwte, want, 2.0 * U * amax(want), 2.0 * U, 1e-14);
+    assert_close(
+        "embedding dwte",
+        &dwte,
+        want,
+        2.0 * U * amax(want),
+        2.0 * U,
+        1e-14,
+    );
 }
 
 #[test]
@@ -76,22 +91,54 @@ fn rmsnorm_fixture() {
     let (n, c) = (fx("rmsnorm.x").shape[0], fx("rmsnorm.x").shape[1]);
     let mut out = vec![f32::NAN; n * c];
     let mut rstd = vec![f32::NAN; n];
-    dev.rmsnorm_fwd(m(&mut out), m(&mut rstd), v(&x), v(&w), n, c, eps).unwrap();
+    dev.rmsnorm_fwd(m(&mut out), m(&mut rstd), v(&x), v(&w), n, c, eps)
+        .unwrap();
     // out = x * rstd * w: rstd carries the error of a length-C (37) sum of squares (8 lanes, so
     // ~sqrt(37/8) u), sqrt and divide, then two products: ~3 u relative measured, 6 u allowed.
-    assert_close("rmsnorm out", &out, &fx("rmsnorm.out").data, 0.0, 6.0 * U, 1e-13);
+    assert_close(
+        "rmsnorm out",
+        &out,
+        &fx("rmsnorm.out").data,
+        0.0,
+        6.0 * U,
+        1e-13,
+    );
 
     let dout = data("rmsnorm.dout");
     let mut dx = vec![f32::NAN; n * c];
     let mut dw = vec![0.0; c];
-    dev.rmsnorm_bwd(m(&mut dx), m(&mut dw), v(&dout), v(&x), v(&w), v(&rstd), n, c).unwrap();
+    dev.rmsnorm_bwd(
+        m(&mut dx),
+        m(&mut dw),
+        v(&dout),
+        v(&x),
+        v(&w),
+        v(&rstd),
+        n,
+        c,
+    )
+    .unwrap();
     // dx = rstd*w*dout - x*rstd^3*mean(w*dout*x): two terms that cancel, so the error is ~u of
     // the row's scale rstd*|dout| rather than of |dx|: 4 u of the largest entry, 8 u relative.
     let want = &fx("rmsnorm.dx").data;
-    assert_close("rmsnorm dx", &dx, want, 4.0 * U * amax(want), 8.0 * U, 1e-13);
+    assert_close(
+        "rmsnorm dx",
+        &dx,
+        want,
+        4.0 * U * amax(want),
+        8.0 * U,
+        1e-13,
+    );
     // dw sums N = 19 products dout*x*rstd of mixed sign: ~sqrt(N) u of the terms' scale.
     let want = &fx("rmsnorm.dw").data;
-    assert_close("rmsnorm dw", &dw, want, 4.0 * U * amax(want), 8.0 * U, 1e-13);
+    assert_close(
+        "rmsnorm dw",
+        &dw,
+        want,
+        4.0 * U * amax(want),
+        8.0 * U,
+        1e-13,
+    );
 }
 
 #[test]
@@ -129,30 +176,67 @@ fn attn_dims() -> AttnDims {
 fn attention_fixture() {
     let dev = CpuDevice;
     let d = attn_dims();
-    let (q, k, vv) = (data("attention.q"), data("attention.k"), data("attention.v"));
+    let (q, k, vv) = (
+        data("attention.q"),
+        data("attention.k"),
+        data("attention.v"),
+    );
     let mut out = vec![f32::NAN; q.len()];
     let mut lse = vec![f32::NAN; d.b * d.nh * d.t];
-    dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d).unwrap();
+    dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d)
+        .unwrap();
     // Scores are length-HS (8) dots of O(1.5) values, the softmax sums <= T (9) terms, and
     // out is a convex combination of v rows, which cancel: the error is a few u of max|v|
     // (~max|out|), not of |out|. ~3 u measured for out, ~2 u for lse; 4 u allowed.
     let want = &fx("attention.out").data;
-    assert_close("attention out", &out, want, 4.0 * U * amax(want), 4.0 * U, 1e-13);
+    assert_close(
+        "attention out",
+        &out,
+        want,
+        4.0 * U * amax(want),
+        4.0 * U,
+        1e-13,
+    );
     let want = &fx("attention.lse").data;
-    assert_close("attention lse", &lse, want, 4.0 * U * amax(want), 4.0 * U, 1e-13);
+    assert_close(
+        "attention lse",
+        &lse,
+        want,
+        4.0 * U * amax(want),
+        4.0 * U,
+        1e-13,
+    );
 
     let dout = data("attention.dout");
     let mut dq = vec![f32::NAN; q.len()];
     let mut dk = vec![f32::NAN; k.len()];
     let mut dvv = vec![f32::NAN; vv.len()];
-    dev.attention_bwd(m(&mut dq), m(&mut dk), m(&mut dvv), v(&dout), v(&q), v(&k), v(&vv), v(&out), v(&lse), d)
-        .unwrap();
+    dev.attention_bwd(
+        m(&mut dq),
+        m(&mut dk),
+        m(&mut dvv),
+        v(&dout),
+        v(&q),
+        v(&k),
+        v(&vv),
+        v(&out),
+        v(&lse),
+        d,
+    )
+    .unwrap();
     // Gradients are sums over up to T*NH/NKV (18) terms P*(dP - D) that cancel (sum_j P_ij
     // (dP_ij - D_i) = 0): the error is relative to the terms' scale, up to ~10 u of the
     // largest entry measured (dq), so 16 u of it; 8 u relative elsewhere.
     for (name, got) in [("dq", &dq), ("dk", &dk), ("dv", &dvv)] {
         let want = &fx(&format!("attention.{name}")).data;
-        assert_close(&format!("attention {name}"), got, want, 16.0 * U * amax(want), 8.0 * U, 1e-12);
+        assert_close(
+            &format!("attention {name}"),
+            got,
+            want,
+            16.0 * U * amax(want),
+            8.0 * U,
+            1e-12,
+        );
     }
 }
 
@@ -163,21 +247,52 @@ fn swiglu_fixture() {
     let mut out = vec![f32::NAN; gate.len()];
     dev.swiglu_fwd(m(&mut out), v(&gate), v(&up)).unwrap();
     // Elementwise: expf (~1 ulp), a divide and two products: ~6 u relative.
-    assert_close("swiglu out", &out, &fx("swiglu.out").data, 0.0, 8.0 * U, 1e-13);
+    assert_close(
+        "swiglu out",
+        &out,
+        &fx("swiglu.out").data,
+        0.0,
+        8.0 * U,
+        1e-13,
+    );
 
     let dout = data("swiglu.dout");
     let (mut dgate, mut dup) = (vec![f32::NAN; gate.len()], vec![f32::NAN; gate.len()]);
-    dev.swiglu_bwd(m(&mut dgate), m(&mut dup), v(&dout), v(&gate), v(&up)).unwrap();
+    dev.swiglu_bwd(m(&mut dgate), m(&mut dup), v(&dout), v(&gate), v(&up))
+        .unwrap();
     // silu'(g) = s (1 + g (1 - s)) cancels near g ~ -2.4 (its zero): an absolute term of a few
     // u of the largest entry covers that; elsewhere ~8 u relative.
     let want = &fx("swiglu.dgate").data;
-    assert_close("swiglu dgate", &dgate, want, 4.0 * U * amax(want), 16.0 * U, 1e-13);
-    assert_close("swiglu dup", &dup, &fx("swiglu.dup").data, 0.0, 8.0 * U, 1e-13);
+    assert_close(
+        "swiglu dgate",
+        &dgate,
+        want,
+        4.0 * U * amax(want),
+        16.0 * U,
+        1e-13,
+    );
+    assert_close(
+        "swiglu dup",
+        &dup,
+        &fx("swiglu.dup").data,
+        0.0,
+        8.0 * U,
+        1e-13,
+    );
 }
 
 /// `alpha * op(a) op(b) + beta * c` in f64, naively; `a`, `b` stored as the flags say.
 #[allow(clippy::too_many_arguments)]
-fn naive_matmul(c: &[f32], a: &[f32], b: &[f32], [mm, n, k]: [usize; 3], ta: bool, tb: bool, alpha: f32, beta: f32) -> Buf {
+fn naive_matmul(
+    c: &[f32],
+    a: &[f32],
+    b: &[f32],
+    [mm, n, k]: [usize; 3],
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+) -> Buf {
     let mut out = vec![0.0; mm * n];
     for i in 0..mm {
         for j in 0..n {
@@ -187,7 +302,11 @@ fn naive_matmul(c: &[f32], a: &[f32], b: &[f32], [mm, n, k]: [usize; 3], ta: boo
                 let y = if tb { b[j * k + p] } else { b[p * n + j] };
                 s += x as f64 * y as f64;
             }
-            let prior = if beta == 0.0 { 0.0 } else { beta as f64 * c[i * n + j] as f64 };
+            let prior = if beta == 0.0 {
+                0.0
+            } else {
+                beta as f64 * c[i * n + j] as f64
+            };
             out[i * n + j] = (alpha as f64 * s + prior) as f32;
         }
     }
@@ -195,12 +314,17 @@ fn naive_matmul(c: &[f32], a: &[f32], b: &[f32], [mm, n, k]: [usize; 3], ta: boo
 }
 
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Buf {
-    (0..cols).flat_map(|j| (0..rows).map(move |i| x[i * cols + j])).collect()
+    (0..cols)
+        .flat_map(|j| (0..rows).map(move |i| x[i * cols + j]))
+        .collect()
 }
 
 /// `sum_k |a_ik| |b_kj|` for a [M,K], b [N,K]: the scale of the f32 rounding error of a dot.
 fn abs_products(a: &[f32], b: &[f32], mm: usize, n: usize, k: usize) -> Buf {
-    let (aa, ba): (Buf, Buf) = (a.iter().map(|x| x.abs()).collect(), b.iter().map(|x| x.abs()).collect());
+    let (aa, ba): (Buf, Buf) = (
+        a.iter().map(|x| x.abs()).collect(),
+        b.iter().map(|x| x.abs()).collect(),
+    );
     naive_matmul(&[], &aa, &ba, [mm, n, k], false, true, 1.0, 0.0)
 }
 
@@ -208,29 +332,68 @@ fn abs_products(a: &[f32], b: &[f32], mm: usize, n: usize, k: usize) -> Buf {
 fn matmul_fixture() {
     let dev = CpuDevice;
     let (a, b) = (data("matmul.a"), data("matmul.b"));
-    let (mm, k, n) = (fx("matmul.a").shape[0], fx("matmul.a").shape[1], fx("matmul.b").shape[0]);
+    let (mm, k, n) = (
+        fx("matmul.a").shape[0],
+        fx("matmul.a").shape[1],
+        fx("matmul.b").shape[0],
+    );
     // The rows of a vary in scale by 100x and dots of length K (<= 17) cancel: an element's
-    // error is ~sqrt(K) u of sum_k |a_ik||b_jk| (measured <= 2.4 u of the largest such sum,
+    // error is ~sqrt(K) u of sum_k |a_ik||b_jk| (measured <= 1.2 u of the largest such sum,
     // against a worst case of K u); 4 u of the largest is allowed, no relative term.
-    let tol = |scale: &[f32], _len: usize| 4.0 * U * amax(scale);
+    let tol = |scale: &[f32]| 4.0 * U * amax(scale);
 
     let mut out = vec![f32::NAN; mm * n];
-    dev.matmul(m(&mut out), v(&a), v(&b), mm, n, k, false, true, 1.0, 0.0).unwrap();
+    dev.matmul(m(&mut out), v(&a), v(&b), mm, n, k, false, true, 1.0, 0.0)
+        .unwrap();
     let want = &fx("matmul.out").data;
-    assert_close("matmul out", &out, want, tol(&abs_products(&a, &b, mm, n, k), k), 0.0, 1e-12);
+    assert_close(
+        "matmul out",
+        &out,
+        want,
+        tol(&abs_products(&a, &b, mm, n, k)),
+        0.0,
+        1e-12,
+    );
 
     let dout = data("matmul.dout");
     let mut da = vec![f32::NAN; mm * k];
-    dev.matmul(m(&mut da), v(&dout), v(&b), mm, k, n, false, false, 1.0, 0.0).unwrap();
+    dev.matmul(
+        m(&mut da),
+        v(&dout),
+        v(&b),
+        mm,
+        k,
+        n,
+        false,
+        false,
+        1.0,
+        0.0,
+    )
+    .unwrap();
     let bt = transpose(&b, n, k);
     let want = &fx("matmul.da").data;
-    assert_close("matmul da", &da, want, tol(&abs_products(&dout, &bt, mm, k, n), n), 0.0, 1e-12);
+    assert_close(
+        "matmul da",
+        &da,
+        want,
+        tol(&abs_products(&dout, &bt, mm, k, n)),
+        0.0,
+        1e-12,
+    );
 
     let mut db = vec![f32::NAN; n * k];
-    dev.matmul(m(&mut db), v(&dout), v(&a), n, k, mm, true, false, 1.0, 0.0).unwrap();
+    dev.matmul(m(&mut db), v(&dout), v(&a), n, k, mm, true, false, 1.0, 0.0)
+        .unwrap();
     let (dt, at) = (transpose(&dout, mm, n), transpose(&a, mm, k));
     let want = &fx("matmul.db").data;
-    assert_close("matmul db", &db, want, tol(&abs_products(&dt, &at, n, k, mm), mm), 0.0, 1e-12);
+    assert_close(
+        "matmul db",
+        &db,
+        want,
+        tol(&abs_products(&dt, &at, n, k, mm)),
+        0.0,
+        1e-12,
+    );
 }
 
 #[test]
@@ -238,15 +401,24 @@ fn matmul_transposes_alpha_beta() {
     let dev = CpuDevice;
     // op(a) = fixture a [M,K], op(b) = fixture b^T [K,N]; stored as each flag combination wants.
     let (a, b) = (data("matmul.a"), data("matmul.b"));
-    let (mm, k, n) = (fx("matmul.a").shape[0], fx("matmul.a").shape[1], fx("matmul.b").shape[0]);
+    let (mm, k, n) = (
+        fx("matmul.a").shape[0],
+        fx("matmul.a").shape[1],
+        fx("matmul.b").shape[0],
+    );
     let c0: Buf = data("matmul.dout"); // any [M,N] values
     let scale_ab = amax(&abs_products(&a, &b, mm, n, k));
     for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
         let sa = if ta { transpose(&a, mm, k) } else { a.clone() };
         let sb = if tb { b.clone() } else { transpose(&b, n, k) };
         for (alpha, beta) in [(1.0, 0.0), (0.75, -0.5), (-2.0, 1.0)] {
-            let mut c = if beta == 0.0 { vec![f32::NAN; mm * n] } else { c0.clone() };
-            dev.matmul(m(&mut c), v(&sa), v(&sb), mm, n, k, ta, tb, alpha, beta).unwrap();
+            let mut c = if beta == 0.0 {
+                vec![f32::NAN; mm * n]
+            } else {
+                c0.clone()
+            };
+            dev.matmul(m(&mut c), v(&sa), v(&sb), mm, n, k, ta, tb, alpha, beta)
+                .unwrap();
             let want = naive_matmul(&c0, &sa, &sb, [mm, n, k], ta, tb, alpha, beta);
             // f32 dot of length K vs f64: ~sqrt(K) u of |alpha| sum|a||b|, plus u of |beta c|.
             let what = format!("matmul ta={ta} tb={tb} alpha={alpha} beta={beta}");
@@ -263,7 +435,14 @@ fn residual_fixture() {
     let mut out = vec![f32::NAN; a.len()];
     dev.residual_fwd(m(&mut out), v(&a), v(&b)).unwrap();
     // One f32 add, rounded once, as the reference is: bit-exact.
-    assert_close("residual out", &out, &fx("residual.out").data, 0.0, 0.0, 0.0);
+    assert_close(
+        "residual out",
+        &out,
+        &fx("residual.out").data,
+        0.0,
+        0.0,
+        0.0,
+    );
 }
 
 #[test]
@@ -272,27 +451,62 @@ fn cross_entropy_fixture() {
     let logits = data("cross_entropy.logits");
     let targets = fx("cross_entropy.targets").ids();
     let mask = data("cross_entropy.mask");
-    let (n, vv) = (fx("cross_entropy.logits").shape[0], fx("cross_entropy.logits").shape[1]);
+    let (n, vv) = (
+        fx("cross_entropy.logits").shape[0],
+        fx("cross_entropy.logits").shape[1],
+    );
     let mut losses = vec![f32::NAN; n];
-    dev.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vv).unwrap();
+    dev.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vv)
+        .unwrap();
     // loss = (max - x_y) + ln(sum exp(x - max)): max - x_y is exact or rounded once, the sum
     // (f64) and ln add ~u of ln(V) ~ 3.4; a few u of the loss (|loss| >~ 1e-2 here), so 4 u
     // relative plus 4 u of ln(V) absolute for losses near zero.
     let lnv = (vv as f32).ln();
     let want = &fx("cross_entropy.losses").data;
-    assert_close("cross_entropy losses", &losses, want, 4.0 * U * lnv, 4.0 * U, 1e-13);
-    let total: f64 = losses.iter().map(|&x| x as f64).sum::<f64>() / mask.iter().map(|&x| x as f64).sum::<f64>();
+    assert_close(
+        "cross_entropy losses",
+        &losses,
+        want,
+        4.0 * U * lnv,
+        4.0 * U,
+        1e-13,
+    );
+    let total: f64 =
+        losses.iter().map(|&x| x as f64).sum::<f64>() / mask.iter().map(|&x| x as f64).sum::<f64>();
     let want = fx("cross_entropy.loss").scalar();
-    assert_close("cross_entropy loss", &[total as f32], &[want], 0.0, 4.0 * U, 1e-13);
+    assert_close(
+        "cross_entropy loss",
+        &[total as f32],
+        &[want],
+        0.0,
+        4.0 * U,
+        1e-13,
+    );
 
     let scale = 1.0 / mask.iter().sum::<f32>();
     let mut dlogits = vec![f32::NAN; n * vv];
-    dev.cross_entropy_bwd(m(&mut dlogits), v(&logits), &targets, v(&mask), n, vv, scale).unwrap();
-    // p = exp((x - max) - ln_sum): the exponent carries ~u of |x - max|, so p is good to ~(2 +
+    dev.cross_entropy_bwd(
+        m(&mut dlogits),
+        v(&logits),
+        &targets,
+        v(&mask),
+        n,
+        vv,
+        scale,
+    )
+    .unwrap();
+    // p = exp(x - max) / sum: the exponent carries ~u of |x - max|, so p is good to ~(3 +
     // |x - max|) u relative (<= 7 u measured where p matters); p - 1 at the target cancels to
     // ~u of 1 * scale, below 2 u of the largest entry.
     let want = &fx("cross_entropy.dlogits").data;
-    assert_close("cross_entropy dlogits", &dlogits, want, 2.0 * U * amax(want), 12.0 * U, 1e-12);
+    assert_close(
+        "cross_entropy dlogits",
+        &dlogits,
+        want,
+        2.0 * U * amax(want),
+        12.0 * U,
+        1e-12,
+    );
 }
 
 #[test]
@@ -309,11 +523,19 @@ fn softmax_fixture() {
 
     let dout = data("softmax.dout");
     let mut dx = vec![f32::NAN; n * vv];
-    dev.softmax_bwd(m(&mut dx), v(&dout), v(&out), n, vv).unwrap();
+    dev.softmax_bwd(m(&mut dx), v(&dout), v(&out), n, vv)
+        .unwrap();
     // out * (dout - s): dout - s cancels, so the error is ~u of p*(|dout| + |s|), below 2 u of
     // the largest entry; otherwise the relative error of out (as above).
     let want = &fx("softmax.dx").data;
-    assert_close("softmax dx", &dx, want, 2.0 * U * amax(want), 20.0 * U, 1e-12);
+    assert_close(
+        "softmax dx",
+        &dx,
+        want,
+        2.0 * U * amax(want),
+        20.0 * U,
+        1e-12,
+    );
 }
 
 fn adamw_hp(step: u64) -> AdamwStep {
@@ -335,12 +557,20 @@ fn adamw_fixture() {
     let (mut mm, mut vv) = (vec![0.0; p.len()], vec![0.0; p.len()]);
     for step in 1..=3u64 {
         let g = data(&format!("adamw.g{step}"));
-        dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &adamw_hp(step)).unwrap();
+        dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &adamw_hp(step))
+            .unwrap();
         // p ~ N(0,1) moves by ~lr = 1e-2 a step; the update m/(sqrt(v)+eps) is O(1) with a few
         // u of relative error, so p is off by ~u of itself per step (plus lr * a few u): <= 2 u
         // measured after 3 steps, relative or of the largest entry; 3 u allowed.
         let want = &fx(&format!("adamw.p{step}")).data;
-        assert_close(&format!("adamw p{step}"), &p, want, 3.0 * U * amax(want), 3.0 * U, 1e-13);
+        assert_close(
+            &format!("adamw p{step}"),
+            &p,
+            want,
+            3.0 * U * amax(want),
+            3.0 * U,
+            1e-13,
+        );
     }
 }
 
@@ -354,10 +584,12 @@ fn adamw_grad_scale_folds_into_the_gradient() {
         grad_scale: 0.25,
         ..adamw_hp(1)
     };
-    dev.adamw(m(&mut p1), v(&g), m(&mut m1), m(&mut v1), &hp).unwrap();
+    dev.adamw(m(&mut p1), v(&g), m(&mut m1), m(&mut v1), &hp)
+        .unwrap();
     let g4: Buf = g.iter().map(|x| x * 0.25).collect(); // exact: a power of two
     let (mut p2, mut m2, mut v2) = (p0.clone(), vec![0.0; p0.len()], vec![0.0; p0.len()]);
-    dev.adamw(m(&mut p2), v(&g4), m(&mut m2), m(&mut v2), &adamw_hp(1)).unwrap();
+    dev.adamw(m(&mut p2), v(&g4), m(&mut m2), m(&mut v2), &adamw_hp(1))
+        .unwrap();
     assert_eq!(p1, p2);
     assert_eq!(m1, m2);
     assert_eq!(v1, v2);
@@ -370,10 +602,16 @@ fn sum_squares_matches_f64() {
     let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
     let got = dev.sum_squares(v(&x)).unwrap();
     // Both accumulate exact f32 squares in f64, in different orders: ~n * 1e-16 relative.
-    assert!((got - want).abs() <= 1e-11 * want, "sum_squares {got} vs {want}");
+    assert!(
+        (got - want).abs() <= 1e-11 * want,
+        "sum_squares {got} vs {want}"
+    );
     let window = dev.sum_squares(View::range(&x, 10, 3)).unwrap();
     let want: f64 = x[10..13].iter().map(|&v| v as f64 * v as f64).sum();
-    assert!((window - want).abs() <= 1e-15 * want, "sum_squares window {window} vs {want}");
+    assert!(
+        (window - want).abs() <= 1e-15 * want,
+        "sum_squares window {window} vs {want}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -422,7 +660,11 @@ fn check_fd(what: &str, x: &[f64], grad: &[f64], loss: impl Fn(&[f64]) -> f64) {
         xp[i] = x[i];
         let fd = (up - down) / (2.0 * h);
         let err = (fd - grad[i]).abs() / fd.abs().max(floor);
-        assert!(err < 1e-6, "{what}[{i}]: backward {} vs finite difference {fd} (rel err {err:e})", grad[i]);
+        assert!(
+            err < 1e-6,
+            "{what}[{i}]: backward {} vs finite difference {fd} (rel err {err:e})",
+            grad[i]
+        );
     }
 }
 
@@ -478,6 +720,40 @@ fn rope_fd() {
     check_fd("rope dx", &x, &dx, fwd);
 }
 
+#[test]
+fn rope_angles_are_formed_in_f32_like_hf() {
+    // x_i = 1, x_{i+HS/2} = 0 rotates to (cos a_i, sin a_i): read the angles back at large
+    // positions, where the f32 product p * inv_freq differs visibly from an f64 one.
+    let (t, hs, pos0, theta) = (3, 8, 100_000, 500_000.0f32);
+    let half = hs / 2;
+    let unit: Vec<f64> = (0..t)
+        .flat_map(|_| (0..hs).map(|c| if c < half { 1.0 } else { 0.0 }))
+        .collect();
+    let mut y = unit.clone();
+    cpu::rope::rope_fwd(&mut y, t, 1, hs, pos0, theta);
+    let mut y32: Buf = unit.iter().map(|&x| x as f32).collect();
+    cpu::rope::rope_fwd(&mut y32, t, 1, hs, pos0, theta);
+    for ti in 0..t {
+        for i in 0..half {
+            // transformers: inv_freq = 1 / theta ** (arange(0, HS, 2).float() / HS), in f32;
+            // angle = float(position) * inv_freq, in f32.
+            let inv_freq = 1.0 / theta.powf((2 * i) as f32 / hs as f32);
+            let angle = ((pos0 + ti) as f32 * inv_freq) as f64;
+            let (c, s) = (y[ti * hs + i], y[ti * hs + half + i]);
+            assert!(
+                (c - angle.cos()).abs() < 1e-12 && (s - angle.sin()).abs() < 1e-12,
+                "t={ti} i={i}"
+            );
+            let (c32, s32) = (y32[ti * hs + i], y32[ti * hs + half + i]);
+            assert_eq!(
+                (c32, s32),
+                (angle.cos() as f32, angle.sin() as f32),
+                "f32 twin t={ti} i={i}"
+            );
+        }
+    }
+}
+
 fn attention_fd_case(nh: usize, nkv: usize, seed: u64) {
     let d = AttnDims {
         b: 2,
@@ -500,9 +776,15 @@ fn attention_fd_case(nh: usize, nkv: usize, seed: u64) {
     let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk]);
     cpu::attention::attention_bwd(&mut dq, &mut dk, &mut dv, &r, &q, &k, &vv, &out, &lse, d);
     let tag = format!("attention NH={nh} NKV={nkv}");
-    check_fd(&format!("{tag} dq"), &q, &dq, |q| dot64(&r, &fwd(q, &k, &vv).0));
-    check_fd(&format!("{tag} dk"), &k, &dk, |k| dot64(&r, &fwd(&q, k, &vv).0));
-    check_fd(&format!("{tag} dv"), &vv, &dv, |vv| dot64(&r, &fwd(&q, &k, vv).0));
+    check_fd(&format!("{tag} dq"), &q, &dq, |q| {
+        dot64(&r, &fwd(q, &k, &vv).0)
+    });
+    check_fd(&format!("{tag} dk"), &k, &dk, |k| {
+        dot64(&r, &fwd(&q, k, &vv).0)
+    });
+    check_fd(&format!("{tag} dv"), &vv, &dv, |vv| {
+        dot64(&r, &fwd(&q, &k, vv).0)
+    });
 }
 
 #[test]
@@ -535,14 +817,19 @@ fn attention_lse_is_logsumexp_of_causal_scores() {
     for h in 0..2 {
         for i in 0..4 {
             let qi = &q[(i * 2 + h) * 3..][..3];
-            let s: Vec<f64> = (0..=i).map(|j| dot64(qi, &k[j * 3..][..3]) / 3f64.sqrt()).collect();
+            let s: Vec<f64> = (0..=i)
+                .map(|j| dot64(qi, &k[j * 3..][..3]) / 3f64.sqrt())
+                .collect();
             let want = s.iter().map(|x| x.exp()).sum::<f64>().ln();
             assert!((lse[h * 4 + i] - want).abs() < 1e-12, "lse[{h},{i}]");
             let o: Vec<f64> = (0..3)
                 .map(|c| (0..=i).map(|j| (s[j] - want).exp() * vv[j * 3 + c]).sum())
                 .collect();
             for c in 0..3 {
-                assert!((out[(i * 2 + h) * 3 + c] - o[c]).abs() < 1e-12, "out[{i},{h},{c}]");
+                assert!(
+                    (out[(i * 2 + h) * 3 + c] - o[c]).abs() < 1e-12,
+                    "out[{i},{h},{c}]"
+                );
             }
         }
     }
@@ -565,7 +852,17 @@ fn swiglu_fd() {
     check_fd("swiglu dup", &up, &du, |u| fwd(&gate, u));
 }
 
-fn mm64(c: &mut [f64], a: &[f64], b: &[f64], dims: [usize; 3], ta: bool, tb: bool, alpha: f32, beta: f32) {
+#[allow(clippy::too_many_arguments)]
+fn mm64(
+    c: &mut [f64],
+    a: &[f64],
+    b: &[f64],
+    dims: [usize; 3],
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+) {
     cpu::matmul::matmul(c, a, b, dims, ta, tb, alpha, beta).unwrap();
 }
 
@@ -634,7 +931,10 @@ fn cross_entropy_fd() {
     };
     let mut dl = vec![f64::NAN; n * vv];
     cpu::cross_entropy::cross_entropy_bwd(&mut dl, &logits, &targets, &mask, vv, scale);
-    assert!(dl[vv..2 * vv].iter().all(|&x| x == 0.0), "a masked row has zero gradient");
+    assert!(
+        dl[vv..2 * vv].iter().all(|&x| x == 0.0),
+        "a masked row has zero gradient"
+    );
     check_fd("cross_entropy dlogits", &logits, &dl, fwd);
 }
 
@@ -662,7 +962,10 @@ fn softmax_fd() {
 #[track_caller]
 fn assert_invalid(op: &str, r: nla_engine::Result<()>) {
     match r {
-        Err(e) => assert!(e.to_string().starts_with(op), "error `{e}` should name {op}"),
+        Err(e) => assert!(
+            e.to_string().starts_with(op),
+            "error `{e}` should name {op}"
+        ),
         Ok(()) => panic!("{op}: expected an error"),
     }
 }
@@ -676,7 +979,10 @@ fn copy_fill_upload_download() {
     assert_eq!(x, [0.0, 0.0, 7.0, 7.0, 7.0, 0.0]);
     let src = dev.upload(&[1.0, 2.0]).unwrap();
     dev.copy(ViewMut::range(&mut x, 4, 2), v(&src)).unwrap();
-    assert_eq!(dev.download(View::range(&x, 3, 3)).unwrap(), [7.0, 1.0, 2.0]);
+    assert_eq!(
+        dev.download(View::range(&x, 3, 3)).unwrap(),
+        [7.0, 1.0, 2.0]
+    );
     assert_invalid("copy", dev.copy(ViewMut::range(&mut x, 0, 3), v(&src)));
     assert_eq!(dev.upload_ids(&[3, 1]).unwrap(), vec![3, 1]);
     assert!(dev.name().starts_with("cpu"));
@@ -691,32 +997,71 @@ fn embedding_device() {
     let mut out = vec![f32::NAN; n * c];
     dev.embedding_fwd(m(&mut out), &ids, v(&wte), n, c).unwrap();
     assert_eq!(&out[3..6], &wte[9..12]);
-    assert_invalid("embedding_fwd", dev.embedding_fwd(m(&mut out), &vec![1, 4, 1, 0, 2], v(&wte), n, c));
-    assert_invalid("embedding_fwd", dev.embedding_fwd(m(&mut out), &ids, v(&wte), n, 4));
-    assert_invalid("embedding_fwd", dev.embedding_fwd(m(&mut out), &ids, v(&wte), n, 0));
-    assert_invalid("embedding_fwd", dev.embedding_fwd(m(&mut out), &ids[..4].to_vec(), v(&wte), n, c));
+    assert_invalid(
+        "embedding_fwd",
+        dev.embedding_fwd(m(&mut out), &vec![1, 4, 1, 0, 2], v(&wte), n, c),
+    );
+    assert_invalid(
+        "embedding_fwd",
+        dev.embedding_fwd(m(&mut out), &ids, v(&wte), n, 4),
+    );
+    assert_invalid(
+        "embedding_fwd",
+        dev.embedding_fwd(m(&mut out), &ids, v(&wte), n, 0),
+    );
+    assert_invalid(
+        "embedding_fwd",
+        dev.embedding_fwd(m(&mut out), &ids[..4].to_vec(), v(&wte), n, c),
+    );
 
     let dout = random_f32(n * c, 22);
     let mut dwte = vec![0.0; vv * c];
-    dev.embedding_bwd(m(&mut dwte), &ids, v(&dout), n, c).unwrap();
+    dev.embedding_bwd(m(&mut dwte), &ids, v(&dout), n, c)
+        .unwrap();
     let once = dwte.clone();
-    assert_eq!(&once[3..6], &[dout[0] + dout[6], dout[1] + dout[7], dout[2] + dout[8]]);
-    dev.embedding_bwd(m(&mut dwte), &ids, v(&dout), n, c).unwrap();
-    assert_eq!(dwte, once.iter().map(|x| 2.0 * x).collect::<Buf>(), "dwte accumulates");
-    assert_invalid("embedding_bwd", dev.embedding_bwd(m(&mut dwte), &vec![1, 3, 1, 0, 9], v(&dout), n, c));
-    assert_invalid("embedding_bwd", dev.embedding_bwd(m(&mut dwte), &ids, v(&dout[..6].to_vec()), n, c));
+    assert_eq!(
+        &once[3..6],
+        &[dout[0] + dout[6], dout[1] + dout[7], dout[2] + dout[8]]
+    );
+    dev.embedding_bwd(m(&mut dwte), &ids, v(&dout), n, c)
+        .unwrap();
+    assert_eq!(
+        dwte,
+        once.iter().map(|x| 2.0 * x).collect::<Buf>(),
+        "dwte accumulates"
+    );
+    assert_invalid(
+        "embedding_bwd",
+        dev.embedding_bwd(m(&mut dwte), &vec![1, 3, 1, 0, 9], v(&dout), n, c),
+    );
+    assert_invalid(
+        "embedding_bwd",
+        dev.embedding_bwd(m(&mut dwte), &ids, v(&dout[..6].to_vec()), n, c),
+    );
 }
 
 #[test]
 fn rmsnorm_device() {
     let dev = CpuDevice;
     let (n, c) = (3, 8);
-    let (x, w, dout) = (random_f32(n * c, 23), random_f32(c, 24), random_f32(n * c, 25));
+    let (x, w, dout) = (
+        random_f32(n * c, 23),
+        random_f32(c, 24),
+        random_f32(n * c, 25),
+    );
     // out written into a window of a larger buffer: the rest stays untouched.
     let mut big = vec![-9.0; n * c + 4];
     let mut rstd = vec![f32::NAN; n];
-    dev.rmsnorm_fwd(ViewMut::range(&mut big, 2, n * c), m(&mut rstd), v(&x), v(&w), n, c, 1e-5)
-        .unwrap();
+    dev.rmsnorm_fwd(
+        ViewMut::range(&mut big, 2, n * c),
+        m(&mut rstd),
+        v(&x),
+        v(&w),
+        n,
+        c,
+        1e-5,
+    )
+    .unwrap();
     assert_eq!([big[0], big[1], big[n * c + 2], big[n * c + 3]], [-9.0; 4]);
     let out = big[2..2 + n * c].to_vec();
     let mut ref_out = vec![0.0; n * c];
@@ -726,19 +1071,92 @@ fn rmsnorm_device() {
 
     let mut dx = vec![f32::NAN; n * c];
     let mut dw = vec![0.0; c];
-    dev.rmsnorm_bwd(m(&mut dx), m(&mut dw), v(&dout), v(&x), v(&w), v(&rstd), n, c).unwrap();
+    dev.rmsnorm_bwd(
+        m(&mut dx),
+        m(&mut dw),
+        v(&dout),
+        v(&x),
+        v(&w),
+        v(&rstd),
+        n,
+        c,
+    )
+    .unwrap();
     assert!(dx.iter().all(|x| x.is_finite()), "dx overwrites");
     let (dx1, dw1) = (dx.clone(), dw.clone());
-    dev.rmsnorm_bwd(m(&mut dx), m(&mut dw), v(&dout), v(&x), v(&w), v(&rstd), n, c).unwrap();
+    dev.rmsnorm_bwd(
+        m(&mut dx),
+        m(&mut dw),
+        v(&dout),
+        v(&x),
+        v(&w),
+        v(&rstd),
+        n,
+        c,
+    )
+    .unwrap();
     assert_eq!(dx, dx1, "dx overwrites");
-    assert_eq!(dw, dw1.iter().map(|x| 2.0 * x).collect::<Buf>(), "dw accumulates");
+    assert_eq!(
+        dw,
+        dw1.iter().map(|x| 2.0 * x).collect::<Buf>(),
+        "dw accumulates"
+    );
 
     let mut out = vec![0.0; n * c];
-    assert_invalid("rmsnorm_fwd", dev.rmsnorm_fwd(m(&mut out), m(&mut rstd), v(&x), v(&w[..7].to_vec()), n, c, 1e-5));
-    assert_invalid("rmsnorm_fwd", dev.rmsnorm_fwd(m(&mut out), m(&mut rstd), v(&x), v(&w), n, c, -1.0));
-    assert_invalid("rmsnorm_fwd", dev.rmsnorm_fwd(m(&mut out[..5].to_vec()), m(&mut rstd), v(&x), v(&w), n, c, 1e-5));
-    assert_invalid("rmsnorm_bwd", dev.rmsnorm_bwd(m(&mut dx), m(&mut dw), v(&dout), v(&x), v(&w), v(&rstd[..2].to_vec()), n, c));
-    assert_invalid("rmsnorm_bwd", dev.rmsnorm_bwd(m(&mut dx), m(&mut dw), v(&dout), v(&x), v(&w), v(&rstd), n, usize::MAX));
+    assert_invalid(
+        "rmsnorm_fwd",
+        dev.rmsnorm_fwd(
+            m(&mut out),
+            m(&mut rstd),
+            v(&x),
+            v(&w[..7].to_vec()),
+            n,
+            c,
+            1e-5,
+        ),
+    );
+    assert_invalid(
+        "rmsnorm_fwd",
+        dev.rmsnorm_fwd(m(&mut out), m(&mut rstd), v(&x), v(&w), n, c, -1.0),
+    );
+    assert_invalid(
+        "rmsnorm_fwd",
+        dev.rmsnorm_fwd(
+            m(&mut out[..5].to_vec()),
+            m(&mut rstd),
+            v(&x),
+            v(&w),
+            n,
+            c,
+            1e-5,
+        ),
+    );
+    assert_invalid(
+        "rmsnorm_bwd",
+        dev.rmsnorm_bwd(
+            m(&mut dx),
+            m(&mut dw),
+            v(&dout),
+            v(&x),
+            v(&w),
+            v(&rstd[..2].to_vec()),
+            n,
+            c,
+        ),
+    );
+    assert_invalid(
+        "rmsnorm_bwd",
+        dev.rmsnorm_bwd(
+            m(&mut dx),
+            m(&mut dw),
+            v(&dout),
+            v(&x),
+            v(&w),
+            v(&rstd),
+            n,
+            usize::MAX,
+        ),
+    );
 }
 
 #[test]
@@ -757,7 +1175,10 @@ fn rope_device() {
     dev.rope_fwd(m(&mut z), b, t, h, hs, 0, 10000.0).unwrap();
     assert_eq!(z[..h * hs], x[..h * hs], "position 0 is not rotated");
     assert_invalid("rope_fwd", dev.rope_fwd(m(&mut y), b, t, h, 5, 0, 10000.0));
-    assert_invalid("rope_fwd", dev.rope_fwd(m(&mut y), b, t + 1, h, hs, 0, 10000.0));
+    assert_invalid(
+        "rope_fwd",
+        dev.rope_fwd(m(&mut y), b, t + 1, h, hs, 0, 10000.0),
+    );
     assert_invalid("rope_fwd", dev.rope_fwd(m(&mut y), b, t, h, hs, 0, 0.0));
     assert_invalid("rope_bwd", dev.rope_bwd(m(&mut y), b, t, h, 0, 0, 10000.0));
 }
@@ -773,36 +1194,81 @@ fn attention_device() {
         hs: 8,
     };
     let (nq, nk, nl) = (2 * 5 * 4 * 8, 2 * 5 * 2 * 8, 2 * 4 * 5);
-    let (q, k, vv, dout) = (random_f32(nq, 27), random_f32(nk, 28), random_f32(nk, 29), random_f32(nq, 30));
+    let (q, k, vv, dout) = (
+        random_f32(nq, 27),
+        random_f32(nk, 28),
+        random_f32(nk, 29),
+        random_f32(nq, 30),
+    );
     let (mut out, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nl]);
-    dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d).unwrap();
+    dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d)
+        .unwrap();
     let (out1, lse1) = (out.clone(), lse.clone());
-    dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d).unwrap();
+    dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d)
+        .unwrap();
     assert_eq!((&out, &lse), (&out1, &lse1), "out and lse overwrite");
     assert!(out.iter().chain(&lse).all(|x| x.is_finite()));
 
     let (mut dq, mut dk, mut dv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
-    let mut run = |dq: &mut Buf, dk: &mut Buf, dv: &mut Buf| {
-        dev.attention_bwd(m(dq), m(dk), m(dv), v(&dout), v(&q), v(&k), v(&vv), v(&out), v(&lse), d)
+    let run = |dq: &mut Buf, dk: &mut Buf, dv: &mut Buf| {
+        dev.attention_bwd(
+            m(dq),
+            m(dk),
+            m(dv),
+            v(&dout),
+            v(&q),
+            v(&k),
+            v(&vv),
+            v(&out),
+            v(&lse),
+            d,
+        )
     };
     run(&mut dq, &mut dk, &mut dv).unwrap();
-    assert!(dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()), "NaN garbage overwritten");
+    assert!(
+        dq.iter().chain(&dk).chain(&dv).all(|x| x.is_finite()),
+        "NaN garbage overwritten"
+    );
     let (dq1, dk1, dv1) = (dq.clone(), dk.clone(), dv.clone());
     run(&mut dq, &mut dk, &mut dv).unwrap();
     assert_eq!((dq, dk, dv), (dq1, dk1, dv1), "dq, dk, dv overwrite");
 
     let bad = AttnDims { nkv: 3, ..d };
-    assert_invalid("attention_fwd", dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), bad));
-    let bad = AttnDims { nkv: 0, ..d };
-    assert_invalid("attention_fwd", dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), bad));
     assert_invalid(
         "attention_fwd",
-        dev.attention_fwd(m(&mut out), m(&mut lse[..nl - 1].to_vec()), v(&q), v(&k), v(&vv), d),
+        dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), bad),
+    );
+    let bad = AttnDims { nkv: 0, ..d };
+    assert_invalid(
+        "attention_fwd",
+        dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), bad),
+    );
+    assert_invalid(
+        "attention_fwd",
+        dev.attention_fwd(
+            m(&mut out),
+            m(&mut lse[..nl - 1].to_vec()),
+            v(&q),
+            v(&k),
+            v(&vv),
+            d,
+        ),
     );
     let (mut dq, mut dk, mut dv) = (vec![0.0; nq], vec![0.0; nk], vec![0.0; nk + 1]);
     assert_invalid(
         "attention_bwd",
-        dev.attention_bwd(m(&mut dq), m(&mut dk), m(&mut dv), v(&dout), v(&q), v(&k), v(&vv), v(&out), v(&lse), d),
+        dev.attention_bwd(
+            m(&mut dq),
+            m(&mut dk),
+            m(&mut dv),
+            v(&dout),
+            v(&q),
+            v(&k),
+            v(&vv),
+            v(&out),
+            v(&lse),
+            d,
+        ),
     );
 }
 
@@ -814,16 +1280,34 @@ fn swiglu_device() {
     let mut out = vec![f32::NAN; n];
     dev.swiglu_fwd(m(&mut out), v(&g), v(&u)).unwrap();
     let silu = |x: f32| x / (1.0 + (-x).exp());
-    assert_close("swiglu out", &out, &g.iter().zip(&u).map(|(&g, &u)| silu(g) * u).collect::<Buf>(), 0.0, 4.0 * U, 1e-13);
+    assert_close(
+        "swiglu out",
+        &out,
+        &g.iter()
+            .zip(&u)
+            .map(|(&g, &u)| silu(g) * u)
+            .collect::<Buf>(),
+        0.0,
+        4.0 * U,
+        1e-13,
+    );
     let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-    dev.swiglu_bwd(m(&mut dg), m(&mut du), v(&dout), v(&g), v(&u)).unwrap();
+    dev.swiglu_bwd(m(&mut dg), m(&mut du), v(&dout), v(&g), v(&u))
+        .unwrap();
     let (dg1, du1) = (dg.clone(), du.clone());
-    dev.swiglu_bwd(m(&mut dg), m(&mut du), v(&dout), v(&g), v(&u)).unwrap();
+    dev.swiglu_bwd(m(&mut dg), m(&mut du), v(&dout), v(&g), v(&u))
+        .unwrap();
     assert_eq!((dg, du), (dg1.clone(), du1), "dgate and dup overwrite");
     assert!(dg1.iter().all(|x| x.is_finite()));
-    assert_invalid("swiglu_fwd", dev.swiglu_fwd(m(&mut out), v(&g[1..].to_vec()), v(&u)));
+    assert_invalid(
+        "swiglu_fwd",
+        dev.swiglu_fwd(m(&mut out), v(&g[1..].to_vec()), v(&u)),
+    );
     let mut short = vec![0.0; n - 1];
-    assert_invalid("swiglu_bwd", dev.swiglu_bwd(m(&mut short), m(&mut out), v(&dout), v(&g), v(&u)));
+    assert_invalid(
+        "swiglu_bwd",
+        dev.swiglu_bwd(m(&mut short), m(&mut out), v(&dout), v(&g), v(&u)),
+    );
 }
 
 #[test]
@@ -832,17 +1316,69 @@ fn matmul_device() {
     let (mm, n, k) = (9, 10, 11);
     let (a, b) = (random_f32(mm * k, 34), random_f32(k * n, 35));
     let mut c = vec![f32::NAN; mm * n];
-    dev.matmul(m(&mut c), v(&a), v(&b), mm, n, k, false, false, 1.0, 0.0).unwrap();
+    dev.matmul(m(&mut c), v(&a), v(&b), mm, n, k, false, false, 1.0, 0.0)
+        .unwrap();
     assert!(c.iter().all(|x| x.is_finite()), "beta = 0 ignores NaN in c");
     let once = c.clone();
-    dev.matmul(m(&mut c), v(&a), v(&b), mm, n, k, false, false, 1.0, 1.0).unwrap();
-    assert_close("matmul beta=1 accumulates", &c, &once.iter().map(|x| 2.0 * x).collect::<Buf>(), 0.0, 2.0 * U, 1e-14);
-    assert_invalid("matmul", dev.matmul(m(&mut c), v(&a), v(&b), mm, n, k + 1, false, false, 1.0, 0.0));
-    assert_invalid("matmul", dev.matmul(m(&mut c), v(&a), v(&b), mm + 1, n, k, true, true, 1.0, 0.0));
-    assert_invalid("matmul", dev.matmul(m(&mut c), v(&a), v(&b), usize::MAX, 2, k, false, false, 1.0, 0.0));
+    dev.matmul(m(&mut c), v(&a), v(&b), mm, n, k, false, false, 1.0, 1.0)
+        .unwrap();
+    assert_close(
+        "matmul beta=1 accumulates",
+        &c,
+        &once.iter().map(|x| 2.0 * x).collect::<Buf>(),
+        0.0,
+        2.0 * U,
+        1e-14,
+    );
+    assert_invalid(
+        "matmul",
+        dev.matmul(
+            m(&mut c),
+            v(&a),
+            v(&b),
+            mm,
+            n,
+            k + 1,
+            false,
+            false,
+            1.0,
+            0.0,
+        ),
+    );
+    assert_invalid(
+        "matmul",
+        dev.matmul(m(&mut c), v(&a), v(&b), mm + 1, n, k, true, true, 1.0, 0.0),
+    );
+    assert_invalid(
+        "matmul",
+        dev.matmul(
+            m(&mut c),
+            v(&a),
+            v(&b),
+            usize::MAX,
+            2,
+            k,
+            false,
+            false,
+            1.0,
+            0.0,
+        ),
+    );
     // Degenerate K = 0: c = beta * c.
     let mut c = vec![3.0; 4];
-    dev.matmul(m(&mut c), v(&vec![]), v(&vec![]), 2, 2, 0, false, false, 1.0, 0.5).unwrap();
+    dev.matmul(
+        m(&mut c),
+        v(&vec![]),
+        v(&vec![]),
+        2,
+        2,
+        0,
+        false,
+        false,
+        1.0,
+        0.5,
+    )
+    .unwrap();
     assert_eq!(c, [1.5; 4]);
 }
 
@@ -853,13 +1389,26 @@ fn residual_device() {
     let (a, b) = (random_f32(n, 36), random_f32(n, 37));
     let mut out = vec![f32::NAN; n];
     dev.residual_fwd(m(&mut out), v(&a), v(&b)).unwrap();
-    assert!(out.iter().zip(a.iter().zip(&b)).all(|(&o, (&a, &b))| o == a + b));
+    assert!(out
+        .iter()
+        .zip(a.iter().zip(&b))
+        .all(|(&o, (&a, &b))| o == a + b));
     let mut da = vec![0.0; n];
     dev.residual_bwd(m(&mut da), v(&a)).unwrap();
     dev.residual_bwd(m(&mut da), v(&a)).unwrap();
-    assert_eq!(da, a.iter().map(|x| 2.0 * x).collect::<Buf>(), "da accumulates");
-    assert_invalid("residual_fwd", dev.residual_fwd(m(&mut out), v(&a), v(&b[1..].to_vec())));
-    assert_invalid("residual_bwd", dev.residual_bwd(m(&mut da), v(&a[1..].to_vec())));
+    assert_eq!(
+        da,
+        a.iter().map(|x| 2.0 * x).collect::<Buf>(),
+        "da accumulates"
+    );
+    assert_invalid(
+        "residual_fwd",
+        dev.residual_fwd(m(&mut out), v(&a), v(&b[1..].to_vec())),
+    );
+    assert_invalid(
+        "residual_bwd",
+        dev.residual_bwd(m(&mut da), v(&a[1..].to_vec())),
+    );
 }
 
 #[test]
@@ -872,22 +1421,51 @@ fn cross_entropy_device() {
     let mut padded = logits.clone();
     padded[vv..2 * vv].fill(f32::NAN); // a masked row's logits are never read
     let mut losses = vec![f32::NAN; n];
-    dev.cross_entropy_fwd(m(&mut losses), v(&padded), &targets, v(&mask), n, vv).unwrap();
+    dev.cross_entropy_fwd(m(&mut losses), v(&padded), &targets, v(&mask), n, vv)
+        .unwrap();
     assert_eq!(losses[1], 0.0);
     let row = &logits[..vv];
     let want = row.iter().map(|x| x.exp()).sum::<f32>().ln() - row[5];
     assert!((losses[0] - want).abs() < 1e-6, "{} vs {want}", losses[0]);
     let mut dl = vec![f32::NAN; n * vv];
-    dev.cross_entropy_bwd(m(&mut dl), v(&padded), &targets, v(&mask), n, vv, 0.5).unwrap();
+    dev.cross_entropy_bwd(m(&mut dl), v(&padded), &targets, v(&mask), n, vv, 0.5)
+        .unwrap();
     assert!(dl.iter().all(|x| x.is_finite()), "dlogits overwrites");
     assert!(dl[vv..2 * vv].iter().all(|&x| x == 0.0));
     // Each unmasked row of dlogits sums to zero (softmax sums to one).
     assert!(dl[..vv].iter().sum::<f32>().abs() < 1e-6);
-    assert_invalid("cross_entropy_fwd", dev.cross_entropy_fwd(m(&mut losses), v(&logits), &vec![5, 0, 6, 2], v(&mask), n, vv));
-    assert_invalid("cross_entropy_bwd", dev.cross_entropy_bwd(m(&mut dl), v(&logits), &vec![5, 0, 2, 6], v(&mask), n, vv, 1.0));
+    assert_invalid(
+        "cross_entropy_fwd",
+        dev.cross_entropy_fwd(
+            m(&mut losses),
+            v(&logits),
+            &vec![5, 0, 6, 2],
+            v(&mask),
+            n,
+            vv,
+        ),
+    );
+    assert_invalid(
+        "cross_entropy_bwd",
+        dev.cross_entropy_bwd(
+            m(&mut dl),
+            v(&logits),
+            &vec![5, 0, 2, 6],
+            v(&mask),
+            n,
+            vv,
+            1.0,
+        ),
+    );
     mask.pop();
-    assert_invalid("cross_entropy_fwd", dev.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vv));
-    assert_invalid("cross_entropy_bwd", dev.cross_entropy_bwd(m(&mut dl), v(&logits), &targets, v(&mask), n, vv, 1.0));
+    assert_invalid(
+        "cross_entropy_fwd",
+        dev.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vv),
+    );
+    assert_invalid(
+        "cross_entropy_bwd",
+        dev.cross_entropy_bwd(m(&mut dl), v(&logits), &targets, v(&mask), n, vv, 1.0),
+    );
 }
 
 #[test]
@@ -902,12 +1480,22 @@ fn softmax_device() {
     }
     let dout = random_f32(n * vv, 40);
     let mut dx = vec![f32::NAN; n * vv];
-    dev.softmax_bwd(m(&mut dx), v(&dout), v(&out), n, vv).unwrap();
+    dev.softmax_bwd(m(&mut dx), v(&dout), v(&out), n, vv)
+        .unwrap();
     assert!(dx.iter().all(|x| x.is_finite()), "dx overwrites");
-    assert!(dx[..vv].iter().sum::<f32>().abs() < 1e-6, "rows of dx sum to zero");
-    assert_invalid("softmax_fwd", dev.softmax_fwd(m(&mut out), v(&x), n, vv + 1));
+    assert!(
+        dx[..vv].iter().sum::<f32>().abs() < 1e-6,
+        "rows of dx sum to zero"
+    );
+    assert_invalid(
+        "softmax_fwd",
+        dev.softmax_fwd(m(&mut out), v(&x), n, vv + 1),
+    );
     assert_invalid("softmax_fwd", dev.softmax_fwd(m(&mut out), v(&x), n, 0));
-    assert_invalid("softmax_bwd", dev.softmax_bwd(m(&mut dx), v(&dout[1..].to_vec()), v(&out), n, vv));
+    assert_invalid(
+        "softmax_bwd",
+        dev.softmax_bwd(m(&mut dx), v(&dout[1..].to_vec()), v(&out), n, vv),
+    );
 }
 
 #[test]
@@ -926,13 +1514,38 @@ fn adamw_device() {
         grad_scale: 1.0,
     };
     let p0 = p.clone();
-    dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &hp).unwrap();
+    dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &hp)
+        .unwrap();
     // First step without decay: m/(1-b1) = g, v/(1-b2) = g^2, so p moves by lr * sign(g).
     for i in 0..n {
         assert!((p0[i] - p[i] - 1e-3 * g[i].signum()).abs() < 1e-6, "p[{i}]");
     }
-    assert_invalid("adamw", dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &AdamwStep { step: 0, ..hp }));
-    assert_invalid("adamw", dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &AdamwStep { beta1: 1.0, ..hp }));
-    assert_invalid("adamw", dev.adamw(m(&mut p), v(&g[1..].to_vec()), m(&mut mm), m(&mut vv), &hp));
-    assert_invalid("adamw", dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv[1..].to_vec()), &hp));
+    assert_invalid(
+        "adamw",
+        dev.adamw(
+            m(&mut p),
+            v(&g),
+            m(&mut mm),
+            m(&mut vv),
+            &AdamwStep { step: 0, ..hp },
+        ),
+    );
+    assert_invalid(
+        "adamw",
+        dev.adamw(
+            m(&mut p),
+            v(&g),
+            m(&mut mm),
+            m(&mut vv),
+            &AdamwStep { beta1: 1.0, ..hp },
+        ),
+    );
+    assert_invalid(
+        "adamw",
+        dev.adamw(m(&mut p), v(&g[1..].to_vec()), m(&mut mm), m(&mut vv), &hp),
+    );
+    assert_invalid(
+        "adamw",
+        dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv[1..].to_vec()), &hp),
+    );
 }

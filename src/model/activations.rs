@@ -87,7 +87,12 @@ pub struct ActivationSet<B> {
 
 impl<B> ActivationSet<B> {
     /// Builds the set for batch shape (B, T), making each buffer with `make(elements)`.
-    fn build<E>(cfg: &ModelConfig, b: usize, t: usize, mut make: impl FnMut(usize) -> Result<B, E>) -> Result<Self, E> {
+    fn build<E>(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        mut make: impl FnMut(usize) -> Result<B, E>,
+    ) -> Result<Self, E> {
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
@@ -166,4 +171,3 @@ impl ActivationSet<usize> {
         }
     }
 }
-

@@ -20,7 +20,11 @@ pub fn backward<D: Device>(
     let (b, t) = (batch.b, batch.t);
     let n = b * t;
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (nh, nkv, hs) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+    let (nh, nkv, hs) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let theta = cfg.rope_theta;
     let dims = AttnDims { b, t, nh, nkv, hs };
@@ -47,8 +51,30 @@ pub fn backward<D: Device>(
         scale,
     )?;
     let dlogits = View::all(&a.dlogits);
-    dev.matmul(ViewMut::all(&mut a.dxn), dlogits, p(tb.lm_head, v * c), n, c, v, false, false, 1.0, 0.0)?;
-    dev.matmul(g!(tb.lm_head, v * c), dlogits, View::all(&a.xn_f), v, c, n, true, false, 1.0, 1.0)?;
+    dev.matmul(
+        ViewMut::all(&mut a.dxn),
+        dlogits,
+        p(tb.lm_head, v * c),
+        n,
+        c,
+        v,
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    dev.matmul(
+        g!(tb.lm_head, v * c),
+        dlogits,
+        View::all(&a.xn_f),
+        v,
+        c,
+        n,
+        true,
+        false,
+        1.0,
+        1.0,
+    )?;
     let last = &a.res[cfg.num_hidden_layers];
     dev.rmsnorm_bwd(
         ViewMut::all(&mut a.dres),
@@ -66,8 +92,30 @@ pub fn backward<D: Device>(
         let x = &a.res[l];
         // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T
         let dres = View::all(&a.dres);
-        dev.matmul(ViewMut::all(&mut a.dh), dres, p(lp.wdown, c * f), n, f, c, false, false, 1.0, 0.0)?;
-        dev.matmul(g!(lp.wdown, c * f), dres, View::all(&la.h), c, f, n, true, false, 1.0, 1.0)?;
+        dev.matmul(
+            ViewMut::all(&mut a.dh),
+            dres,
+            p(lp.wdown, c * f),
+            n,
+            f,
+            c,
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
+        dev.matmul(
+            g!(lp.wdown, c * f),
+            dres,
+            View::all(&la.h),
+            c,
+            f,
+            n,
+            true,
+            false,
+            1.0,
+            1.0,
+        )?;
         dev.swiglu_bwd(
             ViewMut::all(&mut a.dgate),
             ViewMut::all(&mut a.dup),
@@ -76,9 +124,42 @@ pub fn backward<D: Device>(
             View::all(&la.up),
         )?;
         let (dgate, dup, xn2) = (View::all(&a.dgate), View::all(&a.dup), View::all(&la.xn2));
-        dev.matmul(ViewMut::all(&mut a.dxn), dgate, p(lp.wgate, f * c), n, c, f, false, false, 1.0, 0.0)?;
-        dev.matmul(ViewMut::all(&mut a.dxn), dup, p(lp.wup, f * c), n, c, f, false, false, 1.0, 1.0)?;
-        dev.matmul(g!(lp.wgate, f * c), dgate, xn2, f, c, n, true, false, 1.0, 1.0)?;
+        dev.matmul(
+            ViewMut::all(&mut a.dxn),
+            dgate,
+            p(lp.wgate, f * c),
+            n,
+            c,
+            f,
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
+        dev.matmul(
+            ViewMut::all(&mut a.dxn),
+            dup,
+            p(lp.wup, f * c),
+            n,
+            c,
+            f,
+            false,
+            false,
+            1.0,
+            1.0,
+        )?;
+        dev.matmul(
+            g!(lp.wgate, f * c),
+            dgate,
+            xn2,
+            f,
+            c,
+            n,
+            true,
+            false,
+            1.0,
+            1.0,
+        )?;
         dev.matmul(g!(lp.wup, f * c), dup, xn2, f, c, n, true, false, 1.0, 1.0)?;
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dx_mid),
@@ -94,8 +175,30 @@ pub fn backward<D: Device>(
 
         // attention: x_mid = x + att @ wo^T
         let dx_mid = View::all(&a.dx_mid);
-        dev.matmul(ViewMut::all(&mut a.datt), dx_mid, p(lp.wo, c * qd), n, qd, c, false, false, 1.0, 0.0)?;
-        dev.matmul(g!(lp.wo, c * qd), dx_mid, View::all(&la.att), c, qd, n, true, false, 1.0, 1.0)?;
+        dev.matmul(
+            ViewMut::all(&mut a.datt),
+            dx_mid,
+            p(lp.wo, c * qd),
+            n,
+            qd,
+            c,
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
+        dev.matmul(
+            g!(lp.wo, c * qd),
+            dx_mid,
+            View::all(&la.att),
+            c,
+            qd,
+            n,
+            true,
+            false,
+            1.0,
+            1.0,
+        )?;
         dev.attention_bwd(
             ViewMut::all(&mut a.dq),
             ViewMut::all(&mut a.dk),
@@ -110,13 +213,73 @@ pub fn backward<D: Device>(
         )?;
         dev.rope_bwd(ViewMut::all(&mut a.dq), b, t, nh, hs, 0, theta)?;
         dev.rope_bwd(ViewMut::all(&mut a.dk), b, t, nkv, hs, 0, theta)?;
-        let (dq, dk, dv, xn1) = (View::all(&a.dq), View::all(&a.dk), View::all(&a.dv), View::all(&la.xn1));
-        dev.matmul(ViewMut::all(&mut a.dxn), dq, p(lp.wq, qd * c), n, c, qd, false, false, 1.0, 0.0)?;
-        dev.matmul(ViewMut::all(&mut a.dxn), dk, p(lp.wk, kvd * c), n, c, kvd, false, false, 1.0, 1.0)?;
-        dev.matmul(ViewMut::all(&mut a.dxn), dv, p(lp.wv, kvd * c), n, c, kvd, false, false, 1.0, 1.0)?;
+        let (dq, dk, dv, xn1) = (
+            View::all(&a.dq),
+            View::all(&a.dk),
+            View::all(&a.dv),
+            View::all(&la.xn1),
+        );
+        dev.matmul(
+            ViewMut::all(&mut a.dxn),
+            dq,
+            p(lp.wq, qd * c),
+            n,
+            c,
+            qd,
+            false,
+            false,
+            1.0,
+            0.0,
+        )?;
+        dev.matmul(
+            ViewMut::all(&mut a.dxn),
+            dk,
+            p(lp.wk, kvd * c),
+            n,
+            c,
+            kvd,
+            false,
+            false,
+            1.0,
+            1.0,
+        )?;
+        dev.matmul(
+            ViewMut::all(&mut a.dxn),
+            dv,
+            p(lp.wv, kvd * c),
+            n,
+            c,
+            kvd,
+            false,
+            false,
+            1.0,
+            1.0,
+        )?;
         dev.matmul(g!(lp.wq, qd * c), dq, xn1, qd, c, n, true, false, 1.0, 1.0)?;
-        dev.matmul(g!(lp.wk, kvd * c), dk, xn1, kvd, c, n, true, false, 1.0, 1.0)?;
-        dev.matmul(g!(lp.wv, kvd * c), dv, xn1, kvd, c, n, true, false, 1.0, 1.0)?;
+        dev.matmul(
+            g!(lp.wk, kvd * c),
+            dk,
+            xn1,
+            kvd,
+            c,
+            n,
+            true,
+            false,
+            1.0,
+            1.0,
+        )?;
+        dev.matmul(
+            g!(lp.wv, kvd * c),
+            dv,
+            xn1,
+            kvd,
+            c,
+            n,
+            true,
+            false,
+            1.0,
+            1.0,
+        )?;
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dres_next),
             g!(lp.ln1, c),

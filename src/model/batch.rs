@@ -24,12 +24,18 @@ impl Batch {
         let b = rows.len();
         let t = rows.first().map_or(0, Vec::len);
         if b == 0 || t < 2 {
-            return Err(Error::invalid("batch", "need at least one row of at least 2 tokens"));
+            return Err(Error::invalid(
+                "batch",
+                "need at least one row of at least 2 tokens",
+            ));
         }
         if let Some(i) = rows.iter().position(|r| r.len() != t) {
             return Err(Error::invalid(
                 "batch",
-                format!("row {i} has {} tokens, row 0 has {t}: rows must have equal length", rows[i].len()),
+                format!(
+                    "row {i} has {} tokens, row 0 has {t}: rows must have equal length",
+                    rows[i].len()
+                ),
             ));
         }
         let ids: Vec<u32> = rows.concat();

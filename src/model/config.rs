@@ -40,8 +40,8 @@ impl ModelConfig {
     /// Reads and checks `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(path, format!("not valid JSON: {e}")))?;
         Self::from_json(&json, path)
     }
 
@@ -55,29 +55,42 @@ impl ModelConfig {
         if !MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(f.err(
                 "model_type",
-                format!("unsupported architecture {model_type:?}; supported: {}", MODEL_TYPES.join(", ")),
+                format!(
+                    "unsupported architecture {model_type:?}; supported: {}",
+                    MODEL_TYPES.join(", ")
+                ),
             ));
         }
         if let Some(archs) = json.get("architectures") {
-            let list = archs.as_array().ok_or_else(|| f.err("architectures", "expected a list of names"))?;
+            let list = archs
+                .as_array()
+                .ok_or_else(|| f.err("architectures", "expected a list of names"))?;
             for a in list {
                 let name = a.as_str().unwrap_or("?");
                 if !ARCHITECTURES.contains(&name) {
                     return Err(f.err(
                         "architectures",
-                        format!("unsupported architecture {name:?}; supported: {}", ARCHITECTURES.join(", ")),
+                        format!(
+                            "unsupported architecture {name:?}; supported: {}",
+                            ARCHITECTURES.join(", ")
+                        ),
                     ));
                 }
             }
         }
         let hidden_size = f.req_usize("hidden_size")?;
         let num_attention_heads = f.req_usize("num_attention_heads")?;
-        let num_key_value_heads = f.usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = f
+            .usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         let head_dim = match f.usize("head_dim")? {
             Some(h) => h,
             None => {
                 if hidden_size % num_attention_heads != 0 {
-                    return Err(f.err("num_attention_heads", "does not divide hidden_size and no head_dim is given"));
+                    return Err(f.err(
+                        "num_attention_heads",
+                        "does not divide hidden_size and no head_dim is given",
+                    ));
                 }
                 hidden_size / num_attention_heads
             }
@@ -89,11 +102,17 @@ impl ModelConfig {
             ));
         }
         if head_dim % 2 != 0 {
-            return Err(f.err("head_dim", format!("{head_dim} is odd; RoPE needs an even head size")));
+            return Err(f.err(
+                "head_dim",
+                format!("{head_dim} is odd; RoPE needs an even head size"),
+            ));
         }
         let act = f.string("hidden_act")?.unwrap_or_else(|| "silu".into());
         if act != "silu" {
-            return Err(f.err("hidden_act", format!("{act:?} is not supported (only \"silu\")")));
+            return Err(f.err(
+                "hidden_act",
+                format!("{act:?} is not supported (only \"silu\")"),
+            ));
         }
         if let Some(v) = json.get("rope_scaling") {
             if !v.is_null() {
@@ -114,16 +133,26 @@ impl ModelConfig {
         let max_position_embeddings = f.usize("max_position_embeddings")?.unwrap_or(2048);
         if let Some(w) = f.usize("sliding_window")? {
             if w < max_position_embeddings {
-                return Err(f.err("sliding_window", format!("sliding-window attention ({w}) is not supported")));
+                return Err(f.err(
+                    "sliding_window",
+                    format!("sliding-window attention ({w}) is not supported"),
+                ));
             }
         }
         let eos_token_ids = match json.get("eos_token_id") {
             None | Some(Value::Null) => vec![],
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| f.err("eos_token_id", "expected token ids")))
+                .map(|x| {
+                    x.as_u64()
+                        .map(|x| x as u32)
+                        .ok_or_else(|| f.err("eos_token_id", "expected token ids"))
+                })
                 .collect::<Result<_>>()?,
-            Some(x) => vec![x.as_u64().ok_or_else(|| f.err("eos_token_id", "expected a token id"))? as u32],
+            Some(x) => vec![x
+                .as_u64()
+                .ok_or_else(|| f.err("eos_token_id", "expected a token id"))?
+                as u32],
         };
         let cfg = ModelConfig {
             model_type,
@@ -226,10 +255,9 @@ impl Fields<'_> {
     fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, found {v}"))),
+            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
+                self.err(key, format!("expected a non-negative integer, found {v}"))
+            }),
         }
     }
 

@@ -32,7 +32,11 @@ impl<D: Device> Model<D> {
         if flat.len() != table.total {
             return Err(crate::Error::invalid(
                 "model",
-                format!("{} parameter values given, the config needs {}", flat.len(), table.total),
+                format!(
+                    "{} parameter values given, the config needs {}",
+                    flat.len(),
+                    table.total
+                ),
             ));
         }
         Ok(Model {
@@ -78,7 +82,12 @@ impl<D: Device> Model<D> {
     pub fn save(&self, dev: &D, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         let flat = self.params_to_host(dev)?;
-        safetensors_io::save_params(&dir.join("model.safetensors"), &self.table, &flat, safetensors_io::SaveDtype::F32)?;
+        safetensors_io::save_params(
+            &dir.join("model.safetensors"),
+            &self.table,
+            &flat,
+            safetensors_io::SaveDtype::F32,
+        )?;
         let cfg = serde_json::to_string_pretty(&self.cfg.to_json())
             .map_err(|e| crate::Error::format(dir.join("config.json"), e.to_string()))?;
         let path = dir.join("config.json");

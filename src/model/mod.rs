@@ -6,13 +6,13 @@ pub mod params;
 
 pub use config::ModelConfig;
 pub use params::{LayerParams, ParamEntry, ParamTable};
-pub mod safetensors_io;
-pub mod tokenizer;
 pub mod activations;
 pub mod backward;
 pub mod batch;
 pub mod forward;
 pub mod llama;
+pub mod safetensors_io;
+pub mod tokenizer;
 
 pub use activations::{ActivationSet, Activations, LayerActs, LayerSet};
 pub use backward::backward;

@@ -30,7 +30,13 @@ pub struct LmTrainer<D: Device> {
 }
 
 impl<D: Device> LmTrainer<D> {
-    pub fn new(dev: &D, model: Model<D>, adamw: AdamwConfig, schedule: LrSchedule, max_norm: f32) -> Result<Self> {
+    pub fn new(
+        dev: &D,
+        model: Model<D>,
+        adamw: AdamwConfig,
+        schedule: LrSchedule,
+        max_norm: f32,
+    ) -> Result<Self> {
         let opt = AdamW::new(dev, &model.table, adamw)?;
         Ok(LmTrainer {
             model,
@@ -45,7 +51,10 @@ impl<D: Device> LmTrainer<D> {
     pub fn step(&mut self, dev: &D, micro_batches: &[Batch]) -> Result<StepStats> {
         let total: f64 = micro_batches.iter().map(Batch::count).sum();
         if total <= 0.0 {
-            return Err(Error::invalid("train step", "no position of the batch is in the loss"));
+            return Err(Error::invalid(
+                "train step",
+                "no position of the batch is in the loss",
+            ));
         }
         self.model.zero_grads(dev)?;
         let (mut loss_sum, mut tokens) = (0.0, 0);
@@ -65,11 +74,15 @@ impl<D: Device> LmTrainer<D> {
         if !grad_norm.is_finite() {
             return Err(Error::invalid(
                 "train step",
-                format!("gradient norm is {grad_norm} at step {}: lower the learning rate", self.opt.step + 1),
+                format!(
+                    "gradient norm is {grad_norm} at step {}: lower the learning rate",
+                    self.opt.step + 1
+                ),
             ));
         }
         let lr = self.schedule.lr_at(self.opt.step + 1);
-        self.opt.update(dev, &mut self.model.params, &self.model.grads, lr, factor)?;
+        self.opt
+            .update(dev, &mut self.model.params, &self.model.grads, lr, factor)?;
         Ok(StepStats {
             step: self.opt.step,
             loss: loss_sum / total,

@@ -44,7 +44,9 @@ impl<D: Device> AdamW<D> {
         let mut runs: Vec<(usize, usize, bool)> = vec![];
         for e in &table.entries {
             match runs.last_mut() {
-                Some((off, len, decay)) if *decay == e.decay && *off + *len == e.offset => *len += e.len,
+                Some((off, len, decay)) if *decay == e.decay && *off + *len == e.offset => {
+                    *len += e.len
+                }
                 _ => runs.push((e.offset, e.len, e.decay)),
             }
         }
@@ -58,9 +60,19 @@ impl<D: Device> AdamW<D> {
     }
 
     /// One update of `params` from `grads` (times `grad_scale`) at learning rate `lr`.
-    pub fn update(&mut self, dev: &D, params: &mut D::Buf, grads: &D::Buf, lr: f32, grad_scale: f32) -> Result<()> {
+    pub fn update(
+        &mut self,
+        dev: &D,
+        params: &mut D::Buf,
+        grads: &D::Buf,
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<()> {
         if !lr.is_finite() || !grad_scale.is_finite() {
-            return Err(Error::invalid("adamw", format!("learning rate {lr} or gradient scale {grad_scale} is not finite")));
+            return Err(Error::invalid(
+                "adamw",
+                format!("learning rate {lr} or gradient scale {grad_scale} is not finite"),
+            ));
         }
         self.step += 1;
         for &(off, len, decay) in &self.runs {

@@ -39,8 +39,7 @@ impl Tensor {
 }
 
 /// Every tensor of a safetensors file; F32, F64, I64 and I32 are converted to f32.
-pub fn load_tensors(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
-    let path = path.as_ref();
+pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     st.tensors()
@@ -48,7 +47,10 @@ pub fn load_tensors(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
         .map(|(name, t)| {
             let raw = t.data();
             let data: Vec<f32> = match t.dtype() {
-                Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+                Dtype::F32 => raw
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
                 Dtype::F64 => raw
                     .chunks_exact(8)
                     .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
@@ -57,11 +59,21 @@ pub fn load_tensors(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
                     .chunks_exact(8)
                     .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
                     .collect(),
-                Dtype::I32 => raw.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32).collect(),
-                other => panic!("{}: tensor {name} has unsupported dtype {other:?}", path.display()),
+                Dtype::I32 => raw
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32)
+                    .collect(),
+                other => panic!(
+                    "{}: tensor {name} has unsupported dtype {other:?}",
+                    path.display()
+                ),
             };
             let shape = t.shape().to_vec();
-            assert_eq!(data.len(), shape.iter().product::<usize>(), "{name}: data does not match shape");
+            assert_eq!(
+                data.len(),
+                shape.iter().product::<usize>(),
+                "{name}: data does not match shape"
+            );
             (name, Tensor { shape, data })
         })
         .collect()
@@ -70,10 +82,13 @@ pub fn load_tensors(path: impl AsRef<Path>) -> HashMap<String, Tensor> {
 /// `sqrt(sum (g-w)^2 / sum w^2)` in f64.
 pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len(), "rel_l2: lengths differ");
-    let (num, den) = got.iter().zip(want).fold((0.0f64, 0.0f64), |(n, d), (&g, &w)| {
-        let (g, w) = (g as f64, w as f64);
-        (n + (g - w) * (g - w), d + w * w)
-    });
+    let (num, den) = got
+        .iter()
+        .zip(want)
+        .fold((0.0f64, 0.0f64), |(n, d), (&g, &w)| {
+            let (g, w) = (g as f64, w as f64);
+            (n + (g - w) * (g - w), d + w * w)
+        });
     if den == 0.0 {
         num.sqrt()
     } else {
@@ -86,7 +101,13 @@ pub fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
 /// `max_nmse`. The message names the worst element and how many elements failed.
 #[track_caller]
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32, max_nmse: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: got {} elements, want {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{what}: got {} elements, want {}",
+        got.len(),
+        want.len()
+    );
     if let Some(i) = got.iter().position(|x| !x.is_finite()) {
         panic!("{what}: got[{i}] = {} is not finite", got[i]);
     }
@@ -106,13 +127,6 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32,
             worst = Some((i, ratio));
         }
     }
-    if std::env::var_os("CLOSE_REPORT").is_some() {
-        let (i, ratio) = worst.unwrap_or((0, 0.0));
-        let maxabs = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0f32, f32::max);
-        let amax = want.iter().fold(0.0f32, |m, w| m.max(w.abs()));
-        let maxrel = got.iter().zip(want).filter(|(_, w)| w.abs() > 1e-3 * amax).map(|(g, w)| (g - w).abs() / w.abs()).fold(0.0f32, f32::max);
-        eprintln!("REPORT {what}: worst ratio {ratio:.3} at {i}; max|d| {maxabs:e} = {:.2} u*amax; max rel (|w|>1e-3 amax) {:.2} u", maxabs / (amax * f32::EPSILON / 2.0), maxrel / (f32::EPSILON / 2.0));
-    }
     if bad > 0 {
         let (i, ratio) = worst.unwrap_or((0, 0.0));
         panic!(
@@ -124,10 +138,16 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32,
             (got[i] - want[i]).abs()
         );
     }
-    let (num, den) = got.iter().zip(want).fold((0.0f64, 0.0f64), |(n, d), (&g, &w)| {
-        let (g, w) = (g as f64, w as f64);
-        (n + (g - w) * (g - w), d + w * w)
-    });
+    let (num, den) = got
+        .iter()
+        .zip(want)
+        .fold((0.0f64, 0.0f64), |(n, d), (&g, &w)| {
+            let (g, w) = (g as f64, w as f64);
+            (n + (g - w) * (g - w), d + w * w)
+        });
     let nmse = if den == 0.0 { num } else { num / den };
-    assert!(nmse <= max_nmse, "{what}: normalised MSE {nmse:e} > {max_nmse:e}");
+    assert!(
+        nmse <= max_nmse,
+        "{what}: normalised MSE {nmse:e} > {max_nmse:e}"
+    );
 }

@@ -16,7 +16,14 @@ pub fn adamw<T: Real>(p: &mut [T], g: &[T], m: &mut [T], v: &mut [T], hp: &Adamw
     let bc1 = 1.0 - (hp.beta1 as f64).powi(step);
     let bc2 = 1.0 - (hp.beta2 as f64).powi(step);
     let f = <T as Real>::from_f32;
-    let (lr, b1, b2, eps, wd, gs) = (f(hp.lr), f(hp.beta1), f(hp.beta2), f(hp.eps), f(hp.weight_decay), f(hp.grad_scale));
+    let (lr, b1, b2, eps, wd, gs) = (
+        f(hp.lr),
+        f(hp.beta1),
+        f(hp.beta2),
+        f(hp.eps),
+        f(hp.weight_decay),
+        f(hp.grad_scale),
+    );
     let (inv_bc1, inv_bc2) = (real::<T>(1.0 / bc1), real::<T>(1.0 / bc2));
     let one = T::one();
     p.par_chunks_mut(CHUNK)
@@ -42,7 +49,11 @@ pub fn sum_squares<T: Real>(x: &[T]) -> f64 {
         .map(|x| {
             let mut acc = [0.0f64; 4];
             let chunks = x.chunks_exact(4);
-            let tail: f64 = chunks.remainder().iter().map(|&v| v.to_f64() * v.to_f64()).sum();
+            let tail: f64 = chunks
+                .remainder()
+                .iter()
+                .map(|&v| v.to_f64() * v.to_f64())
+                .sum();
             for c in chunks {
                 for (s, &v) in acc.iter_mut().zip(c) {
                     *s += v.to_f64() * v.to_f64();

@@ -24,9 +24,16 @@ fn inv_sqrt_hs<T: Real>(hs: usize) -> T {
 ///
 /// q [B,T,NH,HS], k and v [B,T,NKV,HS]. Parallel over query rows (b, t, h): each computes its
 /// t+1 scores, their max-subtracted exponentials, and the weighted sum of value rows.
-pub fn attention_fwd<T: Real>(out: &mut [T], lse: &mut [T], q: &[T], k: &[T], v: &[T], d: AttnDims) {
+pub fn attention_fwd<T: Real>(
+    out: &mut [T],
+    lse: &mut [T],
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    d: AttnDims,
+) {
     let AttnDims { b, t, nh, nkv, hs } = d;
-    if b * t * nh * nkv * hs == 0 {
+    if [b, t, nh, nkv, hs].contains(&0) {
         return;
     }
     let group = nh / nkv;
@@ -87,7 +94,7 @@ pub fn attention_bwd<T: Real>(
     d: AttnDims,
 ) {
     let AttnDims { b, t, nh, nkv, hs } = d;
-    if b * t * nh * nkv * hs == 0 {
+    if [b, t, nh, nkv, hs].contains(&0) {
         return;
     }
     let group = nh / nkv;
@@ -95,16 +102,26 @@ pub fn attention_bwd<T: Real>(
     let kv = |bi: usize, j: usize, g: usize| ((bi * t + j) * nkv + g) * hs;
     let qrow = |bi: usize, i: usize, h: usize| ((bi * t + i) * nh + h) * hs;
     // D [B,T,NH], in the row order of q.
-    let dd: Vec<T> = dout.par_chunks(hs).zip(out.par_chunks(hs)).map(|(g, o)| dot(g, o)).collect();
+    let dd: Vec<T> = dout
+        .par_chunks(hs)
+        .zip(out.par_chunks(hs))
+        .map(|(g, o)| dot(g, o))
+        .collect();
 
     dq.par_chunks_mut(hs).enumerate().for_each(|(row, dq)| {
         let (bi, i, h) = split_q(row, &d);
         let g = h / group;
-        let (qr, gr) = (&q[row * hs..(row + 1) * hs], &dout[row * hs..(row + 1) * hs]);
+        let (qr, gr) = (
+            &q[row * hs..(row + 1) * hs],
+            &dout[row * hs..(row + 1) * hs],
+        );
         let l = lse[(bi * nh + h) * t + i];
         dq.fill(T::zero());
         for j in 0..=i {
-            let (kr, vr) = (&k[kv(bi, j, g)..kv(bi, j, g) + hs], &v[kv(bi, j, g)..kv(bi, j, g) + hs]);
+            let (kr, vr) = (
+                &k[kv(bi, j, g)..kv(bi, j, g) + hs],
+                &v[kv(bi, j, g)..kv(bi, j, g) + hs],
+            );
             let p = (dot(qr, kr) * sc - l).exp();
             axpy(dq, p * (dot(gr, vr) - dd[row]), kr);
         }

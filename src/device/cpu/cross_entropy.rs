@@ -18,7 +18,13 @@ fn max_and_ln_sum<T: Real>(x: &[T]) -> (T, T) {
 /// logits [N,V], targets [N] (each < V), mask [N]. Computed as `(max - x_y) + ln(sum exp(x -
 /// max))`: stable for any logit size. A row with mask 0 gets loss 0 without reading its logits
 /// (padding may hold anything). Parallel over rows.
-pub fn cross_entropy_fwd<T: Real>(losses: &mut [T], logits: &[T], targets: &[u32], mask: &[T], v: usize) {
+pub fn cross_entropy_fwd<T: Real>(
+    losses: &mut [T],
+    logits: &[T],
+    targets: &[u32],
+    mask: &[T],
+    v: usize,
+) {
     if v == 0 {
         return;
     }
@@ -39,8 +45,16 @@ pub fn cross_entropy_fwd<T: Real>(losses: &mut [T], logits: &[T], targets: &[u32
 
 /// `dlogits[N,V] = mask[n] * scale * (softmax(logits[n,:]) - onehot(targets[n]))`   (`=`)
 ///
-/// The gradient of `scale * sum_n losses[n]`; rows with mask 0 are zero. Parallel over rows.
-pub fn cross_entropy_bwd<T: Real>(dlogits: &mut [T], logits: &[T], targets: &[u32], mask: &[T], v: usize, scale: f32) {
+/// The gradient of `scale * sum_n losses[n]`; rows with mask 0 are zero. Each row's exponentials
+/// `exp(x - max)` are written once, summed in f64, then scaled. Parallel over rows.
+pub fn cross_entropy_bwd<T: Real>(
+    dlogits: &mut [T],
+    logits: &[T],
+    targets: &[u32],
+    mask: &[T],
+    v: usize,
+    scale: f32,
+) {
     if v == 0 {
         return;
     }
@@ -56,9 +70,15 @@ pub fn cross_entropy_bwd<T: Real>(dlogits: &mut [T], logits: &[T], targets: &[u3
                 d.fill(T::zero());
                 return;
             }
-            let (mx, ln_sum) = max_and_ln_sum(x);
+            let mx = max(x);
+            let mut sum = 0.0f64;
             for (d, &x) in d.iter_mut().zip(x) {
-                *d = w * ((x - mx) - ln_sum).exp();
+                *d = (x - mx).exp();
+                sum += d.to_f64();
+            }
+            let ws = w * real::<T>(1.0 / sum);
+            for d in d.iter_mut() {
+                *d *= ws;
             }
             d[y as usize] -= w;
         });

@@ -11,10 +11,12 @@ pub fn embedding_fwd<T: Real>(out: &mut [T], ids: &[u32], wte: &[T], c: usize) {
     if c == 0 {
         return;
     }
-    out.par_chunks_mut(c).zip(ids.par_iter()).for_each(|(row, &id)| {
-        let start = id as usize * c;
-        row.copy_from_slice(&wte[start..start + c]);
-    });
+    out.par_chunks_mut(c)
+        .zip(ids.par_iter())
+        .for_each(|(row, &id)| {
+            let start = id as usize * c;
+            row.copy_from_slice(&wte[start..start + c]);
+        });
 }
 
 /// `dwte[ids[n], :] += dout[n, :]` for every n   (`+=`)
@@ -42,20 +44,22 @@ pub fn embedding_bwd<T: Real>(dwte: &mut [T], ids: &[u32], dout: &[T], c: usize)
         order[next[id as usize]] = n;
         next[id as usize] += 1;
     }
-    dwte.par_chunks_mut(c).enumerate().for_each_init(Vec::new, |acc, (id, row)| {
-        let rows = &order[start[id]..start[id + 1]];
-        if rows.is_empty() {
-            return;
-        }
-        acc.clear();
-        acc.resize(c, T::zero());
-        for &n in rows {
-            for (a, &g) in acc.iter_mut().zip(&dout[n * c..(n + 1) * c]) {
-                *a += g;
+    dwte.par_chunks_mut(c)
+        .enumerate()
+        .for_each_init(Vec::new, |acc, (id, row)| {
+            let rows = &order[start[id]..start[id + 1]];
+            if rows.is_empty() {
+                return;
             }
-        }
-        for (d, &a) in row.iter_mut().zip(acc.iter()) {
-            *d += a;
-        }
-    });
+            acc.clear();
+            acc.resize(c, T::zero());
+            for &n in rows {
+                for (a, &g) in acc.iter_mut().zip(&dout[n * c..(n + 1) * c]) {
+                    *a += g;
+                }
+            }
+            for (d, &a) in row.iter_mut().zip(acc.iter()) {
+                *d += a;
+            }
+        });
 }

@@ -13,7 +13,9 @@ fn shape_err(e: ShapeError) -> Error {
 /// A row-major [rows, cols] matrix, or the transpose of a stored [cols, rows] one.
 fn view<T>(x: &[T], rows: usize, cols: usize, transposed: bool) -> Result<ArrayView2<'_, T>> {
     if transposed {
-        Ok(ArrayView2::from_shape((cols, rows), x).map_err(shape_err)?.reversed_axes())
+        Ok(ArrayView2::from_shape((cols, rows), x)
+            .map_err(shape_err)?
+            .reversed_axes())
     } else {
         ArrayView2::from_shape((rows, cols), x).map_err(shape_err)
     }
@@ -39,6 +41,12 @@ pub fn matmul<T: Real>(
     let a = view(a, m, k, ta)?;
     let b = view(b, k, n, tb)?;
     let mut c = ArrayViewMut2::from_shape((m, n), c).map_err(shape_err)?;
-    general_mat_mul(<T as Real>::from_f32(alpha), &a, &b, <T as Real>::from_f32(beta), &mut c);
+    general_mat_mul(
+        <T as Real>::from_f32(alpha),
+        &a,
+        &b,
+        <T as Real>::from_f32(beta),
+        &mut c,
+    );
     Ok(())
 }

@@ -19,6 +19,8 @@ pub mod rope;
 pub mod softmax;
 pub mod swiglu;
 
+use rayon::prelude::*;
+
 use super::{AdamwStep, AttnDims, Device, DeviceBuf, View, ViewMut};
 use crate::{Error, Result};
 
@@ -71,7 +73,12 @@ fn real<T: Real>(x: f64) -> T {
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (a[..n].chunks_exact(LANES), b[..n].chunks_exact(LANES));
-    let tail: T = a.remainder().iter().zip(b.remainder()).map(|(&x, &y)| x * y).sum();
+    let tail: T = a
+        .remainder()
+        .iter()
+        .zip(b.remainder())
+        .map(|(&x, &y)| x * y)
+        .sum();
     let mut acc = [T::zero(); LANES];
     for (x, y) in a.zip(b) {
         for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
@@ -122,17 +129,24 @@ type Buf = Vec<f32>;
 /// The elements a view covers.
 fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
     let (off, len, total) = (v.offset(), v.len(), v.buf().len());
-    v.buf()
-        .get(off..off.saturating_add(len))
-        .ok_or_else(|| Error::invalid(op, format!("{what}: view {off}+{len} outside buffer of {total}")))
+    v.buf().get(off..off.saturating_add(len)).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!("{what}: view {off}+{len} outside buffer of {total}"),
+        )
+    })
 }
 
 /// The elements a writable view covers.
 fn get_mut<'a>(op: &'static str, what: &str, v: ViewMut<'a, Buf>) -> Result<&'a mut [f32]> {
     let (buf, off, len) = v.into_parts();
     let total = buf.len();
-    buf.get_mut(off..off.saturating_add(len))
-        .ok_or_else(|| Error::invalid(op, format!("{what}: view {off}+{len} outside buffer of {total}")))
+    buf.get_mut(off..off.saturating_add(len)).ok_or_else(|| {
+        Error::invalid(
+            op,
+            format!("{what}: view {off}+{len} outside buffer of {total}"),
+        )
+    })
 }
 
 /// Product of dims, or an error on overflow.
@@ -160,7 +174,10 @@ fn check_same(op: &'static str, what: &str, got: usize, want: usize) -> Result<(
     if got == want {
         Ok(())
     } else {
-        Err(Error::invalid(op, format!("{what}: expected {want} elements, got {got}")))
+        Err(Error::invalid(
+            op,
+            format!("{what}: expected {want} elements, got {got}"),
+        ))
     }
 }
 
@@ -177,7 +194,10 @@ fn check_pos(op: &'static str, name: &str, x: usize) -> Result<()> {
 fn check_ids(op: &'static str, what: &str, ids: &[u32], limit: usize) -> Result<()> {
     match ids.iter().enumerate().find(|(_, &id)| id as usize >= limit) {
         None => Ok(()),
-        Some((i, id)) => Err(Error::invalid(op, format!("{what}[{i}] = {id} is out of range (must be < {limit})"))),
+        Some((i, id)) => Err(Error::invalid(
+            op,
+            format!("{what}[{i}] = {id} is out of range (must be < {limit})"),
+        )),
     }
 }
 
@@ -186,7 +206,10 @@ fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> 
     if len % c == 0 {
         Ok(len / c)
     } else {
-        Err(Error::invalid(op, format!("{what}: {len} elements is not a multiple of C = {c}")))
+        Err(Error::invalid(
+            op,
+            format!("{what}: {len} elements is not a multiple of C = {c}"),
+        ))
     }
 }
 
@@ -207,10 +230,16 @@ fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Res
     let [_, _, h, hs] = dims;
     check_pos(op, "H", h)?;
     if hs == 0 || hs % 2 != 0 {
-        return Err(Error::invalid(op, format!("HS = {hs} must be even and > 0")));
+        return Err(Error::invalid(
+            op,
+            format!("HS = {hs} must be even and > 0"),
+        ));
     }
     if !(theta.is_finite() && theta > 0.0) {
-        return Err(Error::invalid(op, format!("theta = {theta} must be finite and > 0")));
+        return Err(Error::invalid(
+            op,
+            format!("theta = {theta} must be finite and > 0"),
+        ));
     }
     check_len(op, "x [B,T,H,HS]", len, &dims)
 }
@@ -240,18 +269,30 @@ impl Device for CpuDevice {
     }
 
     fn fill(&self, x: ViewMut<'_, Buf>, value: f32) -> Result<()> {
-        get_mut("fill", "x", x)?.fill(value);
+        get_mut("fill", "x", x)?
+            .par_chunks_mut(CHUNK)
+            .for_each(|x| x.fill(value));
         Ok(())
     }
 
     fn copy(&self, dst: ViewMut<'_, Buf>, src: View<'_, Buf>) -> Result<()> {
         const OP: &str = "copy";
         check_same(OP, "dst", dst.len(), src.len())?;
-        get_mut(OP, "dst", dst)?.copy_from_slice(get(OP, "src", src)?);
+        get_mut(OP, "dst", dst)?
+            .par_chunks_mut(CHUNK)
+            .zip(get(OP, "src", src)?.par_chunks(CHUNK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         Ok(())
     }
 
-    fn embedding_fwd(&self, out: ViewMut<'_, Buf>, ids: &Self::Ids, wte: View<'_, Buf>, n: usize, c: usize) -> Result<()> {
+    fn embedding_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        ids: &Self::Ids,
+        wte: View<'_, Buf>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
         const OP: &str = "embedding_fwd";
         check_pos(OP, "C", c)?;
         check_len(OP, "ids [N]", ids.len(), &[n])?;
@@ -262,7 +303,14 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn embedding_bwd(&self, dwte: ViewMut<'_, Buf>, ids: &Self::Ids, dout: View<'_, Buf>, n: usize, c: usize) -> Result<()> {
+    fn embedding_bwd(
+        &self,
+        dwte: ViewMut<'_, Buf>,
+        ids: &Self::Ids,
+        dout: View<'_, Buf>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
         const OP: &str = "embedding_bwd";
         check_pos(OP, "C", c)?;
         check_len(OP, "ids [N]", ids.len(), &[n])?;
@@ -290,7 +338,10 @@ impl Device for CpuDevice {
         check_len(OP, "x [N,C]", x.len(), &[n, c])?;
         check_len(OP, "w [C]", w.len(), &[c])?;
         if !(eps.is_finite() && eps >= 0.0) {
-            return Err(Error::invalid(OP, format!("eps = {eps} must be finite and >= 0")));
+            return Err(Error::invalid(
+                OP,
+                format!("eps = {eps} must be finite and >= 0"),
+            ));
         }
         rmsnorm::rmsnorm_fwd(
             get_mut(OP, "out", out)?,
@@ -334,14 +385,32 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn rope_fwd(&self, x: ViewMut<'_, Buf>, b: usize, t: usize, h: usize, hs: usize, pos0: usize, theta: f32) -> Result<()> {
+    fn rope_fwd(
+        &self,
+        x: ViewMut<'_, Buf>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hs: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
         const OP: &str = "rope_fwd";
         check_rope(OP, x.len(), [b, t, h, hs], theta)?;
         rope::rope_fwd(get_mut(OP, "x", x)?, t, h, hs, pos0, theta);
         Ok(())
     }
 
-    fn rope_bwd(&self, dx: ViewMut<'_, Buf>, b: usize, t: usize, h: usize, hs: usize, pos0: usize, theta: f32) -> Result<()> {
+    fn rope_bwd(
+        &self,
+        dx: ViewMut<'_, Buf>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hs: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
         const OP: &str = "rope_bwd";
         check_rope(OP, dx.len(), [b, t, h, hs], theta)?;
         rope::rope_bwd(get_mut(OP, "dx", dx)?, t, h, hs, pos0, theta);
@@ -416,11 +485,20 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn swiglu_fwd(&self, out: ViewMut<'_, Buf>, gate: View<'_, Buf>, up: View<'_, Buf>) -> Result<()> {
+    fn swiglu_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        gate: View<'_, Buf>,
+        up: View<'_, Buf>,
+    ) -> Result<()> {
         const OP: &str = "swiglu_fwd";
         check_same(OP, "gate", gate.len(), out.len())?;
         check_same(OP, "up", up.len(), out.len())?;
-        swiglu::swiglu_fwd(get_mut(OP, "out", out)?, get(OP, "gate", gate)?, get(OP, "up", up)?);
+        swiglu::swiglu_fwd(
+            get_mut(OP, "out", out)?,
+            get(OP, "gate", gate)?,
+            get(OP, "up", up)?,
+        );
         Ok(())
     }
 
@@ -477,7 +555,12 @@ impl Device for CpuDevice {
         )
     }
 
-    fn residual_fwd(&self, out: ViewMut<'_, Buf>, a: View<'_, Buf>, b: View<'_, Buf>) -> Result<()> {
+    fn residual_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        a: View<'_, Buf>,
+        b: View<'_, Buf>,
+    ) -> Result<()> {
         const OP: &str = "residual_fwd";
         check_same(OP, "a", a.len(), out.len())?;
         check_same(OP, "b", b.len(), out.len())?;
@@ -546,7 +629,13 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn softmax_fwd(&self, out: ViewMut<'_, Buf>, x: View<'_, Buf>, n: usize, v: usize) -> Result<()> {
+    fn softmax_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        x: View<'_, Buf>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
         const OP: &str = "softmax_fwd";
         check_pos(OP, "V", v)?;
         check_len(OP, "out [N,V]", out.len(), &[n, v])?;
@@ -555,17 +644,36 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn softmax_bwd(&self, dx: ViewMut<'_, Buf>, dout: View<'_, Buf>, out: View<'_, Buf>, n: usize, v: usize) -> Result<()> {
+    fn softmax_bwd(
+        &self,
+        dx: ViewMut<'_, Buf>,
+        dout: View<'_, Buf>,
+        out: View<'_, Buf>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
         const OP: &str = "softmax_bwd";
         check_pos(OP, "V", v)?;
         check_len(OP, "dx [N,V]", dx.len(), &[n, v])?;
         check_len(OP, "dout [N,V]", dout.len(), &[n, v])?;
         check_len(OP, "out [N,V]", out.len(), &[n, v])?;
-        softmax::softmax_bwd(get_mut(OP, "dx", dx)?, get(OP, "dout", dout)?, get(OP, "out", out)?, v);
+        softmax::softmax_bwd(
+            get_mut(OP, "dx", dx)?,
+            get(OP, "dout", dout)?,
+            get(OP, "out", out)?,
+            v,
+        );
         Ok(())
     }
 
-    fn adamw(&self, p: ViewMut<'_, Buf>, g: View<'_, Buf>, m: ViewMut<'_, Buf>, v: ViewMut<'_, Buf>, hp: &AdamwStep) -> Result<()> {
+    fn adamw(
+        &self,
+        p: ViewMut<'_, Buf>,
+        g: View<'_, Buf>,
+        m: ViewMut<'_, Buf>,
+        v: ViewMut<'_, Buf>,
+        hp: &AdamwStep,
+    ) -> Result<()> {
         const OP: &str = "adamw";
         check_same(OP, "g", g.len(), p.len())?;
         check_same(OP, "m", m.len(), p.len())?;
@@ -576,7 +684,10 @@ impl Device for CpuDevice {
         if !((0.0..1.0).contains(&hp.beta1) && (0.0..1.0).contains(&hp.beta2)) {
             return Err(Error::invalid(
                 OP,
-                format!("beta1 = {} and beta2 = {} must lie in [0, 1)", hp.beta1, hp.beta2),
+                format!(
+                    "beta1 = {} and beta2 = {} must lie in [0, 1)",
+                    hp.beta1, hp.beta2
+                ),
             ));
         }
         adamw::adamw(

@@ -18,9 +18,11 @@ pub fn residual_fwd<T: Real>(out: &mut [T], a: &[T], b: &[T]) {
 
 /// `da += dout`   (`+=`): the gradient reaching each input of an add. Parallel over chunks.
 pub fn residual_bwd<T: Real>(da: &mut [T], dout: &[T]) {
-    da.par_chunks_mut(CHUNK).zip(dout.par_chunks(CHUNK)).for_each(|(da, dout)| {
-        for (d, &g) in da.iter_mut().zip(dout) {
-            *d += g;
-        }
-    });
+    da.par_chunks_mut(CHUNK)
+        .zip(dout.par_chunks(CHUNK))
+        .for_each(|(da, dout)| {
+            for (d, &g) in da.iter_mut().zip(dout) {
+                *d += g;
+            }
+        });
 }

@@ -33,7 +33,15 @@ pub fn rmsnorm_fwd<T: Real>(out: &mut [T], rstd: &mut [T], x: &[T], w: &[T], c: 
 /// dout, x [N,C], w [C], rstd [N] (from the forward). dx is parallel over rows; dw over blocks of
 /// columns, each summing its columns over all rows in order and adding the sum to dw once
 /// (deterministic, independent of the thread count).
-pub fn rmsnorm_bwd<T: Real>(dx: &mut [T], dw: &mut [T], dout: &[T], x: &[T], w: &[T], rstd: &[T], c: usize) {
+pub fn rmsnorm_bwd<T: Real>(
+    dx: &mut [T],
+    dw: &mut [T],
+    dout: &[T],
+    x: &[T],
+    w: &[T],
+    rstd: &[T],
+    c: usize,
+) {
     if c == 0 {
         return;
     }

@@ -11,18 +11,20 @@ pub fn softmax_fwd<T: Real>(out: &mut [T], x: &[T], v: usize) {
     if v == 0 {
         return;
     }
-    out.par_chunks_mut(v).zip(x.par_chunks(v)).for_each(|(out, x)| {
-        let m = max(x);
-        let mut sum = 0.0f64;
-        for (o, &x) in out.iter_mut().zip(x) {
-            *o = (x - m).exp();
-            sum += o.to_f64();
-        }
-        let inv = real::<T>(1.0 / sum);
-        for o in out.iter_mut() {
-            *o *= inv;
-        }
-    });
+    out.par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .for_each(|(out, x)| {
+            let m = max(x);
+            let mut sum = 0.0f64;
+            for (o, &x) in out.iter_mut().zip(x) {
+                *o = (x - m).exp();
+                sum += o.to_f64();
+            }
+            let inv = real::<T>(1.0 / sum);
+            for o in out.iter_mut() {
+                *o *= inv;
+            }
+        });
 }
 
 /// `dx[N,V] = out * (dout - sum_v(dout * out))`   (`=`)

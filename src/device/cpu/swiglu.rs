@@ -34,7 +34,12 @@ pub fn swiglu_bwd<T: Real>(dgate: &mut [T], dup: &mut [T], dout: &[T], gate: &[T
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
         .for_each(|((((dgate, dup), dout), gate), up)| {
-            let rows = dgate.iter_mut().zip(dup.iter_mut()).zip(dout).zip(gate).zip(up);
+            let rows = dgate
+                .iter_mut()
+                .zip(dup.iter_mut())
+                .zip(dout)
+                .zip(gate)
+                .zip(up);
             for ((((dg, du), &d), &g), &u) in rows {
                 let s = sigmoid(g);
                 *dg = d * u * s * (T::one() + g * (T::one() - s));
