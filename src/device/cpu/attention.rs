@@ -1,29 +1,56 @@
-//! Causal grouped-query attention, one query row (or one key row) at a time.
+//! Causal grouped-query attention, one (batch, head) or (batch, KV head) per task.
 //!
 //! Query head h reads KV head h / (NH/NKV); scores are `q.k * scale` with scale = 1/sqrt(HS),
-//! and query position i sees key positions j <= i. No T x T matrix is ever formed: the forward
-//! keeps one row of scores per task, the backward recomputes probabilities from the forward's
-//! log-sum-exp (flash-attention style).
+//! and query position i sees key positions j <= i. No T x T matrix is formed: each task keeps
+//! one row of scores at a time; the backward recomputes probabilities from the forward's
+//! log-sum-exp (flash-attention style). Keys and values are first copied transposed, [HS, T],
+//! so that the score row of a query is a sum of HS contiguous axpys over key positions (which
+//! vectorises) instead of T short dot products.
 
 use rayon::prelude::*;
 
 use super::{axpy, dot, max, real, scale, Real};
 use crate::device::AttnDims;
 
-/// Row index into q/out/dq [B,T,NH,HS] (in rows of HS) -> (b, t, h).
-fn split_q(row: usize, d: &AttnDims) -> (usize, usize, usize) {
-    (row / (d.t * d.nh), row / d.nh % d.t, row % d.nh)
-}
-
 fn inv_sqrt_hs<T: Real>(hs: usize) -> T {
     T::one() / real::<T>(hs as f64).sqrt()
+}
+
+/// dst [HS, T] = rows (bi, 0..T, g) of x [B,T,NKV,HS], transposed.
+fn gather_t<T: Real>(dst: &mut Vec<T>, x: &[T], bi: usize, g: usize, d: &AttnDims) {
+    let (t, hs) = (d.t, d.hs);
+    dst.clear();
+    dst.resize(hs * t, T::zero());
+    for j in 0..t {
+        let r = ((bi * t + j) * d.nkv + g) * hs;
+        for (c, &x) in x[r..r + hs].iter().enumerate() {
+            dst[c * t + j] = x;
+        }
+    }
+}
+
+/// s[0..n] = sum_c a[c] * xt[c, 0..n]   (xt [HS, T] transposed rows)
+fn scores<T: Real>(s: &mut [T], a: &[T], xt: &[T], t: usize) {
+    s.fill(T::zero());
+    for (c, &ac) in a.iter().enumerate() {
+        axpy(s, ac, &xt[c * t..c * t + s.len()]);
+    }
+}
+
+/// Copies a per-task [B,H,T,HS] buffer into the row layout [B,T,H,HS].
+fn scatter_rows<T: Real>(dst: &mut [T], src: &[T], t: usize, h: usize, hs: usize) {
+    dst.par_chunks_mut(hs).enumerate().for_each(|(row, o)| {
+        let (bi, i, hh) = (row / (t * h), row / h % t, row % h);
+        let s = ((bi * h + hh) * t + i) * hs;
+        o.copy_from_slice(&src[s..s + hs]);
+    });
 }
 
 /// `out[B,T,NH,HS] = softmax(q k^T * scale, causal) v`   (`=`);
 /// `lse[B,NH,T] = logsumexp_j(q_i . k_j * scale)` over j <= i   (`=`)
 ///
-/// q [B,T,NH,HS], k and v [B,T,NKV,HS]. Parallel over query rows (b, t, h): each computes its
-/// t+1 scores, their max-subtracted exponentials, and the weighted sum of value rows.
+/// q [B,T,NH,HS], k and v [B,T,NKV,HS]. Parallel over (b, h): a task computes each query row's
+/// scores, their max-subtracted exponentials, and the weighted sum of value rows.
 pub fn attention_fwd<T: Real>(
     out: &mut [T],
     lse: &mut [T],
@@ -38,36 +65,38 @@ pub fn attention_fwd<T: Real>(
     }
     let group = nh / nkv;
     let sc = inv_sqrt_hs::<T>(hs);
-    // kv row of (b, j, g), in rows of HS
-    let kv = |bi: usize, j: usize, g: usize| ((bi * t + j) * nkv + g) * hs;
-    // lse in the row order of q, [B,T,NH]; transposed into [B,NH,T] below.
-    let mut lse_q = vec![T::zero(); b * t * nh];
-    out.par_chunks_mut(hs)
-        .zip(lse_q.par_iter_mut())
+    let mut o_bh = vec![T::zero(); b * nh * t * hs];
+    o_bh.par_chunks_mut(t * hs)
+        .zip(lse.par_chunks_mut(t))
         .enumerate()
-        .for_each_init(Vec::new, |scores, (row, (o, l))| {
-            let (bi, i, h) = split_q(row, &d);
-            let g = h / group;
-            let qr = &q[row * hs..(row + 1) * hs];
-            scores.clear();
-            scores.extend((0..=i).map(|j| dot(qr, &k[kv(bi, j, g)..kv(bi, j, g) + hs]) * sc));
-            let m = max(scores);
-            o.fill(T::zero());
-            let mut sum = T::zero();
-            for (j, &s) in scores.iter().enumerate() {
-                let p = (s - m).exp();
-                sum += p;
-                axpy(o, p, &v[kv(bi, j, g)..kv(bi, j, g) + hs]);
-            }
-            scale(o, T::one() / sum);
-            *l = m + sum.ln();
-        });
-    lse.par_chunks_mut(t).enumerate().for_each(|(bh, row)| {
-        let (bi, h) = (bh / nh, bh % nh);
-        for (i, l) in row.iter_mut().enumerate() {
-            *l = lse_q[(bi * t + i) * nh + h];
-        }
-    });
+        .for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new()),
+            |(kt, s, qs), (bh, (o, l))| {
+                let (bi, h) = (bh / nh, bh % nh);
+                let g = h / group;
+                gather_t(kt, k, bi, g, &d);
+                for i in 0..t {
+                    let r = ((bi * t + i) * nh + h) * hs;
+                    qs.clear();
+                    qs.extend(q[r..r + hs].iter().map(|&x| x * sc));
+                    s.resize(i + 1, T::zero());
+                    scores(s, qs, kt, t);
+                    let m = max(s);
+                    let oi = &mut o[i * hs..(i + 1) * hs];
+                    oi.fill(T::zero());
+                    let mut sum = T::zero();
+                    for (j, &sj) in s.iter().enumerate() {
+                        let p = (sj - m).exp();
+                        sum += p;
+                        let vr = ((bi * t + j) * nkv + g) * hs;
+                        axpy(oi, p, &v[vr..vr + hs]);
+                    }
+                    scale(oi, T::one() / sum);
+                    l[i] = m + sum.ln();
+                }
+            },
+        );
+    scatter_rows(out, &o_bh, t, nh, hs);
 }
 
 /// Gradients of the forward   (all `=`):
@@ -77,9 +106,9 @@ pub fn attention_fwd<T: Real>(
 /// `dv_j = sum_{h in group, i >= j} P_ij dout_i`.
 ///
 /// dq [B,T,NH,HS]; dk, dv [B,T,NKV,HS]; dout, q, out [B,T,NH,HS]; k, v [B,T,NKV,HS];
-/// lse [B,NH,T]. Two passes, each parallel over the rows it writes: query rows (b, i, h) for dq,
-/// then key rows (b, j, g) for dk and dv; each pass recomputes the P and dS it needs, so there
-/// are no atomics and no per-thread partial sums.
+/// lse [B,NH,T]. Parallel over (b, KV head g): a task owns dk and dv of its KV head and dq of
+/// the query heads that read it, so nothing is shared between tasks; one pass over (h, i)
+/// recomputes each row of P and dS once.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd<T: Real>(
     dq: &mut [T],
@@ -99,52 +128,47 @@ pub fn attention_bwd<T: Real>(
     }
     let group = nh / nkv;
     let sc = inv_sqrt_hs::<T>(hs);
-    let kv = |bi: usize, j: usize, g: usize| ((bi * t + j) * nkv + g) * hs;
-    let qrow = |bi: usize, i: usize, h: usize| ((bi * t + i) * nh + h) * hs;
-    // D [B,T,NH], in the row order of q.
-    let dd: Vec<T> = dout
-        .par_chunks(hs)
-        .zip(out.par_chunks(hs))
-        .map(|(g, o)| dot(g, o))
-        .collect();
-
-    dq.par_chunks_mut(hs).enumerate().for_each(|(row, dq)| {
-        let (bi, i, h) = split_q(row, &d);
-        let g = h / group;
-        let (qr, gr) = (
-            &q[row * hs..(row + 1) * hs],
-            &dout[row * hs..(row + 1) * hs],
-        );
-        let l = lse[(bi * nh + h) * t + i];
-        dq.fill(T::zero());
-        for j in 0..=i {
-            let (kr, vr) = (
-                &k[kv(bi, j, g)..kv(bi, j, g) + hs],
-                &v[kv(bi, j, g)..kv(bi, j, g) + hs],
-            );
-            let p = (dot(qr, kr) * sc - l).exp();
-            axpy(dq, p * (dot(gr, vr) - dd[row]), kr);
-        }
-        scale(dq, sc);
-    });
-
-    dk.par_chunks_mut(hs)
-        .zip(dv.par_chunks_mut(hs))
+    // per-task layouts: dq [B,NH,T,HS] (a task's heads are contiguous), dk and dv [B,NKV,T,HS]
+    let mut dq_t = vec![T::zero(); b * nh * t * hs];
+    let mut dk_t = vec![T::zero(); b * nkv * t * hs];
+    let mut dv_t = vec![T::zero(); b * nkv * t * hs];
+    dq_t.par_chunks_mut(group * t * hs)
+        .zip(dk_t.par_chunks_mut(t * hs))
+        .zip(dv_t.par_chunks_mut(t * hs))
         .enumerate()
-        .for_each(|(row, (dk, dv))| {
-            let (bi, j, g) = (row / (t * nkv), row / nkv % t, row % nkv);
-            let (kr, vr) = (&k[row * hs..(row + 1) * hs], &v[row * hs..(row + 1) * hs]);
-            dk.fill(T::zero());
-            dv.fill(T::zero());
-            for i in j..t {
-                for h in g * group..(g + 1) * group {
-                    let r = qrow(bi, i, h);
-                    let (qr, gr) = (&q[r..r + hs], &dout[r..r + hs]);
-                    let p = (dot(qr, kr) * sc - lse[(bi * nh + h) * t + i]).exp();
-                    axpy(dk, p * (dot(gr, vr) - dd[r / hs]), qr);
-                    axpy(dv, p, gr);
+        .for_each_init(
+            || (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(kt, vt, s, dp, qs), (bg, ((dqg, dkg), dvg))| {
+                let (bi, g) = (bg / nkv, bg % nkv);
+                gather_t(kt, k, bi, g, &d);
+                gather_t(vt, v, bi, g, &d);
+                for (hi, dqh) in dqg.chunks_mut(t * hs).enumerate() {
+                    let h = g * group + hi;
+                    for i in 0..t {
+                        let r = ((bi * t + i) * nh + h) * hs;
+                        let (qi, gi) = (&q[r..r + hs], &dout[r..r + hs]);
+                        let di = dot(gi, &out[r..r + hs]);
+                        let l = lse[(bi * nh + h) * t + i];
+                        qs.clear();
+                        qs.extend(qi.iter().map(|&x| x * sc));
+                        s.resize(i + 1, T::zero());
+                        dp.resize(i + 1, T::zero());
+                        scores(s, qs, kt, t);
+                        scores(dp, gi, vt, t);
+                        let dqi = &mut dqh[i * hs..(i + 1) * hs];
+                        for j in 0..=i {
+                            let p = (s[j] - l).exp();
+                            let ds = p * (dp[j] - di) * sc;
+                            let kr = ((bi * t + j) * nkv + g) * hs;
+                            axpy(dqi, ds, &k[kr..kr + hs]);
+                            axpy(&mut dkg[j * hs..(j + 1) * hs], ds, qi);
+                            axpy(&mut dvg[j * hs..(j + 1) * hs], p, gi);
+                        }
+                    }
                 }
-            }
-            scale(dk, sc);
-        });
+            },
+        );
+    scatter_rows(dq, &dq_t, t, nh, hs);
+    scatter_rows(dk, &dk_t, t, nkv, hs);
+    scatter_rows(dv, &dv_t, t, nkv, hs);
 }
