@@ -84,9 +84,11 @@ pub fn attention_fwd<T: Real>(
                     let m = max(s);
                     let oi = &mut o[i * hs..(i + 1) * hs];
                     oi.fill(T::zero());
+                    for sj in s.iter_mut() {
+                        *sj = (*sj - m).vexp();
+                    }
                     let mut sum = T::zero();
-                    for (j, &sj) in s.iter().enumerate() {
-                        let p = (sj - m).exp();
+                    for (j, &p) in s.iter().enumerate() {
                         sum += p;
                         let vr = ((bi * t + j) * nkv + g) * hs;
                         axpy(oi, p, &v[vr..vr + hs]);
@@ -156,9 +158,11 @@ pub fn attention_bwd<T: Real>(
                         scores(s, qs, kt, t);
                         scores(dp, gi, vt, t);
                         let dqi = &mut dqh[i * hs..(i + 1) * hs];
-                        for j in 0..=i {
-                            let p = (s[j] - l).exp();
-                            let ds = p * (dp[j] - di) * sc;
+                        for sj in s.iter_mut() {
+                            *sj = (*sj - l).vexp();
+                        }
+                        for (j, (&p, &dpj)) in s.iter().zip(dp.iter()).enumerate() {
+                            let ds = p * (dpj - di) * sc;
                             let kr = ((bi * t + j) * nkv + g) * hs;
                             axpy(dqi, ds, &k[kr..kr + hs]);
                             axpy(&mut dkg[j * hs..(j + 1) * hs], ds, qi);

@@ -2,15 +2,17 @@
 
 use rayon::prelude::*;
 
-use super::{max, real, Real};
+use super::{max, real, sum_f64, Real};
 
 /// The row max `m` and `ln(sum_v exp(x_v - m))` (the sum accumulated in f64), so that
 /// `logsumexp(x) = m + ln_sum`. Keeping the two apart avoids rounding the large `m + ln_sum`
 /// before subtracting a logit of similar size.
-fn max_and_ln_sum<T: Real>(x: &[T]) -> (T, T) {
+/// `e` is scratch for the row's exponentials.
+fn max_and_ln_sum<T: Real>(x: &[T], e: &mut Vec<T>) -> (T, T) {
     let m = max(x);
-    let sum: f64 = x.iter().map(|&v| (v - m).exp().to_f64()).sum();
-    (m, real::<T>(sum.ln()))
+    e.clear();
+    e.extend(x.iter().map(|&v| (v - m).vexp()));
+    (m, real::<T>(sum_f64(e).ln()))
 }
 
 /// `losses[N] = mask[n] * (logsumexp(logits[n,:]) - logits[n, targets[n]])`   (`=`)
@@ -33,11 +35,11 @@ pub fn cross_entropy_fwd<T: Real>(
         .zip(logits.par_chunks(v))
         .zip(targets.par_iter())
         .zip(mask.par_iter())
-        .for_each(|(((loss, x), &y), &m)| {
+        .for_each_init(Vec::new, |e, (((loss, x), &y), &m)| {
             *loss = if m == T::zero() {
                 T::zero()
             } else {
-                let (mx, ln_sum) = max_and_ln_sum(x);
+                let (mx, ln_sum) = max_and_ln_sum(x, e);
                 m * ((mx - x[y as usize]) + ln_sum)
             };
         });
@@ -71,12 +73,10 @@ pub fn cross_entropy_bwd<T: Real>(
                 return;
             }
             let mx = max(x);
-            let mut sum = 0.0f64;
             for (d, &x) in d.iter_mut().zip(x) {
-                *d = (x - mx).exp();
-                sum += d.to_f64();
+                *d = (x - mx).vexp();
             }
-            let ws = w * real::<T>(1.0 / sum);
+            let ws = w * real::<T>(1.0 / sum_f64(d));
             for d in d.iter_mut() {
                 *d *= ws;
             }

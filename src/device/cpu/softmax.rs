@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::{dot, max, real, Real};
+use super::{dot, max, real, sum_f64, Real};
 
 /// `out[N,V] = softmax(x[n,:])`   (`=`)
 ///
@@ -15,12 +15,10 @@ pub fn softmax_fwd<T: Real>(out: &mut [T], x: &[T], v: usize) {
         .zip(x.par_chunks(v))
         .for_each(|(out, x)| {
             let m = max(x);
-            let mut sum = 0.0f64;
             for (o, &x) in out.iter_mut().zip(x) {
-                *o = (x - m).exp();
-                sum += o.to_f64();
+                *o = (x - m).vexp();
             }
-            let inv = real::<T>(1.0 / sum);
+            let inv = real::<T>(1.0 / sum_f64(out));
             for o in out.iter_mut() {
                 *o *= inv;
             }

@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use super::{Real, CHUNK};
 
 fn sigmoid<T: Real>(x: T) -> T {
-    T::one() / (T::one() + (-x).exp())
+    T::one() / (T::one() + (-x).vexp())
 }
 
 /// `out[N*F] = silu(gate) * up`, silu(g) = g * sigmoid(g)   (`=`)
