@@ -1,11 +1,14 @@
 //! The whole training step (forward + backward + AdamW) of the small model in
-//! benches/small_config.json, at batch 4 x 128 tokens, on the CPU device. benches/torch_step.py
+//! benches/small_config.json, at batch 4 x 128 tokens, and a rollout (batched generation with
+//! the KV cache), on the CPU device. benches/torch_step.py
 //! times PyTorch eager on the same model and batch for comparison (docs/performance.md).
 
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nla_engine::device::cpu::CpuDevice;
+use nla_engine::device::SampleSpec;
+use nla_engine::generate::{generate, GenSpec};
 use nla_engine::model::{forward, ActivationSet, Batch, Model, ModelConfig};
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
 
@@ -58,6 +61,32 @@ fn bench(c: &mut Criterion) {
             trainer
                 .step(&dev, std::slice::from_ref(&batch))
                 .expect("step")
+        })
+    });
+    g.finish();
+
+    // rollout: 8 prompts x 4 samples, 32-token prompts, 64 new tokens each (no EOS)
+    let (prompts, n, new) = (8usize, 4usize, 64usize);
+    let rows = rows(trainer.model.cfg.vocab_size as u32);
+    let prompt_ids: Vec<Vec<u32>> = (0..prompts).map(|i| rows[i % B][..32].to_vec()).collect();
+    let spec = GenSpec {
+        n,
+        max_new_tokens: new,
+        sample: SampleSpec {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        eos_ids: vec![],
+        seed: 0,
+    };
+    let mut g = c.benchmark_group("rollout");
+    g.throughput(Throughput::Elements((prompts * n * new) as u64));
+    g.sample_size(10);
+    g.bench_function("generate_32x64", |b| {
+        b.iter(|| {
+            generate(&dev, &trainer.model, &prompt_ids, &spec, &|_: &[u32]| false)
+                .expect("generate")
         })
     });
     g.finish();

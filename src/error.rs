@@ -42,6 +42,21 @@ pub enum Error {
     },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
+    /// A dataset row that fails validation; `row` counts from 0 within the file.
+    #[error("{path}: row {row}, column `{column}`: {msg}")]
+    Data {
+        path: PathBuf,
+        row: usize,
+        column: String,
+        msg: String,
+    },
+    /// A dataset column that is missing or of a type the reader cannot use.
+    #[error("{path}: column `{column}`: {msg}")]
+    DataColumn {
+        path: PathBuf,
+        column: String,
+        msg: String,
+    },
     /// Bad arguments to an op or API call (lengths, dims); names the op and the argument.
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },

@@ -3,8 +3,11 @@
 //! The model's forward and backward are explicit sequences of [`device::Device`] ops over
 //! buffers laid out ahead of time; the CPU device is the reference for every op.
 
+pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod model;
 pub mod train;
 

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, View};
 use nla_engine::model::{
-    backward, forward, safetensors_io, ActivationSet, Batch, Model, ModelConfig, ParamTable,
+    backward, forward, is_gguf, load_config, load_model, safetensors_io, ActivationSet, Batch,
+    Model, ModelConfig, ParamTable,
 };
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule, ScheduleKind};
 
@@ -28,7 +29,7 @@ struct Cli {
 enum Cmd {
     /// Print a model's architecture, parameter count and memory needs
     Info {
-        /// HF model folder (config.json + model.safetensors or a sharded index)
+        /// HF model folder (config.json + model.safetensors or a sharded index) or a .gguf file
         #[arg(long)]
         model: PathBuf,
         /// Batch size to plan training memory for
@@ -40,7 +41,7 @@ enum Cmd {
     },
     /// Run the model on token ids; dump logits, the causal-LM loss and optionally every gradient
     Forward {
-        /// HF model folder (config.json + model.safetensors or a sharded index)
+        /// HF model folder (config.json + model.safetensors or a sharded index) or a .gguf file
         #[arg(long)]
         model: PathBuf,
         /// JSON array of B equal-length arrays of token ids
@@ -95,16 +96,19 @@ fn gib(bytes: usize) -> String {
 }
 
 fn info(dir: &Path, batch: usize, seq: usize) -> Result<()> {
-    let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    let cfg = load_config(dir)?;
     let table = ParamTable::for_config(&cfg);
-    let files = safetensors_io::weight_files(dir)?;
     let p = table.total;
     println!("model        {}", dir.display());
-    println!(
-        "architecture {} (weights in {} file(s))",
-        cfg.model_type,
-        files.len()
-    );
+    let source = if is_gguf(dir) {
+        "GGUF file".to_string()
+    } else {
+        format!(
+            "{} safetensors file(s)",
+            safetensors_io::weight_files(dir)?.len()
+        )
+    };
+    println!("architecture {} (weights in {source})", cfg.model_type);
     println!("layers       {}", cfg.num_hidden_layers);
     println!("d_model      {}", cfg.hidden_size);
     println!("ffn          {}", cfg.intermediate_size);
@@ -146,7 +150,7 @@ fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
 
 fn forward_cmd(dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
     let dev = CpuDevice::new();
-    let mut model = Model::load(&dev, dir)?;
+    let (mut model, _) = load_model(&dev, dir)?;
     let batch = Batch::causal_lm(&read_ids(ids)?).with_context(|| format!("{}", ids.display()))?;
     batch
         .check_vocab(model.cfg.vocab_size)

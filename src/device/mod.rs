@@ -134,6 +134,30 @@ pub struct AttnDims {
     pub hs: usize,
 }
 
+/// Dims of attention over a KV cache: q [B,TQ,NH,HS], caches [B,TMAX,NKV,HS].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheDims {
+    pub b: usize,
+    pub tq: usize,
+    pub tmax: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub hs: usize,
+    /// absolute position of query row 0; pos0 + TQ <= TMAX
+    pub pos0: usize,
+}
+
+/// How to draw the next token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleSpec {
+    /// 0 = greedy (argmax, lowest id on ties)
+    pub temperature: f32,
+    /// keep the k most probable tokens; 0 = off
+    pub top_k: usize,
+    /// keep the smallest set of most probable tokens whose probability reaches top_p; 1 = off
+    pub top_p: f32,
+}
+
 /// One AdamW update's hyper-parameters (decoupled weight decay, bias correction).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamwStep {
@@ -146,6 +170,160 @@ pub struct AdamwStep {
     pub step: u64,
     /// Multiplies every gradient before use (gradient clipping folds in here).
     pub grad_scale: f32,
+}
+
+// ---- NLA ops: parameters (see reference/NLA_SEMANTICS.md; [V] verl add-on, [O] official code)
+
+/// How [`Device::inject_fwd`] writes a vector into its row. `project` mode is not an op of
+/// its own: a matmul `vecs[S,A] @ W^T` (W [C,A], no bias) followed by `Replace`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectMode {
+    /// `h[site] = v` ([O], [V] default)
+    Replace,
+    /// `h[site] += v` ([V])
+    Add,
+}
+
+/// How [`Device::pool_fwd`] makes one vector of a sequence. `cls` pooling is `Last` over a
+/// sequence with a cls token appended (mask 1) by the data layer: no separate mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolMode {
+    /// the last real token, index `sum(mask) - 1` ([O], [V])
+    Last,
+    /// `sum m h / sum m` ([V])
+    Mean,
+    /// per channel, the largest value over real tokens ([V])
+    Max,
+    /// `alpha = softmax(w[:T]) * m / (sum + 1e-8)`, out = `sum alpha_t h_t`, learned w ([V] legacy)
+    Weighted,
+}
+
+/// MSE -> reward, before `scale` ([V] legacy `reward_transform`; `Log` is [O]'s log-MSE reward).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RewardTransform {
+    /// `-mse`
+    Negative,
+    /// `exp(-mse * temperature)`
+    Exp { temperature: f32 },
+    /// `1 / (1 + mse)`
+    Bounded,
+    /// `-ln(max(mse, 1e-8))`
+    Log,
+}
+
+/// Advantage estimator of [`Device::reward_advantage`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Advantage {
+    /// Groups of `group` consecutive samples (S = P * G): `A = (r - mean_g) / (std_g + eps)`
+    /// with the unbiased std, or `A = r - mean_g` without `norm_by_std` (Dr.GRPO). A group of
+    /// one has mean 0 and std 1 (verl's `compute_grpo_outcome_advantage`; [O] agrees for G > 1).
+    Grpo { group: usize, norm_by_std: bool },
+    /// [V]'s legacy PPO trainer: `A = r - mean(r)` over the batch, then with `whiten`
+    /// `(A - mean A) / (std A + 1e-8)`, unbiased std.
+    Ppo { whiten: bool },
+}
+
+/// The reward path of an RL step ([`Device::reward_advantage`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RewardSpec {
+    /// `Some(s)`: pred and target both rescaled to norm s before the MSE ([O] `mse_scale`,
+    /// default sqrt(d)); None: raw vectors ([V]).
+    pub mse_scale: Option<f32>,
+    /// Reward of a failed or truncated sample ([O]: -2.0; -ln 2 with the log transform).
+    pub failure_value: f32,
+    pub transform: RewardTransform,
+    /// Multiplies the transformed reward ([V] `reward_scale`; not applied to failures).
+    pub scale: f32,
+    /// z-score the rewards over the batch, unbiased std + 1e-8 ([V] legacy `normalize_rewards`).
+    pub batch_normalize: bool,
+    /// Clamp the (normalised) rewards to `[lo, hi]` ([V] legacy `clip_rewards`).
+    pub clip: Option<(f32, f32)>,
+    pub advantage: Advantage,
+    /// Added to the group std of GRPO (1e-6 in [V] and [O]).
+    pub eps: f32,
+}
+
+impl RewardSpec {
+    /// [O]'s reward: `-mse` after rescaling to `mse_scale`, -2.0 for failures, GRPO over groups
+    /// of `group` with std normalisation, nothing else.
+    pub fn grpo(group: usize, mse_scale: Option<f32>) -> Self {
+        RewardSpec {
+            mse_scale,
+            failure_value: -2.0,
+            transform: RewardTransform::Negative,
+            scale: 1.0,
+            batch_normalize: false,
+            clip: None,
+            advantage: Advantage::Grpo {
+                group,
+                norm_by_std: true,
+            },
+            eps: 1e-6,
+        }
+    }
+}
+
+/// The KL estimator of the KL loss to the reference policy (verl `kl_penalty` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KlType {
+    /// `logp - ref` (Miles' default, [O])
+    K1,
+    /// `(logp - ref)^2 / 2`
+    K2,
+    /// `exp(ref - logp) - (ref - logp) - 1`, `ref - logp` clamped to +-20 and the value to
+    /// +-10 (verl `low_var_kl`)
+    K3,
+}
+
+/// How token losses become one loss (verl `loss_agg_mode`), over S sequences of T tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossAgg {
+    /// `sum(m l) / sum(m)` ([V] default)
+    TokenMean,
+    /// mean over sequences with a masked token of `sum_t m l / sum_t m` ([O]; sequences with
+    /// no masked token are left out, as current verl does)
+    SeqMeanTokenMean,
+    /// `sum(m l) / (S * T)`: Dr.GRPO's mean over sequences of the token sum over a constant
+    /// length T. verl divides by T only (a sum over sequences, so its scale grows with the
+    /// micro-batch); divide `scale` by S downstream to reproduce that.
+    SeqMeanTokenSumNorm,
+}
+
+/// The clipped policy-gradient loss ([`Device::policy_loss_fwd`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolicyLossSpec {
+    /// ratio clipped below at `1 - clip_low` (0.2 in [V] and [O])
+    pub clip_low: f32,
+    /// ratio clipped above at `1 + clip_high`
+    pub clip_high: f32,
+    /// dual clip c > 1 for negative advantages ([V]: 3.0; None = off)
+    pub dual_clip: Option<f32>,
+    /// weight of the KL loss (needs ref_logp when non-zero; [O]: 0.01)
+    pub kl_coef: f32,
+    pub kl_type: KlType,
+    pub agg: LossAgg,
+}
+
+/// Slots of the stats buffer [`Device::policy_loss_fwd`] writes.
+pub struct PolicyStat;
+
+impl PolicyStat {
+    /// the aggregated loss `pg + kl_coef * kl`
+    pub const LOSS: usize = 0;
+    /// the aggregated policy-gradient term
+    pub const PG_LOSS: usize = 1;
+    /// the aggregated KL term (before `kl_coef`; 0 without ref_logp)
+    pub const KL_LOSS: usize = 2;
+    /// fraction of masked tokens where the clipped term is strictly larger (verl `pg_clipfrac`)
+    pub const CLIP_FRAC: usize = 3;
+    /// fraction of masked tokens where the dual clip is taken (verl `pg_clipfrac_lower`)
+    pub const CLIP_FRAC_LOWER: usize = 4;
+    /// token mean of `old_logp - logp` (verl `ppo_kl`)
+    pub const APPROX_KL: usize = 5;
+    /// token mean of the ratio
+    pub const RATIO_MEAN: usize = 6;
+    /// length of the stats buffer
+    pub const COUNT: usize = 7;
 }
 
 type V<'a, D> = View<'a, <D as Device>::Buf>;
@@ -340,6 +518,153 @@ pub trait Device: Send + Sync + Sized {
         v: usize,
     ) -> Result<()>;
 
+    // ---- NLA ops (reference/NLA_SEMANTICS.md): injection, rescale, pooling, reward, loss
+
+    /// Injection at marker sites, in place on h[N,C] (N = B*T): for k < S,
+    /// `replace`: h[sites[k], :] = vecs[k, :]; `add`: h[sites[k], :] += vecs[k, :]; other rows
+    /// untouched. sites [S]: distinct row indices < N in row-major order (the k-th marker of the
+    /// batch gets vector k, [O]); vecs [S,C]. h is the embedding output (layer 0) or the
+    /// residual stream after block i-1 (layer i). `injection_scale`: norm_scale_fwd on vecs
+    /// first. `project`: vecs = matmul(v[S,A], W[C,A]^T) first, then `replace`.
+    fn inject_fwd(
+        &self,
+        h: M<'_, Self>,
+        sites: &Self::Ids,
+        vecs: V<'_, Self>,
+        n: usize,
+        c: usize,
+        mode: InjectMode,
+    ) -> Result<()>;
+    /// dvecs[S,C] = dh[sites[k], :] (`=`); `replace` also sets dh[sites[k], :] = 0 in place
+    /// (dh [N,C] then holds the gradient that flows on to earlier layers); `add` leaves dh.
+    /// `project`: dW[C,A] += dvecs^T v by matmul; `injection_scale`: norm_scale_bwd on dvecs.
+    fn inject_bwd(
+        &self,
+        dvecs: M<'_, Self>,
+        dh: M<'_, Self>,
+        sites: &Self::Ids,
+        n: usize,
+        c: usize,
+        mode: InjectMode,
+    ) -> Result<()>;
+
+    /// Row-wise fixed-norm rescale n_s: y[N,D] = x * s / max(||x_n||_2, 1e-12) (`=`), s > 0.
+    /// Rows are injected vectors (x [S,C], s = `injection_scale`) or critic predictions and
+    /// targets (x [B,A], s = `mse_scale`).
+    fn norm_scale_fwd(
+        &self,
+        y: M<'_, Self>,
+        x: V<'_, Self>,
+        n: usize,
+        d: usize,
+        s: f32,
+    ) -> Result<()>;
+    /// dx[N,D] = (s/||x||) (dy - x_hat (x_hat . dy)), x_hat = x/||x|| (`=`); where
+    /// ||x|| < 1e-12 (the clamp), dx = (s/1e-12) dy. x: the forward's input.
+    fn norm_scale_bwd(
+        &self,
+        dx: M<'_, Self>,
+        dy: V<'_, Self>,
+        x: V<'_, Self>,
+        n: usize,
+        d: usize,
+        s: f32,
+    ) -> Result<()>;
+
+    /// Critic pooling, out[B,C] (`=`) from h[B,T,C] and mask[B,T] (1 = real token, 0 = padding;
+    /// right padding; every row has a real token, else an error). `last`: h[b, sum(m_b)-1];
+    /// `mean`: sum_t m h / sum_t m; `max`: per channel over real tokens; `weighted`:
+    /// alpha = softmax(w[:T]) * m / (sum_t softmax(w[:T]) m + 1e-8), out = sum_t alpha_t h_t,
+    /// w [Tmax >= T] (Some for `weighted` only). `cls` = `last` over an appended cls token.
+    #[allow(clippy::too_many_arguments)]
+    fn pool_fwd(
+        &self,
+        out: M<'_, Self>,
+        h: V<'_, Self>,
+        mask: V<'_, Self>,
+        w: Option<V<'_, Self>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        mode: PoolMode,
+    ) -> Result<()>;
+    /// dh[B,T,C] (`=`, zero where out does not depend on h): `last` dout at sum(m)-1; `mean`
+    /// m_t dout / sum m; `max` dout at each channel's argmax (the first on ties); `weighted`
+    /// alpha_t dout, and dw[Tmax] (`+=`, entries t < T): with g_t = dout . h_t,
+    /// D = sum p m + 1e-8, dp_t = m_t (g_t - sum_u alpha_u g_u) / D, dw_t += p_t (dp_t - p . dp).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_bwd(
+        &self,
+        dh: M<'_, Self>,
+        dw: Option<M<'_, Self>>,
+        dout: V<'_, Self>,
+        h: V<'_, Self>,
+        mask: V<'_, Self>,
+        w: Option<V<'_, Self>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        mode: PoolMode,
+    ) -> Result<()>;
+
+    /// The fused reward path (forward only): from pred, target [S,A] and valid [S] (1 = a
+    /// completed sample, 0 = failed/truncated), writes (`=`) mse[S] = mean_a (n(pred) -
+    /// n(target))^2 (n = norm_scale with `mse_scale`, identity when None), reward[S] and
+    /// advantage[S]: transform -> * scale -> `failure_value` where invalid -> batch z-score
+    /// (unbiased std + 1e-8) -> clip -> GRPO group advantage (groups of G consecutive samples,
+    /// G divides S) or PPO's batch advantage. See [`RewardSpec`] for each step's source.
+    #[allow(clippy::too_many_arguments)]
+    fn reward_advantage(
+        &self,
+        mse: M<'_, Self>,
+        reward: M<'_, Self>,
+        advantage: M<'_, Self>,
+        pred: V<'_, Self>,
+        target: V<'_, Self>,
+        valid: V<'_, Self>,
+        s: usize,
+        a: usize,
+        spec: &RewardSpec,
+    ) -> Result<()>;
+
+    /// GRPO/PPO token loss over N = S*T response tokens (S sequences of T, row-major): logp,
+    /// old_logp, adv (the sample's advantage on each of its tokens), mask (0/1, some 1) [N],
+    /// ref_logp [N] (needed when kl_coef != 0). ratio = exp(clamp(logp - old_logp, +-20));
+    /// pg = max(-A ratio, -A clip(ratio, 1-clip_low, 1+clip_high)), and for A < 0 with dual
+    /// clip c: min(pg, -A c); token loss l = pg + kl_coef kl (k1/k2/k3, [`KlType`]); the loss
+    /// aggregates m l by `agg` ([`LossAgg`]). Writes stats[PolicyStat::COUNT] (`=`, slots in
+    /// [`PolicyStat`]). logp comes from the logits as -cross_entropy_fwd (mask 1).
+    #[allow(clippy::too_many_arguments)]
+    fn policy_loss_fwd(
+        &self,
+        stats: M<'_, Self>,
+        logp: V<'_, Self>,
+        old_logp: V<'_, Self>,
+        adv: V<'_, Self>,
+        mask: V<'_, Self>,
+        ref_logp: Option<V<'_, Self>>,
+        s: usize,
+        t: usize,
+        spec: &PolicyLossSpec,
+    ) -> Result<()>;
+    /// dlogp[N] = d loss / d logp (`=`; 0 where masked, where a clipped term is taken or a
+    /// clamp is active). Since logp = logits[y] - logsumexp(logits), d logits =
+    /// -dlogp (softmax - onehot(y)): `cross_entropy_bwd` with mask := -dlogp and scale 1 (a
+    /// micro-batch weight goes into that scale).
+    #[allow(clippy::too_many_arguments)]
+    fn policy_loss_bwd(
+        &self,
+        dlogp: M<'_, Self>,
+        logp: V<'_, Self>,
+        old_logp: V<'_, Self>,
+        adv: V<'_, Self>,
+        mask: V<'_, Self>,
+        ref_logp: Option<V<'_, Self>>,
+        s: usize,
+        t: usize,
+        spec: &PolicyLossSpec,
+    ) -> Result<()>;
+
     /// One AdamW step over a window of the flat buffers (p, g, m, v have equal lengths):
     /// g' = g * grad_scale; m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
     /// p -= lr * (wd * p + (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps))
@@ -353,4 +678,33 @@ pub trait Device: Send + Sync + Sized {
     ) -> Result<()>;
     /// sum of x^2, accumulated in f64 (for the global gradient norm)
     fn sum_squares(&self, x: V<'_, Self>) -> Result<f64>;
+
+    /// Copies token ids out of device memory.
+    fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
+    /// `out[B,TQ,NH,HS] = softmax_j(q_t . k_j / sqrt(HS)) v_j` over cache positions
+    /// j in [starts[b], pos0 + t] (left-padded rows; 0 for a query before its row's start),
+    /// query head h reading KV head h/(NH/NKV);
+    /// kcache, vcache [B,TMAX,NKV,HS]; starts [B]. Prefill (TQ = prompt length) and decode (TQ = 1).
+    fn decode_attention_fwd(
+        &self,
+        out: M<'_, Self>,
+        q: V<'_, Self>,
+        kcache: V<'_, Self>,
+        vcache: V<'_, Self>,
+        starts: &Self::Ids,
+        d: CacheDims,
+    ) -> Result<()>;
+    /// ids[N] = a token per row of logits [N,V] drawn with uniforms u [N] as [`SampleSpec`]
+    /// says; logp[N] = its log-probability under softmax(logits / temperature)   (`=`)
+    #[allow(clippy::too_many_arguments)]
+    fn sample_fwd(
+        &self,
+        ids: &mut Self::Ids,
+        logp: M<'_, Self>,
+        logits: V<'_, Self>,
+        u: V<'_, Self>,
+        n: usize,
+        v: usize,
+        spec: &SampleSpec,
+    ) -> Result<()>;
 }

@@ -1,9 +1,38 @@
 //! The decoder's backward pass: the forward's blocks in reverse, each op's backward.
 
-use super::forward::check_shape;
+use super::forward::{check_shape, Injection};
 use super::{Activations, DeviceBatch, Model};
 use crate::device::{AttnDims, Device, View, ViewMut};
 use crate::Result;
+
+/// At the residual stream of `layer`: the injection's share of the gradient goes to `dvecs`
+/// (summed over layers; the first overwrites) and, for `replace`, stops flowing at the sites.
+fn uninject<D: Device>(
+    dev: &D,
+    dh: &mut D::Buf,
+    inj: &mut Option<&mut Injection<D>>,
+    layer: usize,
+    (n, c): (usize, usize),
+    first: &mut bool,
+) -> Result<()> {
+    let Some(i) = inj.as_deref_mut() else {
+        return Ok(());
+    };
+    if !i.layers.contains(&layer) {
+        return Ok(());
+    }
+    let out = if *first {
+        &mut i.dvecs
+    } else {
+        &mut i.dscratch
+    };
+    dev.inject_bwd(ViewMut::all(out), ViewMut::all(dh), &i.sites, n, c, i.mode)?;
+    if !*first {
+        dev.residual_bwd(ViewMut::all(&mut i.dvecs), View::all(&i.dscratch))?;
+    }
+    *first = false;
+    Ok(())
+}
 
 /// Accumulates d(scale * sum of masked losses)/d params into `model.grads`, from the
 /// activations `forward` left in `acts` for the same batch. `scale` = 1/count gives the
@@ -15,7 +44,25 @@ pub fn backward<D: Device>(
     batch: &DeviceBatch<D>,
     scale: f32,
 ) -> Result<()> {
+    backward_with(dev, model, acts, batch, scale, None)
+}
+
+/// [`backward`] of [`super::forward_with`]: also writes d loss / d vecs into `inj.dvecs`
+/// (zero when no injected layer is reached).
+pub fn backward_with<D: Device>(
+    dev: &D,
+    model: &mut Model<D>,
+    acts: &mut Activations<D>,
+    batch: &DeviceBatch<D>,
+    scale: f32,
+    mut inj: Option<&mut Injection<D>>,
+) -> Result<()> {
     check_shape(acts, batch)?;
+    if let Some(i) = inj.as_deref_mut() {
+        i.check_layers(model.cfg.num_hidden_layers)?;
+        dev.fill(ViewMut::all(&mut i.dvecs), 0.0)?;
+    }
+    let mut first = true;
     let cfg = &model.cfg;
     let (b, t) = (batch.b, batch.t);
     let n = b * t;
@@ -88,6 +135,7 @@ pub fn backward<D: Device>(
     )?;
 
     for (l, lp) in tb.layers.iter().enumerate().rev() {
+        uninject(dev, &mut a.dres, &mut inj, l + 1, (n, c), &mut first)?;
         let la = &a.layers[l];
         let x = &a.res[l];
         // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T
@@ -293,5 +341,6 @@ pub fn backward<D: Device>(
         dev.residual_bwd(ViewMut::all(&mut a.dres_next), dx_mid)?;
         std::mem::swap(&mut a.dres, &mut a.dres_next);
     }
+    uninject(dev, &mut a.dres, &mut inj, 0, (n, c), &mut first)?;
     dev.embedding_bwd(g!(tb.wte, v * c), &batch.ids, View::all(&a.dres), n, c)
 }

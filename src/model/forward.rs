@@ -1,8 +1,84 @@
 //! The decoder's forward pass: a straight-line loop over blocks calling device ops.
 
 use super::{Activations, DeviceBatch, Model};
-use crate::device::{AttnDims, Device, View, ViewMut};
+use crate::device::{AttnDims, Device, InjectMode, View, ViewMut};
 use crate::{Error, Result};
+
+/// Vectors written into the residual stream at marker sites: the actor's input.
+pub struct Injection<D: Device> {
+    /// where: 0 = the embedding output, i > 0 = the residual stream after block i-1 (i <= L)
+    pub layers: Vec<usize>,
+    pub mode: InjectMode,
+    /// [S] row indices b*T + t of the marker tokens, row-major (the k-th marker gets vector k)
+    pub sites: D::Ids,
+    /// [S,C] what is written (already projected and rescaled)
+    pub vecs: D::Buf,
+    /// S
+    pub s: usize,
+    /// [S,C] d loss / d vecs, summed over the layers (`=` by backward)
+    pub dvecs: D::Buf,
+    /// [S,C] scratch of backward
+    pub dscratch: D::Buf,
+}
+
+impl<D: Device> Injection<D> {
+    /// `vecs` [S,C] (host) at `sites` [S] in `layers`.
+    pub fn new(
+        dev: &D,
+        layers: Vec<usize>,
+        mode: InjectMode,
+        sites: &[u32],
+        vecs: &[f32],
+        c: usize,
+    ) -> Result<Self> {
+        let s = sites.len();
+        if vecs.len() != s * c {
+            return Err(Error::invalid(
+                "injection",
+                format!(
+                    "{s} sites need {} vector elements (C = {c}), got {}",
+                    s * c,
+                    vecs.len()
+                ),
+            ));
+        }
+        Ok(Injection {
+            layers,
+            mode,
+            sites: dev.upload_ids(sites)?,
+            vecs: dev.upload(vecs)?,
+            s,
+            dvecs: dev.alloc(s * c)?,
+            dscratch: dev.alloc(s * c)?,
+        })
+    }
+
+    pub(crate) fn check_layers(&self, num_layers: usize) -> Result<()> {
+        match self.layers.iter().find(|&&l| l > num_layers) {
+            Some(l) => Err(Error::invalid(
+                "injection",
+                format!("layer index {l} is past the last block's output (the model has {num_layers} blocks)"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+fn inject<D: Device>(
+    dev: &D,
+    h: &mut D::Buf,
+    inj: Option<&Injection<D>>,
+    layer: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    match inj {
+        Some(i) if i.layers.contains(&layer) => {
+            dev.inject_fwd(ViewMut::all(h), &i.sites, View::all(&i.vecs), n, c, i.mode)
+        }
+        _ => Ok(()),
+    }
+}
 
 /// Sum of the masked per-position losses and the number of positions in the loss.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,7 +119,21 @@ pub fn forward<D: Device>(
     acts: &mut Activations<D>,
     batch: &DeviceBatch<D>,
 ) -> Result<LossSum> {
+    forward_with(dev, model, acts, batch, None)
+}
+
+/// [`forward`] with vectors injected into the residual stream.
+pub fn forward_with<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    acts: &mut Activations<D>,
+    batch: &DeviceBatch<D>,
+    inj: Option<&Injection<D>>,
+) -> Result<LossSum> {
     check_shape(acts, batch)?;
+    if let Some(i) = inj {
+        i.check_layers(model.cfg.num_hidden_layers)?;
+    }
     let cfg = &model.cfg;
     let (b, t) = (batch.b, batch.t);
     let n = b * t;
@@ -66,6 +156,7 @@ pub fn forward<D: Device>(
         n,
         c,
     )?;
+    inject(dev, &mut acts.res[0], inj, 0, n, c)?;
     for (l, lp) in tb.layers.iter().enumerate() {
         let (before, after) = acts.res.split_at_mut(l + 1);
         let x = &before[l];
@@ -200,10 +291,11 @@ pub fn forward<D: Device>(
             0.0,
         )?;
         dev.residual_fwd(
-            ViewMut::all(x_out),
+            ViewMut::all(&mut *x_out),
             View::all(&la.x_mid),
             View::all(&acts.proj),
         )?;
+        inject(dev, x_out, inj, l + 1, n, c)?;
     }
     let last = &acts.res[cfg.num_hidden_layers];
     dev.rmsnorm_fwd(

@@ -106,3 +106,36 @@ fn normal(rng: &mut impl Rng) -> f32 {
     let u2: f64 = rng.random();
     ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
 }
+
+/// Where a model's weights come from.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
+/// Loads an HF folder (config.json + safetensors, and tokenizer.json when present) or a .gguf
+/// file (weights and tokenizer).
+pub fn load_model<D: Device>(dev: &D, path: &Path) -> Result<(Model<D>, Option<super::Tokenizer>)> {
+    if is_gguf(path) {
+        let (m, t) = super::gguf::load_gguf(dev, path)?;
+        return Ok((m, Some(t)));
+    }
+    let model = Model::load(dev, path)?;
+    let tok = path.join("tokenizer.json");
+    let tok = if tok.is_file() {
+        Some(super::Tokenizer::from_file(&tok)?)
+    } else {
+        None
+    };
+    Ok((model, tok))
+}
+
+/// The config of an HF folder or a .gguf file, without loading weights.
+pub fn load_config(path: &Path) -> Result<ModelConfig> {
+    if is_gguf(path) {
+        return super::gguf::gguf_config(&super::gguf::read_gguf(path)?);
+    }
+    ModelConfig::from_file(&path.join("config.json"))
+}

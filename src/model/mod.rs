@@ -1,24 +1,26 @@
 //! The Llama-family decoder: config, flat parameter table, weights and tokenizer I/O,
 //! forward and backward.
 
-pub mod config;
-pub mod params;
-
-pub use config::ModelConfig;
-pub use params::{LayerParams, ParamEntry, ParamTable};
 pub mod activations;
 pub mod backward;
 pub mod batch;
+pub mod config;
 pub mod forward;
+pub mod gguf;
+pub mod kv_cache;
 pub mod llama;
+pub mod params;
 pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use activations::{ActivationSet, Activations, LayerActs, LayerSet};
-pub use backward::backward;
+pub use backward::{backward, backward_with};
 pub use batch::{Batch, DeviceBatch};
-pub use forward::{forward, LossSum};
-pub use llama::Model;
+pub use config::ModelConfig;
+pub use forward::{forward, forward_with, Injection, LossSum};
+pub use kv_cache::KvCache;
+pub use llama::{is_gguf, load_config, load_model, Model};
+pub use params::{LayerParams, ParamEntry, ParamTable};
 pub use safetensors_io::{
     load_params, read_tensors, save_params, weight_files, write_tensors, NamedTensor, SaveDtype,
 };

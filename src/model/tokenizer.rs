@@ -22,6 +22,14 @@ impl Tokenizer {
         })
     }
 
+    /// Wraps a tokenizer built in memory; `origin` (the file it was read from) names it in errors.
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer, origin: PathBuf) -> Self {
+        Tokenizer {
+            inner,
+            path: origin,
+        }
+    }
+
     /// The file this tokenizer was loaded from.
     pub fn path(&self) -> &Path {
         &self.path

@@ -11,17 +11,24 @@
 pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod decode_attention;
 pub mod embedding;
+pub mod inject;
 pub mod matmul;
+pub mod norm_scale;
+pub mod policy_loss;
+pub mod pool;
 pub mod residual;
+pub mod reward;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sample;
 pub mod softmax;
 pub mod swiglu;
 
 use rayon::prelude::*;
 
-use super::{AdamwStep, AttnDims, Device, DeviceBuf, View, ViewMut};
+use super::{AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, SampleSpec, View, ViewMut};
 use crate::{Error, Result};
 
 /// Float types the CPU twins run in: f32 (the engine) and f64 (gradient checks).
@@ -260,7 +267,7 @@ fn check_ids(op: &'static str, what: &str, ids: &[u32], limit: usize) -> Result<
 
 /// A table `[rows, c]` given as a flat length: the number of rows.
 fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> {
-    if len % c == 0 {
+    if len.is_multiple_of(c) {
         Ok(len / c)
     } else {
         Err(Error::invalid(
@@ -274,7 +281,7 @@ fn check_attn(op: &'static str, d: &AttnDims) -> Result<()> {
     check_pos(op, "NH", d.nh)?;
     check_pos(op, "NKV", d.nkv)?;
     check_pos(op, "HS", d.hs)?;
-    if d.nh % d.nkv != 0 {
+    if !d.nh.is_multiple_of(d.nkv) {
         return Err(Error::invalid(
             op,
             format!("NH = {} is not a multiple of NKV = {}", d.nh, d.nkv),
@@ -723,6 +730,274 @@ impl Device for CpuDevice {
         Ok(())
     }
 
+    fn inject_fwd(
+        &self,
+        h: ViewMut<'_, Buf>,
+        sites: &Self::Ids,
+        vecs: View<'_, Buf>,
+        n: usize,
+        c: usize,
+        mode: super::InjectMode,
+    ) -> Result<()> {
+        const OP: &str = "inject_fwd";
+        check_pos(OP, "C", c)?;
+        check_len(OP, "h [N,C]", h.len(), &[n, c])?;
+        check_len(OP, "vecs [S,C]", vecs.len(), &[sites.len(), c])?;
+        inject::check_sites(OP, sites, n)?;
+        inject::inject_fwd(get_mut(OP, "h", h)?, sites, get(OP, "vecs", vecs)?, c, mode);
+        Ok(())
+    }
+
+    fn inject_bwd(
+        &self,
+        dvecs: ViewMut<'_, Buf>,
+        dh: ViewMut<'_, Buf>,
+        sites: &Self::Ids,
+        n: usize,
+        c: usize,
+        mode: super::InjectMode,
+    ) -> Result<()> {
+        const OP: &str = "inject_bwd";
+        check_pos(OP, "C", c)?;
+        check_len(OP, "dvecs [S,C]", dvecs.len(), &[sites.len(), c])?;
+        check_len(OP, "dh [N,C]", dh.len(), &[n, c])?;
+        inject::check_sites(OP, sites, n)?;
+        inject::inject_bwd(
+            get_mut(OP, "dvecs", dvecs)?,
+            get_mut(OP, "dh", dh)?,
+            sites,
+            c,
+            mode,
+        );
+        Ok(())
+    }
+
+    fn norm_scale_fwd(
+        &self,
+        y: ViewMut<'_, Buf>,
+        x: View<'_, Buf>,
+        n: usize,
+        d: usize,
+        s: f32,
+    ) -> Result<()> {
+        const OP: &str = "norm_scale_fwd";
+        check_pos(OP, "D", d)?;
+        check_len(OP, "y [N,D]", y.len(), &[n, d])?;
+        check_len(OP, "x [N,D]", x.len(), &[n, d])?;
+        if !(s.is_finite() && s > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("s = {s} must be finite and > 0"),
+            ));
+        }
+        norm_scale::norm_scale_fwd(get_mut(OP, "y", y)?, get(OP, "x", x)?, d, s);
+        Ok(())
+    }
+
+    fn norm_scale_bwd(
+        &self,
+        dx: ViewMut<'_, Buf>,
+        dy: View<'_, Buf>,
+        x: View<'_, Buf>,
+        n: usize,
+        d: usize,
+        s: f32,
+    ) -> Result<()> {
+        const OP: &str = "norm_scale_bwd";
+        check_pos(OP, "D", d)?;
+        check_len(OP, "dx [N,D]", dx.len(), &[n, d])?;
+        check_len(OP, "dy [N,D]", dy.len(), &[n, d])?;
+        check_len(OP, "x [N,D]", x.len(), &[n, d])?;
+        if !(s.is_finite() && s > 0.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("s = {s} must be finite and > 0"),
+            ));
+        }
+        norm_scale::norm_scale_bwd(
+            get_mut(OP, "dx", dx)?,
+            get(OP, "dy", dy)?,
+            get(OP, "x", x)?,
+            d,
+            s,
+        );
+        Ok(())
+    }
+
+    fn pool_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        h: View<'_, Buf>,
+        mask: View<'_, Buf>,
+        w: Option<View<'_, Buf>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        mode: super::PoolMode,
+    ) -> Result<()> {
+        const OP: &str = "pool_fwd";
+        check_pos(OP, "T", t)?;
+        check_pos(OP, "C", c)?;
+        check_len(OP, "out [B,C]", out.len(), &[b, c])?;
+        check_len(OP, "h [B,T,C]", h.len(), &[b, t, c])?;
+        check_len(OP, "mask [B,T]", mask.len(), &[b, t])?;
+        pool::check_weights(OP, "w", w.map(|w| w.len()), t, mode)?;
+        let w = w.map_or(Ok(&[][..]), |w| get(OP, "w", w))?;
+        let mask = get(OP, "mask", mask)?;
+        pool::check_padding_mask(OP, mask, t)?;
+        pool::pool_fwd(
+            get_mut(OP, "out", out)?,
+            get(OP, "h", h)?,
+            mask,
+            w,
+            t,
+            c,
+            mode,
+        );
+        Ok(())
+    }
+
+    fn pool_bwd(
+        &self,
+        dh: ViewMut<'_, Buf>,
+        dw: Option<ViewMut<'_, Buf>>,
+        dout: View<'_, Buf>,
+        h: View<'_, Buf>,
+        mask: View<'_, Buf>,
+        w: Option<View<'_, Buf>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        mode: super::PoolMode,
+    ) -> Result<()> {
+        const OP: &str = "pool_bwd";
+        check_pos(OP, "T", t)?;
+        check_pos(OP, "C", c)?;
+        check_len(OP, "dh [B,T,C]", dh.len(), &[b, t, c])?;
+        check_len(OP, "dout [B,C]", dout.len(), &[b, c])?;
+        check_len(OP, "h [B,T,C]", h.len(), &[b, t, c])?;
+        check_len(OP, "mask [B,T]", mask.len(), &[b, t])?;
+        pool::check_weights(OP, "w", w.map(|w| w.len()), t, mode)?;
+        pool::check_weights(OP, "dw", dw.as_ref().map(|w| w.len()), t, mode)?;
+        if let (Some(w), Some(dw)) = (&w, &dw) {
+            check_same(OP, "dw [Tmax]", dw.len(), w.len())?;
+        }
+        let w = w.map_or(Ok(&[][..]), |w| get(OP, "w", w))?;
+        let dw = match dw {
+            Some(dw) => get_mut(OP, "dw", dw)?,
+            None => &mut [][..],
+        };
+        let mask = get(OP, "mask", mask)?;
+        pool::check_padding_mask(OP, mask, t)?;
+        pool::pool_bwd(
+            get_mut(OP, "dh", dh)?,
+            dw,
+            get(OP, "dout", dout)?,
+            get(OP, "h", h)?,
+            mask,
+            w,
+            t,
+            c,
+            mode,
+        );
+        Ok(())
+    }
+
+    fn reward_advantage(
+        &self,
+        mse: ViewMut<'_, Buf>,
+        reward: ViewMut<'_, Buf>,
+        advantage: ViewMut<'_, Buf>,
+        pred: View<'_, Buf>,
+        target: View<'_, Buf>,
+        valid: View<'_, Buf>,
+        s: usize,
+        a: usize,
+        spec: &super::RewardSpec,
+    ) -> Result<()> {
+        const OP: &str = "reward_advantage";
+        check_pos(OP, "S", s)?;
+        check_pos(OP, "A", a)?;
+        check_len(OP, "mse [S]", mse.len(), &[s])?;
+        check_len(OP, "reward [S]", reward.len(), &[s])?;
+        check_len(OP, "advantage [S]", advantage.len(), &[s])?;
+        check_len(OP, "pred [S,A]", pred.len(), &[s, a])?;
+        check_len(OP, "target [S,A]", target.len(), &[s, a])?;
+        check_len(OP, "valid [S]", valid.len(), &[s])?;
+        reward::check_spec(OP, spec, s)?;
+        let valid = get(OP, "valid", valid)?;
+        pool::check_binary(OP, "valid", valid)?;
+        reward::reward_advantage(
+            get_mut(OP, "mse", mse)?,
+            get_mut(OP, "reward", reward)?,
+            get_mut(OP, "advantage", advantage)?,
+            get(OP, "pred", pred)?,
+            get(OP, "target", target)?,
+            valid,
+            a,
+            spec,
+        );
+        Ok(())
+    }
+
+    fn policy_loss_fwd(
+        &self,
+        stats: ViewMut<'_, Buf>,
+        logp: View<'_, Buf>,
+        old_logp: View<'_, Buf>,
+        adv: View<'_, Buf>,
+        mask: View<'_, Buf>,
+        ref_logp: Option<View<'_, Buf>>,
+        s: usize,
+        t: usize,
+        spec: &super::PolicyLossSpec,
+    ) -> Result<()> {
+        const OP: &str = "policy_loss_fwd";
+        check_len(OP, "stats", stats.len(), &[super::PolicyStat::COUNT])?;
+        let (logp, old_logp, adv, mask, ref_logp) =
+            policy_loss::device_inputs(OP, [logp, old_logp, adv, mask], ref_logp, s, t, spec)?;
+        policy_loss::policy_loss_fwd(
+            get_mut(OP, "stats", stats)?,
+            logp,
+            old_logp,
+            adv,
+            mask,
+            ref_logp,
+            t,
+            spec,
+        );
+        Ok(())
+    }
+
+    fn policy_loss_bwd(
+        &self,
+        dlogp: ViewMut<'_, Buf>,
+        logp: View<'_, Buf>,
+        old_logp: View<'_, Buf>,
+        adv: View<'_, Buf>,
+        mask: View<'_, Buf>,
+        ref_logp: Option<View<'_, Buf>>,
+        s: usize,
+        t: usize,
+        spec: &super::PolicyLossSpec,
+    ) -> Result<()> {
+        const OP: &str = "policy_loss_bwd";
+        check_len(OP, "dlogp [N]", dlogp.len(), &[s, t])?;
+        let (logp, old_logp, adv, mask, ref_logp) =
+            policy_loss::device_inputs(OP, [logp, old_logp, adv, mask], ref_logp, s, t, spec)?;
+        policy_loss::policy_loss_bwd(
+            get_mut(OP, "dlogp", dlogp)?,
+            logp,
+            old_logp,
+            adv,
+            mask,
+            ref_logp,
+            t,
+            spec,
+        );
+        Ok(())
+    }
+
     fn adamw(
         &self,
         p: ViewMut<'_, Buf>,
@@ -759,6 +1034,106 @@ impl Device for CpuDevice {
 
     fn sum_squares(&self, x: View<'_, Buf>) -> Result<f64> {
         Ok(adamw::sum_squares(get("sum_squares", "x", x)?))
+    }
+
+    fn download_ids(&self, ids: &Vec<u32>) -> Result<Vec<u32>> {
+        Ok(ids.clone())
+    }
+
+    fn decode_attention_fwd(
+        &self,
+        out: ViewMut<'_, Buf>,
+        q: View<'_, Buf>,
+        kcache: View<'_, Buf>,
+        vcache: View<'_, Buf>,
+        starts: &Vec<u32>,
+        d: CacheDims,
+    ) -> Result<()> {
+        const OP: &str = "decode_attention_fwd";
+        check_attn(
+            OP,
+            &AttnDims {
+                b: d.b,
+                t: d.tq,
+                nh: d.nh,
+                nkv: d.nkv,
+                hs: d.hs,
+            },
+        )?;
+        if d.pos0 + d.tq > d.tmax {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "queries end at position {} beyond the cache's {}",
+                    d.pos0 + d.tq,
+                    d.tmax
+                ),
+            ));
+        }
+        let out = get_mut(OP, "out", out)?;
+        let (q, kc, vc) = (
+            get(OP, "q", q)?,
+            get(OP, "kcache", kcache)?,
+            get(OP, "vcache", vcache)?,
+        );
+        check_len(OP, "out [B,TQ,NH,HS]", out.len(), &[d.b, d.tq, d.nh, d.hs])?;
+        check_len(OP, "q [B,TQ,NH,HS]", q.len(), &[d.b, d.tq, d.nh, d.hs])?;
+        check_len(
+            OP,
+            "kcache [B,TMAX,NKV,HS]",
+            kc.len(),
+            &[d.b, d.tmax, d.nkv, d.hs],
+        )?;
+        check_len(
+            OP,
+            "vcache [B,TMAX,NKV,HS]",
+            vc.len(),
+            &[d.b, d.tmax, d.nkv, d.hs],
+        )?;
+        check_len(OP, "starts [B]", starts.len(), &[d.b])?;
+        check_ids(OP, "starts", starts, d.tmax)?;
+        decode_attention::decode_attention_fwd(out, q, kc, vc, starts, d);
+        Ok(())
+    }
+
+    fn sample_fwd(
+        &self,
+        ids: &mut Vec<u32>,
+        logp: ViewMut<'_, Buf>,
+        logits: View<'_, Buf>,
+        u: View<'_, Buf>,
+        n: usize,
+        v: usize,
+        spec: &SampleSpec,
+    ) -> Result<()> {
+        const OP: &str = "sample_fwd";
+        check_pos(OP, "V", v)?;
+        let logp = get_mut(OP, "logp", logp)?;
+        let (logits, u) = (get(OP, "logits", logits)?, get(OP, "u", u)?);
+        check_len(OP, "ids [N]", ids.len(), &[n])?;
+        check_len(OP, "logp [N]", logp.len(), &[n])?;
+        check_len(OP, "logits [N,V]", logits.len(), &[n, v])?;
+        check_len(OP, "u [N]", u.len(), &[n])?;
+        if !(spec.temperature >= 0.0 && spec.temperature.is_finite()) {
+            return Err(Error::invalid(
+                OP,
+                format!("temperature {} must be >= 0", spec.temperature),
+            ));
+        }
+        if !(spec.top_p > 0.0 && spec.top_p <= 1.0) {
+            return Err(Error::invalid(
+                OP,
+                format!("top_p {} must be in (0, 1]", spec.top_p),
+            ));
+        }
+        if let Some(i) = u.iter().position(|x| !(0.0..1.0).contains(x)) {
+            return Err(Error::invalid(
+                OP,
+                format!("u[{i}] = {} is not in [0, 1)", u[i]),
+            ));
+        }
+        sample::sample_fwd(ids, logp, logits, u, v, *spec);
+        Ok(())
     }
 }
 

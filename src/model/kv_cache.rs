@@ -1,0 +1,340 @@
+//! Inference on a KV cache: batched prefill and one-token decode steps, for generation.
+//!
+//! Rows are left-padded: row b's tokens start at cache position `starts[b]`. Each layer keeps
+//! keys and values [B,TMAX,NKV,HS]; a step runs TQ new positions of every row through the
+//! blocks (TQ = prompt length at prefill, 1 when decoding) and writes the logits of each row's
+//! last new position.
+
+use super::{Model, ModelConfig};
+use crate::device::{CacheDims, Device, View, ViewMut};
+use crate::{Error, Result};
+
+pub struct KvCache<D: Device> {
+    pub b: usize,
+    pub tmax: usize,
+    /// per layer [B,TMAX,NKV,HS]
+    pub k: Vec<D::Buf>,
+    pub v: Vec<D::Buf>,
+    /// [B] first real position of each row
+    pub starts: D::Ids,
+    /// positions written so far (the same for every row)
+    pub len: usize,
+    /// the step's buffers, sized for B rows of up to TQMAX positions
+    ws: Workspace<D>,
+    tq_max: usize,
+}
+
+/// Scratch of one step; only the first B*TQ rows are used.
+struct Workspace<D: Device> {
+    /// [B*TQ,C] the residual stream, and its next value
+    x: D::Buf,
+    x2: D::Buf,
+    /// [B*TQ,C]
+    xn: D::Buf,
+    /// [B*TQ]
+    rstd: D::Buf,
+    /// [B*TQ,NH*HS]
+    q: D::Buf,
+    /// [B*TQ,NKV*HS]
+    k: D::Buf,
+    v: D::Buf,
+    /// [B*TQ,NH*HS]
+    att: D::Buf,
+    /// [B*TQ,C]
+    proj: D::Buf,
+    /// [B*TQ,F]
+    gate: D::Buf,
+    up: D::Buf,
+    h: D::Buf,
+    /// [B,C] the last new position of each row, and its norm
+    last: D::Buf,
+    last_n: D::Buf,
+    /// [B]
+    last_rstd: D::Buf,
+    /// [B,V]
+    logits: D::Buf,
+}
+
+impl<D: Device> KvCache<D> {
+    /// A cache for `b` rows of up to `tmax` positions, whose steps take up to `tq_max` new
+    /// positions at once; `starts[b]` is the first real position of row b.
+    pub fn new(
+        dev: &D,
+        cfg: &ModelConfig,
+        starts: &[u32],
+        tmax: usize,
+        tq_max: usize,
+    ) -> Result<Self> {
+        let b = starts.len();
+        if b == 0 || tq_max == 0 || tq_max > tmax {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!(
+                    "need rows and 0 < tq_max <= tmax (got {b} rows, tq_max {tq_max}, tmax {tmax})"
+                ),
+            ));
+        }
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let n = b * tq_max;
+        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut vv = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            k.push(dev.alloc(b * tmax * kvd)?);
+            vv.push(dev.alloc(b * tmax * kvd)?);
+        }
+        let ws = Workspace {
+            x: dev.alloc(n * c)?,
+            x2: dev.alloc(n * c)?,
+            xn: dev.alloc(n * c)?,
+            rstd: dev.alloc(n)?,
+            q: dev.alloc(n * qd)?,
+            k: dev.alloc(n * kvd)?,
+            v: dev.alloc(n * kvd)?,
+            att: dev.alloc(n * qd)?,
+            proj: dev.alloc(n * c)?,
+            gate: dev.alloc(n * f)?,
+            up: dev.alloc(n * f)?,
+            h: dev.alloc(n * f)?,
+            last: dev.alloc(b * c)?,
+            last_n: dev.alloc(b * c)?,
+            last_rstd: dev.alloc(b)?,
+            logits: dev.alloc(b * v)?,
+        };
+        Ok(KvCache {
+            b,
+            tmax,
+            k,
+            v: vv,
+            starts: dev.upload_ids(starts)?,
+            len: 0,
+            ws,
+            tq_max,
+        })
+    }
+
+    /// The logits [B,V] of the last step.
+    pub fn logits(&self) -> View<'_, D::Buf> {
+        View::all(&self.ws.logits)
+    }
+
+    /// Runs `tq` new positions of every row (`ids` [B*TQ], row-major) at cache positions
+    /// `len..len+tq`, appends their keys and values, and leaves the logits of each row's last
+    /// new position in [`Self::logits`].
+    pub fn step(&mut self, dev: &D, model: &Model<D>, ids: &D::Ids, tq: usize) -> Result<()> {
+        let cfg = &model.cfg;
+        if tq == 0 || tq > self.tq_max || self.len + tq > self.tmax {
+            return Err(Error::invalid(
+                "kv_cache",
+                format!(
+                    "step of {tq} positions at {} does not fit (at most {} per step, {} in all)",
+                    self.len, self.tq_max, self.tmax
+                ),
+            ));
+        }
+        let (b, pos0) = (self.b, self.len);
+        let n = b * tq;
+        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hs) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let (eps, theta) = (cfg.rms_norm_eps, cfg.rope_theta);
+        let tb = &model.table;
+        let p = |off: usize, len: usize| View::range(&model.params, off, len);
+        let w = &mut self.ws;
+        let dims = CacheDims {
+            b,
+            tq,
+            tmax: self.tmax,
+            nh,
+            nkv,
+            hs,
+            pos0,
+        };
+        // the first `len` elements of a scratch buffer
+        fn head<B: crate::device::DeviceBuf>(buf: &mut B, len: usize) -> ViewMut<'_, B> {
+            ViewMut::range(buf, 0, len)
+        }
+        fn head_r<B: crate::device::DeviceBuf>(buf: &B, len: usize) -> View<'_, B> {
+            View::range(buf, 0, len)
+        }
+
+        dev.embedding_fwd(head(&mut w.x, n * c), ids, p(tb.wte, v * c), n, c)?;
+        for (l, lp) in tb.layers.iter().enumerate() {
+            dev.rmsnorm_fwd(
+                head(&mut w.xn, n * c),
+                head(&mut w.rstd, n),
+                head_r(&w.x, n * c),
+                p(lp.ln1, c),
+                n,
+                c,
+                eps,
+            )?;
+            let xn = head_r(&w.xn, n * c);
+            dev.matmul(
+                head(&mut w.q, n * qd),
+                xn,
+                p(lp.wq, qd * c),
+                n,
+                qd,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.matmul(
+                head(&mut w.k, n * kvd),
+                xn,
+                p(lp.wk, kvd * c),
+                n,
+                kvd,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.matmul(
+                head(&mut w.v, n * kvd),
+                xn,
+                p(lp.wv, kvd * c),
+                n,
+                kvd,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.rope_fwd(head(&mut w.q, n * qd), b, tq, nh, hs, pos0, theta)?;
+            dev.rope_fwd(head(&mut w.k, n * kvd), b, tq, nkv, hs, pos0, theta)?;
+            for r in 0..b {
+                let dst = (r * self.tmax + pos0) * kvd;
+                let src = r * tq * kvd;
+                dev.copy(
+                    ViewMut::range(&mut self.k[l], dst, tq * kvd),
+                    View::range(&w.k, src, tq * kvd),
+                )?;
+                dev.copy(
+                    ViewMut::range(&mut self.v[l], dst, tq * kvd),
+                    View::range(&w.v, src, tq * kvd),
+                )?;
+            }
+            dev.decode_attention_fwd(
+                head(&mut w.att, n * qd),
+                head_r(&w.q, n * qd),
+                View::all(&self.k[l]),
+                View::all(&self.v[l]),
+                &self.starts,
+                dims,
+            )?;
+            dev.matmul(
+                head(&mut w.proj, n * c),
+                head_r(&w.att, n * qd),
+                p(lp.wo, c * qd),
+                n,
+                c,
+                qd,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.residual_fwd(
+                head(&mut w.x2, n * c),
+                head_r(&w.x, n * c),
+                head_r(&w.proj, n * c),
+            )?;
+            dev.rmsnorm_fwd(
+                head(&mut w.xn, n * c),
+                head(&mut w.rstd, n),
+                head_r(&w.x2, n * c),
+                p(lp.ln2, c),
+                n,
+                c,
+                eps,
+            )?;
+            let xn = head_r(&w.xn, n * c);
+            dev.matmul(
+                head(&mut w.gate, n * f),
+                xn,
+                p(lp.wgate, f * c),
+                n,
+                f,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.matmul(
+                head(&mut w.up, n * f),
+                xn,
+                p(lp.wup, f * c),
+                n,
+                f,
+                c,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.swiglu_fwd(
+                head(&mut w.h, n * f),
+                head_r(&w.gate, n * f),
+                head_r(&w.up, n * f),
+            )?;
+            dev.matmul(
+                head(&mut w.proj, n * c),
+                head_r(&w.h, n * f),
+                p(lp.wdown, c * f),
+                n,
+                c,
+                f,
+                false,
+                true,
+                1.0,
+                0.0,
+            )?;
+            dev.residual_fwd(
+                head(&mut w.x, n * c),
+                head_r(&w.x2, n * c),
+                head_r(&w.proj, n * c),
+            )?;
+        }
+        for r in 0..b {
+            let src = (r * tq + tq - 1) * c;
+            dev.copy(
+                ViewMut::range(&mut w.last, r * c, c),
+                View::range(&w.x, src, c),
+            )?;
+        }
+        dev.rmsnorm_fwd(
+            ViewMut::all(&mut w.last_n),
+            ViewMut::all(&mut w.last_rstd),
+            View::all(&w.last),
+            p(tb.ln_f, c),
+            b,
+            c,
+            eps,
+        )?;
+        dev.matmul(
+            ViewMut::all(&mut w.logits),
+            View::all(&w.last_n),
+            p(tb.lm_head, v * c),
+            b,
+            v,
+            c,
+            false,
+            true,
+            1.0,
+            0.0,
+        )?;
+        self.len += tq;
+        Ok(())
+    }
+}
