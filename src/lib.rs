@@ -9,6 +9,8 @@ pub mod device;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod nla;
+pub mod plot;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -66,6 +66,18 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Draw training curves from a metrics file into a PNG: one panel per metric, train and val
+    /// as two series against the step
+    Plot {
+        /// The JSON-lines metrics file a training run wrote
+        input: PathBuf,
+        /// Output PNG [default: the input's path with the extension .png]
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+        /// Comma-separated metrics to draw, e.g. loss,fve [default: every metric in the file]
+        #[arg(long, value_delimiter = ',')]
+        metrics: Vec<String>,
+    },
 }
 
 fn main() {
@@ -79,11 +91,39 @@ fn main() {
             grads,
         } => forward_cmd(&model, &ids, &dump, grads),
         Cmd::Demo { steps, out, seed } => demo(steps, out.as_deref(), seed),
+        Cmd::Plot {
+            input,
+            out,
+            metrics,
+        } => plot_cmd(&input, out, &metrics),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn plot_cmd(input: &Path, out: Option<PathBuf>, metrics: &[String]) -> Result<()> {
+    let out = out.unwrap_or_else(|| input.with_extension("png"));
+    if out == input {
+        bail!("the output {} would replace the input", out.display());
+    }
+    let s = nla_engine::plot::plot_file(input, &out, Some(metrics))?;
+    println!(
+        "wrote {} ({}x{}): {} from {} lines ({}){}",
+        out.display(),
+        s.width,
+        s.height,
+        s.panels.join(", "),
+        s.rows,
+        s.splits.join(", "),
+        if s.skipped > 0 {
+            format!("; skipped {} malformed lines", s.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
 }
 
 fn gib(bytes: usize) -> String {

@@ -3,6 +3,8 @@
 //! built directly; malformed files; and the real SmolLM2-135M-Instruct
 //! (`scripts/fetch-smollm2.sh`) answering a question.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
@@ -821,16 +823,7 @@ fn cut_or_corrupted_headers_are_errors_not_panics() {
 // The real SmolLM2-135M-Instruct
 
 fn smollm2_path() -> PathBuf {
-    let dir = std::env::var("NLA_MODELS").unwrap_or_else(|_| "target/models".into());
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(dir)
-        .join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-smollm2.sh first",
-        path.display()
-    );
-    path
+    common::smollm2_gguf()
 }
 
 #[test]

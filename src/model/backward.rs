@@ -55,26 +55,12 @@ pub fn backward_with<D: Device>(
     acts: &mut Activations<D>,
     batch: &DeviceBatch<D>,
     scale: f32,
-    mut inj: Option<&mut Injection<D>>,
+    inj: Option<&mut Injection<D>>,
 ) -> Result<()> {
     check_shape(acts, batch)?;
-    if let Some(i) = inj.as_deref_mut() {
-        i.check_layers(model.cfg.num_hidden_layers)?;
-        dev.fill(ViewMut::all(&mut i.dvecs), 0.0)?;
-    }
-    let mut first = true;
     let cfg = &model.cfg;
-    let (b, t) = (batch.b, batch.t);
-    let n = b * t;
-    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (nh, nkv, hs) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
-    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-    let theta = cfg.rope_theta;
-    let dims = AttnDims { b, t, nh, nkv, hs };
+    let n = batch.b * batch.t;
+    let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let tb = &model.table;
     let params = &model.params;
     let grads = &mut model.grads;
@@ -134,6 +120,47 @@ pub fn backward_with<D: Device>(
         c,
     )?;
 
+    backward_blocks(dev, model, a, &batch.ids, inj)
+}
+
+/// The blocks and the embedding in reverse, from `acts.dres` = d loss / d res[L] (the output
+/// of the last block) as the caller left it: accumulates parameter gradients, and d loss / d
+/// vecs into `inj.dvecs`.
+pub fn backward_blocks<D: Device>(
+    dev: &D,
+    model: &mut Model<D>,
+    acts: &mut Activations<D>,
+    ids: &D::Ids,
+    mut inj: Option<&mut Injection<D>>,
+) -> Result<()> {
+    if let Some(i) = inj.as_deref_mut() {
+        i.check_layers(model.cfg.num_hidden_layers)?;
+        dev.fill(ViewMut::all(&mut i.dvecs), 0.0)?;
+    }
+    let mut first = true;
+    let cfg = &model.cfg;
+    let (b, t) = (acts.b, acts.t);
+    let n = b * t;
+    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (nh, nkv, hs) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let theta = cfg.rope_theta;
+    let dims = AttnDims { b, t, nh, nkv, hs };
+    let tb = &model.table;
+    let params = &model.params;
+    let grads = &mut model.grads;
+    let p = |off: usize, len: usize| View::range(params, off, len);
+    // accumulating windows of the flat gradient buffer
+    macro_rules! g {
+        ($off:expr, $len:expr) => {
+            ViewMut::range(grads, $off, $len)
+        };
+    }
+    let a = acts;
     for (l, lp) in tb.layers.iter().enumerate().rev() {
         uninject(dev, &mut a.dres, &mut inj, l + 1, (n, c), &mut first)?;
         let la = &a.layers[l];
@@ -342,5 +369,5 @@ pub fn backward_with<D: Device>(
         std::mem::swap(&mut a.dres, &mut a.dres_next);
     }
     uninject(dev, &mut a.dres, &mut inj, 0, (n, c), &mut first)?;
-    dev.embedding_bwd(g!(tb.wte, v * c), &batch.ids, View::all(&a.dres), n, c)
+    dev.embedding_bwd(g!(tb.wte, v * c), ids, View::all(&a.dres), n, c)
 }

@@ -131,11 +131,68 @@ pub fn forward_with<D: Device>(
     inj: Option<&Injection<D>>,
 ) -> Result<LossSum> {
     check_shape(acts, batch)?;
+    forward_blocks(dev, model, acts, &batch.ids, inj)?;
+    let cfg = &model.cfg;
+    let n = batch.b * batch.t;
+    let (c, v, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
+    let p = |off: usize, len: usize| View::range(&model.params, off, len);
+    let tb = &model.table;
+    let last = &acts.res[cfg.num_hidden_layers];
+    dev.rmsnorm_fwd(
+        ViewMut::all(&mut acts.xn_f),
+        ViewMut::all(&mut acts.rstd_f),
+        View::all(last),
+        p(tb.ln_f, c),
+        n,
+        c,
+        eps,
+    )?;
+    dev.matmul(
+        ViewMut::all(&mut acts.logits),
+        View::all(&acts.xn_f),
+        p(tb.lm_head, v * c),
+        n,
+        v,
+        c,
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    dev.cross_entropy_fwd(
+        ViewMut::all(&mut acts.losses),
+        View::all(&acts.logits),
+        &batch.targets,
+        View::all(&batch.mask),
+        n,
+        v,
+    )?;
+    let sum = dev
+        .download(View::all(&acts.losses))?
+        .iter()
+        .map(|&x| x as f64)
+        .sum();
+    Ok(LossSum {
+        sum,
+        count: batch.count,
+    })
+}
+
+/// The embedding and every block, with injections: fills `acts.res` (res[L] is the output of
+/// the last block, before the final norm) and what the blocks' backward needs. `ids` [B*T]
+/// with B, T as `acts` was planned for.
+pub fn forward_blocks<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    acts: &mut Activations<D>,
+    ids: &D::Ids,
+    inj: Option<&Injection<D>>,
+) -> Result<()> {
     if let Some(i) = inj {
         i.check_layers(model.cfg.num_hidden_layers)?;
     }
     let cfg = &model.cfg;
-    let (b, t) = (batch.b, batch.t);
+    let (b, t) = (acts.b, acts.t);
     let n = b * t;
     let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (nh, nkv, hs) = (
@@ -149,13 +206,7 @@ pub fn forward_with<D: Device>(
     let p = |off: usize, len: usize| View::range(&model.params, off, len);
     let tb = &model.table;
 
-    dev.embedding_fwd(
-        ViewMut::all(&mut acts.res[0]),
-        &batch.ids,
-        p(tb.wte, v * c),
-        n,
-        c,
-    )?;
+    dev.embedding_fwd(ViewMut::all(&mut acts.res[0]), ids, p(tb.wte, v * c), n, c)?;
     inject(dev, &mut acts.res[0], inj, 0, n, c)?;
     for (l, lp) in tb.layers.iter().enumerate() {
         let (before, after) = acts.res.split_at_mut(l + 1);
@@ -297,43 +348,5 @@ pub fn forward_with<D: Device>(
         )?;
         inject(dev, x_out, inj, l + 1, n, c)?;
     }
-    let last = &acts.res[cfg.num_hidden_layers];
-    dev.rmsnorm_fwd(
-        ViewMut::all(&mut acts.xn_f),
-        ViewMut::all(&mut acts.rstd_f),
-        View::all(last),
-        p(tb.ln_f, c),
-        n,
-        c,
-        eps,
-    )?;
-    dev.matmul(
-        ViewMut::all(&mut acts.logits),
-        View::all(&acts.xn_f),
-        p(tb.lm_head, v * c),
-        n,
-        v,
-        c,
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    dev.cross_entropy_fwd(
-        ViewMut::all(&mut acts.losses),
-        View::all(&acts.logits),
-        &batch.targets,
-        View::all(&batch.mask),
-        n,
-        v,
-    )?;
-    let sum = dev
-        .download(View::all(&acts.losses))?
-        .iter()
-        .map(|&x| x as f64)
-        .sum();
-    Ok(LossSum {
-        sum,
-        count: batch.count,
-    })
+    Ok(())
 }

@@ -14,10 +14,10 @@ pub mod safetensors_io;
 pub mod tokenizer;
 
 pub use activations::{ActivationSet, Activations, LayerActs, LayerSet};
-pub use backward::{backward, backward_with};
+pub use backward::{backward, backward_blocks, backward_with};
 pub use batch::{Batch, DeviceBatch};
 pub use config::ModelConfig;
-pub use forward::{forward, forward_with, Injection, LossSum};
+pub use forward::{forward, forward_blocks, forward_with, Injection, LossSum};
 pub use kv_cache::KvCache;
 pub use llama::{is_gguf, load_config, load_model, Model};
 pub use params::{LayerParams, ParamEntry, ParamTable};

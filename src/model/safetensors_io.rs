@@ -172,6 +172,51 @@ pub fn load_params(model_dir: &Path, table: &ParamTable) -> Result<Vec<f32>> {
     Ok(flat)
 }
 
+/// Loads every parameter of `table` from a checkpoint that may hold more tensors (the layers
+/// past a truncated model's last block, an LM head, a critic's value head): tensors the table
+/// does not name are skipped; shapes, dtypes and missing tensors are checked as in
+/// [`load_params`].
+pub fn load_params_subset(model_dir: &Path, table: &ParamTable) -> Result<Vec<f32>> {
+    let (files, source) = locate(model_dir)?;
+    let mut flat = vec![0f32; table.total];
+    let mut loaded: HashMap<String, PathBuf> = HashMap::new();
+    for file in &files {
+        let map = map_file(file)?;
+        for (name, dtype, shape, bytes) in tensors(file, &map)? {
+            let Some(entry) = table.get(&name) else {
+                continue;
+            };
+            if let Some(first) = loaded.get(&name) {
+                return Err(Error::format(
+                    file,
+                    format!("tensor `{name}` is also in {}", first.display()),
+                ));
+            }
+            if shape != entry.shape {
+                return Err(Error::Shape {
+                    path: file.clone(),
+                    name,
+                    expected: entry.shape.clone(),
+                    got: shape,
+                });
+            }
+            if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                return Err(dtype_error(file, &name, dtype));
+            }
+            let dst = &mut flat[entry.offset..entry.offset + entry.len];
+            convert(file, &name, dtype, bytes, dst)?;
+            loaded.insert(name, file.clone());
+        }
+    }
+    if let Some(e) = table.entries.iter().find(|e| !loaded.contains_key(&e.name)) {
+        return Err(Error::MissingTensor {
+            path: source,
+            name: e.name.clone(),
+        });
+    }
+    Ok(flat)
+}
+
 /// Reads every tensor of one safetensors file, in file order, converted to f32
 /// (F32, BF16, F16, F64, I64, I32).
 pub fn read_tensors(path: &Path) -> Result<Vec<NamedTensor>> {

