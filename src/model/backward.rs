@@ -1,6 +1,7 @@
 //! The decoder's backward pass: the forward's blocks in reverse, each op's backward.
 
 use super::forward::{check_shape, Injection};
+use super::linear::{linear_bwd_dw, linear_bwd_dx};
 use super::{Activations, DeviceBatch, Model};
 use crate::device::{AttnDims, Device, View, ViewMut};
 use crate::Result;
@@ -84,29 +85,24 @@ pub fn backward_with<D: Device>(
         scale,
     )?;
     let dlogits = View::all(&a.dlogits);
-    dev.matmul(
+    linear_bwd_dx(
+        dev,
         ViewMut::all(&mut a.dxn),
         dlogits,
         p(tb.lm_head, v * c),
         n,
-        c,
         v,
+        c,
         false,
-        false,
-        1.0,
-        0.0,
     )?;
-    dev.matmul(
+    linear_bwd_dw(
+        dev,
         g!(tb.lm_head, v * c),
         dlogits,
         View::all(&a.xn_f),
+        n,
         v,
         c,
-        n,
-        true,
-        false,
-        1.0,
-        1.0,
     )?;
     let last = &a.res[cfg.num_hidden_layers];
     dev.rmsnorm_bwd(
@@ -167,30 +163,17 @@ pub fn backward_blocks<D: Device>(
         let x = &a.res[l];
         // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T
         let dres = View::all(&a.dres);
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.dh),
             dres,
             p(lp.wdown, c * f),
             n,
-            f,
-            c,
-            false,
-            false,
-            1.0,
-            0.0,
-        )?;
-        dev.matmul(
-            g!(lp.wdown, c * f),
-            dres,
-            View::all(&la.h),
             c,
             f,
-            n,
-            true,
             false,
-            1.0,
-            1.0,
         )?;
+        linear_bwd_dw(dev, g!(lp.wdown, c * f), dres, View::all(&la.h), n, c, f)?;
         dev.swiglu_bwd(
             ViewMut::all(&mut a.dgate),
             ViewMut::all(&mut a.dup),
@@ -199,43 +182,28 @@ pub fn backward_blocks<D: Device>(
             View::all(&la.up),
         )?;
         let (dgate, dup, xn2) = (View::all(&a.dgate), View::all(&a.dup), View::all(&la.xn2));
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.dxn),
             dgate,
             p(lp.wgate, f * c),
             n,
-            c,
             f,
+            c,
             false,
-            false,
-            1.0,
-            0.0,
         )?;
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.dxn),
             dup,
             p(lp.wup, f * c),
             n,
-            c,
-            f,
-            false,
-            false,
-            1.0,
-            1.0,
-        )?;
-        dev.matmul(
-            g!(lp.wgate, f * c),
-            dgate,
-            xn2,
             f,
             c,
-            n,
             true,
-            false,
-            1.0,
-            1.0,
         )?;
-        dev.matmul(g!(lp.wup, f * c), dup, xn2, f, c, n, true, false, 1.0, 1.0)?;
+        linear_bwd_dw(dev, g!(lp.wgate, f * c), dgate, xn2, n, f, c)?;
+        linear_bwd_dw(dev, g!(lp.wup, f * c), dup, xn2, n, f, c)?;
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dx_mid),
             g!(lp.ln2, c),
@@ -250,30 +218,17 @@ pub fn backward_blocks<D: Device>(
 
         // attention: x_mid = x + att @ wo^T
         let dx_mid = View::all(&a.dx_mid);
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.datt),
             dx_mid,
             p(lp.wo, c * qd),
             n,
-            qd,
-            c,
-            false,
-            false,
-            1.0,
-            0.0,
-        )?;
-        dev.matmul(
-            g!(lp.wo, c * qd),
-            dx_mid,
-            View::all(&la.att),
             c,
             qd,
-            n,
-            true,
             false,
-            1.0,
-            1.0,
         )?;
+        linear_bwd_dw(dev, g!(lp.wo, c * qd), dx_mid, View::all(&la.att), n, c, qd)?;
         dev.attention_bwd(
             ViewMut::all(&mut a.dq),
             ViewMut::all(&mut a.dk),
@@ -294,67 +249,39 @@ pub fn backward_blocks<D: Device>(
             View::all(&a.dv),
             View::all(&la.xn1),
         );
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.dxn),
             dq,
             p(lp.wq, qd * c),
             n,
-            c,
             qd,
+            c,
             false,
-            false,
-            1.0,
-            0.0,
         )?;
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.dxn),
             dk,
             p(lp.wk, kvd * c),
             n,
-            c,
             kvd,
-            false,
-            false,
-            1.0,
-            1.0,
+            c,
+            true,
         )?;
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut a.dxn),
             dv,
             p(lp.wv, kvd * c),
             n,
-            c,
-            kvd,
-            false,
-            false,
-            1.0,
-            1.0,
-        )?;
-        dev.matmul(g!(lp.wq, qd * c), dq, xn1, qd, c, n, true, false, 1.0, 1.0)?;
-        dev.matmul(
-            g!(lp.wk, kvd * c),
-            dk,
-            xn1,
             kvd,
             c,
-            n,
             true,
-            false,
-            1.0,
-            1.0,
         )?;
-        dev.matmul(
-            g!(lp.wv, kvd * c),
-            dv,
-            xn1,
-            kvd,
-            c,
-            n,
-            true,
-            false,
-            1.0,
-            1.0,
-        )?;
+        linear_bwd_dw(dev, g!(lp.wq, qd * c), dq, xn1, n, qd, c)?;
+        linear_bwd_dw(dev, g!(lp.wk, kvd * c), dk, xn1, n, kvd, c)?;
+        linear_bwd_dw(dev, g!(lp.wv, kvd * c), dv, xn1, n, kvd, c)?;
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dres_next),
             g!(lp.ln1, c),

@@ -1,5 +1,6 @@
 //! The decoder's forward pass: a straight-line loop over blocks calling device ops.
 
+use super::linear::linear_fwd;
 use super::{Activations, DeviceBatch, Model};
 use crate::device::{AttnDims, Device, InjectMode, View, ViewMut};
 use crate::{Error, Result};
@@ -147,17 +148,14 @@ pub fn forward_with<D: Device>(
         c,
         eps,
     )?;
-    dev.matmul(
+    linear_fwd(
+        dev,
         ViewMut::all(&mut acts.logits),
         View::all(&acts.xn_f),
         p(tb.lm_head, v * c),
         n,
         v,
         c,
-        false,
-        true,
-        1.0,
-        0.0,
     )?;
     dev.cross_entropy_fwd(
         ViewMut::all(&mut acts.losses),
@@ -225,41 +223,32 @@ pub fn forward_blocks<D: Device>(
             eps,
         )?;
         let xn1 = View::all(&la.xn1);
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut la.q),
             xn1,
             p(lp.wq, qd * c),
             n,
             qd,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut la.k),
             xn1,
             p(lp.wk, kvd * c),
             n,
             kvd,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut la.v),
             xn1,
             p(lp.wv, kvd * c),
             n,
             kvd,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
         dev.rope_fwd(ViewMut::all(&mut la.q), b, t, nh, hs, 0, theta)?;
         dev.rope_fwd(ViewMut::all(&mut la.k), b, t, nkv, hs, 0, theta)?;
@@ -271,17 +260,14 @@ pub fn forward_blocks<D: Device>(
             View::all(&la.v),
             dims,
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut acts.proj),
             View::all(&la.att),
             p(lp.wo, c * qd),
             n,
             c,
             qd,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
         dev.residual_fwd(
             ViewMut::all(&mut la.x_mid),
@@ -300,46 +286,37 @@ pub fn forward_blocks<D: Device>(
             eps,
         )?;
         let xn2 = View::all(&la.xn2);
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut la.gate),
             xn2,
             p(lp.wgate, f * c),
             n,
             f,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut la.up),
             xn2,
             p(lp.wup, f * c),
             n,
             f,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
         dev.swiglu_fwd(
             ViewMut::all(&mut la.h),
             View::all(&la.gate),
             View::all(&la.up),
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut acts.proj),
             View::all(&la.h),
             p(lp.wdown, c * f),
             n,
             c,
             f,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
         dev.residual_fwd(
             ViewMut::all(&mut *x_out),

@@ -5,6 +5,7 @@
 //! blocks (TQ = prompt length at prefill, 1 when decoding) and writes the logits of each row's
 //! last new position.
 
+use super::linear::linear_fwd;
 use super::{Model, ModelConfig};
 use crate::device::{CacheDims, Device, View, ViewMut};
 use crate::{Error, Result};
@@ -174,41 +175,24 @@ impl<D: Device> KvCache<D> {
                 eps,
             )?;
             let xn = head_r(&w.xn, n * c);
-            dev.matmul(
-                head(&mut w.q, n * qd),
-                xn,
-                p(lp.wq, qd * c),
-                n,
-                qd,
-                c,
-                false,
-                true,
-                1.0,
-                0.0,
-            )?;
-            dev.matmul(
+            linear_fwd(dev, head(&mut w.q, n * qd), xn, p(lp.wq, qd * c), n, qd, c)?;
+            linear_fwd(
+                dev,
                 head(&mut w.k, n * kvd),
                 xn,
                 p(lp.wk, kvd * c),
                 n,
                 kvd,
                 c,
-                false,
-                true,
-                1.0,
-                0.0,
             )?;
-            dev.matmul(
+            linear_fwd(
+                dev,
                 head(&mut w.v, n * kvd),
                 xn,
                 p(lp.wv, kvd * c),
                 n,
                 kvd,
                 c,
-                false,
-                true,
-                1.0,
-                0.0,
             )?;
             dev.rope_fwd(head(&mut w.q, n * qd), b, tq, nh, hs, pos0, theta)?;
             dev.rope_fwd(head(&mut w.k, n * kvd), b, tq, nkv, hs, pos0, theta)?;
@@ -232,17 +216,14 @@ impl<D: Device> KvCache<D> {
                 &self.starts,
                 dims,
             )?;
-            dev.matmul(
+            linear_fwd(
+                dev,
                 head(&mut w.proj, n * c),
                 head_r(&w.att, n * qd),
                 p(lp.wo, c * qd),
                 n,
                 c,
                 qd,
-                false,
-                true,
-                1.0,
-                0.0,
             )?;
             dev.residual_fwd(
                 head(&mut w.x2, n * c),
@@ -259,46 +240,29 @@ impl<D: Device> KvCache<D> {
                 eps,
             )?;
             let xn = head_r(&w.xn, n * c);
-            dev.matmul(
+            linear_fwd(
+                dev,
                 head(&mut w.gate, n * f),
                 xn,
                 p(lp.wgate, f * c),
                 n,
                 f,
                 c,
-                false,
-                true,
-                1.0,
-                0.0,
             )?;
-            dev.matmul(
-                head(&mut w.up, n * f),
-                xn,
-                p(lp.wup, f * c),
-                n,
-                f,
-                c,
-                false,
-                true,
-                1.0,
-                0.0,
-            )?;
+            linear_fwd(dev, head(&mut w.up, n * f), xn, p(lp.wup, f * c), n, f, c)?;
             dev.swiglu_fwd(
                 head(&mut w.h, n * f),
                 head_r(&w.gate, n * f),
                 head_r(&w.up, n * f),
             )?;
-            dev.matmul(
+            linear_fwd(
+                dev,
                 head(&mut w.proj, n * c),
                 head_r(&w.h, n * f),
                 p(lp.wdown, c * f),
                 n,
                 c,
                 f,
-                false,
-                true,
-                1.0,
-                0.0,
             )?;
             dev.residual_fwd(
                 head(&mut w.x, n * c),
@@ -322,17 +286,14 @@ impl<D: Device> KvCache<D> {
             c,
             eps,
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut w.logits),
             View::all(&w.last_n),
             p(tb.lm_head, v * c),
             b,
             v,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
         self.len += tq;
         Ok(())

@@ -8,6 +8,7 @@ pub mod config;
 pub mod forward;
 pub mod gguf;
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
 pub mod params;
 pub mod safetensors_io;

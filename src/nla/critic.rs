@@ -43,6 +43,8 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 
 use crate::device::{Device, PoolMode, View, ViewMut};
+use crate::model::linear::linear_fwd;
+use crate::model::linear::{linear_bwd_dw, linear_bwd_dx};
 use crate::model::safetensors_io::{self, load_params_subset, SaveDtype};
 use crate::model::{backward_blocks, forward_blocks, Activations, Model, ModelConfig};
 use crate::model::{ParamEntry, ParamTable};
@@ -434,17 +436,14 @@ impl<D: Device> Critic<D> {
             c,
             self.spec.pooling,
         )?;
-        dev.matmul(
+        linear_fwd(
+            dev,
             ViewMut::all(&mut ws.pred),
             View::all(&ws.pooled),
             View::range(params, self.head, a * c),
             b,
             a,
             c,
-            false,
-            true,
-            1.0,
-            0.0,
         )?;
         let pred = dev.download(View::all(&ws.pred))?;
         let (np, nt) = match mse_scale {
@@ -535,29 +534,24 @@ impl<D: Device> Critic<D> {
         }
         let model = &mut self.model;
         // head: dW[A,C] += dpred^T pooled; dpooled[B,C] = dpred W
-        dev.matmul(
+        linear_bwd_dw(
+            dev,
             ViewMut::range(&mut model.grads, self.head, a * c),
             View::all(&ws.dpred),
             View::all(&ws.pooled),
+            b,
             a,
             c,
-            b,
-            true,
-            false,
-            1.0,
-            1.0,
         )?;
-        dev.matmul(
+        linear_bwd_dx(
+            dev,
             ViewMut::all(&mut ws.dpooled),
             View::all(&ws.dpred),
             View::range(&model.params, self.head, a * c),
             b,
-            c,
             a,
+            c,
             false,
-            false,
-            1.0,
-            0.0,
         )?;
         let tmax = self.spec.max_len;
         dev.pool_bwd(

@@ -1,0 +1,49 @@
+//! A linear layer without bias in HF layout, as one device GEMM.
+
+use crate::device::{Device, View, ViewMut};
+use crate::Result;
+
+/// `out[N,O] = x[N,I] @ w[O,I]^T`   (`=`)
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd<D: Device>(
+    dev: &D,
+    out: ViewMut<'_, D::Buf>,
+    x: View<'_, D::Buf>,
+    w: View<'_, D::Buf>,
+    n: usize,
+    o: usize,
+    i: usize,
+) -> Result<()> {
+    dev.matmul(out, x, w, n, o, i, false, true, 1.0, 0.0)
+}
+
+/// The input gradient of [`linear_fwd`]: `dx[N,I] = dy[N,O] @ w[O,I]` (`=`, or `+=` when
+/// `accumulate`: the input feeds several linears).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_dx<D: Device>(
+    dev: &D,
+    dx: ViewMut<'_, D::Buf>,
+    dy: View<'_, D::Buf>,
+    w: View<'_, D::Buf>,
+    n: usize,
+    o: usize,
+    i: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    dev.matmul(dx, dy, w, n, i, o, false, false, 1.0, beta)
+}
+
+/// The weight gradient of [`linear_fwd`]: `dw[O,I] += dy[N,O]^T @ x[N,I]`
+#[allow(clippy::too_many_arguments)]
+pub fn linear_bwd_dw<D: Device>(
+    dev: &D,
+    dw: ViewMut<'_, D::Buf>,
+    dy: View<'_, D::Buf>,
+    x: View<'_, D::Buf>,
+    n: usize,
+    o: usize,
+    i: usize,
+) -> Result<()> {
+    dev.matmul(dw, dy, x, o, i, n, true, false, 1.0, 1.0)
+}
