@@ -5,7 +5,8 @@ Run from the repository root:
 
     python tests/reference/make_fixtures.py
 
-Everything goes under tests/reference/fixtures/ (the folder is recreated):
+Everything goes under tests/reference/fixtures/ (these outputs are replaced; the other fixture
+scripts' files there are left alone):
 
     ops.safetensors                per-op inputs, outputs and gradients
     models/gqa_untied/             tiny Llama, GQA, untied embeddings (+ tokenizer)
@@ -614,10 +615,19 @@ def make_tokenizer():
 
 # --------------------------------------------------------------------------------------------
 
+# What this script writes; the other fixture scripts (make_nla_fixtures.py,
+# make_critic_fixtures.py) own the rest of fixtures/, which is left alone.
+OUTPUTS = ["ops.safetensors", "models/gqa_untied", "models/gqa_untied_sharded", "models/mqa_tied"]
+
+
 def main():
-    if FIXTURES.exists():
-        shutil.rmtree(FIXTURES)
-    FIXTURES.mkdir(parents=True)
+    for out in OUTPUTS:
+        path = FIXTURES / out
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    FIXTURES.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, numpy "
           f"{np.__version__}, seed {SEED}")
     make_ops()
@@ -625,8 +635,9 @@ def main():
     make_sharded(model, ids, logits32, MODELS["gqa_untied"])
     make_model("mqa_tied", MODELS["mqa_tied"])
     make_tokenizer()
-    total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
-    print(f"total fixture size: {total / 1e6:.3f} MB")
+    total = sum(p.stat().st_size for out in OUTPUTS for p in [FIXTURES / out, *(FIXTURES / out).rglob("*")]
+                if p.is_file())
+    print(f"size of this script's fixtures: {total / 1e6:.3f} MB")
     assert total < 2.5e6
 
 
