@@ -1,5 +1,6 @@
 //! The decoder's forward pass: a straight-line loop over blocks calling device ops.
 
+use super::block::{block_fwd, BlockBufs};
 use super::linear::linear_fwd;
 use super::{Activations, DeviceBatch, Model};
 use crate::device::{AttnDims, Device, InjectMode, View, ViewMut};
@@ -192,14 +193,12 @@ pub fn forward_blocks<D: Device>(
     let cfg = &model.cfg;
     let (b, t) = (acts.b, acts.t);
     let n = b * t;
-    let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let (nh, nkv, hs) = (
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
         cfg.head_dim,
     );
-    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-    let (eps, theta) = (cfg.rms_norm_eps, cfg.rope_theta);
     let dims = AttnDims { b, t, nh, nkv, hs };
     let p = |off: usize, len: usize| View::range(&model.params, off, len);
     let tb = &model.table;
@@ -208,121 +207,29 @@ pub fn forward_blocks<D: Device>(
     inject(dev, &mut acts.res[0], inj, 0, n, c)?;
     for (l, lp) in tb.layers.iter().enumerate() {
         let (before, after) = acts.res.split_at_mut(l + 1);
-        let x = &before[l];
         let x_out = &mut after[0];
         let la = &mut acts.layers[l];
-
-        // attention: x_mid = x + o_proj(attention(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))
-        dev.rmsnorm_fwd(
-            ViewMut::all(&mut la.xn1),
-            ViewMut::all(&mut la.rstd1),
-            View::all(x),
-            p(lp.ln1, c),
-            n,
-            c,
-            eps,
-        )?;
-        let xn1 = View::all(&la.xn1);
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut la.q),
-            xn1,
-            p(lp.wq, qd * c),
-            n,
-            qd,
-            c,
-        )?;
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut la.k),
-            xn1,
-            p(lp.wk, kvd * c),
-            n,
-            kvd,
-            c,
-        )?;
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut la.v),
-            xn1,
-            p(lp.wv, kvd * c),
-            n,
-            kvd,
-            c,
-        )?;
-        dev.rope_fwd(ViewMut::all(&mut la.q), b, t, nh, hs, 0, theta)?;
-        dev.rope_fwd(ViewMut::all(&mut la.k), b, t, nkv, hs, 0, theta)?;
-        dev.attention_fwd(
-            ViewMut::all(&mut la.att),
-            ViewMut::all(&mut la.lse),
-            View::all(&la.q),
-            View::all(&la.k),
-            View::all(&la.v),
-            dims,
-        )?;
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut acts.proj),
-            View::all(&la.att),
-            p(lp.wo, c * qd),
-            n,
-            c,
-            qd,
-        )?;
-        dev.residual_fwd(
-            ViewMut::all(&mut la.x_mid),
-            View::all(x),
-            View::all(&acts.proj),
-        )?;
-
-        // MLP: x_out = x_mid + down_proj(silu(gate_proj(n2)) * up_proj(n2))
-        dev.rmsnorm_fwd(
-            ViewMut::all(&mut la.xn2),
-            ViewMut::all(&mut la.rstd2),
-            View::all(&la.x_mid),
-            p(lp.ln2, c),
-            n,
-            c,
-            eps,
-        )?;
-        let xn2 = View::all(&la.xn2);
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut la.gate),
-            xn2,
-            p(lp.wgate, f * c),
-            n,
-            f,
-            c,
-        )?;
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut la.up),
-            xn2,
-            p(lp.wup, f * c),
-            n,
-            f,
-            c,
-        )?;
-        dev.swiglu_fwd(
-            ViewMut::all(&mut la.h),
-            View::all(&la.gate),
-            View::all(&la.up),
-        )?;
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut acts.proj),
-            View::all(&la.h),
-            p(lp.wdown, c * f),
-            n,
-            c,
-            f,
-        )?;
-        dev.residual_fwd(
-            ViewMut::all(&mut *x_out),
-            View::all(&la.x_mid),
-            View::all(&acts.proj),
-        )?;
+        let io = BlockBufs {
+            x: View::all(&before[l]),
+            out: ViewMut::all(&mut *x_out),
+            xn1: ViewMut::all(&mut la.xn1),
+            rstd1: ViewMut::all(&mut la.rstd1),
+            q: ViewMut::all(&mut la.q),
+            k: ViewMut::all(&mut la.k),
+            v: ViewMut::all(&mut la.v),
+            att: ViewMut::all(&mut la.att),
+            x_mid: ViewMut::all(&mut la.x_mid),
+            xn2: ViewMut::all(&mut la.xn2),
+            rstd2: ViewMut::all(&mut la.rstd2),
+            gate: ViewMut::all(&mut la.gate),
+            up: ViewMut::all(&mut la.up),
+            h: ViewMut::all(&mut la.h),
+            proj: ViewMut::all(&mut acts.proj),
+        };
+        let lse = ViewMut::all(&mut la.lse);
+        block_fwd(dev, model, lp, (b, t, 0), io, |att, q, k, v| {
+            dev.attention_fwd(att, lse, q, k, v, dims)
+        })?;
         inject(dev, x_out, inj, l + 1, n, c)?;
     }
     Ok(())

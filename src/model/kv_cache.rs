@@ -5,6 +5,7 @@
 //! blocks (TQ = prompt length at prefill, 1 when decoding) and writes the logits of each row's
 //! last new position.
 
+use super::block::{block_fwd, BlockBufs};
 use super::linear::linear_fwd;
 use super::{Model, ModelConfig};
 use crate::device::{CacheDims, Device, View, ViewMut};
@@ -27,13 +28,16 @@ pub struct KvCache<D: Device> {
 
 /// Scratch of one step; only the first B*TQ rows are used.
 struct Workspace<D: Device> {
-    /// [B*TQ,C] the residual stream, and its next value
+    /// [B*TQ,C] the residual stream: a block's input, its output, and after attention
     x: D::Buf,
+    x_out: D::Buf,
     x2: D::Buf,
-    /// [B*TQ,C]
+    /// [B*TQ,C] normed inputs of attention and MLP
     xn: D::Buf,
+    xn2: D::Buf,
     /// [B*TQ]
     rstd: D::Buf,
+    rstd2: D::Buf,
     /// [B*TQ,NH*HS]
     q: D::Buf,
     /// [B*TQ,NKV*HS]
@@ -86,9 +90,12 @@ impl<D: Device> KvCache<D> {
         }
         let ws = Workspace {
             x: dev.alloc(n * c)?,
+            x_out: dev.alloc(n * c)?,
             x2: dev.alloc(n * c)?,
             xn: dev.alloc(n * c)?,
+            xn2: dev.alloc(n * c)?,
             rstd: dev.alloc(n)?,
+            rstd2: dev.alloc(n)?,
             q: dev.alloc(n * qd)?,
             k: dev.alloc(n * kvd)?,
             v: dev.alloc(n * kvd)?,
@@ -142,7 +149,7 @@ impl<D: Device> KvCache<D> {
             cfg.head_dim,
         );
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let (eps, theta) = (cfg.rms_norm_eps, cfg.rope_theta);
+        let eps = cfg.rms_norm_eps;
         let tb = &model.table;
         let p = |off: usize, len: usize| View::range(&model.params, off, len);
         let w = &mut self.ws;
@@ -165,110 +172,40 @@ impl<D: Device> KvCache<D> {
 
         dev.embedding_fwd(head(&mut w.x, n * c), ids, p(tb.wte, v * c), n, c)?;
         for (l, lp) in tb.layers.iter().enumerate() {
-            dev.rmsnorm_fwd(
-                head(&mut w.xn, n * c),
-                head(&mut w.rstd, n),
-                head_r(&w.x, n * c),
-                p(lp.ln1, c),
-                n,
-                c,
-                eps,
-            )?;
-            let xn = head_r(&w.xn, n * c);
-            linear_fwd(dev, head(&mut w.q, n * qd), xn, p(lp.wq, qd * c), n, qd, c)?;
-            linear_fwd(
-                dev,
-                head(&mut w.k, n * kvd),
-                xn,
-                p(lp.wk, kvd * c),
-                n,
-                kvd,
-                c,
-            )?;
-            linear_fwd(
-                dev,
-                head(&mut w.v, n * kvd),
-                xn,
-                p(lp.wv, kvd * c),
-                n,
-                kvd,
-                c,
-            )?;
-            dev.rope_fwd(head(&mut w.q, n * qd), b, tq, nh, hs, pos0, theta)?;
-            dev.rope_fwd(head(&mut w.k, n * kvd), b, tq, nkv, hs, pos0, theta)?;
-            for r in 0..b {
-                let dst = (r * self.tmax + pos0) * kvd;
-                let src = r * tq * kvd;
-                dev.copy(
-                    ViewMut::range(&mut self.k[l], dst, tq * kvd),
-                    View::range(&w.k, src, tq * kvd),
-                )?;
-                dev.copy(
-                    ViewMut::range(&mut self.v[l], dst, tq * kvd),
-                    View::range(&w.v, src, tq * kvd),
-                )?;
-            }
-            dev.decode_attention_fwd(
-                head(&mut w.att, n * qd),
-                head_r(&w.q, n * qd),
-                View::all(&self.k[l]),
-                View::all(&self.v[l]),
-                &self.starts,
-                dims,
-            )?;
-            linear_fwd(
-                dev,
-                head(&mut w.proj, n * c),
-                head_r(&w.att, n * qd),
-                p(lp.wo, c * qd),
-                n,
-                c,
-                qd,
-            )?;
-            dev.residual_fwd(
-                head(&mut w.x2, n * c),
-                head_r(&w.x, n * c),
-                head_r(&w.proj, n * c),
-            )?;
-            dev.rmsnorm_fwd(
-                head(&mut w.xn, n * c),
-                head(&mut w.rstd, n),
-                head_r(&w.x2, n * c),
-                p(lp.ln2, c),
-                n,
-                c,
-                eps,
-            )?;
-            let xn = head_r(&w.xn, n * c);
-            linear_fwd(
-                dev,
-                head(&mut w.gate, n * f),
-                xn,
-                p(lp.wgate, f * c),
-                n,
-                f,
-                c,
-            )?;
-            linear_fwd(dev, head(&mut w.up, n * f), xn, p(lp.wup, f * c), n, f, c)?;
-            dev.swiglu_fwd(
-                head(&mut w.h, n * f),
-                head_r(&w.gate, n * f),
-                head_r(&w.up, n * f),
-            )?;
-            linear_fwd(
-                dev,
-                head(&mut w.proj, n * c),
-                head_r(&w.h, n * f),
-                p(lp.wdown, c * f),
-                n,
-                c,
-                f,
-            )?;
-            dev.residual_fwd(
-                head(&mut w.x, n * c),
-                head_r(&w.x2, n * c),
-                head_r(&w.proj, n * c),
-            )?;
+            let io = BlockBufs {
+                x: head_r(&w.x, n * c),
+                out: head(&mut w.x_out, n * c),
+                xn1: head(&mut w.xn, n * c),
+                rstd1: head(&mut w.rstd, n),
+                q: head(&mut w.q, n * qd),
+                k: head(&mut w.k, n * kvd),
+                v: head(&mut w.v, n * kvd),
+                att: head(&mut w.att, n * qd),
+                x_mid: head(&mut w.x2, n * c),
+                xn2: head(&mut w.xn2, n * c),
+                rstd2: head(&mut w.rstd2, n),
+                gate: head(&mut w.gate, n * f),
+                up: head(&mut w.up, n * f),
+                h: head(&mut w.h, n * f),
+                proj: head(&mut w.proj, n * c),
+            };
+            let (kc, vc, starts, tmax) = (&mut self.k[l], &mut self.v[l], &self.starts, self.tmax);
+            block_fwd(dev, model, lp, (b, tq, pos0), io, |att, q, k, v| {
+                // append this step's keys and values to the cache, then attend over it
+                for r in 0..b {
+                    let (dst, src) = ((r * tmax + pos0) * kvd, r * tq * kvd);
+                    dev.copy(
+                        ViewMut::range(kc, dst, tq * kvd),
+                        View::range(k.buf(), k.offset() + src, tq * kvd),
+                    )?;
+                    dev.copy(
+                        ViewMut::range(vc, dst, tq * kvd),
+                        View::range(v.buf(), v.offset() + src, tq * kvd),
+                    )?;
+                }
+                dev.decode_attention_fwd(att, q, View::all(&*kc), View::all(&*vc), starts, dims)
+            })?;
+            std::mem::swap(&mut w.x, &mut w.x_out);
         }
         for r in 0..b {
             let src = (r * tq + tq - 1) * c;

@@ -4,6 +4,7 @@
 pub mod activations;
 pub mod backward;
 pub mod batch;
+mod block;
 pub mod config;
 pub mod forward;
 pub mod gguf;

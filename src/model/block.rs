@@ -1,0 +1,146 @@
+//! One decoder block's forward, shared by training (activations kept per layer for backward)
+//! and inference (scratch buffers, attention over a KV cache).
+
+use super::linear::linear_fwd;
+use super::{LayerParams, Model};
+use crate::device::{Device, View, ViewMut};
+use crate::Result;
+
+/// What one block reads and writes, over N = B*T rows.
+pub(crate) struct BlockBufs<'a, B> {
+    /// [N,C] the block's input (residual stream)
+    pub x: View<'a, B>,
+    /// [N,C] the block's output (residual stream)
+    pub out: ViewMut<'a, B>,
+    /// [N,C], [N]
+    pub xn1: ViewMut<'a, B>,
+    pub rstd1: ViewMut<'a, B>,
+    /// [N,NH*HS] queries, [N,NKV*HS] keys and values, after RoPE
+    pub q: ViewMut<'a, B>,
+    pub k: ViewMut<'a, B>,
+    pub v: ViewMut<'a, B>,
+    /// [N,NH*HS] attention output
+    pub att: ViewMut<'a, B>,
+    /// [N,C] residual stream after attention
+    pub x_mid: ViewMut<'a, B>,
+    /// [N,C], [N]
+    pub xn2: ViewMut<'a, B>,
+    pub rstd2: ViewMut<'a, B>,
+    /// [N,F]
+    pub gate: ViewMut<'a, B>,
+    pub up: ViewMut<'a, B>,
+    pub h: ViewMut<'a, B>,
+    /// [N,C] scratch for the projections
+    pub proj: ViewMut<'a, B>,
+}
+
+/// `out = x_mid + down(silu(gate(n2)) * up(n2))`, `x_mid = x + o(attend(rope(q(n1)), rope(k(n1)), v(n1)))`
+/// with n1, n2 the RMS-normed inputs. Rows are (b, t) with N = b*t at positions pos0 + t;
+/// `attend(att, q, k, v)` writes the attention output (causal over the batch, or over a cache).
+pub(crate) fn block_fwd<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    lp: &LayerParams,
+    (b, t, pos0): (usize, usize, usize),
+    io: BlockBufs<'_, D::Buf>,
+    attend: impl FnOnce(
+        ViewMut<'_, D::Buf>,
+        View<'_, D::Buf>,
+        View<'_, D::Buf>,
+        View<'_, D::Buf>,
+    ) -> Result<()>,
+) -> Result<()> {
+    let cfg = &model.cfg;
+    let n = b * t;
+    let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let (nh, nkv, hs) = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+    );
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let (eps, theta) = (cfg.rms_norm_eps, cfg.rope_theta);
+    let p = |off: usize, len: usize| View::range(&model.params, off, len);
+    let BlockBufs {
+        x,
+        out,
+        mut xn1,
+        rstd1,
+        mut q,
+        mut k,
+        mut v,
+        mut att,
+        mut x_mid,
+        mut xn2,
+        rstd2,
+        mut gate,
+        mut up,
+        mut h,
+        mut proj,
+    } = io;
+
+    dev.rmsnorm_fwd(xn1.reborrow(), rstd1, x, p(lp.ln1, c), n, c, eps)?;
+    linear_fwd(dev, q.reborrow(), xn1.as_view(), p(lp.wq, qd * c), n, qd, c)?;
+    linear_fwd(
+        dev,
+        k.reborrow(),
+        xn1.as_view(),
+        p(lp.wk, kvd * c),
+        n,
+        kvd,
+        c,
+    )?;
+    linear_fwd(
+        dev,
+        v.reborrow(),
+        xn1.as_view(),
+        p(lp.wv, kvd * c),
+        n,
+        kvd,
+        c,
+    )?;
+    dev.rope_fwd(q.reborrow(), b, t, nh, hs, pos0, theta)?;
+    dev.rope_fwd(k.reborrow(), b, t, nkv, hs, pos0, theta)?;
+    attend(att.reborrow(), q.as_view(), k.as_view(), v.as_view())?;
+    linear_fwd(
+        dev,
+        proj.reborrow(),
+        att.as_view(),
+        p(lp.wo, c * qd),
+        n,
+        c,
+        qd,
+    )?;
+    dev.residual_fwd(x_mid.reborrow(), x, proj.as_view())?;
+
+    dev.rmsnorm_fwd(
+        xn2.reborrow(),
+        rstd2,
+        x_mid.as_view(),
+        p(lp.ln2, c),
+        n,
+        c,
+        eps,
+    )?;
+    linear_fwd(
+        dev,
+        gate.reborrow(),
+        xn2.as_view(),
+        p(lp.wgate, f * c),
+        n,
+        f,
+        c,
+    )?;
+    linear_fwd(dev, up.reborrow(), xn2.as_view(), p(lp.wup, f * c), n, f, c)?;
+    dev.swiglu_fwd(h.reborrow(), gate.as_view(), up.as_view())?;
+    linear_fwd(
+        dev,
+        proj.reborrow(),
+        h.as_view(),
+        p(lp.wdown, c * f),
+        n,
+        c,
+        f,
+    )?;
+    dev.residual_fwd(out, x_mid.as_view(), proj.as_view())
+}
