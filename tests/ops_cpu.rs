@@ -3,51 +3,23 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
-
-use common::{assert_close, fixtures_dir, load_tensors, Tensor};
+use common::ops::{amax, assert_invalid, dot64, m, random, random_f32, rng, tensor, v, Buf, U};
+use common::{assert_close, Tensor};
 use nla_engine::device::cpu::{self, CpuDevice};
 use nla_engine::device::{AdamwStep, AttnDims, Device, View, ViewMut};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-type Buf = Vec<f32>;
-
-fn v(x: &Buf) -> View<'_, Buf> {
-    View::all(x)
-}
-
-fn m(x: &mut Buf) -> ViewMut<'_, Buf> {
-    ViewMut::all(x)
-}
+use rand::Rng;
 
 // ------------------------------------------------------------------------------------------
 // Fixtures: tests/reference/fixtures/ops.safetensors (f64 reference rounded to f32)
 // ------------------------------------------------------------------------------------------
 
-fn ops() -> &'static HashMap<String, Tensor> {
-    static OPS: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
-    OPS.get_or_init(|| load_tensors(&fixtures_dir().join("ops.safetensors")))
-}
-
 fn fx(name: &str) -> &'static Tensor {
-    ops()
-        .get(name)
-        .unwrap_or_else(|| panic!("ops.safetensors has no tensor `{name}`"))
+    tensor("ops.safetensors", name)
 }
 
 fn data(name: &str) -> Buf {
     fx(name).data.clone()
 }
-
-/// Largest |x|: absolute tolerances below are stated relative to the size of the tensor.
-fn amax(x: &[f32]) -> f32 {
-    x.iter().fold(0.0, |m, &v| m.max(v.abs()))
-}
-
-/// f32 unit roundoff.
-const U: f32 = f32::EPSILON / 2.0;
 
 #[test]
 fn embedding_fixture() {
@@ -618,23 +590,6 @@ fn sum_squares_matches_f64() {
 // Finite differences in f64: every backward against central differences of L = sum(r * out)
 // ------------------------------------------------------------------------------------------
 
-fn rng(seed: u64) -> StdRng {
-    StdRng::seed_from_u64(seed)
-}
-
-fn random(n: usize, seed: u64) -> Vec<f64> {
-    let mut r = rng(seed);
-    (0..n).map(|_| r.random_range(-1.0..1.0)).collect()
-}
-
-fn random_f32(n: usize, seed: u64) -> Buf {
-    random(n, seed).into_iter().map(|x| x as f32).collect()
-}
-
-fn dot64(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
 /// Checks `grad` (the backward's dL/dx) against central differences of `loss` at `x`, on every
 /// coordinate when there are at most 64, else on 64 random ones. Relative error < 1e-6, where a
 /// coordinate's error is measured against max(|fd|, 1% of the largest |grad|) so that tiny
@@ -957,18 +912,6 @@ fn softmax_fd() {
 // ------------------------------------------------------------------------------------------
 // Through the Device trait: argument checks, `=` overwrites, `+=` accumulates, windows
 // ------------------------------------------------------------------------------------------
-
-/// Asserts an `Err` naming `op`.
-#[track_caller]
-fn assert_invalid(op: &str, r: nla_engine::Result<()>) {
-    match r {
-        Err(e) => assert!(
-            e.to_string().starts_with(op),
-            "error `{e}` should name {op}"
-        ),
-        Ok(()) => panic!("{op}: expected an error"),
-    }
-}
 
 #[test]
 fn copy_fill_upload_download() {

@@ -4,54 +4,26 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::OnceLock;
-
+use common::ops::{amax, assert_invalid, dot64, m, random, random_f32, rng, tensor, v, Buf, U};
 use common::{assert_close, fixtures_dir, load_tensors, Tensor};
 use nla_engine::device::cpu::{self, CpuDevice};
 use nla_engine::device::{
     Advantage, Device, InjectMode, KlType, LossAgg, PolicyLossSpec, PolicyStat, PoolMode,
     RewardSpec, RewardTransform, View, ViewMut,
 };
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-type Buf = Vec<f32>;
-
-fn v(x: &Buf) -> View<'_, Buf> {
-    View::all(x)
-}
-
-fn m(x: &mut Buf) -> ViewMut<'_, Buf> {
-    ViewMut::all(x)
-}
+use rand::Rng;
 
 // ------------------------------------------------------------------------------------------
 // Fixtures: tests/reference/fixtures/nla.safetensors (f64 reference rounded to f32)
 // ------------------------------------------------------------------------------------------
 
-fn nla() -> &'static HashMap<String, Tensor> {
-    static NLA: OnceLock<HashMap<String, Tensor>> = OnceLock::new();
-    NLA.get_or_init(|| load_tensors(&fixtures_dir().join("nla.safetensors")))
-}
-
 fn fx(name: &str) -> &'static Tensor {
-    nla()
-        .get(name)
-        .unwrap_or_else(|| panic!("nla.safetensors has no tensor `{name}`"))
+    tensor("nla.safetensors", name)
 }
 
 fn data(name: &str) -> Buf {
     fx(name).data.clone()
 }
-
-/// Largest |x|: absolute tolerances below are stated relative to the size of the tensor.
-fn amax(x: &[f32]) -> f32 {
-    x.iter().fold(0.0, |m, &v| m.max(v.abs()))
-}
-
-/// f32 unit roundoff.
-const U: f32 = f32::EPSILON / 2.0;
 
 #[test]
 fn inject_fixture() {
@@ -381,23 +353,6 @@ fn inject_llama_fixture_is_consistent() {
 // ------------------------------------------------------------------------------------------
 // Finite differences in f64: every backward against central differences of L = sum(r * out)
 // ------------------------------------------------------------------------------------------
-
-fn rng(seed: u64) -> StdRng {
-    StdRng::seed_from_u64(seed)
-}
-
-fn random(n: usize, seed: u64) -> Vec<f64> {
-    let mut r = rng(seed);
-    (0..n).map(|_| r.random_range(-1.0..1.0)).collect()
-}
-
-fn random_f32(n: usize, seed: u64) -> Buf {
-    random(n, seed).into_iter().map(|x| x as f32).collect()
-}
-
-fn dot64(a: &[f64], b: &[f64]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
 
 /// Checks `grad` (the backward's dL/dx) against central differences of `loss` at `x`, with
 /// step `1e-6 * step(i)` on coordinate i (the coordinate's scale), on every coordinate. The
@@ -943,18 +898,6 @@ fn reward_mse_scale_by_hand() {
 // ------------------------------------------------------------------------------------------
 // Through the Device trait: argument checks, `=` overwrites, `+=` accumulates
 // ------------------------------------------------------------------------------------------
-
-/// Asserts an `Err` naming `op`.
-#[track_caller]
-fn assert_invalid(op: &str, r: nla_engine::Result<()>) {
-    match r {
-        Err(e) => assert!(
-            e.to_string().starts_with(op),
-            "error `{e}` should name {op}"
-        ),
-        Ok(()) => panic!("{op}: expected an error"),
-    }
-}
 
 #[test]
 fn inject_device() {

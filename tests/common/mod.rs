@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+#[allow(dead_code)]
+pub mod ops;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
