@@ -1,10 +1,11 @@
 //! Batched sampling with a KV cache (the RL rollout): every prompt x N samples in one batch,
-//! one prefill, then one decode step per new token.
+//! one prefill, then one decode step per new token. Vectors may be injected into the
+//! prompts' residual stream at prefill ([`generate_with`]).
 
 use rand::{Rng, SeedableRng};
 
-use crate::device::{Device, SampleSpec, View, ViewMut};
-use crate::model::{KvCache, Model};
+use crate::device::{Device, InjectMode, SampleSpec, View, ViewMut};
+use crate::model::{Injection, KvCache, Model};
 use crate::{Error, Result};
 
 /// What to generate.
@@ -44,6 +45,19 @@ pub struct Sample {
     pub stop: StopReason,
 }
 
+/// Vectors written into the residual stream at positions of each prompt (the NLA actor's
+/// input), at prefill only: every sample of prompt p gets prompt p's vectors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PromptInjection {
+    /// where: 0 = the embedding output, i > 0 = the residual stream after block i-1 (i <= L)
+    pub layers: Vec<usize>,
+    pub mode: InjectMode,
+    /// per prompt [S_p]: distinct positions within that prompt (the k-th gets vector k)
+    pub sites: Vec<Vec<usize>>,
+    /// per prompt [S_p,C]: what is written (already projected and rescaled)
+    pub vecs: Vec<Vec<f32>>,
+}
+
 /// Generates `spec.n` samples for each prompt (token ids, at least one each). `stop(tokens)`
 /// is asked after every new token of a sample (e.g. to look for stop strings in its text).
 /// Samples come back prompt-major: prompt 0's N samples, then prompt 1's, ...
@@ -52,6 +66,18 @@ pub fn generate<D: Device>(
     model: &Model<D>,
     prompts: &[Vec<u32>],
     spec: &GenSpec,
+    stop: &dyn Fn(&[u32]) -> bool,
+) -> Result<Vec<Sample>> {
+    generate_with(dev, model, prompts, spec, None, stop)
+}
+
+/// [`generate`] with `inj`'s vectors written at its prompt positions during the prefill.
+pub fn generate_with<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    prompts: &[Vec<u32>],
+    spec: &GenSpec,
+    inj: Option<&PromptInjection>,
     stop: &dyn Fn(&[u32]) -> bool,
 ) -> Result<Vec<Sample>> {
     let v = model.cfg.vocab_size;
@@ -84,8 +110,12 @@ pub fn generate<D: Device>(
         ids.extend(std::iter::repeat_n(0u32, tp - prompts[p].len()));
         ids.extend_from_slice(&prompts[p]);
     }
+    let injection = match inj {
+        Some(i) => prefill_injection(dev, model, i, prompts, &rows, tp)?,
+        None => None,
+    };
     let mut cache = KvCache::new(dev, &model.cfg, &starts, tp + spec.max_new_tokens, tp)?;
-    cache.step(dev, model, &dev.upload_ids(&ids)?, tp)?;
+    cache.step_with(dev, model, &dev.upload_ids(&ids)?, tp, injection.as_ref())?;
 
     let mut rngs: Vec<rand::rngs::StdRng> = rows
         .iter()
@@ -141,4 +171,79 @@ pub fn generate<D: Device>(
         cache.step(dev, model, &next, 1)?;
     }
     Ok(out)
+}
+
+/// The injection of the left-padded prefill batch [B*TP]: row r (prompt p) gets prompt p's
+/// vectors at sites r*TP + (TP - len_p) + pos. None when there are no sites.
+fn prefill_injection<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    inj: &PromptInjection,
+    prompts: &[Vec<u32>],
+    rows: &[(usize, usize)],
+    tp: usize,
+) -> Result<Option<Injection<D>>> {
+    let (np, c, nl) = (
+        prompts.len(),
+        model.cfg.hidden_size,
+        model.cfg.num_hidden_layers,
+    );
+    if let Some(l) = inj.layers.iter().find(|&&l| l > nl) {
+        return Err(Error::invalid(
+            "generate",
+            format!(
+                "injection layer {l} is past the last block's output (the model has {nl} blocks)"
+            ),
+        ));
+    }
+    if inj.sites.len() != np || inj.vecs.len() != np {
+        return Err(Error::invalid(
+            "generate",
+            format!(
+                "injection has sites for {} and vectors for {} prompts, need {np}",
+                inj.sites.len(),
+                inj.vecs.len()
+            ),
+        ));
+    }
+    for (p, (sites, vecs)) in inj.sites.iter().zip(&inj.vecs).enumerate() {
+        let len = prompts[p].len();
+        if vecs.len() != sites.len() * c {
+            return Err(Error::invalid(
+                "generate",
+                format!(
+                    "prompt {p}: {} injection sites need {} vector elements (C = {c}), got {}",
+                    sites.len(),
+                    sites.len() * c,
+                    vecs.len()
+                ),
+            ));
+        }
+        if let Some(&pos) = sites.iter().find(|&&pos| pos >= len) {
+            return Err(Error::invalid(
+                "generate",
+                format!("prompt {p}: injection site {pos} is past the prompt's {len} tokens"),
+            ));
+        }
+        let mut sorted = sites.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::invalid(
+                "generate",
+                format!("prompt {p}: injection site {} appears twice", w[0]),
+            ));
+        }
+    }
+    let s: usize = rows.iter().map(|&(p, _)| inj.sites[p].len()).sum();
+    if s == 0 {
+        return Ok(None);
+    }
+    let mut sites = Vec::with_capacity(s);
+    let mut vecs = Vec::with_capacity(s * c);
+    for (r, &(p, _)) in rows.iter().enumerate() {
+        let base = r * tp + tp - prompts[p].len();
+        sites.extend(inj.sites[p].iter().map(|&pos| (base + pos) as u32));
+        vecs.extend_from_slice(&inj.vecs[p]);
+    }
+    Injection::new(dev, inj.layers.clone(), inj.mode, &sites, &vecs, c).map(Some)
 }

@@ -1,7 +1,6 @@
 //! The `nla-engine` command line.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -10,9 +9,10 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, View};
 use nla_engine::model::{
     backward, forward, is_gguf, load_config, load_model, safetensors_io, ActivationSet, Batch,
-    Model, ModelConfig, ParamTable,
+    ParamTable,
 };
-use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule, ScheduleKind};
+
+mod cmd;
 
 #[derive(Parser)]
 #[command(
@@ -54,18 +54,19 @@ enum Cmd {
         #[arg(long)]
         grads: bool,
     },
-    /// Train a tiny byte-level Llama from scratch on a built-in text and show it learning
-    Demo {
-        /// Optimizer steps
-        #[arg(long, default_value_t = 300)]
-        steps: u64,
-        /// Where to write the trained model (HF format); nothing is written if absent
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Random seed for the weights and batches
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    /// The whole NLA pipeline on the CPU in minutes: a small subject model, a dataset extracted
+    /// from the shipped texts, SFT of actor and critic, GRPO, fidelity before and after
+    Demo(cmd::demo::DemoArgs),
+    /// Build an NLA dataset: a subject model's residual stream at token positions of texts
+    Extract(cmd::demo::ExtractArgs),
+    /// Train an NLA actor and/or critic: SFT, GRPO or PPO, as a run config says
+    Train(cmd::nla::TrainArgs),
+    /// Explain activation vectors: the actor writes text for each vector of a parquet file
+    Generate(cmd::nla::GenerateArgs),
+    /// Reconstruct vectors from explanations with the critic, and compare with given vectors
+    Reconstruct(cmd::nla::ReconstructArgs),
+    /// Fidelity (MSE, cosine, FVE) of actor + critic, and the critic alone, on a dataset
+    Eval(cmd::nla::EvalArgs),
     /// Draw training curves from a metrics file into a PNG: one panel per metric, train and val
     /// as two series against the step
     Plot {
@@ -90,7 +91,12 @@ fn main() {
             dump,
             grads,
         } => forward_cmd(&model, &ids, &dump, grads),
-        Cmd::Demo { steps, out, seed } => demo(steps, out.as_deref(), seed),
+        Cmd::Demo(a) => cmd::demo::demo_cmd(&a),
+        Cmd::Extract(a) => cmd::demo::extract_cmd(&a),
+        Cmd::Train(a) => cmd::nla::train_cmd(&a),
+        Cmd::Generate(a) => cmd::nla::generate_cmd(&a),
+        Cmd::Reconstruct(a) => cmd::nla::reconstruct_cmd(&a),
+        Cmd::Eval(a) => cmd::nla::eval_cmd(&a),
         Cmd::Plot {
             input,
             out,
@@ -226,141 +232,4 @@ fn forward_cmd(dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
         dump.display()
     );
     Ok(())
-}
-
-const DEMO_TEXT: &str = include_str!("../data/demo.txt");
-
-/// A small byte-level Llama (vocab 256).
-fn demo_config() -> Result<ModelConfig> {
-    let json = serde_json::json!({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 256, "hidden_size": 128, "intermediate_size": 384,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": true,
-    });
-    Ok(ModelConfig::from_json(&json, Path::new("<demo config>"))?)
-}
-
-fn demo(steps: u64, out: Option<&Path>, seed: u64) -> Result<()> {
-    if steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    let dev = CpuDevice::new();
-    let cfg = demo_config()?;
-    let model = Model::init_random(&dev, cfg, seed, 0.02)?;
-    let text = DEMO_TEXT.as_bytes();
-    let (b, t) = (8usize, 128usize);
-    println!(
-        "demo: byte-level Llama, {} parameters, {} layers, d_model {}; {} bytes of text; batch {b} x {t}; {} on {}",
-        model.num_params(),
-        model.cfg.num_hidden_layers,
-        model.cfg.hidden_size,
-        text.len(),
-        steps,
-        dev.name()
-    );
-    let schedule = LrSchedule {
-        kind: ScheduleKind::Cosine,
-        lr: 3e-3,
-        min_lr: 3e-4,
-        warmup_steps: 20.min(steps),
-        total_steps: steps,
-    };
-    let adamw = AdamwConfig {
-        beta2: 0.95,
-        weight_decay: 0.1,
-        ..AdamwConfig::default()
-    };
-    let mut trainer = LmTrainer::new(&dev, model, adamw, schedule, 1.0)?;
-    let mut rng_state = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let start = Instant::now();
-    let mut tokens = 0usize;
-    let mut first = None;
-    for step in 1..=steps {
-        let rows: Vec<Vec<u32>> = (0..b)
-            .map(|_| {
-                rng_state = rng_state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                let at = (rng_state >> 33) as usize % (text.len() - t);
-                text[at..at + t].iter().map(|&c| c as u32).collect()
-            })
-            .collect();
-        let stats = trainer.step(&dev, &[Batch::causal_lm(&rows)?])?;
-        tokens += stats.tokens;
-        first.get_or_insert(stats.loss);
-        if step == 1 || step % 25 == 0 || step == steps {
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "step {step:>4}/{steps}  loss {:.4}  grad-norm {:.3}  lr {:.2e}  {:.0} tokens/s",
-                stats.loss,
-                stats.grad_norm,
-                stats.lr,
-                tokens as f64 / secs
-            );
-        }
-    }
-    let prompt = "A natural language autoencoder";
-    let cont = greedy(&dev, &trainer.model, prompt.as_bytes(), 80)?;
-    println!(
-        "greedy continuation of {prompt:?}:\n  {prompt}{}",
-        String::from_utf8_lossy(&cont)
-    );
-    if let Some(first) = first {
-        println!(
-            "loss went from {first:.3} to {:.3} (uniform guessing is ln 256 = 5.545)",
-            trainer_last_loss(&dev, &trainer, text, t)?
-        );
-    }
-    if let Some(dir) = out {
-        trainer.model.save(&dev, dir)?;
-        println!("wrote {}", dir.display());
-    }
-    Ok(())
-}
-
-/// Mean loss of the model over the first window of the text.
-fn trainer_last_loss<D: Device>(
-    dev: &D,
-    trainer: &LmTrainer<D>,
-    text: &[u8],
-    t: usize,
-) -> Result<f64> {
-    let row: Vec<u32> = text[..t].iter().map(|&c| c as u32).collect();
-    let batch = Batch::causal_lm(&[row])?;
-    let mut acts = ActivationSet::new(dev, &trainer.model.cfg, 1, t)?;
-    Ok(forward(dev, &trainer.model, &mut acts, &batch.upload(dev)?)?.mean())
-}
-
-/// Greedy continuation by re-running the whole prefix (the demo's model is small; batched
-/// generation with a KV cache belongs to the rollout engine).
-fn greedy<D: Device>(dev: &D, model: &Model<D>, prompt: &[u8], n: usize) -> Result<Vec<u8>> {
-    let mut ids: Vec<u32> = prompt.iter().map(|&c| c as u32).collect();
-    let v = model.cfg.vocab_size;
-    for _ in 0..n {
-        let mut row = ids.clone();
-        row.push(0);
-        let t = row.len();
-        let batch = Batch::causal_lm(&[row])?;
-        let mut acts = ActivationSet::new(dev, &model.cfg, 1, t)?;
-        forward(dev, model, &mut acts, &batch.upload(dev)?)?;
-        let logits = dev.download(View::all(&acts.logits))?;
-        let last = &logits[(t - 2) * v..(t - 1) * v];
-        let next = last
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-                if x > best.1 {
-                    (i, x)
-                } else {
-                    best
-                }
-            })
-            .0;
-        ids.push(next as u32);
-    }
-    Ok(ids[prompt.len()..].iter().map(|&c| c as u8).collect())
 }

@@ -89,15 +89,16 @@ fn shipped_configs_load_and_validate() {
     assert_eq!(names, ["demo.yaml", "grpo.yaml", "ppo.yaml", "sft.yaml"]);
 
     let demo = RunConfig::from_file(configs_dir().join("demo.yaml"), &[]).unwrap();
-    assert_eq!(demo.model.model_name, "builtin:demo");
+    assert_eq!(demo.model.model_name, "runs/demo/base");
     assert_eq!(demo.trainer.train_mode, Part::Both);
     assert_eq!(demo.trainer.algo, Algo::Sft);
     assert_eq!(demo.model.critic.last_block(), Some(1));
     let val = demo.data.val_dataset.as_ref().unwrap();
     assert_eq!(val.mode, Part::Both, "inherited from train_dataset");
-    assert_eq!(val.max_length, 128);
+    assert_eq!(val.max_length, 64);
+    assert_eq!(demo.model.critic.explanation_tag, None);
     assert!(!val.shuffle);
-    // The RL stage of the demo is the same file with two overrides.
+    // The RL stage of the demo is the same file with overrides.
     let rl = RunConfig::from_file(
         configs_dir().join("demo.yaml"),
         &["trainer.algo=grpo".into(), "trainer.resume=true".into()],

@@ -392,9 +392,16 @@ fn critic_text() {
         .unwrap();
     assert_eq!(ex.ids, tok.encode(expected, false).unwrap());
     assert_eq!(ex.target, vec![3.0, 4.0]);
-    // unparseable: counted, not an error
+    // a dataset response without tags is the explanation itself ([O] AR-SFT)
+    let plain = enc
+        .example(&sample("", "A cat sat.", vec![vec![3.0, 4.0]]))
+        .unwrap()
+        .example()
+        .unwrap();
+    assert_eq!(plain.ids, ex.ids);
+    // an opened but unclosed tag is unparseable: counted, not an error
     let mut counts = SkipCounts::default();
-    for bad in ["A cat sat.", "<explanation>\nA cat sat."] {
+    for bad in ["<explanation>\nA cat sat.", "x <explanation> A cat"] {
         let out = enc.example(&sample("", bad, vec![vec![0.0]])).unwrap();
         assert_eq!(out, Outcome::Skipped(Skip::Unparseable));
         assert!(counts.take(out).is_none());

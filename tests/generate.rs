@@ -1,13 +1,14 @@
 //! Generation: the cached attention op against full attention, greedy decoding with the KV
-//! cache against full recomputation, log-probabilities, sampling filters and reproducibility.
+//! cache against full recomputation, log-probabilities, sampling filters and reproducibility,
+//! and injection of vectors at prefill.
 
 mod common;
 
 use common::fixtures_dir;
 use nla_engine::device::cpu::CpuDevice;
-use nla_engine::device::{AttnDims, CacheDims, Device, SampleSpec, View, ViewMut};
-use nla_engine::generate::{generate, GenSpec, StopReason};
-use nla_engine::model::{forward, ActivationSet, Batch, Model};
+use nla_engine::device::{AttnDims, CacheDims, Device, InjectMode, SampleSpec, View, ViewMut};
+use nla_engine::generate::{generate, generate_with, GenSpec, PromptInjection, StopReason};
+use nla_engine::model::{forward, forward_with, ActivationSet, Batch, Injection, KvCache, Model};
 use rand::{Rng, SeedableRng};
 
 fn randn(n: usize, seed: u64) -> Vec<f32> {
@@ -356,4 +357,184 @@ fn sample_op_follows_temperature_top_k_and_top_p() {
             )
             .is_err());
     }
+}
+
+/// Logits [T,V] of one unpadded row by a full forward, with `inj`'s vectors of prompt `p` at
+/// its positions.
+fn full_logits_injected(
+    dev: &CpuDevice,
+    model: &Model<CpuDevice>,
+    row: &[u32],
+    inj: &PromptInjection,
+    p: usize,
+) -> Vec<f32> {
+    let batch = Batch::causal_lm(&[row.to_vec()]).unwrap();
+    let mut acts = ActivationSet::new(dev, &model.cfg, 1, row.len()).unwrap();
+    let sites: Vec<u32> = inj.sites[p].iter().map(|&t| t as u32).collect();
+    let i = Injection::new(
+        dev,
+        inj.layers.clone(),
+        inj.mode,
+        &sites,
+        &inj.vecs[p],
+        model.cfg.hidden_size,
+    )
+    .unwrap();
+    forward_with(dev, model, &mut acts, &batch.upload(dev).unwrap(), Some(&i)).unwrap();
+    dev.download(View::all(&acts.logits)).unwrap()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    (0..x.len()).fold(0, |b, i| if x[i] > x[b] { i } else { b })
+}
+
+/// Three prompts of different lengths (left padding): marker sites in the middle, at the last
+/// position (where an injection after the last block reaches the logits), and none.
+fn injection_case(
+    c: usize,
+    layers: Vec<usize>,
+    mode: InjectMode,
+) -> (Vec<Vec<u32>>, PromptInjection) {
+    let prompts = vec![vec![5u32, 17, 3, 44, 9], vec![60u32, 2], vec![8u32, 31, 70]];
+    let sites = vec![vec![1usize, 3], vec![0, 1], vec![]];
+    let vecs = sites
+        .iter()
+        .enumerate()
+        .map(|(p, s)| randn(s.len() * c, 100 + p as u64))
+        .collect();
+    let inj = PromptInjection {
+        layers,
+        mode,
+        sites,
+        vecs,
+    };
+    (prompts, inj)
+}
+
+#[test]
+fn injected_generation_matches_full_recomputation() {
+    let dev = CpuDevice::new();
+    let model = fixture_model(&dev);
+    let (v, c) = (model.cfg.vocab_size, model.cfg.hidden_size);
+    assert!(model.cfg.num_hidden_layers >= 2);
+    let never = |_: &[u32]| false;
+    let greedy = spec(0.0, 2, 11);
+    for layers in [vec![0usize], vec![0, 2], vec![1]] {
+        for mode in [InjectMode::Replace, InjectMode::Add] {
+            let (prompts, inj) = injection_case(c, layers.clone(), mode);
+            let plain = generate(&dev, &model, &prompts, &greedy, &never).unwrap();
+            let out = generate_with(&dev, &model, &prompts, &greedy, Some(&inj), &never).unwrap();
+            assert_eq!(out.len(), 6);
+            for s in &out {
+                assert_eq!(s.tokens.len(), 8);
+                let mut row = prompts[s.prompt].clone();
+                for (k, &tok) in s.tokens.iter().enumerate() {
+                    let logits = full_logits_injected(&dev, &model, &row, &inj, s.prompt);
+                    let last = &logits[(row.len() - 1) * v..row.len() * v];
+                    assert_eq!(
+                        tok as usize,
+                        argmax(last),
+                        "layers {layers:?} {mode:?} prompt {} sample {} token {k}",
+                        s.prompt,
+                        s.index
+                    );
+                    row.push(tok);
+                }
+            }
+            // the vectors reach the output of the prompts that have sites; the other is as
+            // without injection
+            for (a, b) in out.iter().zip(&plain) {
+                if inj.sites[a.prompt].is_empty() {
+                    assert_eq!(a.tokens, b.tokens, "layers {layers:?} {mode:?}");
+                } else {
+                    assert_ne!(
+                        a.tokens, b.tokens,
+                        "layers {layers:?} {mode:?} prompt {}",
+                        a.prompt
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn empty_injection_equals_plain_generation() {
+    let dev = CpuDevice::new();
+    let model = fixture_model(&dev);
+    let never = |_: &[u32]| false;
+    let (prompts, mut inj) = injection_case(model.cfg.hidden_size, vec![0], InjectMode::Add);
+    inj.sites = vec![vec![]; 3];
+    inj.vecs = vec![vec![]; 3];
+    let s = spec(0.8, 2, 5);
+    let a = generate(&dev, &model, &prompts, &s, &never).unwrap();
+    let b = generate_with(&dev, &model, &prompts, &s, Some(&inj), &never).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bad_injection_is_an_error_naming_the_prompt() {
+    let dev = CpuDevice::new();
+    let model = fixture_model(&dev);
+    let c = model.cfg.hidden_size;
+    let never = |_: &[u32]| false;
+    let s = spec(0.0, 2, 1);
+    let err = |inj: &PromptInjection, prompts: &[Vec<u32>]| {
+        generate_with(&dev, &model, prompts, &s, Some(inj), &never)
+            .unwrap_err()
+            .to_string()
+    };
+    // a site past prompt 1's end (it has 2 tokens)
+    let (prompts, mut inj) = injection_case(c, vec![0], InjectMode::Replace);
+    inj.sites[1] = vec![0, 2];
+    let e = err(&inj, &prompts);
+    assert!(e.contains("prompt 1") && e.contains("site 2"), "{e}");
+    // a vector of the wrong length
+    let (prompts, mut inj) = injection_case(c, vec![0], InjectMode::Replace);
+    inj.vecs[1].pop();
+    let e = err(&inj, &prompts);
+    assert!(
+        e.contains("prompt 1") && e.contains("vector elements"),
+        "{e}"
+    );
+    // a site twice
+    let (prompts, mut inj) = injection_case(c, vec![0], InjectMode::Replace);
+    inj.sites[0] = vec![3, 3];
+    let e = err(&inj, &prompts);
+    assert!(e.contains("prompt 0") && e.contains("twice"), "{e}");
+    // sites for another number of prompts
+    let (prompts, mut inj) = injection_case(c, vec![0], InjectMode::Replace);
+    inj.sites.pop();
+    assert!(err(&inj, &prompts).contains("need 3"));
+    // a layer past the last block's output (L = 2)
+    let (prompts, inj) = injection_case(c, vec![3], InjectMode::Replace);
+    assert!(err(&inj, &prompts).contains("layer 3"));
+}
+
+#[test]
+fn kv_cache_step_rejects_sites_outside_the_step() {
+    let dev = CpuDevice::new();
+    let model = fixture_model(&dev);
+    let c = model.cfg.hidden_size;
+    let (b, tq) = (2, 3);
+    let mut cache = KvCache::new(&dev, &model.cfg, &[0, 0], 8, tq).unwrap();
+    let ids = dev.upload_ids(&[1, 2, 3, 4, 5, 6]).unwrap();
+    let bad = Injection::new(&dev, vec![0], InjectMode::Add, &[5, 6], &randn(2 * c, 3), c).unwrap();
+    let e = cache
+        .step_with(&dev, &model, &ids, tq, Some(&bad))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("row 6") && e.contains(&format!("{}", b * tq)),
+        "{e}"
+    );
+    let layer = Injection::new(&dev, vec![3], InjectMode::Add, &[5], &randn(c, 3), c).unwrap();
+    assert!(cache
+        .step_with(&dev, &model, &ids, tq, Some(&layer))
+        .is_err());
+    // nothing was written: a good step still starts at position 0
+    assert_eq!(cache.len, 0);
+    let ok = Injection::new(&dev, vec![0], InjectMode::Add, &[5], &randn(c, 3), c).unwrap();
+    cache.step_with(&dev, &model, &ids, tq, Some(&ok)).unwrap();
+    assert_eq!(cache.len, tq);
 }

@@ -3,12 +3,14 @@
 //! Rows are left-padded: row b's tokens start at cache position `starts[b]`. Each layer keeps
 //! keys and values [B,TMAX,NKV,HS]; a step runs TQ new positions of every row through the
 //! blocks (TQ = prompt length at prefill, 1 when decoding) and writes the logits of each row's
-//! last new position.
+//! last new position. A step may write vectors into the residual stream of its rows
+//! ([`KvCache::step_with`]), as [`super::forward_blocks`] does in training.
 
 use super::block::{block_fwd, BlockBufs};
+use super::forward::Injection;
 use super::linear::linear_fwd;
 use super::{Model, ModelConfig};
-use crate::device::{CacheDims, Device, View, ViewMut};
+use crate::device::{CacheDims, Device, DeviceBuf, View, ViewMut};
 use crate::{Error, Result};
 
 pub struct KvCache<D: Device> {
@@ -130,6 +132,19 @@ impl<D: Device> KvCache<D> {
     /// `len..len+tq`, appends their keys and values, and leaves the logits of each row's last
     /// new position in [`Self::logits`].
     pub fn step(&mut self, dev: &D, model: &Model<D>, ids: &D::Ids, tq: usize) -> Result<()> {
+        self.step_with(dev, model, ids, tq, None)
+    }
+
+    /// [`Self::step`] with vectors injected into this step's residual stream: `inj.sites` are
+    /// flat row indices b*TQ + t into the step's [B*TQ] rows (sites < B*TQ).
+    pub fn step_with(
+        &mut self,
+        dev: &D,
+        model: &Model<D>,
+        ids: &D::Ids,
+        tq: usize,
+        inj: Option<&Injection<D>>,
+    ) -> Result<()> {
         let cfg = &model.cfg;
         if tq == 0 || tq > self.tq_max || self.len + tq > self.tmax {
             return Err(Error::invalid(
@@ -143,6 +158,9 @@ impl<D: Device> KvCache<D> {
         let (b, pos0) = (self.b, self.len);
         let n = b * tq;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        if let Some(i) = inj {
+            check_injection(dev, i, cfg.num_hidden_layers, n, c)?;
+        }
         let (nh, nkv, hs) = (
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
@@ -170,7 +188,21 @@ impl<D: Device> KvCache<D> {
             View::range(buf, 0, len)
         }
 
+        // writes the injection's vectors of `layer` into the residual stream x [B*TQ,C]
+        let inject = |x: &mut D::Buf, layer: usize| match inj {
+            Some(i) if i.layers.contains(&layer) => dev.inject_fwd(
+                ViewMut::range(x, 0, n * c),
+                &i.sites,
+                View::all(&i.vecs),
+                n,
+                c,
+                i.mode,
+            ),
+            _ => Ok(()),
+        };
+
         dev.embedding_fwd(head(&mut w.x, n * c), ids, p(tb.wte, v * c), n, c)?;
+        inject(&mut w.x, 0)?;
         for (l, lp) in tb.layers.iter().enumerate() {
             let io = BlockBufs {
                 x: head_r(&w.x, n * c),
@@ -206,6 +238,7 @@ impl<D: Device> KvCache<D> {
                 dev.decode_attention_fwd(att, q, View::all(&*kc), View::all(&*vc), starts, dims)
             })?;
             std::mem::swap(&mut w.x, &mut w.x_out);
+            inject(&mut w.x, l + 1)?;
         }
         for r in 0..b {
             let src = (r * tq + tq - 1) * c;
@@ -235,4 +268,35 @@ impl<D: Device> KvCache<D> {
         self.len += tq;
         Ok(())
     }
+}
+
+/// The injection's layers exist, its vectors are [S,C], and its S sites are rows of the step
+/// (< N = B*TQ).
+fn check_injection<D: Device>(
+    dev: &D,
+    inj: &Injection<D>,
+    num_layers: usize,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    inj.check_layers(num_layers)?;
+    let sites = dev.download_ids(&inj.sites)?;
+    if sites.len() != inj.s || inj.vecs.len() != inj.s * c {
+        return Err(Error::invalid(
+            "kv_cache",
+            format!(
+                "injection of {} sites with {} vector elements does not match S = {} (C = {c})",
+                sites.len(),
+                inj.vecs.len(),
+                inj.s
+            ),
+        ));
+    }
+    if let Some((k, &site)) = sites.iter().enumerate().find(|(_, &s)| s as usize >= n) {
+        return Err(Error::invalid(
+            "kv_cache",
+            format!("injection site {k} is row {site}, not a row of this step (B*TQ = {n})"),
+        ));
+    }
+    Ok(())
 }

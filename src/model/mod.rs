@@ -5,6 +5,7 @@ pub mod activations;
 pub mod backward;
 pub mod batch;
 mod block;
+pub mod builtin;
 pub mod config;
 pub mod forward;
 pub mod gguf;

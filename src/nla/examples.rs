@@ -393,6 +393,16 @@ impl<'a> CriticEncoder<'a> {
                 ),
             ));
         };
+        // a dataset's response is the explanation itself ([O] AR-SFT); a tagged one is read
+        // as generated text
+        let wrapped;
+        let response = match &self.opts.explanation_tag {
+            Some(tag) if !response.contains(&format!("<{tag}>")) => {
+                wrapped = format!("<{tag}>{response}</{tag}>");
+                wrapped.as_str()
+            }
+            _ => response,
+        };
         Ok(match self.ids(response, Some(src))? {
             Outcome::Example(ids) => Outcome::Example(CriticExample {
                 ids,

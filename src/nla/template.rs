@@ -28,6 +28,8 @@ pub struct ChatTemplate {
     origin: PathBuf,
     /// None = plain.
     env: Option<Environment<'static>>,
+    /// The Jinja source (None = plain).
+    source: Option<String>,
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
@@ -56,6 +58,7 @@ impl ChatTemplate {
         ChatTemplate {
             origin,
             env: None,
+            source: None,
             bos_token,
             eos_token,
             pad_token,
@@ -82,11 +85,12 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.set_unknown_method_callback(python_method);
-        env.add_template_owned(TEMPLATE_NAME, source)
+        env.add_template_owned(TEMPLATE_NAME, source.clone())
             .map_err(|e| Error::format(&origin, format!("chat template: {e:#}")))?;
         Ok(ChatTemplate {
             origin,
             env: Some(env),
+            source: Some(source),
             bos_token,
             eos_token,
             pad_token,
@@ -173,6 +177,26 @@ impl ChatTemplate {
             Some(src) => ChatTemplate::jinja(src, config_path, bos, eos, pad),
             None => Ok(ChatTemplate::plain(dir.to_path_buf(), bos, eos, pad)),
         }
+    }
+
+    /// Writes `tokenizer_config.json` into an HF model folder: the special tokens and the
+    /// template, so that [`ChatTemplate::from_hf_dir`] (and transformers) read it back.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let mut cfg = serde_json::Map::new();
+        for (k, v) in [
+            ("bos_token", &self.bos_token),
+            ("eos_token", &self.eos_token),
+            ("pad_token", &self.pad_token),
+            ("chat_template", &self.source),
+        ] {
+            if let Some(v) = v {
+                cfg.insert(k.into(), serde_json::Value::String(v.clone()));
+            }
+        }
+        let path = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg))
+            .map_err(|e| Error::format(&path, e.to_string()))?;
+        std::fs::write(&path, text).map_err(|e| Error::io(path, e))
     }
 
     pub fn is_plain(&self) -> bool {

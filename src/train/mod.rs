@@ -2,10 +2,13 @@
 
 pub mod checkpoint;
 pub mod lm;
+pub mod nla;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
+pub mod run;
 pub mod schedule;
+pub mod setup;
 
 pub use lm::{LmTrainer, StepStats};
 pub use optimizer::{clip_factor, AdamW, AdamwConfig};

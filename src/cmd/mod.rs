@@ -1,0 +1,4 @@
+//! Subcommands of the `nla-engine` binary.
+
+pub mod demo;
+pub mod nla;
