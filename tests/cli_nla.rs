@@ -31,11 +31,7 @@ fn assert_error(o: &Output, parts: &[&str]) {
 
 fn last_val(metrics: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(metrics).unwrap();
-    let line = text
-        .lines()
-        .filter(|l| l.contains("\"val\""))
-        .last()
-        .unwrap();
+    let line = text.lines().rfind(|l| l.contains("\"val\"")).unwrap();
     serde_json::from_str(line).unwrap()
 }
 

@@ -2,8 +2,8 @@
 
 pub mod checkpoint;
 pub mod lm;
-pub mod nla;
 pub mod metrics;
+pub mod nla;
 pub mod optimizer;
 pub mod progress;
 pub mod run;
