@@ -1,35 +1,38 @@
-//! Finds nvcc for the CUDA kernels in kernels/. Without nvcc the build still succeeds: the
-//! binary then runs on the CPU device only.
+//! Builds the CUDA kernels of kernels/ twice:
+//! - with nvcc (when found: NVCC, CUDA_HOME/bin, PATH) to PTX (compute_80) and a cubin (sm_90a),
+//!   embedded in the binary (build/nvcc.rs). Without nvcc the build still succeeds and the binary
+//!   runs on the CPU device only.
+//! - as plain C++ against the CPU emulator of the CUDA execution model (emu/), linked into the
+//!   library so that every kernel runs in the tests on any machine (build/emu.rs).
 
-use std::env;
+#[path = "build/emu.rs"]
+mod emu;
+#[path = "build/nvcc.rs"]
+mod nvcc;
+
 use std::path::PathBuf;
 
-fn find_nvcc() -> Option<PathBuf> {
-    if let Some(p) = env::var_os("NVCC") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(home) = env::var_os("CUDA_HOME") {
-        let p = PathBuf::from(home).join("bin").join("nvcc");
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    env::split_paths(&env::var_os("PATH")?)
-        .map(|d| d.join("nvcc"))
-        .find(|p| p.is_file())
+/// kernels/*.cu, sorted.
+fn kernel_sources() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir("kernels")
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
 
 fn main() {
     println!("cargo::rerun-if-changed=kernels");
-    println!("cargo::rerun-if-env-changed=NVCC");
-    println!("cargo::rerun-if-env-changed=CUDA_HOME");
-    println!("cargo::rerun-if-env-changed=PATH");
-    println!("cargo::rustc-check-cfg=cfg(nla_nvcc)");
-    match find_nvcc() {
-        Some(nvcc) => {
-            println!("cargo::rustc-cfg=nla_nvcc");
-            println!("cargo::rustc-env=NLA_NVCC={}", nvcc.display());
-        }
-        None => println!("cargo::rustc-env=NLA_NVCC="),
+    println!("cargo::rerun-if-changed=emu");
+    println!("cargo::rerun-if-changed=build");
+    let kernels = kernel_sources();
+    for k in &kernels {
+        println!("cargo::rerun-if-changed={}", k.display());
     }
+    nvcc::build(&kernels);
+    emu::build(&kernels);
 }
