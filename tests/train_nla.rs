@@ -613,6 +613,7 @@ fn rl_update_gradient_matches_finite_differences() {
                 sites: e.sites,
                 vectors: e.vectors,
                 advantage: adv,
+                rollout_logps: vec![],
             }
         })
         .collect();
@@ -936,6 +937,14 @@ fn sft_then_grpo_and_ppo_from_its_checkpoint() {
             let ff = m("failed_frac");
             assert!((0.0..=1.0).contains(&ff), "{algo}: failed_frac {ff}");
             assert!(m("actor_loss").is_finite() && m("actor_grad_norm").is_finite());
+            // the training pass's log-probs (under the sampling temperature 0.7) equal the ones
+            // the rollout sampled with: KV-cache decode and full forward differ by f32 rounding
+            let diff = m("rollout_logp_diff");
+            assert!(
+                diff < 1e-4,
+                "{algo} step {}: rollout_logp_diff {diff}",
+                r.step
+            );
             if algo == "grpo" {
                 // one epoch over one mini-batch: the update starts from the weights that gave
                 // the old log-probs, so the ratio is 1 exactly and nothing is clipped

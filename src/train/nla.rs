@@ -84,6 +84,9 @@ fn acts_for<'a, D: Device>(
 pub struct ActorTrainer<D: Device> {
     pub actor: Actor<D>,
     pub opt: Opt<D>,
+    /// RL log-probs are taken under softmax(logits / temperature), the rollout's distribution
+    /// (verl does the same); 1 by default
+    pub temperature: f32,
     acts: Option<Activations<D>>,
 }
 
@@ -103,6 +106,7 @@ impl<D: Device> ActorTrainer<D> {
                 schedule,
                 max_norm,
             },
+            temperature: 1.0,
             acts: None,
         })
     }
@@ -314,6 +318,8 @@ pub struct RlSequence {
     pub sites: Vec<usize>,
     pub vectors: Vec<Vec<f32>>,
     pub advantage: f32,
+    /// the log-probs the rollout sampled the response with (may be empty)
+    pub rollout_logps: Vec<f32>,
 }
 
 /// Policy-loss statistics of an RL actor update, averaged over its micro-batches.
@@ -326,6 +332,9 @@ pub struct PolicyStats {
     pub clip_frac_lower: f64,
     pub approx_kl: f64,
     pub ratio_mean: f64,
+    /// mean |old log-prob - rollout log-prob| over the response tokens (NaN without rollout
+    /// log-probs): 0 up to rounding when rollout and training agree
+    pub rollout_logp_diff: f64,
     pub grad_norm: f64,
     pub lr: f32,
     pub tokens: usize,
@@ -362,16 +371,12 @@ impl<D: Device> ActorTrainer<D> {
         actor: &Actor<D>,
         acts: &mut Option<Activations<D>>,
         ab: &crate::nla::ActorBatch,
+        temperature: f32,
     ) -> Result<Vec<f32>> {
         let db = ab.batch.upload(dev)?;
         let ai = actor.injection(dev, &ab.sites, &ab.vecs)?;
         let acts = acts_for(dev, acts, model, db.b, db.t)?;
-        forward_with(dev, model, acts, &db, Some(&ai.inj))?;
-        Ok(dev
-            .download(View::all(&acts.losses))?
-            .iter()
-            .map(|&l| -l)
-            .collect())
+        policy_logps(dev, model, acts, &db, &ai.inj, temperature)
     }
 
     /// The clipped policy update on `seqs`: old log-probs (and the reference's, for the KL
@@ -395,15 +400,32 @@ impl<D: Device> ActorTrainer<D> {
         let (mini, micro) = (mini.max(1), micro.max(1).min(mini.max(1)));
         // fixed micro-batches: (first sequence, collated batch, advantages, old, ref)
         let mut micros = vec![];
+        let mut mismatch = (0.0, 0.0);
         for (m, mb) in seqs.chunks(mini).enumerate() {
             for (u, chunk) in mb.chunks(micro).enumerate() {
                 let refs: Vec<&RlSequence> = chunk.iter().collect();
                 let (ab, adv) = Self::rl_batch(&refs, pad_id)?;
                 ab.batch.check_vocab(self.actor.model.cfg.vocab_size)?;
-                let old = Self::logps(dev, &self.actor.model, &self.actor, &mut self.acts, &ab)?;
+                let temp = self.temperature;
+                let old = Self::logps(
+                    dev,
+                    &self.actor.model,
+                    &self.actor,
+                    &mut self.acts,
+                    &ab,
+                    temp,
+                )?;
+                for (row, s) in chunk.iter().enumerate() {
+                    // the rollout's log-probs of the response tokens against the recomputed ones
+                    let base = row * ab.batch.t + s.prompt_len - 1;
+                    for (k, &lp) in s.rollout_logps.iter().enumerate() {
+                        mismatch.0 += (old[base + k] as f64 - lp as f64).abs();
+                        mismatch.1 += 1.0;
+                    }
+                }
                 let rf = match reference {
                     Some(r) if spec.kl_coef != 0.0 => {
-                        Some(Self::logps(dev, r, &self.actor, &mut self.acts, &ab)?)
+                        Some(Self::logps(dev, r, &self.actor, &mut self.acts, &ab, temp)?)
                     }
                     _ => None,
                 };
@@ -424,12 +446,8 @@ impl<D: Device> ActorTrainer<D> {
                     let n = db.b * db.t;
                     let mut ai = self.actor.injection(dev, &ab.sites, &ab.vecs)?;
                     let acts = acts_for(dev, &mut self.acts, &self.actor.model, db.b, db.t)?;
-                    forward_with(dev, &self.actor.model, acts, &db, Some(&ai.inj))?;
-                    let logp: Vec<f32> = dev
-                        .download(View::all(&acts.losses))?
-                        .iter()
-                        .map(|&l| -l)
-                        .collect();
+                    let temp = self.temperature;
+                    let logp = policy_logps(dev, &self.actor.model, acts, &db, &ai.inj, temp)?;
                     let (logp, old_d, adv_d) =
                         (dev.upload(&logp)?, dev.upload(old)?, dev.upload(adv)?);
                     let ref_d = rf.as_ref().map(|r| dev.upload(r)).transpose()?;
@@ -458,7 +476,7 @@ impl<D: Device> ActorTrainer<D> {
                     )?;
                     // d loss / d logits = -dlogp (softmax - onehot): cross-entropy's backward
                     // with -dlogp * share as the per-position weights
-                    let share = *rows as f32 / *mini_rows as f32;
+                    let share = *rows as f32 / *mini_rows as f32 / self.temperature;
                     let w: Vec<f32> = dev
                         .download(View::all(&dlogp))?
                         .iter()
@@ -499,6 +517,11 @@ impl<D: Device> ActorTrainer<D> {
                 st.lr = lr;
             }
         }
+        st.rollout_logp_diff = if mismatch.1 > 0.0 {
+            mismatch.0 / mismatch.1
+        } else {
+            f64::NAN
+        };
         for x in [
             &mut st.loss,
             &mut st.pg_loss,
@@ -549,4 +572,47 @@ pub fn rewards<D: Device>(
         reward: dev.download(View::all(&reward))?,
         advantage: dev.download(View::all(&adv))?,
     })
+}
+
+/// Runs the actor on `db` with its injection and returns the per-position log-probs [B*T] of
+/// the targets under softmax(logits / temperature) (0 off the mask). For temperature != 1 the
+/// logits in `acts` are replaced by logits / temperature, so a following backward sees the
+/// tempered logits: scale its weights by 1 / temperature.
+fn policy_logps<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    acts: &mut Activations<D>,
+    db: &DeviceBatch<D>,
+    inj: &crate::model::Injection<D>,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    forward_with(dev, model, acts, db, Some(inj))?;
+    if temperature != 1.0 {
+        if !(temperature.is_finite() && temperature > 0.0) {
+            return Err(Error::invalid(
+                "rl step",
+                format!("temperature {temperature}: log-probs need a temperature > 0"),
+            ));
+        }
+        let scaled: Vec<f32> = dev
+            .download(View::all(&acts.logits))?
+            .iter()
+            .map(|&x| x / temperature)
+            .collect();
+        acts.logits = dev.upload(&scaled)?;
+        let (n, v) = (db.b * db.t, model.cfg.vocab_size);
+        dev.cross_entropy_fwd(
+            ViewMut::all(&mut acts.losses),
+            View::all(&acts.logits),
+            &db.targets,
+            View::all(&db.mask),
+            n,
+            v,
+        )?;
+    }
+    Ok(dev
+        .download(View::all(&acts.losses))?
+        .iter()
+        .map(|&l| -l)
+        .collect())
 }

@@ -470,6 +470,8 @@ pub fn sample_spec(cfg: &RunConfig, greedy: bool) -> SampleSpec {
 pub struct Explanation {
     pub prompt: usize,
     pub tokens: Vec<u32>,
+    /// log-prob of each token under the sampling distribution
+    pub logps: Vec<f32>,
     pub text: String,
     pub stop: StopReason,
     /// the critic's input ids; None = a failure (truncated, untagged or too long)
@@ -552,6 +554,7 @@ pub fn explain<D: Device>(
         };
         res.push(Explanation {
             prompt: s.prompt,
+            logps: s.logps,
             tokens: s.tokens,
             text,
             stop: s.stop,
@@ -721,6 +724,7 @@ fn rl_step<D: Device>(
                 sites: p.sites.clone(),
                 vectors: p.vectors.clone(),
                 advantage: adv,
+                rollout_logps: e.logps.clone(),
             }
         })
         .collect();
@@ -760,6 +764,9 @@ fn rl_step<D: Device>(
             g.ppo_mini_batch_size.map_or(seqs.len(), |m| m * n),
         )
     };
+    // log-probs under the rollout's temperature (greedy rollouts: 1)
+    let t = cfg.generation.temperature as f32;
+    at.temperature = if t > 0.0 { t } else { 1.0 };
     let ps = at.rl_update(
         dev,
         &seqs,
@@ -778,6 +785,7 @@ fn rl_step<D: Device>(
     rec.set("actor_clip_frac_lower", ps.clip_frac_lower);
     rec.set("actor_approx_kl", ps.approx_kl);
     rec.set("actor_ratio_mean", ps.ratio_mean);
+    rec.set("rollout_logp_diff", ps.rollout_logp_diff);
     rec.set("actor_grad_norm", ps.grad_norm);
     rec.set("actor_lr", ps.lr as f64);
     rec.set("gen_tokens_per_s", gen_tokens as f64 / gen_s);
