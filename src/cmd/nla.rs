@@ -112,6 +112,9 @@ pub struct TrainArgs {
     /// Plain progress lines instead of a bar
     #[arg(long)]
     pub no_bar: bool,
+    /// cpu, cuda or auto [default: trainer.device]
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 pub fn train_cmd(args: &TrainArgs) -> Result<()> {
@@ -124,6 +127,9 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
     }
     if args.resume {
         sets.push("trainer.resume=true".into());
+    }
+    if let Some(d) = &args.device {
+        sets.push(format!("trainer.device={d}"));
     }
     let cfg = RunConfig::from_file(&args.config, &sets)?;
     for w in cfg.warnings() {
