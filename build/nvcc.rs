@@ -1,10 +1,44 @@
-//! nvcc: kernels/*.cu -> PTX + cubin, embedded (see build.rs).
+//! nvcc: kernels/*.cu -> PTX (compute_80) + cubin (sm_90a), embedded (see build.rs).
+//!
+//! When nvcc is found (NVCC, else CUDA_HOME/bin/nvcc, else PATH), every kernel file is compiled
+//! twice, files in parallel on std threads:
+//! - `-ptx -arch=compute_80`: portable PTX, JIT-compiled by the driver on sm_80 and newer;
+//! - `-cubin -arch=sm_90a -Xptxas -v`: Hopper machine code, and ptxas's report of registers,
+//!   shared memory and spills per kernel.
+//!
+//! Flags: `-std=c++17 -O3 -lineinfo`, host compiler `-ccbin g++` (NVCC_CCBIN overrides); nvcc
+//! needs it even for device-only output. No `--use_fast_math`: it would turn every expf, sinf,
+//! logf and division of every file into its approximate form, flush denormals to zero and relax
+//! sqrt; RoPE's angles reach thousands of radians, where `__sinf` has no range reduction, and the
+//! emulator (g++) would no longer compute what the GPU computes. Kernels call the fast intrinsics
+//! by name where a file has shown they are accurate enough; the elementwise kernels are bound by
+//! memory, so the precise forms cost nothing measurable.
+//!
+//! Outputs, in OUT_DIR: `kernels/<stem>.ptx`, `kernels/<stem>.cubin`, `kernels.rs`
+//! (`pub const KERNELS: &[(&str, &[u8], &[u8])]`: file stem, PTX, cubin; included by
+//! src/device/kernels.rs) and `ptxas-report.txt` (per kernel: registers, stack, spills, static
+//! shared memory, barriers; the time of every nvcc run; then ptxas's own lines), copied to
+//! `<target dir>/ptxas-report.txt`. Runs go longest first (by file size), NUM_JOBS (cargo -j)
+//! at a time.
+//!
+//! Fails the build (panics) when nvcc fails on a file (with nvcc's stderr), or when a hot kernel
+//! spills. A file marks kernels hot with lines `// nla: hot <symbol>`; `// nla: hot` alone marks
+//! every kernel of the file.
+//!
+//! Without nvcc nothing is compiled: the `nla_nvcc` cfg is unset and the binary runs on the CPU.
 
+use std::collections::BTreeMap;
 use std::env;
+use std::fmt::Write as _;
+use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 fn find_nvcc() -> Option<PathBuf> {
-    if let Some(p) = env::var_os("NVCC") {
+    if let Some(p) = env::var_os("NVCC").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
     }
     if let Some(home) = env::var_os("CUDA_HOME") {
@@ -18,17 +52,422 @@ fn find_nvcc() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-pub fn build(_kernels: &[PathBuf]) {
+/// The two outputs of every kernel file.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    Ptx,
+    Cubin,
+}
+
+impl Target {
+    fn ext(self) -> &'static str {
+        match self {
+            Target::Ptx => "ptx",
+            Target::Cubin => "cubin",
+        }
+    }
+    fn flags(self) -> &'static [&'static str] {
+        match self {
+            Target::Ptx => &["-ptx", "-arch=compute_80"],
+            Target::Cubin => &["-cubin", "-arch=sm_90a", "-Xptxas", "-v"],
+        }
+    }
+}
+
+/// One nvcc run: a kernel file to one target.
+struct Job {
+    src: PathBuf,
+    stem: String,
+    target: Target,
+    out: PathBuf,
+}
+
+/// What one nvcc run left: its stderr (ptxas's report for the cubin) and how long it took.
+struct Done {
+    ok: bool,
+    stderr: String,
+    took: Duration,
+}
+
+/// ptxas's figures for one kernel (sm_90a).
+#[derive(Default, Debug)]
+struct KernelStats {
+    file: String,
+    /// an `extern "C" __global__` kernel (else a subroutine ptxas kept, e.g. a math slow path)
+    entry: bool,
+    registers: Option<u32>,
+    barriers: u32,
+    stack: u32,
+    spill_stores: u32,
+    spill_loads: u32,
+    smem: u32,
+    lines: Vec<String>,
+}
+
+pub fn build(kernels: &[PathBuf]) {
     println!("cargo::rerun-if-env-changed=NVCC");
+    println!("cargo::rerun-if-env-changed=NVCC_CCBIN");
     println!("cargo::rerun-if-env-changed=CUDA_HOME");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rustc-check-cfg=cfg(nla_nvcc)");
-    match find_nvcc() {
-        Some(nvcc) => {
-            println!("cargo::rustc-cfg=nla_nvcc");
-            println!("cargo::rustc-env=NLA_NVCC={}", nvcc.display());
-        }
-        None => println!("cargo::rustc-env=NLA_NVCC="),
+    let Some(nvcc) = find_nvcc() else {
+        println!("cargo::rustc-env=NLA_NVCC=");
+        return;
+    };
+    if !nvcc.is_file() {
+        panic!(
+            "NVCC={} is not a file; install the CUDA compiler with `bash scripts/install-nvcc.sh` \
+             and pass the path it prints, or unset NVCC to build without GPU kernels",
+            nvcc.display()
+        );
     }
-    let _ = Path::new("kernels");
+    println!("cargo::rustc-cfg=nla_nvcc");
+    println!("cargo::rustc-env=NLA_NVCC={}", nvcc.display());
+
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let kdir = out_dir.join("kernels");
+    fs::create_dir_all(&kdir).expect("create OUT_DIR/kernels");
+    let ccbin = env::var("NVCC_CCBIN").unwrap_or_else(|_| "g++".to_string());
+
+    let mut jobs = Vec::new();
+    for src in kernels {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("kernel file names are UTF-8")
+            .to_string();
+        for target in [Target::Cubin, Target::Ptx] {
+            let out = kdir.join(format!("{stem}.{}", target.ext()));
+            jobs.push(Job {
+                src: src.clone(),
+                stem: stem.clone(),
+                target,
+                out,
+            });
+        }
+    }
+
+    // longest first (file size as the guess; the cubin, whose ptxas run is the longer one,
+    // before the PTX), so that the big files do not start last and set the wall time
+    let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    jobs.sort_by_key(|j| (std::cmp::Reverse(size(&j.src)), j.target != Target::Cubin));
+
+    let started = Instant::now();
+    let workers = env::var("NUM_JOBS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(2)
+        .clamp(1, jobs.len().max(1));
+    let done = run_jobs(&nvcc, &ccbin, &jobs, workers);
+    let wall = started.elapsed();
+
+    let failures: Vec<String> = jobs
+        .iter()
+        .zip(&done)
+        .filter(|(_, d)| !d.ok)
+        .map(|(j, d)| {
+            format!(
+                "nvcc failed on {} ({}):\n{}",
+                j.src.display(),
+                j.target.ext(),
+                d.stderr.trim_end()
+            )
+        })
+        .collect();
+    if !failures.is_empty() {
+        panic!(
+            "CUDA kernels failed to compile ({}):\n\n{}",
+            nvcc.display(),
+            failures.join("\n\n")
+        );
+    }
+    for (j, d) in jobs.iter().zip(&done) {
+        for line in d.stderr.lines().filter(|l| l.contains("warning")) {
+            println!("cargo::warning={} ({}): {line}", j.stem, j.target.ext());
+        }
+    }
+
+    // ptxas report of the cubins
+    let mut stats: BTreeMap<String, KernelStats> = BTreeMap::new();
+    for (j, d) in jobs.iter().zip(&done) {
+        if j.target == Target::Cubin {
+            parse_ptxas(&j.stem, &d.stderr, &mut stats);
+        }
+    }
+    let mut hot_spills = Vec::new();
+    for src in kernels {
+        let stem = src.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let text = fs::read_to_string(src).unwrap_or_default();
+        for (name, k) in stats.iter().filter(|(_, k)| k.file == stem && k.entry) {
+            if is_hot(&text, name) && (k.spill_stores > 0 || k.spill_loads > 0) {
+                let spills: Vec<&str> = k
+                    .lines
+                    .iter()
+                    .filter(|l| l.contains("spill"))
+                    .map(|l| l.trim())
+                    .collect();
+                hot_spills.push(format!("{name} ({}): {}", src.display(), spills.join("; ")));
+            }
+        }
+    }
+    let report = render_report(&nvcc, &jobs, &done, &stats, wall, workers);
+    fs::write(out_dir.join("ptxas-report.txt"), &report).expect("write ptxas-report.txt");
+    if let Some(target_dir) = target_dir(&out_dir) {
+        // best effort: a read-only target dir must not fail the build
+        let _ = fs::write(target_dir.join("ptxas-report.txt"), &report);
+    }
+    if !hot_spills.is_empty() {
+        panic!(
+            "hot kernels spill registers (marked `// nla: hot`; see {}):\n{}",
+            out_dir.join("ptxas-report.txt").display(),
+            hot_spills.join("\n")
+        );
+    }
+
+    write_kernels_rs(&out_dir, &jobs);
+}
+
+/// Runs every job on `workers` threads (a shared queue); results in job order.
+fn run_jobs(nvcc: &Path, ccbin: &str, jobs: &[Job], workers: usize) -> Vec<Done> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<Done>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(i) else { break };
+                let d = run_nvcc(nvcc, ccbin, job);
+                results.lock().expect("no worker panics holding the lock")[i] = Some(d);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .expect("no worker panicked")
+        .into_iter()
+        .map(|d| d.expect("every job ran"))
+        .collect()
+}
+
+fn run_nvcc(nvcc: &Path, ccbin: &str, job: &Job) -> Done {
+    let t0 = Instant::now();
+    let out = Command::new(nvcc)
+        .args(job.target.flags())
+        .args(["-std=c++17", "-O3", "-lineinfo", "-ccbin", ccbin])
+        .arg("-o")
+        .arg(&job.out)
+        .arg(&job.src)
+        .output();
+    let took = t0.elapsed();
+    match out {
+        Ok(o) => Done {
+            ok: o.status.success(),
+            stderr: format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            took,
+        },
+        Err(e) => Done {
+            ok: false,
+            stderr: format!("could not run {}: {e}", nvcc.display()),
+            took,
+        },
+    }
+}
+
+/// Reads ptxas -v lines ("Compiling entry function 'x' for 'sm_90a'", "Function properties for
+/// x", "N bytes stack frame, N bytes spill stores, N bytes spill loads", "Used N registers, used
+/// N barriers, N bytes smem") into per-kernel figures.
+fn parse_ptxas(stem: &str, text: &str, stats: &mut BTreeMap<String, KernelStats>) {
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        let quoted = line.split('\'').nth(1).map(str::to_string);
+        if line.contains("Compiling entry function") || line.contains("Function properties for") {
+            if let Some(name) = line
+                .split("Function properties for ")
+                .nth(1)
+                .map(|s| s.trim().to_string())
+                .or(quoted)
+            {
+                current = Some(name);
+            }
+        }
+        let Some(name) = &current else { continue };
+        let k = stats.entry(name.clone()).or_default();
+        k.file = stem.to_string();
+        k.entry |= line.contains("Compiling entry function");
+        let l = line.trim();
+        if l.is_empty() {
+            continue;
+        }
+        k.lines.push(l.to_string());
+        if l.contains("stack frame") || l.contains("spill") {
+            k.stack = number_before(l, "bytes stack frame").unwrap_or(k.stack);
+            k.spill_stores = number_before(l, "bytes spill stores").unwrap_or(k.spill_stores);
+            k.spill_loads = number_before(l, "bytes spill loads").unwrap_or(k.spill_loads);
+        }
+        if l.contains("Used") && l.contains("registers") {
+            k.registers = number_after(l, "Used ");
+            k.barriers = number_before(l, "barriers").unwrap_or(0);
+            k.smem = number_before(l, "bytes smem").unwrap_or(0);
+        }
+    }
+}
+
+/// The integer right before `unit` in `line` ("12 bytes spill stores" -> 12).
+fn number_before(line: &str, unit: &str) -> Option<u32> {
+    let head = &line[..line.find(unit)?];
+    head.split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// The integer right after `prefix` in `line` ("Used 30 registers" -> 30).
+fn number_after(line: &str, prefix: &str) -> Option<u32> {
+    let tail = &line[line.find(prefix)? + prefix.len()..];
+    tail.split(|c: char| !c.is_ascii_digit())
+        .find(|s| !s.is_empty())?
+        .parse()
+        .ok()
+}
+
+/// Whether `symbol` is marked hot in a kernel file's text: a line `// nla: hot` (every kernel
+/// of the file) or `// nla: hot <symbol> ...`.
+fn is_hot(text: &str, symbol: &str) -> bool {
+    text.lines().any(|l| {
+        let Some(rest) = l.trim().strip_prefix("//") else {
+            return false;
+        };
+        let Some(names) = rest.trim().strip_prefix("nla: hot") else {
+            return false;
+        };
+        let names: Vec<&str> = names.split_whitespace().collect();
+        names.is_empty() || names.contains(&symbol)
+    })
+}
+
+fn render_report(
+    nvcc: &Path,
+    jobs: &[Job],
+    done: &[Done],
+    stats: &BTreeMap<String, KernelStats>,
+    wall: Duration,
+    workers: usize,
+) -> String {
+    let mut r = String::new();
+    let cpu: f64 = done.iter().map(|d| d.took.as_secs_f64()).sum();
+    let _ = writeln!(
+        r,
+        "ptxas report: kernels/*.cu -> sm_90a ({})",
+        nvcc.display()
+    );
+    let _ = writeln!(
+        r,
+        "{} files, {} nvcc runs on {workers} threads: {:.1} s wall, {:.1} s summed",
+        jobs.len() / 2,
+        jobs.len(),
+        wall.as_secs_f64(),
+        cpu
+    );
+    let _ = writeln!(r);
+    let _ = writeln!(
+        r,
+        "{:<16} {:<38} {:>4} {:>5} {:>7} {:>7} {:>6} {:>4}",
+        "file", "kernel", "regs", "stack", "spill-s", "spill-l", "smem", "bar"
+    );
+    let mut by_file: Vec<(&String, &KernelStats)> = stats.iter().collect();
+    by_file.sort_by(|a, b| (&a.1.file, a.0).cmp(&(&b.1.file, b.0)));
+    for (name, k) in &by_file {
+        let regs = k.registers.map_or("-".to_string(), |n| n.to_string());
+        let name = if k.entry {
+            name.to_string()
+        } else {
+            format!("({name})")
+        };
+        let _ = writeln!(
+            r,
+            "{:<16} {:<38} {:>4} {:>5} {:>7} {:>7} {:>6} {:>4}",
+            k.file, name, regs, k.stack, k.spill_stores, k.spill_loads, k.smem, k.barriers
+        );
+    }
+    let _ = writeln!(
+        r,
+        "(regs: registers a thread; stack: bytes of local memory a thread (a subroutine's frame, \
+         not a spill); spill-s/-l: bytes of registers spilled; smem: static shared memory a \
+         block, dynamic excluded; bar: barriers; names in parentheses: subroutines)"
+    );
+    let _ = writeln!(r);
+    let _ = writeln!(r, "nvcc time per run, longest first:");
+    let mut runs: Vec<(&Job, &Done)> = jobs.iter().zip(done).collect();
+    runs.sort_by_key(|r| std::cmp::Reverse(r.1.took));
+    for (j, d) in runs {
+        let _ = writeln!(
+            r,
+            "  {:<20} {:<5} {:>6.2} s",
+            j.stem,
+            j.target.ext(),
+            d.took.as_secs_f64()
+        );
+    }
+    let _ = writeln!(r);
+    let _ = writeln!(r, "ptxas -v:");
+    let mut cubins: Vec<(&Job, &Done)> = jobs.iter().zip(done).collect();
+    cubins.sort_by_key(|c| &c.0.stem);
+    for (j, d) in cubins {
+        if j.target == Target::Cubin {
+            let _ = writeln!(r, "--- {}", j.src.display());
+            let _ = writeln!(r, "{}", d.stderr.trim_end());
+        }
+    }
+    r
+}
+
+/// The target directory, from OUT_DIR = <target>[/<triple>]/<profile>/build/<pkg>-<hash>/out.
+fn target_dir(out_dir: &Path) -> Option<PathBuf> {
+    let build = out_dir
+        .ancestors()
+        .find(|a| a.file_name().is_some_and(|n| n == "build"))?;
+    let profile = build.parent()?;
+    let above = profile.parent()?;
+    // with --target, <target>/<triple>/<profile>: the report goes next to <triple>
+    let triple = env::var("TARGET").ok();
+    match (above.file_name().and_then(|n| n.to_str()), triple) {
+        (Some(n), Some(t)) if n == t => above.parent().map(Path::to_path_buf),
+        _ => Some(above.to_path_buf()),
+    }
+}
+
+fn write_kernels_rs(out_dir: &Path, jobs: &[Job]) {
+    let mut s = String::from(
+        "// Generated by build/nvcc.rs: (file stem, PTX for compute_80, cubin for sm_90a).\n\
+         pub const KERNELS: &[(&str, &[u8], &[u8])] = &[\n",
+    );
+    let mut stems: Vec<&str> = jobs
+        .iter()
+        .filter(|j| j.target == Target::Ptx)
+        .map(|j| j.stem.as_str())
+        .collect();
+    stems.sort_unstable();
+    for stem in stems {
+        let path = |t: Target| {
+            let p = jobs
+                .iter()
+                .find(|j| j.stem == stem && j.target == t)
+                .map(|j| j.out.display().to_string())
+                .unwrap_or_default();
+            format!("{p:?}")
+        };
+        let _ = writeln!(
+            s,
+            "    ({stem:?}, include_bytes!({}), include_bytes!({})),",
+            path(Target::Ptx),
+            path(Target::Cubin)
+        );
+    }
+    s.push_str("];\n");
+    fs::write(out_dir.join("kernels.rs"), s).expect("write kernels.rs");
 }

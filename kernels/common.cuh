@@ -18,3 +18,134 @@
 #define NLA_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) unsigned char nla_smem_raw_[]; \
     T* name = reinterpret_cast<T*>(nla_smem_raw_)
 #endif
+
+// ---- Conventions of every kernel file ----------------------------------------------------------
+//
+// Symbols: extern "C" <op>_<fwd|bwd>_<f32|bf16> (ops without a backward: <op>_<f32|bf16>), each a
+// thin wrapper around one template instantiated for T = float and T = __nv_bfloat16.
+// dtypes: T is the storage type of activations, activation gradients and weights (the bf16
+//   working copy of the parameters in bf16 mode). Arithmetic is f32 (f64 where a file says so);
+//   bf16 results are rounded once, to nearest even, when stored.
+//   f32 whatever T: parameter gradients (they accumulate over micro-batches and the optimizer
+//   reads them), AdamW master weights and moments, masks and valid flags (0/1), per-row and
+//   per-sample statistics (rstd, mse, reward, advantage, stats), per-token log-probabilities.
+//   Token ids and row indices are uint32.
+// Sizes: dims are int (i32); flat element counts are long long (i64); every offset into a
+//   buffer is computed in 64 bits.
+// Launch: grid and block as each file's header says. Block sizes are multiples of 32 (kernels
+//   that reduce over a block need whole warps) and at most the kernel's __launch_bounds__
+//   (NLA_MAX_BLOCK unless its file says otherwise; the bound also caps a thread at 64
+//   registers). Grid-stride loops make any grid size correct; the header gives the efficient
+//   one.
+// Portability: every file compiles unchanged against the emulator (emu/cuda_emu.h, NLA_EMU):
+//   inline PTX needs a plain C++ path under #ifdef NLA_EMU, `#pragma unroll` is NLA_UNROLL,
+//   dynamic shared memory is NLA_DYNAMIC_SMEM. Kernels are compiled without --use_fast_math
+//   (build/nvcc.rs says why): a kernel that wants an approximate intrinsic calls it by name.
+
+#define NLA_MAX_BLOCK 1024
+
+// `#pragma unroll` for the loop that follows (the emulator's g++ would warn about the pragma).
+#ifdef NLA_EMU
+#define NLA_UNROLL
+#else
+#define NLA_UNROLL _Pragma("unroll")
+#endif
+
+#define NLA_WARP 32
+
+typedef __nv_bfloat16 nla_bf16;
+
+// ---- conversions
+
+__device__ __forceinline__ float nla_f32(float x) { return x; }
+__device__ __forceinline__ float nla_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T nla_from_f32(float x);
+template <> __device__ __forceinline__ float nla_from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 nla_from_f32<__nv_bfloat16>(float x) {
+    return __float2bfloat16(x);  // round to nearest even
+}
+
+// A quiet NaN (what a kernel writes where its input is out of range, so that the error shows).
+#ifdef NLA_EMU
+__device__ __forceinline__ float nla_nan() { return __builtin_nanf(""); }
+#else
+__device__ __forceinline__ float nla_nan() { return __int_as_float(0x7fffffff); }
+#endif
+
+// ---- vector access: 16 bytes per load/store where every pointer involved is aligned
+
+// N elements of T, aligned to their size (16 bytes: 4 f32 or 8 bf16), moved as one access.
+template <typename T, int N> struct alignas(sizeof(T) * N) NlaVec {
+    T v[N];
+};
+
+// Elements of T per 16-byte access.
+template <typename T> struct NlaPack {
+    static constexpr int N = 16 / sizeof(T);
+};
+
+template <int N, typename T> __device__ __forceinline__ NlaVec<T, N> nla_load(const T* p) {
+    return *reinterpret_cast<const NlaVec<T, N>*>(p);
+}
+template <int N, typename T>
+__device__ __forceinline__ void nla_store(T* p, const NlaVec<T, N>& x) {
+    *reinterpret_cast<NlaVec<T, N>*>(p) = x;
+}
+// Whether p is a multiple of `bytes` (a power of two).
+__device__ __forceinline__ bool nla_aligned(const void* p, unsigned bytes) {
+    return (reinterpret_cast<unsigned long long>(p) & (bytes - 1)) == 0;
+}
+
+// ---- indices
+
+__device__ __forceinline__ int nla_lane() { return threadIdx.x & (NLA_WARP - 1); }
+__device__ __forceinline__ int nla_warp() { return threadIdx.x / NLA_WARP; }
+__device__ __forceinline__ int nla_warps() { return blockDim.x / NLA_WARP; }
+// First index and stride of a grid-stride loop over threads (64-bit).
+__device__ __forceinline__ long long nla_gtid() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long nla_gstride() { return (long long)gridDim.x * blockDim.x; }
+
+// ---- reductions (fixed trees: the result does not depend on scheduling)
+
+// Sum over the 32 lanes of a warp (butterfly: every lane gets the sum). All lanes must call.
+template <typename F> __device__ __forceinline__ F nla_warp_sum(F v) {
+    NLA_UNROLL
+    for (int o = NLA_WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Largest value over the lanes of a warp (NaN lanes are skipped, as fmaxf does).
+__device__ __forceinline__ float nla_warp_max(float v) {
+    NLA_UNROLL
+    for (int o = NLA_WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets it. Every thread of the block must call (it holds two
+// barriers); blockDim.x a multiple of 32. Warp sums go through 32 slots of shared memory, each
+// warp then sums the slots itself. The trailing barrier makes back-to-back calls safe.
+template <typename F> __device__ __forceinline__ F nla_block_sum(F v) {
+    __shared__ F nla_part_[NLA_WARP];
+    v = nla_warp_sum(v);
+    if (nla_lane() == 0) nla_part_[nla_warp()] = v;
+    __syncthreads();
+    F r = nla_lane() < nla_warps() ? nla_part_[nla_lane()] : F(0);
+    r = nla_warp_sum(r);
+    __syncthreads();
+    return r;
+}
+
+// Largest value over the block, as nla_block_sum (NaN skipped; -inf when all are).
+__device__ __forceinline__ float nla_block_max(float v) {
+    __shared__ float nla_pmax_[NLA_WARP];
+    v = nla_warp_max(v);
+    if (nla_lane() == 0) nla_pmax_[nla_warp()] = v;
+    __syncthreads();
+    float r = nla_lane() < nla_warps() ? nla_pmax_[nla_lane()] : -INFINITY;
+    r = nla_warp_max(r);
+    __syncthreads();
+    return r;
+}

@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod memory;
 pub mod model;
 pub mod nla;
 pub mod plot;

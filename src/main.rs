@@ -67,6 +67,8 @@ enum Cmd {
     Reconstruct(cmd::nla::ReconstructArgs),
     /// Fidelity (MSE, cosine, FVE) of actor + critic, and the critic alone, on a dataset
     Eval(cmd::nla::EvalArgs),
+    /// The memory plan of a run: each arena and the peak per device, and whether it fits
+    Plan(cmd::plan::PlanArgs),
     /// Draw training curves from a metrics file into a PNG: one panel per metric, train and val
     /// as two series against the step
     Plot {
@@ -97,6 +99,7 @@ fn main() {
         Cmd::Generate(a) => cmd::nla::generate_cmd(&a),
         Cmd::Reconstruct(a) => cmd::nla::reconstruct_cmd(&a),
         Cmd::Eval(a) => cmd::nla::eval_cmd(&a),
+        Cmd::Plan(a) => cmd::plan::plan_cmd(&a),
         Cmd::Plot {
             input,
             out,

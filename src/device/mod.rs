@@ -10,6 +10,8 @@
 //! Parameter gradients accumulate; activation gradients overwrite.
 
 pub mod cpu;
+pub mod emu;
+pub mod kernels;
 
 use crate::Result;
 

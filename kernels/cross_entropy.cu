@@ -1,0 +1,217 @@
+// cross_entropy: masked softmax cross-entropy over the vocabulary, one row per block.
+//
+// Math    (Device::cross_entropy_fwd / _bwd; CPU twin src/device/cpu/cross_entropy.rs)
+//         M = max_v x[n,v] (NaN skipped), S = sum_v e^(x[n,v] - M), y = targets[n]:
+//         fwd: losses[n] = mask[n] * ((M - x[n,y]) + ln S)                               (=)
+//              mask[n] = 0: losses[n] = 0 without reading the row (padding may hold anything)
+//         bwd: w = mask[n] * scale; dlogits[n,v] = e^(x[n,v] - M) * (w * (1/S)) - w [v = y]  (=)
+//              w = 0: the row is 0 without reading it.
+//         e^x is the CPU twin's f32 `vexp` op for op (Cody-Waite reduction, degree-6
+//         polynomial, no FMA contraction: __fmul_rn / __fadd_rn), so each e^(x - M) equals the
+//         twin's bit for bit; S differs from the twin's f64 sum only by f32 rounding (see
+//         Threads). Rows of -inf logits contribute 0 per -inf entry; a row whose max is -inf or
+//         +inf gives NaN, as on the twin.
+// Shapes  logits, dlogits [N,V]; targets [N] (< V, checked by the launcher); mask, losses [N].
+// Dtypes  logits, dlogits: T; targets u32; mask, losses: f32 in both modes; scale f32.
+//         Arithmetic in f32: each thread keeps an online (max, sum) pair over its elements in
+//         chunks (8 bf16 / 4 f32 per 16-byte load, or 4 strided elements), rescaling its sum
+//         by e^(m_old - m_new) when a chunk raises the max (one extra exp per chunk, not per
+//         element); pairs merge with (m, s) + (m', s') = (max, s e^(m - max) + s' e^(m' - max)).
+// Threads one block per row (grid-stride over rows). fwd: one pass over the row (online
+//         max/sum), a fixed-tree block merge (xor butterfly in the warp, then the warps' pairs
+//         in warp order: deterministic), thread 0 writes the loss. bwd: the same pass, then a
+//         second pass (L2-resident for a 256 KiB bf16 row of 128k tokens) writes every
+//         element. 16-byte accesses when V is a multiple of the pack and the pointers are
+//         16-byte aligned, else strided scalar accesses. (A later step fuses the LM head with
+//         the CE over vocabulary chunks; not here.)
+// Launch  grid N (or fewer: grid-stride), block 256 (any multiple of 32 up to 1024), no
+//         dynamic shared memory.
+// Symbols cross_entropy_fwd_f32, cross_entropy_fwd_bf16
+//           (float* losses, const T* logits, const uint32_t* targets, const float* mask,
+//            int n, int v)
+//         cross_entropy_bwd_f32, cross_entropy_bwd_bf16
+//           (T* dlogits, const T* logits, const uint32_t* targets, const float* mask,
+//            int n, int v, float scale)
+//
+// nla: hot
+
+#include "common.cuh"
+
+// e^x as the CPU twin's `Real::vexp` for f32 (src/device/cpu/mod.rs), operation for operation:
+// clamp to [-87.33655, 88] (NaN stays NaN), n = round-half-even(x log2 e), r = x - n ln2_hi -
+// n ln2_lo, a degree-6 polynomial, times 2^n; 0 below -87.33655. Every product and sum rounds
+// on its own (the intrinsics are never fused into FMAs), so the result is the twin's, bit for
+// bit. (common.cuh could host this; the three row kernels carry a copy each.)
+__device__ __forceinline__ float ce_vexp(float v) {
+    const float LOG2E = 1.44269504088896340736f, LN2_HI = 0.6933594f, LN2_LO = -2.1219444e-4f;
+    const float MIN_X = -87.33655f;
+    const float x = v < MIN_X ? MIN_X : (v > 88.0f ? 88.0f : v);
+    const float n = rintf(__fmul_rn(x, LOG2E));
+    const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(n, LN2_HI)), __fmul_rn(n, LN2_LO));
+    float p = 1.9875691e-4f;
+    p = __fadd_rn(__fmul_rn(p, r), 1.3981999e-3f);
+    p = __fadd_rn(__fmul_rn(p, r), 8.333452e-3f);
+    p = __fadd_rn(__fmul_rn(p, r), 4.1665796e-2f);
+    p = __fadd_rn(__fmul_rn(p, r), 0.16666665f);
+    p = __fadd_rn(__fmul_rn(p, r), 0.5f);
+    const float e = __fadd_rn(__fadd_rn(__fmul_rn(__fmul_rn(p, r), r), r), 1.0f);
+    const int ni = n == n ? (int)n : 0;  // NaN -> 0, as Rust's `as i32`
+    const float scale = __uint_as_float((unsigned)(ni + 127) << 23);
+    return v < MIN_X ? 0.0f : __fmul_rn(e, scale);
+}
+
+// A running (max, sum of e^(x - max)) pair.
+struct CeMs {
+    float m, s;
+};
+
+// s e^(m - mn), mn >= m; exactly s when m == mn (which also covers m = mn = -inf).
+__device__ __forceinline__ float ce_rescale(float s, float m, float mn) {
+    return m == mn ? s : __fmul_rn(s, ce_vexp(m - mn));
+}
+
+__device__ __forceinline__ CeMs ce_merge(CeMs a, CeMs b) {
+    const float mn = fmaxf(a.m, b.m);
+    return {mn, ce_rescale(a.s, a.m, mn) + ce_rescale(b.s, b.m, mn)};  // commutative
+}
+
+// Adds U values to the pair (-inf entries, also used as padding, add 0).
+template <int U> __device__ __forceinline__ void ce_update(CeMs& st, const float (&v)[U]) {
+    float mn = st.m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) mn = fmaxf(mn, v[u]);
+    float s = ce_rescale(st.s, st.m, mn);
+#pragma unroll
+    for (int u = 0; u < U; ++u) s += v[u] == -INFINITY ? 0.0f : ce_vexp(v[u] - mn);
+    st = {mn, s};
+}
+
+// The block's merged pair; every thread gets it. Every thread must call (two barriers).
+__device__ __forceinline__ CeMs ce_block_merge(CeMs st) {
+    __shared__ float ce_pm_[NLA_WARP], ce_ps_[NLA_WARP];
+#pragma unroll
+    for (int o = NLA_WARP / 2; o > 0; o >>= 1) {
+        const CeMs other = {__shfl_xor_sync(0xffffffffu, st.m, o),
+                            __shfl_xor_sync(0xffffffffu, st.s, o)};
+        st = ce_merge(st, other);
+    }
+    if (nla_lane() == 0) {
+        ce_pm_[nla_warp()] = st.m;
+        ce_ps_[nla_warp()] = st.s;
+    }
+    __syncthreads();
+    CeMs r = {ce_pm_[0], ce_ps_[0]};
+    for (int w = 1; w < nla_warps(); ++w) r = ce_merge(r, {ce_pm_[w], ce_ps_[w]});
+    __syncthreads();
+    return r;
+}
+
+// (max, sum) of one row, one pass.
+template <typename T>
+__device__ __forceinline__ CeMs ce_row_stats(const T* __restrict__ x, int v, bool vec) {
+    constexpr int P = NlaPack<T>::N, U = 4;
+    CeMs st = {-INFINITY, 0.0f};
+    if (vec) {
+        for (int j = threadIdx.x * P; j < v; j += blockDim.x * P) {
+            const NlaVec<T, P> xv = nla_load<P>(x + j);
+            float c[P];
+#pragma unroll
+            for (int k = 0; k < P; ++k) c[k] = nla_f32(xv.v[k]);
+            ce_update<P>(st, c);
+        }
+    } else {
+        for (int j = threadIdx.x; j < v; j += blockDim.x * U) {
+            float c[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = j + u * blockDim.x;
+                c[u] = i < v ? nla_f32(x[i]) : -INFINITY;
+            }
+            ce_update<U>(st, c);
+        }
+    }
+    return ce_block_merge(st);
+}
+
+template <typename T>
+__device__ __forceinline__ void ce_fwd(float* __restrict__ losses, const T* __restrict__ logits,
+                                       const uint32_t* __restrict__ targets,
+                                       const float* __restrict__ mask, int n, int v) {
+    constexpr int P = NlaPack<T>::N;
+    const bool vec = v % P == 0 && nla_aligned(logits, 16);
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const float mk = mask[row];
+        if (mk == 0.0f) {  // block-uniform
+            if (threadIdx.x == 0) losses[row] = 0.0f;
+            continue;
+        }
+        const T* x = logits + (long long)row * v;
+        const CeMs st = ce_row_stats(x, v, vec);
+        if (threadIdx.x == 0)
+            losses[row] = mk * ((st.m - nla_f32(x[targets[row]])) + logf(st.s));
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void ce_bwd(T* __restrict__ dlogits, const T* __restrict__ logits,
+                                       const uint32_t* __restrict__ targets,
+                                       const float* __restrict__ mask, int n, int v,
+                                       float scale) {
+    constexpr int P = NlaPack<T>::N;
+    const bool vec = v % P == 0 && nla_aligned(logits, 16) && nla_aligned(dlogits, 16);
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const float w = mask[row] * scale;
+        const T* x = logits + (long long)row * v;
+        T* d = dlogits + (long long)row * v;
+        if (w == 0.0f) {  // block-uniform
+            const T z = nla_from_f32<T>(0.0f);
+            for (int j = threadIdx.x; j < v; j += blockDim.x) d[j] = z;
+            continue;
+        }
+        const CeMs st = ce_row_stats(x, v, vec);
+        const float ws = w * (1.0f / st.s);
+        const int y = (int)targets[row];
+        if (vec) {
+            for (int j = threadIdx.x * P; j < v; j += blockDim.x * P) {
+                const NlaVec<T, P> xv = nla_load<P>(x + j);
+                NlaVec<T, P> dv;
+#pragma unroll
+                for (int k = 0; k < P; ++k) {
+                    float g = __fmul_rn(ce_vexp(nla_f32(xv.v[k]) - st.m), ws);
+                    if (j + k == y) g -= w;
+                    dv.v[k] = nla_from_f32<T>(g);
+                }
+                nla_store<P>(d + j, dv);
+            }
+        } else {
+            for (int j = threadIdx.x; j < v; j += blockDim.x) {
+                float g = __fmul_rn(ce_vexp(nla_f32(x[j]) - st.m), ws);
+                if (j == y) g -= w;
+                d[j] = nla_from_f32<T>(g);
+            }
+        }
+    }
+}
+
+#define CE_KERNELS(S, T)                                                                       \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_fwd_##S(         \
+        float* __restrict__ losses, const T* __restrict__ logits,                              \
+        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int v) {  \
+        ce_fwd<T>(losses, logits, targets, mask, n, v);                                        \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_bwd_##S(         \
+        T* __restrict__ dlogits, const T* __restrict__ logits,                                 \
+        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int v,    \
+        float scale) {                                                                         \
+        ce_bwd<T>(dlogits, logits, targets, mask, n, v, scale);                                \
+    }
+
+CE_KERNELS(f32, float)
+CE_KERNELS(bf16, nla_bf16)
+
+#ifdef NLA_EMU
+NLA_EMU_KERNEL(cross_entropy_fwd_f32);
+NLA_EMU_KERNEL(cross_entropy_fwd_bf16);
+NLA_EMU_KERNEL(cross_entropy_bwd_f32);
+NLA_EMU_KERNEL(cross_entropy_bwd_bf16);
+#endif

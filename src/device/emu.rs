@@ -1,0 +1,359 @@
+//! The bridge to the CPU emulator of the CUDA execution model (`emu/`, built by
+//! `build/emu.rs`): every `kernels/*.cu` compiled as C++ and linked into this library, launched
+//! by name with the same argument packing as `cuLaunchKernel`.
+//!
+//! [`EmuArgs`] packs kernel arguments the way the driver takes them (one pointer per parameter,
+//! pointing at the parameter's value); [`EmuArgs::kernel_params`] hands that array to either
+//! [`launch`] (the emulator) or, in the CUDA device, `cuLaunchKernel`. Here device pointers are
+//! host pointers into slices borrowed for the life of the `EmuArgs`; [`EmuArgs::device_ptr`]
+//! packs a real device address for the CUDA path (the emulator refuses it).
+//!
+//! Before launching, [`launch`] checks the packed arguments against the kernel's signature as
+//! its registration recorded it: the count, each size, scalar vs pointer, const vs mutable
+//! pointee (a kernel that writes through a parameter must get a slice borrowed mutably), and the
+//! pointee size. What the kernel does with the pointers (staying in bounds) is its launcher's
+//! contract, checked on lengths and dims before launching, as for the GPU.
+//!
+//! Launches are serialised inside the emulator (one at a time in the process).
+
+// Without a C++ compiler at build time only the error path of `launch` is compiled.
+#![cfg_attr(not(nla_emu), allow(dead_code, unused_imports))]
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::marker::PhantomData;
+
+use crate::{Error, Result};
+
+/// How the emulator schedules the CUDA threads of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmuMode {
+    /// Each CUDA thread a fiber; threads start in index order, blocks run in grid order.
+    Forward = 0,
+    /// Fibers; threads in reverse index order, blocks in a random order drawn from the seed.
+    Reversed = 1,
+    /// One OS thread per CUDA thread (for ThreadSanitizer); much slower, use small grids.
+    Threads = 2,
+}
+
+/// What a packed argument is; the values match `nla_emu::ParamKind` of `emu/cuda_emu.h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Other = 0,
+    PtrConst = 1,
+    Float = 2,
+    Int = 3,
+    PtrMut = 4,
+    /// A device address for the CUDA path: never valid in the emulator.
+    Device = 5,
+}
+
+impl Kind {
+    fn from_c(k: c_int) -> Kind {
+        match k {
+            1 => Kind::PtrConst,
+            2 => Kind::Float,
+            3 => Kind::Int,
+            4 => Kind::PtrMut,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// A scalar kernel parameter type (passed by value).
+pub trait Scalar: bytemuck::Pod + private::Sealed {
+    #[doc(hidden)]
+    const FLOAT: bool;
+}
+mod private {
+    pub trait Sealed {}
+}
+macro_rules! scalars {
+    ($float:expr => $($t:ty),*) => {$(
+        impl private::Sealed for $t {}
+        impl Scalar for $t {
+            const FLOAT: bool = $float;
+        }
+    )*};
+}
+scalars!(false => i8, u8, i16, u16, i32, u32, i64, u64, isize, usize);
+scalars!(true => f32, f64);
+
+/// Kernel arguments packed like `cuLaunchKernel`'s `kernelParams`: each value in its own 8-byte
+/// slot, and one pointer per slot. `'a` is the borrow of the slices passed as pointers.
+#[derive(Default)]
+pub struct EmuArgs<'a> {
+    slots: Vec<u64>,
+    ptrs: Vec<*mut c_void>,
+    sig: Vec<(usize, Kind, usize)>, // (size, kind, pointee size)
+    _borrows: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> EmuArgs<'a> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8], kind: Kind, elem: usize) -> &mut Self {
+        let mut slot = 0u64;
+        bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
+        self.slots.push(slot);
+        self.sig.push((bytes.len(), kind, elem));
+        self
+    }
+
+    /// A scalar parameter (`int n`, `float eps`, ...), by value.
+    pub fn scalar<S: Scalar>(&mut self, v: S) -> &mut Self {
+        let kind = if S::FLOAT { Kind::Float } else { Kind::Int };
+        self.push_bytes(bytemuck::bytes_of(&v), kind, 0)
+    }
+
+    /// A `const T*` parameter: the kernel only reads `s`.
+    pub fn ptr<T: bytemuck::Pod>(&mut self, s: &'a [T]) -> &mut Self {
+        let addr = s.as_ptr() as usize;
+        self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrConst, size_of::<T>())
+    }
+
+    /// A `T*` parameter: the kernel may read and write `s`.
+    pub fn ptr_mut<T: bytemuck::Pod>(&mut self, s: &'a mut [T]) -> &mut Self {
+        let addr = s.as_mut_ptr() as usize;
+        self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrMut, size_of::<T>())
+    }
+
+    /// A device address (`CUdeviceptr`), for the CUDA launchers; [`launch`] refuses it.
+    pub fn device_ptr(&mut self, addr: u64) -> &mut Self {
+        self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// `kernelParams` for `cuLaunchKernel` (or cudarc's `launch_kernel`): pointer i points at
+    /// the value of parameter i. Valid while `self` is neither moved nor changed.
+    pub fn kernel_params(&mut self) -> &mut [*mut c_void] {
+        self.ptrs = self
+            .slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        &mut self.ptrs
+    }
+}
+
+/// Whether the emulator was built (a C++ compiler was found at build time).
+pub fn available() -> bool {
+    cfg!(nla_emu)
+}
+
+#[cfg(nla_emu)]
+mod ffi {
+    use super::*;
+    extern "C" {
+        pub fn nla_emu_launch(
+            name: *const c_char,
+            grid: *const u32,
+            block: *const u32,
+            dyn_smem: usize,
+            args: *mut *mut c_void,
+            mode: c_int,
+            seed: u64,
+            err: *mut c_char,
+            err_len: usize,
+        ) -> c_int;
+        pub fn nla_emu_kernel_params(
+            name: *const c_char,
+            sizes: *mut usize,
+            kinds: *mut c_int,
+            elems: *mut usize,
+            cap: usize,
+        ) -> c_int;
+    }
+}
+
+/// The kernel's parameters as its registration recorded them: (size, kind, pointee size); an
+/// error for an unknown kernel or one registered twice.
+#[cfg(nla_emu)]
+fn signature(name: &CStr) -> Result<Vec<(usize, Kind, usize)>> {
+    // SAFETY: `name` is NUL-terminated; null arrays with cap 0 ask only for the count.
+    let n = unsafe {
+        ffi::nla_emu_kernel_params(
+            name.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    let kernel = name.to_string_lossy();
+    let n = match n {
+        -2 => {
+            return Err(Error::invalid(
+                "emu",
+                format!("kernel `{kernel}` is registered twice (NLA_EMU_KERNEL in two places)"),
+            ))
+        }
+        n => usize::try_from(n).map_err(|_| {
+            Error::invalid(
+                "emu",
+                format!(
+                    "no emulated kernel `{kernel}` (each extern \"C\" kernel needs \
+                     `NLA_EMU_KERNEL({kernel});` at the end of its .cu file)"
+                ),
+            )
+        })?,
+    };
+    let (mut sizes, mut kinds, mut elems) = (vec![0usize; n], vec![0 as c_int; n], vec![0usize; n]);
+    // SAFETY: each array holds `n` elements and cap = n, so the emulator writes in bounds.
+    unsafe {
+        ffi::nla_emu_kernel_params(
+            name.as_ptr(),
+            sizes.as_mut_ptr(),
+            kinds.as_mut_ptr(),
+            elems.as_mut_ptr(),
+            n,
+        )
+    };
+    Ok((0..n)
+        .map(|i| (sizes[i], Kind::from_c(kinds[i]), elems[i]))
+        .collect())
+}
+
+/// Why packed argument `got` cannot be passed for kernel parameter `want`, if it cannot.
+fn mismatch(want: (usize, Kind, usize), got: (usize, Kind, usize)) -> Option<String> {
+    let (ws, wk, we) = want;
+    let (gs, gk, ge) = got;
+    if gk == Kind::Device {
+        return Some("a device address (device_ptr) means nothing to the emulator".into());
+    }
+    let kind_ok = match wk {
+        Kind::PtrConst => matches!(gk, Kind::PtrConst | Kind::PtrMut),
+        Kind::PtrMut => gk == Kind::PtrMut,
+        Kind::Float | Kind::Int => gk == wk,
+        Kind::Other | Kind::Device => !matches!(gk, Kind::PtrConst | Kind::PtrMut),
+    };
+    if !kind_ok {
+        return Some(match (wk, gk) {
+            (Kind::PtrMut, Kind::PtrConst) => {
+                "the kernel writes through this pointer: pass it with ptr_mut".into()
+            }
+            _ => format!("the kernel takes {wk:?} ({ws} bytes), got {gk:?} ({gs} bytes)"),
+        });
+    }
+    if ws != gs {
+        return Some(format!(
+            "the kernel takes {ws} bytes, got {gs} bytes ({gk:?})"
+        ));
+    }
+    if matches!(wk, Kind::PtrConst | Kind::PtrMut) && we != 0 && we != ge {
+        return Some(format!(
+            "the kernel's pointer is to {we}-byte elements, the slice has {ge}-byte elements"
+        ));
+    }
+    None
+}
+
+/// Launches the emulated kernel `name` (its `extern "C"` symbol) over `grid` x `block` with
+/// `dyn_smem` bytes of dynamic shared memory, and returns when every block has run. Errors (as
+/// `Error::Invalid { op: "emu" }`): an unknown kernel, arguments that do not match its signature,
+/// a launch configuration out of range, and what the emulator catches while running it: barrier
+/// divergence (naming both call sites), a thread exiting while others wait, a warp collective
+/// with a bad mask or width, a deadlock, a fiber stack overflow, a write past the dynamic shared
+/// memory, `__trap()`.
+pub fn launch(
+    name: &str,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dyn_smem: usize,
+    args: &mut EmuArgs<'_>,
+    mode: EmuMode,
+    seed: u64,
+) -> Result<()> {
+    let cname = CString::new(name)
+        .map_err(|_| Error::invalid("emu", format!("kernel name {name:?} contains NUL")))?;
+    launch_impl(&cname, grid, block, dyn_smem, args, mode, seed)
+}
+
+#[cfg(not(nla_emu))]
+fn launch_impl(
+    cname: &CStr,
+    _grid: [u32; 3],
+    _block: [u32; 3],
+    _dyn_smem: usize,
+    _args: &mut EmuArgs<'_>,
+    _mode: EmuMode,
+    _seed: u64,
+) -> Result<()> {
+    Err(Error::invalid(
+        "emu",
+        format!(
+            "cannot run kernel `{}`: the CPU emulator was not built (no C++ compiler at build time)",
+            cname.to_string_lossy()
+        ),
+    ))
+}
+
+#[cfg(nla_emu)]
+fn launch_impl(
+    cname: &CStr,
+    grid: [u32; 3],
+    block: [u32; 3],
+    dyn_smem: usize,
+    args: &mut EmuArgs<'_>,
+    mode: EmuMode,
+    seed: u64,
+) -> Result<()> {
+    let name = cname.to_string_lossy();
+    let sig = signature(cname)?;
+    if sig.len() != args.len() {
+        return Err(Error::invalid(
+            "emu",
+            format!(
+                "kernel `{name}` takes {} parameters, {} were packed",
+                sig.len(),
+                args.len()
+            ),
+        ));
+    }
+    for (i, (&want, &got)) in sig.iter().zip(&args.sig).enumerate() {
+        if let Some(why) = mismatch(want, got) {
+            return Err(Error::invalid(
+                "emu",
+                format!("kernel `{name}`, parameter {i}: {why}"),
+            ));
+        }
+    }
+    let mut err = vec![0u8; 4096];
+    let params = args.kernel_params();
+    // SAFETY: `cname` is NUL-terminated; `grid` and `block` hold 3 u32 each; `params` has one
+    // pointer per kernel parameter (count checked above), each to an 8-byte slot owned by `args`
+    // holding a value of the size and kind the parameter has (checked above), so the emulator's
+    // trampoline reads in bounds. Pointer values come from slices borrowed for `args`' lifetime
+    // (alive across this call), mutable only where the kernel may write, with the element size
+    // the kernel expects; staying within their lengths is the kernel's contract, checked by its
+    // launcher on lengths and dims. `err` has `err.len()` bytes. The emulator catches every C++
+    // exception and never aborts or unwinds into Rust.
+    let rc = unsafe {
+        ffi::nla_emu_launch(
+            cname.as_ptr(),
+            grid.as_ptr(),
+            block.as_ptr(),
+            dyn_smem,
+            params.as_mut_ptr(),
+            mode as c_int,
+            seed,
+            err.as_mut_ptr().cast::<c_char>(),
+            err.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let msg = CStr::from_bytes_until_nul(&err)
+        .map(|m| m.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Err(Error::invalid("emu", format!("{msg} (code {rc})")))
+}
