@@ -88,7 +88,13 @@ fn shipped_configs_load_and_validate() {
     names.sort();
     assert_eq!(
         names,
-        ["demo.yaml", "grpo.yaml", "plan-7b.yaml", "ppo.yaml", "sft.yaml"]
+        [
+            "demo.yaml",
+            "grpo.yaml",
+            "plan-7b.yaml",
+            "ppo.yaml",
+            "sft.yaml"
+        ]
     );
 
     let demo = RunConfig::from_file(configs_dir().join("demo.yaml"), &[]).unwrap();

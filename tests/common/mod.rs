@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 #[allow(dead_code)]
+pub mod kernels;
+#[allow(dead_code)]
 pub mod ops;
 
 use std::collections::HashMap;
