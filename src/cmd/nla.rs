@@ -320,12 +320,7 @@ pub fn reconstruct_cmd(args: &ReconstructArgs) -> Result<()> {
         (None, true) => bail!("give --text, --data, or both"),
     };
     for (i, t) in texts.iter().enumerate() {
-        let tag = cfg.model.critic.explanation_tag.as_deref();
-        let wrapped = match tag {
-            Some(tag) if !t.contains(&format!("<{tag}>")) => format!("<{tag}>{t}</{tag}>"),
-            _ => t.clone(),
-        };
-        let mut ids = match enc.ids(&wrapped, None)? {
+        let mut ids = match enc.text_ids(t, None)? {
             Outcome::Example(ids) => ids,
             Outcome::Skipped(s) => bail!("text {i}: {s:?}"),
         };

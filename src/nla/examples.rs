@@ -376,6 +376,18 @@ impl<'a> CriticEncoder<'a> {
         })
     }
 
+    /// The critic's input ids for an explanation that may lack the tags (a dataset's response
+    /// is the explanation itself, \[O\] AR-SFT): untagged text is read whole, tagged text as a
+    /// generated response.
+    pub fn text_ids(&self, text: &str, src: Option<&RowSource>) -> Result<Outcome<Vec<u32>>> {
+        match &self.opts.explanation_tag {
+            Some(tag) if !text.contains(&format!("<{tag}>")) => {
+                self.ids(&format!("<{tag}>{text}</{tag}>"), src)
+            }
+            _ => self.ids(text, src),
+        }
+    }
+
     /// The critic example of a sample: its response's input and its one vector.
     pub fn example(&self, sample: &Sample) -> Result<Outcome<CriticExample>> {
         let src = &sample.source;
@@ -393,17 +405,7 @@ impl<'a> CriticEncoder<'a> {
                 ),
             ));
         };
-        // a dataset's response is the explanation itself ([O] AR-SFT); a tagged one is read
-        // as generated text
-        let wrapped;
-        let response = match &self.opts.explanation_tag {
-            Some(tag) if !response.contains(&format!("<{tag}>")) => {
-                wrapped = format!("<{tag}>{response}</{tag}>");
-                wrapped.as_str()
-            }
-            _ => response,
-        };
-        Ok(match self.ids(response, Some(src))? {
+        Ok(match self.text_ids(response, Some(src))? {
             Outcome::Example(ids) => Outcome::Example(CriticExample {
                 ids,
                 target: target.clone(),
