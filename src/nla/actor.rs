@@ -41,6 +41,16 @@ pub struct ActorSpec {
     pub a: usize,
 }
 
+impl ActorSpec {
+    /// How the (projected) vectors are written: `project` writes by `replace`.
+    pub fn inject_mode(&self) -> InjectMode {
+        match self.mode {
+            InjectionMode::Add => InjectMode::Add,
+            InjectionMode::Replace | InjectionMode::Project => InjectMode::Replace,
+        }
+    }
+}
+
 /// The actor: LM plus the optional projection, in one flat buffer.
 pub struct Actor<D: Device> {
     pub spec: ActorSpec,
@@ -185,13 +195,9 @@ impl<D: Device> Actor<D> {
             }
             _ => (nv, None),
         };
-        let mode = match self.spec.mode {
-            InjectionMode::Add => InjectMode::Add,
-            InjectionMode::Replace | InjectionMode::Project => InjectMode::Replace,
-        };
         let inj = Injection {
             layers: self.spec.layers.clone(),
-            mode,
+            mode: self.spec.inject_mode(),
             sites: dev.upload_ids(sites)?,
             vecs,
             s,

@@ -499,10 +499,7 @@ pub fn explain<D: Device>(
     }
     let inj = PromptInjection {
         layers: actor_model.spec.layers.clone(),
-        mode: match actor_model.spec.mode {
-            crate::config::InjectionMode::Add => crate::device::InjectMode::Add,
-            _ => crate::device::InjectMode::Replace,
-        },
+        mode: actor_model.spec.inject_mode(),
         sites: prompts.iter().map(|p| p.sites.clone()).collect(),
         vecs,
     };
