@@ -1148,3 +1148,35 @@ fn part_name(p: Part) -> &'static str {
         Part::Both => "both",
     }
 }
+
+impl From<KlType> for crate::device::KlType {
+    fn from(k: KlType) -> Self {
+        match k {
+            KlType::K1 => Self::K1,
+            KlType::K2 => Self::K2,
+            KlType::K3 => Self::K3,
+        }
+    }
+}
+
+impl From<LossAggMode> for crate::device::LossAgg {
+    fn from(m: LossAggMode) -> Self {
+        match m {
+            LossAggMode::TokenMean => Self::TokenMean,
+            LossAggMode::SeqMeanTokenMean => Self::SeqMeanTokenMean,
+            LossAggMode::SeqMeanTokenSumNorm => Self::SeqMeanTokenSumNorm,
+        }
+    }
+}
+
+impl From<RewardTransform> for crate::device::RewardTransform {
+    /// `exp` is exp(-mse) ([V]'s temperature 1).
+    fn from(t: RewardTransform) -> Self {
+        match t {
+            RewardTransform::Negative => Self::Negative,
+            RewardTransform::Exp => Self::Exp { temperature: 1.0 },
+            RewardTransform::Bounded => Self::Bounded,
+            RewardTransform::Log => Self::Log,
+        }
+    }
+}

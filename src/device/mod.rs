@@ -11,6 +11,8 @@
 
 pub mod cpu;
 pub mod emu;
+pub mod emu_device;
+pub mod gpu;
 pub mod kernels;
 
 use crate::Result;

@@ -19,9 +19,7 @@ use std::time::Instant;
 
 use crate::config::{Algo, Part, Resume, RunConfig};
 use crate::data::{DatasetReader, Mode, Sample};
-use crate::device::{
-    Advantage, Device, KlType, LossAgg, PolicyLossSpec, RewardSpec, RewardTransform, SampleSpec,
-};
+use crate::device::{Advantage, Device, KlType, LossAgg, PolicyLossSpec, RewardSpec, SampleSpec};
 use crate::generate::{generate_with, GenSpec, PromptInjection, StopReason};
 use crate::model::Model;
 use crate::nla::{ActorExample, CriticExample, Outcome, SkipCounts};
@@ -746,16 +744,8 @@ fn rl_step<D: Device>(
                 clip_high: g.clip_ratio_high as f32,
                 dual_clip: g.dual_clip_c.map(|c| c as f32),
                 kl_coef: if g.use_kl_loss { g.kl_coef as f32 } else { 0.0 },
-                kl_type: match g.kl_type {
-                    crate::config::KlType::K1 => KlType::K1,
-                    crate::config::KlType::K2 => KlType::K2,
-                    crate::config::KlType::K3 => KlType::K3,
-                },
-                agg: match g.loss_agg_mode {
-                    crate::config::LossAggMode::TokenMean => LossAgg::TokenMean,
-                    crate::config::LossAggMode::SeqMeanTokenMean => LossAgg::SeqMeanTokenMean,
-                    crate::config::LossAggMode::SeqMeanTokenSumNorm => LossAgg::SeqMeanTokenSumNorm,
-                },
+                kl_type: g.kl_type.into(),
+                agg: g.loss_agg_mode.into(),
             },
             g.ppo_epochs,
             g.ppo_mini_batch_size.map_or(seqs.len(), |m| m * n),
@@ -800,12 +790,7 @@ fn reward_spec(cfg: &RunConfig, mse_scale: Option<f32>, n: usize, ppo: bool) -> 
     RewardSpec {
         mse_scale,
         failure_value: g.failure_reward as f32,
-        transform: match g.reward_transform {
-            crate::config::RewardTransform::Negative => RewardTransform::Negative,
-            crate::config::RewardTransform::Exp => RewardTransform::Exp { temperature: 1.0 },
-            crate::config::RewardTransform::Bounded => RewardTransform::Bounded,
-            crate::config::RewardTransform::Log => RewardTransform::Log,
-        },
+        transform: g.reward_transform.into(),
         scale: g.reward_scale as f32,
         batch_normalize: g.reward_normalize,
         clip: g.reward_clip.map(|[lo, hi]| (lo as f32, hi as f32)),

@@ -1,0 +1,165 @@
+//! `kernels/attention.cu`: causal GQA attention, head sizes bucketed to 16/32/64/128 (one
+//! kernel per bucket). `attention_fwd_f32_hs<B>`: grid (ceil(T/64), NH, B), block 128. The
+//! backward is three launches: attention_bwd_dot_f32 (D = rowsum(dout * out) into f32 scratch,
+//! one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs), `attention_bwd_dq_f32_hs<B>`
+//! (grid as the forward) and `attention_bwd_dkdv_f32_hs<B>` (grid (ceil(T/64), NKV, B)).
+
+use super::{check_len, check_pos, int, EmuArgs, Launch};
+use crate::device::AttnDims;
+use crate::{Error, Result};
+
+/// Threads per block of every attention kernel.
+pub const NT: u32 = 128;
+
+/// The head-size bucket: the smallest of 16, 32, 64, 128 that holds `hs`.
+pub fn hs_bucket(op: &'static str, hs: usize) -> Result<usize> {
+    [16, 32, 64, 128]
+        .into_iter()
+        .find(|&b| b >= hs)
+        .ok_or_else(|| Error::invalid(op, format!("HS = {hs} > 128 is not supported")))
+}
+
+/// Dynamic shared memory (bytes) of fwd, dq, dkdv for bucket `hsb`.
+pub fn smem(hsb: usize) -> [usize; 3] {
+    let bi = if hsb >= 128 { 32 } else { 64 };
+    let (ld, lp) = (hsb + 1, bi + 2);
+    [
+        4 * (64 * ld + 2 * bi * ld + 64 * lp),
+        4 * (2 * 64 * ld + 2 * bi * ld + 64 * lp),
+        4 * (2 * 64 * ld + 2 * bi * ld + 2 * 64 * lp + 2 * bi),
+    ]
+}
+
+fn check_dims(op: &'static str, d: &AttnDims) -> Result<usize> {
+    check_pos(op, "NH", d.nh)?;
+    check_pos(op, "NKV", d.nkv)?;
+    check_pos(op, "HS", d.hs)?;
+    if !d.nh.is_multiple_of(d.nkv) {
+        return Err(Error::invalid(
+            op,
+            format!("NH = {} is not a multiple of NKV = {}", d.nh, d.nkv),
+        ));
+    }
+    if d.nh > 65535 || d.b > 65535 {
+        return Err(Error::invalid(op, "NH and B must be <= 65535 (grid y, z)"));
+    }
+    int(op, "B*T*NH*HS", d.b * d.t * d.nh * d.hs)?;
+    hs_bucket(op, d.hs)
+}
+
+fn pack_dims(a: &mut EmuArgs<'_>, d: &AttnDims, with_kv: bool) {
+    a.scalar(d.b as i32).scalar(d.t as i32).scalar(d.nh as i32);
+    if with_kv {
+        a.scalar(d.nkv as i32);
+    }
+    a.scalar(d.hs as i32);
+}
+
+/// out[B,T,NH,HS], lse[B,NH,T] from q[B,T,NH,HS], k, v [B,T,NKV,HS].
+pub fn fwd<L: Launch + ?Sized>(
+    l: &L,
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttnDims,
+) -> Result<()> {
+    const OP: &str = "attention_fwd";
+    let hsb = check_dims(OP, &d)?;
+    let AttnDims { b, t, nh, nkv, hs } = d;
+    check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
+    check_len(OP, "lse [B,NH,T]", lse.len(), &[b, nh, t])?;
+    check_len(OP, "q [B,T,NH,HS]", q.len(), &[b, t, nh, hs])?;
+    check_len(OP, "k [B,T,NKV,HS]", k.len(), &[b, t, nkv, hs])?;
+    check_len(OP, "v [B,T,NKV,HS]", v.len(), &[b, t, nkv, hs])?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let mut a = EmuArgs::new();
+    a.ptr_mut(out).ptr_mut(lse).ptr(q).ptr(k).ptr(v);
+    a.scalar(b as i32)
+        .scalar(t as i32)
+        .scalar(nh as i32)
+        .scalar(nkv as i32)
+        .scalar(hs as i32);
+    let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
+    let sym = format!("attention_fwd_f32_hs{hsb}");
+    l.launch(&sym, grid, [NT, 1, 1], smem(hsb)[0], &mut a)
+}
+
+/// dq =, dk =, dv = from dout and the forward's q, k, v, out, lse.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd<L: Launch + ?Sized>(
+    l: &L,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    d: AttnDims,
+) -> Result<()> {
+    const OP: &str = "attention_bwd";
+    let hsb = check_dims(OP, &d)?;
+    let AttnDims { b, t, nh, nkv, hs } = d;
+    check_len(OP, "dq [B,T,NH,HS]", dq.len(), &[b, t, nh, hs])?;
+    check_len(OP, "dk [B,T,NKV,HS]", dk.len(), &[b, t, nkv, hs])?;
+    check_len(OP, "dv [B,T,NKV,HS]", dv.len(), &[b, t, nkv, hs])?;
+    check_len(OP, "dout [B,T,NH,HS]", dout.len(), &[b, t, nh, hs])?;
+    check_len(OP, "q [B,T,NH,HS]", q.len(), &[b, t, nh, hs])?;
+    check_len(OP, "k [B,T,NKV,HS]", k.len(), &[b, t, nkv, hs])?;
+    check_len(OP, "v [B,T,NKV,HS]", v.len(), &[b, t, nkv, hs])?;
+    check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
+    check_len(OP, "lse [B,NH,T]", lse.len(), &[b, nh, t])?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    let [_, smem_dq, smem_dkdv] = smem(hsb);
+    // scratch D [B,NH,T] (on the GPU: from the device's scratch arena)
+    let rows = b * t * nh;
+    let mut dscratch = vec![0f32; rows];
+    // 1. D = rowsum(dout * out)
+    let dot_grid = rows.div_ceil(4).min(4 * l.sms()) as u32;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(&mut dscratch[..]).ptr(dout).ptr(out);
+    pack_dims(&mut a, &d, false);
+    l.launch(
+        "attention_bwd_dot_f32",
+        [dot_grid, 1, 1],
+        [NT, 1, 1],
+        0,
+        &mut a,
+    )?;
+    drop(a);
+    // 2. dq
+    let mut a = EmuArgs::new();
+    a.ptr_mut(dq)
+        .ptr(dout)
+        .ptr(q)
+        .ptr(k)
+        .ptr(v)
+        .ptr(lse)
+        .ptr(&dscratch[..]);
+    pack_dims(&mut a, &d, true);
+    let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
+    let sym = format!("attention_bwd_dq_f32_hs{hsb}");
+    l.launch(&sym, grid, [NT, 1, 1], smem_dq, &mut a)?;
+    // 3. dk, dv
+    let mut a = EmuArgs::new();
+    a.ptr_mut(dk)
+        .ptr_mut(dv)
+        .ptr(dout)
+        .ptr(q)
+        .ptr(k)
+        .ptr(v)
+        .ptr(lse)
+        .ptr(&dscratch[..]);
+    pack_dims(&mut a, &d, true);
+    let grid = [t.div_ceil(64) as u32, nkv as u32, b as u32];
+    let sym = format!("attention_bwd_dkdv_f32_hs{hsb}");
+    l.launch(&sym, grid, [NT, 1, 1], smem_dkdv, &mut a)
+}

@@ -1,0 +1,106 @@
+//! `kernels/cross_entropy.cu`: cross_entropy_fwd_f32 / cross_entropy_bwd_f32, one block of 256
+//! per row, grid min(N, 65535) (grid-stride over the rest).
+
+use super::{check_ids, check_len, check_pos, dim1, int, EmuArgs, Launch};
+use crate::Result;
+
+/// Threads per block of the row kernels (cross_entropy, softmax, sample).
+pub const ROW_NT: u32 = 256;
+
+/// Grid of the row kernels: one block per row, at most 65535 (grid-stride beyond).
+pub(crate) fn row_grid(n: usize) -> u32 {
+    n.clamp(1, 65535) as u32
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check(
+    op: &'static str,
+    out: (&str, usize, &[usize]),
+    logits: usize,
+    targets: &[u32],
+    mask: usize,
+    n: usize,
+    v: usize,
+) -> Result<()> {
+    check_pos(op, "V", v)?;
+    check_len(op, out.0, out.1, out.2)?;
+    check_len(op, "logits [N,V]", logits, &[n, v])?;
+    check_len(op, "targets [N]", targets.len(), &[n])?;
+    check_len(op, "mask [N]", mask, &[n])?;
+    check_ids(op, "targets", targets, v)?;
+    int(op, "N", n)?;
+    int(op, "V", v)?;
+    Ok(())
+}
+
+/// losses[N] = mask * (logsumexp(logits) - logits[target])
+pub fn fwd<L: Launch + ?Sized>(
+    l: &L,
+    losses: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    mask: &[f32],
+    n: usize,
+    v: usize,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_fwd";
+    check(
+        OP,
+        ("losses [N]", losses.len(), &[n]),
+        logits.len(),
+        targets,
+        mask.len(),
+        n,
+        v,
+    )?;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut a = EmuArgs::new();
+    a.ptr_mut(losses).ptr(logits).ptr(targets).ptr(mask);
+    a.scalar(n as i32).scalar(v as i32);
+    l.launch(
+        "cross_entropy_fwd_f32",
+        dim1(row_grid(n)),
+        dim1(ROW_NT),
+        0,
+        &mut a,
+    )
+}
+
+/// dlogits[N,V] = mask * scale * (softmax - onehot(target))
+#[allow(clippy::too_many_arguments)]
+pub fn bwd<L: Launch + ?Sized>(
+    l: &L,
+    dlogits: &mut [f32],
+    logits: &[f32],
+    targets: &[u32],
+    mask: &[f32],
+    n: usize,
+    v: usize,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_bwd";
+    check(
+        OP,
+        ("dlogits [N,V]", dlogits.len(), &[n, v]),
+        logits.len(),
+        targets,
+        mask.len(),
+        n,
+        v,
+    )?;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut a = EmuArgs::new();
+    a.ptr_mut(dlogits).ptr(logits).ptr(targets).ptr(mask);
+    a.scalar(n as i32).scalar(v as i32).scalar(scale);
+    l.launch(
+        "cross_entropy_bwd_f32",
+        dim1(row_grid(n)),
+        dim1(ROW_NT),
+        0,
+        &mut a,
+    )
+}

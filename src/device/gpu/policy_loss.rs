@@ -1,0 +1,68 @@
+//! `kernels/policy_loss.cu`: policy_loss_fwd_f32 (stats [7]) and policy_loss_bwd_f32
+//! (dlogp [N]), one block (grid 1, block 512); the spec as the kernel's encodings (dual_clip 0
+//! = None; ref_logp an empty slice when absent).
+
+use super::{check_len, dim1, int, EmuArgs, Launch};
+use crate::device::{KlType, LossAgg, PolicyLossSpec, PolicyStat};
+use crate::Result;
+
+/// `bwd`: dlogp [S*T] into `out`; else the stats [PolicyStat::COUNT]. Inputs: logp, old_logp,
+/// adv, mask [S*T], already checked by the caller (`cpu::policy_loss::device_inputs`).
+#[allow(clippy::too_many_arguments)]
+pub fn policy_loss<L: Launch + ?Sized>(
+    l: &L,
+    bwd: bool,
+    out: &mut [f32],
+    inputs: [&[f32]; 4],
+    ref_logp: Option<&[f32]>,
+    s: usize,
+    t: usize,
+    spec: &PolicyLossSpec,
+) -> Result<()> {
+    let op = if bwd {
+        "policy_loss_bwd"
+    } else {
+        "policy_loss_fwd"
+    };
+    if bwd {
+        check_len(op, "dlogp [N]", out.len(), &[s, t])?;
+    } else {
+        check_len(op, "stats", out.len(), &[PolicyStat::COUNT])?;
+    }
+    for (what, x) in ["logp", "old_logp", "adv", "mask"].iter().zip(inputs) {
+        check_len(op, what, x.len(), &[s, t])?;
+    }
+    if let Some(r) = ref_logp {
+        check_len(op, "ref_logp", r.len(), &[s, t])?;
+    }
+    let kl: i32 = match spec.kl_type {
+        KlType::K1 => 0,
+        KlType::K2 => 1,
+        KlType::K3 => 2,
+    };
+    let agg: i32 = match spec.agg {
+        LossAgg::TokenMean => 0,
+        LossAgg::SeqMeanTokenMean => 1,
+        LossAgg::SeqMeanTokenSumNorm => 2,
+    };
+    let [logp, old, adv, mask] = inputs;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(out)
+        .ptr(logp)
+        .ptr(old)
+        .ptr(adv)
+        .ptr(mask)
+        .ptr(ref_logp.unwrap_or(&[]));
+    a.scalar(int(op, "S", s)?)
+        .scalar(int(op, "T", t)?)
+        .scalar(spec.clip_low)
+        .scalar(spec.clip_high);
+    a.scalar(spec.dual_clip.unwrap_or(0.0)).scalar(spec.kl_coef);
+    a.scalar(kl).scalar(agg);
+    let sym = if bwd {
+        "policy_loss_bwd_f32"
+    } else {
+        "policy_loss_fwd_f32"
+    };
+    l.launch(sym, dim1(1), dim1(512), 0, &mut a)
+}

@@ -1,0 +1,113 @@
+//! `kernels/pool.cu`: pool_fwd_f32 (grid B, block 256, T * 4 bytes of dynamic shared memory
+//! for `weighted`) and pool_bwd_f32 (grid B, block 256, 3 * T * 4 bytes for `weighted`). `w`
+//! and `dw` are empty slices for the other modes (the kernels do not read them).
+
+use super::{check_len, check_pos, check_same, dim1, grid_dim, int, EmuArgs, Launch, SMEM_MAX};
+use crate::device::cpu::pool::{check_padding_mask, check_weights};
+use crate::device::PoolMode;
+use crate::{Error, Result};
+
+fn code(mode: PoolMode) -> i32 {
+    match mode {
+        PoolMode::Last => 0,
+        PoolMode::Mean => 1,
+        PoolMode::Max => 2,
+        PoolMode::Weighted => 3,
+    }
+}
+
+fn smem(op: &'static str, mode: PoolMode, per_t: usize, t: usize) -> Result<usize> {
+    let s = if mode == PoolMode::Weighted {
+        per_t * t * 4
+    } else {
+        0
+    };
+    if s > SMEM_MAX {
+        return Err(Error::invalid(
+            op,
+            format!("T = {t} needs {s} bytes of shared memory"),
+        ));
+    }
+    Ok(s)
+}
+
+/// out[B,C] from h[B,T,C] and mask[B,T] (and w[Tmax] for `weighted`).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd<L: Launch + ?Sized>(
+    l: &L,
+    out: &mut [f32],
+    h: &[f32],
+    mask: &[f32],
+    w: Option<&[f32]>,
+    dims: [usize; 3],
+    mode: PoolMode,
+) -> Result<()> {
+    const OP: &str = "pool_fwd";
+    let [b, t, c] = dims;
+    check_pos(OP, "T", t)?;
+    check_pos(OP, "C", c)?;
+    check_len(OP, "out [B,C]", out.len(), &[b, c])?;
+    check_len(OP, "h [B,T,C]", h.len(), &[b, t, c])?;
+    check_len(OP, "mask [B,T]", mask.len(), &[b, t])?;
+    check_weights(OP, "w", w.map(<[f32]>::len), t, mode)?;
+    check_padding_mask(OP, mask, t)?;
+    let smem = smem(OP, mode, 1, t)?;
+    if b == 0 {
+        return Ok(());
+    }
+    let grid = grid_dim(OP, "x", b, i32::MAX as usize)?;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(out).ptr(h).ptr(mask).ptr(w.unwrap_or(&[]));
+    a.scalar(int(OP, "B", b)?)
+        .scalar(int(OP, "T", t)?)
+        .scalar(int(OP, "C", c)?)
+        .scalar(code(mode));
+    l.launch("pool_fwd_f32", dim1(grid), dim1(256), smem, &mut a)
+}
+
+/// dh[B,T,C] = and, for `weighted`, dw[Tmax] +=.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd<L: Launch + ?Sized>(
+    l: &L,
+    dh: &mut [f32],
+    dw: Option<&mut [f32]>,
+    dout: &[f32],
+    h: &[f32],
+    mask: &[f32],
+    w: Option<&[f32]>,
+    dims: [usize; 3],
+    mode: PoolMode,
+) -> Result<()> {
+    const OP: &str = "pool_bwd";
+    let [b, t, c] = dims;
+    check_pos(OP, "T", t)?;
+    check_pos(OP, "C", c)?;
+    check_len(OP, "dh [B,T,C]", dh.len(), &[b, t, c])?;
+    check_len(OP, "dout [B,C]", dout.len(), &[b, c])?;
+    check_len(OP, "h [B,T,C]", h.len(), &[b, t, c])?;
+    check_len(OP, "mask [B,T]", mask.len(), &[b, t])?;
+    check_weights(OP, "w", w.map(<[f32]>::len), t, mode)?;
+    check_weights(OP, "dw", dw.as_ref().map(|d| d.len()), t, mode)?;
+    if let (Some(w), Some(dw)) = (&w, &dw) {
+        check_same(OP, "dw [Tmax]", dw.len(), w.len())?;
+    }
+    check_padding_mask(OP, mask, t)?;
+    let smem = smem(OP, mode, 3, t)?;
+    if b == 0 {
+        return Ok(());
+    }
+    let grid = grid_dim(OP, "x", b, i32::MAX as usize)?;
+    let mut none: [f32; 0] = [];
+    let mut a = EmuArgs::new();
+    a.ptr_mut(dh)
+        .ptr_mut(dw.unwrap_or(&mut none[..]))
+        .ptr(dout)
+        .ptr(h)
+        .ptr(mask)
+        .ptr(w.unwrap_or(&[]));
+    a.scalar(int(OP, "B", b)?)
+        .scalar(int(OP, "T", t)?)
+        .scalar(int(OP, "C", c)?)
+        .scalar(code(mode));
+    l.launch("pool_bwd_f32", dim1(grid), dim1(256), smem, &mut a)
+}

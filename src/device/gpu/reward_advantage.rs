@@ -1,0 +1,79 @@
+//! `kernels/reward_advantage.cu`: reward_advantage_f32, one block (grid 1, block 1024, S * 8
+//! bytes of dynamic shared memory), the spec passed as the kernel's integer encodings.
+
+use super::{check_len, check_pos, dim1, int, EmuArgs, Launch, SMEM_MAX};
+use crate::device::cpu::pool::check_binary;
+use crate::device::cpu::reward::check_spec;
+use crate::device::{Advantage, RewardSpec, RewardTransform};
+use crate::{Error, Result};
+
+/// mse[S], reward[S], advantage[S] (`=`) from pred, target [S,A] and valid [S].
+#[allow(clippy::too_many_arguments)]
+pub fn reward_advantage<L: Launch + ?Sized>(
+    l: &L,
+    mse: &mut [f32],
+    reward: &mut [f32],
+    adv: &mut [f32],
+    pred: &[f32],
+    target: &[f32],
+    valid: &[f32],
+    s: usize,
+    a: usize,
+    spec: &RewardSpec,
+) -> Result<()> {
+    const OP: &str = "reward_advantage";
+    check_pos(OP, "S", s)?;
+    check_pos(OP, "A", a)?;
+    check_len(OP, "mse [S]", mse.len(), &[s])?;
+    check_len(OP, "reward [S]", reward.len(), &[s])?;
+    check_len(OP, "advantage [S]", adv.len(), &[s])?;
+    check_len(OP, "pred [S,A]", pred.len(), &[s, a])?;
+    check_len(OP, "target [S,A]", target.len(), &[s, a])?;
+    check_len(OP, "valid [S]", valid.len(), &[s])?;
+    check_spec(OP, spec, s)?;
+    check_binary(OP, "valid", valid)?;
+    let smem = s * 8;
+    if smem > SMEM_MAX {
+        return Err(Error::invalid(
+            OP,
+            format!("S = {s} needs {smem} bytes of shared memory"),
+        ));
+    }
+    let (transform, temperature): (i32, f32) = match spec.transform {
+        RewardTransform::Negative => (0, 0.0),
+        RewardTransform::Exp { temperature } => (1, temperature),
+        RewardTransform::Bounded => (2, 0.0),
+        RewardTransform::Log => (3, 0.0),
+    };
+    let (clip, lo, hi): (i32, f32, f32) = match spec.clip {
+        Some((lo, hi)) => (1, lo, hi),
+        None => (0, 0.0, 0.0),
+    };
+    let (kind, group, norm_by_std, whiten): (i32, i32, i32, i32) = match spec.advantage {
+        Advantage::Grpo { group, norm_by_std } => {
+            (0, int(OP, "group", group)?, norm_by_std as i32, 0)
+        }
+        Advantage::Ppo { whiten } => (1, 0, 0, whiten as i32),
+    };
+    let mut g = EmuArgs::new();
+    g.ptr_mut(mse)
+        .ptr_mut(reward)
+        .ptr_mut(adv)
+        .ptr(pred)
+        .ptr(target)
+        .ptr(valid);
+    g.scalar(int(OP, "S", s)?)
+        .scalar(int(OP, "A", a)?)
+        .scalar(spec.mse_scale.unwrap_or(0.0));
+    g.scalar(spec.failure_value)
+        .scalar(transform)
+        .scalar(temperature);
+    g.scalar(spec.scale).scalar(spec.batch_normalize as i32);
+    g.scalar(clip).scalar(lo).scalar(hi);
+    g.scalar(kind)
+        .scalar(group)
+        .scalar(norm_by_std)
+        .scalar(whiten)
+        .scalar(spec.eps);
+    l.launch("reward_advantage_f32", dim1(1), dim1(1024), smem, &mut g)
+}

@@ -1,0 +1,86 @@
+//! `kernels/rmsnorm.cu`: rmsnorm_fwd_f32 (grid N, block 32 * ceil(C / pack / 32) capped at
+//! 1024) and rmsnorm_bwd_f32 (grid min(N, 2 * SMs), block 256, C * 4 bytes of dynamic shared
+//! memory for the block's dw partial, atomics into dw).
+
+use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Launch, SMEM_MAX};
+use crate::{Error, Result};
+
+/// rstd[N] = 1/sqrt(mean_c(x^2) + eps); out[N,C] = x * rstd * w[C]
+#[allow(clippy::too_many_arguments)]
+pub fn fwd<L: Launch + ?Sized>(
+    l: &L,
+    out: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    c: usize,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_fwd";
+    check_pos(OP, "C", c)?;
+    check_len(OP, "out [N,C]", out.len(), &[n, c])?;
+    check_len(OP, "rstd [N]", rstd.len(), &[n])?;
+    check_len(OP, "x [N,C]", x.len(), &[n, c])?;
+    check_len(OP, "w [C]", w.len(), &[c])?;
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::invalid(
+            OP,
+            format!("eps = {eps} must be finite and >= 0"),
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = grid_dim(OP, "x", n, i32::MAX as usize)?;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(out).ptr_mut(rstd).ptr(x).ptr(w);
+    a.scalar(int(OP, "N", n)?)
+        .scalar(int(OP, "C", c)?)
+        .scalar(eps);
+    l.launch(
+        "rmsnorm_fwd_f32",
+        dim1(grid),
+        dim1(pack_block(c, 1024)),
+        0,
+        &mut a,
+    )
+}
+
+/// dx[N,C] =, dw[C] += (see `Device::rmsnorm_bwd`)
+#[allow(clippy::too_many_arguments)]
+pub fn bwd<L: Launch + ?Sized>(
+    l: &L,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_bwd";
+    check_pos(OP, "C", c)?;
+    check_len(OP, "dx [N,C]", dx.len(), &[n, c])?;
+    check_len(OP, "dw [C]", dw.len(), &[c])?;
+    check_len(OP, "dout [N,C]", dout.len(), &[n, c])?;
+    check_len(OP, "x [N,C]", x.len(), &[n, c])?;
+    check_len(OP, "w [C]", w.len(), &[c])?;
+    check_len(OP, "rstd [N]", rstd.len(), &[n])?;
+    let smem = c * 4;
+    if smem > SMEM_MAX {
+        return Err(Error::invalid(
+            OP,
+            format!("C = {c} needs {smem} bytes of shared memory"),
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = n.min(2 * l.sms()) as u32;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(dx).ptr_mut(dw).ptr(dout).ptr(x).ptr(w).ptr(rstd);
+    a.scalar(int(OP, "N", n)?).scalar(int(OP, "C", c)?);
+    l.launch("rmsnorm_bwd_f32", dim1(grid), dim1(256), smem, &mut a)
+}

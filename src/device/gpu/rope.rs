@@ -1,0 +1,48 @@
+//! `kernels/rope.cu`: rope_fwd_f32 / rope_bwd_f32 in place on x[B,T,H,HS]: grid B*T, block
+//! 32 * ceil(H * HS / 2 / 32) capped at 256.
+
+use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Launch};
+use crate::{Error, Result};
+
+/// `bwd`: the transpose rotation (rope_bwd); else rope_fwd.
+#[allow(clippy::too_many_arguments)]
+pub fn rope<L: Launch + ?Sized>(
+    l: &L,
+    x: &mut [f32],
+    dims: [usize; 4],
+    pos0: usize,
+    theta: f32,
+    bwd: bool,
+) -> Result<()> {
+    let op = if bwd { "rope_bwd" } else { "rope_fwd" };
+    let [b, t, h, hs] = dims;
+    check_pos(op, "H", h)?;
+    if hs == 0 || hs % 2 != 0 {
+        return Err(Error::invalid(
+            op,
+            format!("HS = {hs} must be even and > 0"),
+        ));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(Error::invalid(
+            op,
+            format!("theta = {theta} must be finite and > 0"),
+        ));
+    }
+    check_len(op, "x [B,T,H,HS]", x.len(), &dims)?;
+    if b * t == 0 {
+        return Ok(());
+    }
+    int(op, "pos0 + T", pos0 + t)?;
+    let grid = grid_dim(op, "x", b * t, i32::MAX as usize)?;
+    let block = (32 * (h * hs / 2).div_ceil(32)).min(256) as u32;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(x);
+    a.scalar(int(op, "B", b)?)
+        .scalar(int(op, "T", t)?)
+        .scalar(int(op, "H", h)?)
+        .scalar(int(op, "HS", hs)?);
+    a.scalar(pos0 as i32).scalar(theta);
+    let sym = if bwd { "rope_bwd_f32" } else { "rope_fwd_f32" };
+    l.launch(sym, dim1(grid), dim1(block), 0, &mut a)
+}
