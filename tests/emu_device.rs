@@ -458,6 +458,36 @@ fn other_ops_match_cpu() {
         )
         .unwrap();
         outs.extend([down(&stats), down(&dlogp)]);
+        // without a reference model (an RL step with kl_coef 0): no KL term
+        let spec = PolicyLossSpec {
+            kl_coef: 0.0,
+            ..spec
+        };
+        dev.policy_loss_fwd(
+            ViewMut::all(&mut stats),
+            ins[0],
+            ins[1],
+            ins[2],
+            ins[3],
+            None,
+            s,
+            t,
+            &spec,
+        )
+        .unwrap();
+        dev.policy_loss_bwd(
+            ViewMut::all(&mut dlogp),
+            ins[0],
+            ins[1],
+            ins[2],
+            ins[3],
+            None,
+            s,
+            t,
+            &spec,
+        )
+        .unwrap();
+        outs.extend([down(&stats), down(&dlogp)]);
         // sum_squares (f64 partial sums in another order)
         let big = up(&vals(5000, 13, 2.0));
         let ss = dev.sum_squares(View::all(&big)).unwrap();

@@ -119,6 +119,17 @@ impl<'a> EmuArgs<'a> {
         self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrMut, size_of::<T>())
     }
 
+    /// A null `const T*` parameter: an optional input that is absent (the kernel tests for
+    /// null; an empty slice's pointer is not null).
+    pub fn null<T: bytemuck::Pod>(&mut self) -> &mut Self {
+        self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrConst, size_of::<T>())
+    }
+
+    /// A null `T*` parameter: an optional output that is absent.
+    pub fn null_mut<T: bytemuck::Pod>(&mut self) -> &mut Self {
+        self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrMut, size_of::<T>())
+    }
+
     /// A device address (`CUdeviceptr`), for the CUDA launchers; [`launch`] refuses it.
     pub fn device_ptr(&mut self, addr: u64) -> &mut Self {
         self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0)

@@ -1,6 +1,6 @@
 //! `kernels/policy_loss.cu`: policy_loss_fwd_f32 (stats [7]) and policy_loss_bwd_f32
 //! (dlogp [N]), one block (grid 1, block 512); the spec as the kernel's encodings (dual_clip 0
-//! = None; ref_logp an empty slice when absent).
+//! = None; an absent ref_logp is a null pointer).
 
 use super::{check_len, dim1, int, EmuArgs, Launch};
 use crate::device::{KlType, LossAgg, PolicyLossSpec, PolicyStat};
@@ -47,12 +47,11 @@ pub fn policy_loss<L: Launch + ?Sized>(
     };
     let [logp, old, adv, mask] = inputs;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out)
-        .ptr(logp)
-        .ptr(old)
-        .ptr(adv)
-        .ptr(mask)
-        .ptr(ref_logp.unwrap_or(&[]));
+    a.ptr_mut(out).ptr(logp).ptr(old).ptr(adv).ptr(mask);
+    match ref_logp {
+        Some(r) => a.ptr(r),
+        None => a.null::<f32>(),
+    };
     a.scalar(int(op, "S", s)?)
         .scalar(int(op, "T", t)?)
         .scalar(spec.clip_low)

@@ -1,6 +1,6 @@
 //! `kernels/pool.cu`: pool_fwd_f32 (grid B, block 256, T * 4 bytes of dynamic shared memory
 //! for `weighted`) and pool_bwd_f32 (grid B, block 256, 3 * T * 4 bytes for `weighted`). `w`
-//! and `dw` are empty slices for the other modes (the kernels do not read them).
+//! and `dw` are null pointers for the other modes.
 
 use super::{check_len, check_pos, check_same, dim1, grid_dim, int, EmuArgs, Launch, SMEM_MAX};
 use crate::device::cpu::pool::{check_padding_mask, check_weights};
@@ -57,7 +57,11 @@ pub fn fwd<L: Launch + ?Sized>(
     }
     let grid = grid_dim(OP, "x", b, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr(h).ptr(mask).ptr(w.unwrap_or(&[]));
+    a.ptr_mut(out).ptr(h).ptr(mask);
+    match w {
+        Some(w) => a.ptr(w),
+        None => a.null::<f32>(),
+    };
     a.scalar(int(OP, "B", b)?)
         .scalar(int(OP, "T", t)?)
         .scalar(int(OP, "C", c)?)
@@ -97,14 +101,17 @@ pub fn bwd<L: Launch + ?Sized>(
         return Ok(());
     }
     let grid = grid_dim(OP, "x", b, i32::MAX as usize)?;
-    let mut none: [f32; 0] = [];
     let mut a = EmuArgs::new();
-    a.ptr_mut(dh)
-        .ptr_mut(dw.unwrap_or(&mut none[..]))
-        .ptr(dout)
-        .ptr(h)
-        .ptr(mask)
-        .ptr(w.unwrap_or(&[]));
+    a.ptr_mut(dh);
+    match dw {
+        Some(dw) => a.ptr_mut(dw),
+        None => a.null_mut::<f32>(),
+    };
+    a.ptr(dout).ptr(h).ptr(mask);
+    match w {
+        Some(w) => a.ptr(w),
+        None => a.null::<f32>(),
+    };
     a.scalar(int(OP, "B", b)?)
         .scalar(int(OP, "T", t)?)
         .scalar(int(OP, "C", c)?)
