@@ -15,14 +15,14 @@
 //! decode_attention, sample) launches its f32 kernel(s). Launches are serialised inside the
 //! emulator, so this device is slow (milliseconds per launch): tiny models only.
 
-use super::cpu::CpuDevice;
+use super::cpu::{get, get_mut, CpuDevice};
 use super::emu::EmuMode;
 use super::gpu::{self, EmuLaunch};
 use super::{
     AdamwStep, AttnDims, CacheDims, Device, InjectMode, PolicyLossSpec, PoolMode, RewardSpec,
     SampleSpec, View, ViewMut,
 };
-use crate::{Error, Result};
+use crate::Result;
 
 type Buf = Vec<f32>;
 
@@ -52,29 +52,6 @@ impl EmuDevice {
     pub fn launcher(&self) -> &EmuLaunch {
         &self.launcher
     }
-}
-
-/// The elements a view covers.
-fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
-    let (off, len, total) = (v.offset(), v.len(), v.buf().len());
-    v.buf().get(off..off.saturating_add(len)).ok_or_else(|| {
-        Error::invalid(
-            op,
-            format!("{what}: view {off}+{len} outside buffer of {total}"),
-        )
-    })
-}
-
-/// The elements a writable view covers.
-fn get_mut<'a>(op: &'static str, what: &str, v: ViewMut<'a, Buf>) -> Result<&'a mut [f32]> {
-    let (buf, off, len) = v.into_parts();
-    let total = buf.len();
-    buf.get_mut(off..off.saturating_add(len)).ok_or_else(|| {
-        Error::invalid(
-            op,
-            format!("{what}: view {off}+{len} outside buffer of {total}"),
-        )
-    })
 }
 
 impl Device for EmuDevice {

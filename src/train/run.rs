@@ -146,14 +146,11 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
     let tc = &cfg.trainer;
     let ckpt = match &tc.resume {
         Resume::No => None,
-        Resume::Latest => latest_checkpoint(&tc.save_dir)?,
-        Resume::From(p) => {
-            let state = TrainerState::load(&p.join("trainer_state.json"))?;
-            Some((state.step, p.clone()))
-        }
+        Resume::Latest => latest_checkpoint(&tc.save_dir)?.map(|(_, p)| p),
+        Resume::From(p) => Some(p.clone()),
     };
     let state = match &ckpt {
-        Some((_, p)) => Some(TrainerState::load(&p.join("trainer_state.json"))?),
+        Some(p) => Some(TrainerState::load(&p.join("trainer_state.json"))?),
         None => None,
     };
     let kind = format!("{:?}/{:?}", tc.algo, tc.train_mode).to_lowercase();
@@ -170,14 +167,14 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
             ));
         }
     }
-    let mut parts = load_parts(dev, cfg, ckpt.as_ref().map(|c| c.1.as_path()))?;
+    let mut parts = load_parts(dev, cfg, ckpt.as_deref())?;
     let a = parts
         .actor
         .as_ref()
         .map(|(_, t)| t.actor.spec.a)
         .or(parts.critic.as_ref().map(|(_, t)| t.critic.spec.a))
         .unwrap_or(0);
-    if let Some((_, p)) = &ckpt {
+    if let Some(p) = &ckpt {
         if let Some((_, t)) = parts.actor.as_mut() {
             load_adamw(dev, &mut t.opt.adamw, &p.join("actor_optim.safetensors"))?;
         }
@@ -237,7 +234,7 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
         last_train: None,
         last_val: None,
         metrics: metrics_path.clone(),
-        last_checkpoint: ckpt.as_ref().map(|c| c.1.clone()),
+        last_checkpoint: ckpt.clone(),
     };
     if start == 0 && tc.val_steps > 0 && cfg.data.val_dataset.is_some() {
         let rec = validate(dev, cfg, &mut parts, a, &baseline)?;

@@ -191,7 +191,7 @@ impl DeviceBuf for Vec<f32> {
 type Buf = Vec<f32>;
 
 /// The elements a view covers.
-fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
+pub(crate) fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
     let (off, len, total) = (v.offset(), v.len(), v.buf().len());
     v.buf().get(off..off.saturating_add(len)).ok_or_else(|| {
         Error::invalid(
@@ -202,7 +202,11 @@ fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> 
 }
 
 /// The elements a writable view covers.
-fn get_mut<'a>(op: &'static str, what: &str, v: ViewMut<'a, Buf>) -> Result<&'a mut [f32]> {
+pub(crate) fn get_mut<'a>(
+    op: &'static str,
+    what: &str,
+    v: ViewMut<'a, Buf>,
+) -> Result<&'a mut [f32]> {
     let (buf, off, len) = v.into_parts();
     let total = buf.len();
     buf.get_mut(off..off.saturating_add(len)).ok_or_else(|| {
