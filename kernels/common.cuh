@@ -7,7 +7,13 @@
 #include "../emu/cuda_emu.h"
 #else
 #include <cuda_bf16.h>
+#ifdef __CUDACC_RTC__
+// NVRTC (tests/nvrtc.rs) has no host headers: what the kernels use of <stdint.h> and <math.h>
+typedef unsigned int uint32_t;
+#define INFINITY __int_as_float(0x7f800000)  // CUDART_INF_F of math_constants.h
+#else
 #include <stdint.h>
+#endif
 #endif
 
 // Dynamic shared memory of a launch, as an array of T: the one place that differs between the

@@ -58,9 +58,20 @@ pub enum Error {
     /// Bad arguments to an op or API call (lengths, dims); names the op and the argument.
     #[error("{op}: {msg}")]
     Invalid { op: &'static str, msg: String },
+    /// The CUDA device: no driver or GPU, or a driver/library call that failed (`what` names
+    /// the call or the kernel).
+    #[error("cuda: {what}: {msg}")]
+    Cuda { what: String, msg: String },
 }
 
 impl Error {
+    pub fn cuda(what: impl Into<String>, msg: impl std::fmt::Display) -> Self {
+        Error::Cuda {
+            what: what.into(),
+            msg: msg.to_string(),
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

@@ -68,6 +68,7 @@ pub fn generate<D: Device>(
     spec: &GenSpec,
     stop: &dyn Fn(&[u32]) -> bool,
 ) -> Result<Vec<Sample>> {
+    let _range = crate::profile::range("rollout");
     generate_with(dev, model, prompts, spec, None, stop)
 }
 

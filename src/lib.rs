@@ -3,6 +3,7 @@
 //! The model's forward and backward are explicit sequences of [`device::Device`] ops over
 //! buffers laid out ahead of time; the CPU device is the reference for every op.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -12,6 +13,7 @@ pub mod memory;
 pub mod model;
 pub mod nla;
 pub mod plot;
+pub mod profile;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -57,6 +57,11 @@ enum Cmd {
     /// The whole NLA pipeline on the CPU in minutes: a small subject model, a dataset extracted
     /// from the shipped texts, SFT of actor and critic, GRPO, fidelity before and after
     Demo(cmd::demo::DemoArgs),
+    /// Time the training step (tokens/s, MFU) and the rollout (tokens/s, fraction of the
+    /// weight-streaming bound) on a device
+    Bench(cmd::bench::BenchArgs),
+    /// What this build and machine can run on (CPU, the CUDA emulator, GPUs)
+    Devices,
     /// Build an NLA dataset: a subject model's residual stream at token positions of texts
     Extract(cmd::demo::ExtractArgs),
     /// Train an NLA actor and/or critic: SFT, GRPO or PPO, as a run config says
@@ -94,6 +99,8 @@ fn main() {
             grads,
         } => forward_cmd(&model, &ids, &dump, grads),
         Cmd::Demo(a) => cmd::demo::demo_cmd(&a),
+        Cmd::Bench(a) => cmd::bench::bench_cmd(&a),
+        Cmd::Devices => cmd::bench::devices_cmd(),
         Cmd::Extract(a) => cmd::demo::extract_cmd(&a),
         Cmd::Train(a) => cmd::nla::train_cmd(&a),
         Cmd::Generate(a) => cmd::nla::generate_cmd(&a),

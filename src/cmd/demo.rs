@@ -8,13 +8,14 @@ use clap::Args;
 
 use nla_engine::config::RunConfig;
 use nla_engine::data::write_nla_parquet;
-use nla_engine::device::cpu::CpuDevice;
+use nla_engine::device::Device;
 use nla_engine::model::{builtin, load_model};
 use nla_engine::nla::extract::{extract, read_texts, split_rows, ExtractSpec};
 use nla_engine::train::metrics::read_metrics;
 use nla_engine::train::run;
+use nla_engine::with_device;
 
-use super::nla::cpu_device;
+use super::nla::open_device;
 
 #[derive(Args, Debug)]
 pub struct ExtractArgs {
@@ -55,12 +56,16 @@ pub struct ExtractArgs {
 }
 
 pub fn extract_cmd(args: &ExtractArgs) -> Result<()> {
-    let dev = cpu_device(&args.device)?;
+    let dev = open_device(&args.device)?;
+    with_device!(&dev, d => extract_on(d, args))
+}
+
+fn extract_on<D: Device>(dev: &D, args: &ExtractArgs) -> Result<()> {
     if args.val_fraction > 0.0 && args.val_out.is_none() {
         bail!("--val-fraction {} needs --val-out", args.val_fraction);
     }
     let texts = read_texts(&args.texts)?;
-    let (model, tok) = load_model(&dev, &args.model)?;
+    let (model, tok) = load_model(dev, &args.model)?;
     let Some(tok) = tok else {
         bail!(
             "{}: no tokenizer.json next to the model",
@@ -77,7 +82,7 @@ pub fn extract_cmd(args: &ExtractArgs) -> Result<()> {
         ..ExtractSpec::default()
     };
     let t0 = Instant::now();
-    let ex = extract(&dev, &model, &tok, &texts, &spec)?;
+    let ex = extract(dev, &model, &tok, &texts, &spec)?;
     let (train, val) = split_rows(ex.rows, args.val_fraction, args.seed)?;
     write_nla_parquet(&args.out, &train)?;
     if let Some(v) = &args.val_out {
@@ -125,6 +130,9 @@ pub struct DemoArgs {
     /// Plain progress lines instead of bars
     #[arg(long)]
     pub no_bar: bool,
+    /// cpu, cuda, cuda:N, auto or emu (the figures in the README are the CPU's)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 const DEMO_YAML: &str = include_str!("../../configs/demo.yaml");
@@ -136,7 +144,11 @@ fn p(path: &Path) -> String {
 /// The demo: pretrain a tiny subject model, extract a dataset from the shipped texts, SFT the
 /// actor and critic from the subject's weights, a few GRPO steps, fidelity before and after.
 pub fn demo_cmd(args: &DemoArgs) -> Result<()> {
-    let dev = CpuDevice::new();
+    let dev = open_device(&args.device)?;
+    with_device!(&dev, d => demo_on(d, args))
+}
+
+fn demo_on<D: Device>(dev: &D, args: &DemoArgs) -> Result<()> {
     let t0 = Instant::now();
     let out = &args.out;
     let base = out.join("base");
@@ -151,17 +163,17 @@ pub fn demo_cmd(args: &DemoArgs) -> Result<()> {
     let subject = if base.join("config.json").is_file() && base.join("model.safetensors").is_file()
     {
         println!("   using {} (delete it to train again)", base.display());
-        load_model(&dev, &base)?.0
+        load_model(dev, &base)?.0
     } else {
         let steps = args.pretrain_steps.max(1);
         let mut last = 0.0;
-        let m = builtin::pretrain_demo(&dev, &texts.join("\n"), steps, args.seed, &mut |s, l| {
+        let m = builtin::pretrain_demo(dev, &texts.join("\n"), steps, args.seed, &mut |s, l| {
             last = l;
             if s == 1 || s % 100 == 0 || s == steps {
                 println!("   step {s:>4}/{steps}  loss {l:.3}");
             }
         })?;
-        builtin::save_model_folder(&dev, &m, &tok, &base)?;
+        builtin::save_model_folder(dev, &m, &tok, &base)?;
         println!(
             "   loss {last:.3} (uniform: ln 258 = 5.55); saved {}",
             base.display()
@@ -176,7 +188,7 @@ pub fn demo_cmd(args: &DemoArgs) -> Result<()> {
         per_text: args.per_text,
         ..ExtractSpec::default()
     };
-    let ex = extract(&dev, &subject, &tok, &texts, &spec)?;
+    let ex = extract(dev, &subject, &tok, &texts, &spec)?;
     let (train, val) = split_rows(ex.rows, 0.1, args.seed)?;
     let (train_pq, val_pq) = (data.join("train.parquet"), data.join("val.parquet"));
     write_nla_parquet(&train_pq, &train)?;
@@ -207,7 +219,7 @@ pub fn demo_cmd(args: &DemoArgs) -> Result<()> {
         cfg.trainer.total_training_steps, cfg.data.train_batch_size
     );
     let bar = args.no_bar.then_some(false);
-    let sft = run::train(&dev, &cfg, bar)?;
+    let sft = run::train(dev, &cfg, bar)?;
     let Some(ckpt) = sft.last_checkpoint.clone() else {
         bail!("SFT wrote no checkpoint");
     };
@@ -235,7 +247,7 @@ pub fn demo_cmd(args: &DemoArgs) -> Result<()> {
             "== 4/4 GRPO: {} steps, {} prompts x {} samples, reward = -MSE of the critic's reconstruction",
             args.grpo_steps, cfg.data.train_batch_size, cfg.grpo.n
         );
-        rl = Some(run::train(&dev, &cfg, bar)?);
+        rl = Some(run::train(dev, &cfg, bar)?);
     }
 
     // fidelity on the validation rows: before (step 0 of SFT), after SFT, after GRPO

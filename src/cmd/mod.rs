@@ -1,5 +1,6 @@
 //! Subcommands of the `nla-engine` binary.
 
+pub mod bench;
 pub mod demo;
 pub mod nla;
 pub mod plan;

@@ -8,12 +8,14 @@ use clap::Args;
 
 use nla_engine::config::{Algo, DeviceKind, Part, RunConfig};
 use nla_engine::data::{DatasetReader, Mode, Sample};
-use nla_engine::device::cpu::CpuDevice;
+use nla_engine::device::select::{self, AnyDevice};
+use nla_engine::device::Device;
 use nla_engine::nla::{CriticExample, Outcome};
 use nla_engine::train::metrics::{fidelity, mean_vector, FidelityOpts, Record};
 use nla_engine::train::nla::{ActorTrainer, CriticTrainer};
 use nla_engine::train::run::{self, explain, sample_spec, Parts};
 use nla_engine::train::setup;
+use nla_engine::with_device;
 
 /// Where the models and the config come from.
 #[derive(Args, Clone, Debug)]
@@ -28,24 +30,21 @@ pub struct ModelArgs {
     /// Override a config key, e.g. --set generation.temperature=0.7 (repeatable)
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// cpu, cuda or auto
+    /// cpu, cuda, cuda:N, auto (the GPU when there is one) or emu (the CUDA kernels on the CPU
+    /// emulator: slow)
     #[arg(long, default_value = "auto")]
     pub device: String,
 }
 
-/// The device to run on: only the CPU device exists in this build.
-pub fn cpu_device(kind: &str) -> Result<CpuDevice> {
-    match kind {
-        "cpu" | "auto" => Ok(CpuDevice::new()),
-        "cuda" => {
-            bail!("--device cuda: this build has no CUDA device yet; use --device cpu (or auto)")
-        }
-        other => bail!("--device {other}: expected cpu, cuda or auto"),
-    }
+/// Opens the device `--device` names (see [`select::open`]) and says which it is.
+pub fn open_device(kind: &str) -> Result<AnyDevice> {
+    let dev = select::open(kind)?;
+    eprintln!("device: {}", dev.name());
+    Ok(dev)
 }
 
-fn config_device(cfg: &RunConfig) -> Result<CpuDevice> {
-    cpu_device(match cfg.trainer.device {
+fn config_device(cfg: &RunConfig) -> Result<AnyDevice> {
+    open_device(match cfg.trainer.device {
         DeviceKind::Cpu => "cpu",
         DeviceKind::Cuda => "cuda",
         DeviceKind::Auto => "auto",
@@ -112,7 +111,7 @@ pub struct TrainArgs {
     /// Plain progress lines instead of a bar
     #[arg(long)]
     pub no_bar: bool,
-    /// cpu, cuda or auto [default: trainer.device]
+    /// cpu, cuda, cuda:N, auto or emu [default: trainer.device]
     #[arg(long)]
     pub device: Option<String>,
 }
@@ -136,6 +135,10 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
         eprintln!("warning: {w}");
     }
     let dev = config_device(&cfg)?;
+    with_device!(&dev, d => train_on(d, args, &cfg))
+}
+
+fn train_on<D: Device>(dev: &D, args: &TrainArgs, cfg: &RunConfig) -> Result<()> {
     let what = match cfg.trainer.algo {
         Algo::Sft => "SFT",
         Algo::Grpo => "GRPO",
@@ -147,11 +150,12 @@ pub fn train_cmd(args: &TrainArgs) -> Result<()> {
         Part::Both => "actor and critic",
     };
     eprintln!(
-        "train: {what} of the {parts}, {} steps, into {} (cpu)",
+        "train: {what} of the {parts}, {} steps, into {} ({})",
         cfg.trainer.total_training_steps,
-        cfg.trainer.save_dir.display()
+        cfg.trainer.save_dir.display(),
+        dev.name()
     );
-    let s = run::train(&dev, &cfg, args.no_bar.then_some(false))?;
+    let s = run::train(dev, cfg, args.no_bar.then_some(false))?;
     print_summary(&s);
     Ok(())
 }
@@ -225,18 +229,22 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     if let Some(t) = args.temperature {
         cfg.generation.temperature = t;
     }
-    let dev = cpu_device(&args.model.device)?;
-    let path = args.model.actor_path(&cfg)?;
-    let (side, actor) = setup::load_actor(&dev, &cfg, &path)?;
+    let dev = open_device(&args.model.device)?;
+    with_device!(&dev, d => generate_on(d, args, &cfg))
+}
+
+fn generate_on<D: Device>(dev: &D, args: &GenerateArgs, cfg: &RunConfig) -> Result<()> {
+    let path = args.model.actor_path(cfg)?;
+    let (side, actor) = setup::load_actor(dev, cfg, &path)?;
     let rows = read_rows(
-        &cfg,
+        cfg,
         &args.data,
         args.rows,
         actor.spec.a,
         Mode::Actor,
         false,
     )?;
-    let enc = setup::actor_encoder(&cfg, &side)?;
+    let enc = setup::actor_encoder(cfg, &side)?;
     let mut prompts = vec![];
     for r in &rows {
         match enc.prompt(r)? {
@@ -246,14 +254,14 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     }
     let greedy = cfg.generation.temperature == 0.0;
     let expl = explain(
-        &dev,
-        &cfg,
+        dev,
+        cfg,
         &side,
         &actor,
         None,
         &prompts,
         args.samples.max(1),
-        sample_spec(&cfg, greedy),
+        sample_spec(cfg, greedy),
         cfg.trainer.seed,
     )?;
     let mut out = match &args.out {
@@ -300,13 +308,17 @@ pub struct ReconstructArgs {
 
 pub fn reconstruct_cmd(args: &ReconstructArgs) -> Result<()> {
     let cfg = args.model.load()?;
-    let dev = cpu_device(&args.model.device)?;
-    let path = args.model.critic_path(&cfg)?;
-    let (side, critic) = setup::load_critic(&dev, &cfg, &path, None)?;
+    let dev = open_device(&args.model.device)?;
+    with_device!(&dev, d => reconstruct_on(d, args, &cfg))
+}
+
+fn reconstruct_on<D: Device>(dev: &D, args: &ReconstructArgs, cfg: &RunConfig) -> Result<()> {
+    let path = args.model.critic_path(cfg)?;
+    let (side, critic) = setup::load_critic(dev, cfg, &path, None)?;
     let a = critic.spec.a;
-    let enc = setup::critic_encoder(&cfg, &side);
+    let enc = setup::critic_encoder(cfg, &side);
     let rows = match &args.data {
-        Some(d) => read_rows(&cfg, d, args.rows, a, Mode::Critic, args.text.is_none())?,
+        Some(d) => read_rows(cfg, d, args.rows, a, Mode::Critic, args.text.is_none())?,
         None => vec![],
     };
     let mut examples = vec![];
@@ -329,14 +341,14 @@ pub fn reconstruct_cmd(args: &ReconstructArgs) -> Result<()> {
         examples.push(CriticExample { ids, target });
     }
     let mut t = CriticTrainer::new(
-        &dev,
+        dev,
         critic,
         Default::default(),
         nla_engine::train::LrSchedule::constant(0.0),
         0.0,
         side.mse_scale,
     )?;
-    let pass = t.pass(&dev, &examples, None, 16, side.pad_id, false, 1)?;
+    let pass = t.pass(dev, &examples, None, 16, side.pad_id, false, 1)?;
     let mut out = match &args.out {
         Some(p) => Some(std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
@@ -416,8 +428,18 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
 
 /// The validation record of the models of `m` on the first `rows` rows of `data`.
 pub fn eval_record(m: &ModelArgs, data: &Path, rows: usize) -> Result<Record> {
-    let mut cfg = m.load()?;
-    let dev = cpu_device(&m.device)?;
+    let cfg = m.load()?;
+    let dev = open_device(&m.device)?;
+    with_device!(&dev, d => eval_on(d, m, cfg, data, rows))
+}
+
+fn eval_on<D: Device>(
+    dev: &D,
+    m: &ModelArgs,
+    mut cfg: RunConfig,
+    data: &Path,
+    rows: usize,
+) -> Result<Record> {
     let mut vd = cfg
         .data
         .val_dataset
@@ -427,25 +449,18 @@ pub fn eval_record(m: &ModelArgs, data: &Path, rows: usize) -> Result<Record> {
     vd.shuffle = false;
     cfg.data.val_dataset = Some(vd);
     cfg.data.val_batch_size = rows;
-    let (aside, actor) = setup::load_actor(&dev, &cfg, &m.actor_path(&cfg)?)?;
+    let (aside, actor) = setup::load_actor(dev, &cfg, &m.actor_path(&cfg)?)?;
     let a = actor.spec.a;
-    let (cside, critic) = setup::load_critic(&dev, &cfg, &m.critic_path(&cfg)?, Some(a))?;
+    let (cside, critic) = setup::load_critic(dev, &cfg, &m.critic_path(&cfg)?, Some(a))?;
     let sched = nla_engine::train::LrSchedule::constant(0.0);
     let mut parts = Parts {
         actor: Some((
             aside,
-            ActorTrainer::new(&dev, actor, Default::default(), sched, 0.0)?,
+            ActorTrainer::new(dev, actor, Default::default(), sched, 0.0)?,
         )),
         critic: Some(
-            CriticTrainer::new(
-                &dev,
-                critic,
-                Default::default(),
-                sched,
-                0.0,
-                cside.mse_scale,
-            )
-            .map(|t| (cside, t))?,
+            CriticTrainer::new(dev, critic, Default::default(), sched, 0.0, cside.mse_scale)
+                .map(|t| (cside, t))?,
         ),
     };
     let mse_scale = parts.critic.as_ref().and_then(|(s, _)| s.mse_scale);
@@ -455,5 +470,5 @@ pub fn eval_record(m: &ModelArgs, data: &Path, rows: usize) -> Result<Record> {
         .flat_map(|s| s.vectors.iter().flatten().copied())
         .collect();
     let base = mean_vector(&flat, a, mse_scale)?;
-    Ok(run::validate(&dev, &cfg, &mut parts, a, &base)?)
+    Ok(run::validate(dev, &cfg, &mut parts, a, &base)?)
 }

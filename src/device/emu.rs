@@ -135,6 +135,19 @@ impl<'a> EmuArgs<'a> {
         self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0)
     }
 
+    /// The index of the first packed argument that is a non-null host pointer (packed with
+    /// [`ptr`](Self::ptr) / [`ptr_mut`](Self::ptr_mut), or [`input`](Self::input) /
+    /// [`output`](Self::output) of a host slice), if any: the CUDA backend refuses such a launch
+    /// (host memory means nothing to the GPU). Null pointers (absent optional arguments),
+    /// device addresses and scalars are not host pointers.
+    #[allow(dead_code)] // for the CUDA backend
+    pub(crate) fn host_pointer(&self) -> Option<usize> {
+        self.sig
+            .iter()
+            .zip(&self.slots)
+            .position(|(&(_, kind, _), &v)| matches!(kind, Kind::PtrConst | Kind::PtrMut) && v != 0)
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -267,6 +280,79 @@ fn mismatch(want: (usize, Kind, usize), got: (usize, Kind, usize)) -> Option<Str
     None
 }
 
+/// Why packed argument `got` cannot be passed for kernel parameter `want` on the GPU, if it
+/// cannot: as [`mismatch`], except that a device address goes to any pointer parameter (it
+/// does not record its pointee or constness).
+#[cfg(nla_emu)]
+fn device_mismatch(want: Param, got: Param) -> Option<String> {
+    let (ws, wk, _) = want;
+    let (gs, gk, _) = got;
+    if gk != Kind::Device {
+        return mismatch(want, got);
+    }
+    if matches!(wk, Kind::Float | Kind::Int) {
+        return Some(format!(
+            "the kernel takes {wk:?} ({ws} bytes), got a device address"
+        ));
+    }
+    (ws != gs).then(|| format!("the kernel takes {ws} bytes, got a {gs}-byte device address"))
+}
+
+/// A kernel parameter or packed argument: (size, kind, pointee size).
+#[cfg(nla_emu)]
+type Param = (usize, Kind, usize);
+
+/// The packed arguments against the kernel's signature as its registration recorded it: the
+/// count, then each argument by `why` (the reason it cannot be passed, if it cannot).
+#[cfg(nla_emu)]
+fn check_signature(
+    cname: &CStr,
+    args: &EmuArgs<'_>,
+    why: fn(Param, Param) -> Option<String>,
+) -> Result<()> {
+    let name = cname.to_string_lossy();
+    let sig = signature(cname)?;
+    if sig.len() != args.len() {
+        return Err(Error::invalid(
+            "emu",
+            format!(
+                "kernel `{name}` takes {} parameters, {} were packed",
+                sig.len(),
+                args.len()
+            ),
+        ));
+    }
+    for (i, (&want, &got)) in sig.iter().zip(&args.sig).enumerate() {
+        if let Some(why) = why(want, got) {
+            return Err(Error::invalid(
+                "emu",
+                format!("kernel `{name}`, parameter {i}: {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// For the CUDA backend: checks arguments packed for the GPU (device addresses for buffers,
+/// nulls for absent optional ones, scalars) against the kernel's C++ signature as the
+/// emulator's registration recorded it: the count, each size, scalar vs pointer (a device
+/// address passes for any pointer parameter). Without the emulator (no C++ compiler at build
+/// time) there is no signature to check against: Ok.
+#[allow(dead_code)] // for the CUDA backend
+pub(crate) fn check_device_signature(name: &str, args: &EmuArgs<'_>) -> Result<()> {
+    #[cfg(nla_emu)]
+    {
+        let cname = CString::new(name)
+            .map_err(|_| Error::invalid("emu", format!("kernel name {name:?} contains NUL")))?;
+        check_signature(&cname, args, device_mismatch)
+    }
+    #[cfg(not(nla_emu))]
+    {
+        let _ = (name, args);
+        Ok(())
+    }
+}
+
 /// Launches the emulated kernel `name` (its `extern "C"` symbol) over `grid` x `block` with
 /// `dyn_smem` bytes of dynamic shared memory, and returns when every block has run. Errors (as
 /// `Error::Invalid { op: "emu" }`): an unknown kernel, arguments that do not match its signature,
@@ -317,26 +403,7 @@ fn launch_impl(
     mode: EmuMode,
     seed: u64,
 ) -> Result<()> {
-    let name = cname.to_string_lossy();
-    let sig = signature(cname)?;
-    if sig.len() != args.len() {
-        return Err(Error::invalid(
-            "emu",
-            format!(
-                "kernel `{name}` takes {} parameters, {} were packed",
-                sig.len(),
-                args.len()
-            ),
-        ));
-    }
-    for (i, (&want, &got)) in sig.iter().zip(&args.sig).enumerate() {
-        if let Some(why) = mismatch(want, got) {
-            return Err(Error::invalid(
-                "emu",
-                format!("kernel `{name}`, parameter {i}: {why}"),
-            ));
-        }
-    }
+    check_signature(cname, args, mismatch)?;
     let mut err = vec![0u8; 4096];
     let params = args.kernel_params();
     // SAFETY: `cname` is NUL-terminated; `grid` and `block` hold 3 u32 each; `params` has one
@@ -367,4 +434,82 @@ fn launch_impl(
         .map(|m| m.to_string_lossy().into_owned())
         .unwrap_or_default();
     Err(Error::invalid("emu", format!("{msg} (code {rc})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_pointer_finds_the_first_non_null_host_pointer() {
+        let x = [1.0f32, 2.0];
+        let mut y = [0u32; 3];
+
+        // scalars (zero or not), null pointers and device addresses are not host pointers
+        let mut a = EmuArgs::new();
+        a.scalar(0i32)
+            .scalar(7i64)
+            .scalar(1.5f32)
+            .null::<f32>()
+            .null_mut::<u32>()
+            .device_ptr(0x7f00_0000_1000)
+            .device_ptr(0);
+        assert_eq!(a.host_pointer(), None);
+        assert_eq!(EmuArgs::new().host_pointer(), None);
+
+        // a host slice after them is found at its index
+        a.ptr(&x[..]);
+        assert_eq!(a.host_pointer(), Some(7));
+        a.ptr_mut(&mut y[..]);
+        assert_eq!(a.host_pointer(), Some(7));
+
+        // a mutable host slice, packed through the launchers' In/Out types
+        let mut z = [0f32; 2];
+        let mut b = EmuArgs::new();
+        b.device_ptr(0x1000)
+            .scalar(3i32)
+            .output_opt::<f32>(None)
+            .output(crate::device::gpu::Out::from(&mut z[..]))
+            .input(crate::device::gpu::In::from(&x[..]));
+        assert_eq!(b.host_pointer(), Some(3));
+
+        // device In/Out are not host pointers
+        let dev = crate::device::gpu::DevPtr::<f32>::new(0x2000, 4);
+        let mut c = EmuArgs::new();
+        c.input(dev.into())
+            .output(dev.into())
+            .input_opt::<f32>(None);
+        assert_eq!(c.host_pointer(), None);
+    }
+
+    #[cfg(nla_emu)]
+    #[test]
+    fn check_device_signature_takes_device_addresses_for_pointers() {
+        // residual_bwd_f32(float* da, const float* dout, i64 n)
+        let sym = "residual_bwd_f32";
+        let mut a = EmuArgs::new();
+        a.device_ptr(0x1000).device_ptr(0x2000).scalar(4i64);
+        check_device_signature(sym, &a).unwrap();
+        // the emulator still refuses it
+        let err = launch(sym, [1; 3], [1; 3], 0, &mut a, EmuMode::Forward, 0).unwrap_err();
+        assert!(err.to_string().contains("device address"), "{err}");
+        // a null output passes; a wrong scalar size, a scalar for a pointer, a device address
+        // for a scalar, a wrong count and an unknown kernel do not
+        let mut a = EmuArgs::new();
+        a.null_mut::<f32>().device_ptr(0x2000).scalar(4i64);
+        check_device_signature(sym, &a).unwrap();
+        let mut a = EmuArgs::new();
+        a.device_ptr(0x1000).device_ptr(0x2000).scalar(4i32);
+        assert!(check_device_signature(sym, &a).is_err());
+        let mut a = EmuArgs::new();
+        a.scalar(0u64).device_ptr(0x2000).scalar(4i64);
+        assert!(check_device_signature(sym, &a).is_err());
+        let mut a = EmuArgs::new();
+        a.device_ptr(0x1000).device_ptr(0x2000).device_ptr(0x3000);
+        assert!(check_device_signature(sym, &a).is_err());
+        let mut a = EmuArgs::new();
+        a.device_ptr(0x1000).device_ptr(0x2000);
+        assert!(check_device_signature(sym, &a).is_err());
+        assert!(check_device_signature("no_such_kernel_f32", &a).is_err());
+    }
 }

@@ -17,7 +17,7 @@
 
 use super::cpu::{get, get_mut, CpuDevice};
 use super::emu::EmuMode;
-use super::gpu::{self, EmuLaunch};
+use super::gpu::{self, EmuLaunch, In, Out};
 use super::{
     AdamwStep, AttnDims, CacheDims, Device, InjectMode, PolicyLossSpec, PoolMode, RewardSpec,
     SampleSpec, View, ViewMut,
@@ -235,11 +235,16 @@ impl Device for EmuDevice {
         d: AttnDims,
     ) -> Result<()> {
         const OP: &str = "attention_bwd";
+        // scratch D [B,NH,T] (on the GPU: from the device's memory), overwritten by the kernels;
+        // lse's shape, so empty (and the launcher reports lse) where lse does not match the dims
+        let len = gpu::attention::bwd_scratch_len(&d);
+        let mut dscratch = vec![0f32; if lse.len() == len { len } else { 0 }];
         gpu::attention::bwd(
             &self.launcher,
             get_mut(OP, "dq", dq)?,
             get_mut(OP, "dk", dk)?,
             get_mut(OP, "dv", dv)?,
+            &mut dscratch,
             get(OP, "dout", dout)?,
             get(OP, "q", q)?,
             get(OP, "k", k)?,
@@ -499,7 +504,7 @@ impl Device for EmuDevice {
         mode: PoolMode,
     ) -> Result<()> {
         const OP: &str = "pool_fwd";
-        let w = w.map(|w| get(OP, "w", w)).transpose()?;
+        let w = w.map(|w| get(OP, "w", w)).transpose()?.map(In::from);
         gpu::pool::fwd(
             &self.launcher,
             get_mut(OP, "out", out)?,
@@ -525,8 +530,8 @@ impl Device for EmuDevice {
         mode: PoolMode,
     ) -> Result<()> {
         const OP: &str = "pool_bwd";
-        let w = w.map(|w| get(OP, "w", w)).transpose()?;
-        let dw = dw.map(|d| get_mut(OP, "dw", d)).transpose()?;
+        let w = w.map(|w| get(OP, "w", w)).transpose()?.map(In::from);
+        let dw = dw.map(|d| get_mut(OP, "dw", d)).transpose()?.map(Out::from);
         gpu::pool::bwd(
             &self.launcher,
             get_mut(OP, "dh", dh)?,
@@ -593,7 +598,7 @@ impl Device for EmuDevice {
             false,
             get_mut(OP, "stats", stats)?,
             [logp, old_logp, adv, mask],
-            ref_logp,
+            ref_logp.map(In::from),
             s,
             t,
             spec,
@@ -626,7 +631,7 @@ impl Device for EmuDevice {
             true,
             get_mut(OP, "dlogp", dlogp)?,
             [logp, old_logp, adv, mask],
-            ref_logp,
+            ref_logp.map(In::from),
             s,
             t,
             spec,
@@ -653,7 +658,10 @@ impl Device for EmuDevice {
     }
 
     fn sum_squares(&self, x: View<'_, Buf>) -> Result<f64> {
-        gpu::adamw::sum_squares(&self.launcher, get("sum_squares", "x", x)?)
+        // the kernel adds into out[0] with atomics: zeroed first
+        let mut out = [0f64; 1];
+        gpu::adamw::sum_squares(&self.launcher, &mut out[..], get("sum_squares", "x", x)?)?;
+        Ok(out[0])
     }
 
     fn decode_attention_fwd(
@@ -666,9 +674,22 @@ impl Device for EmuDevice {
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "decode_attention_fwd";
+        // split-K partials (on the GPU: from the device's memory), written before being read;
+        // empty (and the launcher reports out) where out does not match the dims
+        let out_len = [d.b, d.tq, d.nh, d.hs]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x));
+        let (lo, lml) = if out_len == Some(out.len()) {
+            gpu::decode_attention::scratch_lens(&self.launcher, &d, starts)
+        } else {
+            (0, 0)
+        };
+        let (mut part_o, mut part_ml) = (vec![0f32; lo], vec![0f32; lml]);
         gpu::decode_attention::fwd(
             &self.launcher,
             get_mut(OP, "out", out)?,
+            &mut part_o,
+            &mut part_ml,
             get(OP, "q", q)?,
             get(OP, "kcache", kcache)?,
             get(OP, "vcache", vcache)?,

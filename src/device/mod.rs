@@ -10,10 +10,12 @@
 //! Parameter gradients accumulate; activation gradients overwrite.
 
 pub mod cpu;
+pub mod cuda;
 pub mod emu;
 pub mod emu_device;
 pub mod gpu;
 pub mod kernels;
+pub mod select;
 
 use crate::Result;
 
@@ -342,6 +344,12 @@ pub trait Device: Send + Sync + Sized {
     type Ids: Send + Sync;
 
     fn name(&self) -> String;
+
+    /// Waits until every op issued so far has finished (a GPU runs ops asynchronously; the
+    /// CPU devices finish each op before returning). For timing.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// A zeroed buffer of `n` elements.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;

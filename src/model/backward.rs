@@ -58,6 +58,7 @@ pub fn backward_with<D: Device>(
     scale: f32,
     inj: Option<&mut Injection<D>>,
 ) -> Result<()> {
+    let _range = crate::profile::range("backward");
     check_shape(acts, batch)?;
     let cfg = &model.cfg;
     let n = batch.b * batch.t;

@@ -132,6 +132,7 @@ pub fn forward_with<D: Device>(
     batch: &DeviceBatch<D>,
     inj: Option<&Injection<D>>,
 ) -> Result<LossSum> {
+    let _range = crate::profile::range("forward");
     check_shape(acts, batch)?;
     forward_blocks(dev, model, acts, &batch.ids, inj)?;
     let cfg = &model.cfg;

@@ -412,6 +412,7 @@ impl<D: Device> Critic<D> {
         batch: &CriticInput<D>,
         mse_scale: Option<f32>,
     ) -> Result<CriticOut> {
+        let _range = crate::profile::range("critic forward");
         Self::check_shape(ws, batch)?;
         if let Some(s) = mse_scale {
             if !(s.is_finite() && s > 0.0) {
@@ -497,6 +498,7 @@ impl<D: Device> Critic<D> {
         divisor: f32,
     ) -> Result<()> {
         Self::check_shape(ws, batch)?;
+        let _range = crate::profile::range("critic backward");
         if !(divisor.is_finite() && divisor > 0.0) {
             return Err(invalid(format!("loss divisor {divisor} must be > 0")));
         }

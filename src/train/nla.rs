@@ -553,6 +553,7 @@ pub fn rewards<D: Device>(
     a: usize,
     spec: &RewardSpec,
 ) -> Result<Rewards> {
+    let _range = crate::profile::range("reward");
     let s = valid.len();
     let (mut mse, mut reward, mut adv) = (dev.alloc(s)?, dev.alloc(s)?, dev.alloc(s)?);
     let vf: Vec<f32> = valid.iter().map(|&v| f32::from(u8::from(v))).collect();

@@ -68,6 +68,7 @@ impl<D: Device> AdamW<D> {
         lr: f32,
         grad_scale: f32,
     ) -> Result<()> {
+        let _range = crate::profile::range("optimizer");
         if !lr.is_finite() || !grad_scale.is_finite() {
             return Err(Error::invalid(
                 "adamw",

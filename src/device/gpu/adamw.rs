@@ -1,8 +1,8 @@
 //! `kernels/adamw.cu`: adamw_f32 (block 256, grid ceil(n / 1024); bias corrections computed
 //! on the host in f64, as the twin) and sum_squares_f32 (block 256, grid min(ceil(n / 2048),
-//! 2 * SMs), adding into one f64).
+//! 2 * SMs), adding into one f64 the caller zeroes).
 
-use super::{check_same, dim1, EmuArgs, Launch};
+use super::{check_len, check_same, dim1, EmuArgs, In, Launch, Out};
 use crate::device::AdamwStep;
 use crate::{Error, Result};
 
@@ -15,15 +15,16 @@ fn bias_corrections(hp: &AdamwStep) -> (f32, f32) {
 }
 
 /// One AdamW step in place on p, m, v.
-pub fn adamw<L: Launch + ?Sized>(
+pub fn adamw<'a, L: Launch + ?Sized>(
     l: &L,
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
+    p: impl Into<Out<'a, f32>>,
+    g: impl Into<In<'a, f32>>,
+    m: impl Into<Out<'a, f32>>,
+    v: impl Into<Out<'a, f32>>,
     hp: &AdamwStep,
 ) -> Result<()> {
     const OP: &str = "adamw";
+    let (p, g, m, v) = (p.into(), g.into(), m.into(), v.into());
     let n = p.len();
     check_same(OP, "g", g.len(), n)?;
     check_same(OP, "m", m.len(), n)?;
@@ -45,7 +46,7 @@ pub fn adamw<L: Launch + ?Sized>(
     }
     let (inv_bc1, inv_bc2) = bias_corrections(hp);
     let mut a = EmuArgs::new();
-    a.ptr_mut(p).ptr(g).ptr_mut(m).ptr_mut(v).scalar(n as i64);
+    a.output(p).input(g).output(m).output(v).scalar(n as i64);
     a.scalar(hp.lr)
         .scalar(hp.beta1)
         .scalar(hp.beta2)
@@ -58,18 +59,24 @@ pub fn adamw<L: Launch + ?Sized>(
     l.launch("adamw_f32", dim1(grid), dim1(256), 0, &mut a)
 }
 
-/// sum of x^2 in f64 (block partials combined by f64 atomics: the order of the last additions
-/// depends on scheduling).
-pub fn sum_squares<L: Launch + ?Sized>(l: &L, x: &[f32]) -> Result<f64> {
+/// out[0] += sum of x^2 in f64. `out` holds exactly one element, which the caller zeroes
+/// before (or holds a running sum to add to) and reads after: the kernel accumulates into it
+/// with f64 atomics, one per block, so the order of the last additions depends on scheduling.
+/// Nothing is launched for an empty `x` (out is left as it is).
+pub fn sum_squares<'a, L: Launch + ?Sized>(
+    l: &L,
+    out: impl Into<Out<'a, f64>>,
+    x: impl Into<In<'a, f32>>,
+) -> Result<()> {
+    const OP: &str = "sum_squares";
+    let (out, x) = (out.into(), x.into());
+    check_len(OP, "out [1]", out.len(), &[1])?;
     let n = x.len();
     if n == 0 {
-        return Ok(0.0);
+        return Ok(());
     }
-    let mut out = [0f64; 1];
     let grid = n.div_ceil(2048).min(2 * l.sms()).max(1) as u32;
     let mut a = EmuArgs::new();
-    a.ptr_mut(&mut out[..]).ptr(x).scalar(n as i64);
-    l.launch("sum_squares_f32", dim1(grid), dim1(256), 0, &mut a)?;
-    drop(a);
-    Ok(out[0])
+    a.output(out).input(x).scalar(n as i64);
+    l.launch("sum_squares_f32", dim1(grid), dim1(256), 0, &mut a)
 }

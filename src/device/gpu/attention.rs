@@ -1,10 +1,10 @@
 //! `kernels/attention.cu`: causal GQA attention, head sizes bucketed to 16/32/64/128 (one
 //! kernel per bucket). `attention_fwd_f32_hs<B>`: grid (ceil(T/64), NH, B), block 128. The
-//! backward is three launches: attention_bwd_dot_f32 (D = rowsum(dout * out) into f32 scratch,
-//! one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs), `attention_bwd_dq_f32_hs<B>`
+//! backward is three launches: attention_bwd_dot_f32 (D = rowsum(dout * out) into the caller's
+//! f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs), `attention_bwd_dq_f32_hs<B>`
 //! (grid as the forward) and `attention_bwd_dkdv_f32_hs<B>` (grid (ceil(T/64), NKV, B)).
 
-use super::{check_len, check_pos, int, EmuArgs, Launch};
+use super::{check_len, check_pos, int, EmuArgs, In, Launch, Out};
 use crate::device::AttnDims;
 use crate::{Error, Result};
 
@@ -56,16 +56,17 @@ fn pack_dims(a: &mut EmuArgs<'_>, d: &AttnDims, with_kv: bool) {
 }
 
 /// out[B,T,NH,HS], lse[B,NH,T] from q[B,T,NH,HS], k, v [B,T,NKV,HS].
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    out: &mut [f32],
-    lse: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    out: impl Into<Out<'a, f32>>,
+    lse: impl Into<Out<'a, f32>>,
+    q: impl Into<In<'a, f32>>,
+    k: impl Into<In<'a, f32>>,
+    v: impl Into<In<'a, f32>>,
     d: AttnDims,
 ) -> Result<()> {
     const OP: &str = "attention_fwd";
+    let (out, lse, q, k, v) = (out.into(), lse.into(), q.into(), k.into(), v.into());
     let hsb = check_dims(OP, &d)?;
     let AttnDims { b, t, nh, nkv, hs } = d;
     check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
@@ -77,7 +78,7 @@ pub fn fwd<L: Launch + ?Sized>(
         return Ok(());
     }
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr_mut(lse).ptr(q).ptr(k).ptr(v);
+    a.output(out).output(lse).input(q).input(k).input(v);
     a.scalar(b as i32)
         .scalar(t as i32)
         .scalar(nh as i32)
@@ -88,22 +89,34 @@ pub fn fwd<L: Launch + ?Sized>(
     l.launch(&sym, grid, [NT, 1, 1], smem(hsb)[0], &mut a)
 }
 
-/// dq =, dk =, dv = from dout and the forward's q, k, v, out, lse.
+/// Elements of [`bwd`]'s f32 scratch `dscratch`: D [B,NH,T] (D_i = dout_i . out_i, written by
+/// attention_bwd_dot and read by the dq and dkdv kernels; no zeroing needed). 0 when B*T = 0
+/// (nothing is launched then).
+pub fn bwd_scratch_len(d: &AttnDims) -> usize {
+    d.b.saturating_mul(d.nh).saturating_mul(d.t)
+}
+
+/// dq =, dk =, dv = from dout and the forward's q, k, v, out, lse. `dscratch` is the scratch D
+/// of [`bwd_scratch_len`] elements (its contents on entry do not matter; it is overwritten).
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    out: &[f32],
-    lse: &[f32],
+    dq: impl Into<Out<'a, f32>>,
+    dk: impl Into<Out<'a, f32>>,
+    dv: impl Into<Out<'a, f32>>,
+    dscratch: impl Into<Out<'a, f32>>,
+    dout: impl Into<In<'a, f32>>,
+    q: impl Into<In<'a, f32>>,
+    k: impl Into<In<'a, f32>>,
+    v: impl Into<In<'a, f32>>,
+    out: impl Into<In<'a, f32>>,
+    lse: impl Into<In<'a, f32>>,
     d: AttnDims,
 ) -> Result<()> {
     const OP: &str = "attention_bwd";
+    let (dq, dk, dv, mut dscratch) = (dq.into(), dk.into(), dv.into(), dscratch.into());
+    let (dout, q, k, v) = (dout.into(), q.into(), k.into(), v.into());
+    let (out, lse) = (out.into(), lse.into());
     let hsb = check_dims(OP, &d)?;
     let AttnDims { b, t, nh, nkv, hs } = d;
     check_len(OP, "dq [B,T,NH,HS]", dq.len(), &[b, t, nh, hs])?;
@@ -115,17 +128,17 @@ pub fn bwd<L: Launch + ?Sized>(
     check_len(OP, "v [B,T,NKV,HS]", v.len(), &[b, t, nkv, hs])?;
     check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
     check_len(OP, "lse [B,NH,T]", lse.len(), &[b, nh, t])?;
+    check_len(OP, "dscratch [B,NH,T]", dscratch.len(), &[b, nh, t])?;
     if b * t == 0 {
         return Ok(());
     }
     let [_, smem_dq, smem_dkdv] = smem(hsb);
-    // scratch D [B,NH,T] (on the GPU: from the device's scratch arena)
+    // scratch D [B,NH,T]: rows > 0 here (B*T > 0, NH > 0)
     let rows = b * t * nh;
-    let mut dscratch = vec![0f32; rows];
     // 1. D = rowsum(dout * out)
     let dot_grid = rows.div_ceil(4).min(4 * l.sms()) as u32;
     let mut a = EmuArgs::new();
-    a.ptr_mut(&mut dscratch[..]).ptr(dout).ptr(out);
+    a.output(dscratch.reborrow()).input(dout).input(out);
     pack_dims(&mut a, &d, false);
     l.launch(
         "attention_bwd_dot_f32",
@@ -135,29 +148,30 @@ pub fn bwd<L: Launch + ?Sized>(
         &mut a,
     )?;
     drop(a);
+    let dscratch = dscratch.as_in();
     // 2. dq
     let mut a = EmuArgs::new();
-    a.ptr_mut(dq)
-        .ptr(dout)
-        .ptr(q)
-        .ptr(k)
-        .ptr(v)
-        .ptr(lse)
-        .ptr(&dscratch[..]);
+    a.output(dq)
+        .input(dout)
+        .input(q)
+        .input(k)
+        .input(v)
+        .input(lse)
+        .input(dscratch);
     pack_dims(&mut a, &d, true);
     let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
     let sym = format!("attention_bwd_dq_f32_hs{hsb}");
     l.launch(&sym, grid, [NT, 1, 1], smem_dq, &mut a)?;
     // 3. dk, dv
     let mut a = EmuArgs::new();
-    a.ptr_mut(dk)
-        .ptr_mut(dv)
-        .ptr(dout)
-        .ptr(q)
-        .ptr(k)
-        .ptr(v)
-        .ptr(lse)
-        .ptr(&dscratch[..]);
+    a.output(dk)
+        .output(dv)
+        .input(dout)
+        .input(q)
+        .input(k)
+        .input(v)
+        .input(lse)
+        .input(dscratch);
     pack_dims(&mut a, &d, true);
     let grid = [t.div_ceil(64) as u32, nkv as u32, b as u32];
     let sym = format!("attention_bwd_dkdv_f32_hs{hsb}");

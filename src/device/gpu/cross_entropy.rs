@@ -1,7 +1,7 @@
 //! `kernels/cross_entropy.cu`: cross_entropy_fwd_f32 / cross_entropy_bwd_f32, one block of 256
 //! per row, grid min(N, 65535) (grid-stride over the rest).
 
-use super::{check_ids, check_len, check_pos, dim1, int, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, int, EmuArgs, Ids, In, Launch, Out};
 use crate::Result;
 
 /// Threads per block of the row kernels (cross_entropy, softmax, sample).
@@ -17,7 +17,7 @@ fn check(
     op: &'static str,
     out: (&str, usize, &[usize]),
     logits: usize,
-    targets: &[u32],
+    targets: &Ids<'_>,
     mask: usize,
     n: usize,
     v: usize,
@@ -27,28 +27,30 @@ fn check(
     check_len(op, "logits [N,V]", logits, &[n, v])?;
     check_len(op, "targets [N]", targets.len(), &[n])?;
     check_len(op, "mask [N]", mask, &[n])?;
-    check_ids(op, "targets", targets, v)?;
+    targets.check(op, "targets", v)?;
     int(op, "N", n)?;
     int(op, "V", v)?;
     Ok(())
 }
 
 /// losses[N] = mask * (logsumexp(logits) - logits[target])
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    losses: &mut [f32],
-    logits: &[f32],
-    targets: &[u32],
-    mask: &[f32],
+    losses: impl Into<Out<'a, f32>>,
+    logits: impl Into<In<'a, f32>>,
+    targets: impl Into<Ids<'a>>,
+    mask: impl Into<In<'a, f32>>,
     n: usize,
     v: usize,
 ) -> Result<()> {
     const OP: &str = "cross_entropy_fwd";
+    let (losses, logits, targets, mask) =
+        (losses.into(), logits.into(), targets.into(), mask.into());
     check(
         OP,
         ("losses [N]", losses.len(), &[n]),
         logits.len(),
-        targets,
+        &targets,
         mask.len(),
         n,
         v,
@@ -57,7 +59,7 @@ pub fn fwd<L: Launch + ?Sized>(
         return Ok(());
     }
     let mut a = EmuArgs::new();
-    a.ptr_mut(losses).ptr(logits).ptr(targets).ptr(mask);
+    a.output(losses).input(logits).ids(targets).input(mask);
     a.scalar(n as i32).scalar(v as i32);
     l.launch(
         "cross_entropy_fwd_f32",
@@ -70,22 +72,24 @@ pub fn fwd<L: Launch + ?Sized>(
 
 /// dlogits[N,V] = mask * scale * (softmax - onehot(target))
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dlogits: &mut [f32],
-    logits: &[f32],
-    targets: &[u32],
-    mask: &[f32],
+    dlogits: impl Into<Out<'a, f32>>,
+    logits: impl Into<In<'a, f32>>,
+    targets: impl Into<Ids<'a>>,
+    mask: impl Into<In<'a, f32>>,
     n: usize,
     v: usize,
     scale: f32,
 ) -> Result<()> {
     const OP: &str = "cross_entropy_bwd";
+    let (dlogits, logits) = (dlogits.into(), logits.into());
+    let (targets, mask) = (targets.into(), mask.into());
     check(
         OP,
         ("dlogits [N,V]", dlogits.len(), &[n, v]),
         logits.len(),
-        targets,
+        &targets,
         mask.len(),
         n,
         v,
@@ -94,7 +98,7 @@ pub fn bwd<L: Launch + ?Sized>(
         return Ok(());
     }
     let mut a = EmuArgs::new();
-    a.ptr_mut(dlogits).ptr(logits).ptr(targets).ptr(mask);
+    a.output(dlogits).input(logits).ids(targets).input(mask);
     a.scalar(n as i32).scalar(v as i32).scalar(scale);
     l.launch(
         "cross_entropy_bwd_f32",

@@ -1,11 +1,11 @@
 //! `kernels/decode_attention.cu`: attention of TQ queries over a KV cache.
 //! `decode_attention_fwd_f32_hs<B>`: grid (nsplit, TQ * NKV * ceil(G/8), B), block 128 (G =
 //! NH/NKV query heads per KV head, 8 per block); with nsplit > 1 each split writes partial
-//! (o, m, l) to scratch and decode_attention_combine_f32 (one warp per row, ceil(R/4) blocks
-//! of 128 capped at 4 * SMs, R = B*TQ*NH) merges them.
+//! (o, m, l) to the caller's scratch ([`scratch_lens`]) and decode_attention_combine_f32 (one
+//! warp per row, ceil(R/4) blocks of 128 capped at 4 * SMs, R = B*TQ*NH) merges them.
 
 use super::attention::hs_bucket;
-use super::{check_ids, check_len, check_pos, int, EmuArgs, Launch};
+use super::{check_len, check_pos, int, EmuArgs, Ids, In, Launch, Out};
 use crate::device::CacheDims;
 use crate::{Error, Result};
 
@@ -32,17 +32,55 @@ pub fn nsplit(d: &CacheDims, starts: &[u32], sms: usize) -> usize {
         .clamp(1, lmax.div_ceil(32).min(64))
 }
 
-/// out[B,TQ,NH,HS] from q[B,TQ,NH,HS], caches [B,TMAX,NKV,HS] and starts [B].
-pub fn fwd<L: Launch + ?Sized>(
+/// The split count [`fwd`] uses: [`nsplit`] over host `starts`; for device starts (whose values
+/// the host cannot read) as if every row started at 0, the most splits the longest row would
+/// get (splits past a row's keys write l = 0, which the combine skips).
+fn splits(d: &CacheDims, starts: &Ids<'_>, sms: usize) -> usize {
+    nsplit(d, starts.host().unwrap_or(&[]), sms)
+}
+
+/// Elements of [`fwd`]'s f32 scratch `(part_o, part_ml)`: with nsplit > 1 splits over R =
+/// B*TQ*NH rows, part_o [nsplit][R][HS] (each split's unnormalised partial output) and part_ml
+/// [nsplit][R][2] (its max m and sum l), written by the splits and merged by
+/// decode_attention_combine (no zeroing needed); (0, 0) when the launch does not split (the
+/// kernel gets null scratch pointers then) or has nothing to do. `starts` and the launcher `l`
+/// (its SM count) must be the ones passed to [`fwd`], which checks the lengths exactly.
+pub fn scratch_lens<'a, L: Launch + ?Sized>(
     l: &L,
-    out: &mut [f32],
-    q: &[f32],
-    kcache: &[f32],
-    vcache: &[f32],
-    starts: &[u32],
+    d: &CacheDims,
+    starts: impl Into<Ids<'a>>,
+) -> (usize, usize) {
+    let starts = starts.into();
+    let rows = d.b.saturating_mul(d.tq).saturating_mul(d.nh);
+    if d.nkv == 0 || d.hs == 0 || rows == 0 {
+        return (0, 0);
+    }
+    match splits(d, &starts, l.sms()) {
+        ns if ns > 1 => (
+            ns.saturating_mul(rows).saturating_mul(d.hs),
+            ns.saturating_mul(rows).saturating_mul(2),
+        ),
+        _ => (0, 0),
+    }
+}
+
+/// out[B,TQ,NH,HS] from q[B,TQ,NH,HS], caches [B,TMAX,NKV,HS] and starts [B], with the scratch
+/// `part_o`, `part_ml` of [`scratch_lens`] elements (empty when the launch does not split).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd<'a, L: Launch + ?Sized>(
+    l: &L,
+    out: impl Into<Out<'a, f32>>,
+    part_o: impl Into<Out<'a, f32>>,
+    part_ml: impl Into<Out<'a, f32>>,
+    q: impl Into<In<'a, f32>>,
+    kcache: impl Into<In<'a, f32>>,
+    vcache: impl Into<In<'a, f32>>,
+    starts: impl Into<Ids<'a>>,
     d: CacheDims,
 ) -> Result<()> {
     const OP: &str = "decode_attention_fwd";
+    let (mut out, mut part_o, mut part_ml) = (out.into(), part_o.into(), part_ml.into());
+    let (q, kcache, vcache, starts) = (q.into(), kcache.into(), vcache.into(), starts.into());
     let CacheDims {
         b,
         tq,
@@ -86,7 +124,14 @@ pub fn fwd<L: Launch + ?Sized>(
         &[b, tmax, nkv, hs],
     )?;
     check_len(OP, "starts [B]", starts.len(), &[b])?;
-    check_ids(OP, "starts", starts, tmax)?;
+    starts.check(OP, "starts", tmax)?;
+    let ns = splits(&d, &starts, l.sms());
+    let rows = b * tq * nh;
+    // partial results: the caller's scratch, used only when the launch splits
+    let split = ns > 1 && rows > 0;
+    let scratch = if split { ns * rows } else { 0 };
+    check_len(OP, "part_o [nsplit,R,HS]", part_o.len(), &[scratch, hs])?;
+    check_len(OP, "part_ml [nsplit,R,2]", part_ml.len(), &[scratch, 2])?;
     if b * tq == 0 {
         return Ok(());
     }
@@ -99,17 +144,15 @@ pub fn fwd<L: Launch + ?Sized>(
             "TQ*NKV*ceil(G/8) and B must be <= 65535 (grid y, z)",
         ));
     }
-    let ns = nsplit(&d, starts, l.sms());
-    let rows = b * tq * nh;
-    let scratch = if ns > 1 { ns * rows } else { 0 };
-    // partial results (on the GPU: from the device's scratch arena)
-    let mut part_o = vec![0f32; scratch * hs];
-    let mut part_ml = vec![0f32; scratch * 2];
     let mut a = EmuArgs::new();
-    a.ptr_mut(&mut *out)
-        .ptr_mut(&mut part_o[..])
-        .ptr_mut(&mut part_ml[..]);
-    a.ptr(q).ptr(kcache).ptr(vcache).ptr(starts);
+    a.output(out.reborrow());
+    if split {
+        a.output(part_o.reborrow()).output(part_ml.reborrow());
+    } else {
+        // nsplit = 1 writes out directly: scratch unused, null
+        a.null_mut::<f32>().null_mut::<f32>();
+    }
+    a.input(q).input(kcache).input(vcache).ids(starts);
     for x in [b, tq, tmax, nh, nkv, hs, pos0, ns] {
         a.scalar(x as i32);
     }
@@ -124,7 +167,7 @@ pub fn fwd<L: Launch + ?Sized>(
     drop(a);
     if ns > 1 {
         let mut a = EmuArgs::new();
-        a.ptr_mut(out).ptr(&part_o[..]).ptr(&part_ml[..]);
+        a.output(out).input(part_o.as_in()).input(part_ml.as_in());
         a.scalar(rows as i32).scalar(hs as i32).scalar(ns as i32);
         let grid = rows.div_ceil(4).min(4 * l.sms()) as u32;
         l.launch(

@@ -1,30 +1,31 @@
 //! `kernels/embedding.cu`: embedding_fwd_f32 (grid N, block 32 * ceil(C / pack / 32) capped at
 //! 256) and embedding_bwd_f32 (grid N, block 256, atomics into dwte).
 
-use super::{check_ids, check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Ids, In, Launch, Out};
 use crate::Result;
 
 /// out[N,C] = wte[ids[n], :]
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    out: &mut [f32],
-    ids: &[u32],
-    wte: &[f32],
+    out: impl Into<Out<'a, f32>>,
+    ids: impl Into<Ids<'a>>,
+    wte: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
 ) -> Result<()> {
     const OP: &str = "embedding_fwd";
+    let (out, ids, wte) = (out.into(), ids.into(), wte.into());
     check_pos(OP, "C", c)?;
     check_len(OP, "ids [N]", ids.len(), &[n])?;
     check_len(OP, "out [N,C]", out.len(), &[n, c])?;
     let vocab = super::rows_of(OP, "wte [V,C]", wte.len(), c)?;
-    check_ids(OP, "ids", ids, vocab)?;
+    ids.check(OP, "ids", vocab)?;
     if n == 0 {
         return Ok(());
     }
     let grid = grid_dim(OP, "x", n, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr(ids).ptr(wte);
+    a.output(out).ids(ids).input(wte);
     a.scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
         .scalar(int(OP, "V", vocab)?);
@@ -38,26 +39,27 @@ pub fn fwd<L: Launch + ?Sized>(
 }
 
 /// dwte[ids[n], :] += dout[n, :]
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dwte: &mut [f32],
-    ids: &[u32],
-    dout: &[f32],
+    dwte: impl Into<Out<'a, f32>>,
+    ids: impl Into<Ids<'a>>,
+    dout: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
 ) -> Result<()> {
     const OP: &str = "embedding_bwd";
+    let (dwte, ids, dout) = (dwte.into(), ids.into(), dout.into());
     check_pos(OP, "C", c)?;
     check_len(OP, "ids [N]", ids.len(), &[n])?;
     check_len(OP, "dout [N,C]", dout.len(), &[n, c])?;
     let vocab = super::rows_of(OP, "dwte [V,C]", dwte.len(), c)?;
-    check_ids(OP, "ids", ids, vocab)?;
+    ids.check(OP, "ids", vocab)?;
     if n == 0 {
         return Ok(());
     }
     let grid = grid_dim(OP, "x", n, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(dwte).ptr(ids).ptr(dout);
+    a.output(dwte).ids(ids).input(dout);
     a.scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
         .scalar(int(OP, "V", vocab)?);

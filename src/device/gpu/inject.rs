@@ -1,31 +1,43 @@
 //! `kernels/inject.cu`: inject_fwd_f32 / inject_bwd_f32, grid S (one block per site), block 256.
 
-use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Ids, In, Launch, Out};
 use crate::device::InjectMode;
 use crate::Result;
 
+/// The sites: rows of h below N, distinct (the kernels write each site's row unsynchronised).
+/// Host sites are checked both ways; device sites only against the bound their owner recorded
+/// (distinctness is the caller's contract there: the host cannot read device memory).
+fn check_sites(op: &'static str, sites: &Ids<'_>, n: usize) -> Result<()> {
+    match sites.host() {
+        Some(s) => crate::device::cpu::inject::check_sites(op, s, n),
+        None => sites.check(op, "sites", n),
+    }
+}
+
 /// h[sites[k], :] = (or +=) vecs[k, :]
-pub fn fwd<L: Launch + ?Sized>(
+#[allow(clippy::too_many_arguments)]
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    h: &mut [f32],
-    sites: &[u32],
-    vecs: &[f32],
+    h: impl Into<Out<'a, f32>>,
+    sites: impl Into<Ids<'a>>,
+    vecs: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
     mode: InjectMode,
 ) -> Result<()> {
     const OP: &str = "inject_fwd";
+    let (h, sites, vecs) = (h.into(), sites.into(), vecs.into());
     check_pos(OP, "C", c)?;
     check_len(OP, "h [N,C]", h.len(), &[n, c])?;
     let s = sites.len();
     check_len(OP, "vecs [S,C]", vecs.len(), &[s, c])?;
-    crate::device::cpu::inject::check_sites(OP, sites, n)?;
+    check_sites(OP, &sites, n)?;
     if s == 0 {
         return Ok(());
     }
     let grid = grid_dim(OP, "x", s, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(h).ptr(sites).ptr(vecs);
+    a.output(h).ids(sites).input(vecs);
     a.scalar(int(OP, "S", s)?)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
@@ -34,27 +46,29 @@ pub fn fwd<L: Launch + ?Sized>(
 }
 
 /// dvecs[k, :] = dh[sites[k], :]; `Replace` also zeroes those rows of dh.
-pub fn bwd<L: Launch + ?Sized>(
+#[allow(clippy::too_many_arguments)]
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dvecs: &mut [f32],
-    dh: &mut [f32],
-    sites: &[u32],
+    dvecs: impl Into<Out<'a, f32>>,
+    dh: impl Into<Out<'a, f32>>,
+    sites: impl Into<Ids<'a>>,
     n: usize,
     c: usize,
     mode: InjectMode,
 ) -> Result<()> {
     const OP: &str = "inject_bwd";
+    let (dvecs, dh, sites) = (dvecs.into(), dh.into(), sites.into());
     check_pos(OP, "C", c)?;
     let s = sites.len();
     check_len(OP, "dvecs [S,C]", dvecs.len(), &[s, c])?;
     check_len(OP, "dh [N,C]", dh.len(), &[n, c])?;
-    crate::device::cpu::inject::check_sites(OP, sites, n)?;
+    check_sites(OP, &sites, n)?;
     if s == 0 {
         return Ok(());
     }
     let grid = grid_dim(OP, "x", s, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(dvecs).ptr_mut(dh).ptr(sites);
+    a.output(dvecs).output(dh).ids(sites);
     a.scalar(int(OP, "S", s)?)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)

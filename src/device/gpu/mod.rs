@@ -3,10 +3,16 @@
 //! the kernel's header says, packing the arguments in the kernel's parameter order and
 //! launching through a [`Launch`] backend.
 //!
-//! The launchers take host-side typed slices standing for device pointers (the f32 variants of
-//! the kernels; ids are u32). Today the one backend is [`EmuLaunch`], the CPU emulator of the
-//! CUDA execution model (`device/emu.rs`), which [`crate::device::emu_device::EmuDevice`] uses
-//! to run every op but matmul through the real kernels. A cudarc backend implements [`Launch`]
+//! The launchers take their pointer arguments as [`In`] (`const T*`), [`Out`] (`T*`) and [`Ids`]
+//! (token ids or positions, checked against their bound), each either a host slice or a
+//! device address ([`DevPtr`]); the f32 variants of the kernels; ids are u32. Launchers never
+//! allocate: scratch a kernel family needs is the caller's, sized by the family's length
+//! function (`attention::bwd_scratch_len`, `decode_attention::scratch_lens`), and checks of
+//! values (not lengths) run on host memory only (device inputs are not value-checked).
+//!
+//! Today the one backend is [`EmuLaunch`], the CPU emulator of the CUDA execution model
+//! (`device/emu.rs`), which [`crate::device::emu_device::EmuDevice`] uses to run every op but
+//! matmul through the real kernels. A cudarc backend implements [`Launch`]
 //! by handing [`EmuArgs::kernel_params`] to `cuLaunchKernel` (device addresses packed with
 //! [`EmuArgs::device_ptr`]); the grid/block/smem arithmetic here is shared.
 //!
@@ -23,6 +29,7 @@ pub mod inject;
 pub mod norm_scale;
 pub mod policy_loss;
 pub mod pool;
+pub mod ptr;
 pub mod residual;
 pub mod reward_advantage;
 pub mod rmsnorm;
@@ -33,6 +40,7 @@ pub mod swiglu;
 
 pub use super::emu::{EmuArgs, EmuMode};
 use crate::{Error, Result};
+pub use ptr::{DevPtr, Ids, In, Out};
 
 /// Launches a kernel by symbol. `args` are packed like `cuLaunchKernel`'s `kernelParams`.
 pub trait Launch {
@@ -156,17 +164,6 @@ pub(crate) fn check_pos(op: &'static str, name: &str, x: usize) -> Result<()> {
     }
 }
 
-/// Every id must be below `limit` (the kernels index with them unchecked).
-pub(crate) fn check_ids(op: &'static str, what: &str, ids: &[u32], limit: usize) -> Result<()> {
-    match ids.iter().enumerate().find(|(_, &id)| id as usize >= limit) {
-        None => Ok(()),
-        Some((i, id)) => Err(Error::invalid(
-            op,
-            format!("{what}[{i}] = {id} is out of range (must be < {limit})"),
-        )),
-    }
-}
-
 /// f32 elements per 16-byte access.
 pub(crate) const PACK: usize = 4;
 
@@ -203,5 +200,179 @@ pub(crate) fn check_same(op: &'static str, what: &str, got: usize, want: usize) 
             op,
             format!("{what}: expected {want} elements, got {got}"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::device::{AttnDims, CacheDims};
+
+    /// Records each launch (symbol, whether any argument is a host pointer) without running it.
+    #[derive(Default)]
+    struct Record(RefCell<Vec<(String, bool)>>);
+
+    impl Launch for Record {
+        fn launch(
+            &self,
+            sym: &str,
+            _grid: [u32; 3],
+            _block: [u32; 3],
+            _smem: usize,
+            args: &mut EmuArgs<'_>,
+        ) -> Result<()> {
+            let host = args.host_pointer().is_some();
+            self.0.borrow_mut().push((sym.to_string(), host));
+            Ok(())
+        }
+    }
+
+    impl Record {
+        fn syms(&self) -> Vec<String> {
+            self.0.borrow().iter().map(|(s, _)| s.clone()).collect()
+        }
+    }
+
+    fn dev<'a, T>(len: usize) -> DevPtr<'a, T> {
+        DevPtr::new(0x1000, len)
+    }
+
+    #[test]
+    fn sum_squares_takes_one_slot_and_skips_empty_input() {
+        let l = Record::default();
+        let x = vec![1f32; 10];
+        let mut two = [0f64; 2];
+        assert!(adamw::sum_squares(&l, &mut two[..], &x).is_err());
+        let mut out = [5f64; 1];
+        adamw::sum_squares(&l, &mut out[..], &x[..0]).unwrap();
+        assert!(l.syms().is_empty());
+        assert_eq!(out[0], 5.0);
+        adamw::sum_squares(&l, &mut out[..], &x).unwrap();
+        adamw::sum_squares(&l, dev::<f64>(1), dev::<f32>(10)).unwrap();
+        assert_eq!(l.syms(), ["sum_squares_f32", "sum_squares_f32"]);
+        assert!(!l.0.borrow()[1].1, "device arguments only");
+    }
+
+    #[test]
+    fn attention_bwd_checks_its_scratch() {
+        let d = AttnDims {
+            b: 2,
+            t: 3,
+            nh: 4,
+            nkv: 2,
+            hs: 8,
+        };
+        let n = attn_lens(&d);
+        assert_eq!(attention::bwd_scratch_len(&d), 2 * 4 * 3);
+        let l = Record::default();
+        let (q, kv, lse) = (dev::<f32>(n.0), dev::<f32>(n.1), dev::<f32>(n.2));
+        let run = |scratch: usize| {
+            attention::bwd(&l, q, kv, kv, dev::<f32>(scratch), q, q, kv, kv, q, lse, d)
+        };
+        let err = run(n.2 - 1).unwrap_err().to_string();
+        assert!(err.contains("dscratch"), "{err}");
+        assert!(l.syms().is_empty());
+        run(n.2).unwrap();
+        assert_eq!(l.syms().len(), 3);
+        assert!(l.0.borrow().iter().all(|(_, host)| !host));
+        // B*T = 0: no scratch, nothing launched
+        let d0 = AttnDims { b: 0, ..d };
+        assert_eq!(attention::bwd_scratch_len(&d0), 0);
+        let e = dev::<f32>(0);
+        attention::bwd(&l, e, e, e, e, e, e, e, e, e, e, d0).unwrap();
+        assert_eq!(l.syms().len(), 3);
+    }
+
+    /// (q/out elements, k/v elements, lse elements) of `d`.
+    fn attn_lens(d: &AttnDims) -> (usize, usize, usize) {
+        (
+            d.b * d.t * d.nh * d.hs,
+            d.b * d.t * d.nkv * d.hs,
+            d.b * d.nh * d.t,
+        )
+    }
+
+    #[test]
+    fn decode_attention_scratch_follows_the_split() {
+        // one block of work: splits over ceil(L / 32) key tiles
+        let d = CacheDims {
+            b: 1,
+            tq: 1,
+            tmax: 100,
+            nh: 2,
+            nkv: 1,
+            hs: 8,
+            pos0: 64,
+        };
+        let (rows, hs) = (2, 8);
+        let cache = dev::<f32>(100 * 8);
+        let l = Record::default();
+        // starts 0: L = 65 keys, 3 splits
+        let starts = vec![0u32];
+        let (lo, lml) = decode_attention::scratch_lens(&l, &d, &starts);
+        assert_eq!((lo, lml), (3 * rows * hs, 3 * rows * 2));
+        let (mut out, q) = (vec![0f32; rows * hs], vec![0f32; rows * hs]);
+        let (mut po, mut pml) = (vec![0f32; lo], vec![0f32; lml]);
+        let err = decode_attention::fwd(
+            &l,
+            &mut out,
+            &mut po[1..],
+            &mut pml,
+            &q,
+            cache,
+            cache,
+            &starts,
+            d,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("part_o"), "{err}");
+        let (outd, qd) = (dev::<f32>(rows * hs), dev::<f32>(rows * hs));
+        decode_attention::fwd(
+            &l,
+            outd,
+            dev::<f32>(lo),
+            dev::<f32>(lml),
+            qd,
+            cache,
+            cache,
+            &starts,
+            d,
+        )
+        .unwrap();
+        assert_eq!(
+            l.syms(),
+            [
+                "decode_attention_fwd_f32_hs16",
+                "decode_attention_combine_f32"
+            ]
+        );
+        // starts 40: L = 25 keys, no split: no scratch, null scratch pointers, one launch
+        let starts = vec![40u32];
+        assert_eq!(decode_attention::scratch_lens(&l, &d, &starts), (0, 0));
+        let e = dev::<f32>(0);
+        decode_attention::fwd(&l, outd, e, e, qd, cache, cache, &starts, d).unwrap();
+        assert_eq!(l.syms().len(), 3);
+        // device starts: their values are unknown, so the split as if they were 0
+        let ds = Ids::Device {
+            ptr: dev::<u32>(1),
+            bound: 41,
+        };
+        assert_eq!(decode_attention::scratch_lens(&l, &d, ds), (lo, lml));
+        let (po, pml) = (dev::<f32>(lo), dev::<f32>(lml));
+        decode_attention::fwd(&l, outd, po, pml, qd, cache, cache, ds, d).unwrap();
+        assert_eq!(l.syms().len(), 5);
+        assert!(l.0.borrow()[3..].iter().all(|(_, host)| !host));
+        // device starts out of the cache
+        let bad = Ids::Device {
+            ptr: dev::<u32>(1),
+            bound: 101,
+        };
+        assert!(decode_attention::fwd(&l, outd, po, pml, qd, cache, cache, bad, d).is_err());
+        // nothing to do: no scratch
+        let d0 = CacheDims { b: 0, ..d };
+        assert_eq!(decode_attention::scratch_lens(&l, &d0, &vec![]), (0, 0));
     }
 }

@@ -1,6 +1,6 @@
 //! `kernels/norm_scale.cu`: norm_scale_fwd_f32 / norm_scale_bwd_f32, grid N, block 256.
 
-use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, In, Launch, Out};
 use crate::{Error, Result};
 
 fn check(op: &'static str, n: usize, d: usize, s: f32, lens: [(&str, usize); 3]) -> Result<()> {
@@ -20,15 +20,16 @@ fn check(op: &'static str, n: usize, d: usize, s: f32, lens: [(&str, usize); 3])
 }
 
 /// y[N,D] = x * s / max(||x_n||, 1e-12)
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    y: &mut [f32],
-    x: &[f32],
+    y: impl Into<Out<'a, f32>>,
+    x: impl Into<In<'a, f32>>,
     n: usize,
     d: usize,
     s: f32,
 ) -> Result<()> {
     const OP: &str = "norm_scale_fwd";
+    let (y, x) = (y.into(), x.into());
     check(
         OP,
         n,
@@ -41,8 +42,8 @@ pub fn fwd<L: Launch + ?Sized>(
     }
     let grid = grid_dim(OP, "x", n, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(y)
-        .ptr(x)
+    a.output(y)
+        .input(x)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "D", d)?)
         .scalar(s);
@@ -51,16 +52,17 @@ pub fn fwd<L: Launch + ?Sized>(
 
 /// dx[N,D] from dy and the forward's input x.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dx: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
+    dx: impl Into<Out<'a, f32>>,
+    dy: impl Into<In<'a, f32>>,
+    x: impl Into<In<'a, f32>>,
     n: usize,
     d: usize,
     s: f32,
 ) -> Result<()> {
     const OP: &str = "norm_scale_bwd";
+    let (dx, dy, x) = (dx.into(), dy.into(), x.into());
     check(
         OP,
         n,
@@ -77,9 +79,9 @@ pub fn bwd<L: Launch + ?Sized>(
     }
     let grid = grid_dim(OP, "x", n, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(dx)
-        .ptr(dy)
-        .ptr(x)
+    a.output(dx)
+        .input(dy)
+        .input(x)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "D", d)?)
         .scalar(s);

@@ -2,23 +2,26 @@
 //! (dlogp [N]), one block (grid 1, block 512); the spec as the kernel's encodings (dual_clip 0
 //! = None; an absent ref_logp is a null pointer).
 
-use super::{check_len, dim1, int, EmuArgs, Launch};
+use super::{check_len, dim1, int, EmuArgs, In, Launch, Out};
 use crate::device::{KlType, LossAgg, PolicyLossSpec, PolicyStat};
 use crate::Result;
 
 /// `bwd`: dlogp [S*T] into `out`; else the stats [PolicyStat::COUNT]. Inputs: logp, old_logp,
-/// adv, mask [S*T], already checked by the caller (`cpu::policy_loss::device_inputs`).
+/// adv, mask [S*T]. Only lengths are checked here: the spec and the values of the inputs (the
+/// mask) are the caller's to check first (`cpu::policy_loss::device_inputs` for host memory;
+/// device inputs are not value-checked).
 #[allow(clippy::too_many_arguments)]
-pub fn policy_loss<L: Launch + ?Sized>(
+pub fn policy_loss<'a, L: Launch + ?Sized>(
     l: &L,
     bwd: bool,
-    out: &mut [f32],
-    inputs: [&[f32]; 4],
-    ref_logp: Option<&[f32]>,
+    out: impl Into<Out<'a, f32>>,
+    inputs: [impl Into<In<'a, f32>>; 4],
+    ref_logp: Option<In<'a, f32>>,
     s: usize,
     t: usize,
     spec: &PolicyLossSpec,
 ) -> Result<()> {
+    let (out, inputs) = (out.into(), inputs.map(Into::into));
     let op = if bwd {
         "policy_loss_bwd"
     } else {
@@ -47,11 +50,8 @@ pub fn policy_loss<L: Launch + ?Sized>(
     };
     let [logp, old, adv, mask] = inputs;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr(logp).ptr(old).ptr(adv).ptr(mask);
-    match ref_logp {
-        Some(r) => a.ptr(r),
-        None => a.null::<f32>(),
-    };
+    a.output(out).input(logp).input(old).input(adv).input(mask);
+    a.input_opt(ref_logp);
     a.scalar(int(op, "S", s)?)
         .scalar(int(op, "T", t)?)
         .scalar(spec.clip_low)

@@ -2,7 +2,9 @@
 //! for `weighted`) and pool_bwd_f32 (grid B, block 256, 3 * T * 4 bytes for `weighted`). `w`
 //! and `dw` are null pointers for the other modes.
 
-use super::{check_len, check_pos, check_same, dim1, grid_dim, int, EmuArgs, Launch, SMEM_MAX};
+use super::{
+    check_len, check_pos, check_same, dim1, grid_dim, int, EmuArgs, In, Launch, Out, SMEM_MAX,
+};
 use crate::device::cpu::pool::{check_padding_mask, check_weights};
 use crate::device::PoolMode;
 use crate::{Error, Result};
@@ -31,37 +33,44 @@ fn smem(op: &'static str, mode: PoolMode, per_t: usize, t: usize) -> Result<usiz
     Ok(s)
 }
 
-/// out[B,C] from h[B,T,C] and mask[B,T] (and w[Tmax] for `weighted`).
+/// The padding mask's values (0/1, right padding, a real token in every row): read on the
+/// host for host memory only; a device mask is not value-checked (the caller's contract).
+fn check_mask(op: &'static str, mask: &In<'_, f32>, t: usize) -> Result<()> {
+    match mask.host() {
+        Some(m) => check_padding_mask(op, m, t),
+        None => Ok(()),
+    }
+}
+
+/// out[B,C] from h[B,T,C] and mask[B,T] (and w[Tmax] for `weighted`). A device `mask` is not
+/// value-checked.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    out: &mut [f32],
-    h: &[f32],
-    mask: &[f32],
-    w: Option<&[f32]>,
+    out: impl Into<Out<'a, f32>>,
+    h: impl Into<In<'a, f32>>,
+    mask: impl Into<In<'a, f32>>,
+    w: Option<In<'a, f32>>,
     dims: [usize; 3],
     mode: PoolMode,
 ) -> Result<()> {
     const OP: &str = "pool_fwd";
+    let (out, h, mask) = (out.into(), h.into(), mask.into());
     let [b, t, c] = dims;
     check_pos(OP, "T", t)?;
     check_pos(OP, "C", c)?;
     check_len(OP, "out [B,C]", out.len(), &[b, c])?;
     check_len(OP, "h [B,T,C]", h.len(), &[b, t, c])?;
     check_len(OP, "mask [B,T]", mask.len(), &[b, t])?;
-    check_weights(OP, "w", w.map(<[f32]>::len), t, mode)?;
-    check_padding_mask(OP, mask, t)?;
+    check_weights(OP, "w", w.map(|w| w.len()), t, mode)?;
+    check_mask(OP, &mask, t)?;
     let smem = smem(OP, mode, 1, t)?;
     if b == 0 {
         return Ok(());
     }
     let grid = grid_dim(OP, "x", b, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr(h).ptr(mask);
-    match w {
-        Some(w) => a.ptr(w),
-        None => a.null::<f32>(),
-    };
+    a.output(out).input(h).input(mask).input_opt(w);
     a.scalar(int(OP, "B", b)?)
         .scalar(int(OP, "T", t)?)
         .scalar(int(OP, "C", c)?)
@@ -69,20 +78,21 @@ pub fn fwd<L: Launch + ?Sized>(
     l.launch("pool_fwd_f32", dim1(grid), dim1(256), smem, &mut a)
 }
 
-/// dh[B,T,C] = and, for `weighted`, dw[Tmax] +=.
+/// dh[B,T,C] = and, for `weighted`, dw[Tmax] +=. A device `mask` is not value-checked.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dh: &mut [f32],
-    dw: Option<&mut [f32]>,
-    dout: &[f32],
-    h: &[f32],
-    mask: &[f32],
-    w: Option<&[f32]>,
+    dh: impl Into<Out<'a, f32>>,
+    dw: Option<Out<'a, f32>>,
+    dout: impl Into<In<'a, f32>>,
+    h: impl Into<In<'a, f32>>,
+    mask: impl Into<In<'a, f32>>,
+    w: Option<In<'a, f32>>,
     dims: [usize; 3],
     mode: PoolMode,
 ) -> Result<()> {
     const OP: &str = "pool_bwd";
+    let (dh, dout, h, mask) = (dh.into(), dout.into(), h.into(), mask.into());
     let [b, t, c] = dims;
     check_pos(OP, "T", t)?;
     check_pos(OP, "C", c)?;
@@ -90,28 +100,20 @@ pub fn bwd<L: Launch + ?Sized>(
     check_len(OP, "dout [B,C]", dout.len(), &[b, c])?;
     check_len(OP, "h [B,T,C]", h.len(), &[b, t, c])?;
     check_len(OP, "mask [B,T]", mask.len(), &[b, t])?;
-    check_weights(OP, "w", w.map(<[f32]>::len), t, mode)?;
-    check_weights(OP, "dw", dw.as_ref().map(|d| d.len()), t, mode)?;
+    check_weights(OP, "w", w.map(|w| w.len()), t, mode)?;
+    check_weights(OP, "dw", dw.as_ref().map(Out::len), t, mode)?;
     if let (Some(w), Some(dw)) = (&w, &dw) {
         check_same(OP, "dw [Tmax]", dw.len(), w.len())?;
     }
-    check_padding_mask(OP, mask, t)?;
+    check_mask(OP, &mask, t)?;
     let smem = smem(OP, mode, 3, t)?;
     if b == 0 {
         return Ok(());
     }
     let grid = grid_dim(OP, "x", b, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(dh);
-    match dw {
-        Some(dw) => a.ptr_mut(dw),
-        None => a.null_mut::<f32>(),
-    };
-    a.ptr(dout).ptr(h).ptr(mask);
-    match w {
-        Some(w) => a.ptr(w),
-        None => a.null::<f32>(),
-    };
+    a.output(dh).output_opt(dw);
+    a.input(dout).input(h).input(mask).input_opt(w);
     a.scalar(int(OP, "B", b)?)
         .scalar(int(OP, "T", t)?)
         .scalar(int(OP, "C", c)?)

@@ -1,27 +1,30 @@
 //! `kernels/reward_advantage.cu`: reward_advantage_f32, one block (grid 1, block 1024, S * 8
 //! bytes of dynamic shared memory), the spec passed as the kernel's integer encodings.
 
-use super::{check_len, check_pos, dim1, int, EmuArgs, Launch, SMEM_MAX};
+use super::{check_len, check_pos, dim1, int, EmuArgs, In, Launch, Out, SMEM_MAX};
 use crate::device::cpu::pool::check_binary;
 use crate::device::cpu::reward::check_spec;
 use crate::device::{Advantage, RewardSpec, RewardTransform};
 use crate::{Error, Result};
 
-/// mse[S], reward[S], advantage[S] (`=`) from pred, target [S,A] and valid [S].
+/// mse[S], reward[S], advantage[S] (`=`) from pred, target [S,A] and valid [S]. `valid` must be
+/// 0/1: checked for host memory; a device `valid` is not value-checked (the caller's contract).
 #[allow(clippy::too_many_arguments)]
-pub fn reward_advantage<L: Launch + ?Sized>(
+pub fn reward_advantage<'a, L: Launch + ?Sized>(
     l: &L,
-    mse: &mut [f32],
-    reward: &mut [f32],
-    adv: &mut [f32],
-    pred: &[f32],
-    target: &[f32],
-    valid: &[f32],
+    mse: impl Into<Out<'a, f32>>,
+    reward: impl Into<Out<'a, f32>>,
+    adv: impl Into<Out<'a, f32>>,
+    pred: impl Into<In<'a, f32>>,
+    target: impl Into<In<'a, f32>>,
+    valid: impl Into<In<'a, f32>>,
     s: usize,
     a: usize,
     spec: &RewardSpec,
 ) -> Result<()> {
     const OP: &str = "reward_advantage";
+    let (mse, reward, adv) = (mse.into(), reward.into(), adv.into());
+    let (pred, target, valid) = (pred.into(), target.into(), valid.into());
     check_pos(OP, "S", s)?;
     check_pos(OP, "A", a)?;
     check_len(OP, "mse [S]", mse.len(), &[s])?;
@@ -31,7 +34,9 @@ pub fn reward_advantage<L: Launch + ?Sized>(
     check_len(OP, "target [S,A]", target.len(), &[s, a])?;
     check_len(OP, "valid [S]", valid.len(), &[s])?;
     check_spec(OP, spec, s)?;
-    check_binary(OP, "valid", valid)?;
+    if let Some(valid) = valid.host() {
+        check_binary(OP, "valid", valid)?;
+    }
     let smem = s * 8;
     if smem > SMEM_MAX {
         return Err(Error::invalid(
@@ -56,12 +61,12 @@ pub fn reward_advantage<L: Launch + ?Sized>(
         Advantage::Ppo { whiten } => (1, 0, 0, whiten as i32),
     };
     let mut g = EmuArgs::new();
-    g.ptr_mut(mse)
-        .ptr_mut(reward)
-        .ptr_mut(adv)
-        .ptr(pred)
-        .ptr(target)
-        .ptr(valid);
+    g.output(mse)
+        .output(reward)
+        .output(adv)
+        .input(pred)
+        .input(target)
+        .input(valid);
     g.scalar(int(OP, "S", s)?)
         .scalar(int(OP, "A", a)?)
         .scalar(spec.mse_scale.unwrap_or(0.0));

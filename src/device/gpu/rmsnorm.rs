@@ -2,22 +2,25 @@
 //! 1024) and rmsnorm_bwd_f32 (grid min(N, 2 * SMs), block 256, C * 4 bytes of dynamic shared
 //! memory for the block's dw partial, atomics into dw).
 
-use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Launch, SMEM_MAX};
+use super::{
+    check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, In, Launch, Out, SMEM_MAX,
+};
 use crate::{Error, Result};
 
 /// rstd[N] = 1/sqrt(mean_c(x^2) + eps); out[N,C] = x * rstd * w[C]
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    out: &mut [f32],
-    rstd: &mut [f32],
-    x: &[f32],
-    w: &[f32],
+    out: impl Into<Out<'a, f32>>,
+    rstd: impl Into<Out<'a, f32>>,
+    x: impl Into<In<'a, f32>>,
+    w: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
     eps: f32,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_fwd";
+    let (out, rstd, x, w) = (out.into(), rstd.into(), x.into(), w.into());
     check_pos(OP, "C", c)?;
     check_len(OP, "out [N,C]", out.len(), &[n, c])?;
     check_len(OP, "rstd [N]", rstd.len(), &[n])?;
@@ -34,7 +37,7 @@ pub fn fwd<L: Launch + ?Sized>(
     }
     let grid = grid_dim(OP, "x", n, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr_mut(rstd).ptr(x).ptr(w);
+    a.output(out).output(rstd).input(x).input(w);
     a.scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
         .scalar(eps);
@@ -49,18 +52,20 @@ pub fn fwd<L: Launch + ?Sized>(
 
 /// dx[N,C] =, dw[C] += (see `Device::rmsnorm_bwd`)
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dx: &mut [f32],
-    dw: &mut [f32],
-    dout: &[f32],
-    x: &[f32],
-    w: &[f32],
-    rstd: &[f32],
+    dx: impl Into<Out<'a, f32>>,
+    dw: impl Into<Out<'a, f32>>,
+    dout: impl Into<In<'a, f32>>,
+    x: impl Into<In<'a, f32>>,
+    w: impl Into<In<'a, f32>>,
+    rstd: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_bwd";
+    let (dx, dw, dout) = (dx.into(), dw.into(), dout.into());
+    let (x, w, rstd) = (x.into(), w.into(), rstd.into());
     check_pos(OP, "C", c)?;
     check_len(OP, "dx [N,C]", dx.len(), &[n, c])?;
     check_len(OP, "dw [C]", dw.len(), &[c])?;
@@ -80,7 +85,12 @@ pub fn bwd<L: Launch + ?Sized>(
     }
     let grid = n.min(2 * l.sms()) as u32;
     let mut a = EmuArgs::new();
-    a.ptr_mut(dx).ptr_mut(dw).ptr(dout).ptr(x).ptr(w).ptr(rstd);
+    a.output(dx)
+        .output(dw)
+        .input(dout)
+        .input(x)
+        .input(w)
+        .input(rstd);
     a.scalar(int(OP, "N", n)?).scalar(int(OP, "C", c)?);
     l.launch("rmsnorm_bwd_f32", dim1(grid), dim1(256), smem, &mut a)
 }

@@ -1,19 +1,20 @@
 //! `kernels/rope.cu`: rope_fwd_f32 / rope_bwd_f32 in place on x[B,T,H,HS]: grid B*T, block
 //! 32 * ceil(H * HS / 2 / 32) capped at 256.
 
-use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Launch, Out};
 use crate::{Error, Result};
 
 /// `bwd`: the transpose rotation (rope_bwd); else rope_fwd.
 #[allow(clippy::too_many_arguments)]
-pub fn rope<L: Launch + ?Sized>(
+pub fn rope<'a, L: Launch + ?Sized>(
     l: &L,
-    x: &mut [f32],
+    x: impl Into<Out<'a, f32>>,
     dims: [usize; 4],
     pos0: usize,
     theta: f32,
     bwd: bool,
 ) -> Result<()> {
+    let x = x.into();
     let op = if bwd { "rope_bwd" } else { "rope_fwd" };
     let [b, t, h, hs] = dims;
     check_pos(op, "H", h)?;
@@ -37,7 +38,7 @@ pub fn rope<L: Launch + ?Sized>(
     let grid = grid_dim(op, "x", b * t, i32::MAX as usize)?;
     let block = (32 * (h * hs / 2).div_ceil(32)).min(256) as u32;
     let mut a = EmuArgs::new();
-    a.ptr_mut(x);
+    a.output(x);
     a.scalar(int(op, "B", b)?)
         .scalar(int(op, "T", t)?)
         .scalar(int(op, "H", h)?)

@@ -2,23 +2,26 @@
 //! row, grid min(N, 65535); top_k passed as min(top_k, V).
 
 use super::cross_entropy::row_grid;
-use super::{check_len, check_pos, dim1, int, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, int, EmuArgs, In, Launch, Out};
 use crate::device::SampleSpec;
 use crate::{Error, Result};
 
-/// ids[N], logp[N] (`=`) drawn from logits [N,V] with uniforms u [N].
+/// ids[N], logp[N] (`=`) drawn from logits [N,V] with uniforms u [N]. Every u must lie in
+/// [0, 1): checked for host memory; device uniforms are not value-checked (the caller's
+/// contract).
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    ids: &mut [u32],
-    logp: &mut [f32],
-    logits: &[f32],
-    u: &[f32],
+    ids: impl Into<Out<'a, u32>>,
+    logp: impl Into<Out<'a, f32>>,
+    logits: impl Into<In<'a, f32>>,
+    u: impl Into<In<'a, f32>>,
     n: usize,
     v: usize,
     spec: &SampleSpec,
 ) -> Result<()> {
     const OP: &str = "sample_fwd";
+    let (ids, logp, logits, u) = (ids.into(), logp.into(), logits.into(), u.into());
     check_pos(OP, "V", v)?;
     check_len(OP, "ids [N]", ids.len(), &[n])?;
     check_len(OP, "logp [N]", logp.len(), &[n])?;
@@ -36,18 +39,20 @@ pub fn fwd<L: Launch + ?Sized>(
             format!("top_p {} must be in (0, 1]", spec.top_p),
         ));
     }
-    if let Some(i) = u.iter().position(|x| !(0.0..1.0).contains(x)) {
-        return Err(Error::invalid(
-            OP,
-            format!("u[{i}] = {} is not in [0, 1)", u[i]),
-        ));
+    if let Some(u) = u.host() {
+        if let Some(i) = u.iter().position(|x| !(0.0..1.0).contains(x)) {
+            return Err(Error::invalid(
+                OP,
+                format!("u[{i}] = {} is not in [0, 1)", u[i]),
+            ));
+        }
     }
     if n == 0 {
         return Ok(());
     }
     let top_k = spec.top_k.min(v);
     let mut a = EmuArgs::new();
-    a.ptr_mut(ids).ptr_mut(logp).ptr(logits).ptr(u);
+    a.output(ids).output(logp).input(logits).input(u);
     a.scalar(int(OP, "N", n)?).scalar(int(OP, "V", v)?);
     a.scalar(spec.temperature)
         .scalar(top_k as i32)

@@ -2,18 +2,19 @@
 //! min(N, 65535).
 
 use super::cross_entropy::{row_grid, ROW_NT};
-use super::{check_len, check_pos, dim1, int, EmuArgs, Launch};
+use super::{check_len, check_pos, dim1, int, EmuArgs, In, Launch, Out};
 use crate::Result;
 
 /// out[N,V] = softmax(x)
-pub fn fwd<L: Launch + ?Sized>(
+pub fn fwd<'a, L: Launch + ?Sized>(
     l: &L,
-    out: &mut [f32],
-    x: &[f32],
+    out: impl Into<Out<'a, f32>>,
+    x: impl Into<In<'a, f32>>,
     n: usize,
     v: usize,
 ) -> Result<()> {
     const OP: &str = "softmax_fwd";
+    let (out, x) = (out.into(), x.into());
     check_pos(OP, "V", v)?;
     check_len(OP, "out [N,V]", out.len(), &[n, v])?;
     check_len(OP, "x [N,V]", x.len(), &[n, v])?;
@@ -21,8 +22,8 @@ pub fn fwd<L: Launch + ?Sized>(
         return Ok(());
     }
     let mut a = EmuArgs::new();
-    a.ptr_mut(out)
-        .ptr(x)
+    a.output(out)
+        .input(x)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "V", v)?);
     l.launch(
@@ -35,15 +36,16 @@ pub fn fwd<L: Launch + ?Sized>(
 }
 
 /// dx[N,V] = out * (dout - sum(dout * out))
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dx: &mut [f32],
-    dout: &[f32],
-    out: &[f32],
+    dx: impl Into<Out<'a, f32>>,
+    dout: impl Into<In<'a, f32>>,
+    out: impl Into<In<'a, f32>>,
     n: usize,
     v: usize,
 ) -> Result<()> {
     const OP: &str = "softmax_bwd";
+    let (dx, dout, out) = (dx.into(), dout.into(), out.into());
     check_pos(OP, "V", v)?;
     check_len(OP, "dx [N,V]", dx.len(), &[n, v])?;
     check_len(OP, "dout [N,V]", dout.len(), &[n, v])?;
@@ -52,9 +54,9 @@ pub fn bwd<L: Launch + ?Sized>(
         return Ok(());
     }
     let mut a = EmuArgs::new();
-    a.ptr_mut(dx)
-        .ptr(dout)
-        .ptr(out)
+    a.output(dx)
+        .input(dout)
+        .input(out)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "V", v)?);
     l.launch(

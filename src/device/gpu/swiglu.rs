@@ -1,12 +1,18 @@
 //! `kernels/swiglu.cu`: swiglu_fwd_f32 / swiglu_bwd_f32, elementwise (block 256, grid
 //! ceil(n / (256 * pack)), n as a 64-bit count).
 
-use super::{check_same, dim1, elementwise_grid, EmuArgs, Launch};
+use super::{check_same, dim1, elementwise_grid, EmuArgs, In, Launch, Out};
 use crate::Result;
 
 /// out = silu(gate) * up
-pub fn fwd<L: Launch + ?Sized>(l: &L, out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
+pub fn fwd<'a, L: Launch + ?Sized>(
+    l: &L,
+    out: impl Into<Out<'a, f32>>,
+    gate: impl Into<In<'a, f32>>,
+    up: impl Into<In<'a, f32>>,
+) -> Result<()> {
     const OP: &str = "swiglu_fwd";
+    let (out, gate, up) = (out.into(), gate.into(), up.into());
     let n = out.len();
     check_same(OP, "gate", gate.len(), n)?;
     check_same(OP, "up", up.len(), n)?;
@@ -15,20 +21,22 @@ pub fn fwd<L: Launch + ?Sized>(l: &L, out: &mut [f32], gate: &[f32], up: &[f32])
     }
     let grid = elementwise_grid(OP, n)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr(gate).ptr(up).scalar(n as i64);
+    a.output(out).input(gate).input(up).scalar(n as i64);
     l.launch("swiglu_fwd_f32", dim1(grid), dim1(256), 0, &mut a)
 }
 
 /// dgate = dout * up * silu'(gate); dup = dout * silu(gate)
-pub fn bwd<L: Launch + ?Sized>(
+pub fn bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dgate: &mut [f32],
-    dup: &mut [f32],
-    dout: &[f32],
-    gate: &[f32],
-    up: &[f32],
+    dgate: impl Into<Out<'a, f32>>,
+    dup: impl Into<Out<'a, f32>>,
+    dout: impl Into<In<'a, f32>>,
+    gate: impl Into<In<'a, f32>>,
+    up: impl Into<In<'a, f32>>,
 ) -> Result<()> {
     const OP: &str = "swiglu_bwd";
+    let (dgate, dup, dout) = (dgate.into(), dup.into(), dout.into());
+    let (gate, up) = (gate.into(), up.into());
     let n = dout.len();
     check_same(OP, "dgate", dgate.len(), n)?;
     check_same(OP, "dup", dup.len(), n)?;
@@ -39,11 +47,11 @@ pub fn bwd<L: Launch + ?Sized>(
     }
     let grid = elementwise_grid(OP, n)?;
     let mut a = EmuArgs::new();
-    a.ptr_mut(dgate)
-        .ptr_mut(dup)
-        .ptr(dout)
-        .ptr(gate)
-        .ptr(up)
+    a.output(dgate)
+        .output(dup)
+        .input(dout)
+        .input(gate)
+        .input(up)
         .scalar(n as i64);
     l.launch("swiglu_bwd_f32", dim1(grid), dim1(256), 0, &mut a)
 }

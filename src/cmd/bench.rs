@@ -1,0 +1,135 @@
+//! `nla-engine bench`: the end-to-end SFT training step (tokens/s, MFU) and the rollout
+//! (generated tokens/s, fraction of the weight-streaming bound) on any device; and
+//! `nla-engine devices`: what this build and machine can run on.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use nla_engine::bench::{self, BenchOpts};
+use nla_engine::device::{cuda, emu, kernels, Device};
+use nla_engine::with_device;
+
+use super::nla::open_device;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// cpu, cuda, cuda:N, auto or emu
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// small: the 5.25M-parameter model of benches/small_config.json, batch 4 x 128;
+    /// llama-1b: a TinyLlama-1.1B-shaped model at batch 1 x 2048 (for GPUs)
+    #[arg(long, default_value = "small", value_parser = ["small", "llama-1b"])]
+    pub preset: String,
+    /// Timed iterations of each part [default: the preset's]
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Untimed iterations before [default: the preset's]
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// Peak FLOP/s the MFU is taken against, in TFLOP/s [default: 989 (H100 SXM dense bf16)
+    /// on a GPU; none on the CPU]
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Only the training step, or only the rollout
+    #[arg(long, value_parser = ["step", "rollout"])]
+    pub only: Option<String>,
+    /// Also write the reports as JSON here
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// H100 SXM dense bf16 tensor-core rate, the usual MFU denominator.
+const H100_BF16_TFLOPS: f64 = 989.0;
+
+pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
+    let dev = open_device(&args.device)?;
+    let gpu = matches!(dev, nla_engine::device::select::AnyDevice::Cuda(_));
+    let peak = args
+        .peak_tflops
+        .or(gpu.then_some(H100_BF16_TFLOPS))
+        .map(|t| t * 1e12);
+    with_device!(&dev, d => bench_on(d, args, peak))
+}
+
+fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>) -> Result<()> {
+    let mut o = match args.preset.as_str() {
+        "llama-1b" => BenchOpts::llama_1b(),
+        _ => BenchOpts::small(),
+    };
+    if let Some(i) = args.iters {
+        o.iters = i;
+    }
+    if let Some(w) = args.warmup {
+        o.warmup = w;
+    }
+    let sync = || dev.synchronize();
+    println!("bench: {} on {}", args.preset, dev.name());
+    let mut json = serde_json::Map::new();
+    json.insert("device".into(), dev.name().into());
+    json.insert("preset".into(), args.preset.clone().into());
+    if args.only.as_deref() != Some("rollout") {
+        let r = bench::sft_step(dev, &o, &sync).context("the training step")?;
+        println!("{r}");
+        if let Some(p) = peak {
+            println!("  MFU {:.1} % of {:.0} TFLOP/s", 100.0 * r.mfu(p), p / 1e12);
+        }
+        json.insert("step".into(), serde_json::to_value(&r)?);
+    }
+    if args.only.as_deref() != Some("step") {
+        let bw = bench::measure_copy_bandwidth(dev, 256 << 20, 5, &sync)
+            .context("the copy bandwidth")?;
+        println!("copy bandwidth {:.1} GB/s (read + written)", bw / 1e9);
+        let r = bench::rollout(dev, &o, &sync).context("the rollout")?;
+        println!("{r}");
+        println!(
+            "  {:.1} % of the weight-streaming bound at the measured copy bandwidth",
+            100.0 * r.bandwidth_fraction(bw)
+        );
+        json.insert("copy_bandwidth".into(), bw.into());
+        json.insert("rollout".into(), serde_json::to_value(&r)?);
+    }
+    if let Some(p) = &args.json {
+        std::fs::write(p, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// What this build and machine can run on.
+pub fn devices_cmd() -> Result<()> {
+    println!("cpu: yes ({} threads)", rayon::current_num_threads());
+    if emu::available() {
+        println!("emu: yes (the CUDA kernels on the CPU emulator)");
+    } else {
+        println!("emu: no (no C++ compiler when this binary was built)");
+    }
+    if kernels::available() {
+        println!(
+            "kernels: {} files (PTX compute_80 + cubin sm_90a) from {}",
+            kernels::KERNELS.len(),
+            kernels::NVCC
+        );
+    }
+    match cuda::probe() {
+        Err(why) => println!("cuda: no: {why}"),
+        Ok(n) => {
+            for i in 0..n {
+                match cuda::CudaDevice::new(i) {
+                    Ok(d) => {
+                        let (free, total) = d.memory()?;
+                        println!(
+                            "cuda:{i}: {} ({:.1} of {:.1} GiB free)",
+                            d.name(),
+                            free as f64 / (1u64 << 30) as f64,
+                            total as f64 / (1u64 << 30) as f64
+                        );
+                    }
+                    Err(e) => println!("cuda:{i}: cannot open: {e}"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

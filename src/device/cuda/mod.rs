@@ -1,0 +1,326 @@
+//! [`CudaDevice`]: the [`Device`](super::Device) trait on an NVIDIA GPU through cudarc.
+//!
+//! - The driver, cuBLASLt and NVRTC are loaded at run time (cudarc's dynamic loading): the same
+//!   binary runs where there is no GPU, and [`probe`] says why the GPU cannot be used before
+//!   anything touches cudarc (whose calls panic when libcuda is absent).
+//! - One context (the device's primary context) and one stream; every op is issued on that
+//!   stream in program order, so no event tracking is needed (it is switched off).
+//! - The kernels are those build.rs embedded ([`super::kernels`]): the sm_90a cubin on a
+//!   compute capability 9.0 GPU, else the compute_80 PTX, JIT-compiled by the driver.
+//! - Ops go through the same launchers as the emulated device ([`super::gpu`]), given device
+//!   addresses ([`super::gpu::DevPtr`]); [`launch::CudaLaunch`] hands the packed arguments to
+//!   `cuLaunchKernel`. Matmul is cuBLASLt ([`matmul`]).
+//! - Buffers are f32 (the f32 kernels: the parity path of the design); ids are u32 with the
+//!   bound every id is below, recorded on the host when they were written, which the launchers
+//!   check instead of reading device memory.
+
+mod launch;
+mod matmul;
+mod ops;
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+
+use super::gpu::DevPtr;
+use super::{DeviceBuf, View, ViewMut};
+use crate::{Error, Result};
+
+pub use launch::CudaLaunch;
+
+/// Device memory of f32 elements.
+#[derive(Debug)]
+pub struct CudaBuf {
+    mem: CudaSlice<f32>,
+    /// device address of element 0
+    addr: u64,
+    len: usize,
+}
+
+impl DeviceBuf for CudaBuf {
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Device memory of u32 token ids, every one below `bound`.
+#[derive(Debug)]
+pub struct CudaIds {
+    mem: CudaSlice<u32>,
+    addr: u64,
+    len: usize,
+    bound: usize,
+}
+
+impl CudaIds {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Why the GPU cannot be used here, or the number of CUDA devices.
+pub fn probe() -> std::result::Result<usize, String> {
+    if !super::kernels::available() {
+        return Err(super::kernels::how_to_get().to_string());
+    }
+    // SAFETY: `is_culib_present` only tries to load libcuda (dlopen); it never calls into it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no CUDA driver on this machine (libcuda.so could not be loaded)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(n as usize),
+        Ok(_) => Err("the CUDA driver sees no GPU".into()),
+        Err(e) => Err(format!("the CUDA driver failed to start: {e}")),
+    }
+}
+
+/// The CUDA device (see the module docs).
+pub struct CudaDevice {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    launcher: CudaLaunch,
+    blas: matmul::Blas,
+    name: String,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaDevice")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+fn driver(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::cuda(what, e)
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal`: its context, a stream, the kernels and cuBLASLt.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let count = probe().map_err(|why| Error::cuda("--device cuda", why))?;
+        if ordinal >= count {
+            return Err(Error::cuda(
+                "--device cuda",
+                format!("GPU {ordinal} asked for, the driver sees {count}"),
+            ));
+        }
+        // SAFETY: cudarc's driver bindings are loadable (probe checked is_culib_present).
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(Error::cuda(
+                "--device cuda",
+                "cuBLASLt (libcublasLt.so) could not be loaded: install the CUDA toolkit's \
+                 libraries or put them on LD_LIBRARY_PATH",
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(driver("cuCtx (primary context)"))?;
+        // SAFETY: one stream only: every op is ordered on it, and buffers are freed only
+        // after the stream synchronised (CudaBuf's drop frees stream-ordered).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(driver("compute capability"))?;
+        let gpu = ctx.name().map_err(driver("device name"))?;
+        let launcher = CudaLaunch::new(&ctx, &stream, cc)?;
+        let blas = matmul::Blas::new(&stream)?;
+        let name = format!(
+            "cuda:{ordinal} ({gpu}, sm_{}{}, {} SMs, {} kernels)",
+            cc.0,
+            cc.1,
+            launcher.sm_count(),
+            launcher.code_kind()
+        );
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            launcher,
+            blas,
+            name,
+        })
+    }
+
+    /// The launch backend the ops use.
+    pub fn launcher(&self) -> &CudaLaunch {
+        &self.launcher
+    }
+
+    /// Waits for every op issued so far (and reports a kernel fault, if one happened).
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver("cuStreamSynchronize"))
+    }
+
+    /// Seconds `iters` calls of `f` take on the GPU, timed with CUDA events recorded on the
+    /// stream before the first and after the last (launch overhead included, host waits not).
+    pub fn time(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self
+            .stream
+            .record_event(timing)
+            .map_err(driver("cuEventRecord"))?;
+        for _ in 0..iters {
+            f()?;
+        }
+        let end = self
+            .stream
+            .record_event(timing)
+            .map_err(driver("cuEventRecord"))?;
+        let ms = start
+            .elapsed_ms(&end)
+            .map_err(driver("cuEventElapsedTime"))?;
+        Ok(f64::from(ms) / 1e3)
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))
+    }
+
+    fn alloc_f32(&self, n: usize) -> Result<CudaBuf> {
+        // cuMemAlloc refuses 0 bytes: an empty buffer holds one unused element.
+        let mem = self
+            .stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(driver("cuMemAlloc"))?;
+        let addr = mem.device_ptr(&self.stream).0;
+        Ok(CudaBuf { mem, addr, len: n })
+    }
+
+    fn upload_f32(&self, host: &[f32]) -> Result<CudaBuf> {
+        let mut b = self.alloc_f32(host.len())?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut b.mem.slice_mut(..host.len()))
+                .map_err(driver("cuMemcpyHtoD"))?;
+        }
+        Ok(b)
+    }
+
+    fn download_f32(&self, x: View<'_, CudaBuf>) -> Result<Vec<f32>> {
+        let (off, len) = range("download", "x", &x)?;
+        let mut host = vec![0f32; len];
+        if len > 0 {
+            self.stream
+                .memcpy_dtoh(&x.buf().mem.slice(off..off + len), &mut host)
+                .map_err(driver("cuMemcpyDtoH"))?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn upload_ids_u32(&self, host: &[u32]) -> Result<CudaIds> {
+        let mut mem = self
+            .stream
+            .alloc_zeros::<u32>(host.len().max(1))
+            .map_err(driver("cuMemAlloc"))?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut mem.slice_mut(..host.len()))
+                .map_err(driver("cuMemcpyHtoD"))?;
+        }
+        let addr = mem.device_ptr(&self.stream).0;
+        let bound = host.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+        Ok(CudaIds {
+            mem,
+            addr,
+            len: host.len(),
+            bound,
+        })
+    }
+
+    fn download_ids_u32(&self, ids: &CudaIds) -> Result<Vec<u32>> {
+        let mut host = vec![0u32; ids.len];
+        if ids.len > 0 {
+            self.stream
+                .memcpy_dtoh(&ids.mem.slice(..ids.len), &mut host)
+                .map_err(driver("cuMemcpyDtoH"))?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn fill_f32(&self, x: ViewMut<'_, CudaBuf>, value: f32) -> Result<()> {
+        let p = dev_out("fill", "x", x)?;
+        if p.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `p` covers `p.len()` f32 of a live buffer of ours (checked by `out`), and the
+        // memset is ordered on our stream like every other use of that buffer.
+        unsafe {
+            cudarc::driver::sys::cuMemsetD32Async(
+                p.addr(),
+                value.to_bits(),
+                p.len(),
+                self.stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(driver("cuMemsetD32Async"))
+    }
+
+    fn copy_f32(&self, dst: ViewMut<'_, CudaBuf>, src: View<'_, CudaBuf>) -> Result<()> {
+        if dst.len() != src.len() {
+            return Err(Error::invalid(
+                "copy",
+                format!("dst has {} elements, src {}", dst.len(), src.len()),
+            ));
+        }
+        let s = dev_in("copy", "src", src)?;
+        let d = dev_out("copy", "dst", dst)?;
+        if d.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: both ranges lie in live buffers of ours (checked by `inp`/`out`), have the same
+        // length, and `dst` is borrowed mutably so it is not `src`'s buffer; ordered on our
+        // stream.
+        unsafe {
+            cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
+                d.addr(),
+                s.addr(),
+                d.len() * 4,
+                self.stream.cu_stream(),
+            )
+        }
+        .result()
+        .map_err(driver("cuMemcpyDtoDAsync"))
+    }
+}
+
+/// `[off, off+len)` of a view, checked against its buffer.
+fn range<B: DeviceBuf>(op: &'static str, what: &str, v: &View<'_, B>) -> Result<(usize, usize)> {
+    let (off, len, total) = (v.offset(), v.len(), v.buf().len());
+    if off.checked_add(len).is_some_and(|end| end <= total) {
+        Ok((off, len))
+    } else {
+        Err(Error::invalid(
+            op,
+            format!("{what}: view {off}+{len} outside buffer of {total}"),
+        ))
+    }
+}
+
+/// The device address range a read-only view covers.
+pub(crate) fn dev_in<'a>(
+    op: &'static str,
+    what: &str,
+    v: View<'a, CudaBuf>,
+) -> Result<DevPtr<'a, f32>> {
+    let (off, len) = range(op, what, &v)?;
+    Ok(DevPtr::new(v.buf().addr + 4 * off as u64, len))
+}
+
+/// The device address range a writable view covers.
+pub(crate) fn dev_out<'a>(
+    op: &'static str,
+    what: &str,
+    v: ViewMut<'a, CudaBuf>,
+) -> Result<DevPtr<'a, f32>> {
+    let (off, len) = range(op, what, &v.as_view())?;
+    let (buf, _, _) = v.into_parts();
+    Ok(DevPtr::new(buf.addr + 4 * off as u64, len))
+}

@@ -1,0 +1,82 @@
+//! `--device cpu|cuda|cuda:N|auto|emu`: opening the device a command runs on, and running code
+//! that is generic over [`Device`] on whichever was opened ([`with_device!`]).
+
+use super::cpu::CpuDevice;
+use super::cuda::{self, CudaDevice};
+use super::emu::EmuMode;
+use super::emu_device::EmuDevice;
+use crate::{Error, Result};
+
+/// One of the devices, chosen at run time.
+#[derive(Debug)]
+pub enum AnyDevice {
+    Cpu(CpuDevice),
+    /// (boxed: it is much larger than the others)
+    Cuda(Box<CudaDevice>),
+    /// The CUDA kernels on the CPU emulator (slow: tiny models, checks).
+    Emu(EmuDevice),
+}
+
+/// What `--device` accepts.
+pub const DEVICE_KINDS: &str = "cpu, cuda, cuda:N, auto or emu";
+
+/// Opens the device `kind` names: `cpu`; `cuda` (GPU 0) or `cuda:N`; `auto` (GPU 0 when this
+/// build has kernels and the machine a driver and a GPU, else the CPU); `emu` (the CUDA kernels
+/// through the CPU emulator).
+pub fn open(kind: &str) -> Result<AnyDevice> {
+    let bad = || Error::invalid("--device", format!("`{kind}`: expected {DEVICE_KINDS}"));
+    match kind {
+        "cpu" => Ok(AnyDevice::Cpu(CpuDevice::new())),
+        "auto" => match cuda::probe() {
+            Ok(_) => cuda_device(0),
+            Err(_) => Ok(AnyDevice::Cpu(CpuDevice::new())),
+        },
+        "emu" => {
+            if !super::emu::available() {
+                return Err(Error::invalid(
+                    "--device emu",
+                    "this build has no CUDA emulator (no C++ compiler when it was compiled)",
+                ));
+            }
+            Ok(AnyDevice::Emu(EmuDevice::new(EmuMode::Forward, 0)))
+        }
+        "cuda" => cuda_device(0),
+        _ => {
+            let n = kind.strip_prefix("cuda:").ok_or_else(bad)?;
+            let n = n.parse::<usize>().map_err(|_| bad())?;
+            cuda_device(n)
+        }
+    }
+}
+
+fn cuda_device(ordinal: usize) -> Result<AnyDevice> {
+    CudaDevice::new(ordinal).map(|d| AnyDevice::Cuda(Box::new(d)))
+}
+
+impl AnyDevice {
+    pub fn name(&self) -> String {
+        use super::Device;
+        match self {
+            AnyDevice::Cpu(d) => d.name(),
+            AnyDevice::Cuda(d) => d.name(),
+            AnyDevice::Emu(d) => d.name(),
+        }
+    }
+}
+
+/// Runs `$body` with `$d: &impl Device` bound to the opened device, whichever it is:
+/// `with_device!(&dev, d => train(d, &cfg))` (`$dev` a `&AnyDevice`). `$body` is compiled once
+/// per device type.
+#[macro_export]
+macro_rules! with_device {
+    ($dev:expr, $d:ident => $body:expr) => {
+        match $dev {
+            $crate::device::select::AnyDevice::Cpu($d) => $body,
+            $crate::device::select::AnyDevice::Cuda(boxed) => {
+                let $d: &$crate::device::cuda::CudaDevice = boxed;
+                $body
+            }
+            $crate::device::select::AnyDevice::Emu($d) => $body,
+        }
+    };
+}
