@@ -1188,3 +1188,57 @@ fn bad_configs_name_their_field() {
         "nothing is written before the models load"
     );
 }
+
+/// On a device with a fixed memory (a GPU; here the emulated one given a budget), a run whose
+/// step plan does not fit fails before loading anything or writing a file, naming the need
+/// and the changes that would fit; with exactly the planned bytes it runs.
+#[test]
+fn a_run_that_does_not_fit_fails_before_its_first_step() {
+    use nla_engine::device::emu::EmuMode;
+    use nla_engine::device::emu_device::EmuDevice;
+    use nla_engine::memory::{DtypePolicy, Recompute, RunShape, StepOptions};
+
+    let cpu = Dev::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = write_model(&cpu, tmp.path(), 1);
+    let data = write_data(tmp.path(), 2, 8, 4);
+    let save = tmp.path().join("run");
+    let cfg = config(
+        &model,
+        &data,
+        &save,
+        &[
+            "trainer.total_training_steps=1",
+            "trainer.save_steps=0",
+            "trainer.val_steps=0",
+            "optim.warmup_steps=0",
+            "data.train_batch_size=4",
+        ],
+    );
+    let tiny = tiny_config();
+    let shape = RunShape::from_config(&cfg, tiny.clone(), tiny).unwrap();
+    let opts = StepOptions {
+        policy: DtypePolicy::cpu(),
+        recompute: Recompute::None,
+        gpus: 1,
+        zero_stage: 0,
+        logits_chunk: None,
+    };
+    let peak = shape.plan(&opts).unwrap().plan.peak;
+    eprintln!("planned peak {peak} bytes");
+    assert!(peak > 100_000, "implausible plan: {peak} bytes");
+
+    let dev = EmuDevice::new(EmuMode::Forward, 0).with_memory_budget(peak - 1);
+    let e = train(&dev, &cfg, Some(false)).unwrap_err().to_string();
+    assert!(
+        e.contains("does not fit the device's free memory") && e.contains("per device"),
+        "{e}"
+    );
+    assert_eq!(dev.launcher().launches(), 0, "ran kernels before refusing");
+    assert!(!save.exists(), "wrote {} before refusing", save.display());
+
+    let dev = EmuDevice::new(EmuMode::Forward, 0).with_memory_budget(peak);
+    let s = train(&dev, &cfg, Some(false)).unwrap();
+    assert_eq!(s.steps, 1);
+    assert!(dev.launcher().launches() > 0);
+}

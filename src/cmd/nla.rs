@@ -236,14 +236,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
 fn generate_on<D: Device>(dev: &D, args: &GenerateArgs, cfg: &RunConfig) -> Result<()> {
     let path = args.model.actor_path(cfg)?;
     let (side, actor) = setup::load_actor(dev, cfg, &path)?;
-    let rows = read_rows(
-        cfg,
-        &args.data,
-        args.rows,
-        actor.spec.a,
-        Mode::Actor,
-        false,
-    )?;
+    let rows = read_rows(cfg, &args.data, args.rows, actor.spec.a, Mode::Actor, false)?;
     let enc = setup::actor_encoder(cfg, &side)?;
     let mut prompts = vec![];
     for r in &rows {

@@ -30,6 +30,7 @@ type Buf = Vec<f32>;
 #[derive(Debug)]
 pub struct EmuDevice {
     launcher: EmuLaunch,
+    budget: Option<usize>,
 }
 
 impl EmuDevice {
@@ -37,7 +38,15 @@ impl EmuDevice {
     pub fn new(mode: EmuMode, seed: u64) -> Self {
         EmuDevice {
             launcher: EmuLaunch::new(mode, seed),
+            budget: None,
         }
+    }
+
+    /// This device with a fixed memory of `bytes`, as a GPU has: runs plan against it
+    /// ([`Device::memory_budget`]) and fail before their first step when they do not fit.
+    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
+        self.budget = Some(bytes);
+        self
     }
 
     pub fn mode(&self) -> EmuMode {
@@ -60,6 +69,10 @@ impl Device for EmuDevice {
 
     fn name(&self) -> String {
         format!("emulated cuda ({:?})", self.launcher.mode)
+    }
+
+    fn memory_budget(&self) -> Result<Option<usize>> {
+        Ok(self.budget)
     }
 
     // ---- memory: host operations, as the CPU device (cuMem* on the GPU)

@@ -351,6 +351,12 @@ pub trait Device: Send + Sync + Sized {
         Ok(())
     }
 
+    /// Bytes a run may plan to use on this device, when it has a fixed memory (a GPU's free
+    /// memory); None where memory is the host's (the CPU devices).
+    fn memory_budget(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
     /// A zeroed buffer of `n` elements.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;

@@ -21,7 +21,8 @@ use crate::config::{Algo, Part, Resume, RunConfig};
 use crate::data::{DatasetReader, Mode, Sample};
 use crate::device::{Advantage, Device, KlType, LossAgg, PolicyLossSpec, RewardSpec, SampleSpec};
 use crate::generate::{generate_with, GenSpec, PromptInjection, StopReason};
-use crate::model::Model;
+use crate::memory::{check_fits, DtypePolicy, Recompute, RunShape, StepOptions};
+use crate::model::{load_config, Model};
 use crate::nla::{ActorExample, CriticExample, Outcome, SkipCounts};
 use crate::train::checkpoint::{
     latest_checkpoint, load_adamw, save_adamw, save_checkpoint, TrainerState,
@@ -140,6 +141,31 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
     Ok(Parts { actor, critic })
 }
 
+/// Fails before anything is loaded when the memory plan of this run's step (f32 weights,
+/// gradients, AdamW state and activations of actor and critic: `nla-engine plan
+/// --precision f32`) does not fit the `budget` bytes the device has free; the error lists the
+/// changes that would make it fit.
+fn check_memory(cfg: &RunConfig, budget: usize) -> Result<()> {
+    let actor = setup::model_path(cfg, "model.model_name", &cfg.model.model_name)?;
+    let critic = setup::model_path(cfg, "model.critic.model_name", cfg.critic_model_name())?;
+    let shape = RunShape::from_config(cfg, load_config(&actor)?, load_config(&critic)?)?;
+    let opts = StepOptions {
+        policy: DtypePolicy::cpu(),
+        recompute: Recompute::None,
+        gpus: 1,
+        zero_stage: 0,
+        logits_chunk: None,
+    };
+    let plan = shape.plan(&opts)?;
+    check_fits(&shape, &opts, &plan, budget).map_err(|e| {
+        Error::invalid(
+            "train",
+            format!("this run does not fit the device's free memory: {e}"),
+        )
+    })?;
+    Ok(())
+}
+
 /// Trains as `cfg` says on `dev`; `bar` forces the progress bar on or off (None = a bar on a
 /// terminal).
 pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<RunSummary> {
@@ -166,6 +192,9 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
                 ),
             ));
         }
+    }
+    if let Some(budget) = dev.memory_budget()? {
+        check_memory(cfg, budget)?;
     }
     let mut parts = load_parts(dev, cfg, ckpt.as_deref())?;
     let a = parts

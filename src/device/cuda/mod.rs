@@ -61,6 +61,9 @@ impl CudaIds {
     }
 }
 
+/// The oldest driver API the embedded PTX and cubins load on (nvcc 13.0 emits PTX ISA 9.0).
+const MIN_DRIVER: i32 = 13000;
+
 /// Why the GPU cannot be used here, or the number of CUDA devices.
 pub fn probe() -> std::result::Result<usize, String> {
     if !super::kernels::available() {
@@ -69,6 +72,20 @@ pub fn probe() -> std::result::Result<usize, String> {
     // SAFETY: `is_culib_present` only tries to load libcuda (dlopen); it never calls into it.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err("no CUDA driver on this machine (libcuda.so could not be loaded)".into());
+    }
+    let mut version = 0;
+    // SAFETY: libcuda is loaded (checked above); cuDriverGetVersion writes one int, needs no
+    // cuInit and no context.
+    let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+    r.result()
+        .map_err(|e| format!("the CUDA driver does not say its version: {e}"))?;
+    if version < MIN_DRIVER {
+        return Err(format!(
+            "the CUDA driver supports CUDA {}.{}; the kernels were compiled by nvcc 13.0 and \
+             need a CUDA 13.0 driver (R580) or newer",
+            version / 1000,
+            version % 1000 / 10
+        ));
     }
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(n as usize),
@@ -117,8 +134,8 @@ impl CudaDevice {
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("cuCtx (primary context)"))?;
-        // SAFETY: one stream only: every op is ordered on it, and buffers are freed only
-        // after the stream synchronised (CudaBuf's drop frees stream-ordered).
+        // SAFETY: one stream only: every op is ordered on it, and a buffer is freed in stream
+        // order (cuMemFreeAsync on the same stream when it drops), after every op that used it.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let cc = ctx

@@ -37,6 +37,10 @@ impl Device for CudaDevice {
         CudaDevice::synchronize(self)
     }
 
+    fn memory_budget(&self) -> Result<Option<usize>> {
+        self.memory().map(|(free, _)| Some(free))
+    }
+
     fn alloc(&self, n: usize) -> Result<Buf> {
         self.alloc_f32(n)
     }
