@@ -10,11 +10,11 @@
 #
 #   bash scripts/gpu-check.sh bundle
 #       On a build machine without a GPU: builds the binary, the test and bench executables
-#       with the kernels, strips them and packs them into .gpu-bundle/ (git-ignored), for a GPU
-#       machine that has no Rust toolchain or no registry access.
+#       with the kernels, strips them and packs them into .gpu-bundle.tgz (~25 MB, git-ignored),
+#       for a GPU machine that has no Rust toolchain or no registry access.
 #   bash scripts/gpu-check.sh run-bundle [REPORT_DIR]
-#       On that GPU machine, in a copy of the repository holding .gpu-bundle/: runs the bundled
-#       executables instead of building.
+#       On that GPU machine, in a copy of the repository holding .gpu-bundle.tgz: unpacks it
+#       and runs the bundled executables instead of building.
 #
 # Tests that need a GPU skip without one; here NLA_REQUIRE_GPU=1 makes a missing GPU a failure.
 set -euo pipefail
@@ -66,7 +66,9 @@ for l in sys.stdin:
     echo "$root" > .gpu-bundle/built-in
     git rev-parse HEAD > .gpu-bundle/commit
     du -sh .gpu-bundle/* >&2
-    echo "bundle: .gpu-bundle ($(du -sh .gpu-bundle | cut -f1)); on the GPU machine:" \
+    tar -czf .gpu-bundle.tgz .gpu-bundle
+    rm -rf .gpu-bundle
+    echo "bundle: .gpu-bundle.tgz ($(du -sh .gpu-bundle.tgz | cut -f1)); on the GPU machine:" \
         "bash scripts/gpu-check.sh run-bundle" >&2
     exit 0
 fi
@@ -83,6 +85,7 @@ export NLA_REQUIRE_GPU=1
 
 if [ "$mode" = run-bundle ]; then
     b=.gpu-bundle
+    [ -d "$b" ] || [ ! -f "$b.tgz" ] || tar -xzf "$b.tgz"
     [ -x "$b/nla-engine" ] || { echo "gpu-check: no $b/nla-engine: run 'bash scripts/gpu-check.sh bundle' first" >&2; exit 1; }
     built="$(cat "$b/built-in")"
     if [ "$built" != "$root" ] && [ ! -e "$built" ]; then
