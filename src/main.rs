@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, View};
 use nla_engine::model::{
     backward, forward, is_gguf, load_config, load_model, safetensors_io, ActivationSet, Batch,
@@ -53,6 +52,9 @@ enum Cmd {
         /// Also write the gradient of the loss for every parameter
         #[arg(long)]
         grads: bool,
+        /// cpu, cuda, cuda:N, auto or emu
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// The whole NLA pipeline on the CPU in minutes: a small subject model, a dataset extracted
     /// from the shipped texts, SFT of actor and critic, GRPO, fidelity before and after
@@ -97,7 +99,12 @@ fn main() {
             ids,
             dump,
             grads,
-        } => forward_cmd(&model, &ids, &dump, grads),
+            device,
+        } => nla_engine::device::select::open(&device)
+            .map_err(anyhow::Error::from)
+            .and_then(|dev| {
+                nla_engine::with_device!(&dev, d => forward_cmd(d, &model, &ids, &dump, grads))
+            }),
         Cmd::Demo(a) => cmd::demo::demo_cmd(&a),
         Cmd::Bench(a) => cmd::bench::bench_cmd(&a),
         Cmd::Devices => cmd::bench::devices_cmd(),
@@ -204,17 +211,16 @@ fn read_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
     Ok(rows)
 }
 
-fn forward_cmd(dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
-    let dev = CpuDevice::new();
-    let (mut model, _) = load_model(&dev, dir)?;
+fn forward_cmd<D: Device>(dev: &D, dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
+    let (mut model, _) = load_model(dev, dir)?;
     let batch = Batch::causal_lm(&read_ids(ids)?).with_context(|| format!("{}", ids.display()))?;
     batch
         .check_vocab(model.cfg.vocab_size)
         .with_context(|| format!("{}", ids.display()))?;
     let (b, t, v) = (batch.b, batch.t, model.cfg.vocab_size);
-    let mut acts = ActivationSet::new(&dev, &model.cfg, b, t)?;
-    let db = batch.upload(&dev)?;
-    let loss = forward(&dev, &model, &mut acts, &db)?;
+    let mut acts = ActivationSet::new(dev, &model.cfg, b, t)?;
+    let db = batch.upload(dev)?;
+    let loss = forward(dev, &model, &mut acts, &db)?;
     let logits = dev.download(View::all(&acts.logits))?;
     let loss_v = [loss.mean() as f32];
     let mut out: Vec<(String, Vec<usize>, &[f32])> = vec![
@@ -223,8 +229,8 @@ fn forward_cmd(dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
     ];
     let host_grads;
     if grads {
-        backward(&dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32)?;
-        host_grads = model.grads_to_host(&dev)?;
+        backward(dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32)?;
+        host_grads = model.grads_to_host(dev)?;
         for e in &model.table.entries {
             out.push((
                 format!("grad.{}", e.name),
@@ -235,11 +241,12 @@ fn forward_cmd(dir: &Path, ids: &Path, dump: &Path, grads: bool) -> Result<()> {
     }
     safetensors_io::write_tensors(dump, &out)?;
     println!(
-        "loss {:.6} over {} positions; wrote {} tensors to {}",
+        "loss {:.6} over {} positions; wrote {} tensors to {} ({})",
         loss.mean(),
         loss.count,
         out.len(),
-        dump.display()
+        dump.display(),
+        dev.name()
     );
     Ok(())
 }
