@@ -499,8 +499,26 @@ fn rl_logps(
     model: &Model<Dev>,
     actor: &Actor<Dev>,
     seqs: &[RlSequence],
+    temperature: f32,
 ) -> Vec<Vec<f64>> {
     let params = dev.download(View::all(&actor.model.params)).unwrap();
+    // log-probs under softmax(logits / T): logits are linear in the final norm's output, and
+    // the final norm's output is linear in its weight, so dividing ln_f's weight by T divides
+    // the logits by T (the LM head itself is tied to the embedding here)
+    let scaled;
+    let model = if temperature == 1.0 {
+        model
+    } else {
+        let mut flat = dev.download(View::all(&model.params)).unwrap();
+        let (off, len) = entry(model, "model.norm.weight");
+        for w in &mut flat[off..off + len] {
+            *w /= temperature;
+        }
+        // the base model's parameters (the actor's flat buffer also holds its projection)
+        let base = nla_engine::model::ParamTable::for_config(&model.cfg).total;
+        scaled = Model::from_host(dev, model.cfg.clone(), &flat[..base]).unwrap();
+        &scaled
+    };
     seqs.iter()
         .map(|s| {
             let n = s.ids.len();
@@ -534,8 +552,9 @@ fn rl_loss_by_hand(
     reference: Option<&[Vec<f64>]>,
     spec: &PolicyLossSpec,
     micro: usize,
+    temperature: f32,
 ) -> f64 {
-    let logp = rl_logps(dev, &actor.model, actor, seqs);
+    let logp = rl_logps(dev, &actor.model, actor, seqs, temperature);
     let tok = |s: usize, t: usize| {
         let lp = logp[s][t];
         let mut l = -(seqs[s].advantage as f64) * (lp - old[s][t]).exp();
@@ -618,8 +637,9 @@ fn rl_update_gradient_matches_finite_differences() {
         })
         .collect();
     let params = dev.download(View::all(&t.actor.model.params)).unwrap();
-    let old = rl_logps(&dev, &t.actor.model, &t.actor, &seqs);
-    let refl = rl_logps(&dev, &reference, &t.actor, &seqs);
+    let old1 = rl_logps(&dev, &t.actor.model, &t.actor, &seqs, 1.0);
+    let refl1 = rl_logps(&dev, &reference, &t.actor, &seqs, 1.0);
+    let (old, refl) = (&old1, &refl1);
     let off = t.actor.proj.unwrap();
     // k3 on the smooth branch for every token (far from its clamp at 10), and not ~0, so the
     // KL term adds to the gradient (measured over 300 seeds: mean >= 0.009, max <= 3.5)
@@ -646,8 +666,23 @@ fn rl_update_gradient_matches_finite_differences() {
         // two micro-batches (2 + 1 sequences): each weighted by its share of the mini-batch
         (LossAgg::TokenMean, 0.1, KlType::K3, 2),
     ];
-    for (agg, kl_coef, kl_type, micro) in cases {
-        let name = format!("{agg:?} kl {kl_coef} {kl_type:?} micro {micro}");
+    // every case at temperature 1, and two under a sampling temperature (log-probs of
+    // softmax(logits / T), policy and reference)
+    let cases = cases
+        .iter()
+        .map(|&c| (c, 1.0f32))
+        .chain([(cases[2], 0.7), (cases[4], 1.6)]);
+    for ((agg, kl_coef, kl_type, micro), temp) in cases {
+        let name = format!("{agg:?} kl {kl_coef} {kl_type:?} micro {micro} T {temp}");
+        t.temperature = temp;
+        let (old_t, refl_t);
+        let (old, refl) = if temp == 1.0 {
+            (old, refl)
+        } else {
+            old_t = rl_logps(&dev, &t.actor.model, &t.actor, &seqs, temp);
+            refl_t = rl_logps(&dev, &reference, &t.actor, &seqs, temp);
+            (&old_t, &refl_t)
+        };
         let spec = PolicyLossSpec {
             clip_low: 0.2,
             clip_high: 0.2,
@@ -664,7 +699,7 @@ fn rl_update_gradient_matches_finite_differences() {
         assert!(now == params, "{name}: lr 0 changed the weights");
         let g = dev.download(View::all(&t.actor.model.grads)).unwrap();
         let rref = rf.map(|_| refl.as_slice());
-        let hand0 = rl_loss_by_hand(&dev, &t.actor, &seqs, &old, rref, &spec, micro);
+        let hand0 = rl_loss_by_hand(&dev, &t.actor, &seqs, old, rref, &spec, micro, temp);
         // on-policy: ratio exactly 1, nothing clipped
         assert!(
             (st.ratio_mean - 1.0).abs() < 1e-12,
@@ -690,7 +725,7 @@ fn rl_update_gradient_matches_finite_differences() {
             let fd = central_diff(&mut |h| {
                 let v = (x as f64 + h) as f32;
                 set_param(&dev, &mut t.actor.model, i, v);
-                let l = rl_loss_by_hand(&dev, &t.actor, &seqs, &old, rref, &spec, micro);
+                let l = rl_loss_by_hand(&dev, &t.actor, &seqs, old, rref, &spec, micro, temp);
                 (l, v as f64 - x as f64)
             });
             set_param(&dev, &mut t.actor.model, i, x);

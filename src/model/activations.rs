@@ -55,8 +55,11 @@ pub struct ActivationSet<B> {
     pub rstd_f: B,
     /// [N,C] final normed hidden state
     pub xn_f: B,
-    /// [N,V]
+    /// [N,V] = logit_scale * xn_f @ lm_head^T
     pub logits: B,
+    /// Multiplies the logits inside the LM-head matmul (and its backward): 1 / temperature for
+    /// log-probs under a sampling temperature; 1 otherwise. Set by whoever runs the forward.
+    pub logit_scale: f32,
     /// [N] masked per-position cross-entropy
     pub losses: B,
     /// [N,C] scratch: projection outputs in forward
@@ -131,6 +134,7 @@ impl<B> ActivationSet<B> {
             rstd_f: a(n)?,
             xn_f: a(n * c)?,
             logits: a(n * v)?,
+            logit_scale: 1.0,
             losses: a(n)?,
             proj: a(n * c)?,
             dlogits: a(n * v)?,

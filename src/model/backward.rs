@@ -75,7 +75,7 @@ pub fn backward_with<D: Device>(
     }
     let a = acts;
 
-    // logits = xn_f @ lm_head^T, lm_head [V,C]
+    // lm_head [V,C]
     dev.cross_entropy_bwd(
         ViewMut::all(&mut a.dlogits),
         View::all(&a.logits),
@@ -85,25 +85,32 @@ pub fn backward_with<D: Device>(
         v,
         scale,
     )?;
+    // logits = s * xn_f @ lm_head^T: dxn[N,C] = s * dlogits @ lm_head, dW[V,C] += s * dlogits^T xn_f
     let dlogits = View::all(&a.dlogits);
-    linear_bwd_dx(
-        dev,
+    let s = a.logit_scale;
+    dev.matmul(
         ViewMut::all(&mut a.dxn),
         dlogits,
         p(tb.lm_head, v * c),
         n,
-        v,
         c,
+        v,
         false,
+        false,
+        s,
+        0.0,
     )?;
-    linear_bwd_dw(
-        dev,
+    dev.matmul(
         g!(tb.lm_head, v * c),
         dlogits,
         View::all(&a.xn_f),
-        n,
         v,
         c,
+        n,
+        true,
+        false,
+        s,
+        1.0,
     )?;
     let last = &a.res[cfg.num_hidden_layers];
     dev.rmsnorm_bwd(

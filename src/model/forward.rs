@@ -1,7 +1,6 @@
 //! The decoder's forward pass: a straight-line loop over blocks calling device ops.
 
 use super::block::{block_fwd, BlockBufs};
-use super::linear::linear_fwd;
 use super::{Activations, DeviceBatch, Model};
 use crate::device::{AttnDims, Device, InjectMode, View, ViewMut};
 use crate::{Error, Result};
@@ -150,14 +149,25 @@ pub fn forward_with<D: Device>(
         c,
         eps,
     )?;
-    linear_fwd(
-        dev,
+    // logits[N,V] = logit_scale * xn_f @ lm_head^T (the scale rides on the GEMM's alpha)
+    let scale = acts.logit_scale;
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(crate::Error::invalid(
+            "forward",
+            format!("logit_scale {scale} must be finite and > 0"),
+        ));
+    }
+    dev.matmul(
         ViewMut::all(&mut acts.logits),
         View::all(&acts.xn_f),
         p(tb.lm_head, v * c),
         n,
         v,
         c,
+        false,
+        true,
+        scale,
+        0.0,
     )?;
     dev.cross_entropy_fwd(
         ViewMut::all(&mut acts.losses),

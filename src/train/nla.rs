@@ -141,6 +141,7 @@ impl<D: Device> ActorTrainer<D> {
             let db = ab.batch.upload(dev)?;
             let mut ai = self.actor.injection(dev, &ab.sites, &ab.vecs)?;
             let acts = acts_for(dev, &mut self.acts, &self.actor.model, db.b, db.t)?;
+            acts.logit_scale = 1.0;
             loss += forward_with(dev, &self.actor.model, acts, &db, Some(&ai.inj))?.sum;
             if backward {
                 backward_with(
@@ -474,9 +475,10 @@ impl<D: Device> ActorTrainer<D> {
                         db.t,
                         spec,
                     )?;
-                    // d loss / d logits = -dlogp (softmax - onehot): cross-entropy's backward
-                    // with -dlogp * share as the per-position weights
-                    let share = *rows as f32 / *mini_rows as f32 / self.temperature;
+                    // d loss / d (logits / T) = -dlogp (softmax - onehot): cross-entropy's
+                    // backward with -dlogp * share as the per-position weights (the 1 / T to the
+                    // raw logits is the LM-head backward's, acts.logit_scale)
+                    let share = *rows as f32 / *mini_rows as f32;
                     let w: Vec<f32> = dev
                         .download(View::all(&dlogp))?
                         .iter()
@@ -576,9 +578,9 @@ pub fn rewards<D: Device>(
 }
 
 /// Runs the actor on `db` with its injection and returns the per-position log-probs [B*T] of
-/// the targets under softmax(logits / temperature) (0 off the mask). For temperature != 1 the
-/// logits in `acts` are replaced by logits / temperature, so a following backward sees the
-/// tempered logits: scale its weights by 1 / temperature.
+/// the targets under softmax(logits / temperature) (0 off the mask). The 1 / temperature rides
+/// on the LM-head matmul (`acts.logit_scale`), so a following backward on `acts` takes the
+/// tempered logits' gradient through it.
 fn policy_logps<D: Device>(
     dev: &D,
     model: &Model<D>,
@@ -587,30 +589,14 @@ fn policy_logps<D: Device>(
     inj: &crate::model::Injection<D>,
     temperature: f32,
 ) -> Result<Vec<f32>> {
-    forward_with(dev, model, acts, db, Some(inj))?;
-    if temperature != 1.0 {
-        if !(temperature.is_finite() && temperature > 0.0) {
-            return Err(Error::invalid(
-                "rl step",
-                format!("temperature {temperature}: log-probs need a temperature > 0"),
-            ));
-        }
-        let scaled: Vec<f32> = dev
-            .download(View::all(&acts.logits))?
-            .iter()
-            .map(|&x| x / temperature)
-            .collect();
-        acts.logits = dev.upload(&scaled)?;
-        let (n, v) = (db.b * db.t, model.cfg.vocab_size);
-        dev.cross_entropy_fwd(
-            ViewMut::all(&mut acts.losses),
-            View::all(&acts.logits),
-            &db.targets,
-            View::all(&db.mask),
-            n,
-            v,
-        )?;
+    if !(temperature.is_finite() && temperature > 0.0) {
+        return Err(Error::invalid(
+            "rl step",
+            format!("temperature {temperature}: log-probs need a temperature > 0"),
+        ));
     }
+    acts.logit_scale = 1.0 / temperature;
+    forward_with(dev, model, acts, db, Some(inj))?;
     Ok(dev
         .download(View::all(&acts.losses))?
         .iter()
