@@ -543,7 +543,9 @@ fn rl_logps(
 
 /// The RL objective by hand at the actor's current weights: per token
 /// l = -A exp(logp - old) + kl_coef kl(logp, ref); per micro-batch of `micro` sequences the
-/// `agg` of l, times its share of the mini-batch (all of `seqs`).
+/// `agg` of l, times its share of the mini-batch (all of `seqs`). Log-probs under
+/// softmax(logits / temperature).
+#[allow(clippy::too_many_arguments)]
 fn rl_loss_by_hand(
     dev: &Dev,
     actor: &Actor<Dev>,
