@@ -480,7 +480,8 @@ fn time_runs<T>(
         }
         last = Some(out);
     }
-    Ok((times, last.expect("at least one timed iteration")))
+    let last = last.ok_or_else(|| Error::invalid("bench", "need at least one timed iteration"))?;
+    Ok((times, last))
 }
 
 /// The median (the mean of the two middle values for an even count); NaN when empty.
