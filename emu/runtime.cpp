@@ -116,6 +116,7 @@ enum class St : unsigned char { Run, Bar, Warp, Done };
 
 struct Th {
     St st = St::Run;
+    unsigned nbar = 0;  // barriers this thread has reached (ThreadSanitizer tokens alternate on it)
     int op = 0;  // what it waits at (block or warp op), for messages
     Site site;
     unsigned mask = 0;  // warp collective inputs
@@ -164,8 +165,14 @@ struct Block {
             for (unsigned t = 0; t < n; ++t) cv[t].notify_one();
     }
 
+    // ThreadSanitizer builds: one token per barrier generation parity (see TsanQuiet)
+    char bar_token[2] = {0, 0};
+
     void reset() {
-        for (Th& t : th) t.st = St::Run;
+        for (Th& t : th) {
+            t.st = St::Run;
+            t.nbar = 0;
+        }
         n_run = n;
         n_done = 0;
         first_exited = -1;
@@ -196,6 +203,53 @@ static NLA_EMU_TLS unsigned tls_tid = 0;
 static NLA_EMU_TLS fiber::Context* tls_sched = nullptr;
 
 static void to_scheduler(Block& b, unsigned tid) { fiber::switch_to(b.th[tid].ctx, *tls_sched); }
+
+// ThreadSanitizer (OS-thread mode, a -fsanitize=thread build): the emulator's bookkeeping under
+// the block's mutex is invisible to TSan (its accesses and its lock/unlock/wait are ignored), so
+// that the mutex does not order CUDA threads that CUDA leaves unordered (a thread exiting after
+// its racy accesses, say, would otherwise be ordered before every thread that takes the mutex
+// later, and TSan would miss the race). The one ordering CUDA defines between threads of a block
+// is made explicit instead: a barrier releases a token on arrival and acquires it on leaving, the
+// token alternating with the barrier count (a fast thread arriving at barrier k+1 must not release
+// into the token a slow thread acquires when leaving barrier k). Warp collectives exchange values
+// only (shuffles and votes order no memory). Elsewhere these are no-ops.
+#if defined(__SANITIZE_THREAD__)
+extern "C" {
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+void __tsan_ignore_thread_begin();
+void __tsan_ignore_thread_end();
+void AnnotateIgnoreSyncBegin(const char* file, int line);
+void AnnotateIgnoreSyncEnd(const char* file, int line);
+}
+struct TsanQuiet {
+    bool on;
+    explicit TsanQuiet(const Block& b) : on(b.threaded) {
+        if (on) {
+            __tsan_ignore_thread_begin();
+            AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+        }
+    }
+    ~TsanQuiet() {
+        if (on) {
+            AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+            __tsan_ignore_thread_end();
+        }
+    }
+};
+static void tsan_release(const Block& b, void* token) {
+    if (b.threaded) __tsan_release(token);
+}
+static void tsan_acquire(const Block& b, void* token) {
+    if (b.threaded) __tsan_acquire(token);
+}
+#else
+struct TsanQuiet {
+    explicit TsanQuiet(const Block&) {}
+};
+static void tsan_release(const Block&, void*) {}
+static void tsan_acquire(const Block&, void*) {}
+#endif
 
 // Ends this CUDA thread's part in a failed block (the first error is kept).
 [[noreturn]] static void fail(Block& b, std::unique_lock<std::mutex>& lk, int code, std::string msg) {
@@ -256,9 +310,7 @@ static void release(Block& b, unsigned t) {
 
 // ---- block barrier -----------------------------------------------------------------------------
 
-int block_barrier(int op, int pred, const Site& site) {
-    Block& b = *tls_block;
-    unsigned tid = tls_tid;
+static int block_barrier_impl(Block& b, unsigned tid, int op, int pred, const Site& site) {
     auto lk = b.lock();
     if (b.err) fail(b, lk, b.err, {});
     if (b.first_exited >= 0)
@@ -291,6 +343,20 @@ int block_barrier(int op, int pred, const Site& site) {
     }
     park(b, lk, tid, St::Bar);
     return b.bar_result;  // stays valid until every thread has arrived at the next barrier
+}
+
+int block_barrier(int op, int pred, const Site& site) {
+    Block& b = *tls_block;
+    unsigned tid = tls_tid;
+    void* token = &b.bar_token[b.th[tid].nbar++ & 1u];
+    tsan_release(b, token);
+    int r;
+    {
+        TsanQuiet quiet(b);
+        r = block_barrier_impl(b, tid, op, pred, site);
+    }
+    tsan_acquire(b, token);
+    return r;
 }
 
 // ---- warp collectives --------------------------------------------------------------------------
@@ -371,6 +437,7 @@ unsigned long long warp_collective(int op, unsigned mask, unsigned long long val
                                    const Site& site) {
     Block& b = *tls_block;
     unsigned tid = tls_tid, lane = tid & 31u, w = tid >> 5, bit = 1u << lane;
+    TsanQuiet quiet(b);
     auto lk = b.lock();
     if (b.err) fail(b, lk, b.err, {});
     auto where = [&] { return fmt("%s at %s", warp_name(op), site_str(site).c_str()); };
@@ -426,6 +493,7 @@ unsigned long long warp_collective(int op, unsigned mask, unsigned long long val
 
 unsigned active_mask() {
     Block& b = *tls_block;
+    TsanQuiet quiet(b);
     auto lk = b.lock();
     unsigned w = tls_tid >> 5;
     return b.lanes_existing(w) & ~b.exited[w];
@@ -433,6 +501,7 @@ unsigned active_mask() {
 
 void trap(const Site& site) {
     Block& b = *tls_block;
+    TsanQuiet quiet(b);
     auto lk = b.lock();
     fail(b, lk, NLA_EMU_E_TRAP, fmt("%s called __trap() at %s", b.who(tls_tid).c_str(), site_str(site).c_str()));
 }
@@ -440,6 +509,7 @@ void trap(const Site& site) {
 // ---- thread exit -------------------------------------------------------------------------------
 
 static void thread_exit(Block& b, unsigned tid) {
+    TsanQuiet quiet(b);
     auto lk = b.lock();
     if (b.err) fail(b, lk, b.err, {});
     unsigned w = tid >> 5, bit = 1u << (tid & 31u);
@@ -469,6 +539,7 @@ static std::vector<fiber::Stack> g_stacks;  // grown on demand, kept for the pro
 
 // Records a C++ exception that escaped the kernel (a CUDA kernel has none; a bad_alloc, say).
 static void escaped(Block& b, const char* what) {
+    TsanQuiet quiet(b);
     auto lk = b.lock();
     if (!b.err) {
         b.err = NLA_EMU_E_INTERNAL;
