@@ -225,6 +225,20 @@ fn numel(op: &'static str, what: &str, dims: &[usize]) -> Result<usize> {
 }
 
 /// `what` (e.g. "x [N,C]") must hold exactly the product of `dims` elements.
+/// matmul's lengths: a [M,K] (or [K,M] when ta), b [K,N] (or [N,K] when tb), c [M,N]; every
+/// device checks them.
+pub(crate) fn check_matmul(
+    [a, b, c]: [usize; 3],
+    [m, n, k]: [usize; 3],
+    ta: bool,
+    tb: bool,
+) -> Result<()> {
+    const OP: &str = "matmul";
+    check_len(OP, if ta { "a [K,M]" } else { "a [M,K]" }, a, &[m, k])?;
+    check_len(OP, if tb { "b [N,K]" } else { "b [K,N]" }, b, &[k, n])?;
+    check_len(OP, "c [M,N]", c, &[m, n])
+}
+
 fn check_len(op: &'static str, what: &str, got: usize, dims: &[usize]) -> Result<()> {
     let want = numel(op, what, dims)?;
     if got == want {
@@ -608,9 +622,7 @@ impl Device for CpuDevice {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "matmul";
-        check_len(OP, if ta { "a [K,M]" } else { "a [M,K]" }, a.len(), &[m, k])?;
-        check_len(OP, if tb { "b [N,K]" } else { "b [K,N]" }, b.len(), &[k, n])?;
-        check_len(OP, "c [M,N]", c.len(), &[m, n])?;
+        check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
         matmul::matmul(
             get_mut(OP, "c", c)?,
             get(OP, "a", a)?,

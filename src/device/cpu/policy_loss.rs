@@ -266,8 +266,30 @@ pub(crate) fn check_spec(
     Ok(())
 }
 
-/// The device's checks on the inputs of both directions: logp, old_logp, adv, mask (and
-/// ref_logp) [N = S*T], mask 0/1 with some 1, the spec. Returns the slices.
+/// The checks every device makes without reading values: S, T > 0, the lengths of logp,
+/// old_logp, adv, mask (and ref_logp) [N = S*T], the spec.
+pub(crate) fn check_shapes(
+    op: &'static str,
+    lens: [usize; 4],
+    ref_len: Option<usize>,
+    s: usize,
+    t: usize,
+    spec: &PolicyLossSpec,
+) -> crate::Result<()> {
+    super::check_pos(op, "S", s)?;
+    super::check_pos(op, "T", t)?;
+    let names = ["logp [N]", "old_logp [N]", "adv [N]", "mask [N]"];
+    for (len, what) in lens.into_iter().zip(names) {
+        super::check_len(op, what, len, &[s, t])?;
+    }
+    if let Some(len) = ref_len {
+        super::check_len(op, "ref_logp [N]", len, &[s, t])?;
+    }
+    check_spec(op, spec, ref_len.is_some())
+}
+
+/// The device's checks on the inputs of both directions: [`check_shapes`], and mask 0/1 with
+/// some 1. Returns the slices.
 #[allow(clippy::type_complexity)]
 pub(crate) fn device_inputs<'a>(
     op: &'static str,
@@ -283,16 +305,14 @@ pub(crate) fn device_inputs<'a>(
     &'a [f32],
     Option<&'a [f32]>,
 )> {
-    super::check_pos(op, "S", s)?;
-    super::check_pos(op, "T", t)?;
-    let names = ["logp [N]", "old_logp [N]", "adv [N]", "mask [N]"];
-    for (v, what) in inputs.iter().zip(names) {
-        super::check_len(op, what, v.len(), &[s, t])?;
-    }
-    if let Some(r) = &ref_logp {
-        super::check_len(op, "ref_logp [N]", r.len(), &[s, t])?;
-    }
-    check_spec(op, spec, ref_logp.is_some())?;
+    check_shapes(
+        op,
+        inputs.map(|v| v.len()),
+        ref_logp.as_ref().map(|r| r.len()),
+        s,
+        t,
+        spec,
+    )?;
     let [logp, old, adv, mask] = inputs;
     let mask = super::get(op, "mask", mask)?;
     super::pool::check_binary(op, "mask", mask)?;

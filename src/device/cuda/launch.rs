@@ -27,6 +27,10 @@ struct Func {
     smem_max: usize,
 }
 
+// A symbol's first launch checks its packed arguments against the kernel's C++ signature
+// (where the emulator is built); a launcher packs the same kinds every time, so later launches
+// skip the check (a registry lookup: kept off the hot path).
+
 /// The GPU launch backend (see the module docs).
 pub struct CudaLaunch {
     ctx: Arc<CudaContext>,
@@ -119,13 +123,15 @@ impl CudaLaunch {
         }
     }
 
-    /// The function `sym`, opted in to `smem` bytes of dynamic shared memory.
-    fn function(&self, sym: &str, smem: usize) -> Result<CudaFunction> {
+    /// The function `sym`, opted in to `smem` bytes of dynamic shared memory; its arguments
+    /// checked on its first launch.
+    fn function(&self, sym: &str, smem: usize, args: &EmuArgs<'_>) -> Result<CudaFunction> {
         let mut funcs = self
             .funcs
             .lock()
             .map_err(|_| Error::cuda(sym, "the function cache lock is poisoned"))?;
         if !funcs.contains_key(sym) {
+            crate::device::emu::check_device_signature(sym, args)?;
             let entry = format!(".entry {sym}(");
             let m = self
                 .modules
@@ -184,8 +190,7 @@ impl Launch for CudaLaunch {
                 format!("argument {i} is host memory; the GPU needs device buffers"),
             ));
         }
-        crate::device::emu::check_device_signature(sym, args)?;
-        let f = self.function(sym, smem)?;
+        let f = self.function(sym, smem, args)?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| Error::cuda("cuCtxSetCurrent", e))?;
@@ -195,7 +200,8 @@ impl Launch for CudaLaunch {
         // `args` (alive across this call; the driver copies the values at launch). Every
         // pointer argument is a device address of a buffer borrowed for `args`' lifetime or
         // null (no host pointer: checked above); where the emulator is built the count, sizes
-        // and kinds were checked against the kernel's C++ signature. The launcher checked the
+        // and kinds were checked against the kernel's C++ signature on the symbol's first
+        // launch (its launcher packs the same kinds every time). The launcher checked the
         // lengths and dims the kernel indexes with, and the grid/block/smem it computed from
         // them (smem opted in above). The launch is ordered on our one stream after every
         // earlier write to these buffers and before any later read or free.

@@ -6,7 +6,9 @@
 use cudarc::driver::DevicePtr;
 
 use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaIds};
-use crate::device::gpu::{self, check_len, check_pos, DevPtr, Ids, In, Out};
+use crate::device::cpu::check_matmul;
+use crate::device::cpu::policy_loss::check_shapes;
+use crate::device::gpu::{self, DevPtr, Ids, In, Out};
 use crate::device::{
     AdamwStep, AttnDims, CacheDims, Device, InjectMode, PolicyLossSpec, PoolMode, RewardSpec,
     SampleSpec, View, ViewMut,
@@ -22,6 +24,48 @@ impl CudaIds {
             ptr: DevPtr::new(self.addr, self.len),
             bound: self.bound,
         }
+    }
+}
+
+impl CudaDevice {
+    /// Both directions of the policy loss: `out` is stats (forward) or dlogp (`bwd`); inputs
+    /// logp, old_logp, adv, mask. Shapes and the spec are checked as on the CPU; the mask's
+    /// values stay on the device (a mask with no token gives a 0/0 loss there, NaN).
+    #[allow(clippy::too_many_arguments)]
+    fn policy_loss(
+        &self,
+        bwd: bool,
+        out: ViewMut<'_, Buf>,
+        inputs: [View<'_, Buf>; 4],
+        ref_logp: Option<View<'_, Buf>>,
+        s: usize,
+        t: usize,
+        spec: &PolicyLossSpec,
+    ) -> Result<()> {
+        let op = if bwd {
+            "policy_loss_bwd"
+        } else {
+            "policy_loss_fwd"
+        };
+        let ref_len = ref_logp.as_ref().map(|r| r.len());
+        check_shapes(op, inputs.map(|v| v.len()), ref_len, s, t, spec)?;
+        let ref_logp = ref_logp.map(|r| dev_in(op, "ref_logp", r)).transpose()?;
+        let [logp, old_logp, adv, mask] = inputs;
+        gpu::policy_loss::policy_loss(
+            &self.launcher,
+            bwd,
+            dev_out(op, if bwd { "dlogp" } else { "stats" }, out)?,
+            [
+                dev_in(op, "logp", logp)?,
+                dev_in(op, "old_logp", old_logp)?,
+                dev_in(op, "adv", adv)?,
+                dev_in(op, "mask", mask)?,
+            ],
+            ref_logp.map(In::Device),
+            s,
+            t,
+            spec,
+        )
     }
 }
 
@@ -282,9 +326,7 @@ impl Device for CudaDevice {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "matmul";
-        check_len(OP, if ta { "a [K,M]" } else { "a [M,K]" }, a.len(), &[m, k])?;
-        check_len(OP, if tb { "b [N,K]" } else { "b [K,N]" }, b.len(), &[k, n])?;
-        check_len(OP, "c [M,N]", c.len(), &[m, n])?;
+        check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
         dev_in(OP, "a", a)?;
         dev_in(OP, "b", b)?;
         dev_in(OP, "c", c.as_view())?;
@@ -583,35 +625,8 @@ impl Device for CudaDevice {
         t: usize,
         spec: &PolicyLossSpec,
     ) -> Result<()> {
-        const OP: &str = "policy_loss_fwd";
-        // lengths and the spec as the CPU device checks them; the mask's values stay on the
-        // device (a mask with no token gives a 0/0 loss there, NaN)
-        check_pos(OP, "S", s)?;
-        check_pos(OP, "T", t)?;
-        let names = ["logp [N]", "old_logp [N]", "adv [N]", "mask [N]"];
-        for (v, what) in [logp, old_logp, adv, mask].iter().zip(names) {
-            check_len(OP, what, v.len(), &[s, t])?;
-        }
-        if let Some(r) = &ref_logp {
-            check_len(OP, "ref_logp [N]", r.len(), &[s, t])?;
-        }
-        super::super::cpu::policy_loss::check_spec(OP, spec, ref_logp.is_some())?;
-        let ref_logp = ref_logp.map(|r| dev_in(OP, "ref_logp", r)).transpose()?;
-        gpu::policy_loss::policy_loss(
-            &self.launcher,
-            false,
-            dev_out(OP, "stats", stats)?,
-            [
-                dev_in(OP, "logp", logp)?,
-                dev_in(OP, "old_logp", old_logp)?,
-                dev_in(OP, "adv", adv)?,
-                dev_in(OP, "mask", mask)?,
-            ],
-            ref_logp.map(In::Device),
-            s,
-            t,
-            spec,
-        )
+        let inputs = [logp, old_logp, adv, mask];
+        self.policy_loss(false, stats, inputs, ref_logp, s, t, spec)
     }
 
     fn policy_loss_bwd(
@@ -626,35 +641,8 @@ impl Device for CudaDevice {
         t: usize,
         spec: &PolicyLossSpec,
     ) -> Result<()> {
-        const OP: &str = "policy_loss_bwd";
-        // lengths and the spec as the CPU device checks them; the mask's values stay on the
-        // device (a mask with no token gives a 0/0 loss there, NaN)
-        check_pos(OP, "S", s)?;
-        check_pos(OP, "T", t)?;
-        let names = ["logp [N]", "old_logp [N]", "adv [N]", "mask [N]"];
-        for (v, what) in [logp, old_logp, adv, mask].iter().zip(names) {
-            check_len(OP, what, v.len(), &[s, t])?;
-        }
-        if let Some(r) = &ref_logp {
-            check_len(OP, "ref_logp [N]", r.len(), &[s, t])?;
-        }
-        super::super::cpu::policy_loss::check_spec(OP, spec, ref_logp.is_some())?;
-        let ref_logp = ref_logp.map(|r| dev_in(OP, "ref_logp", r)).transpose()?;
-        gpu::policy_loss::policy_loss(
-            &self.launcher,
-            true,
-            dev_out(OP, "dlogp", dlogp)?,
-            [
-                dev_in(OP, "logp", logp)?,
-                dev_in(OP, "old_logp", old_logp)?,
-                dev_in(OP, "adv", adv)?,
-                dev_in(OP, "mask", mask)?,
-            ],
-            ref_logp.map(In::Device),
-            s,
-            t,
-            spec,
-        )
+        let inputs = [logp, old_logp, adv, mask];
+        self.policy_loss(true, dlogp, inputs, ref_logp, s, t, spec)
     }
 
     fn adamw(
