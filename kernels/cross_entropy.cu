@@ -1,29 +1,39 @@
-// cross_entropy: masked softmax cross-entropy over the vocabulary, one row per block.
+// cross_entropy: masked softmax cross-entropy over the vocabulary, one row per block; whole
+// rows, or vocabulary chunks so that the LM head's [N, V] logits never exist whole.
 //
-// Math    (Device::cross_entropy_fwd / _bwd; CPU twin src/device/cpu/cross_entropy.rs)
+// Math    (Device::cross_entropy_fwd / _bwd / _chunk_fwd / _chunk_bwd; CPU twin
+//         src/device/cpu/cross_entropy.rs)
 //         M = max_v x[n,v] (NaN skipped), S = sum_v e^(x[n,v] - M), y = targets[n]:
 //         fwd: losses[n] = mask[n] * ((M - x[n,y]) + ln S)                               (=)
 //              mask[n] = 0: losses[n] = 0 without reading the row (padding may hold anything)
 //         bwd: w = mask[n] * scale; dlogits[n,v] = e^(x[n,v] - M) * (w * (1/S)) - w [v = y]  (=)
 //              w = 0: the row is 0 without reading it.
+//         chunk_fwd over logits [N,VC] = columns [v0, v0+VC) of the V-wide rows, issued in
+//              order of v0: state[n] = (M, S, x_y) of the columns seen so far (x_y 0 until its
+//              chunk); v0 = 0 starts it (=), later chunks merge into it with the pair rule
+//              below (+=); the chunk ending at V writes losses[n] as fwd does (=). mask 0:
+//              the row is skipped (state untouched, loss 0).
+//         chunk_bwd: dlogits[n,j] = e^(x[n,j] - M) * (w * (1/S)) - w [v0 + j = y], M and S
+//              from the state (=); w = 0: the row is 0 without reading it.
 //         e^x is the CPU twin's f32 `vexp` op for op (Cody-Waite reduction, degree-6
 //         polynomial, no FMA contraction: __fmul_rn / __fadd_rn), so each e^(x - M) equals the
 //         twin's bit for bit; S differs from the twin's f64 sum only by f32 rounding (see
 //         Threads). Rows of -inf logits contribute 0 per -inf entry; a row whose max is -inf or
 //         +inf gives NaN, as on the twin.
-// Shapes  logits, dlogits [N,V]; targets [N] (< V, checked by the launcher); mask, losses [N].
-// Dtypes  logits, dlogits: T; targets u32; mask, losses: f32 in both modes; scale f32.
+// Shapes  logits, dlogits [N,V] ([N,VC] chunked); targets [N] (< V, checked by the launcher);
+//         mask, losses [N]; state [N,3].
+// Dtypes  logits, dlogits: T; targets u32; mask, losses, state: f32 in both modes; scale f32.
 //         Arithmetic in f32: each thread keeps an online (max, sum) pair over its elements in
 //         chunks (8 bf16 / 4 f32 per 16-byte load, or 4 strided elements), rescaling its sum
 //         by e^(m_old - m_new) when a chunk raises the max (one extra exp per chunk, not per
 //         element); pairs merge with (m, s) + (m', s') = (max, s e^(m - max) + s' e^(m' - max)).
 // Threads one block per row (grid-stride over rows). fwd: one pass over the row (online
 //         max/sum), a fixed-tree block merge (xor butterfly in the warp, then the warps' pairs
-//         in warp order: deterministic), thread 0 writes the loss. bwd: the same pass, then a
-//         second pass (L2-resident for a 256 KiB bf16 row of 128k tokens) writes every
-//         element. 16-byte accesses when V is a multiple of the pack and the pointers are
-//         16-byte aligned, else strided scalar accesses. (A later step fuses the LM head with
-//         the CE over vocabulary chunks; not here.)
+//         in warp order: deterministic), thread 0 writes the loss (chunk_fwd: thread 0 merges
+//         into the row's state). bwd: the same pass, then a second pass (L2-resident for a
+//         256 KiB bf16 row of 128k tokens) writes every element; chunk_bwd reads M and S from
+//         the state and makes one pass. 16-byte accesses when V (VC) is a multiple of the pack
+//         and the pointers are 16-byte aligned, else strided scalar accesses.
 // Launch  grid N (or fewer: grid-stride), block 256 (any multiple of 32 up to 1024), no
 //         dynamic shared memory.
 // Symbols cross_entropy_fwd_f32, cross_entropy_fwd_bf16
@@ -32,6 +42,12 @@
 //         cross_entropy_bwd_f32, cross_entropy_bwd_bf16
 //           (T* dlogits, const T* logits, const uint32_t* targets, const float* mask,
 //            int n, int v, float scale)
+//         cross_entropy_chunk_fwd_f32, cross_entropy_chunk_fwd_bf16
+//           (float* losses, float* state, const T* logits, const uint32_t* targets,
+//            const float* mask, int n, int vc, int v, int v0)
+//         cross_entropy_chunk_bwd_f32, cross_entropy_chunk_bwd_bf16
+//           (T* dlogits, const T* logits, const float* state, const uint32_t* targets,
+//            const float* mask, int n, int vc, int v0, float scale)
 //
 // nla: hot
 
@@ -152,6 +168,37 @@ __device__ __forceinline__ void ce_fwd(float* __restrict__ losses, const T* __re
     }
 }
 
+// Row gradient dlogits[j] = e^(x[j] - m) * ws - w [j = y] over VC columns (y may be outside).
+template <typename T>
+__device__ __forceinline__ void ce_write_grad(T* __restrict__ d, const T* __restrict__ x, int vc,
+                                              bool vec, float m, float ws, float w, int y) {
+    constexpr int P = NlaPack<T>::N;
+    if (vec) {
+        for (int j = threadIdx.x * P; j < vc; j += blockDim.x * P) {
+            const NlaVec<T, P> xv = nla_load<P>(x + j);
+            NlaVec<T, P> dv;
+#pragma unroll
+            for (int k = 0; k < P; ++k) {
+                float g = __fmul_rn(ce_vexp(nla_f32(xv.v[k]) - m), ws);
+                if (j + k == y) g -= w;
+                dv.v[k] = nla_from_f32<T>(g);
+            }
+            nla_store<P>(d + j, dv);
+        }
+    } else {
+        for (int j = threadIdx.x; j < vc; j += blockDim.x) {
+            float g = __fmul_rn(ce_vexp(nla_f32(x[j]) - m), ws);
+            if (j == y) g -= w;
+            d[j] = nla_from_f32<T>(g);
+        }
+    }
+}
+
+template <typename T> __device__ __forceinline__ void ce_zero_row(T* __restrict__ d, int vc) {
+    const T z = nla_from_f32<T>(0.0f);
+    for (int j = threadIdx.x; j < vc; j += blockDim.x) d[j] = z;
+}
+
 template <typename T>
 __device__ __forceinline__ void ce_bwd(T* __restrict__ dlogits, const T* __restrict__ logits,
                                        const uint32_t* __restrict__ targets,
@@ -164,32 +211,73 @@ __device__ __forceinline__ void ce_bwd(T* __restrict__ dlogits, const T* __restr
         const T* x = logits + (long long)row * v;
         T* d = dlogits + (long long)row * v;
         if (w == 0.0f) {  // block-uniform
-            const T z = nla_from_f32<T>(0.0f);
-            for (int j = threadIdx.x; j < v; j += blockDim.x) d[j] = z;
+            ce_zero_row(d, v);
             continue;
         }
         const CeMs st = ce_row_stats(x, v, vec);
-        const float ws = w * (1.0f / st.s);
-        const int y = (int)targets[row];
-        if (vec) {
-            for (int j = threadIdx.x * P; j < v; j += blockDim.x * P) {
-                const NlaVec<T, P> xv = nla_load<P>(x + j);
-                NlaVec<T, P> dv;
-#pragma unroll
-                for (int k = 0; k < P; ++k) {
-                    float g = __fmul_rn(ce_vexp(nla_f32(xv.v[k]) - st.m), ws);
-                    if (j + k == y) g -= w;
-                    dv.v[k] = nla_from_f32<T>(g);
-                }
-                nla_store<P>(d + j, dv);
-            }
-        } else {
-            for (int j = threadIdx.x; j < v; j += blockDim.x) {
-                float g = __fmul_rn(ce_vexp(nla_f32(x[j]) - st.m), ws);
-                if (j == y) g -= w;
-                d[j] = nla_from_f32<T>(g);
-            }
+        ce_write_grad(d, x, v, vec, st.m, w * (1.0f / st.s), w, (int)targets[row]);
+    }
+}
+
+// One vocabulary chunk (columns [v0, v0 + vc) of a v-wide row) of the forward: merges the
+// chunk's (max, sum) into state[row] = (M, S, x_y), v0 == 0 starting it; the last chunk
+// writes the loss. Thread 0 alone touches the state (after the block merge).
+template <typename T>
+__device__ __forceinline__ void ce_chunk_fwd(float* __restrict__ losses,
+                                             float* __restrict__ state,
+                                             const T* __restrict__ logits,
+                                             const uint32_t* __restrict__ targets,
+                                             const float* __restrict__ mask, int n, int vc, int v,
+                                             int v0) {
+    constexpr int P = NlaPack<T>::N;
+    const bool vec = vc % P == 0 && nla_aligned(logits, 16);
+    const bool last = v0 + vc == v;
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const float mk = mask[row];
+        if (mk == 0.0f) {  // block-uniform
+            if (last && threadIdx.x == 0) losses[row] = 0.0f;
+            continue;
         }
+        const T* x = logits + (long long)row * vc;
+        const CeMs c = ce_row_stats(x, vc, vec);
+        if (threadIdx.x == 0) {
+            float* st = state + 3LL * row;
+            const int j = (int)targets[row] - v0;
+            const bool here = j >= 0 && j < vc;
+            CeMs r = c;
+            float t = here ? nla_f32(x[j]) : 0.0f;
+            if (v0 > 0) {
+                r = ce_merge({st[0], st[1]}, c);
+                if (!here) t = st[2];
+            }
+            st[0] = r.m;
+            st[1] = r.s;
+            st[2] = t;
+            if (last) losses[row] = mk * ((r.m - t) + logf(r.s));
+        }
+    }
+}
+
+// The backward of one chunk from the forward's state (M, S, _) and the chunk's logits.
+template <typename T>
+__device__ __forceinline__ void ce_chunk_bwd(T* __restrict__ dlogits,
+                                             const T* __restrict__ logits,
+                                             const float* __restrict__ state,
+                                             const uint32_t* __restrict__ targets,
+                                             const float* __restrict__ mask, int n, int vc,
+                                             int v0, float scale) {
+    constexpr int P = NlaPack<T>::N;
+    const bool vec = vc % P == 0 && nla_aligned(logits, 16) && nla_aligned(dlogits, 16);
+    for (int row = blockIdx.x; row < n; row += gridDim.x) {
+        const float w = mask[row] * scale;
+        const T* x = logits + (long long)row * vc;
+        T* d = dlogits + (long long)row * vc;
+        if (w == 0.0f) {  // block-uniform
+            ce_zero_row(d, vc);
+            continue;
+        }
+        const float m = state[3LL * row], s = state[3LL * row + 1];
+        ce_write_grad(d, x, vc, vec, m, w * (1.0f / s), w, (int)targets[row] - v0);
     }
 }
 
@@ -204,6 +292,18 @@ __device__ __forceinline__ void ce_bwd(T* __restrict__ dlogits, const T* __restr
         const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int v,    \
         float scale) {                                                                         \
         ce_bwd<T>(dlogits, logits, targets, mask, n, v, scale);                                \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_chunk_fwd_##S(   \
+        float* __restrict__ losses, float* __restrict__ state, const T* __restrict__ logits,   \
+        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int vc,   \
+        int v, int v0) {                                                                       \
+        ce_chunk_fwd<T>(losses, state, logits, targets, mask, n, vc, v, v0);                   \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_chunk_bwd_##S(   \
+        T* __restrict__ dlogits, const T* __restrict__ logits, const float* __restrict__ state, \
+        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int vc,   \
+        int v0, float scale) {                                                                 \
+        ce_chunk_bwd<T>(dlogits, logits, state, targets, mask, n, vc, v0, scale);              \
     }
 
 CE_KERNELS(f32, float)
@@ -214,4 +314,8 @@ NLA_EMU_KERNEL(cross_entropy_fwd_f32);
 NLA_EMU_KERNEL(cross_entropy_fwd_bf16);
 NLA_EMU_KERNEL(cross_entropy_bwd_f32);
 NLA_EMU_KERNEL(cross_entropy_bwd_bf16);
+NLA_EMU_KERNEL(cross_entropy_chunk_fwd_f32);
+NLA_EMU_KERNEL(cross_entropy_chunk_fwd_bf16);
+NLA_EMU_KERNEL(cross_entropy_chunk_bwd_f32);
+NLA_EMU_KERNEL(cross_entropy_chunk_bwd_bf16);
 #endif

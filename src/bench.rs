@@ -47,6 +47,9 @@ pub struct BenchOpts {
     pub new_tokens: usize,
     /// seeds the weights, the token rows and the sampling
     pub seed: u64,
+    /// training step: the LM head and cross-entropy over vocabulary chunks of this many
+    /// entries (one more LM-head matmul per step); None = whole logits
+    pub logits_chunk: Option<usize>,
 }
 
 impl BenchOpts {
@@ -80,6 +83,7 @@ impl BenchOpts {
             prompt_len: 32,
             new_tokens: 64,
             seed: 0,
+            logits_chunk: None,
         }
     }
 
@@ -114,6 +118,7 @@ impl BenchOpts {
             prompt_len: 128,
             new_tokens: 128,
             seed: 0,
+            logits_chunk: None,
         }
     }
 
@@ -532,6 +537,7 @@ pub fn sft_step<D: Device>(
         LrSchedule::constant(1e-4),
         1.0,
     )?;
+    trainer.logits_chunk = o.logits_chunk;
     let (step_s, stats) = time_runs(o.warmup, o.iters, sync, || {
         trainer.step(dev, std::slice::from_ref(&batch))
     })?;

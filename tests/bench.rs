@@ -45,6 +45,7 @@ fn tiny_opts() -> BenchOpts {
         prompt_len: 5,
         new_tokens: 7,
         seed: 7,
+        logits_chunk: None,
     }
 }
 
@@ -99,6 +100,26 @@ fn sft_step_counts_flops_and_rates() {
     let json = serde_json::to_value(&r).unwrap();
     assert_eq!(json["flops_per_step"].as_f64(), Some(flops));
     assert_eq!(json["model"]["layers"].as_u64(), Some(2));
+}
+
+/// The step with the logits in vocabulary chunks trains the same model: the same losses (the
+/// same weights, batch and updates; f32 rounding of the chunked sums only) and FLOPs.
+#[test]
+fn sft_step_with_logits_chunks_trains_the_same() {
+    let o = tiny_opts();
+    let whole = bench::sft_step(&CpuDevice::new(), &o, &no_sync).unwrap();
+    let o = BenchOpts {
+        logits_chunk: Some(10),
+        ..o
+    };
+    let chunked = bench::sft_step(&CpuDevice::new(), &o, &no_sync).unwrap();
+    assert!(
+        close(whole.last_loss, chunked.last_loss, 1e-5),
+        "{} vs {}",
+        whole.last_loss,
+        chunked.last_loss
+    );
+    assert_eq!(whole.flops_per_step, chunked.flops_per_step);
 }
 
 #[test]

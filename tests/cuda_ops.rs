@@ -423,6 +423,75 @@ fn cross_entropy<D: Device>(dev: &D, label: &str, s: &Sizes) {
     // sizes: 1e-7 (losses), 7e-11 (dlogits).
     check(label, &format!("{what} losses"), &got[0], &want[0], 1e-5);
     check(label, &format!("{what} dlogits"), &got[1], &want[1], 1e-5);
+
+    // the same over vocabulary chunks of about V/8 (a short last one), against the whole
+    // rows on the CPU: the chunk merges add a few ulp to the sum, same bounds
+    let vc = v.div_ceil(8) + 3;
+    let (got, td) = timed(|| cross_entropy_chunked(dev, [n, v, vc], &logits, &targets, &mask));
+    let what = format!("cross_entropy_chunk (N {n}, V {v}, VC {vc})");
+    report(label, &what, tc, td);
+    check(label, &format!("{what} losses"), &got[0], &want[0], 1e-5);
+    check(label, &format!("{what} dlogits"), &got[1], &want[1], 1e-5);
+}
+
+/// [losses, dlogits [N,V]] of cross_entropy_chunk_fwd over every chunk of VC columns, then
+/// each chunk's cross_entropy_chunk_bwd (as the model runs them), every 5th row masked out.
+fn cross_entropy_chunked<E: Device>(
+    e: &E,
+    [n, v, vc]: [usize; 3],
+    logits: &[f32],
+    targets: &[u32],
+    mask: &[f32],
+) -> Vec<Vec<f32>> {
+    let chunk = |v0: usize, w: usize| -> Vec<f32> {
+        logits
+            .chunks(v)
+            .flat_map(|r| r[v0..v0 + w].to_vec())
+            .collect()
+    };
+    let (mask_d, targets) = (up(e, mask), e.upload_ids(targets).unwrap());
+    let mut losses = nans(e, n);
+    let mut state = nans(e, 3 * n);
+    for v0 in (0..v).step_by(vc) {
+        let w = vc.min(v - v0);
+        let x = up(e, &chunk(v0, w));
+        e.cross_entropy_chunk_fwd(
+            ViewMut::all(&mut losses),
+            ViewMut::all(&mut state),
+            View::all(&x),
+            &targets,
+            View::all(&mask_d),
+            n,
+            w,
+            v,
+            v0,
+        )
+        .unwrap();
+    }
+    let scale = 1.0 / (n - n.div_ceil(5)) as f32;
+    let mut dlogits = vec![f32::NAN; n * v];
+    for v0 in (0..v).step_by(vc) {
+        let w = vc.min(v - v0);
+        let x = up(e, &chunk(v0, w));
+        let mut d = nans(e, n * w);
+        e.cross_entropy_chunk_bwd(
+            ViewMut::all(&mut d),
+            View::all(&x),
+            View::all(&state),
+            &targets,
+            View::all(&mask_d),
+            n,
+            w,
+            v,
+            v0,
+            scale,
+        )
+        .unwrap();
+        for (row, part) in down(e, &d).chunks(w).enumerate() {
+            dlogits[row * v + v0..row * v + v0 + w].copy_from_slice(part);
+        }
+    }
+    vec![down(e, &losses), dlogits]
 }
 
 // ---- matmul

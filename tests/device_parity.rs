@@ -94,11 +94,14 @@ fn rows() -> Vec<Vec<u32>> {
 
 // ---- forward and backward
 
-/// (logits, loss, every gradient) of one forward and backward.
-fn forward_backward<D: Device>(dev: &D) -> (Vec<f32>, f64, Vec<f32>) {
+/// (logits, loss, every gradient) of one forward and backward, the logits in vocabulary
+/// chunks of `chunk` (None = whole; chunked, the logits buffer [N,VC] returned starts with the
+/// last chunk's [N,W]).
+fn forward_backward<D: Device>(dev: &D, chunk: Option<usize>) -> (Vec<f32>, f64, Vec<f32>) {
     let mut model = model(dev);
     let batch = Batch::causal_lm(&rows()).unwrap();
-    let mut acts = ActivationSet::new(dev, &model.cfg, batch.b, batch.t).unwrap();
+    let mut acts =
+        ActivationSet::with_logits_chunk(dev, &model.cfg, batch.b, batch.t, chunk).unwrap();
     let db = batch.upload(dev).unwrap();
     let loss = forward(dev, &model, &mut acts, &db).unwrap();
     let logits = dev.download(View::all(&acts.logits)).unwrap();
@@ -114,13 +117,30 @@ const LOGIT_MAX_REL: f64 = 1e-5;
 const LOSS_REL: f64 = 1e-6;
 const GRAD_REL_L2: f64 = 1e-5;
 
-/// One forward and backward on `dev` against the CPU device.
-fn check_forward_backward<D: Device>(dev: &D, label: &str) {
-    let (want_logits, want_loss, want_grads) = forward_backward(&CpuDevice::new());
+/// One forward and backward on `dev`, the logits in vocabulary chunks of `chunk` (None =
+/// whole), against the CPU device's with whole logits.
+fn check_forward_backward<D: Device>(dev: &D, label: &str, chunk: Option<usize>) {
+    let (want_logits, want_loss, want_grads) = forward_backward(&CpuDevice::new(), None);
     let table = model(&CpuDevice::new()).table;
     let t0 = Instant::now();
-    let (logits, loss, grads) = forward_backward(dev);
-    let e = max_rel_err(&logits, &want_logits);
+    let (logits, loss, grads) = forward_backward(dev, chunk);
+    // chunked: the last chunk's logits against the same columns of the whole ones
+    let v = model(&CpuDevice::new()).cfg.vocab_size;
+    let want_logits: Vec<f32> = match chunk {
+        None => want_logits,
+        Some(c) => {
+            let last = v - (v - 1) / c * c;
+            want_logits
+                .chunks(v)
+                .flat_map(|r| r[v - last..].to_vec())
+                .collect()
+        }
+    };
+    let label = &format!(
+        "{label}{}",
+        chunk.map_or(String::new(), |c| format!(" chunk {c}"))
+    );
+    let e = max_rel_err(&logits[..want_logits.len()], &want_logits);
     let le = (loss - want_loss).abs() / want_loss;
     eprintln!(
         "{label}: logits max rel err {e:.2e}, loss rel err {le:.2e} ({:.2?})",
@@ -157,19 +177,25 @@ fn check_forward_backward<D: Device>(dev: &D, label: &str) {
 #[test]
 fn forward_and_backward_match_cpu() {
     for (dev, label) in emu_devices() {
-        check_forward_backward(&dev, &label);
+        check_forward_backward(&dev, &label, None);
         // the ops ran as kernels (42 launches today: embedding, per layer rmsnorm, rope,
         // attention, residual, swiglu, the final norm and cross-entropy, and their backwards)
         let launches = dev.launcher().launches();
         eprintln!("{label}: {launches} kernel launches");
         assert!(launches >= 20, "{label}: only {launches} launches");
+        // vocabulary 96 in chunks of 20: four chunks and a last one of 16, each chunk one
+        // cross_entropy_chunk_fwd and one _bwd launch
+        check_forward_backward(&dev, &label, Some(20));
+        let more = dev.launcher().launches() - 2 * launches;
+        assert_eq!(more, 2 * 5 - 2, "{label}: chunked launches");
     }
 }
 
 #[test]
 fn cuda_forward_and_backward_match_cpu() {
     if let Some(dev) = gpu() {
-        check_forward_backward(&dev, "cuda");
+        check_forward_backward(&dev, "cuda", None);
+        check_forward_backward(&dev, "cuda", Some(20));
     }
 }
 

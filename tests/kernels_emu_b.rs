@@ -1530,3 +1530,160 @@ fn sample_f32_matches_twin() {
 fn sample_bf16_matches_twin() {
     sample_cases::<bf16>(101);
 }
+
+// ------------------------------------------------------------------------------------------
+// cross_entropy over vocabulary chunks
+// ------------------------------------------------------------------------------------------
+
+/// Columns `[v0, v0 + vc)` of the rows of `x` [N,V], as [N,VC].
+fn columns<T: Copy>(x: &[T], v: usize, v0: usize, vc: usize) -> Vec<T> {
+    x.chunks(v).flat_map(|r| r[v0..v0 + vc].to_vec()).collect()
+}
+
+/// The chunked forward and backward of cross_entropy over chunks of `vc` columns (the last one
+/// shorter when VC does not divide V), in both schedules, against the whole-row twin: N = 6
+/// rows as in [`cross_entropy_case`] (masks 1, 0 (NaN row), 0.5, 1, 2, 1; row 3 at +60), with
+/// row 5's first chunk all -inf (its target elsewhere) when there are several: a chunk that
+/// adds nothing.
+fn cross_entropy_chunk_case<T: Ty>(v: usize, vc: usize, max_grid: usize, seed: u64) {
+    let n = 6;
+    let tag = format!("cross_entropy_chunk {} V{v} VC{vc}", T::NAME);
+    let mut r = rng(seed);
+    let mask = vec![1.0f32, 0.0, 0.5, 1.0, 2.0, 1.0];
+    let mut targets: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
+    let mut x = nonzero(&mut r, n * v, 4.0);
+    x[3 * v..4 * v].iter_mut().for_each(|e| *e += 60.0);
+    x[v..2 * v].fill(f32::NAN);
+    if vc < v {
+        targets[5] = r.random_range(vc as u32..v as u32);
+        x[5 * v..5 * v + vc].fill(f32::NEG_INFINITY);
+    }
+    let x = rounded::<T>(&x);
+    let xt = conv::<T>(&x);
+    let starts: Vec<usize> = (0..v).step_by(vc).collect();
+    let scale = 0.37f32;
+    let cols = |v0: usize| (v0 + vc).min(v) - v0;
+
+    let (losses_k, dl_k) = both(&tag, |mode, seed| {
+        let mut losses = poisoned::<f32>(n);
+        let mut state = poisoned::<f32>(3 * n);
+        for &v0 in &starts {
+            let c = cols(v0);
+            let xc = Guarded::from_slice(&columns(&xt, v, v0, c));
+            let mut a = EmuArgs::new();
+            a.ptr_mut(losses.get_mut())
+                .ptr_mut(state.get_mut())
+                .ptr(xc.get())
+                .ptr(&targets)
+                .ptr(&mask);
+            a.scalar(i32_of(n))
+                .scalar(i32_of(c))
+                .scalar(i32_of(v))
+                .scalar(i32_of(v0));
+            let name = format!("cross_entropy_chunk_fwd_{}", T::NAME);
+            launch3(
+                &name,
+                [row_grid(n, max_grid), 1, 1],
+                ROW_NT,
+                0,
+                &mut a,
+                mode,
+                seed,
+            );
+        }
+        let mut dl = vec![T::CANARY; n * v];
+        for &v0 in &starts {
+            let c = cols(v0);
+            let xc = Guarded::from_slice(&columns(&xt, v, v0, c));
+            let mut dc = poisoned::<T>(n * c);
+            let mut a = EmuArgs::new();
+            a.ptr_mut(dc.get_mut())
+                .ptr(xc.get())
+                .ptr(state.get())
+                .ptr(&targets)
+                .ptr(&mask);
+            a.scalar(i32_of(n))
+                .scalar(i32_of(c))
+                .scalar(i32_of(v0))
+                .scalar(scale);
+            let name = format!("cross_entropy_chunk_bwd_{}", T::NAME);
+            launch3(
+                &name,
+                [row_grid(n, max_grid), 1, 1],
+                ROW_NT,
+                0,
+                &mut a,
+                mode,
+                seed,
+            );
+            let dc = take(&dc, "dlogits chunk");
+            for (row, part) in dc.chunks(c).enumerate() {
+                dl[row * v + v0..row * v + v0 + c].copy_from_slice(part);
+            }
+        }
+        (take(&losses, "losses"), dl)
+    });
+
+    let dev = cpu();
+    let mut losses_t = vec![0.0; n];
+    dev.cross_entropy_fwd(
+        ViewMut::all(&mut losses_t),
+        View::all(&x),
+        &targets,
+        View::all(&mask),
+        n,
+        v,
+    )
+    .expect("twin cross_entropy_fwd");
+    let mut dl_t = vec![0.0; n * v];
+    dev.cross_entropy_bwd(
+        ViewMut::all(&mut dl_t),
+        View::all(&x),
+        &targets,
+        View::all(&mask),
+        n,
+        v,
+        scale,
+    )
+    .expect("twin cross_entropy_bwd");
+
+    // As the whole-row case (S in f32 against the twin's f64: <= ~(V/256 + 8) u relative),
+    // plus each chunk's merge: two rescales of 2 ulp and a rounded add, <= 6 u more per chunk.
+    let k = 64.0 + 6.0 * starts.len() as f32;
+    check_with(&format!("{tag} losses"), &losses_k, &losses_t, |i| {
+        k * U * mask[i].abs() + 4.0 * U * losses_t[i].abs()
+    });
+    let got = widen(&dl_k);
+    check_with(&format!("{tag} dlogits"), &got, &dl_t, |i| {
+        let (row, j) = (i / v, i % v);
+        let w = (mask[row] * scale).abs();
+        let at_y = j == targets[row] as usize;
+        let soft = (dl_t[i] + if at_y { w } else { 0.0 }).abs();
+        let sub = if at_y { 4.0 * U * w } else { 0.0 };
+        bound_for::<T>(k * U * soft + sub + 1e-30, dl_t[i])
+    });
+    assert!(
+        got[v..2 * v].iter().all(|&g| g == 0.0),
+        "{tag}: masked row not zero"
+    );
+}
+
+fn cross_entropy_chunk_cases<T: Ty>(seed: u64) {
+    // 1000 by 256: three vector chunks and a last one of 232 (a multiple of 4 and 8);
+    // 4099 by 1024: four vector chunks and a scalar one of 3; 300 by 7: 43 scalar chunks,
+    // grid-stride; one chunk of all V.
+    cross_entropy_chunk_case::<T>(1000, 256, 65535, seed);
+    cross_entropy_chunk_case::<T>(4099, 1024, 65535, seed + 1);
+    cross_entropy_chunk_case::<T>(300, 7, 4, seed + 2);
+    cross_entropy_chunk_case::<T>(300, 300, 65535, seed + 3);
+}
+
+#[test]
+fn cross_entropy_chunk_f32_matches_twin() {
+    cross_entropy_chunk_cases::<f32>(71);
+}
+
+#[test]
+fn cross_entropy_chunk_bf16_matches_twin() {
+    cross_entropy_chunk_cases::<bf16>(81);
+}

@@ -94,6 +94,48 @@ fn model_matches_transformers_logits_loss_and_grads() {
     }
 }
 
+/// The LM head and cross-entropy over vocabulary chunks (`ActivationSet::with_logits_chunk`):
+/// the same loss and gradients against transformers, with the same bounds, for chunks that
+/// divide V, leave a short last chunk, or are a single column, tied and untied heads.
+#[test]
+fn vocabulary_chunks_match_transformers_loss_and_grads() {
+    let dev = CpuDevice::new();
+    for name in MODELS {
+        let dir = model_dir(name);
+        let want = load_tensors(&dir.join("expected.safetensors"));
+        let mut model = Model::load(&dev, &dir).unwrap();
+        let v = model.cfg.vocab_size;
+        let rows = read_rows(&dir.join("ids.json"));
+        let batch = Batch::causal_lm(&rows).unwrap();
+        let db = batch.upload(&dev).unwrap();
+        for chunk in [v / 4, 7, 1, v - 1] {
+            let mut acts =
+                ActivationSet::with_logits_chunk(&dev, &model.cfg, batch.b, batch.t, Some(chunk))
+                    .unwrap();
+            assert_eq!(acts.logits_chunk, chunk);
+            let loss = forward(&dev, &model, &mut acts, &db).unwrap();
+            let want_loss = want["loss"].data[0] as f64;
+            let le = (loss.mean() - want_loss).abs() / want_loss;
+            assert!(le < LOSS_REL, "{name} chunk {chunk}: loss rel err {le:.2e}");
+            model.zero_grads(&dev).unwrap();
+            backward(&dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32).unwrap();
+            let grads = model.grads_to_host(&dev).unwrap();
+            let mut worst = 0f64;
+            for entry in &model.table.entries {
+                let w = &want[&format!("grad.{}", entry.name)];
+                let r = rel_l2(&grads[entry.offset..entry.offset + entry.len], &w.data);
+                assert!(
+                    r < GRAD_REL_L2,
+                    "{name} chunk {chunk}: grad {} rel L2 err {r:.2e}",
+                    entry.name
+                );
+                worst = worst.max(r);
+            }
+            println!("{name} chunk {chunk}: loss rel err {le:.2e}, worst grad rel L2 {worst:.2e}");
+        }
+    }
+}
+
 #[test]
 fn sharded_checkpoint_loads_the_same_weights() {
     let dev = CpuDevice::new();

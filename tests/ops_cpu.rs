@@ -481,6 +481,71 @@ fn cross_entropy_fixture() {
     );
 }
 
+/// The chunked cross-entropy (`cross_entropy_chunk_fwd` over vocabulary chunks, then each
+/// chunk's `cross_entropy_chunk_bwd`) against the PyTorch fixture, for chunks that divide V,
+/// chunks that leave a short last one, a chunk of 1 column and one chunk of all V.
+#[test]
+fn cross_entropy_chunk_fixture() {
+    use nla_engine::device::cpu::cross_entropy::{
+        cross_entropy_chunk_bwd, cross_entropy_chunk_fwd, CE_STATE,
+    };
+    let logits = data("cross_entropy.logits");
+    let targets = fx("cross_entropy.targets").ids();
+    let mask = data("cross_entropy.mask");
+    let (n, vv) = (
+        fx("cross_entropy.logits").shape[0],
+        fx("cross_entropy.logits").shape[1],
+    );
+    let scale = 1.0 / mask.iter().sum::<f32>();
+    let lnv = (vv as f32).ln();
+    let col = |v0: usize, vc: usize| -> Vec<f32> {
+        logits
+            .chunks(vv)
+            .flat_map(|r| r[v0..v0 + vc].to_vec())
+            .collect()
+    };
+    for vc in [vv, vv / 2, 7, 1, vv - 1] {
+        let starts: Vec<usize> = (0..vv).step_by(vc).collect();
+        let mut losses = vec![f32::NAN; n];
+        let mut state = vec![f32::NAN; n * CE_STATE];
+        for &v0 in &starts {
+            let c = vc.min(vv - v0);
+            let x = col(v0, c);
+            cross_entropy_chunk_fwd(&mut losses, &mut state, &x, &targets, &mask, c, vv, v0);
+        }
+        let mut dlogits = vec![f32::NAN; n * vv];
+        for &v0 in &starts {
+            let c = vc.min(vv - v0);
+            let mut d = vec![f32::NAN; n * c];
+            cross_entropy_chunk_bwd(&mut d, &col(v0, c), &state, &targets, &mask, c, v0, scale);
+            for (row, part) in d.chunks(c).enumerate() {
+                dlogits[row * vv + v0..row * vv + v0 + c].copy_from_slice(part);
+            }
+        }
+        // As the whole-row losses, plus S kept in f32 between chunks and merged with two
+        // rescales (2 ulp each) per chunk: 4 u relative plus (4 + 6 per chunk) u of ln V.
+        let k = 4.0 + 6.0 * starts.len() as f32;
+        assert_close(
+            &format!("cross_entropy_chunk losses (VC {vc})"),
+            &losses,
+            &fx("cross_entropy.losses").data,
+            k * U * lnv,
+            4.0 * U,
+            1e-13,
+        );
+        // As the whole-row dlogits, plus the same relative error of S in each p.
+        let want = &fx("cross_entropy.dlogits").data;
+        assert_close(
+            &format!("cross_entropy_chunk dlogits (VC {vc})"),
+            &dlogits,
+            want,
+            2.0 * U * amax(want),
+            (12.0 + k) * U,
+            1e-12,
+        );
+    }
+}
+
 #[test]
 fn softmax_fixture() {
     let dev = CpuDevice;

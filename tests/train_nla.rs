@@ -669,14 +669,18 @@ fn rl_update_gradient_matches_finite_differences() {
         (LossAgg::TokenMean, 0.1, KlType::K3, 2),
     ];
     // every case at temperature 1, and two under a sampling temperature (log-probs of
-    // softmax(logits / T), policy and reference)
+    // softmax(logits / T), policy and reference); two with the LM head and cross-entropy over
+    // vocabulary chunks of 5 (V 258: 51 chunks and a short last one)
     let cases = cases
         .iter()
-        .map(|&c| (c, 1.0f32))
-        .chain([(cases[2], 0.7), (cases[4], 1.6)]);
-    for ((agg, kl_coef, kl_type, micro), temp) in cases {
-        let name = format!("{agg:?} kl {kl_coef} {kl_type:?} micro {micro} T {temp}");
+        .map(|&c| (c, 1.0f32, None))
+        .chain([(cases[2], 0.7, None), (cases[4], 1.6, None)])
+        .chain([(cases[3], 1.0, Some(5)), (cases[4], 0.7, Some(5))]);
+    for ((agg, kl_coef, kl_type, micro), temp, chunk) in cases {
+        let name =
+            format!("{agg:?} kl {kl_coef} {kl_type:?} micro {micro} T {temp} chunk {chunk:?}");
         t.temperature = temp;
+        t.logits_chunk = chunk;
         let (old_t, refl_t);
         let (old, refl) = if temp == 1.0 {
             (old, refl)
@@ -1278,4 +1282,33 @@ fn a_run_that_does_not_fit_fails_before_its_first_step() {
     let s = train(&dev, &cfg, Some(false)).unwrap();
     assert_eq!(s.steps, 1);
     assert!(dev.launcher().launches() > 0);
+
+    // with the logits in vocabulary chunks (V 258 in chunks of 16) the plan needs less, and a
+    // run given just that fits where the whole-logits run is refused
+    let chunked = StepOptions {
+        logits_chunk: Some(16),
+        ..opts
+    };
+    let peak_c = shape.plan(&chunked).unwrap().plan.peak;
+    eprintln!("planned peak with logits in chunks of 16: {peak_c} bytes");
+    assert!(peak_c < peak, "{peak_c} vs {peak}");
+    let save_c = tmp.path().join("run_chunked");
+    let cfg_c = config(
+        &model,
+        &data,
+        &save_c,
+        &[
+            "trainer.total_training_steps=1",
+            "trainer.save_steps=0",
+            "trainer.val_steps=0",
+            "optim.warmup_steps=0",
+            "data.train_batch_size=4",
+            "trainer.logits_chunk=16",
+        ],
+    );
+    let dev = EmuDevice::new(EmuMode::Forward, 0).with_memory_budget(peak_c);
+    let e = train(&dev, &cfg, Some(false)).unwrap_err().to_string();
+    assert!(e.contains("does not fit the device's free memory"), "{e}");
+    let s = train(&dev, &cfg_c, Some(false)).unwrap();
+    assert_eq!(s.steps, 1);
 }

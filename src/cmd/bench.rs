@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// on a GPU; none on the CPU]
     #[arg(long)]
     pub peak_tflops: Option<f64>,
+    /// Training step: run the LM head and cross-entropy over vocabulary chunks of this many
+    /// entries (as `trainer.logits_chunk`) [default: whole logits]
+    #[arg(long)]
+    pub logits_chunk: Option<usize>,
     /// Only the training step, or only the rollout
     #[arg(long, value_parser = ["step", "rollout"])]
     pub only: Option<String>,
@@ -64,11 +68,19 @@ fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>) -> Result<(
     if let Some(w) = args.warmup {
         o.warmup = w;
     }
+    if args.logits_chunk == Some(0) {
+        anyhow::bail!("--logits-chunk must be at least 1");
+    }
+    o.logits_chunk = args.logits_chunk;
     let sync = || dev.synchronize();
-    println!("bench: {} on {}", args.preset, dev.name());
+    let chunk = o
+        .logits_chunk
+        .map_or(String::new(), |c| format!(", logits in chunks of {c}"));
+    println!("bench: {} on {}{chunk}", args.preset, dev.name());
     let mut json = serde_json::Map::new();
     json.insert("device".into(), dev.name().into());
     json.insert("preset".into(), args.preset.clone().into());
+    json.insert("logits_chunk".into(), o.logits_chunk.into());
     if args.only.as_deref() != Some("rollout") {
         let r = bench::sft_step(dev, &o, &sync).context("the training step")?;
         println!("{r}");

@@ -53,8 +53,9 @@ pub struct PlanArgs {
     #[arg(long, value_enum, default_value_t = RecomputeArg::None)]
     pub recompute: RecomputeArg,
     /// Vocabulary entries per chunk of the LM head and cross-entropy (0 = whole logits)
-    #[arg(long, default_value_t = 0)]
-    pub logits_chunk: usize,
+    /// [default: the config's trainer.logits_chunk]
+    #[arg(long)]
+    pub logits_chunk: Option<usize>,
     /// Element types
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     pub precision: PrecisionArg,
@@ -132,7 +133,11 @@ pub fn plan_cmd(args: &PlanArgs) -> Result<()> {
         },
         gpus: args.gpus,
         zero_stage: args.zero_stage,
-        logits_chunk: (args.logits_chunk > 0).then_some(args.logits_chunk),
+        logits_chunk: match args.logits_chunk {
+            Some(0) => None,
+            Some(c) => Some(c),
+            None => cfg.trainer.logits_chunk,
+        },
     };
     let plan = shape.plan(&opts)?;
     let without = shape.plan_without_reuse(&opts)?.plan.peak;

@@ -70,6 +70,7 @@
 //! | `trainer.save_steps` / `val_steps` / `logging_steps` | 1000 / 500 / 10 (0 = never) | \[V\] |
 //! | `trainer.save_dir` / `save_total_limit` | `checkpoints` / 5 | \[V\] |
 //! | `trainer.seed` / `device` / `critic_epochs` | 42 / `auto` / 1 | \[V\] |
+//! | `trainer.logits_chunk` | null (whole logits) | |
 //! | `grpo.n` | 4 | \[O\] `rl.sh`, \[V\] |
 //! | `grpo.clip_ratio_low` / `clip_ratio_high` | 0.2 / 0.2 | \[O\], \[V\] |
 //! | `grpo.dual_clip_c` | 3.0 (null = off) | \[V\] (verl's default) |
@@ -541,6 +542,10 @@ pub struct TrainerConfig {
     pub device: DeviceKind,
     /// SFT with `train_mode: both`: critic steps per actor step.
     pub critic_epochs: usize,
+    /// The actor's LM head and cross-entropy run over the vocabulary in chunks of this many
+    /// entries, so that the [tokens, vocabulary] logits never exist whole (one more LM-head
+    /// matmul per step: the chunk's logits are made again in backward); null = whole logits.
+    pub logits_chunk: Option<usize>,
 }
 
 impl Default for TrainerConfig {
@@ -558,6 +563,7 @@ impl Default for TrainerConfig {
             seed: 42,
             device: DeviceKind::Auto,
             critic_epochs: 1,
+            logits_chunk: None,
         }
     }
 }
@@ -946,6 +952,9 @@ impl RunConfig {
         }
         if t.critic_epochs == 0 {
             return Err(self.err("trainer.critic_epochs", "must be at least 1"));
+        }
+        if t.logits_chunk == Some(0) {
+            return Err(self.err("trainer.logits_chunk", "must be at least 1 (or null)"));
         }
         if t.algo != Algo::Sft && !t.train_mode.has_actor() {
             return Err(self.err(

@@ -524,6 +524,42 @@ pub trait Device: Send + Sync + Sized {
         scale: f32,
     ) -> Result<()>;
 
+    /// One vocabulary chunk of the cross-entropy, chunks issued in order of `v0` (0, VC, ...):
+    /// logits [N,VC] are columns `[v0, v0+VC)` of V-wide rows. state[N,3] = (max, sum of
+    /// exp(x - max), target logit) of the columns seen so far: `v0 == 0` starts it (=), later
+    /// chunks merge into it (+=); the chunk ending at V writes losses[N] as
+    /// [`Device::cross_entropy_fwd`] does (=). Rows with mask 0 are skipped (loss 0).
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_chunk_fwd(
+        &self,
+        losses: M<'_, Self>,
+        state: M<'_, Self>,
+        logits: V<'_, Self>,
+        targets: &Self::Ids,
+        mask: V<'_, Self>,
+        n: usize,
+        vc: usize,
+        v: usize,
+        v0: usize,
+    ) -> Result<()>;
+    /// dlogits[N,VC] = mask[n] * scale * (softmax - onehot(targets[n])) over columns
+    /// `[v0, v0+VC)`, the softmax from the state all chunks' forward left. A row the forward
+    /// skipped (mask 0) must have weight `mask[n] * scale` 0 here (its state is not made).
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_chunk_bwd(
+        &self,
+        dlogits: M<'_, Self>,
+        logits: V<'_, Self>,
+        state: V<'_, Self>,
+        targets: &Self::Ids,
+        mask: V<'_, Self>,
+        n: usize,
+        vc: usize,
+        v: usize,
+        v0: usize,
+        scale: f32,
+    ) -> Result<()>;
+
     /// out[N,V] = softmax(x[n,:])
     fn softmax_fwd(&self, out: M<'_, Self>, x: V<'_, Self>, n: usize, v: usize) -> Result<()>;
     /// dx[N,V] = out * (dout - sum_v(dout * out))

@@ -422,7 +422,7 @@ pub fn remedies(shape: &RunShape, opts: &StepOptions, budget: usize) -> Result<V
             };
             let p = peak(shape, &o)?;
             out.push(Remedy {
-                change: format!("--logits-chunk {chunk}"),
+                change: format!("--logits-chunk {chunk} (trainer.logits_chunk: {chunk})"),
                 peak: p,
                 fits: p <= budget,
             });

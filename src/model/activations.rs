@@ -55,8 +55,15 @@ pub struct ActivationSet<B> {
     pub rstd_f: B,
     /// [N,C] final normed hidden state
     pub xn_f: B,
-    /// [N,V] = logit_scale * xn_f @ lm_head^T
+    /// [N,VC] = logit_scale * xn_f @ lm_head[v0..v0+VC]^T: the whole logits when VC = V,
+    /// else the vocabulary chunk made last (see `logits_chunk`)
     pub logits: B,
+    /// VC: the LM head and the cross-entropy run over the vocabulary in chunks of this many
+    /// entries (`cross_entropy_chunk_fwd` / `_bwd`; the backward makes each chunk's logits
+    /// again); V = whole logits, kept from forward for backward.
+    pub logits_chunk: usize,
+    /// [N,3] the chunked cross-entropy's per-row state (max, sum, target logit)
+    pub ce_state: B,
     /// Multiplies the logits inside the LM-head matmul (and its backward): 1 / temperature for
     /// log-probs under a sampling temperature; 1 otherwise. Set by whoever runs the forward.
     pub logit_scale: f32,
@@ -65,7 +72,7 @@ pub struct ActivationSet<B> {
     /// [N,C] scratch: projection outputs in forward
     pub proj: B,
     // gradient scratch
-    /// [N,V]
+    /// [N,VC]
     pub dlogits: B,
     /// [N,C] gradient w.r.t. the residual stream, and its next value
     pub dres: B,
@@ -88,16 +95,29 @@ pub struct ActivationSet<B> {
     pub elements: usize,
 }
 
+/// VC of a vocabulary of `v` entries in chunks of `chunk` (None, or a chunk >= V: V).
+fn vocab_chunk(v: usize, chunk: Option<usize>) -> usize {
+    chunk.map_or(v, |ch| ch.clamp(1, v.max(1)))
+}
+
 impl<B> ActivationSet<B> {
-    /// Builds the set for batch shape (B, T), making each buffer with `make(elements)`.
+    /// Whether this set serves batch shape (B, T) with logits in chunks of `chunk`.
+    pub fn fits(&self, cfg: &ModelConfig, b: usize, t: usize, chunk: Option<usize>) -> bool {
+        self.b == b && self.t == t && self.logits_chunk == vocab_chunk(cfg.vocab_size, chunk)
+    }
+
+    /// Builds the set for batch shape (B, T) with logits in chunks of `chunk` vocabulary
+    /// entries (None, or a chunk >= V: whole), making each buffer with `make(elements)`.
     fn build<E>(
         cfg: &ModelConfig,
         b: usize,
         t: usize,
+        chunk: Option<usize>,
         mut make: impl FnMut(usize) -> Result<B, E>,
     ) -> Result<Self, E> {
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let vc = vocab_chunk(v, chunk);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
         let mut elements = 0usize;
         let mut a = |len: usize| {
@@ -133,11 +153,13 @@ impl<B> ActivationSet<B> {
             layers,
             rstd_f: a(n)?,
             xn_f: a(n * c)?,
-            logits: a(n * v)?,
+            logits: a(n * vc)?,
+            logits_chunk: vc,
+            ce_state: a(if vc < v { 3 * n } else { 0 })?,
             logit_scale: 1.0,
             losses: a(n)?,
             proj: a(n * c)?,
-            dlogits: a(n * v)?,
+            dlogits: a(n * vc)?,
             dres: a(n * c)?,
             dres_next: a(n * c)?,
             dx_mid: a(n * c)?,
@@ -155,9 +177,20 @@ impl<B> ActivationSet<B> {
         Ok(set)
     }
 
-    /// Zeroed device buffers for batch shape (B, T).
+    /// Zeroed device buffers for batch shape (B, T), whole logits.
     pub fn new<D: Device<Buf = B>>(dev: &D, cfg: &ModelConfig, b: usize, t: usize) -> Result<Self> {
-        Self::build(cfg, b, t, |len| dev.alloc(len))
+        Self::build(cfg, b, t, None, |len| dev.alloc(len))
+    }
+
+    /// [`Self::new`] with the logits in vocabulary chunks of `chunk` entries (None = whole).
+    pub fn with_logits_chunk<D: Device<Buf = B>>(
+        dev: &D,
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        chunk: Option<usize>,
+    ) -> Result<Self> {
+        Self::build(cfg, b, t, chunk, |len| dev.alloc(len))
     }
 
     /// Bytes of all activation and gradient-scratch buffers (f32).
@@ -169,7 +202,7 @@ impl<B> ActivationSet<B> {
 impl ActivationSet<usize> {
     /// The element count of every buffer for batch shape (B, T), allocating nothing.
     pub fn plan(cfg: &ModelConfig, b: usize, t: usize) -> Self {
-        match Self::build(cfg, b, t, Ok::<usize, std::convert::Infallible>) {
+        match Self::build(cfg, b, t, None, Ok::<usize, std::convert::Infallible>) {
             Ok(set) => set,
             Err(never) => match never {},
         }

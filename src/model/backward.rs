@@ -35,6 +35,44 @@ fn uninject<D: Device>(
     Ok(())
 }
 
+/// The LM head's backward for logits[N,W] = s * xn_f @ w^T (w [W,C], a window of lm_head),
+/// from `a.dlogits[..N*W]`: dxn[N,C] = s * dlogits @ w + beta * dxn, dw[W,C] += s * dlogits^T xn_f.
+fn lm_head_bwd<D: Device>(
+    dev: &D,
+    a: &mut Activations<D>,
+    w: View<'_, D::Buf>,
+    dw: ViewMut<'_, D::Buf>,
+    (n, nw, c): (usize, usize, usize),
+    beta: f32,
+) -> Result<()> {
+    let dlogits = View::range(&a.dlogits, 0, n * nw);
+    let s = a.logit_scale;
+    dev.matmul(
+        ViewMut::all(&mut a.dxn),
+        dlogits,
+        w,
+        n,
+        c,
+        nw,
+        false,
+        false,
+        s,
+        beta,
+    )?;
+    dev.matmul(
+        dw,
+        dlogits,
+        View::all(&a.xn_f),
+        nw,
+        c,
+        n,
+        true,
+        false,
+        s,
+        1.0,
+    )
+}
+
 /// Accumulates d(scale * sum of masked losses)/d params into `model.grads`, from the
 /// activations `forward` left in `acts` for the same batch. `scale` = 1/count gives the
 /// gradient of the mean loss; with gradient accumulation, 1/(count over all micro-batches).
@@ -76,42 +114,59 @@ pub fn backward_with<D: Device>(
     let a = acts;
 
     // lm_head [V,C]
-    dev.cross_entropy_bwd(
-        ViewMut::all(&mut a.dlogits),
-        View::all(&a.logits),
-        &batch.targets,
-        View::all(&batch.mask),
-        n,
-        v,
-        scale,
-    )?;
-    // logits = s * xn_f @ lm_head^T: dxn[N,C] = s * dlogits @ lm_head, dW[V,C] += s * dlogits^T xn_f
-    let dlogits = View::all(&a.dlogits);
-    let s = a.logit_scale;
-    dev.matmul(
-        ViewMut::all(&mut a.dxn),
-        dlogits,
-        p(tb.lm_head, v * c),
-        n,
-        c,
-        v,
-        false,
-        false,
-        s,
-        0.0,
-    )?;
-    dev.matmul(
-        g!(tb.lm_head, v * c),
-        dlogits,
-        View::all(&a.xn_f),
-        v,
-        c,
-        n,
-        true,
-        false,
-        s,
-        1.0,
-    )?;
+    if a.logits_chunk >= v {
+        dev.cross_entropy_bwd(
+            ViewMut::all(&mut a.dlogits),
+            View::all(&a.logits),
+            &batch.targets,
+            View::all(&batch.mask),
+            n,
+            v,
+            scale,
+        )?;
+        lm_head_bwd(
+            dev,
+            a,
+            p(tb.lm_head, v * c),
+            g!(tb.lm_head, v * c),
+            (n, v, c),
+            0.0,
+        )?;
+    } else {
+        // each chunk [v0, v0+w): its logits made again, their gradient, its share of dxn
+        // (the first chunk overwrites) and of dW[v0..v0+w]
+        let vc = a.logits_chunk;
+        for v0 in (0..v).step_by(vc) {
+            let w = vc.min(v - v0);
+            let wc = p(tb.lm_head + v0 * c, w * c);
+            dev.matmul(
+                ViewMut::range(&mut a.logits, 0, n * w),
+                View::all(&a.xn_f),
+                wc,
+                n,
+                w,
+                c,
+                false,
+                true,
+                a.logit_scale,
+                0.0,
+            )?;
+            dev.cross_entropy_chunk_bwd(
+                ViewMut::range(&mut a.dlogits, 0, n * w),
+                View::range(&a.logits, 0, n * w),
+                View::all(&a.ce_state),
+                &batch.targets,
+                View::all(&batch.mask),
+                n,
+                w,
+                v,
+                v0,
+                scale,
+            )?;
+            let beta = if v0 == 0 { 0.0 } else { 1.0 };
+            lm_head_bwd(dev, a, wc, g!(tb.lm_head + v0 * c, w * c), (n, w, c), beta)?;
+        }
+    }
     let last = &a.res[cfg.num_hidden_layers];
     dev.rmsnorm_bwd(
         ViewMut::all(&mut a.dres),

@@ -26,6 +26,8 @@ pub struct LmTrainer<D: Device> {
     pub schedule: LrSchedule,
     /// global gradient-norm clip; <= 0 disables
     pub max_norm: f32,
+    /// LM head and cross-entropy over vocabulary chunks of this many entries; None = whole
+    pub logits_chunk: Option<usize>,
     acts: Option<Activations<D>>,
 }
 
@@ -43,6 +45,7 @@ impl<D: Device> LmTrainer<D> {
             opt,
             schedule,
             max_norm,
+            logits_chunk: None,
             acts: None,
         })
     }
@@ -61,8 +64,14 @@ impl<D: Device> LmTrainer<D> {
         for mb in micro_batches {
             mb.check_vocab(self.model.cfg.vocab_size)?;
             let acts = match self.acts.take() {
-                Some(a) if a.b == mb.b && a.t == mb.t => a,
-                _ => ActivationSet::new(dev, &self.model.cfg, mb.b, mb.t)?,
+                Some(a) if a.fits(&self.model.cfg, mb.b, mb.t, self.logits_chunk) => a,
+                _ => ActivationSet::with_logits_chunk(
+                    dev,
+                    &self.model.cfg,
+                    mb.b,
+                    mb.t,
+                    self.logits_chunk,
+                )?,
             };
             let acts = self.acts.insert(acts);
             let db = mb.upload(dev)?;

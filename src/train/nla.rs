@@ -65,17 +65,18 @@ impl<D: Device> Opt<D> {
     }
 }
 
-/// Reuses `slot`'s activations when they fit (B, T), else plans new ones.
+/// Reuses `slot`'s activations when they fit (B, T), else plans new ones with the logits in
+/// vocabulary chunks of `chunk` entries (None = whole).
 fn acts_for<'a, D: Device>(
     dev: &D,
     slot: &'a mut Option<Activations<D>>,
     model: &Model<D>,
-    b: usize,
-    t: usize,
+    (b, t): (usize, usize),
+    chunk: Option<usize>,
 ) -> Result<&'a mut Activations<D>> {
     let acts = match slot.take() {
-        Some(a) if a.b == b && a.t == t => a,
-        _ => ActivationSet::new(dev, &model.cfg, b, t)?,
+        Some(a) if a.fits(&model.cfg, b, t, chunk) => a,
+        _ => ActivationSet::with_logits_chunk(dev, &model.cfg, b, t, chunk)?,
     };
     Ok(slot.insert(acts))
 }
@@ -87,6 +88,8 @@ pub struct ActorTrainer<D: Device> {
     /// RL log-probs are taken under softmax(logits / temperature), the rollout's distribution
     /// (verl does the same); 1 by default
     pub temperature: f32,
+    /// LM head and cross-entropy over vocabulary chunks of this many entries; None = whole
+    pub logits_chunk: Option<usize>,
     acts: Option<Activations<D>>,
 }
 
@@ -107,6 +110,7 @@ impl<D: Device> ActorTrainer<D> {
                 max_norm,
             },
             temperature: 1.0,
+            logits_chunk: None,
             acts: None,
         })
     }
@@ -140,7 +144,13 @@ impl<D: Device> ActorTrainer<D> {
             Self::weigh(&mut ab.batch, n);
             let db = ab.batch.upload(dev)?;
             let mut ai = self.actor.injection(dev, &ab.sites, &ab.vecs)?;
-            let acts = acts_for(dev, &mut self.acts, &self.actor.model, db.b, db.t)?;
+            let acts = acts_for(
+                dev,
+                &mut self.acts,
+                &self.actor.model,
+                (db.b, db.t),
+                self.logits_chunk,
+            )?;
             acts.logit_scale = 1.0;
             loss += forward_with(dev, &self.actor.model, acts, &db, Some(&ai.inj))?.sum;
             if backward {
@@ -372,11 +382,11 @@ impl<D: Device> ActorTrainer<D> {
         actor: &Actor<D>,
         acts: &mut Option<Activations<D>>,
         ab: &crate::nla::ActorBatch,
-        temperature: f32,
+        (temperature, logits_chunk): (f32, Option<usize>),
     ) -> Result<Vec<f32>> {
         let db = ab.batch.upload(dev)?;
         let ai = actor.injection(dev, &ab.sites, &ab.vecs)?;
-        let acts = acts_for(dev, acts, model, db.b, db.t)?;
+        let acts = acts_for(dev, acts, model, (db.b, db.t), logits_chunk)?;
         policy_logps(dev, model, acts, &db, &ai.inj, temperature)
     }
 
@@ -407,7 +417,7 @@ impl<D: Device> ActorTrainer<D> {
                 let refs: Vec<&RlSequence> = chunk.iter().collect();
                 let (ab, adv) = Self::rl_batch(&refs, pad_id)?;
                 ab.batch.check_vocab(self.actor.model.cfg.vocab_size)?;
-                let temp = self.temperature;
+                let temp = (self.temperature, self.logits_chunk);
                 let old = Self::logps(
                     dev,
                     &self.actor.model,
@@ -446,7 +456,13 @@ impl<D: Device> ActorTrainer<D> {
                     let db = ab.batch.upload(dev)?;
                     let n = db.b * db.t;
                     let mut ai = self.actor.injection(dev, &ab.sites, &ab.vecs)?;
-                    let acts = acts_for(dev, &mut self.acts, &self.actor.model, db.b, db.t)?;
+                    let acts = acts_for(
+                        dev,
+                        &mut self.acts,
+                        &self.actor.model,
+                        (db.b, db.t),
+                        self.logits_chunk,
+                    )?;
                     let temp = self.temperature;
                     let logp = policy_logps(dev, &self.actor.model, acts, &db, &ai.inj, temp)?;
                     let (logp, old_d, adv_d) =

@@ -108,13 +108,14 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
             None => setup::model_path(cfg, "model.model_name", &cfg.model.model_name)?,
         };
         let (side, actor) = setup::load_actor(dev, cfg, &path)?;
-        let t = ActorTrainer::new(
+        let mut t = ActorTrainer::new(
             dev,
             actor,
             cfg.optim.adamw(),
             cfg.actor_schedule(),
             max_norm,
         )?;
+        t.logits_chunk = cfg.trainer.logits_chunk;
         Some((side, t))
     } else {
         None
@@ -154,7 +155,7 @@ fn check_memory(cfg: &RunConfig, budget: usize) -> Result<()> {
         recompute: Recompute::None,
         gpus: 1,
         zero_stage: 0,
-        logits_chunk: None,
+        logits_chunk: cfg.trainer.logits_chunk,
     };
     let plan = shape.plan(&opts)?;
     check_fits(&shape, &opts, &plan, budget).map_err(|e| {

@@ -83,3 +83,129 @@ pub fn cross_entropy_bwd<T: Real>(
             d[y as usize] -= w;
         });
 }
+
+// ---- over vocabulary chunks: the LM head makes logits [N, VC] for columns [v0, v0 + VC) of
+// a V-wide vocabulary, one chunk after another, so that [N, V] logits never exist whole.
+
+/// Slots per row of the chunked cross-entropy's state [N, 3].
+pub const CE_STATE: usize = 3;
+
+/// `(m, s)` with `m` the max of `x` (NaN skipped) and `s = sum exp(x - m)` (f64 sum); a chunk
+/// of -inf only is `(-inf, 0)`.
+fn chunk_max_sum<T: Real>(x: &[T], e: &mut Vec<T>) -> (T, T) {
+    let m = max(x);
+    if m == T::neg_infinity() {
+        return (m, T::zero());
+    }
+    e.clear();
+    e.extend(x.iter().map(|&v| (v - m).vexp()));
+    (m, real::<T>(sum_f64(e)))
+}
+
+/// `s * exp(m - mn)` for `mn >= m`; exactly `s` when `m == mn` (also for -inf).
+fn rescale<T: Real>(s: T, m: T, mn: T) -> T {
+    if m == mn {
+        s
+    } else {
+        s * (m - mn).vexp()
+    }
+}
+
+/// One vocabulary chunk of the cross-entropy's forward, chunks issued in order of `v0`
+/// (0, VC, 2 VC, ...): logits [N,VC] are columns `[v0, v0+VC)` of a V-wide row.
+///
+/// `state[N,3]` per row = (M, S, x_y): the running max, `sum exp(x - M)` and the target's
+/// logit (0 until its chunk). `v0 == 0` starts it (`=`), later chunks merge into it (`+=`);
+/// the chunk that ends at V writes `losses[n] = mask[n] * ((M - x_y) + ln S)` (`=`). A row
+/// with mask 0 is skipped (its state is left as it is; its loss is 0). One chunk of all V
+/// columns gives [`cross_entropy_fwd`]'s losses up to the rounding of S to `T`.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_chunk_fwd<T: Real>(
+    losses: &mut [T],
+    state: &mut [T],
+    logits: &[T],
+    targets: &[u32],
+    mask: &[T],
+    vc: usize,
+    v: usize,
+    v0: usize,
+) {
+    if vc == 0 {
+        return;
+    }
+    let last = v0 + vc == v;
+    losses
+        .par_iter_mut()
+        .zip(state.par_chunks_mut(CE_STATE))
+        .zip(logits.par_chunks(vc))
+        .zip(targets.par_iter())
+        .zip(mask.par_iter())
+        .for_each_init(Vec::new, |e, ((((loss, st), x), &y), &mk)| {
+            if mk == T::zero() {
+                if last {
+                    *loss = T::zero();
+                }
+                return;
+            }
+            let (mc, sc) = chunk_max_sum(x, e);
+            let y = y as usize;
+            let in_chunk = (v0..v0 + vc).contains(&y);
+            if v0 == 0 {
+                st[0] = mc;
+                st[1] = sc;
+                st[2] = if in_chunk { x[y - v0] } else { T::zero() };
+            } else {
+                let mn = st[0].max(mc);
+                st[1] = rescale(st[1], st[0], mn) + rescale(sc, mc, mn);
+                st[0] = mn;
+                if in_chunk {
+                    st[2] = x[y - v0];
+                }
+            }
+            if last {
+                *loss = mk * ((st[0] - st[2]) + st[1].ln());
+            }
+        });
+}
+
+/// `dlogits[N,VC] = mask[n] * scale * (exp(x - M) / S - onehot(targets[n] - v0))`   (`=`)
+///
+/// The backward of one chunk (columns `[v0, v0+VC)`), from the state the forward's chunks
+/// left (`(M, S, _)` per row, see [`cross_entropy_chunk_fwd`]) and the chunk's logits made
+/// again. Rows with weight 0 are zero without reading logits or state.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_chunk_bwd<T: Real>(
+    dlogits: &mut [T],
+    logits: &[T],
+    state: &[T],
+    targets: &[u32],
+    mask: &[T],
+    vc: usize,
+    v0: usize,
+    scale: f32,
+) {
+    if vc == 0 {
+        return;
+    }
+    let scale = <T as Real>::from_f32(scale);
+    dlogits
+        .par_chunks_mut(vc)
+        .zip(logits.par_chunks(vc))
+        .zip(state.par_chunks(CE_STATE))
+        .zip(targets.par_iter())
+        .zip(mask.par_iter())
+        .for_each(|((((d, x), st), &y), &mk)| {
+            let w = mk * scale;
+            if w == T::zero() {
+                d.fill(T::zero());
+                return;
+            }
+            let (m, ws) = (st[0], w * (T::one() / st[1]));
+            for (d, &x) in d.iter_mut().zip(x) {
+                *d = (x - m).vexp() * ws;
+            }
+            if let Some(j) = (y as usize).checked_sub(v0).filter(|&j| j < vc) {
+                d[j] -= w;
+            }
+        });
+}

@@ -190,6 +190,29 @@ impl DeviceBuf for Vec<f32> {
 
 type Buf = Vec<f32>;
 
+/// The checks both directions of the chunked cross-entropy share: a chunk `[v0, v0+VC)`
+/// inside the vocabulary, state [N,3], targets [N] below V, mask [N].
+fn check_chunk(
+    op: &'static str,
+    (vc, v, v0): (usize, usize, usize),
+    state: usize,
+    targets: &[u32],
+    mask: usize,
+    n: usize,
+) -> Result<()> {
+    check_pos(op, "VC", vc)?;
+    if v0.checked_add(vc).is_none_or(|end| end > v) {
+        return Err(Error::invalid(
+            op,
+            format!("chunk [{v0}, {v0}+{vc}) outside the vocabulary of {v}"),
+        ));
+    }
+    check_len(op, "state [N,3]", state, &[n, cross_entropy::CE_STATE])?;
+    check_len(op, "targets [N]", targets.len(), &[n])?;
+    check_len(op, "mask [N]", mask, &[n])?;
+    check_ids(op, "targets", targets, v)
+}
+
 /// The elements a view covers.
 pub(crate) fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
     let (off, len, total) = (v.offset(), v.len(), v.buf().len());
@@ -704,6 +727,65 @@ impl Device for CpuDevice {
             targets,
             get(OP, "mask", mask)?,
             v,
+            scale,
+        );
+        Ok(())
+    }
+
+    fn cross_entropy_chunk_fwd(
+        &self,
+        losses: ViewMut<'_, Buf>,
+        state: ViewMut<'_, Buf>,
+        logits: View<'_, Buf>,
+        targets: &Self::Ids,
+        mask: View<'_, Buf>,
+        n: usize,
+        vc: usize,
+        v: usize,
+        v0: usize,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_chunk_fwd";
+        check_chunk(OP, (vc, v, v0), state.len(), targets, mask.len(), n)?;
+        check_len(OP, "losses [N]", losses.len(), &[n])?;
+        check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
+        cross_entropy::cross_entropy_chunk_fwd(
+            get_mut(OP, "losses", losses)?,
+            get_mut(OP, "state", state)?,
+            get(OP, "logits", logits)?,
+            targets,
+            get(OP, "mask", mask)?,
+            vc,
+            v,
+            v0,
+        );
+        Ok(())
+    }
+
+    fn cross_entropy_chunk_bwd(
+        &self,
+        dlogits: ViewMut<'_, Buf>,
+        logits: View<'_, Buf>,
+        state: View<'_, Buf>,
+        targets: &Self::Ids,
+        mask: View<'_, Buf>,
+        n: usize,
+        vc: usize,
+        v: usize,
+        v0: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_chunk_bwd";
+        check_chunk(OP, (vc, v, v0), state.len(), targets, mask.len(), n)?;
+        check_len(OP, "dlogits [N,VC]", dlogits.len(), &[n, vc])?;
+        check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
+        cross_entropy::cross_entropy_chunk_bwd(
+            get_mut(OP, "dlogits", dlogits)?,
+            get(OP, "logits", logits)?,
+            get(OP, "state", state)?,
+            targets,
+            get(OP, "mask", mask)?,
+            vc,
+            v0,
             scale,
         );
         Ok(())

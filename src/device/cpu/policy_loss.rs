@@ -288,8 +288,20 @@ pub(crate) fn check_shapes(
     check_spec(op, spec, ref_len.is_some())
 }
 
-/// The device's checks on the inputs of both directions: [`check_shapes`], and mask 0/1 with
-/// some 1. Returns the slices.
+/// The check of a policy loss's mask values where they are on the host: 0/1, with some 1.
+pub(crate) fn check_mask(op: &'static str, mask: &[f32]) -> crate::Result<()> {
+    super::pool::check_binary(op, "mask", mask)?;
+    if !mask.contains(&1.0) {
+        return Err(crate::Error::invalid(
+            op,
+            "mask has no token: the loss would be 0/0",
+        ));
+    }
+    Ok(())
+}
+
+/// The device's checks on the inputs of both directions: [`check_shapes`], and
+/// [`check_mask`]. Returns the slices.
 #[allow(clippy::type_complexity)]
 pub(crate) fn device_inputs<'a>(
     op: &'static str,
@@ -315,13 +327,7 @@ pub(crate) fn device_inputs<'a>(
     )?;
     let [logp, old, adv, mask] = inputs;
     let mask = super::get(op, "mask", mask)?;
-    super::pool::check_binary(op, "mask", mask)?;
-    if !mask.contains(&1.0) {
-        return Err(crate::Error::invalid(
-            op,
-            "mask has no token: the loss would be 0/0",
-        ));
-    }
+    check_mask(op, mask)?;
     let ref_logp = match ref_logp {
         Some(r) => Some(super::get(op, "ref_logp", r)?),
         None => None,

@@ -1,7 +1,9 @@
 //! `kernels/cross_entropy.cu`: cross_entropy_fwd_f32 / cross_entropy_bwd_f32, one block of 256
-//! per row, grid min(N, 65535) (grid-stride over the rest).
+//! per row, grid min(N, 65535) (grid-stride over the rest); cross_entropy_chunk_fwd_f32 /
+//! cross_entropy_chunk_bwd_f32 over vocabulary chunks, the same mapping.
 
 use super::{check_len, check_pos, dim1, int, EmuArgs, Ids, In, Launch, Out};
+use crate::device::cpu::cross_entropy::CE_STATE;
 use crate::Result;
 
 /// Threads per block of the row kernels (cross_entropy, softmax, sample).
@@ -102,6 +104,131 @@ pub fn bwd<'a, L: Launch + ?Sized>(
     a.scalar(n as i32).scalar(v as i32).scalar(scale);
     l.launch(
         "cross_entropy_bwd_f32",
+        dim1(row_grid(n)),
+        dim1(ROW_NT),
+        0,
+        &mut a,
+    )
+}
+
+/// Checks of a vocabulary chunk's launch: logits/dlogits [N,VC], state [N,3], v0 + VC <= V.
+#[allow(clippy::too_many_arguments)]
+fn check_chunk(
+    op: &'static str,
+    out: (&str, usize, &[usize]),
+    state: usize,
+    targets: &Ids<'_>,
+    mask: usize,
+    n: usize,
+    (vc, v, v0): (usize, usize, usize),
+) -> Result<()> {
+    check_pos(op, "VC", vc)?;
+    if v0.checked_add(vc).is_none_or(|end| end > v) {
+        return Err(crate::Error::invalid(
+            op,
+            format!("chunk [{v0}, {v0}+{vc}) outside the vocabulary of {v}"),
+        ));
+    }
+    check_len(op, out.0, out.1, out.2)?;
+    check_len(op, "state [N,3]", state, &[n, CE_STATE])?;
+    check_len(op, "targets [N]", targets.len(), &[n])?;
+    check_len(op, "mask [N]", mask, &[n])?;
+    targets.check(op, "targets", v)?;
+    int(op, "N", n)?;
+    int(op, "V", v)?;
+    Ok(())
+}
+
+/// One vocabulary chunk of the forward (columns [v0, v0+VC)): state[N,3] (= at v0 0, += after);
+/// the chunk ending at V writes losses[N] (=). See `kernels/cross_entropy.cu`.
+#[allow(clippy::too_many_arguments)]
+pub fn chunk_fwd<'a, L: Launch + ?Sized>(
+    l: &L,
+    losses: impl Into<Out<'a, f32>>,
+    state: impl Into<Out<'a, f32>>,
+    logits: impl Into<In<'a, f32>>,
+    targets: impl Into<Ids<'a>>,
+    mask: impl Into<In<'a, f32>>,
+    n: usize,
+    (vc, v, v0): (usize, usize, usize),
+) -> Result<()> {
+    const OP: &str = "cross_entropy_chunk_fwd";
+    let (losses, state, logits) = (losses.into(), state.into(), logits.into());
+    let (targets, mask) = (targets.into(), mask.into());
+    check_chunk(
+        OP,
+        ("losses [N]", losses.len(), &[n]),
+        state.len(),
+        &targets,
+        mask.len(),
+        n,
+        (vc, v, v0),
+    )?;
+    check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut a = EmuArgs::new();
+    a.output(losses)
+        .output(state)
+        .input(logits)
+        .ids(targets)
+        .input(mask);
+    a.scalar(n as i32)
+        .scalar(vc as i32)
+        .scalar(v as i32)
+        .scalar(v0 as i32);
+    l.launch(
+        "cross_entropy_chunk_fwd_f32",
+        dim1(row_grid(n)),
+        dim1(ROW_NT),
+        0,
+        &mut a,
+    )
+}
+
+/// dlogits[N,VC] = mask * scale * (softmax - onehot(target)) over columns [v0, v0+VC), from the
+/// forward's state[N,3].
+#[allow(clippy::too_many_arguments)]
+pub fn chunk_bwd<'a, L: Launch + ?Sized>(
+    l: &L,
+    dlogits: impl Into<Out<'a, f32>>,
+    logits: impl Into<In<'a, f32>>,
+    state: impl Into<In<'a, f32>>,
+    targets: impl Into<Ids<'a>>,
+    mask: impl Into<In<'a, f32>>,
+    n: usize,
+    (vc, v, v0): (usize, usize, usize),
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "cross_entropy_chunk_bwd";
+    let (dlogits, logits, state) = (dlogits.into(), logits.into(), state.into());
+    let (targets, mask) = (targets.into(), mask.into());
+    check_chunk(
+        OP,
+        ("dlogits [N,VC]", dlogits.len(), &[n, vc]),
+        state.len(),
+        &targets,
+        mask.len(),
+        n,
+        (vc, v, v0),
+    )?;
+    check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
+    if n == 0 {
+        return Ok(());
+    }
+    let mut a = EmuArgs::new();
+    a.output(dlogits)
+        .input(logits)
+        .input(state)
+        .ids(targets)
+        .input(mask);
+    a.scalar(n as i32)
+        .scalar(vc as i32)
+        .scalar(v0 as i32)
+        .scalar(scale);
+    l.launch(
+        "cross_entropy_chunk_bwd_f32",
         dim1(row_grid(n)),
         dim1(ROW_NT),
         0,

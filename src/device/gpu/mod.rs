@@ -26,6 +26,7 @@ pub mod cross_entropy;
 pub mod decode_attention;
 pub mod embedding;
 pub mod inject;
+pub mod kernel_device;
 pub mod norm_scale;
 pub mod policy_loss;
 pub mod pool;

@@ -8,8 +8,8 @@ use crate::Result;
 
 /// `bwd`: dlogp [S*T] into `out`; else the stats [PolicyStat::COUNT]. Inputs: logp, old_logp,
 /// adv, mask [S*T]. Only lengths are checked here: the spec and the values of the inputs (the
-/// mask) are the caller's to check first (`cpu::policy_loss::device_inputs` for host memory;
-/// device inputs are not value-checked).
+/// mask) are the caller's to check first (`cpu::policy_loss::check_shapes`, and `check_mask`
+/// for host memory; device inputs are not value-checked).
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss<'a, L: Launch + ?Sized>(
     l: &L,

@@ -1,0 +1,798 @@
+//! [`KernelDevice`]: the [`Device`] trait for the devices that run the kernels of
+//! `kernels/*.cu` through the launchers of [`super`] ([`crate::device::emu_device::EmuDevice`] on
+//! the CPU emulator, [`crate::device::cuda::CudaDevice`] on a GPU). Each op's mapping onto its
+//! launcher (argument names in errors, the checks made before launching, scratch and
+//! accumulators) is written once here, generic over what differs between those devices:
+//! - how a window of a buffer becomes a launcher argument ([`In`], [`Out`], [`Ids`]): a host
+//!   slice or a device address;
+//! - the operations that are not kernels of ours (memory: alloc, upload, download, fill, copy;
+//!   matmul: cuBLASLt on the GPU) and the f64 accumulator of `sum_squares`.
+//!
+//! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
+
+use crate::device::cpu::policy_loss::{check_mask, check_shapes};
+use crate::device::gpu::{self, Ids, In, Launch, Out};
+use crate::device::{
+    AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, InjectMode, PolicyLossSpec, PoolMode,
+    RewardSpec, SampleSpec, View, ViewMut,
+};
+use crate::Result;
+
+type V<'a, D> = View<'a, <D as KernelDevice>::Buf>;
+type M<'a, D> = ViewMut<'a, <D as KernelDevice>::Buf>;
+
+/// A device whose kernel ops go through the launchers. The methods named as [`Device`]'s are
+/// that trait's non-kernel ops, with the same contracts.
+pub trait KernelDevice: Send + Sync + Sized {
+    /// Device memory of f32.
+    type Buf: DeviceBuf;
+    /// Device memory of u32 token ids.
+    type Ids: Send + Sync;
+    /// The backend the launchers launch through.
+    type Launcher: Launch;
+
+    fn launcher(&self) -> &Self::Launcher;
+
+    // ---- buffers as launcher arguments
+
+    /// The elements a read-only view covers, as a `const float*`; an error names `op` and `what`.
+    fn input<'a>(op: &'static str, what: &str, v: View<'a, Self::Buf>) -> Result<In<'a, f32>>;
+    /// The elements a writable view covers, as a `float*`; an error names `op` and `what`.
+    fn output<'a>(op: &'static str, what: &str, v: ViewMut<'a, Self::Buf>) -> Result<Out<'a, f32>>;
+    /// Token ids (or positions) as a kernel argument.
+    fn ids(ids: &Self::Ids) -> Ids<'_>;
+    /// Token ids as a kernel output (`unsigned*`).
+    fn ids_out(ids: &mut Self::Ids) -> Out<'_, u32>;
+    /// A kernel wrote `ids`, every one below `bound`.
+    fn ids_written(ids: &mut Self::Ids, bound: usize);
+    /// Runs `launch` on one zeroed f64 (which the kernel adds into) and returns its value after.
+    fn accumulate_f64(&self, launch: impl FnOnce(Out<'_, f64>) -> Result<()>) -> Result<f64>;
+
+    // ---- the ops that are not kernels of ours
+
+    fn name(&self) -> String;
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn memory_budget(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+    fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
+    fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
+    fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
+    fn fill(&self, x: M<'_, Self>, value: f32) -> Result<()>;
+    fn copy(&self, dst: M<'_, Self>, src: V<'_, Self>) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        c: M<'_, Self>,
+        a: V<'_, Self>,
+        b: V<'_, Self>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()>;
+}
+
+/// Both directions of the policy loss: `out` is stats (forward) or dlogp (`bwd`); inputs logp,
+/// old_logp, adv, mask. Shapes and the spec are checked as on the CPU; the mask's values where
+/// they are on the host (device values stay unread: there a mask with no token gives a 0/0
+/// loss, NaN).
+#[allow(clippy::too_many_arguments)]
+fn policy_loss<D: KernelDevice>(
+    dev: &D,
+    bwd: bool,
+    out: M<'_, D>,
+    inputs: [V<'_, D>; 4],
+    ref_logp: Option<V<'_, D>>,
+    s: usize,
+    t: usize,
+    spec: &PolicyLossSpec,
+) -> Result<()> {
+    let op = if bwd {
+        "policy_loss_bwd"
+    } else {
+        "policy_loss_fwd"
+    };
+    let ref_len = ref_logp.as_ref().map(|r| r.len());
+    check_shapes(op, inputs.map(|v| v.len()), ref_len, s, t, spec)?;
+    let [logp, old_logp, adv, mask] = inputs;
+    let mask = D::input(op, "mask", mask)?;
+    // host values: the CPU device's check
+    if let Some(m) = mask.host() {
+        check_mask(op, m)?;
+    }
+    let ref_logp = ref_logp.map(|r| D::input(op, "ref_logp", r)).transpose()?;
+    let inputs = [
+        D::input(op, "logp", logp)?,
+        D::input(op, "old_logp", old_logp)?,
+        D::input(op, "adv", adv)?,
+        mask,
+    ];
+    gpu::policy_loss::policy_loss(
+        dev.launcher(),
+        bwd,
+        D::output(op, if bwd { "dlogp" } else { "stats" }, out)?,
+        inputs,
+        ref_logp,
+        s,
+        t,
+        spec,
+    )
+}
+
+impl<T: KernelDevice> Device for T {
+    type Buf = T::Buf;
+    type Ids = T::Ids;
+
+    fn name(&self) -> String {
+        KernelDevice::name(self)
+    }
+    fn synchronize(&self) -> Result<()> {
+        KernelDevice::synchronize(self)
+    }
+    fn memory_budget(&self) -> Result<Option<usize>> {
+        KernelDevice::memory_budget(self)
+    }
+    fn alloc(&self, n: usize) -> Result<T::Buf> {
+        KernelDevice::alloc(self, n)
+    }
+    fn upload(&self, host: &[f32]) -> Result<T::Buf> {
+        KernelDevice::upload(self, host)
+    }
+    fn download(&self, x: V<'_, T>) -> Result<Vec<f32>> {
+        KernelDevice::download(self, x)
+    }
+    fn upload_ids(&self, host: &[u32]) -> Result<T::Ids> {
+        KernelDevice::upload_ids(self, host)
+    }
+    fn download_ids(&self, ids: &T::Ids) -> Result<Vec<u32>> {
+        KernelDevice::download_ids(self, ids)
+    }
+    fn fill(&self, x: M<'_, T>, value: f32) -> Result<()> {
+        KernelDevice::fill(self, x, value)
+    }
+    fn copy(&self, dst: M<'_, T>, src: V<'_, T>) -> Result<()> {
+        KernelDevice::copy(self, dst, src)
+    }
+    fn matmul(
+        &self,
+        c: M<'_, T>,
+        a: V<'_, T>,
+        b: V<'_, T>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+        alpha: f32,
+        beta: f32,
+    ) -> Result<()> {
+        KernelDevice::matmul(self, c, a, b, m, n, k, ta, tb, alpha, beta)
+    }
+
+    fn embedding_fwd(
+        &self,
+        out: M<'_, T>,
+        ids: &T::Ids,
+        wte: V<'_, T>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_fwd";
+        gpu::embedding::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::ids(ids),
+            T::input(OP, "wte", wte)?,
+            n,
+            c,
+        )
+    }
+
+    fn embedding_bwd(
+        &self,
+        dwte: M<'_, T>,
+        ids: &T::Ids,
+        dout: V<'_, T>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "embedding_bwd";
+        gpu::embedding::bwd(
+            self.launcher(),
+            T::output(OP, "dwte", dwte)?,
+            T::ids(ids),
+            T::input(OP, "dout", dout)?,
+            n,
+            c,
+        )
+    }
+
+    fn rmsnorm_fwd(
+        &self,
+        out: M<'_, T>,
+        rstd: M<'_, T>,
+        x: V<'_, T>,
+        w: V<'_, T>,
+        n: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_fwd";
+        gpu::rmsnorm::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::output(OP, "rstd", rstd)?,
+            T::input(OP, "x", x)?,
+            T::input(OP, "w", w)?,
+            n,
+            c,
+            eps,
+        )
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: M<'_, T>,
+        dw: M<'_, T>,
+        dout: V<'_, T>,
+        x: V<'_, T>,
+        w: V<'_, T>,
+        rstd: V<'_, T>,
+        n: usize,
+        c: usize,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_bwd";
+        gpu::rmsnorm::bwd(
+            self.launcher(),
+            T::output(OP, "dx", dx)?,
+            T::output(OP, "dw", dw)?,
+            T::input(OP, "dout", dout)?,
+            T::input(OP, "x", x)?,
+            T::input(OP, "w", w)?,
+            T::input(OP, "rstd", rstd)?,
+            n,
+            c,
+        )
+    }
+
+    fn rope_fwd(
+        &self,
+        x: M<'_, T>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hs: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        let x = T::output("rope_fwd", "x", x)?;
+        gpu::rope::rope(self.launcher(), x, [b, t, h, hs], pos0, theta, false)
+    }
+
+    fn rope_bwd(
+        &self,
+        dx: M<'_, T>,
+        b: usize,
+        t: usize,
+        h: usize,
+        hs: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        let dx = T::output("rope_bwd", "dx", dx)?;
+        gpu::rope::rope(self.launcher(), dx, [b, t, h, hs], pos0, theta, true)
+    }
+
+    fn attention_fwd(
+        &self,
+        out: M<'_, T>,
+        lse: M<'_, T>,
+        q: V<'_, T>,
+        k: V<'_, T>,
+        v: V<'_, T>,
+        d: AttnDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_fwd";
+        gpu::attention::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::output(OP, "lse", lse)?,
+            T::input(OP, "q", q)?,
+            T::input(OP, "k", k)?,
+            T::input(OP, "v", v)?,
+            d,
+        )
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: M<'_, T>,
+        dk: M<'_, T>,
+        dv: M<'_, T>,
+        dout: V<'_, T>,
+        q: V<'_, T>,
+        k: V<'_, T>,
+        v: V<'_, T>,
+        out: V<'_, T>,
+        lse: V<'_, T>,
+        d: AttnDims,
+    ) -> Result<()> {
+        const OP: &str = "attention_bwd";
+        // scratch D [B,NH,T], overwritten by the kernels; lse's shape, so empty (and the
+        // launcher reports lse) where lse does not match the dims
+        let len = gpu::attention::bwd_scratch_len(&d);
+        let mut scratch = KernelDevice::alloc(self, if lse.len() == len { len } else { 0 })?;
+        let dscratch = T::output(OP, "dscratch", ViewMut::all(&mut scratch))?;
+        gpu::attention::bwd(
+            self.launcher(),
+            T::output(OP, "dq", dq)?,
+            T::output(OP, "dk", dk)?,
+            T::output(OP, "dv", dv)?,
+            dscratch,
+            T::input(OP, "dout", dout)?,
+            T::input(OP, "q", q)?,
+            T::input(OP, "k", k)?,
+            T::input(OP, "v", v)?,
+            T::input(OP, "out", out)?,
+            T::input(OP, "lse", lse)?,
+            d,
+        )
+    }
+
+    fn swiglu_fwd(&self, out: M<'_, T>, gate: V<'_, T>, up: V<'_, T>) -> Result<()> {
+        const OP: &str = "swiglu_fwd";
+        gpu::swiglu::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::input(OP, "gate", gate)?,
+            T::input(OP, "up", up)?,
+        )
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: M<'_, T>,
+        dup: M<'_, T>,
+        dout: V<'_, T>,
+        gate: V<'_, T>,
+        up: V<'_, T>,
+    ) -> Result<()> {
+        const OP: &str = "swiglu_bwd";
+        gpu::swiglu::bwd(
+            self.launcher(),
+            T::output(OP, "dgate", dgate)?,
+            T::output(OP, "dup", dup)?,
+            T::input(OP, "dout", dout)?,
+            T::input(OP, "gate", gate)?,
+            T::input(OP, "up", up)?,
+        )
+    }
+
+    fn residual_fwd(&self, out: M<'_, T>, a: V<'_, T>, b: V<'_, T>) -> Result<()> {
+        const OP: &str = "residual_fwd";
+        gpu::residual::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::input(OP, "a", a)?,
+            T::input(OP, "b", b)?,
+        )
+    }
+
+    fn residual_bwd(&self, da: M<'_, T>, dout: V<'_, T>) -> Result<()> {
+        const OP: &str = "residual_bwd";
+        gpu::residual::bwd(
+            self.launcher(),
+            T::output(OP, "da", da)?,
+            T::input(OP, "dout", dout)?,
+        )
+    }
+
+    fn cross_entropy_fwd(
+        &self,
+        losses: M<'_, T>,
+        logits: V<'_, T>,
+        targets: &T::Ids,
+        mask: V<'_, T>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_fwd";
+        gpu::cross_entropy::fwd(
+            self.launcher(),
+            T::output(OP, "losses", losses)?,
+            T::input(OP, "logits", logits)?,
+            T::ids(targets),
+            T::input(OP, "mask", mask)?,
+            n,
+            v,
+        )
+    }
+
+    fn cross_entropy_bwd(
+        &self,
+        dlogits: M<'_, T>,
+        logits: V<'_, T>,
+        targets: &T::Ids,
+        mask: V<'_, T>,
+        n: usize,
+        v: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_bwd";
+        gpu::cross_entropy::bwd(
+            self.launcher(),
+            T::output(OP, "dlogits", dlogits)?,
+            T::input(OP, "logits", logits)?,
+            T::ids(targets),
+            T::input(OP, "mask", mask)?,
+            n,
+            v,
+            scale,
+        )
+    }
+
+    fn cross_entropy_chunk_fwd(
+        &self,
+        losses: M<'_, T>,
+        state: M<'_, T>,
+        logits: V<'_, T>,
+        targets: &T::Ids,
+        mask: V<'_, T>,
+        n: usize,
+        vc: usize,
+        v: usize,
+        v0: usize,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_chunk_fwd";
+        gpu::cross_entropy::chunk_fwd(
+            self.launcher(),
+            T::output(OP, "losses", losses)?,
+            T::output(OP, "state", state)?,
+            T::input(OP, "logits", logits)?,
+            T::ids(targets),
+            T::input(OP, "mask", mask)?,
+            n,
+            (vc, v, v0),
+        )
+    }
+
+    fn cross_entropy_chunk_bwd(
+        &self,
+        dlogits: M<'_, T>,
+        logits: V<'_, T>,
+        state: V<'_, T>,
+        targets: &T::Ids,
+        mask: V<'_, T>,
+        n: usize,
+        vc: usize,
+        v: usize,
+        v0: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy_chunk_bwd";
+        gpu::cross_entropy::chunk_bwd(
+            self.launcher(),
+            T::output(OP, "dlogits", dlogits)?,
+            T::input(OP, "logits", logits)?,
+            T::input(OP, "state", state)?,
+            T::ids(targets),
+            T::input(OP, "mask", mask)?,
+            n,
+            (vc, v, v0),
+            scale,
+        )
+    }
+
+    fn softmax_fwd(&self, out: M<'_, T>, x: V<'_, T>, n: usize, v: usize) -> Result<()> {
+        const OP: &str = "softmax_fwd";
+        gpu::softmax::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::input(OP, "x", x)?,
+            n,
+            v,
+        )
+    }
+
+    fn softmax_bwd(
+        &self,
+        dx: M<'_, T>,
+        dout: V<'_, T>,
+        out: V<'_, T>,
+        n: usize,
+        v: usize,
+    ) -> Result<()> {
+        const OP: &str = "softmax_bwd";
+        gpu::softmax::bwd(
+            self.launcher(),
+            T::output(OP, "dx", dx)?,
+            T::input(OP, "dout", dout)?,
+            T::input(OP, "out", out)?,
+            n,
+            v,
+        )
+    }
+
+    fn inject_fwd(
+        &self,
+        h: M<'_, T>,
+        sites: &T::Ids,
+        vecs: V<'_, T>,
+        n: usize,
+        c: usize,
+        mode: InjectMode,
+    ) -> Result<()> {
+        const OP: &str = "inject_fwd";
+        gpu::inject::fwd(
+            self.launcher(),
+            T::output(OP, "h", h)?,
+            T::ids(sites),
+            T::input(OP, "vecs", vecs)?,
+            n,
+            c,
+            mode,
+        )
+    }
+
+    fn inject_bwd(
+        &self,
+        dvecs: M<'_, T>,
+        dh: M<'_, T>,
+        sites: &T::Ids,
+        n: usize,
+        c: usize,
+        mode: InjectMode,
+    ) -> Result<()> {
+        const OP: &str = "inject_bwd";
+        gpu::inject::bwd(
+            self.launcher(),
+            T::output(OP, "dvecs", dvecs)?,
+            T::output(OP, "dh", dh)?,
+            T::ids(sites),
+            n,
+            c,
+            mode,
+        )
+    }
+
+    fn norm_scale_fwd(&self, y: M<'_, T>, x: V<'_, T>, n: usize, d: usize, s: f32) -> Result<()> {
+        const OP: &str = "norm_scale_fwd";
+        gpu::norm_scale::fwd(
+            self.launcher(),
+            T::output(OP, "y", y)?,
+            T::input(OP, "x", x)?,
+            n,
+            d,
+            s,
+        )
+    }
+
+    fn norm_scale_bwd(
+        &self,
+        dx: M<'_, T>,
+        dy: V<'_, T>,
+        x: V<'_, T>,
+        n: usize,
+        d: usize,
+        s: f32,
+    ) -> Result<()> {
+        const OP: &str = "norm_scale_bwd";
+        gpu::norm_scale::bwd(
+            self.launcher(),
+            T::output(OP, "dx", dx)?,
+            T::input(OP, "dy", dy)?,
+            T::input(OP, "x", x)?,
+            n,
+            d,
+            s,
+        )
+    }
+
+    fn pool_fwd(
+        &self,
+        out: M<'_, T>,
+        h: V<'_, T>,
+        mask: V<'_, T>,
+        w: Option<V<'_, T>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        mode: PoolMode,
+    ) -> Result<()> {
+        const OP: &str = "pool_fwd";
+        let w = w.map(|w| T::input(OP, "w", w)).transpose()?;
+        gpu::pool::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::input(OP, "h", h)?,
+            T::input(OP, "mask", mask)?,
+            w,
+            [b, t, c],
+            mode,
+        )
+    }
+
+    fn pool_bwd(
+        &self,
+        dh: M<'_, T>,
+        dw: Option<M<'_, T>>,
+        dout: V<'_, T>,
+        h: V<'_, T>,
+        mask: V<'_, T>,
+        w: Option<V<'_, T>>,
+        b: usize,
+        t: usize,
+        c: usize,
+        mode: PoolMode,
+    ) -> Result<()> {
+        const OP: &str = "pool_bwd";
+        let w = w.map(|w| T::input(OP, "w", w)).transpose()?;
+        let dw = dw.map(|d| T::output(OP, "dw", d)).transpose()?;
+        gpu::pool::bwd(
+            self.launcher(),
+            T::output(OP, "dh", dh)?,
+            dw,
+            T::input(OP, "dout", dout)?,
+            T::input(OP, "h", h)?,
+            T::input(OP, "mask", mask)?,
+            w,
+            [b, t, c],
+            mode,
+        )
+    }
+
+    fn reward_advantage(
+        &self,
+        mse: M<'_, T>,
+        reward: M<'_, T>,
+        advantage: M<'_, T>,
+        pred: V<'_, T>,
+        target: V<'_, T>,
+        valid: V<'_, T>,
+        s: usize,
+        a: usize,
+        spec: &RewardSpec,
+    ) -> Result<()> {
+        const OP: &str = "reward_advantage";
+        gpu::reward_advantage::reward_advantage(
+            self.launcher(),
+            T::output(OP, "mse", mse)?,
+            T::output(OP, "reward", reward)?,
+            T::output(OP, "advantage", advantage)?,
+            T::input(OP, "pred", pred)?,
+            T::input(OP, "target", target)?,
+            T::input(OP, "valid", valid)?,
+            s,
+            a,
+            spec,
+        )
+    }
+
+    fn policy_loss_fwd(
+        &self,
+        stats: M<'_, T>,
+        logp: V<'_, T>,
+        old_logp: V<'_, T>,
+        adv: V<'_, T>,
+        mask: V<'_, T>,
+        ref_logp: Option<V<'_, T>>,
+        s: usize,
+        t: usize,
+        spec: &PolicyLossSpec,
+    ) -> Result<()> {
+        let inputs = [logp, old_logp, adv, mask];
+        policy_loss(self, false, stats, inputs, ref_logp, s, t, spec)
+    }
+
+    fn policy_loss_bwd(
+        &self,
+        dlogp: M<'_, T>,
+        logp: V<'_, T>,
+        old_logp: V<'_, T>,
+        adv: V<'_, T>,
+        mask: V<'_, T>,
+        ref_logp: Option<V<'_, T>>,
+        s: usize,
+        t: usize,
+        spec: &PolicyLossSpec,
+    ) -> Result<()> {
+        let inputs = [logp, old_logp, adv, mask];
+        policy_loss(self, true, dlogp, inputs, ref_logp, s, t, spec)
+    }
+
+    fn adamw(
+        &self,
+        p: M<'_, T>,
+        g: V<'_, T>,
+        m: M<'_, T>,
+        v: M<'_, T>,
+        hp: &AdamwStep,
+    ) -> Result<()> {
+        const OP: &str = "adamw";
+        gpu::adamw::adamw(
+            self.launcher(),
+            T::output(OP, "p", p)?,
+            T::input(OP, "g", g)?,
+            T::output(OP, "m", m)?,
+            T::output(OP, "v", v)?,
+            hp,
+        )
+    }
+
+    fn sum_squares(&self, x: V<'_, T>) -> Result<f64> {
+        let x = T::input("sum_squares", "x", x)?;
+        // the kernel adds into out[0] with atomics: zeroed first
+        self.accumulate_f64(|out| gpu::adamw::sum_squares(self.launcher(), out, x))
+    }
+
+    fn decode_attention_fwd(
+        &self,
+        out: M<'_, T>,
+        q: V<'_, T>,
+        kcache: V<'_, T>,
+        vcache: V<'_, T>,
+        starts: &T::Ids,
+        d: CacheDims,
+    ) -> Result<()> {
+        const OP: &str = "decode_attention_fwd";
+        // split-K partials, written before being read; empty (and the launcher reports out)
+        // where out does not match the dims. Host starts give the split their values call for;
+        // device starts (values unknown) the split as if they were 0.
+        let starts = T::ids(starts);
+        let out_len = [d.b, d.tq, d.nh, d.hs]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x));
+        let (lo, lml) = if out_len == Some(out.len()) {
+            gpu::decode_attention::scratch_lens(self.launcher(), &d, starts)
+        } else {
+            (0, 0)
+        };
+        let mut part_o = KernelDevice::alloc(self, lo)?;
+        let mut part_ml = KernelDevice::alloc(self, lml)?;
+        gpu::decode_attention::fwd(
+            self.launcher(),
+            T::output(OP, "out", out)?,
+            T::output(OP, "part_o", ViewMut::all(&mut part_o))?,
+            T::output(OP, "part_ml", ViewMut::all(&mut part_ml))?,
+            T::input(OP, "q", q)?,
+            T::input(OP, "kcache", kcache)?,
+            T::input(OP, "vcache", vcache)?,
+            starts,
+            d,
+        )
+    }
+
+    fn sample_fwd(
+        &self,
+        ids: &mut T::Ids,
+        logp: M<'_, T>,
+        logits: V<'_, T>,
+        u: V<'_, T>,
+        n: usize,
+        v: usize,
+        spec: &SampleSpec,
+    ) -> Result<()> {
+        const OP: &str = "sample_fwd";
+        gpu::sample::fwd(
+            self.launcher(),
+            T::ids_out(ids),
+            T::output(OP, "logp", logp)?,
+            T::input(OP, "logits", logits)?,
+            T::input(OP, "u", u)?,
+            n,
+            v,
+            spec,
+        )?;
+        // every sampled id is a row index of the logits
+        T::ids_written(ids, v);
+        Ok(())
+    }
+}
