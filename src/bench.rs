@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::device::{Device, SampleSpec, View, ViewMut};
 use crate::generate::{generate, GenSpec};
-use crate::model::{Batch, KvCache, Model, ModelConfig};
+use crate::model::{Batch, KvCache, MemoryOptions, Model, ModelConfig};
 use crate::train::{AdamwConfig, LmTrainer, LrSchedule};
 use crate::{Error, Result};
 
@@ -47,9 +47,8 @@ pub struct BenchOpts {
     pub new_tokens: usize,
     /// seeds the weights, the token rows and the sampling
     pub seed: u64,
-    /// training step: the LM head and cross-entropy over vocabulary chunks of this many
-    /// entries (one more LM-head matmul per step); None = whole logits
-    pub logits_chunk: Option<usize>,
+    /// training step: vocabulary chunks, block recompute (default: neither)
+    pub memory: MemoryOptions,
 }
 
 impl BenchOpts {
@@ -83,7 +82,7 @@ impl BenchOpts {
             prompt_len: 32,
             new_tokens: 64,
             seed: 0,
-            logits_chunk: None,
+            memory: MemoryOptions::default(),
         }
     }
 
@@ -118,7 +117,7 @@ impl BenchOpts {
             prompt_len: 128,
             new_tokens: 128,
             seed: 0,
-            logits_chunk: None,
+            memory: MemoryOptions::default(),
         }
     }
 
@@ -537,7 +536,7 @@ pub fn sft_step<D: Device>(
         LrSchedule::constant(1e-4),
         1.0,
     )?;
-    trainer.logits_chunk = o.logits_chunk;
+    trainer.memory = o.memory;
     let (step_s, stats) = time_runs(o.warmup, o.iters, sync, || {
         trainer.step(dev, std::slice::from_ref(&batch))
     })?;

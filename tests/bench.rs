@@ -6,7 +6,7 @@ use std::path::Path;
 
 use nla_engine::bench::{self, BenchOpts};
 use nla_engine::device::cpu::CpuDevice;
-use nla_engine::model::ModelConfig;
+use nla_engine::model::{MemoryOptions, ModelConfig, Recompute};
 use nla_engine::Result;
 
 fn no_sync() -> Result<()> {
@@ -45,7 +45,7 @@ fn tiny_opts() -> BenchOpts {
         prompt_len: 5,
         new_tokens: 7,
         seed: 7,
-        logits_chunk: None,
+        memory: MemoryOptions::default(),
     }
 }
 
@@ -102,24 +102,35 @@ fn sft_step_counts_flops_and_rates() {
     assert_eq!(json["model"]["layers"].as_u64(), Some(2));
 }
 
-/// The step with the logits in vocabulary chunks trains the same model: the same losses (the
-/// same weights, batch and updates; f32 rounding of the chunked sums only) and FLOPs.
+/// The step with the logits in vocabulary chunks, with block recompute, and with both trains
+/// the same model: the same losses (the same weights, batch and updates; f32 rounding of the
+/// chunked sums only) and FLOPs (model FLOPs: recompute is not counted).
 #[test]
-fn sft_step_with_logits_chunks_trains_the_same() {
+fn sft_step_with_memory_options_trains_the_same() {
     let o = tiny_opts();
     let whole = bench::sft_step(&CpuDevice::new(), &o, &no_sync).unwrap();
-    let o = BenchOpts {
-        logits_chunk: Some(10),
-        ..o
-    };
-    let chunked = bench::sft_step(&CpuDevice::new(), &o, &no_sync).unwrap();
-    assert!(
-        close(whole.last_loss, chunked.last_loss, 1e-5),
-        "{} vs {}",
-        whole.last_loss,
-        chunked.last_loss
-    );
-    assert_eq!(whole.flops_per_step, chunked.flops_per_step);
+    for (logits_chunk, recompute) in [
+        (Some(10), Recompute::None),
+        (None, Recompute::Block),
+        (Some(10), Recompute::Block),
+    ] {
+        let o = BenchOpts {
+            memory: MemoryOptions {
+                logits_chunk,
+                recompute,
+            },
+            ..o.clone()
+        };
+        let r = bench::sft_step(&CpuDevice::new(), &o, &no_sync).unwrap();
+        assert!(
+            close(whole.last_loss, r.last_loss, 1e-5),
+            "{:?}: {} vs {}",
+            o.memory,
+            whole.last_loss,
+            r.last_loss
+        );
+        assert_eq!(whole.flops_per_step, r.flops_per_step);
+    }
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use common::{fixtures_dir, load_tensors, rel_l2, Tensor};
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, PoolMode, View};
+use nla_engine::model::Recompute;
 use nla_engine::nla::{Critic, CriticSpec};
 use nla_engine::train::{AdamW, AdamwConfig};
 
@@ -90,7 +91,11 @@ fn critic_matches_pytorch_pred_loss_and_grads() {
     let (b, t) = (fx["mask"].shape[0], fx["mask"].shape[1]);
     let ids = fx["ids"].ids();
     let mut worst = (0f64, 0f64, 0f64);
-    for case in CASES {
+    // every case with every block's activations kept, and with block recompute
+    for (case, recompute) in CASES
+        .iter()
+        .flat_map(|c| [(c, Recompute::None), (c, Recompute::Block)])
+    {
         let get = |k: &str| -> &Tensor { &fx[&format!("{}.{k}", case.name)] };
         let a = if case.identity { 32 } else { 24 };
         // no head file in the folder: a fresh head, the identity when A = C
@@ -121,7 +126,7 @@ fn critic_matches_pytorch_pred_loss_and_grads() {
                 Some(&valid),
             )
             .unwrap();
-        let mut ws = critic.acts(&dev, b, t).unwrap();
+        let mut ws = critic.acts_with(&dev, b, t, recompute).unwrap();
         critic.zero_grads(&dev).unwrap();
         let out = critic.forward(&dev, &mut ws, &batch, mse_scale).unwrap();
         critic.backward(&dev, &mut ws, &batch, divisor).unwrap();

@@ -37,7 +37,7 @@ use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
 use nla_engine::device::{Device, SampleSpec, View};
 use nla_engine::generate::{generate, GenSpec};
-use nla_engine::model::{backward, forward, ActivationSet, Batch, Model};
+use nla_engine::model::{backward, forward, ActivationSet, Batch, MemoryOptions, Model, Recompute};
 use nla_engine::nla::{Actor, ActorExample, ActorSpec};
 use nla_engine::train::nla::ActorTrainer;
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
@@ -100,8 +100,16 @@ fn rows() -> Vec<Vec<u32>> {
 fn forward_backward<D: Device>(dev: &D, chunk: Option<usize>) -> (Vec<f32>, f64, Vec<f32>) {
     let mut model = model(dev);
     let batch = Batch::causal_lm(&rows()).unwrap();
-    let mut acts =
-        ActivationSet::with_logits_chunk(dev, &model.cfg, batch.b, batch.t, chunk).unwrap();
+    // block recompute along with the chunks: the blocks run again from their inputs
+    let opts = MemoryOptions {
+        logits_chunk: chunk,
+        recompute: if chunk.is_some() {
+            Recompute::Block
+        } else {
+            Recompute::None
+        },
+    };
+    let mut acts = ActivationSet::with_options(dev, &model.cfg, batch.b, batch.t, opts).unwrap();
     let db = batch.upload(dev).unwrap();
     let loss = forward(dev, &model, &mut acts, &db).unwrap();
     let logits = dev.download(View::all(&acts.logits)).unwrap();
@@ -183,11 +191,13 @@ fn forward_and_backward_match_cpu() {
         let launches = dev.launcher().launches();
         eprintln!("{label}: {launches} kernel launches");
         assert!(launches >= 20, "{label}: only {launches} launches");
-        // vocabulary 96 in chunks of 20: four chunks and a last one of 16, each chunk one
-        // cross_entropy_chunk_fwd and one _bwd launch
+        // vocabulary 96 in chunks of 20 (four chunks and a last one of 16: each chunk one
+        // cross_entropy_chunk_fwd and one _bwd launch, for the whole rows' one each) and
+        // block recompute (each of the 2 blocks' 8 forward kernels again: rmsnorm, 2 rope,
+        // attention, residual, rmsnorm, swiglu, residual)
         check_forward_backward(&dev, &label, Some(20));
         let more = dev.launcher().launches() - 2 * launches;
-        assert_eq!(more, 2 * 5 - 2, "{label}: chunked launches");
+        assert_eq!(more, (2 * 5 - 2) + 2 * 8, "{label}: chunked launches");
     }
 }
 

@@ -418,6 +418,39 @@ fn decl<'a>(sp: &'a nla_engine::memory::StepPlan, name: &str) -> &'a BufferDecl 
         .unwrap_or_else(|| panic!("no buffer `{name}`"))
 }
 
+/// With vocabulary chunks and block recompute, ActivationSet allocates what the plan declares
+/// for the LM head (a chunk's logits and gradient, the [N,3] loss state) and one block's
+/// activations for all blocks, so a run planned with the options holds less than without.
+#[test]
+fn memory_options_allocate_what_the_plan_declares() {
+    use nla_engine::model::MemoryOptions;
+    let cfg = builtin::demo_config().unwrap();
+    let (b, t) = (3, 17);
+    let n = b * t;
+    let chunk = 100;
+    let opts = StepOptions {
+        logits_chunk: Some(chunk),
+        recompute: Recompute::Block,
+        ..StepOptions::cpu()
+    };
+    let sp = sft_actor(&cfg, b, t, &opts);
+    assert_valid(&sp.plan);
+    let mo = MemoryOptions {
+        logits_chunk: Some(chunk),
+        recompute: Recompute::Block,
+    };
+    let set = ActivationSet::plan_with(&cfg, b, t, mo);
+    assert_eq!(set.logits, decl(&sp, "actor.logits.chunk0").elements);
+    assert_eq!(set.dlogits, decl(&sp, "actor.dlogits.chunk0").elements);
+    assert_eq!(set.ce_state, decl(&sp, "actor.ce_state").elements);
+    assert_eq!(set.logits, n * chunk);
+    assert_eq!(set.layers.len(), 1);
+    let whole = ActivationSet::plan(&cfg, b, t);
+    assert_eq!(whole.layers.len(), cfg.num_hidden_layers);
+    assert_eq!(whole.ce_state, 0);
+    assert!(set.elements < whole.elements);
+}
+
 #[test]
 fn a_training_pass_declares_what_activations_rs_allocates() {
     // f32, no recompute: every activation ActivationSet keeps is a buffer of the same size

@@ -10,7 +10,9 @@ use std::process::Command;
 use common::{fixtures_dir, load_tensors, rel_l2};
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, View};
-use nla_engine::model::{backward, forward, ActivationSet, Batch, Model, ModelConfig};
+use nla_engine::model::{
+    backward, forward, ActivationSet, Batch, MemoryOptions, Model, ModelConfig, Recompute,
+};
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule, ScheduleKind};
 
 const MODELS: &[&str] = &["gqa_untied", "mqa_tied"];
@@ -94,11 +96,12 @@ fn model_matches_transformers_logits_loss_and_grads() {
     }
 }
 
-/// The LM head and cross-entropy over vocabulary chunks (`ActivationSet::with_logits_chunk`):
-/// the same loss and gradients against transformers, with the same bounds, for chunks that
-/// divide V, leave a short last chunk, or are a single column, tied and untied heads.
+/// The memory options (`ActivationSet::with_options`): the LM head and cross-entropy over
+/// vocabulary chunks, and block recompute, alone and together: the same loss and gradients
+/// against transformers, with the same bounds, for chunks that divide V, leave a short last
+/// chunk, or are a single column, tied and untied heads.
 #[test]
-fn vocabulary_chunks_match_transformers_loss_and_grads() {
+fn memory_options_match_transformers_loss_and_grads() {
     let dev = CpuDevice::new();
     for name in MODELS {
         let dir = model_dir(name);
@@ -108,11 +111,29 @@ fn vocabulary_chunks_match_transformers_loss_and_grads() {
         let rows = read_rows(&dir.join("ids.json"));
         let batch = Batch::causal_lm(&rows).unwrap();
         let db = batch.upload(&dev).unwrap();
-        for chunk in [v / 4, 7, 1, v - 1] {
+        let block = Recompute::Block;
+        let cases = [
+            (None, block),
+            (Some(v / 4), Recompute::None),
+            (Some(7), block),
+            (Some(1), Recompute::None),
+            (Some(v - 1), block),
+        ];
+        for (logits_chunk, recompute) in cases {
+            let opts = MemoryOptions {
+                logits_chunk,
+                recompute,
+            };
             let mut acts =
-                ActivationSet::with_logits_chunk(&dev, &model.cfg, batch.b, batch.t, Some(chunk))
-                    .unwrap();
-            assert_eq!(acts.logits_chunk, chunk);
+                ActivationSet::with_options(&dev, &model.cfg, batch.b, batch.t, opts).unwrap();
+            assert_eq!(acts.logits_chunk, logits_chunk.unwrap_or(v));
+            let kept = if recompute == block {
+                1
+            } else {
+                model.cfg.num_hidden_layers
+            };
+            assert_eq!(acts.layers.len(), kept);
+            let chunk = format!("{opts:?}");
             let loss = forward(&dev, &model, &mut acts, &db).unwrap();
             let want_loss = want["loss"].data[0] as f64;
             let le = (loss.mean() - want_loss).abs() / want_loss;

@@ -16,7 +16,9 @@ use nla_engine::device::{
     View,
 };
 use nla_engine::model::builtin::{byte_tokenizer, save_model_folder};
-use nla_engine::model::{forward_with, ActivationSet, Batch, Injection, Model, ModelConfig};
+use nla_engine::model::{
+    forward_with, ActivationSet, Batch, Injection, Model, ModelConfig, Recompute,
+};
 use nla_engine::nla::{Actor, ActorExample, ActorSpec};
 use nla_engine::train::metrics::{read_metrics, MetricsRow};
 use nla_engine::train::nla::{rewards, ActorTrainer, RlSequence};
@@ -670,7 +672,7 @@ fn rl_update_gradient_matches_finite_differences() {
     ];
     // every case at temperature 1, and two under a sampling temperature (log-probs of
     // softmax(logits / T), policy and reference); two with the LM head and cross-entropy over
-    // vocabulary chunks of 5 (V 258: 51 chunks and a short last one)
+    // vocabulary chunks of 5 (V 258: 51 chunks and a short last one) and block recompute
     let cases = cases
         .iter()
         .map(|&c| (c, 1.0f32, None))
@@ -680,7 +682,13 @@ fn rl_update_gradient_matches_finite_differences() {
         let name =
             format!("{agg:?} kl {kl_coef} {kl_type:?} micro {micro} T {temp} chunk {chunk:?}");
         t.temperature = temp;
-        t.logits_chunk = chunk;
+        t.memory.logits_chunk = chunk;
+        // block recompute along with the chunks
+        t.memory.recompute = if chunk.is_some() {
+            Recompute::Block
+        } else {
+            Recompute::None
+        };
         let (old_t, refl_t);
         let (old, refl) = if temp == 1.0 {
             (old, refl)
@@ -1237,7 +1245,7 @@ fn bad_configs_name_their_field() {
 fn a_run_that_does_not_fit_fails_before_its_first_step() {
     use nla_engine::device::emu::EmuMode;
     use nla_engine::device::emu_device::EmuDevice;
-    use nla_engine::memory::{DtypePolicy, Recompute, RunShape, StepOptions};
+    use nla_engine::memory::{DtypePolicy, RunShape, StepOptions};
 
     let cpu = Dev::new();
     let tmp = tempfile::tempdir().unwrap();
@@ -1283,14 +1291,15 @@ fn a_run_that_does_not_fit_fails_before_its_first_step() {
     assert_eq!(s.steps, 1);
     assert!(dev.launcher().launches() > 0);
 
-    // with the logits in vocabulary chunks (V 258 in chunks of 16) the plan needs less, and a
-    // run given just that fits where the whole-logits run is refused
+    // with the logits in vocabulary chunks (V 258 in chunks of 16) and block recompute the
+    // plan needs less, and a run given just that fits where the run without them is refused
     let chunked = StepOptions {
         logits_chunk: Some(16),
+        recompute: Recompute::Block,
         ..opts
     };
     let peak_c = shape.plan(&chunked).unwrap().plan.peak;
-    eprintln!("planned peak with logits in chunks of 16: {peak_c} bytes");
+    eprintln!("planned peak with logits in chunks of 16 and block recompute: {peak_c} bytes");
     assert!(peak_c < peak, "{peak_c} vs {peak}");
     let save_c = tmp.path().join("run_chunked");
     let cfg_c = config(
@@ -1304,6 +1313,7 @@ fn a_run_that_does_not_fit_fails_before_its_first_step() {
             "optim.warmup_steps=0",
             "data.train_batch_size=4",
             "trainer.logits_chunk=16",
+            "trainer.recompute=block",
         ],
     );
     let dev = EmuDevice::new(EmuMode::Forward, 0).with_memory_budget(peak_c);

@@ -9,6 +9,7 @@ use clap::Args;
 
 use nla_engine::bench::{self, BenchOpts};
 use nla_engine::device::{cuda, emu, kernels, Device};
+use nla_engine::model::{MemoryOptions, Recompute};
 use nla_engine::with_device;
 
 use super::nla::open_device;
@@ -36,6 +37,10 @@ pub struct BenchArgs {
     /// entries (as `trainer.logits_chunk`) [default: whole logits]
     #[arg(long)]
     pub logits_chunk: Option<usize>,
+    /// Training step: keep only each block's input and run the block again before its
+    /// backward (as `trainer.recompute: block`)
+    #[arg(long)]
+    pub recompute: bool,
     /// Only the training step, or only the rollout
     #[arg(long, value_parser = ["step", "rollout"])]
     pub only: Option<String>,
@@ -71,16 +76,28 @@ fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>) -> Result<(
     if args.logits_chunk == Some(0) {
         anyhow::bail!("--logits-chunk must be at least 1");
     }
-    o.logits_chunk = args.logits_chunk;
+    o.memory = MemoryOptions {
+        logits_chunk: args.logits_chunk,
+        recompute: if args.recompute {
+            Recompute::Block
+        } else {
+            Recompute::None
+        },
+    };
     let sync = || dev.synchronize();
-    let chunk = o
+    let mut how = o
+        .memory
         .logits_chunk
         .map_or(String::new(), |c| format!(", logits in chunks of {c}"));
-    println!("bench: {} on {}{chunk}", args.preset, dev.name());
+    if args.recompute {
+        how += ", block recompute";
+    }
+    println!("bench: {} on {}{how}", args.preset, dev.name());
     let mut json = serde_json::Map::new();
     json.insert("device".into(), dev.name().into());
     json.insert("preset".into(), args.preset.clone().into());
-    json.insert("logits_chunk".into(), o.logits_chunk.into());
+    json.insert("logits_chunk".into(), o.memory.logits_chunk.into());
+    json.insert("recompute".into(), args.recompute.into());
     if args.only.as_deref() != Some("rollout") {
         let r = bench::sft_step(dev, &o, &sync).context("the training step")?;
         println!("{r}");

@@ -70,7 +70,7 @@
 //! | `trainer.save_steps` / `val_steps` / `logging_steps` | 1000 / 500 / 10 (0 = never) | \[V\] |
 //! | `trainer.save_dir` / `save_total_limit` | `checkpoints` / 5 | \[V\] |
 //! | `trainer.seed` / `device` / `critic_epochs` | 42 / `auto` / 1 | \[V\] |
-//! | `trainer.logits_chunk` | null (whole logits) | |
+//! | `trainer.logits_chunk` / `recompute` | null (whole logits) / `none` | |
 //! | `grpo.n` | 4 | \[O\] `rl.sh`, \[V\] |
 //! | `grpo.clip_ratio_low` / `clip_ratio_high` | 0.2 / 0.2 | \[O\], \[V\] |
 //! | `grpo.dual_clip_c` | 3.0 (null = off) | \[V\] (verl's default) |
@@ -94,6 +94,7 @@ use std::path::PathBuf;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::memory::Recompute;
 use crate::train::{AdamwConfig, LrSchedule, ScheduleKind};
 use crate::{Error, Result};
 
@@ -546,6 +547,10 @@ pub struct TrainerConfig {
     /// entries, so that the [tokens, vocabulary] logits never exist whole (one more LM-head
     /// matmul per step: the chunk's logits are made again in backward); null = whole logits.
     pub logits_chunk: Option<usize>,
+    /// `block`: keep only each block's input in forward and run the block again just before
+    /// its backward (one more forward of the blocks per step, a fraction of the activations);
+    /// `none`: keep everything.
+    pub recompute: Recompute,
 }
 
 impl Default for TrainerConfig {
@@ -564,6 +569,7 @@ impl Default for TrainerConfig {
             device: DeviceKind::Auto,
             critic_epochs: 1,
             logits_chunk: None,
+            recompute: Recompute::None,
         }
     }
 }

@@ -408,7 +408,7 @@ pub fn remedies(shape: &RunShape, opts: &StepOptions, budget: usize) -> Result<V
     if opts.recompute == Recompute::None {
         let p = peak(shape, &recompute)?;
         out.push(Remedy {
-            change: "--recompute block".into(),
+            change: "--recompute block (trainer.recompute: block)".into(),
             peak: p,
             fits: p <= budget,
         });

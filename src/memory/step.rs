@@ -118,10 +118,12 @@ impl DtypePolicy {
     }
 }
 
-/// What the forward keeps for backward.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What the forward keeps for backward (`trainer.recompute` in a run config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Recompute {
     /// Every activation of every block.
+    #[default]
     None,
     /// Only each block's input; the block is run again before its backward.
     Block,

@@ -5,10 +5,24 @@
 //! The set is generic over what stands for a buffer: device buffers for a real pass
 //! ([`Activations`]), or element counts (`ActivationSet<usize>`) to plan memory without
 //! allocating.
+//!
+//! [`MemoryOptions`] trade compute for memory: the LM head and loss over vocabulary chunks
+//! (`logits` and `dlogits` [N,VC] instead of [N,V]), and block recompute (one [`LayerSet`]
+//! shared by every block instead of one per block; each block runs again from its input just
+//! before its backward).
 
 use super::ModelConfig;
 use crate::device::Device;
+pub use crate::memory::Recompute;
 use crate::Result;
+
+/// How a pass trades compute for memory; the default keeps everything (no extra compute).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// LM head and cross-entropy over vocabulary chunks of this many entries; None = whole
+    pub logits_chunk: Option<usize>,
+    pub recompute: Recompute,
+}
 
 /// The activation set of a device.
 pub type Activations<D> = ActivationSet<<D as Device>::Buf>;
@@ -50,7 +64,10 @@ pub struct ActivationSet<B> {
     pub t: usize,
     /// L+1 buffers [N,C]: res[0] = embeddings, res[l+1] = output of block l
     pub res: Vec<B>,
+    /// what each block keeps for its backward: one set per block, or with
+    /// [`Recompute::Block`] one set every block writes (made again before each backward)
     pub layers: Vec<LayerSet<B>>,
+    pub recompute: Recompute,
     /// [N] 1/rms before the final norm
     pub rstd_f: B,
     /// [N,C] final normed hidden state
@@ -60,7 +77,8 @@ pub struct ActivationSet<B> {
     pub logits: B,
     /// VC: the LM head and the cross-entropy run over the vocabulary in chunks of this many
     /// entries (`cross_entropy_chunk_fwd` / `_bwd`; the backward makes each chunk's logits
-    /// again); V = whole logits, kept from forward for backward.
+    /// again); V = whole logits, kept from forward for backward; 0 = no LM head (a set for the
+    /// blocks only: [`ActivationSet::blocks`]).
     pub logits_chunk: usize,
     /// [N,3] the chunked cross-entropy's per-row state (max, sum, target logit)
     pub ce_state: B,
@@ -101,23 +119,33 @@ fn vocab_chunk(v: usize, chunk: Option<usize>) -> usize {
 }
 
 impl<B> ActivationSet<B> {
-    /// Whether this set serves batch shape (B, T) with logits in chunks of `chunk`.
-    pub fn fits(&self, cfg: &ModelConfig, b: usize, t: usize, chunk: Option<usize>) -> bool {
-        self.b == b && self.t == t && self.logits_chunk == vocab_chunk(cfg.vocab_size, chunk)
+    /// Whether this set serves batch shape (B, T) with the LM head and `opts`.
+    pub fn fits(&self, cfg: &ModelConfig, b: usize, t: usize, opts: MemoryOptions) -> bool {
+        self.b == b
+            && self.t == t
+            && self.recompute == opts.recompute
+            && self.logits_chunk == vocab_chunk(cfg.vocab_size, opts.logits_chunk)
     }
 
-    /// Builds the set for batch shape (B, T) with logits in chunks of `chunk` vocabulary
-    /// entries (None, or a chunk >= V: whole), making each buffer with `make(elements)`.
+    /// The index in `layers` of the set block `l` writes in forward and reads in backward.
+    pub fn layer_index(&self, l: usize) -> usize {
+        match self.recompute {
+            Recompute::None => l,
+            Recompute::Block => 0,
+        }
+    }
+
+    /// Builds the set for batch shape (B, T) with logits [N,VC] (VC 0: no LM head), making
+    /// each buffer with `make(elements)`.
     fn build<E>(
         cfg: &ModelConfig,
         b: usize,
         t: usize,
-        chunk: Option<usize>,
+        (vc, recompute): (usize, Recompute),
         mut make: impl FnMut(usize) -> Result<B, E>,
     ) -> Result<Self, E> {
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-        let vc = vocab_chunk(v, chunk);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
         let mut elements = 0usize;
         let mut a = |len: usize| {
@@ -128,8 +156,12 @@ impl<B> ActivationSet<B> {
         for _ in 0..=cfg.num_hidden_layers {
             res.push(a(n * c)?);
         }
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for _ in 0..cfg.num_hidden_layers {
+        let kept = match recompute {
+            Recompute::None => cfg.num_hidden_layers,
+            Recompute::Block => cfg.num_hidden_layers.min(1),
+        };
+        let mut layers = Vec::with_capacity(kept);
+        for _ in 0..kept {
             layers.push(LayerSet {
                 rstd1: a(n)?,
                 xn1: a(n * c)?,
@@ -151,11 +183,12 @@ impl<B> ActivationSet<B> {
             t,
             res,
             layers,
+            recompute,
             rstd_f: a(n)?,
             xn_f: a(n * c)?,
             logits: a(n * vc)?,
             logits_chunk: vc,
-            ce_state: a(if vc < v { 3 * n } else { 0 })?,
+            ce_state: a(if 0 < vc && vc < v { 3 * n } else { 0 })?,
             logit_scale: 1.0,
             losses: a(n)?,
             proj: a(n * c)?,
@@ -177,20 +210,33 @@ impl<B> ActivationSet<B> {
         Ok(set)
     }
 
-    /// Zeroed device buffers for batch shape (B, T), whole logits.
+    /// Zeroed device buffers for batch shape (B, T), whole logits, every activation kept.
     pub fn new<D: Device<Buf = B>>(dev: &D, cfg: &ModelConfig, b: usize, t: usize) -> Result<Self> {
-        Self::build(cfg, b, t, None, |len| dev.alloc(len))
+        Self::with_options(dev, cfg, b, t, MemoryOptions::default())
     }
 
-    /// [`Self::new`] with the logits in vocabulary chunks of `chunk` entries (None = whole).
-    pub fn with_logits_chunk<D: Device<Buf = B>>(
+    /// [`Self::new`] with `opts`' memory-saving options.
+    pub fn with_options<D: Device<Buf = B>>(
         dev: &D,
         cfg: &ModelConfig,
         b: usize,
         t: usize,
-        chunk: Option<usize>,
+        opts: MemoryOptions,
     ) -> Result<Self> {
-        Self::build(cfg, b, t, chunk, |len| dev.alloc(len))
+        let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
+        Self::build(cfg, b, t, (vc, opts.recompute), |len| dev.alloc(len))
+    }
+
+    /// A set for the blocks only ([`super::forward_blocks`], [`super::backward_blocks`]): no
+    /// logits, for a model whose output is its residual stream (the critic, extraction).
+    pub fn blocks<D: Device<Buf = B>>(
+        dev: &D,
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        recompute: Recompute,
+    ) -> Result<Self> {
+        Self::build(cfg, b, t, (0, recompute), |len| dev.alloc(len))
     }
 
     /// Bytes of all activation and gradient-scratch buffers (f32).
@@ -202,7 +248,14 @@ impl<B> ActivationSet<B> {
 impl ActivationSet<usize> {
     /// The element count of every buffer for batch shape (B, T), allocating nothing.
     pub fn plan(cfg: &ModelConfig, b: usize, t: usize) -> Self {
-        match Self::build(cfg, b, t, None, Ok::<usize, std::convert::Infallible>) {
+        Self::plan_with(cfg, b, t, MemoryOptions::default())
+    }
+
+    /// [`Self::plan`] with `opts`' memory-saving options.
+    pub fn plan_with(cfg: &ModelConfig, b: usize, t: usize, opts: MemoryOptions) -> Self {
+        let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
+        let counts = Ok::<usize, std::convert::Infallible>;
+        match Self::build(cfg, b, t, (vc, opts.recompute), counts) {
             Ok(set) => set,
             Err(never) => match never {},
         }

@@ -1,8 +1,8 @@
 //! The decoder's backward pass: the forward's blocks in reverse, each op's backward.
 
-use super::forward::{check_shape, Injection};
+use super::forward::{block_train_fwd, check_shape, Injection};
 use super::linear::{linear_bwd_dw, linear_bwd_dx};
-use super::{Activations, DeviceBatch, Model};
+use super::{Activations, DeviceBatch, Model, Recompute};
 use crate::device::{AttnDims, Device, View, ViewMut};
 use crate::Result;
 
@@ -211,18 +211,33 @@ pub fn backward_blocks<D: Device>(
     let dims = AttnDims { b, t, nh, nkv, hs };
     let tb = &model.table;
     let params = &model.params;
-    let grads = &mut model.grads;
     let p = |off: usize, len: usize| View::range(params, off, len);
-    // accumulating windows of the flat gradient buffer
+    // accumulating windows of the flat gradient buffer (borrowed per call: a recomputed
+    // block reads the model)
     macro_rules! g {
         ($off:expr, $len:expr) => {
-            ViewMut::range(grads, $off, $len)
+            ViewMut::range(&mut model.grads, $off, $len)
         };
     }
     let a = acts;
     for (l, lp) in tb.layers.iter().enumerate().rev() {
         uninject(dev, &mut a.dres, &mut inj, l + 1, (n, c), &mut first)?;
-        let la = &a.layers[l];
+        let li = a.layer_index(l);
+        if a.recompute == Recompute::Block {
+            // the block again from its input, into the shared set (its output, equal to
+            // res[l+1], goes to dx_mid: scratch until the MLP's backward writes it)
+            let (x, out) = (View::all(&a.res[l]), ViewMut::all(&mut a.dx_mid));
+            block_train_fwd(
+                dev,
+                model,
+                lp,
+                dims,
+                (x, out),
+                &mut a.layers[li],
+                &mut a.proj,
+            )?;
+        }
+        let la = &a.layers[li];
         let x = &a.res[l];
         // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T
         let dres = View::all(&a.dres);

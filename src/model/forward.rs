@@ -1,7 +1,7 @@
 //! The decoder's forward pass: a straight-line loop over blocks calling device ops.
 
 use super::block::{block_fwd, BlockBufs};
-use super::{Activations, DeviceBatch, Model};
+use super::{Activations, DeviceBatch, LayerActs, LayerParams, Model, Recompute};
 use crate::device::{AttnDims, Device, InjectMode, View, ViewMut};
 use crate::{Error, Result};
 
@@ -99,7 +99,14 @@ impl LossSum {
     }
 }
 
+/// The batch is the shape the activations were made for, and they hold the LM head's buffers.
 pub(crate) fn check_shape<D: Device>(acts: &Activations<D>, batch: &DeviceBatch<D>) -> Result<()> {
+    if acts.logits_chunk == 0 {
+        return Err(Error::invalid(
+            "forward",
+            "the activations were made for the blocks only (no LM head)",
+        ));
+    }
     if acts.b != batch.b || acts.t != batch.t {
         return Err(Error::invalid(
             "forward",
@@ -220,6 +227,40 @@ pub fn forward_with<D: Device>(
     })
 }
 
+/// Block `lp` of a training pass: `out` from `x`, keeping in `la` what its backward needs
+/// (`proj` is scratch).
+pub(crate) fn block_train_fwd<D: Device>(
+    dev: &D,
+    model: &Model<D>,
+    lp: &LayerParams,
+    dims: AttnDims,
+    (x, out): (View<'_, D::Buf>, ViewMut<'_, D::Buf>),
+    la: &mut LayerActs<D>,
+    proj: &mut D::Buf,
+) -> Result<()> {
+    let io = BlockBufs {
+        x,
+        out,
+        xn1: ViewMut::all(&mut la.xn1),
+        rstd1: ViewMut::all(&mut la.rstd1),
+        q: ViewMut::all(&mut la.q),
+        k: ViewMut::all(&mut la.k),
+        v: ViewMut::all(&mut la.v),
+        att: ViewMut::all(&mut la.att),
+        x_mid: ViewMut::all(&mut la.x_mid),
+        xn2: ViewMut::all(&mut la.xn2),
+        rstd2: ViewMut::all(&mut la.rstd2),
+        gate: ViewMut::all(&mut la.gate),
+        up: ViewMut::all(&mut la.up),
+        h: ViewMut::all(&mut la.h),
+        proj: ViewMut::all(proj),
+    };
+    let lse = ViewMut::all(&mut la.lse);
+    block_fwd(dev, model, lp, (dims.b, dims.t, 0), io, |att, q, k, v| {
+        dev.attention_fwd(att, lse, q, k, v, dims)
+    })
+}
+
 /// The embedding and every block, with injections: fills `acts.res` (res[L] is the output of
 /// the last block, before the final norm) and what the blocks' backward needs. `ids` [B*T]
 /// with B, T as `acts` was planned for.
@@ -251,28 +292,20 @@ pub fn forward_blocks<D: Device>(
     for (l, lp) in tb.layers.iter().enumerate() {
         let (before, after) = acts.res.split_at_mut(l + 1);
         let x_out = &mut after[0];
-        let la = &mut acts.layers[l];
-        let io = BlockBufs {
-            x: View::all(&before[l]),
-            out: ViewMut::all(&mut *x_out),
-            xn1: ViewMut::all(&mut la.xn1),
-            rstd1: ViewMut::all(&mut la.rstd1),
-            q: ViewMut::all(&mut la.q),
-            k: ViewMut::all(&mut la.k),
-            v: ViewMut::all(&mut la.v),
-            att: ViewMut::all(&mut la.att),
-            x_mid: ViewMut::all(&mut la.x_mid),
-            xn2: ViewMut::all(&mut la.xn2),
-            rstd2: ViewMut::all(&mut la.rstd2),
-            gate: ViewMut::all(&mut la.gate),
-            up: ViewMut::all(&mut la.up),
-            h: ViewMut::all(&mut la.h),
-            proj: ViewMut::all(&mut acts.proj),
+        let li = match acts.recompute {
+            Recompute::None => l,
+            Recompute::Block => 0,
         };
-        let lse = ViewMut::all(&mut la.lse);
-        block_fwd(dev, model, lp, (b, t, 0), io, |att, q, k, v| {
-            dev.attention_fwd(att, lse, q, k, v, dims)
-        })?;
+        let (x, out) = (View::all(&before[l]), ViewMut::all(&mut *x_out));
+        block_train_fwd(
+            dev,
+            model,
+            lp,
+            dims,
+            (x, out),
+            &mut acts.layers[li],
+            &mut acts.proj,
+        )?;
         inject(dev, x_out, inj, l + 1, n, c)?;
     }
     Ok(())

@@ -46,7 +46,7 @@ use crate::device::{Device, PoolMode, View, ViewMut};
 use crate::model::linear::linear_fwd;
 use crate::model::linear::{linear_bwd_dw, linear_bwd_dx};
 use crate::model::safetensors_io::{self, load_params_subset, SaveDtype};
-use crate::model::{backward_blocks, forward_blocks, Activations, Model, ModelConfig};
+use crate::model::{backward_blocks, forward_blocks, Activations, Model, ModelConfig, Recompute};
 use crate::model::{ParamEntry, ParamTable};
 use crate::{Error, Result};
 
@@ -378,11 +378,23 @@ impl<D: Device> Critic<D> {
         })
     }
 
-    /// Step buffers for batch shape (B, T).
+    /// Step buffers for batch shape (B, T), every activation kept.
     pub fn acts(&self, dev: &D, b: usize, t: usize) -> Result<CriticActs<D>> {
+        self.acts_with(dev, b, t, Recompute::None)
+    }
+
+    /// [`Self::acts`] with block recompute (`Recompute::Block`: one block's activations,
+    /// each block run again before its backward).
+    pub fn acts_with(
+        &self,
+        dev: &D,
+        b: usize,
+        t: usize,
+        recompute: Recompute,
+    ) -> Result<CriticActs<D>> {
         let (c, a) = (self.model.cfg.hidden_size, self.spec.a);
         Ok(CriticActs {
-            acts: Activations::<D>::new(dev, &self.model.cfg, b, t)?,
+            acts: Activations::<D>::blocks(dev, &self.model.cfg, b, t, recompute)?,
             pooled: dev.alloc(b * c)?,
             pred: dev.alloc(b * a)?,
             npred: dev.alloc(b * a)?,

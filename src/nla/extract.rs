@@ -22,7 +22,7 @@ use rand::SeedableRng;
 
 use crate::data::{ExtraValue, SampleOut};
 use crate::device::{Device, View};
-use crate::model::{forward_blocks, ActivationSet, Model, Tokenizer};
+use crate::model::{forward_blocks, ActivationSet, Model, Recompute, Tokenizer};
 use crate::{Error, Result};
 
 /// The marker text the prompt must hold once.
@@ -158,7 +158,7 @@ pub fn extract<D: Device>(
         }
         let a = match acts {
             Some(ref mut a) => a,
-            None => acts.insert(ActivationSet::new(dev, cfg, b, t)?),
+            None => acts.insert(ActivationSet::blocks(dev, cfg, b, t, Recompute::None)?),
         };
         forward_blocks(dev, model, a, &dev.upload_ids(&ids)?, None)?;
         let res = dev.download(View::all(&a.res[spec.layer]))?;

@@ -4,7 +4,7 @@
 use super::optimizer::{clip_factor, AdamW, AdamwConfig};
 use super::schedule::LrSchedule;
 use crate::device::Device;
-use crate::model::{backward, forward, ActivationSet, Activations, Batch, Model};
+use crate::model::{backward, forward, ActivationSet, Activations, Batch, MemoryOptions, Model};
 use crate::{Error, Result};
 
 /// What one optimizer step did.
@@ -26,8 +26,8 @@ pub struct LmTrainer<D: Device> {
     pub schedule: LrSchedule,
     /// global gradient-norm clip; <= 0 disables
     pub max_norm: f32,
-    /// LM head and cross-entropy over vocabulary chunks of this many entries; None = whole
-    pub logits_chunk: Option<usize>,
+    /// vocabulary chunks, block recompute (default: neither)
+    pub memory: MemoryOptions,
     acts: Option<Activations<D>>,
 }
 
@@ -45,7 +45,7 @@ impl<D: Device> LmTrainer<D> {
             opt,
             schedule,
             max_norm,
-            logits_chunk: None,
+            memory: MemoryOptions::default(),
             acts: None,
         })
     }
@@ -64,14 +64,8 @@ impl<D: Device> LmTrainer<D> {
         for mb in micro_batches {
             mb.check_vocab(self.model.cfg.vocab_size)?;
             let acts = match self.acts.take() {
-                Some(a) if a.fits(&self.model.cfg, mb.b, mb.t, self.logits_chunk) => a,
-                _ => ActivationSet::with_logits_chunk(
-                    dev,
-                    &self.model.cfg,
-                    mb.b,
-                    mb.t,
-                    self.logits_chunk,
-                )?,
+                Some(a) if a.fits(&self.model.cfg, mb.b, mb.t, self.memory) => a,
+                _ => ActivationSet::with_options(dev, &self.model.cfg, mb.b, mb.t, self.memory)?,
             };
             let acts = self.acts.insert(acts);
             let db = mb.upload(dev)?;

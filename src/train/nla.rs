@@ -13,7 +13,8 @@
 
 use crate::device::{Device, PolicyLossSpec, PolicyStat, RewardSpec, View, ViewMut};
 use crate::model::{
-    backward_with, forward_with, ActivationSet, Activations, Batch, DeviceBatch, Model,
+    backward_with, forward_with, ActivationSet, Activations, Batch, DeviceBatch, MemoryOptions,
+    Model, Recompute,
 };
 use crate::nla::{
     collate_actor, collate_critic, Actor, ActorExample, Critic, CriticActs, CriticExample,
@@ -65,18 +66,17 @@ impl<D: Device> Opt<D> {
     }
 }
 
-/// Reuses `slot`'s activations when they fit (B, T), else plans new ones with the logits in
-/// vocabulary chunks of `chunk` entries (None = whole).
+/// Reuses `slot`'s activations when they fit (B, T) and `opts`, else makes new ones.
 fn acts_for<'a, D: Device>(
     dev: &D,
     slot: &'a mut Option<Activations<D>>,
     model: &Model<D>,
     (b, t): (usize, usize),
-    chunk: Option<usize>,
+    opts: MemoryOptions,
 ) -> Result<&'a mut Activations<D>> {
     let acts = match slot.take() {
-        Some(a) if a.fits(&model.cfg, b, t, chunk) => a,
-        _ => ActivationSet::with_logits_chunk(dev, &model.cfg, b, t, chunk)?,
+        Some(a) if a.fits(&model.cfg, b, t, opts) => a,
+        _ => ActivationSet::with_options(dev, &model.cfg, b, t, opts)?,
     };
     Ok(slot.insert(acts))
 }
@@ -88,8 +88,8 @@ pub struct ActorTrainer<D: Device> {
     /// RL log-probs are taken under softmax(logits / temperature), the rollout's distribution
     /// (verl does the same); 1 by default
     pub temperature: f32,
-    /// LM head and cross-entropy over vocabulary chunks of this many entries; None = whole
-    pub logits_chunk: Option<usize>,
+    /// vocabulary chunks, block recompute (default: neither)
+    pub memory: MemoryOptions,
     acts: Option<Activations<D>>,
 }
 
@@ -110,7 +110,7 @@ impl<D: Device> ActorTrainer<D> {
                 max_norm,
             },
             temperature: 1.0,
-            logits_chunk: None,
+            memory: MemoryOptions::default(),
             acts: None,
         })
     }
@@ -149,7 +149,7 @@ impl<D: Device> ActorTrainer<D> {
                 &mut self.acts,
                 &self.actor.model,
                 (db.b, db.t),
-                self.logits_chunk,
+                self.memory,
             )?;
             acts.logit_scale = 1.0;
             loss += forward_with(dev, &self.actor.model, acts, &db, Some(&ai.inj))?.sum;
@@ -213,6 +213,8 @@ pub struct CriticTrainer<D: Device> {
     pub opt: Opt<D>,
     /// n_s of loss and reward (None = raw vectors)
     pub mse_scale: Option<f32>,
+    /// block recompute in the critic's passes (default: none)
+    pub recompute: Recompute,
     ws: Option<CriticActs<D>>,
 }
 
@@ -246,6 +248,7 @@ impl<D: Device> CriticTrainer<D> {
                 max_norm,
             },
             mse_scale,
+            recompute: Recompute::None,
             ws: None,
         })
     }
@@ -272,8 +275,14 @@ impl<D: Device> CriticTrainer<D> {
                 .critic
                 .batch(dev, cb.b, cb.t, &cb.ids, &cb.mask, &cb.targets, v)?;
             let ws = match self.ws.take() {
-                Some(w) if w.acts.b == cb.b && w.acts.t == cb.t => w,
-                _ => self.critic.acts(dev, cb.b, cb.t)?,
+                Some(w)
+                    if w.acts.b == cb.b
+                        && w.acts.t == cb.t
+                        && w.acts.recompute == self.recompute =>
+                {
+                    w
+                }
+                _ => self.critic.acts_with(dev, cb.b, cb.t, self.recompute)?,
             };
             let ws = self.ws.insert(ws);
             let o = self.critic.forward(dev, ws, &input, self.mse_scale)?;
@@ -382,11 +391,11 @@ impl<D: Device> ActorTrainer<D> {
         actor: &Actor<D>,
         acts: &mut Option<Activations<D>>,
         ab: &crate::nla::ActorBatch,
-        (temperature, logits_chunk): (f32, Option<usize>),
+        (temperature, memory): (f32, MemoryOptions),
     ) -> Result<Vec<f32>> {
         let db = ab.batch.upload(dev)?;
         let ai = actor.injection(dev, &ab.sites, &ab.vecs)?;
-        let acts = acts_for(dev, acts, model, (db.b, db.t), logits_chunk)?;
+        let acts = acts_for(dev, acts, model, (db.b, db.t), memory)?;
         policy_logps(dev, model, acts, &db, &ai.inj, temperature)
     }
 
@@ -417,7 +426,7 @@ impl<D: Device> ActorTrainer<D> {
                 let refs: Vec<&RlSequence> = chunk.iter().collect();
                 let (ab, adv) = Self::rl_batch(&refs, pad_id)?;
                 ab.batch.check_vocab(self.actor.model.cfg.vocab_size)?;
-                let temp = (self.temperature, self.logits_chunk);
+                let temp = (self.temperature, self.memory);
                 let old = Self::logps(
                     dev,
                     &self.actor.model,
@@ -461,7 +470,7 @@ impl<D: Device> ActorTrainer<D> {
                         &mut self.acts,
                         &self.actor.model,
                         (db.b, db.t),
-                        self.logits_chunk,
+                        self.memory,
                     )?;
                     let temp = self.temperature;
                     let logp = policy_logps(dev, &self.actor.model, acts, &db, &ai.inj, temp)?;

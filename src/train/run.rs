@@ -21,8 +21,8 @@ use crate::config::{Algo, Part, Resume, RunConfig};
 use crate::data::{DatasetReader, Mode, Sample};
 use crate::device::{Advantage, Device, KlType, LossAgg, PolicyLossSpec, RewardSpec, SampleSpec};
 use crate::generate::{generate_with, GenSpec, PromptInjection, StopReason};
-use crate::memory::{check_fits, DtypePolicy, Recompute, RunShape, StepOptions};
-use crate::model::{load_config, Model};
+use crate::memory::{check_fits, DtypePolicy, RunShape, StepOptions};
+use crate::model::{load_config, MemoryOptions, Model};
 use crate::nla::{ActorExample, CriticExample, Outcome, SkipCounts};
 use crate::train::checkpoint::{
     latest_checkpoint, load_adamw, save_adamw, save_checkpoint, TrainerState,
@@ -115,7 +115,10 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
             cfg.actor_schedule(),
             max_norm,
         )?;
-        t.logits_chunk = cfg.trainer.logits_chunk;
+        t.memory = MemoryOptions {
+            logits_chunk: cfg.trainer.logits_chunk,
+            recompute: cfg.trainer.recompute,
+        };
         Some((side, t))
     } else {
         None
@@ -127,7 +130,7 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
         };
         let a = actor.as_ref().map(|(_, t)| t.actor.spec.a);
         let (side, critic) = setup::load_critic(dev, cfg, &path, a)?;
-        let t = CriticTrainer::new(
+        let mut t = CriticTrainer::new(
             dev,
             critic,
             cfg.optim.adamw(),
@@ -135,6 +138,7 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
             max_norm,
             side.mse_scale,
         )?;
+        t.recompute = cfg.trainer.recompute;
         Some((side, t))
     } else {
         None
@@ -152,7 +156,7 @@ fn check_memory(cfg: &RunConfig, budget: usize) -> Result<()> {
     let shape = RunShape::from_config(cfg, load_config(&actor)?, load_config(&critic)?)?;
     let opts = StepOptions {
         policy: DtypePolicy::cpu(),
-        recompute: Recompute::None,
+        recompute: cfg.trainer.recompute,
         gpus: 1,
         zero_stage: 0,
         logits_chunk: cfg.trainer.logits_chunk,
