@@ -620,11 +620,19 @@ fn rl_update_gradient_matches_finite_differences() {
     // SFT reference is near its policy; far apart, k3 would sit on its clamp (at 10) for
     // some tokens, where the loss has a kink that central differences straddle
     let ref_flat: Vec<f32> = base.iter().map(|&w| w + 0.01 * randn(&mut rng)).collect();
-    let reference = Model::from_host(&dev, tiny_config(), &ref_flat).unwrap();
     let mut t = trainer(
         &dev,
         actor(&dev, &base, vec![0], InjectionMode::Project, a, seed),
     );
+    // the reference is a whole actor: its injection projection moved as well, so log-probs
+    // that took the policy's projection instead would miss the KL term's value and gradient
+    let mut reference = actor(&dev, &ref_flat, vec![0], InjectionMode::Project, a, seed);
+    let mut ref_all = dev.download(View::all(&t.actor.model.params)).unwrap();
+    ref_all[..ref_flat.len()].copy_from_slice(&ref_flat);
+    for w in &mut ref_all[ref_flat.len()..] {
+        *w += 0.01 * randn(&mut rng);
+    }
+    reference.model.params = dev.upload(&ref_all).unwrap();
     // responses of 4, 7 and 11 tokens, advantages of both signs
     let seqs: Vec<RlSequence> = [(3, 1.3f32), (6, -0.8), (10, 0.45)]
         .iter()
@@ -642,7 +650,7 @@ fn rl_update_gradient_matches_finite_differences() {
         .collect();
     let params = dev.download(View::all(&t.actor.model.params)).unwrap();
     let old1 = rl_logps(&dev, &t.actor.model, &t.actor, &seqs, 1.0);
-    let refl1 = rl_logps(&dev, &reference, &t.actor, &seqs, 1.0);
+    let refl1 = rl_logps(&dev, &reference.model, &reference, &seqs, 1.0);
     let (old, refl) = (&old1, &refl1);
     let off = t.actor.proj.unwrap();
     // k3 on the smooth branch for every token (far from its clamp at 10), and not ~0, so the
@@ -694,7 +702,7 @@ fn rl_update_gradient_matches_finite_differences() {
             (old, refl)
         } else {
             old_t = rl_logps(&dev, &t.actor.model, &t.actor, &seqs, temp);
-            refl_t = rl_logps(&dev, &reference, &t.actor, &seqs, temp);
+            refl_t = rl_logps(&dev, &reference.model, &reference, &seqs, temp);
             (&old_t, &refl_t)
         };
         let spec = PolicyLossSpec {

@@ -65,7 +65,10 @@ impl<D: Device> LmTrainer<D> {
             mb.check_vocab(self.model.cfg.vocab_size)?;
             let acts = match self.acts.take() {
                 Some(a) if a.fits(&self.model.cfg, mb.b, mb.t, self.memory) => a,
-                _ => ActivationSet::with_options(dev, &self.model.cfg, mb.b, mb.t, self.memory)?,
+                stale => {
+                    drop(stale); // before allocating the new set, not after
+                    ActivationSet::with_options(dev, &self.model.cfg, mb.b, mb.t, self.memory)?
+                }
             };
             let acts = self.acts.insert(acts);
             let db = mb.upload(dev)?;

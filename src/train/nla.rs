@@ -76,7 +76,10 @@ fn acts_for<'a, D: Device>(
 ) -> Result<&'a mut Activations<D>> {
     let acts = match slot.take() {
         Some(a) if a.fits(&model.cfg, b, t, opts) => a,
-        _ => ActivationSet::with_options(dev, &model.cfg, b, t, opts)?,
+        stale => {
+            drop(stale); // before allocating the new set, not after
+            ActivationSet::with_options(dev, &model.cfg, b, t, opts)?
+        }
     };
     Ok(slot.insert(acts))
 }
@@ -282,7 +285,10 @@ impl<D: Device> CriticTrainer<D> {
                 {
                     w
                 }
-                _ => self.critic.acts_with(dev, cb.b, cb.t, self.recompute)?,
+                stale => {
+                    drop(stale); // before allocating the new buffers, not after
+                    self.critic.acts_with(dev, cb.b, cb.t, self.recompute)?
+                }
             };
             let ws = self.ws.insert(ws);
             let o = self.critic.forward(dev, ws, &input, self.mse_scale)?;
@@ -401,13 +407,14 @@ impl<D: Device> ActorTrainer<D> {
 
     /// The clipped policy update on `seqs`: old log-probs (and the reference's, for the KL
     /// loss) once, then `epochs` passes over mini-batches of `mini` sequences, each one
-    /// optimizer step accumulated over micro-batches of `micro`.
+    /// optimizer step accumulated over micro-batches of `micro`. The reference is a whole
+    /// actor: its log-probs take its own injection (its projection, in `project` mode).
     #[allow(clippy::too_many_arguments)]
     pub fn rl_update(
         &mut self,
         dev: &D,
         seqs: &[RlSequence],
-        reference: Option<&Model<D>>,
+        reference: Option<&Actor<D>>,
         spec: &PolicyLossSpec,
         epochs: usize,
         mini: usize,
@@ -445,7 +452,7 @@ impl<D: Device> ActorTrainer<D> {
                 }
                 let rf = match reference {
                     Some(r) if spec.kl_coef != 0.0 => {
-                        Some(Self::logps(dev, r, &self.actor, &mut self.acts, &ab, temp)?)
+                        Some(Self::logps(dev, &r.model, r, &mut self.acts, &ab, temp)?)
                     }
                     _ => None,
                 };

@@ -22,8 +22,8 @@ use crate::data::{DatasetReader, Mode, Sample};
 use crate::device::{Advantage, Device, KlType, LossAgg, PolicyLossSpec, RewardSpec, SampleSpec};
 use crate::generate::{generate_with, GenSpec, PromptInjection, StopReason};
 use crate::memory::{check_fits, DtypePolicy, RunShape, StepOptions};
-use crate::model::{load_config, MemoryOptions, Model};
-use crate::nla::{ActorExample, CriticExample, Outcome, SkipCounts};
+use crate::model::{load_config, MemoryOptions};
+use crate::nla::{Actor, ActorExample, CriticExample, Outcome, SkipCounts};
 use crate::train::checkpoint::{
     latest_checkpoint, load_adamw, save_adamw, save_checkpoint, TrainerState,
 };
@@ -245,8 +245,9 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
     let baseline = baseline_mean(&spec, a, mse_scale)?;
     let reference = match (&parts.actor, tc.algo) {
         (Some(_), Algo::Grpo) if cfg.grpo.use_kl_loss && cfg.grpo.kl_coef != 0.0 => {
+            // the policy the run starts from: the initial weights and injection projection
             let path = setup::model_path(cfg, "model.model_name", &cfg.model.model_name)?;
-            Some(crate::model::load_model::<D>(dev, &path)?.0)
+            Some(setup::load_actor(dev, cfg, &path)?.1)
         }
         _ => None,
     };
@@ -632,7 +633,7 @@ fn rl_step<D: Device>(
     parts: &mut Parts<D>,
     stream: &mut Stream,
     skips: &mut SkipCounts,
-    reference: Option<&Model<D>>,
+    reference: Option<&Actor<D>>,
     step: u64,
     baseline: &[f32],
 ) -> Result<Record> {
