@@ -157,6 +157,26 @@ fn memory_options_match_transformers_loss_and_grads() {
     }
 }
 
+/// A frozen model (a reference, an inference command) keeps no gradients: its forward gives
+/// the same loss, and backward is an error instead of a write past the freed buffer.
+#[test]
+fn a_frozen_model_runs_forward_only() {
+    let dev = CpuDevice::new();
+    let dir = model_dir(MODELS[0]);
+    let mut model = Model::load(&dev, &dir).unwrap();
+    let batch = Batch::causal_lm(&read_rows(&dir.join("ids.json"))).unwrap();
+    let db = batch.upload(&dev).unwrap();
+    let mut acts = ActivationSet::new(&dev, &model.cfg, batch.b, batch.t).unwrap();
+    let before = forward(&dev, &model, &mut acts, &db).unwrap().mean();
+    model.freeze(&dev).unwrap();
+    assert!(model.is_frozen());
+    assert_eq!(model.grads.len(), 0);
+    let after = forward(&dev, &model, &mut acts, &db).unwrap().mean();
+    assert_eq!(before, after);
+    let e = backward(&dev, &mut model, &mut acts, &db, 1.0).unwrap_err();
+    assert!(e.to_string().contains("frozen"), "{e}");
+}
+
 #[test]
 fn sharded_checkpoint_loads_the_same_weights() {
     let dev = CpuDevice::new();

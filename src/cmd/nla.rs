@@ -235,7 +235,8 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
 
 fn generate_on<D: Device>(dev: &D, args: &GenerateArgs, cfg: &RunConfig) -> Result<()> {
     let path = args.model.actor_path(cfg)?;
-    let (side, actor) = setup::load_actor(dev, cfg, &path)?;
+    let (side, mut actor) = setup::load_actor(dev, cfg, &path)?;
+    actor.model.freeze(dev)?; // generation only: no gradients
     let rows = read_rows(cfg, &args.data, args.rows, actor.spec.a, Mode::Actor, false)?;
     let enc = setup::actor_encoder(cfg, &side)?;
     let mut prompts = vec![];
@@ -307,7 +308,8 @@ pub fn reconstruct_cmd(args: &ReconstructArgs) -> Result<()> {
 
 fn reconstruct_on<D: Device>(dev: &D, args: &ReconstructArgs, cfg: &RunConfig) -> Result<()> {
     let path = args.model.critic_path(cfg)?;
-    let (side, critic) = setup::load_critic(dev, cfg, &path, None)?;
+    let (side, mut critic) = setup::load_critic(dev, cfg, &path, None)?;
+    critic.model.freeze(dev)?; // forward only: no gradients
     let a = critic.spec.a;
     let enc = setup::critic_encoder(cfg, &side);
     let rows = match &args.data {

@@ -35,6 +35,16 @@ fn uninject<D: Device>(
     Ok(())
 }
 
+fn check_trainable<D: Device>(model: &Model<D>) -> Result<()> {
+    if model.is_frozen() {
+        return Err(crate::Error::invalid(
+            "backward",
+            "the model is frozen (its gradients were freed)",
+        ));
+    }
+    Ok(())
+}
+
 /// The LM head's backward for logits[N,W] = s * xn_f @ w^T (w [W,C], a window of lm_head),
 /// from `a.dlogits[..N*W]`: dxn[N,C] = s * dlogits @ w + beta * dxn, dw[W,C] += s * dlogits^T xn_f.
 fn lm_head_bwd<D: Device>(
@@ -98,6 +108,7 @@ pub fn backward_with<D: Device>(
 ) -> Result<()> {
     let _range = crate::profile::range("backward");
     check_shape(acts, batch)?;
+    check_trainable(model)?;
     let cfg = &model.cfg;
     let n = batch.b * batch.t;
     let (c, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -192,6 +203,7 @@ pub fn backward_blocks<D: Device>(
     ids: &D::Ids,
     mut inj: Option<&mut Injection<D>>,
 ) -> Result<()> {
+    check_trainable(model)?;
     if let Some(i) = inj.as_deref_mut() {
         i.check_layers(model.cfg.num_hidden_layers)?;
         dev.fill(ViewMut::all(&mut i.dvecs), 0.0)?;

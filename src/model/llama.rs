@@ -5,7 +5,7 @@ use std::path::Path;
 use rand::{Rng, SeedableRng};
 
 use super::{safetensors_io, ModelConfig, ParamTable};
-use crate::device::{Device, View, ViewMut};
+use crate::device::{Device, DeviceBuf, View, ViewMut};
 use crate::Result;
 
 pub struct Model<D: Device> {
@@ -76,6 +76,18 @@ impl<D: Device> Model<D> {
 
     pub fn zero_grads(&mut self, dev: &D) -> Result<()> {
         dev.fill(ViewMut::all(&mut self.grads), 0.0)
+    }
+
+    /// Frees the gradients of a model that is only run forward (a frozen reference, an
+    /// inference command): `backward` on it is then an error.
+    pub fn freeze(&mut self, dev: &D) -> Result<()> {
+        self.grads = dev.alloc(0)?;
+        Ok(())
+    }
+
+    /// Whether [`Self::freeze`] took the gradients away.
+    pub fn is_frozen(&self) -> bool {
+        self.grads.len() < self.table.total
     }
 
     /// Writes an HF folder: config.json and model.safetensors (f32), loadable by transformers.

@@ -247,7 +247,9 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
         (Some(_), Algo::Grpo) if cfg.grpo.use_kl_loss && cfg.grpo.kl_coef != 0.0 => {
             // the policy the run starts from: the initial weights and injection projection
             let path = setup::model_path(cfg, "model.model_name", &cfg.model.model_name)?;
-            Some(setup::load_actor(dev, cfg, &path)?.1)
+            let mut r = setup::load_actor(dev, cfg, &path)?.1;
+            r.model.freeze(dev)?; // forward only: no gradients
+            Some(r)
         }
         _ => None,
     };
