@@ -271,6 +271,55 @@ fn benches(c: &mut Criterion) {
                 )
             },
         );
+        // one vocabulary chunk of 4096 of the same rows (the chunked LM head's loss kernels;
+        // the state [N,3] is read and written per row, negligible next to the chunk)
+        let vc = 4096;
+        let chunk = random(&dev, n * vc, 9, 4.0);
+        let mut state = dev.alloc(3 * n).expect("alloc");
+        bench_op(
+            c,
+            &dev,
+            "cross_entropy",
+            "chunk_fwd_4096x4096",
+            Throughput::Bytes(4 * (n * vc) as u64),
+            bw,
+            |_| {
+                dev.cross_entropy_chunk_fwd(
+                    m(&mut losses),
+                    m(&mut state),
+                    v(&chunk),
+                    &targets,
+                    v(&mask),
+                    n,
+                    vc,
+                    vv,
+                    vc,
+                )
+            },
+        );
+        let mut dchunk = dev.alloc(n * vc).expect("alloc");
+        bench_op(
+            c,
+            &dev,
+            "cross_entropy",
+            "chunk_bwd_4096x4096",
+            Throughput::Bytes(8 * (n * vc) as u64),
+            bw,
+            |_| {
+                dev.cross_entropy_chunk_bwd(
+                    m(&mut dchunk),
+                    v(&chunk),
+                    v(&state),
+                    &targets,
+                    v(&mask),
+                    n,
+                    vc,
+                    vv,
+                    vc,
+                    1.0 / n as f32,
+                )
+            },
+        );
     }
 
     // AdamW over 256M parameters (p, g, m, v read; p, m, v written)
