@@ -41,6 +41,22 @@ pub struct BenchArgs {
     /// backward (as `trainer.recompute: block`)
     #[arg(long)]
     pub recompute: bool,
+    /// Training step: rows per step [default: the preset's]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Training step: tokens per row [default: the preset's]
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Rollout: distinct prompts [default: the preset's]
+    #[arg(long)]
+    pub prompts: Option<usize>,
+    /// Rollout: samples per prompt; `--prompts 1 --samples 1` is batch-1 decode
+    /// [default: the preset's]
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Rollout: tokens sampled per row [default: the preset's]
+    #[arg(long)]
+    pub new_tokens: Option<usize>,
     /// Only the training step, or only the rollout
     #[arg(long, value_parser = ["step", "rollout"])]
     pub only: Option<String>,
@@ -72,6 +88,20 @@ fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>) -> Result<(
     }
     if let Some(w) = args.warmup {
         o.warmup = w;
+    }
+    for (flag, value, field) in [
+        ("--batch", args.batch, &mut o.batch),
+        ("--seq", args.seq, &mut o.seq),
+        ("--prompts", args.prompts, &mut o.rollout_prompts),
+        ("--samples", args.samples, &mut o.rollout_samples),
+        ("--new-tokens", args.new_tokens, &mut o.new_tokens),
+    ] {
+        if let Some(x) = value {
+            if x == 0 {
+                anyhow::bail!("{flag} must be at least 1");
+            }
+            *field = x;
+        }
     }
     if args.logits_chunk == Some(0) {
         anyhow::bail!("--logits-chunk must be at least 1");
