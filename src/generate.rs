@@ -140,9 +140,11 @@ pub fn generate_with<D: Device>(
     let mut done = vec![false; b];
     let mut next = dev.upload_ids(&vec![0; b])?;
     let mut logp = dev.alloc(b)?;
+    let mut u = dev.alloc(b)?;
     for step in 0..spec.max_new_tokens {
-        let u: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
-        let u = dev.upload(&u)?;
+        // each row's uniform draw, into the same buffer every step (no allocation per token)
+        let draws: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
+        dev.write(ViewMut::all(&mut u), &draws)?;
         dev.sample_fwd(
             &mut next,
             ViewMut::all(&mut logp),

@@ -35,7 +35,7 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
-use nla_engine::device::{Device, SampleSpec, View};
+use nla_engine::device::{Device, SampleSpec, View, ViewMut};
 use nla_engine::generate::{generate, GenSpec};
 use nla_engine::model::{backward, forward, ActivationSet, Batch, MemoryOptions, Model, Recompute};
 use nla_engine::nla::{Actor, ActorExample, ActorSpec};
@@ -672,5 +672,37 @@ fn cuda_other_ops_match_cpu() {
         check_mismatch_refused(&dev);
         // nothing faulted on the stream
         dev.synchronize().unwrap();
+    }
+}
+
+// ---- memory: write
+
+/// `write` fills exactly its window of an existing buffer and refuses a host slice of another
+/// length, leaving the buffer as it was.
+fn check_write<D: Device>(dev: &D, label: &str) {
+    let mut buf = dev.upload(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    dev.write(ViewMut::range(&mut buf, 1, 3), &[-7.5, 0.25, 9.0])
+        .unwrap();
+    let got = dev.download(View::all(&buf)).unwrap();
+    assert_eq!(got, [1.0, -7.5, 0.25, 9.0, 5.0], "{label}");
+    let e = dev
+        .write(ViewMut::range(&mut buf, 0, 2), &[1.0, 2.0, 3.0])
+        .unwrap_err();
+    assert!(e.to_string().contains("write"), "{label}: {e}");
+    assert_eq!(dev.download(View::all(&buf)).unwrap(), got, "{label}");
+}
+
+#[test]
+fn write_fills_its_window() {
+    check_write(&CpuDevice::new(), "cpu");
+    for (dev, label) in emu_devices() {
+        check_write(&dev, &label);
+    }
+}
+
+#[test]
+fn cuda_write_fills_its_window() {
+    if let Some(dev) = gpu() {
+        check_write(&dev, "cuda");
     }
 }

@@ -108,6 +108,9 @@ impl KernelDevice for EmuDevice {
     fn upload(&self, host: &[f32]) -> Result<Buf> {
         CpuDevice.upload(host)
     }
+    fn write(&self, dst: ViewMut<'_, Buf>, host: &[f32]) -> Result<()> {
+        CpuDevice.write(dst, host)
+    }
     fn download(&self, x: View<'_, Buf>) -> Result<Vec<f32>> {
         CpuDevice.download(x)
     }

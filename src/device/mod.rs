@@ -360,6 +360,8 @@ pub trait Device: Send + Sync + Sized {
     /// A zeroed buffer of `n` elements.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// `dst = host` into memory already allocated (a step's inputs without an allocation).
+    fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
     /// `x = value`

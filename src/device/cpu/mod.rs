@@ -213,6 +213,17 @@ fn check_chunk(
     check_ids(op, "targets", targets, v)
 }
 
+/// `write`'s check: the host slice fills the window exactly.
+pub(crate) fn check_write(dst: usize, host: usize) -> Result<()> {
+    if dst != host {
+        return Err(Error::invalid(
+            "write",
+            format!("dst has {dst} elements, the host slice {host}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The elements a view covers.
 pub(crate) fn get<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<&'a [f32]> {
     let (off, len, total) = (v.offset(), v.len(), v.buf().len());
@@ -363,6 +374,12 @@ impl Device for CpuDevice {
 
     fn upload(&self, host: &[f32]) -> Result<Self::Buf> {
         Ok(host.to_vec())
+    }
+
+    fn write(&self, dst: ViewMut<'_, Buf>, host: &[f32]) -> Result<()> {
+        check_write(dst.len(), host.len())?;
+        get_mut("write", "dst", dst)?.copy_from_slice(host);
+        Ok(())
     }
 
     fn download(&self, x: View<'_, Buf>) -> Result<Vec<f32>> {

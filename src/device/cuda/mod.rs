@@ -218,6 +218,18 @@ impl CudaDevice {
         Ok(b)
     }
 
+    fn write_f32(&self, dst: ViewMut<'_, CudaBuf>, host: &[f32]) -> Result<()> {
+        crate::device::cpu::check_write(dst.len(), host.len())?;
+        let (off, len) = range("write", "dst", &dst.as_view())?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (buf, _, _) = dst.into_parts();
+        self.stream
+            .memcpy_htod(host, &mut buf.mem.slice_mut(off..off + len))
+            .map_err(driver("cuMemcpyHtoD"))
+    }
+
     fn download_f32(&self, x: View<'_, CudaBuf>) -> Result<Vec<f32>> {
         let (off, len) = range("download", "x", &x)?;
         let mut host = vec![0f32; len];

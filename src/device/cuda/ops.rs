@@ -75,6 +75,9 @@ impl KernelDevice for CudaDevice {
     fn upload(&self, host: &[f32]) -> Result<Buf> {
         self.upload_f32(host)
     }
+    fn write(&self, dst: ViewMut<'_, Buf>, host: &[f32]) -> Result<()> {
+        self.write_f32(dst, host)
+    }
     fn download(&self, x: View<'_, Buf>) -> Result<Vec<f32>> {
         self.download_f32(x)
     }

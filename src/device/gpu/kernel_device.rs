@@ -59,6 +59,7 @@ pub trait KernelDevice: Send + Sync + Sized {
     }
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
@@ -145,6 +146,9 @@ impl<T: KernelDevice> Device for T {
     }
     fn upload(&self, host: &[f32]) -> Result<T::Buf> {
         KernelDevice::upload(self, host)
+    }
+    fn write(&self, dst: M<'_, T>, host: &[f32]) -> Result<()> {
+        KernelDevice::write(self, dst, host)
     }
     fn download(&self, x: V<'_, T>) -> Result<Vec<f32>> {
         KernelDevice::download(self, x)
