@@ -1114,6 +1114,40 @@ fn decode_attention_bf16_matches_twin() {
 // cross_entropy
 // ------------------------------------------------------------------------------------------
 
+/// The twin's (losses [N], dlogits [N,V]) of whole rows of logits `x` [N,V].
+fn twin_cross_entropy(
+    x: &[f32],
+    targets: &[u32],
+    mask: &[f32],
+    v: usize,
+    scale: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let (dev, n) = (cpu(), mask.len());
+    let (xv, mv) = (x.to_vec(), mask.to_vec());
+    let mut losses = vec![0.0; n];
+    dev.cross_entropy_fwd(
+        ViewMut::all(&mut losses),
+        View::all(&xv),
+        &targets.to_vec(),
+        View::all(&mv),
+        n,
+        v,
+    )
+    .expect("twin cross_entropy_fwd");
+    let mut dl = vec![0.0; n * v];
+    dev.cross_entropy_bwd(
+        ViewMut::all(&mut dl),
+        View::all(&xv),
+        &targets.to_vec(),
+        View::all(&mv),
+        n,
+        v,
+        scale,
+    )
+    .expect("twin cross_entropy_bwd");
+    (losses, dl)
+}
+
 /// One cross-entropy case over N = 6 rows: masks 1, 0 (its row all NaN: padding is never
 /// read), 0.5, 1, 2, 1; row 3 shifted by +60 (large logits), row 4's target is its argmax.
 /// `neg_inf`: about 1 in 8 non-target logits is -inf. `misalign`: the logits (and dlogits)
@@ -1190,28 +1224,7 @@ fn cross_entropy_case<T: Ty>(v: usize, neg_inf: bool, misalign: usize, max_grid:
         take(&dl, "dlogits")
     });
 
-    let (dev, xv, mv) = (cpu(), x.clone(), mask.clone());
-    let mut losses_t = vec![0.0; n];
-    dev.cross_entropy_fwd(
-        ViewMut::all(&mut losses_t),
-        View::all(&xv),
-        &targets,
-        View::all(&mv),
-        n,
-        v,
-    )
-    .expect("twin cross_entropy_fwd");
-    let mut dl_t = vec![0.0; n * v];
-    dev.cross_entropy_bwd(
-        ViewMut::all(&mut dl_t),
-        View::all(&xv),
-        &targets,
-        View::all(&mv),
-        n,
-        v,
-        scale,
-    )
-    .expect("twin cross_entropy_bwd");
+    let (losses_t, dl_t) = twin_cross_entropy(&x, &targets, &mask, v, scale);
 
     // loss = mask ((M - x_y) + ln S): M and x_y are exact, each e^(x - M) is the twin's bits
     // (the same vexp), but the kernel sums S in f32 with online rescales (each rescale is one
@@ -1624,28 +1637,7 @@ fn cross_entropy_chunk_case<T: Ty>(v: usize, vc: usize, max_grid: usize, seed: u
         (take(&losses, "losses"), dl)
     });
 
-    let dev = cpu();
-    let mut losses_t = vec![0.0; n];
-    dev.cross_entropy_fwd(
-        ViewMut::all(&mut losses_t),
-        View::all(&x),
-        &targets,
-        View::all(&mask),
-        n,
-        v,
-    )
-    .expect("twin cross_entropy_fwd");
-    let mut dl_t = vec![0.0; n * v];
-    dev.cross_entropy_bwd(
-        ViewMut::all(&mut dl_t),
-        View::all(&x),
-        &targets,
-        View::all(&mask),
-        n,
-        v,
-        scale,
-    )
-    .expect("twin cross_entropy_bwd");
+    let (losses_t, dl_t) = twin_cross_entropy(&x, &targets, &mask, v, scale);
 
     // As the whole-row case (S in f32 against the twin's f64: <= ~(V/256 + 8) u relative),
     // plus each chunk's merge: two rescales of 2 ulp and a rounded add, <= 6 u more per chunk.

@@ -1,7 +1,7 @@
 //! The decoder's forward pass: a straight-line loop over blocks calling device ops.
 
 use super::block::{block_fwd, BlockBufs};
-use super::{Activations, DeviceBatch, LayerActs, LayerParams, Model, Recompute};
+use super::{Activations, DeviceBatch, LayerActs, LayerParams, Model};
 use crate::device::{AttnDims, Device, InjectMode, View, ViewMut};
 use crate::{Error, Result};
 
@@ -290,12 +290,9 @@ pub fn forward_blocks<D: Device>(
     dev.embedding_fwd(ViewMut::all(&mut acts.res[0]), ids, p(tb.wte, v * c), n, c)?;
     inject(dev, &mut acts.res[0], inj, 0, n, c)?;
     for (l, lp) in tb.layers.iter().enumerate() {
+        let li = acts.layer_index(l);
         let (before, after) = acts.res.split_at_mut(l + 1);
         let x_out = &mut after[0];
-        let li = match acts.recompute {
-            Recompute::None => l,
-            Recompute::Block => 0,
-        };
         let (x, out) = (View::all(&before[l]), ViewMut::all(&mut *x_out));
         block_train_fwd(
             dev,
