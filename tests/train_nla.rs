@@ -262,6 +262,45 @@ fn entry(model: &Model<Dev>, name: &str) -> (usize, usize) {
 // 1.5e-2) away from the per-sample mean over 200 cases (both are printed).
 const LOSS_REL: f64 = 1e-5;
 
+/// With `release_acts` (set by `train` on a device with fixed memory) the actor hands its
+/// activation buffers back after each pass and makes them again for the next: the same steps.
+#[test]
+fn released_activations_give_the_same_steps() {
+    let dev = Dev::new();
+    let seed = fresh_seed("release_acts");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
+        .unwrap()
+        .params_to_host(&dev)
+        .unwrap();
+    let ex: Vec<ActorExample> = [2, 7, 13]
+        .iter()
+        .map(|&r| example(&mut rng, r, C))
+        .collect();
+    let mut run = |release: bool| {
+        let a = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
+        let mut t = ActorTrainer::new(
+            &dev,
+            a,
+            AdamwConfig::default(),
+            LrSchedule::constant(1e-3),
+            1.0,
+        )
+        .unwrap();
+        t.release_acts = release;
+        let losses: Vec<f64> = (0..3)
+            .map(|_| t.sft_step(&dev, &ex, 2, EOS).unwrap().loss)
+            .collect();
+        assert_eq!(t.holds_activations(), !release);
+        (
+            losses,
+            dev.download(View::all(&t.actor.model.params)).unwrap(),
+        )
+    };
+    let (kept, released) = (run(false), run(true));
+    assert_eq!(kept, released);
+}
+
 #[test]
 fn sft_loss_is_the_mean_over_samples_of_token_means() {
     let dev = Dev::new();

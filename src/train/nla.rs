@@ -93,6 +93,10 @@ pub struct ActorTrainer<D: Device> {
     pub temperature: f32,
     /// vocabulary chunks, block recompute (default: neither)
     pub memory: MemoryOptions,
+    /// Hand the activation buffers back at the end of each pass, so that the phases of a step
+    /// (rollout, critic, actor) share memory as the step's plan assumes (`train` sets it on a
+    /// device with fixed memory); false keeps them for the next step of the same shape.
+    pub release_acts: bool,
     acts: Option<Activations<D>>,
 }
 
@@ -114,6 +118,7 @@ impl<D: Device> ActorTrainer<D> {
             },
             temperature: 1.0,
             memory: MemoryOptions::default(),
+            release_acts: false,
             acts: None,
         })
     }
@@ -169,7 +174,19 @@ impl<D: Device> ActorTrainer<D> {
             }
             tokens += db.b * db.t;
         }
+        self.end_pass();
         Ok((loss, tokens))
+    }
+
+    fn end_pass(&mut self) {
+        if self.release_acts {
+            self.acts = None;
+        }
+    }
+
+    /// Whether activation buffers are kept from the last pass.
+    pub fn holds_activations(&self) -> bool {
+        self.acts.is_some()
     }
 
     /// One SFT step over `examples` (the whole step's samples, run `micro` at a time).
@@ -218,6 +235,8 @@ pub struct CriticTrainer<D: Device> {
     pub mse_scale: Option<f32>,
     /// block recompute in the critic's passes (default: none)
     pub recompute: Recompute,
+    /// as [`ActorTrainer::release_acts`]
+    pub release_acts: bool,
     ws: Option<CriticActs<D>>,
 }
 
@@ -252,6 +271,7 @@ impl<D: Device> CriticTrainer<D> {
             },
             mse_scale,
             recompute: Recompute::None,
+            release_acts: false,
             ws: None,
         })
     }
@@ -300,6 +320,9 @@ impl<D: Device> CriticTrainer<D> {
             out.pred.extend(o.pred);
             out.mse.extend(o.mse);
             out.tokens += cb.b * cb.t;
+        }
+        if self.release_acts {
+            self.ws = None;
         }
         Ok(out)
     }
@@ -551,6 +574,7 @@ impl<D: Device> ActorTrainer<D> {
                 st.lr = lr;
             }
         }
+        self.end_pass();
         st.rollout_logp_diff = if mismatch.1 > 0.0 {
             mismatch.0 / mismatch.1
         } else {

@@ -101,6 +101,9 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
     }
     let want_actor = mode.has_actor();
     let want_critic = mode.has_critic() || rl;
+    // a device with fixed memory (a GPU): the phases of a step share the activation memory,
+    // as the step's plan assumes, so each trainer hands its buffers back after its pass
+    let fixed_memory = dev.memory_budget()?.is_some();
     let max_norm = cfg.optim.max_norm as f32;
     let actor = if want_actor {
         let path = match ckpt {
@@ -119,6 +122,7 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
             logits_chunk: cfg.trainer.logits_chunk,
             recompute: cfg.trainer.recompute,
         };
+        t.release_acts = fixed_memory;
         Some((side, t))
     } else {
         None
@@ -139,6 +143,7 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
             side.mse_scale,
         )?;
         t.recompute = cfg.trainer.recompute;
+        t.release_acts = fixed_memory;
         Some((side, t))
     } else {
         None
