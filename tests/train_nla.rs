@@ -277,7 +277,7 @@ fn released_activations_give_the_same_steps() {
         .iter()
         .map(|&r| example(&mut rng, r, C))
         .collect();
-    let mut run = |release: bool| {
+    let run = |release: bool| {
         let a = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
         let mut t = ActorTrainer::new(
             &dev,
