@@ -821,6 +821,57 @@ fn demo_shape(dir: &Path, sets: &[&str]) -> RunShape {
     RunShape::from_config(&cfg, m.clone(), m).unwrap()
 }
 
+/// A run's need is the plan's peak plus what the engine's whole activation sets hold beyond
+/// the planned arena: for the demo config's SFT step the larger of the actor's set (micro 32 x
+/// 64) and the critic's (blocks only) minus the arena, with and without the memory options;
+/// the fit check, its remedies and the report use that need; a bf16 plan has no extra.
+#[test]
+fn the_need_adds_the_engines_activation_sets_to_the_plan() {
+    use nla_engine::model::MemoryOptions;
+    let dir = demo_model_dir();
+    let m = nla_engine::model::load_config(dir.path()).unwrap();
+    for (chunk, recompute) in [(None, Recompute::None), (Some(100), Recompute::Block)] {
+        let sets = match chunk {
+            None => vec![],
+            Some(_) => vec!["trainer.logits_chunk=100", "trainer.recompute=block"],
+        };
+        let shape = demo_shape(dir.path(), &sets);
+        let opts = StepOptions {
+            logits_chunk: chunk,
+            recompute,
+            ..StepOptions::cpu()
+        };
+        let sp = shape.plan(&opts).unwrap();
+        let mo = MemoryOptions {
+            logits_chunk: chunk,
+            recompute,
+        };
+        let actor = ActivationSet::plan_with(&m, 32, 64, mo).bytes();
+        let mut critic_cfg = m.clone();
+        critic_cfg.num_hidden_layers = shape.critic_k + 1;
+        let critic = ActivationSet::plan_blocks(&critic_cfg, 32, 64, recompute).bytes();
+        let arena = sp.plan.arena_size(ArenaKind::Activations);
+        let extra = actor.max(critic).saturating_sub(arena);
+        println!("{chunk:?} {recompute:?}: actor set {actor}, critic set {critic}, arena {arena}");
+        assert_eq!(sp.engine_extra, extra);
+        assert!(extra > 0, "the engine keeps whole sets: {actor} vs {arena}");
+        assert_eq!(sp.needed(), sp.plan.peak + extra);
+        // a budget between the planned peak and the need does not fit
+        let e = check_fits(&shape, &opts, &sp, sp.plan.peak).unwrap_err();
+        assert!(e.to_string().contains("needs"), "{e}");
+        assert!(check_fits(&shape, &opts, &sp, sp.needed()).is_ok());
+        assert!(report(&shape, &opts, &sp, None).contains("engine"));
+    }
+    let bf16 = StepOptions::cuda();
+    assert_eq!(
+        demo_shape(dir.path(), &[])
+            .plan(&bf16)
+            .unwrap()
+            .engine_extra,
+        0
+    );
+}
+
 #[test]
 fn the_demo_config_fits_in_one_gib() {
     let dir = demo_model_dir();

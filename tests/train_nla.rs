@@ -1320,7 +1320,7 @@ fn a_run_that_does_not_fit_fails_before_its_first_step() {
         zero_stage: 0,
         logits_chunk: None,
     };
-    let peak = shape.plan(&opts).unwrap().plan.peak;
+    let peak = shape.plan(&opts).unwrap().needed();
     eprintln!("planned peak {peak} bytes");
     assert!(peak > 100_000, "implausible plan: {peak} bytes");
 
@@ -1345,7 +1345,7 @@ fn a_run_that_does_not_fit_fails_before_its_first_step() {
         recompute: Recompute::Block,
         ..opts
     };
-    let peak_c = shape.plan(&chunked).unwrap().plan.peak;
+    let peak_c = shape.plan(&chunked).unwrap().needed();
     eprintln!("planned peak with logits in chunks of 16 and block recompute: {peak_c} bytes");
     assert!(peak_c < peak, "{peak_c} vs {peak}");
     let save_c = tmp.path().join("run_chunked");

@@ -24,7 +24,7 @@ use super::step::{
 };
 use super::{gib, PlanOptions};
 use crate::config::{Algo, InjectionMode, Part, Pooling, RunConfig};
-use crate::model::ModelConfig;
+use crate::model::{ActivationSet, MemoryOptions, ModelConfig};
 use crate::{Error, Result};
 
 /// What sizes a run's step.
@@ -259,7 +259,35 @@ impl RunShape {
     /// The planned step on one of `opts.gpus` GPUs.
     pub fn plan(&self, opts: &StepOptions) -> Result<StepPlan> {
         let (models, phases) = self.step(opts.gpus);
-        plan_step(&models, &phases, opts)
+        let mut sp = plan_step(&models, &phases, opts)?;
+        sp.engine_extra = self.engine_extra(opts, &sp);
+        Ok(sp)
+    }
+
+    /// What the engine holds beyond the planned activation arena: its largest training pass's
+    /// activation set ([`ActivationSet::plan_with`], allocated whole for the pass) minus the
+    /// arena; 0 under a policy the engine does not run (bf16: the plan is then the design's).
+    fn engine_extra(&self, opts: &StepOptions, sp: &StepPlan) -> usize {
+        if opts.policy != super::DtypePolicy::cpu() {
+            return 0;
+        }
+        let memory = MemoryOptions {
+            logits_chunk: opts.logits_chunk,
+            recompute: opts.recompute,
+        };
+        let mb = self.micro_rows(opts.gpus);
+        let mut largest = 0;
+        if self.rl() || self.train_mode.has_actor() {
+            let set = ActivationSet::plan_with(&self.actor, mb, self.actor_t(), memory);
+            largest = set.bytes();
+        }
+        if self.rl() || self.train_mode.has_critic() {
+            let mut cfg = self.critic.clone();
+            cfg.num_hidden_layers = self.critic_k + 1;
+            let set = ActivationSet::plan_blocks(&cfg, mb, self.critic_t(), opts.recompute);
+            largest = largest.max(set.bytes());
+        }
+        largest.saturating_sub(sp.plan.arena_size(ArenaKind::Activations))
     }
 
     /// The same step planned without reuse (each buffer its own memory), to compare.
@@ -284,7 +312,7 @@ pub struct Remedy {
 }
 
 fn peak(shape: &RunShape, opts: &StepOptions) -> Result<usize> {
-    Ok(shape.plan(opts)?.plan.peak)
+    Ok(shape.plan(opts)?.needed())
 }
 
 /// The largest value in 1..cur whose plan fits `budget` (binary search; the peak grows with
@@ -455,7 +483,7 @@ pub fn check_fits(
     plan: &StepPlan,
     budget: usize,
 ) -> Result<String> {
-    let peak = plan.plan.peak;
+    let peak = plan.needed();
     let per = per_what(opts);
     if peak <= budget {
         return Ok(format!(
@@ -643,6 +671,13 @@ pub fn report(
         gib(live),
         plan.ops.len()
     ));
+    if plan.engine_extra > 0 {
+        line(format!(
+            "engine      {} more: a pass's activation set is allocated whole; {} needed",
+            gib(plan.engine_extra),
+            gib(plan.needed())
+        ));
+    }
     if let Some(w) = without_reuse {
         line(format!(
             "no reuse    {} (every buffer its own memory)",

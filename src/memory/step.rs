@@ -296,9 +296,18 @@ pub struct StepPlan {
     /// Name of each op, by index (the lifetimes' time axis).
     pub ops: Vec<String>,
     pub models: Vec<ModelSummary>,
+    /// Bytes the engine holds beyond the planned activation arena: it allocates a pass's
+    /// activation set whole, where the plan shares memory between buffers whose lifetimes do
+    /// not overlap (set by [`super::RunShape::plan`]; 0 from [`plan_step`]).
+    pub engine_extra: usize,
 }
 
 impl StepPlan {
+    /// What the run needs: the planned peak and the engine's extra.
+    pub fn needed(&self) -> usize {
+        self.plan.peak + self.engine_extra
+    }
+
     /// The bytes live at the busiest op and that op's name (a lower bound of the peak).
     pub fn busiest_op(&self) -> (usize, &str) {
         let (bytes, op) = self.plan.max_live();
@@ -355,6 +364,7 @@ pub fn plan_step_with(
         plan,
         ops,
         models: summaries,
+        engine_extra: 0,
     })
 }
 

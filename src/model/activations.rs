@@ -251,6 +251,15 @@ impl ActivationSet<usize> {
         Self::plan_with(cfg, b, t, MemoryOptions::default())
     }
 
+    /// The element counts of [`Self::blocks`].
+    pub fn plan_blocks(cfg: &ModelConfig, b: usize, t: usize, recompute: Recompute) -> Self {
+        let counts = Ok::<usize, std::convert::Infallible>;
+        match Self::build(cfg, b, t, (0, recompute), counts) {
+            Ok(set) => set,
+            Err(never) => match never {},
+        }
+    }
+
     /// [`Self::plan`] with `opts`' memory-saving options.
     pub fn plan_with(cfg: &ModelConfig, b: usize, t: usize, opts: MemoryOptions) -> Self {
         let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
