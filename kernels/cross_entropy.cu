@@ -13,15 +13,16 @@
 //              chunk); v0 = 0 starts it (=), later chunks merge into it with the pair rule
 //              below (+=); the chunk ending at V writes losses[n] as fwd does (=). mask 0:
 //              the row is skipped (state untouched, loss 0).
-//         chunk_bwd: dlogits[n,j] = e^(x[n,j] - M) * (w * (1/S)) - w [v0 + j = y], M and S
-//              from the state (=); w = 0: the row is 0 without reading it.
+//         chunk_bwd, in place on the chunk's logits: x[n,j] <- e^(x[n,j] - M) * (w * (1/S))
+//              - w [v0 + j = y], M and S from the state; w = 0: the row is 0 without reading
+//              it. (In place, the [N,VC] gradient needs no buffer of its own.)
 //         e^x is the CPU twin's f32 `vexp` op for op (Cody-Waite reduction, degree-6
 //         polynomial, no FMA contraction: __fmul_rn / __fadd_rn), so each e^(x - M) equals the
 //         twin's bit for bit; S differs from the twin's f64 sum only by f32 rounding (see
 //         Threads). Rows of -inf logits contribute 0 per -inf entry; a row whose max is -inf or
 //         +inf gives NaN, as on the twin.
-// Shapes  logits, dlogits [N,V] ([N,VC] chunked); targets [N] (< V, checked by the launcher);
-//         mask, losses [N]; state [N,3].
+// Shapes  logits, dlogits [N,V] (logits [N,VC] chunked); targets [N] (< V, checked by the
+//         launcher); mask, losses [N]; state [N,3].
 // Dtypes  logits, dlogits: T; targets u32; mask, losses, state: f32 in both modes; scale f32.
 //         Arithmetic in f32: each thread keeps an online (max, sum) pair over its elements in
 //         chunks (8 bf16 / 4 f32 per 16-byte load, or 4 strided elements), rescaling its sum
@@ -46,8 +47,8 @@
 //           (float* losses, float* state, const T* logits, const uint32_t* targets,
 //            const float* mask, int n, int vc, int v, int v0)
 //         cross_entropy_chunk_bwd_f32, cross_entropy_chunk_bwd_bf16
-//           (T* dlogits, const T* logits, const float* state, const uint32_t* targets,
-//            const float* mask, int n, int vc, int v0, float scale)
+//           (T* logits, const float* state, const uint32_t* targets, const float* mask,
+//            int n, int vc, int v0, float scale)
 //
 // nla: hot
 
@@ -169,9 +170,11 @@ __device__ __forceinline__ void ce_fwd(float* __restrict__ losses, const T* __re
 }
 
 // Row gradient dlogits[j] = e^(x[j] - m) * ws - w [j = y] over VC columns (y may be outside).
+// d may be x (in place): each element is read, then written, by the same thread; so neither
+// pointer is __restrict__.
 template <typename T>
-__device__ __forceinline__ void ce_write_grad(T* __restrict__ d, const T* __restrict__ x, int vc,
-                                              bool vec, float m, float ws, float w, int y) {
+__device__ __forceinline__ void ce_write_grad(T* d, const T* x, int vc, bool vec, float m,
+                                              float ws, float w, int y) {
     constexpr int P = NlaPack<T>::N;
     if (vec) {
         for (int j = threadIdx.x * P; j < vc; j += blockDim.x * P) {
@@ -258,26 +261,24 @@ __device__ __forceinline__ void ce_chunk_fwd(float* __restrict__ losses,
     }
 }
 
-// The backward of one chunk from the forward's state (M, S, _) and the chunk's logits.
+// The backward of one chunk, in place on its logits (made again), from the forward's state
+// (M, S, _).
 template <typename T>
-__device__ __forceinline__ void ce_chunk_bwd(T* __restrict__ dlogits,
-                                             const T* __restrict__ logits,
-                                             const float* __restrict__ state,
+__device__ __forceinline__ void ce_chunk_bwd(T* logits, const float* __restrict__ state,
                                              const uint32_t* __restrict__ targets,
                                              const float* __restrict__ mask, int n, int vc,
                                              int v0, float scale) {
     constexpr int P = NlaPack<T>::N;
-    const bool vec = vc % P == 0 && nla_aligned(logits, 16) && nla_aligned(dlogits, 16);
+    const bool vec = vc % P == 0 && nla_aligned(logits, 16);
     for (int row = blockIdx.x; row < n; row += gridDim.x) {
         const float w = mask[row] * scale;
-        const T* x = logits + (long long)row * vc;
-        T* d = dlogits + (long long)row * vc;
+        T* x = logits + (long long)row * vc;
         if (w == 0.0f) {  // block-uniform
-            ce_zero_row(d, vc);
+            ce_zero_row(x, vc);
             continue;
         }
         const float m = state[3LL * row], s = state[3LL * row + 1];
-        ce_write_grad(d, x, vc, vec, m, w * (1.0f / s), w, (int)targets[row] - v0);
+        ce_write_grad(x, x, vc, vec, m, w * (1.0f / s), w, (int)targets[row] - v0);
     }
 }
 
@@ -300,10 +301,9 @@ __device__ __forceinline__ void ce_chunk_bwd(T* __restrict__ dlogits,
         ce_chunk_fwd<T>(losses, state, logits, targets, mask, n, vc, v, v0);                   \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_chunk_bwd_##S(   \
-        T* __restrict__ dlogits, const T* __restrict__ logits, const float* __restrict__ state, \
-        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int vc,   \
-        int v0, float scale) {                                                                 \
-        ce_chunk_bwd<T>(dlogits, logits, state, targets, mask, n, vc, v0, scale);              \
+        T* logits, const float* __restrict__ state, const uint32_t* __restrict__ targets,      \
+        const float* __restrict__ mask, int n, int vc, int v0, float scale) {                  \
+        ce_chunk_bwd<T>(logits, state, targets, mask, n, vc, v0, scale);                       \
     }
 
 CE_KERNELS(f32, float)

@@ -472,11 +472,9 @@ fn cross_entropy_chunked<E: Device>(
     let mut dlogits = vec![f32::NAN; n * v];
     for v0 in (0..v).step_by(vc) {
         let w = vc.min(v - v0);
-        let x = up(e, &chunk(v0, w));
-        let mut d = nans(e, n * w);
+        let mut d = up(e, &chunk(v0, w));
         e.cross_entropy_chunk_bwd(
             ViewMut::all(&mut d),
-            View::all(&x),
             View::all(&state),
             &targets,
             View::all(&mask_d),

@@ -1607,11 +1607,10 @@ fn cross_entropy_chunk_case<T: Ty>(v: usize, vc: usize, max_grid: usize, seed: u
         let mut dl = vec![T::CANARY; n * v];
         for &v0 in &starts {
             let c = cols(v0);
-            let xc = Guarded::from_slice(&columns(&xt, v, v0, c));
-            let mut dc = poisoned::<T>(n * c);
+            // in place: the chunk's logits become their gradient
+            let mut dc = Guarded::from_slice(&columns(&xt, v, v0, c));
             let mut a = EmuArgs::new();
             a.ptr_mut(dc.get_mut())
-                .ptr(xc.get())
                 .ptr(state.get())
                 .ptr(&targets)
                 .ptr(&mask);

@@ -441,7 +441,10 @@ fn memory_options_allocate_what_the_plan_declares() {
     };
     let set = ActivationSet::plan_with(&cfg, b, t, mo);
     assert_eq!(set.logits, decl(&sp, "actor.logits.chunk0").elements);
-    assert_eq!(set.dlogits, decl(&sp, "actor.dlogits.chunk0").elements);
+    assert_eq!(set.logits, decl(&sp, "actor.bwd.logits.chunk0").elements);
+    // a chunk's gradient overwrites its logits: no buffer in either
+    assert_eq!(set.dlogits, 0);
+    assert!(!sp.plan.decls.iter().any(|d| d.name.contains("dlogits")));
     assert_eq!(set.ce_state, decl(&sp, "actor.ce_state").elements);
     assert_eq!(set.logits, n * chunk);
     assert_eq!(set.layers.len(), 1);

@@ -544,14 +544,14 @@ pub trait Device: Send + Sync + Sized {
         v: usize,
         v0: usize,
     ) -> Result<()>;
-    /// dlogits[N,VC] = mask[n] * scale * (softmax - onehot(targets[n])) over columns
-    /// `[v0, v0+VC)`, the softmax from the state all chunks' forward left. A row the forward
-    /// skipped (mask 0) must have weight `mask[n] * scale` 0 here (its state is not made).
+    /// In place on the chunk's logits [N,VC] (made again): logits <- mask[n] * scale *
+    /// (softmax - onehot(targets[n])) over columns `[v0, v0+VC)`, the softmax from the state
+    /// all chunks' forward left. A row the forward skipped (mask 0) must have weight
+    /// `mask[n] * scale` 0 here (its state is not made).
     #[allow(clippy::too_many_arguments)]
     fn cross_entropy_chunk_bwd(
         &self,
-        dlogits: M<'_, Self>,
-        logits: V<'_, Self>,
+        logits: M<'_, Self>,
         state: V<'_, Self>,
         targets: &Self::Ids,
         mask: V<'_, Self>,

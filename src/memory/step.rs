@@ -1266,23 +1266,18 @@ impl<'a> Builder<'a> {
                     format!("{pre}: lm_head chunk {j} again"),
                     &[lg, xn_f, w_head],
                 );
-                let dl = self.tr.buf(
-                    format!("{pre}.dlogits.chunk{j}"),
-                    ld,
-                    n * vc,
-                    ArenaKind::Activations,
-                );
+                // in place: the chunk's logits become their gradient
                 self.op(
                     format!("{pre}: cross_entropy_bwd chunk {j}"),
-                    &[dl, lg, ce, targets, weights],
+                    &[lg, ce, targets, weights],
                 );
                 self.op(
                     format!("{pre}: lm_head chunk {j} bwd_dx"),
-                    &[dxn_f, dl, w_head],
+                    &[dxn_f, lg, w_head],
                 );
                 self.op(
                     format!("{pre}: lm_head chunk {j} bwd_dw"),
-                    &[g_head, dl, xn_f],
+                    &[g_head, lg, xn_f],
                 );
             }
         }

@@ -90,7 +90,8 @@ pub struct ActivationSet<B> {
     /// [N,C] scratch: projection outputs in forward
     pub proj: B,
     // gradient scratch
-    /// [N,VC]
+    /// [N,V] with whole logits; empty with vocabulary chunks (a chunk's gradient overwrites
+    /// its logits)
     pub dlogits: B,
     /// [N,C] gradient w.r.t. the residual stream, and its next value
     pub dres: B,
@@ -192,7 +193,8 @@ impl<B> ActivationSet<B> {
             logit_scale: 1.0,
             losses: a(n)?,
             proj: a(n * c)?,
-            dlogits: a(n * vc)?,
+            // chunked, each chunk's gradient overwrites its logits (in place): no buffer
+            dlogits: a(if vc < v { 0 } else { n * vc })?,
             dres: a(n * c)?,
             dres_next: a(n * c)?,
             dx_mid: a(n * c)?,

@@ -3,7 +3,7 @@
 use super::forward::{block_train_fwd, check_shape, Injection};
 use super::linear::{linear_bwd_dw, linear_bwd_dx};
 use super::{Activations, DeviceBatch, Model, Recompute};
-use crate::device::{AttnDims, Device, View, ViewMut};
+use crate::device::{AttnDims, Device, DeviceBuf, View, ViewMut};
 use crate::Result;
 
 /// At the residual stream of `layer`: the injection's share of the gradient goes to `dvecs`
@@ -46,7 +46,8 @@ fn check_trainable<D: Device>(model: &Model<D>) -> Result<()> {
 }
 
 /// The LM head's backward for logits[N,W] = s * xn_f @ w^T (w [W,C], a window of lm_head),
-/// from `a.dlogits[..N*W]`: dxn[N,C] = s * dlogits @ w + beta * dxn, dw[W,C] += s * dlogits^T xn_f.
+/// from d loss / d logits in `a.dlogits[..N*W]` (whole logits) or, in place, `a.logits[..N*W]`
+/// (a vocabulary chunk): dxn[N,C] = s * dlogits @ w + beta * dxn, dw[W,C] += s * dlogits^T xn_f.
 fn lm_head_bwd<D: Device>(
     dev: &D,
     a: &mut Activations<D>,
@@ -55,7 +56,12 @@ fn lm_head_bwd<D: Device>(
     (n, nw, c): (usize, usize, usize),
     beta: f32,
 ) -> Result<()> {
-    let dlogits = View::range(&a.dlogits, 0, n * nw);
+    let grad = if a.dlogits.is_empty() {
+        &a.logits
+    } else {
+        &a.dlogits
+    };
+    let dlogits = View::range(grad, 0, n * nw);
     let s = a.logit_scale;
     dev.matmul(
         ViewMut::all(&mut a.dxn),
@@ -162,9 +168,9 @@ pub fn backward_with<D: Device>(
                 a.logit_scale,
                 0.0,
             )?;
+            // in place: the chunk's logits become their gradient
             dev.cross_entropy_chunk_bwd(
-                ViewMut::range(&mut a.dlogits, 0, n * w),
-                View::range(&a.logits, 0, n * w),
+                ViewMut::range(&mut a.logits, 0, n * w),
                 View::all(&a.ce_state),
                 &batch.targets,
                 View::all(&batch.mask),

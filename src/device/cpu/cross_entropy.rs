@@ -168,15 +168,14 @@ pub fn cross_entropy_chunk_fwd<T: Real>(
         });
 }
 
-/// `dlogits[N,VC] = mask[n] * scale * (exp(x - M) / S - onehot(targets[n] - v0))`   (`=`)
+/// In place on the chunk's logits [N,VC] (made again):
+/// `x <- mask[n] * scale * (exp(x - M) / S - onehot(targets[n] - v0))`
 ///
 /// The backward of one chunk (columns `[v0, v0+VC)`), from the state the forward's chunks
-/// left (`(M, S, _)` per row, see [`cross_entropy_chunk_fwd`]) and the chunk's logits made
-/// again. Rows with weight 0 are zero without reading logits or state.
-#[allow(clippy::too_many_arguments)]
+/// left (`(M, S, _)` per row, see [`cross_entropy_chunk_fwd`]). Rows with weight 0 become
+/// zero without reading the state.
 pub fn cross_entropy_chunk_bwd<T: Real>(
-    dlogits: &mut [T],
-    logits: &[T],
+    logits: &mut [T],
     state: &[T],
     targets: &[u32],
     mask: &[T],
@@ -188,21 +187,20 @@ pub fn cross_entropy_chunk_bwd<T: Real>(
         return;
     }
     let scale = <T as Real>::from_f32(scale);
-    dlogits
+    logits
         .par_chunks_mut(vc)
-        .zip(logits.par_chunks(vc))
         .zip(state.par_chunks(CE_STATE))
         .zip(targets.par_iter())
         .zip(mask.par_iter())
-        .for_each(|((((d, x), st), &y), &mk)| {
+        .for_each(|(((d, st), &y), &mk)| {
             let w = mk * scale;
             if w == T::zero() {
                 d.fill(T::zero());
                 return;
             }
             let (m, ws) = (st[0], w * (T::one() / st[1]));
-            for (d, &x) in d.iter_mut().zip(x) {
-                *d = (x - m).vexp() * ws;
+            for d in d.iter_mut() {
+                *d = (*d - m).vexp() * ws;
             }
             if let Some(j) = (y as usize).checked_sub(v0).filter(|&j| j < vc) {
                 d[j] -= w;

@@ -780,8 +780,7 @@ impl Device for CpuDevice {
 
     fn cross_entropy_chunk_bwd(
         &self,
-        dlogits: ViewMut<'_, Buf>,
-        logits: View<'_, Buf>,
+        logits: ViewMut<'_, Buf>,
         state: View<'_, Buf>,
         targets: &Self::Ids,
         mask: View<'_, Buf>,
@@ -793,11 +792,9 @@ impl Device for CpuDevice {
     ) -> Result<()> {
         const OP: &str = "cross_entropy_chunk_bwd";
         check_chunk(OP, (vc, v, v0), state.len(), targets, mask.len(), n)?;
-        check_len(OP, "dlogits [N,VC]", dlogits.len(), &[n, vc])?;
         check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
         cross_entropy::cross_entropy_chunk_bwd(
-            get_mut(OP, "dlogits", dlogits)?,
-            get(OP, "logits", logits)?,
+            get_mut(OP, "logits", logits)?,
             get(OP, "state", state)?,
             targets,
             get(OP, "mask", mask)?,

@@ -187,13 +187,12 @@ pub fn chunk_fwd<'a, L: Launch + ?Sized>(
     )
 }
 
-/// dlogits[N,VC] = mask * scale * (softmax - onehot(target)) over columns [v0, v0+VC), from the
-/// forward's state[N,3].
+/// In place on logits[N,VC]: mask * scale * (softmax - onehot(target)) over columns
+/// [v0, v0+VC), from the forward's state[N,3].
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_bwd<'a, L: Launch + ?Sized>(
     l: &L,
-    dlogits: impl Into<Out<'a, f32>>,
-    logits: impl Into<In<'a, f32>>,
+    logits: impl Into<Out<'a, f32>>,
     state: impl Into<In<'a, f32>>,
     targets: impl Into<Ids<'a>>,
     mask: impl Into<In<'a, f32>>,
@@ -202,27 +201,22 @@ pub fn chunk_bwd<'a, L: Launch + ?Sized>(
     scale: f32,
 ) -> Result<()> {
     const OP: &str = "cross_entropy_chunk_bwd";
-    let (dlogits, logits, state) = (dlogits.into(), logits.into(), state.into());
+    let (logits, state) = (logits.into(), state.into());
     let (targets, mask) = (targets.into(), mask.into());
     check_chunk(
         OP,
-        ("dlogits [N,VC]", dlogits.len(), &[n, vc]),
+        ("logits [N,VC]", logits.len(), &[n, vc]),
         state.len(),
         &targets,
         mask.len(),
         n,
         (vc, v, v0),
     )?;
-    check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
     if n == 0 {
         return Ok(());
     }
     let mut a = EmuArgs::new();
-    a.output(dlogits)
-        .input(logits)
-        .input(state)
-        .ids(targets)
-        .input(mask);
+    a.output(logits).input(state).ids(targets).input(mask);
     a.scalar(n as i32)
         .scalar(vc as i32)
         .scalar(v0 as i32)

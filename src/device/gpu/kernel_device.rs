@@ -470,8 +470,7 @@ impl<T: KernelDevice> Device for T {
 
     fn cross_entropy_chunk_bwd(
         &self,
-        dlogits: M<'_, T>,
-        logits: V<'_, T>,
+        logits: M<'_, T>,
         state: V<'_, T>,
         targets: &T::Ids,
         mask: V<'_, T>,
@@ -484,8 +483,7 @@ impl<T: KernelDevice> Device for T {
         const OP: &str = "cross_entropy_chunk_bwd";
         gpu::cross_entropy::chunk_bwd(
             self.launcher(),
-            T::output(OP, "dlogits", dlogits)?,
-            T::input(OP, "logits", logits)?,
+            T::output(OP, "logits", logits)?,
             T::input(OP, "state", state)?,
             T::ids(targets),
             T::input(OP, "mask", mask)?,
