@@ -539,13 +539,10 @@ impl<D: Device> ActorTrainer<D> {
                         .iter()
                         .map(|&g| -g * share)
                         .collect();
+                    // the batch already on the device, the weights in place of its mask
                     let wdb = DeviceBatch {
-                        b: db.b,
-                        t: db.t,
-                        ids: dev.upload_ids(&ab.batch.ids)?,
-                        targets: dev.upload_ids(&ab.batch.targets)?,
                         mask: dev.upload(&w)?,
-                        count: db.count,
+                        ..db
                     };
                     backward_with(
                         dev,
