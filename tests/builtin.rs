@@ -127,6 +127,29 @@ fn model_folder_round_trip() {
     assert_eq!(tpl.bos_token(), None);
     assert_eq!(tpl.end_of_turn_id(&ltok).unwrap(), EOS_ID);
     assert_eq!(tpl.pad_id(&ltok).unwrap(), EOS_ID);
+    // no cls token named: `cls` pooling appends the padding id
+    assert_eq!(tpl.cls_id(&ltok).unwrap(), EOS_ID);
+    // one named in tokenizer_config.json is appended instead; one not in the vocabulary is an
+    // error that says so
+    let cfg_path = dir.path().join("tokenizer_config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["cls_token"] = "<INJECT>".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let with_cls = ChatTemplate::load(dir.path(), &ltok).unwrap();
+    assert_eq!(
+        with_cls.cls_id(&ltok).unwrap(),
+        ltok.token_to_id("<INJECT>").unwrap()
+    );
+    cfg["cls_token"] = "<CLS>".into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let e = ChatTemplate::load(dir.path(), &ltok)
+        .unwrap()
+        .cls_id(&ltok)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cls") && e.contains("<CLS>"), "{e}");
+    std::fs::write(&cfg_path, text).unwrap();
     assert_eq!(
         tpl.render_conversation("Explain <INJECT>:", "the cat")
             .unwrap(),

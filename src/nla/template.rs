@@ -33,6 +33,8 @@ pub struct ChatTemplate {
     bos_token: Option<String>,
     eos_token: Option<String>,
     pad_token: Option<String>,
+    /// The model's cls token, if it names one (`cls` pooling appends it).
+    cls_token: Option<String>,
 }
 
 impl fmt::Debug for ChatTemplate {
@@ -62,6 +64,7 @@ impl ChatTemplate {
             bos_token,
             eos_token,
             pad_token,
+            cls_token: None,
         }
     }
 
@@ -94,7 +97,14 @@ impl ChatTemplate {
             bos_token,
             eos_token,
             pad_token,
+            cls_token: None,
         })
+    }
+
+    /// This template with the model's cls token.
+    pub fn with_cls(mut self, cls_token: Option<String>) -> Self {
+        self.cls_token = cls_token;
+        self
     }
 
     /// The template of the model at `path`: a `.gguf` file or a Hugging Face model folder.
@@ -117,17 +127,21 @@ impl ChatTemplate {
         let bos = token("tokenizer.ggml.bos_token_id");
         let eos = token("tokenizer.ggml.eos_token_id");
         let pad = token("tokenizer.ggml.padding_token_id");
+        let cls = token("tokenizer.ggml.cls_token_id");
         let origin = g.path.clone();
-        match g.get("tokenizer.chat_template") {
-            None => Ok(ChatTemplate::plain(origin, bos, eos, pad)),
+        let t = match g.get("tokenizer.chat_template") {
+            None => ChatTemplate::plain(origin, bos, eos, pad),
             Some(v) => match v.as_str() {
-                Some(src) => ChatTemplate::jinja(src.to_string(), origin, bos, eos, pad),
-                None => Err(Error::format(
-                    origin,
-                    "key `tokenizer.chat_template` is not a string",
-                )),
+                Some(src) => ChatTemplate::jinja(src.to_string(), origin, bos, eos, pad)?,
+                None => {
+                    return Err(Error::format(
+                        origin,
+                        "key `tokenizer.chat_template` is not a string",
+                    ))
+                }
             },
-        }
+        };
+        Ok(t.with_cls(cls))
     }
 
     /// From a Hugging Face model folder: `chat_template.jinja`, else `tokenizer_config.json`'s
@@ -141,6 +155,7 @@ impl ChatTemplate {
         let bos = field("bos_token");
         let mut eos = field("eos_token");
         let pad = field("pad_token");
+        let cls = field("cls_token");
         if eos.is_none() {
             if let Some(c) = read_json(&dir.join("config.json"))? {
                 let id = match c.get("eos_token_id") {
@@ -157,7 +172,7 @@ impl ChatTemplate {
         if jinja_path.is_file() {
             let src =
                 std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
-            return ChatTemplate::jinja(src, jinja_path, bos, eos, pad);
+            return Ok(ChatTemplate::jinja(src, jinja_path, bos, eos, pad)?.with_cls(cls));
         }
         let src = match config.as_ref().and_then(|c| c.get("chat_template")) {
             None | Some(serde_json::Value::Null) => None,
@@ -173,10 +188,11 @@ impl ChatTemplate {
                 ))
             }
         };
-        match src {
-            Some(src) => ChatTemplate::jinja(src, config_path, bos, eos, pad),
-            None => Ok(ChatTemplate::plain(dir.to_path_buf(), bos, eos, pad)),
-        }
+        let t = match src {
+            Some(src) => ChatTemplate::jinja(src, config_path, bos, eos, pad)?,
+            None => ChatTemplate::plain(dir.to_path_buf(), bos, eos, pad),
+        };
+        Ok(t.with_cls(cls))
     }
 
     /// Writes `tokenizer_config.json` into an HF model folder: the special tokens and the
@@ -284,6 +300,16 @@ impl ChatTemplate {
     pub fn pad_id(&self, tok: &Tokenizer) -> Result<u32> {
         let t = self.pad_token.as_deref().or(self.eos_token.as_deref());
         self.token_id(tok, t, "pad or EOS")
+    }
+
+    /// The id `cls` pooling appends: the model's cls token (`cls_token` of
+    /// tokenizer_config.json, `tokenizer.ggml.cls_token_id` of a GGUF), else, for the models
+    /// that name none (Llama tokenizers), the padding id.
+    pub fn cls_id(&self, tok: &Tokenizer) -> Result<u32> {
+        match self.cls_token.as_deref() {
+            Some(t) => self.token_id(tok, Some(t), "cls"),
+            None => self.pad_id(tok),
+        }
     }
 
     fn token_id(&self, tok: &Tokenizer, token: Option<&str>, what: &str) -> Result<u32> {

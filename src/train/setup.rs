@@ -150,7 +150,10 @@ pub fn load_critic<D: Device>(
     };
     let template = ChatTemplate::load(path, &tok)?;
     let pad_id = template.pad_id(&tok)?;
-    let cls_id = (c.pooling == Pooling::Cls).then_some(pad_id);
+    let cls_id = match c.pooling {
+        Pooling::Cls => Some(template.cls_id(&tok)?),
+        _ => None,
+    };
     let side = CriticSide {
         tok,
         pad_id,
