@@ -14,7 +14,8 @@
 //!   samples excluded (`valid`).
 //! - [V]: `mean` and `max` pooling; `weighted` pooling with a learned `pool.weight` [Tmax],
 //!   initialised `0.01 N(0,1)` ([V] legacy). `cls` pooling is `last` over a cls token the data
-//!   layer appends. A head with A != C gets PyTorch's Linear default init
+//!   layer appends (the model's cls token, or the padding id when it names none:
+//!   `ChatTemplate::cls_id`). A head with A != C gets PyTorch's Linear default init
 //!   `U(-1/sqrt(C), 1/sqrt(C))` (no reference system has one; [V]'s legacy projection head).
 //!
 //! Parameters: one flat buffer with a [`ParamTable`]: the backbone's entries under their HF
