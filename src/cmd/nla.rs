@@ -444,9 +444,12 @@ fn eval_on<D: Device>(
     vd.shuffle = false;
     cfg.data.val_dataset = Some(vd);
     cfg.data.val_batch_size = rows;
-    let (aside, actor) = setup::load_actor(dev, &cfg, &m.actor_path(&cfg)?)?;
+    let (aside, mut actor) = setup::load_actor(dev, &cfg, &m.actor_path(&cfg)?)?;
     let a = actor.spec.a;
-    let (cside, critic) = setup::load_critic(dev, &cfg, &m.critic_path(&cfg)?, Some(a))?;
+    let (cside, mut critic) = setup::load_critic(dev, &cfg, &m.critic_path(&cfg)?, Some(a))?;
+    // evaluation runs forward only: no gradients
+    actor.model.freeze(dev)?;
+    critic.model.freeze(dev)?;
     let sched = nla_engine::train::LrSchedule::constant(0.0);
     let mut parts = Parts {
         actor: Some((
