@@ -706,3 +706,48 @@ fn cuda_write_fills_its_window() {
         check_write(&dev, "cuda");
     }
 }
+
+// ---- the chunked cross-entropy's checks
+
+/// A chunk past the vocabulary, a target at V and a state of the wrong length are refused
+/// with the same message on every device, before anything runs.
+fn check_chunk_refusals<D: Device>(dev: &D, label: &str) {
+    let (n, vc, v) = (2, 3, 7);
+    let mut losses = dev.alloc(n).unwrap();
+    let mut state = dev.alloc(3 * n).unwrap();
+    let logits = dev.upload(&[0.5; 6]).unwrap();
+    let mask = dev.upload(&[1.0, 1.0]).unwrap();
+    let mut run = |targets: &[u32], v0: usize, state_len: usize| {
+        let t = dev.upload_ids(targets).unwrap();
+        dev.cross_entropy_chunk_fwd(
+            ViewMut::all(&mut losses),
+            ViewMut::range(&mut state, 0, state_len),
+            View::all(&logits),
+            &t,
+            View::all(&mask),
+            n,
+            vc,
+            v,
+            v0,
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = run(&[0, 1], 5, 3 * n);
+    assert!(
+        e.contains("chunk [5, 5+3) outside the vocabulary of 7"),
+        "{label}: {e}"
+    );
+    let e = run(&[0, 7], 3, 3 * n);
+    assert!(e.contains("targets"), "{label}: {e}");
+    let e = run(&[0, 1], 3, 3 * n - 1);
+    assert!(e.contains("state [N,3]"), "{label}: {e}");
+}
+
+#[test]
+fn chunked_cross_entropy_refuses_bad_chunks() {
+    check_chunk_refusals(&CpuDevice::new(), "cpu");
+    for (dev, label) in emu_devices() {
+        check_chunk_refusals(&dev, &label);
+    }
+}

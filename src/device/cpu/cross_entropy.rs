@@ -90,6 +90,29 @@ pub fn cross_entropy_bwd<T: Real>(
 /// Slots per row of the chunked cross-entropy's state [N, 3].
 pub const CE_STATE: usize = 3;
 
+/// The length checks both directions of the chunked cross-entropy share, on every device: a
+/// chunk `[v0, v0+VC)` inside the vocabulary, state [N,3], targets [N], mask [N]. (The
+/// targets' values, below V, are each device's to check where they are.)
+pub(crate) fn check_chunk(
+    op: &'static str,
+    (vc, v, v0): (usize, usize, usize),
+    state: usize,
+    targets: usize,
+    mask: usize,
+    n: usize,
+) -> crate::Result<()> {
+    super::check_pos(op, "VC", vc)?;
+    if v0.checked_add(vc).is_none_or(|end| end > v) {
+        return Err(crate::Error::invalid(
+            op,
+            format!("chunk [{v0}, {v0}+{vc}) outside the vocabulary of {v}"),
+        ));
+    }
+    super::check_len(op, "state [N,3]", state, &[n, CE_STATE])?;
+    super::check_len(op, "targets [N]", targets, &[n])?;
+    super::check_len(op, "mask [N]", mask, &[n])
+}
+
 /// `(m, s)` with `m` the max of `x` (NaN skipped) and `s = sum exp(x - m)` (f64 sum); a chunk
 /// of -inf only is `(-inf, 0)`.
 fn chunk_max_sum<T: Real>(x: &[T], e: &mut Vec<T>) -> (T, T) {

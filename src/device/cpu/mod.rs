@@ -190,29 +190,6 @@ impl DeviceBuf for Vec<f32> {
 
 type Buf = Vec<f32>;
 
-/// The checks both directions of the chunked cross-entropy share: a chunk `[v0, v0+VC)`
-/// inside the vocabulary, state [N,3], targets [N] below V, mask [N].
-fn check_chunk(
-    op: &'static str,
-    (vc, v, v0): (usize, usize, usize),
-    state: usize,
-    targets: &[u32],
-    mask: usize,
-    n: usize,
-) -> Result<()> {
-    check_pos(op, "VC", vc)?;
-    if v0.checked_add(vc).is_none_or(|end| end > v) {
-        return Err(Error::invalid(
-            op,
-            format!("chunk [{v0}, {v0}+{vc}) outside the vocabulary of {v}"),
-        ));
-    }
-    check_len(op, "state [N,3]", state, &[n, cross_entropy::CE_STATE])?;
-    check_len(op, "targets [N]", targets.len(), &[n])?;
-    check_len(op, "mask [N]", mask, &[n])?;
-    check_ids(op, "targets", targets, v)
-}
-
 /// `write`'s check: the host slice fills the window exactly.
 pub(crate) fn check_write(dst: usize, host: usize) -> Result<()> {
     if dst != host {
@@ -762,7 +739,8 @@ impl Device for CpuDevice {
         v0: usize,
     ) -> Result<()> {
         const OP: &str = "cross_entropy_chunk_fwd";
-        check_chunk(OP, (vc, v, v0), state.len(), targets, mask.len(), n)?;
+        cross_entropy::check_chunk(OP, (vc, v, v0), state.len(), targets.len(), mask.len(), n)?;
+        check_ids(OP, "targets", targets, v)?;
         check_len(OP, "losses [N]", losses.len(), &[n])?;
         check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
         cross_entropy::cross_entropy_chunk_fwd(
@@ -791,7 +769,8 @@ impl Device for CpuDevice {
         scale: f32,
     ) -> Result<()> {
         const OP: &str = "cross_entropy_chunk_bwd";
-        check_chunk(OP, (vc, v, v0), state.len(), targets, mask.len(), n)?;
+        cross_entropy::check_chunk(OP, (vc, v, v0), state.len(), targets.len(), mask.len(), n)?;
+        check_ids(OP, "targets", targets, v)?;
         check_len(OP, "logits [N,VC]", logits.len(), &[n, vc])?;
         cross_entropy::cross_entropy_chunk_bwd(
             get_mut(OP, "logits", logits)?,

@@ -3,7 +3,7 @@
 //! cross_entropy_chunk_bwd_f32 over vocabulary chunks, the same mapping.
 
 use super::{check_len, check_pos, dim1, int, EmuArgs, Ids, In, Launch, Out};
-use crate::device::cpu::cross_entropy::CE_STATE;
+use crate::device::cpu::cross_entropy::check_chunk;
 use crate::Result;
 
 /// Threads per block of the row kernels (cross_entropy, softmax, sample).
@@ -111,9 +111,9 @@ pub fn bwd<'a, L: Launch + ?Sized>(
     )
 }
 
-/// Checks of a vocabulary chunk's launch: logits/dlogits [N,VC], state [N,3], v0 + VC <= V.
-#[allow(clippy::too_many_arguments)]
-fn check_chunk(
+/// Checks of a vocabulary chunk's launch: the shared lengths ([`check_chunk`]), `out`, the
+/// targets' values where they are known, and ints.
+fn check_chunk_launch(
     op: &'static str,
     out: (&str, usize, &[usize]),
     state: usize,
@@ -122,17 +122,8 @@ fn check_chunk(
     n: usize,
     (vc, v, v0): (usize, usize, usize),
 ) -> Result<()> {
-    check_pos(op, "VC", vc)?;
-    if v0.checked_add(vc).is_none_or(|end| end > v) {
-        return Err(crate::Error::invalid(
-            op,
-            format!("chunk [{v0}, {v0}+{vc}) outside the vocabulary of {v}"),
-        ));
-    }
+    check_chunk(op, (vc, v, v0), state, targets.len(), mask, n)?;
     check_len(op, out.0, out.1, out.2)?;
-    check_len(op, "state [N,3]", state, &[n, CE_STATE])?;
-    check_len(op, "targets [N]", targets.len(), &[n])?;
-    check_len(op, "mask [N]", mask, &[n])?;
     targets.check(op, "targets", v)?;
     int(op, "N", n)?;
     int(op, "V", v)?;
@@ -155,7 +146,7 @@ pub fn chunk_fwd<'a, L: Launch + ?Sized>(
     const OP: &str = "cross_entropy_chunk_fwd";
     let (losses, state, logits) = (losses.into(), state.into(), logits.into());
     let (targets, mask) = (targets.into(), mask.into());
-    check_chunk(
+    check_chunk_launch(
         OP,
         ("losses [N]", losses.len(), &[n]),
         state.len(),
@@ -203,7 +194,7 @@ pub fn chunk_bwd<'a, L: Launch + ?Sized>(
     const OP: &str = "cross_entropy_chunk_bwd";
     let (logits, state) = (logits.into(), state.into());
     let (targets, mask) = (targets.into(), mask.into());
-    check_chunk(
+    check_chunk_launch(
         OP,
         ("logits [N,VC]", logits.len(), &[n, vc]),
         state.len(),
