@@ -16,7 +16,9 @@ pub mod emu_device;
 pub mod gpu;
 pub mod kernels;
 pub mod select;
+pub mod storage;
 
+pub use storage::{Dtype, Storage};
 use crate::Result;
 
 /// Device memory holding f32 elements.
