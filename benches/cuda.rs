@@ -350,7 +350,7 @@ fn benches(c: &mut Criterion) {
                     step,
                     grad_scale: 1.0,
                 };
-                dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &hp)
+                dev.adamw(m(&mut p), None, v(&g), m(&mut mm), m(&mut vv), &hp)
             },
         );
         bench_op(

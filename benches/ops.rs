@@ -288,7 +288,7 @@ fn adamw(c: &mut Criterion) {
     let mut g = slow_group(c, "adamw", n as u64);
     g.bench_function("step", |b| {
         b.iter(|| {
-            dev.adamw(m(&mut p), v(&grad), m(&mut mm), m(&mut vv), &hp)
+            dev.adamw(m(&mut p), None, v(&grad), m(&mut mm), m(&mut vv), &hp)
                 .unwrap()
         })
     });

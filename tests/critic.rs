@@ -269,7 +269,7 @@ fn adamw_drives_the_critic_loss_down() {
         }
         last = loss;
         let m = &mut critic.model;
-        opt.update(&dev, &mut m.params, &m.grads, 3e-3, 1.0)
+        opt.update(&dev, &mut m.params, None, &m.grads, 3e-3, 1.0)
             .unwrap();
     }
     println!("critic loss {first:.4} -> {last:.6}");

@@ -691,6 +691,7 @@ fn adamw<D: Device>(dev: &D, label: &str, s: &Sizes) {
         let [mut p, g, mut m, mut v] = ins.map(|x| up(e, x));
         e.adamw(
             ViewMut::all(&mut p),
+            None,
             View::all(&g),
             ViewMut::all(&mut m),
             ViewMut::all(&mut v),

@@ -839,7 +839,7 @@ fn check_adamw(n: usize, misalign: usize, bf16_copy: bool, seed: u64) {
     };
     let (mut p_w, mut m_w, mut v_w) = (p0.clone(), m0.clone(), v0.clone());
     cpu()
-        .adamw(m(&mut p_w), v(&g), m(&mut m_w), m(&mut v_w), &hp)
+        .adamw(m(&mut p_w), None, v(&g), m(&mut m_w), m(&mut v_w), &hp)
         .unwrap();
     // the twin's f32 operations in the twin's order, IEEE sqrt and division: exact
     for (mode, seed) in ORDERS {

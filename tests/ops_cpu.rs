@@ -594,8 +594,15 @@ fn adamw_fixture() {
     let (mut mm, mut vv) = (vec![0.0; p.len()], vec![0.0; p.len()]);
     for step in 1..=3u64 {
         let g = data(&format!("adamw.g{step}"));
-        dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &adamw_hp(step))
-            .unwrap();
+        dev.adamw(
+            m(&mut p),
+            None,
+            v(&g),
+            m(&mut mm),
+            m(&mut vv),
+            &adamw_hp(step),
+        )
+        .unwrap();
         // p ~ N(0,1) moves by ~lr = 1e-2 a step; the update m/(sqrt(v)+eps) is O(1) with a few
         // u of relative error, so p is off by ~u of itself per step (plus lr * a few u): <= 2 u
         // measured after 3 steps, relative or of the largest entry; 3 u allowed.
@@ -621,12 +628,19 @@ fn adamw_grad_scale_folds_into_the_gradient() {
         grad_scale: 0.25,
         ..adamw_hp(1)
     };
-    dev.adamw(m(&mut p1), v(&g), m(&mut m1), m(&mut v1), &hp)
+    dev.adamw(m(&mut p1), None, v(&g), m(&mut m1), m(&mut v1), &hp)
         .unwrap();
     let g4: Buf = g.iter().map(|x| x * 0.25).collect(); // exact: a power of two
     let (mut p2, mut m2, mut v2) = (p0.clone(), vec![0.0; p0.len()], vec![0.0; p0.len()]);
-    dev.adamw(m(&mut p2), v(&g4), m(&mut m2), m(&mut v2), &adamw_hp(1))
-        .unwrap();
+    dev.adamw(
+        m(&mut p2),
+        None,
+        v(&g4),
+        m(&mut m2),
+        m(&mut v2),
+        &adamw_hp(1),
+    )
+    .unwrap();
     assert_eq!(p1, p2);
     assert_eq!(m1, m2);
     assert_eq!(v1, v2);
@@ -1522,7 +1536,7 @@ fn adamw_device() {
         grad_scale: 1.0,
     };
     let p0 = p.clone();
-    dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &hp)
+    dev.adamw(m(&mut p), None, v(&g), m(&mut mm), m(&mut vv), &hp)
         .unwrap();
     // First step without decay: m/(1-b1) = g, v/(1-b2) = g^2, so p moves by lr * sign(g).
     for i in 0..n {
@@ -1532,6 +1546,7 @@ fn adamw_device() {
         "adamw",
         dev.adamw(
             m(&mut p),
+            None,
             v(&g),
             m(&mut mm),
             m(&mut vv),
@@ -1542,6 +1557,7 @@ fn adamw_device() {
         "adamw",
         dev.adamw(
             m(&mut p),
+            None,
             v(&g),
             m(&mut mm),
             m(&mut vv),
@@ -1550,10 +1566,24 @@ fn adamw_device() {
     );
     assert_invalid(
         "adamw",
-        dev.adamw(m(&mut p), v(&g[1..].to_vec()), m(&mut mm), m(&mut vv), &hp),
+        dev.adamw(
+            m(&mut p),
+            None,
+            v(&g[1..].to_vec()),
+            m(&mut mm),
+            m(&mut vv),
+            &hp,
+        ),
     );
     assert_invalid(
         "adamw",
-        dev.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv[1..].to_vec()), &hp),
+        dev.adamw(
+            m(&mut p),
+            None,
+            v(&g),
+            m(&mut mm),
+            m(&mut vv[1..].to_vec()),
+            &hp,
+        ),
     );
 }

@@ -33,10 +33,10 @@ use std::ffi::c_char;
 use std::process::{Command, Output};
 
 use nla_engine::device::emu::{launch, EmuArgs, EmuMode};
-use nla_engine::device::emu_device::EmuDevice;
+use nla_engine::device::emu_device::{EmuBuf, EmuDevice};
 use nla_engine::device::{
-    AdamwStep, Advantage, AttnDims, CacheDims, Device, InjectMode, KlType, LossAgg, PolicyLossSpec,
-    PolicyStat, PoolMode, RewardSpec, RewardTransform, SampleSpec, View, ViewMut,
+    AdamwStep, Advantage, AttnDims, CacheDims, Device, DeviceBuf, InjectMode, KlType, LossAgg,
+    PolicyLossSpec, PolicyStat, PoolMode, RewardSpec, RewardTransform, SampleSpec, View, ViewMut,
 };
 
 const ENABLE: &str = "NLA_TSAN";
@@ -272,21 +272,26 @@ fn block_sum(kernel: &str) -> usize {
 // The production kernels, one family (kernels/<family>.cu) per child
 // ------------------------------------------------------------------------------------------
 
-/// `n` deterministic values in (-scale, scale).
-fn vals(n: usize, seed: u32, scale: f32) -> Vec<f32> {
+/// `n` deterministic values in (-scale, scale), on the host.
+fn host(n: usize, seed: u32, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|i| scale * ((i as f32 * 0.7311 + seed as f32 * 1.37).sin()))
         .collect()
 }
 
-fn v(x: &Vec<f32>) -> View<'_, Vec<f32>> {
+/// [`host`] in an f32 buffer of the emulated device.
+fn vals(n: usize, seed: u32, scale: f32) -> EmuBuf {
+    EmuBuf::F32(host(n, seed, scale))
+}
+
+fn v(x: &EmuBuf) -> View<'_, EmuBuf> {
     View::all(x)
 }
-fn m(x: &mut Vec<f32>) -> ViewMut<'_, Vec<f32>> {
+fn m(x: &mut EmuBuf) -> ViewMut<'_, EmuBuf> {
     ViewMut::all(x)
 }
-fn zeros(n: usize) -> Vec<f32> {
-    vec![0.0; n]
+fn zeros(n: usize) -> EmuBuf {
+    EmuBuf::F32(vec![0.0; n])
 }
 
 fn embedding(d: &EmuDevice) {
@@ -437,7 +442,7 @@ fn cross_entropy(d: &EmuDevice) {
     let (n, vocab) = (4, 33);
     let logits = vals(n * vocab, 18, 4.0);
     let targets: Vec<u32> = vec![0, 32, 7, 7];
-    let mask = vec![1.0, 1.0, 0.0, 1.0];
+    let mask = EmuBuf::F32(vec![1.0, 1.0, 0.0, 1.0]);
     let mut losses = zeros(n);
     d.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vocab)
         .unwrap();
@@ -459,7 +464,7 @@ fn softmax(d: &EmuDevice) {
 fn sample(d: &EmuDevice) {
     let (n, vocab) = (4, 33);
     let logits = vals(n * vocab, 21, 4.0);
-    let u = vec![0.1, 0.5, 0.9, 0.999];
+    let u = EmuBuf::F32(vec![0.1, 0.5, 0.9, 0.999]);
     for spec in [
         SampleSpec {
             temperature: 0.0,
@@ -500,8 +505,9 @@ fn inject(d: &EmuDevice) {
 
 fn norm_scale(d: &EmuDevice) {
     let (n, dd) = (3, 64);
-    let mut x = vals(n * dd, 24, 1.0);
-    x[dd..2 * dd].fill(0.0); // a zero row: the clamp
+    let mut xh = host(n * dd, 24, 1.0);
+    xh[dd..2 * dd].fill(0.0); // a zero row: the clamp
+    let x = EmuBuf::F32(xh);
     let mut y = zeros(n * dd);
     d.norm_scale_fwd(m(&mut y), v(&x), n, dd, 2.0).unwrap();
     let dy = vals(n * dd, 25, 1.0);
@@ -514,10 +520,12 @@ fn pool(d: &EmuDevice) {
     // B 3, T 5, C 12, lengths 5, 3, 1; every mode
     let (b, t, c) = (3, 5, 12);
     let h = vals(b * t * c, 26, 1.0);
-    let mask: Vec<f32> = [5, 3, 1]
-        .iter()
-        .flat_map(|&len| (0..t).map(move |i| f32::from(u8::from(i < len))))
-        .collect();
+    let mask = EmuBuf::F32(
+        [5, 3, 1]
+            .iter()
+            .flat_map(|&len| (0..t).map(move |i| f32::from(u8::from(i < len))))
+            .collect(),
+    );
     let w = vals(t + 2, 27, 1.0);
     let dout = vals(b * c, 28, 1.0);
     for mode in [
@@ -554,7 +562,7 @@ fn reward_advantage(d: &EmuDevice) {
     let (s, a) = (6, 8);
     let pred = vals(s * a, 29, 1.0);
     let target = vals(s * a, 30, 1.0);
-    let valid = vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0];
+    let valid = EmuBuf::F32(vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0]);
     let ppo = RewardSpec {
         mse_scale: None,
         failure_value: -1.0,
@@ -584,15 +592,10 @@ fn reward_advantage(d: &EmuDevice) {
 
 fn policy_loss(d: &EmuDevice) {
     let (s, t) = (2, 7);
-    let shifted = |seed| {
-        vals(s * t, seed, 0.5)
-            .iter()
-            .map(|x| x - 1.0)
-            .collect::<Vec<_>>()
-    };
+    let shifted = |seed| EmuBuf::F32(host(s * t, seed, 0.5).iter().map(|x| x - 1.0).collect());
     let (logp, old, refl) = (shifted(31), shifted(32), shifted(33));
     let adv = vals(s * t, 34, 1.0);
-    let mask: Vec<f32> = (0..s * t).map(|i| f32::from(u8::from(i % 7 < 5))).collect();
+    let mask = EmuBuf::F32((0..s * t).map(|i| f32::from(u8::from(i % 7 < 5))).collect());
     let with_ref = PolicyLossSpec {
         clip_low: 0.2,
         clip_high: 0.28,
@@ -651,7 +654,7 @@ fn adamw(d: &EmuDevice) {
         step: 1,
         grad_scale: 0.5,
     };
-    d.adamw(m(&mut p), v(&g), m(&mut mm), m(&mut vv), &hp)
+    d.adamw(m(&mut p), None, v(&g), m(&mut mm), m(&mut vv), &hp)
         .unwrap();
     // several blocks, each a partial sum
     let big = vals(5000, 37, 2.0);

@@ -17,28 +17,148 @@
 //! are serialised inside the emulator, so this device is slow (milliseconds per launch): tiny
 //! models only.
 
-use super::cpu::{get, get_mut, CpuDevice};
+use half::bf16;
+
+use super::cpu::{check_same, check_write, CpuDevice};
 use super::emu::EmuMode;
 use super::gpu::kernel_device::KernelDevice;
 use super::gpu::{EmuLaunch, Ids, In, Out};
-use super::{Device, View, ViewMut};
-use crate::Result;
+use super::{Device, DeviceBuf, Dtype, Storage, View, ViewMut};
+use crate::{Error, Result};
 
-type Buf = Vec<f32>;
+/// Host memory of one storage type: the emulated device's buffer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmuBuf {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+impl DeviceBuf for EmuBuf {
+    fn len(&self) -> usize {
+        match self {
+            EmuBuf::F32(v) => v.len(),
+            EmuBuf::Bf16(v) => v.len(),
+        }
+    }
+    fn dtype(&self) -> Dtype {
+        match self {
+            EmuBuf::F32(_) => Dtype::F32,
+            EmuBuf::Bf16(_) => Dtype::Bf16,
+        }
+    }
+}
+
+/// A view's range, checked against its buffer.
+fn range(
+    op: &'static str,
+    what: &str,
+    off: usize,
+    len: usize,
+    total: usize,
+) -> Result<std::ops::Range<usize>> {
+    match off.checked_add(len) {
+        Some(end) if end <= total => Ok(off..end),
+        _ => Err(Error::invalid(
+            op,
+            format!("{what}: view {off}+{len} outside buffer of {total}"),
+        )),
+    }
+}
+
+fn wrong_dtype(op: &'static str, what: &str, got: Dtype, want: Dtype) -> Error {
+    Error::invalid(op, format!("{what} is {got}, expected {want}"))
+}
+
+/// The elements a view covers, as S (an error if the buffer holds another type).
+fn slice<'a, S: Storage>(op: &'static str, what: &str, v: View<'a, EmuBuf>) -> Result<&'a [S]> {
+    let r = range(op, what, v.offset(), v.len(), v.buf().len())?;
+    let got = v.dtype();
+    let s: Option<&[S]> = match v.buf() {
+        EmuBuf::F32(x) => bytemuck::try_cast_slice(&x[r]).ok(),
+        EmuBuf::Bf16(x) => bytemuck::try_cast_slice(&x[r]).ok(),
+    };
+    s.filter(|_| got == S::DTYPE)
+        .ok_or_else(|| wrong_dtype(op, what, got, S::DTYPE))
+}
+
+fn slice_mut<'a, S: Storage>(
+    op: &'static str,
+    what: &str,
+    v: ViewMut<'a, EmuBuf>,
+) -> Result<&'a mut [S]> {
+    let got = v.dtype();
+    let (buf, off, len) = v.into_parts();
+    let r = range(op, what, off, len, buf.len())?;
+    if got != S::DTYPE {
+        return Err(wrong_dtype(op, what, got, S::DTYPE));
+    }
+    let s: Option<&mut [S]> = match buf {
+        EmuBuf::F32(x) => bytemuck::try_cast_slice_mut(&mut x[r]).ok(),
+        EmuBuf::Bf16(x) => bytemuck::try_cast_slice_mut(&mut x[r]).ok(),
+    };
+    s.ok_or_else(|| wrong_dtype(op, what, got, S::DTYPE))
+}
+
+/// A view's elements as f32.
+fn to_f32(op: &'static str, what: &str, v: View<'_, EmuBuf>) -> Result<Vec<f32>> {
+    Ok(match v.dtype() {
+        Dtype::Bf16 => slice::<bf16>(op, what, v)?
+            .iter()
+            .map(|x| x.to_f32())
+            .collect(),
+        _ => slice::<f32>(op, what, v)?.to_vec(),
+    })
+}
+
+/// `dst = host`, rounded to dst's type.
+fn from_f32(op: &'static str, what: &str, dst: ViewMut<'_, EmuBuf>, host: &[f32]) -> Result<()> {
+    match dst.dtype() {
+        Dtype::Bf16 => {
+            let d = slice_mut::<bf16>(op, what, dst)?;
+            check_same(op, what, d.len(), host.len())?;
+            d.iter_mut()
+                .zip(host)
+                .for_each(|(d, &h)| *d = bf16::from_f32(h));
+        }
+        _ => {
+            let d = slice_mut::<f32>(op, what, dst)?;
+            check_same(op, what, d.len(), host.len())?;
+            d.copy_from_slice(host);
+        }
+    }
+    Ok(())
+}
 
 /// The emulated CUDA device (see the module docs).
 #[derive(Debug)]
 pub struct EmuDevice {
     launcher: EmuLaunch,
     budget: Option<usize>,
+    dtype: Dtype,
 }
 
 impl EmuDevice {
     /// Launches run in `mode`; `seed` drives Reversed mode's block order (varied per launch).
+    /// Working dtype f32 (the CPU twins' precision).
     pub fn new(mode: EmuMode, seed: u64) -> Self {
         EmuDevice {
             launcher: EmuLaunch::new(mode, seed),
             budget: None,
+            dtype: Dtype::F32,
+        }
+    }
+
+    /// This device with working dtype `dtype` (f32 or bf16: [`Device::work_dtype`]).
+    pub fn with_work_dtype(mut self, dtype: Dtype) -> Result<Self> {
+        match dtype {
+            Dtype::F32 | Dtype::Bf16 => {
+                self.dtype = dtype;
+                Ok(self)
+            }
+            _ => Err(Error::invalid(
+                "precision",
+                format!("the kernels store f32 or bf16, not {dtype}"),
+            )),
         }
     }
 
@@ -64,7 +184,7 @@ impl EmuDevice {
 }
 
 impl KernelDevice for EmuDevice {
-    type Buf = Vec<f32>;
+    type Buf = EmuBuf;
     type Ids = Vec<u32>;
     type Launcher = EmuLaunch;
 
@@ -72,11 +192,19 @@ impl KernelDevice for EmuDevice {
         &self.launcher
     }
 
-    fn input<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<In<'a, f32>> {
-        get(op, what, v).map(In::Host)
+    fn input<'a, S: Storage>(
+        op: &'static str,
+        what: &str,
+        v: View<'a, EmuBuf>,
+    ) -> Result<In<'a, S>> {
+        slice(op, what, v).map(In::Host)
     }
-    fn output<'a>(op: &'static str, what: &str, v: ViewMut<'a, Buf>) -> Result<Out<'a, f32>> {
-        get_mut(op, what, v).map(Out::Host)
+    fn output<'a, S: Storage>(
+        op: &'static str,
+        what: &str,
+        v: ViewMut<'a, EmuBuf>,
+    ) -> Result<Out<'a, S>> {
+        slice_mut(op, what, v).map(Out::Host)
     }
     fn ids(ids: &Vec<u32>) -> Ids<'_> {
         Ids::Host(ids)
@@ -93,26 +221,38 @@ impl KernelDevice for EmuDevice {
     }
 
     fn name(&self) -> String {
-        format!("emulated cuda ({:?})", self.launcher.mode)
+        format!("emulated cuda ({:?}, {})", self.launcher.mode, self.dtype)
     }
 
     fn memory_budget(&self) -> Result<Option<usize>> {
         Ok(self.budget)
     }
 
-    // ---- memory: host operations, as the CPU device (cuMem* on the GPU)
+    fn work_dtype(&self) -> Dtype {
+        self.dtype
+    }
 
-    fn alloc(&self, n: usize) -> Result<Buf> {
-        CpuDevice.alloc(n)
+    // ---- memory: host operations (cuMem* on the GPU)
+
+    fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<EmuBuf> {
+        match dtype {
+            Dtype::F32 => Ok(EmuBuf::F32(vec![0.0; n])),
+            Dtype::Bf16 => Ok(EmuBuf::Bf16(vec![bf16::ZERO; n])),
+            _ => Err(Error::invalid(
+                "alloc",
+                format!("the kernels store f32 or bf16, not {dtype}"),
+            )),
+        }
     }
-    fn upload(&self, host: &[f32]) -> Result<Buf> {
-        CpuDevice.upload(host)
+    fn upload(&self, host: &[f32]) -> Result<EmuBuf> {
+        Ok(EmuBuf::F32(host.to_vec()))
     }
-    fn write(&self, dst: ViewMut<'_, Buf>, host: &[f32]) -> Result<()> {
-        CpuDevice.write(dst, host)
+    fn write(&self, dst: ViewMut<'_, EmuBuf>, host: &[f32]) -> Result<()> {
+        check_write(dst.len(), host.len())?;
+        from_f32("write", "dst", dst, host)
     }
-    fn download(&self, x: View<'_, Buf>) -> Result<Vec<f32>> {
-        CpuDevice.download(x)
+    fn download(&self, x: View<'_, EmuBuf>) -> Result<Vec<f32>> {
+        to_f32("download", "x", x)
     }
     fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>> {
         CpuDevice.upload_ids(host)
@@ -120,19 +260,32 @@ impl KernelDevice for EmuDevice {
     fn download_ids(&self, ids: &Vec<u32>) -> Result<Vec<u32>> {
         CpuDevice.download_ids(ids)
     }
-    fn fill(&self, x: ViewMut<'_, Buf>, value: f32) -> Result<()> {
-        CpuDevice.fill(x, value)
+    fn fill(&self, x: ViewMut<'_, EmuBuf>, value: f32) -> Result<()> {
+        match x.dtype() {
+            Dtype::Bf16 => slice_mut("fill", "x", x)?.fill(bf16::from_f32(value)),
+            _ => slice_mut("fill", "x", x)?.fill(value),
+        }
+        Ok(())
     }
-    fn copy(&self, dst: ViewMut<'_, Buf>, src: View<'_, Buf>) -> Result<()> {
-        CpuDevice.copy(dst, src)
+    fn copy_same(&self, dst: ViewMut<'_, EmuBuf>, src: View<'_, EmuBuf>) -> Result<()> {
+        const OP: &str = "copy";
+        check_same(OP, "dst", dst.len(), src.len())?;
+        match src.dtype() {
+            Dtype::Bf16 => {
+                slice_mut::<bf16>(OP, "dst", dst)?.copy_from_slice(slice(OP, "src", src)?)
+            }
+            _ => slice_mut::<f32>(OP, "dst", dst)?.copy_from_slice(slice(OP, "src", src)?),
+        }
+        Ok(())
     }
 
-    /// cuBLASLt on the GPU, which cannot be emulated: the CPU GEMM.
+    /// cuBLASLt on the GPU, which cannot be emulated: the CPU GEMM on the operands as f32, the
+    /// result rounded once to c's dtype (as cuBLASLt with f32 compute does).
     fn matmul(
         &self,
-        c: ViewMut<'_, Buf>,
-        a: View<'_, Buf>,
-        b: View<'_, Buf>,
+        c: ViewMut<'_, EmuBuf>,
+        a: View<'_, EmuBuf>,
+        b: View<'_, EmuBuf>,
         m: usize,
         n: usize,
         k: usize,
@@ -141,6 +294,34 @@ impl KernelDevice for EmuDevice {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        CpuDevice.matmul(c, a, b, m, n, k, ta, tb, alpha, beta)
+        const OP: &str = "matmul";
+        check_matmul_dtypes(a.dtype(), b.dtype(), c.dtype())?;
+        let (a, b) = (to_f32(OP, "a", a)?, to_f32(OP, "b", b)?);
+        let mut cf = to_f32(OP, "c", c.as_view())?;
+        CpuDevice.matmul(
+            ViewMut::all(&mut cf),
+            View::all(&a),
+            View::all(&b),
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            alpha,
+            beta,
+        )?;
+        from_f32(OP, "c", c, &cf)
+    }
+}
+
+/// a and b share a dtype; c has theirs or is f32 (what the devices' matmul takes).
+pub(crate) fn check_matmul_dtypes(a: Dtype, b: Dtype, c: Dtype) -> Result<()> {
+    if a == b && (c == a || c == Dtype::F32) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "matmul",
+            format!("a {a}, b {b}, c {c}: a and b must share a dtype, c have theirs or be f32"),
+        ))
     }
 }

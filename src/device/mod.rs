@@ -2,8 +2,16 @@
 //!
 //! Every op exists as a CPU twin (`device/cpu/<op>.rs`, the reference) and, later, as a CUDA
 //! kernel (`kernels/<op>.cu`) with the same name and semantics. Buffers are device memory of
-//! f32 elements; ops take windows into them ([`View`], [`ViewMut`]) plus explicit dims, so a
-//! parameter is a window of the flat parameter buffer and an activation is a whole buffer.
+//! f32 or, on the kernel devices, bf16 elements ([`Dtype`]); ops take windows into them
+//! ([`View`], [`ViewMut`]) plus explicit dims, so a parameter is a window of the flat parameter
+//! buffer and an activation is a whole buffer. The host side of every transfer is f32.
+//!
+//! Precision: each device has a working dtype ([`Device::work_dtype`]): f32 on the CPU; bf16 or
+//! f32 on the kernel devices. Weights' working copy, activations, their gradients, logits and
+//! the KV cache are stored in it; master weights, parameter gradients, AdamW state and per-row
+//! statistics (1/rms, logsumexp, losses, masks) are always f32. Each op's documentation of its
+//! kernel (`kernels/<op>.cu`, "Dtypes") says which of its arguments are which; a buffer of the
+//! wrong dtype is an error naming it.
 //!
 //! Shape letters: B batch, T time, C channels (d_model), NH/NKV heads, HS head size, F ffn,
 //! V vocab, N rows (= B*T). Outputs documented `=` are overwritten; `+=` are accumulated.
@@ -18,12 +26,16 @@ pub mod kernels;
 pub mod select;
 pub mod storage;
 
-pub use storage::{Dtype, Storage};
 use crate::Result;
+pub use storage::{Dtype, Storage};
 
-/// Device memory holding f32 elements.
+/// Device memory holding elements of one [`Dtype`].
 pub trait DeviceBuf: Send + Sync {
     fn len(&self) -> usize;
+    /// The element type (f32 unless the device stores others).
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -62,6 +74,11 @@ impl<'a, B: DeviceBuf> View<'a, B> {
         );
         View { buf, off, len }
     }
+
+    /// The element type of the buffer.
+    pub fn dtype(&self) -> Dtype {
+        self.buf.dtype()
+    }
 }
 
 impl<'a, B> View<'a, B> {
@@ -99,6 +116,11 @@ impl<'a, B: DeviceBuf> ViewMut<'a, B> {
             buf.len()
         );
         ViewMut { buf, off, len }
+    }
+
+    /// The element type of the buffer.
+    pub fn dtype(&self) -> Dtype {
+        self.buf.dtype()
     }
 }
 
@@ -359,16 +381,45 @@ pub trait Device: Send + Sync + Sized {
         Ok(None)
     }
 
-    /// A zeroed buffer of `n` elements.
+    /// The dtype of weights' working copy, activations, their gradients, logits and the KV
+    /// cache on this device (see the module docs).
+    fn work_dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+
+    /// A zeroed buffer of `n` f32 elements.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    /// A zeroed buffer of `n` elements of `dtype`; an error where the device does not store it.
+    fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<Self::Buf> {
+        match dtype {
+            Dtype::F32 => self.alloc(n),
+            _ => Err(crate::Error::invalid(
+                "alloc",
+                format!("{} stores f32 buffers only, not {dtype}", self.name()),
+            )),
+        }
+    }
+    /// A zeroed buffer of `n` elements of the working dtype.
+    fn alloc_work(&self, n: usize) -> Result<Self::Buf> {
+        self.alloc_as(n, self.work_dtype())
+    }
+    /// A new f32 buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
-    /// `dst = host` into memory already allocated (a step's inputs without an allocation).
+    /// A new buffer of `dtype` holding `host` rounded to it.
+    fn upload_as(&self, host: &[f32], dtype: Dtype) -> Result<Self::Buf> {
+        let mut b = self.alloc_as(host.len(), dtype)?;
+        self.write(ViewMut::all(&mut b), host)?;
+        Ok(b)
+    }
+    /// `dst = host` (rounded to dst's dtype) into memory already allocated (a step's inputs
+    /// without an allocation).
     fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
+    /// The elements as f32.
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
-    /// `x = value`
+    /// `x = value` (rounded to x's dtype)
     fn fill(&self, x: M<'_, Self>, value: f32) -> Result<()>;
-    /// `dst = src`
+    /// `dst = src`, converting (round to nearest even) where their dtypes differ
     fn copy(&self, dst: M<'_, Self>, src: V<'_, Self>) -> Result<()>;
 
     /// out[N,C] = wte[ids[n], :]   (ids [N] < V)
@@ -484,6 +535,8 @@ pub trait Device: Send + Sync + Sized {
 
     /// c[M,N] = alpha * op(a) op(b) + beta * c, row-major; op(a) [M,K] is a or a^T (a stored [K,M]
     /// when ta), op(b) [K,N] is b or b^T (b stored [N,K] when tb). beta = 0 ignores c's contents.
+    /// a and b share a dtype; c has theirs or is f32 (a parameter gradient of bf16 operands);
+    /// the products accumulate in f32, and c is rounded once to its dtype.
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -725,10 +778,13 @@ pub trait Device: Send + Sync + Sized {
 
     /// One AdamW step over a window of the flat buffers (p, g, m, v have equal lengths):
     /// g' = g * grad_scale; m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
-    /// p -= lr * (wd * p + (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps))
+    /// p -= lr * (wd * p + (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)).
+    /// p, g, m, v are f32; `work`, when given, is the weights' working copy (same length, the
+    /// working dtype) and receives the new p rounded to its dtype.
     fn adamw(
         &self,
         p: M<'_, Self>,
+        work: Option<M<'_, Self>>,
         g: V<'_, Self>,
         m: M<'_, Self>,
         v: M<'_, Self>,

@@ -87,8 +87,14 @@ impl<D: Device> LmTrainer<D> {
             ));
         }
         let lr = self.schedule.lr_at(self.opt.step + 1);
-        self.opt
-            .update(dev, &mut self.model.params, &self.model.grads, lr, factor)?;
+        self.opt.update(
+            dev,
+            &mut self.model.params,
+            None,
+            &self.model.grads,
+            lr,
+            factor,
+        )?;
         Ok(StepStats {
             step: self.opt.step,
             loss: loss_sum / total,

@@ -61,7 +61,7 @@ impl<D: Device> Opt<D> {
             ));
         }
         let lr = self.schedule.lr_at(self.adamw.step + 1);
-        self.adamw.update(dev, params, grads, lr, factor)?;
+        self.adamw.update(dev, params, None, grads, lr, factor)?;
         Ok((norm, lr))
     }
 }

@@ -59,11 +59,15 @@ impl<D: Device> AdamW<D> {
         })
     }
 
-    /// One update of `params` from `grads` (times `grad_scale`) at learning rate `lr`.
+    /// One update of `params` (f32 master weights) from `grads` (times `grad_scale`) at learning
+    /// rate `lr`; `work`, the weights' working copy where the device keeps one, receives the
+    /// new weights in its dtype.
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         dev: &D,
         params: &mut D::Buf,
+        mut work: Option<&mut D::Buf>,
         grads: &D::Buf,
         lr: f32,
         grad_scale: f32,
@@ -88,6 +92,7 @@ impl<D: Device> AdamW<D> {
             };
             dev.adamw(
                 ViewMut::range(params, off, len),
+                work.as_deref_mut().map(|w| ViewMut::range(w, off, len)),
                 View::range(grads, off, len),
                 ViewMut::range(&mut self.m, off, len),
                 ViewMut::range(&mut self.v, off, len),

@@ -263,7 +263,7 @@ fn check_len(op: &'static str, what: &str, got: usize, dims: &[usize]) -> Result
 }
 
 /// Two lengths that must agree.
-fn check_same(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
+pub(crate) fn check_same(op: &'static str, what: &str, got: usize, want: usize) -> Result<()> {
     if got == want {
         Ok(())
     } else {
@@ -1092,12 +1092,16 @@ impl Device for CpuDevice {
     fn adamw(
         &self,
         p: ViewMut<'_, Buf>,
+        work: Option<ViewMut<'_, Buf>>,
         g: View<'_, Buf>,
         m: ViewMut<'_, Buf>,
         v: ViewMut<'_, Buf>,
         hp: &AdamwStep,
     ) -> Result<()> {
         const OP: &str = "adamw";
+        if let Some(w) = &work {
+            check_same(OP, "work", w.len(), p.len())?;
+        }
         check_same(OP, "g", g.len(), p.len())?;
         check_same(OP, "m", m.len(), p.len())?;
         check_same(OP, "v", v.len(), p.len())?;
@@ -1113,13 +1117,18 @@ impl Device for CpuDevice {
                 ),
             ));
         }
+        let p = get_mut(OP, "p", p)?;
         adamw::adamw(
-            get_mut(OP, "p", p)?,
+            p,
             get(OP, "g", g)?,
             get_mut(OP, "m", m)?,
             get_mut(OP, "v", v)?,
             hp,
         );
+        // the working copy: f32 here, like p
+        if let Some(w) = work {
+            get_mut(OP, "work", w)?.copy_from_slice(p);
+        }
         Ok(())
     }
 

@@ -10,9 +10,10 @@
 //! - Ops go through the same launchers as the emulated device ([`super::gpu`]), given device
 //!   addresses ([`super::gpu::DevPtr`]); [`launch::CudaLaunch`] hands the packed arguments to
 //!   `cuLaunchKernel`. Matmul is cuBLASLt ([`matmul`]).
-//! - Buffers are f32 (the f32 kernels: the parity path of the design); ids are u32 with the
-//!   bound every id is below, recorded on the host when they were written, which the launchers
-//!   check instead of reading device memory.
+//! - Buffers hold f32 or bf16 ([`CudaBuf::dtype`]); the working dtype is bf16 by default (f32
+//!   is the parity path of the design: the CPU twins' precision). Ids are u32 with the bound
+//!   every id is below, recorded on the host when they were written, which the launchers check
+//!   instead of reading device memory.
 
 mod launch;
 mod matmul;
@@ -22,24 +23,30 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
+use half::bf16;
+
 use super::gpu::DevPtr;
-use super::{DeviceBuf, View, ViewMut};
+use super::{DeviceBuf, Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
 
 pub use launch::CudaLaunch;
 
-/// Device memory of f32 elements.
+/// Device memory of f32 or bf16 elements.
 #[derive(Debug)]
 pub struct CudaBuf {
-    mem: CudaSlice<f32>,
+    mem: CudaSlice<u8>,
     /// device address of element 0
     addr: u64,
     len: usize,
+    dtype: Dtype,
 }
 
 impl DeviceBuf for CudaBuf {
     fn len(&self) -> usize {
         self.len
+    }
+    fn dtype(&self) -> Dtype {
+        self.dtype
     }
 }
 
@@ -101,6 +108,7 @@ pub struct CudaDevice {
     launcher: CudaLaunch,
     blas: matmul::Blas,
     name: String,
+    dtype: Dtype,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -157,7 +165,22 @@ impl CudaDevice {
             launcher,
             blas,
             name,
+            dtype: Dtype::Bf16,
         })
+    }
+
+    /// This device with working dtype `dtype` (bf16 by default; f32 for parity with the CPU).
+    pub fn with_work_dtype(mut self, dtype: Dtype) -> Result<Self> {
+        match dtype {
+            Dtype::F32 | Dtype::Bf16 => {
+                self.dtype = dtype;
+                Ok(self)
+            }
+            _ => Err(Error::invalid(
+                "precision",
+                format!("the kernels store f32 or bf16, not {dtype}"),
+            )),
+        }
     }
 
     /// The launch backend the ops use.
@@ -198,47 +221,83 @@ impl CudaDevice {
         self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))
     }
 
-    fn alloc_f32(&self, n: usize) -> Result<CudaBuf> {
+    fn alloc_typed(&self, n: usize, dtype: Dtype) -> Result<CudaBuf> {
+        let size = match dtype {
+            Dtype::F32 | Dtype::Bf16 => dtype.size(),
+            _ => {
+                return Err(Error::invalid(
+                    "alloc",
+                    format!("the kernels store f32 or bf16, not {dtype}"),
+                ))
+            }
+        };
+        let bytes = n
+            .checked_mul(size)
+            .ok_or_else(|| Error::invalid("alloc", format!("{n} elements overflow")))?;
         // cuMemAlloc refuses 0 bytes: an empty buffer holds one unused element.
         let mem = self
             .stream
-            .alloc_zeros::<f32>(n.max(1))
+            .alloc_zeros::<u8>(bytes.max(size))
             .map_err(driver("cuMemAlloc"))?;
         let addr = mem.device_ptr(&self.stream).0;
-        Ok(CudaBuf { mem, addr, len: n })
+        Ok(CudaBuf {
+            mem,
+            addr,
+            len: n,
+            dtype,
+        })
     }
 
-    fn upload_f32(&self, host: &[f32]) -> Result<CudaBuf> {
-        let mut b = self.alloc_f32(host.len())?;
-        if !host.is_empty() {
-            self.stream
-                .memcpy_htod(host, &mut b.mem.slice_mut(..host.len()))
-                .map_err(driver("cuMemcpyHtoD"))?;
-        }
-        Ok(b)
-    }
-
-    fn write_f32(&self, dst: ViewMut<'_, CudaBuf>, host: &[f32]) -> Result<()> {
+    fn write_typed(&self, dst: ViewMut<'_, CudaBuf>, host: &[f32]) -> Result<()> {
         crate::device::cpu::check_write(dst.len(), host.len())?;
         let (off, len) = range("write", "dst", &dst.as_view())?;
         if len == 0 {
             return Ok(());
         }
         let (buf, _, _) = dst.into_parts();
+        let size = buf.dtype.size();
+        let converted: Vec<bf16>;
+        let bytes: &[u8] = match buf.dtype {
+            Dtype::Bf16 => {
+                converted = host.iter().map(|&x| bf16::from_f32(x)).collect();
+                bytemuck::cast_slice(&converted)
+            }
+            _ => bytemuck::cast_slice(host),
+        };
         self.stream
-            .memcpy_htod(host, &mut buf.mem.slice_mut(off..off + len))
+            .memcpy_htod(
+                bytes,
+                &mut buf.mem.slice_mut(off * size..(off + len) * size),
+            )
             .map_err(driver("cuMemcpyHtoD"))
     }
 
-    fn download_f32(&self, x: View<'_, CudaBuf>) -> Result<Vec<f32>> {
+    fn download_typed(&self, x: View<'_, CudaBuf>) -> Result<Vec<f32>> {
         let (off, len) = range("download", "x", &x)?;
-        let mut host = vec![0f32; len];
-        if len > 0 {
-            self.stream
-                .memcpy_dtoh(&x.buf().mem.slice(off..off + len), &mut host)
-                .map_err(driver("cuMemcpyDtoH"))?;
-        }
-        self.synchronize()?;
+        let (buf, size) = (x.buf(), x.buf().dtype.size());
+        let src = buf.mem.slice(off * size..(off + len) * size);
+        let host = match buf.dtype {
+            Dtype::Bf16 => {
+                let mut h = vec![bf16::ZERO; len];
+                if len > 0 {
+                    self.stream
+                        .memcpy_dtoh(&src, bytemuck::cast_slice_mut::<bf16, u8>(&mut h))
+                        .map_err(driver("cuMemcpyDtoH"))?;
+                }
+                self.synchronize()?;
+                h.iter().map(|x| x.to_f32()).collect()
+            }
+            _ => {
+                let mut h = vec![0f32; len];
+                if len > 0 {
+                    self.stream
+                        .memcpy_dtoh(&src, bytemuck::cast_slice_mut::<f32, u8>(&mut h))
+                        .map_err(driver("cuMemcpyDtoH"))?;
+                }
+                self.synchronize()?;
+                h
+            }
+        };
         Ok(host)
     }
 
@@ -273,47 +332,51 @@ impl CudaDevice {
         Ok(host)
     }
 
-    fn fill_f32(&self, x: ViewMut<'_, CudaBuf>, value: f32) -> Result<()> {
-        let p = dev_out("fill", "x", x)?;
-        if p.is_empty() {
+    fn fill_typed(&self, x: ViewMut<'_, CudaBuf>, value: f32) -> Result<()> {
+        let dtype = x.dtype();
+        let (off, len) = range("fill", "x", &x.as_view())?;
+        if len == 0 {
             return Ok(());
         }
-        // SAFETY: `p` covers `p.len()` f32 of a live buffer of ours (checked by `out`), and the
-        // memset is ordered on our stream like every other use of that buffer.
-        unsafe {
-            cudarc::driver::sys::cuMemsetD32Async(
-                p.addr(),
-                value.to_bits(),
-                p.len(),
-                self.stream.cu_stream(),
-            )
-        }
-        .result()
-        .map_err(driver("cuMemsetD32Async"))
+        let addr = x.into_parts().0.addr + (off * dtype.size()) as u64;
+        let s = self.stream.cu_stream();
+        // SAFETY: [addr, addr + len elements) lies in a live buffer of ours (checked by
+        // `range`), and the memset is ordered on our stream like every other use of it.
+        let r = unsafe {
+            match dtype {
+                Dtype::Bf16 => cudarc::driver::sys::cuMemsetD16Async(
+                    addr,
+                    bf16::from_f32(value).to_bits(),
+                    len,
+                    s,
+                ),
+                _ => cudarc::driver::sys::cuMemsetD32Async(addr, value.to_bits(), len, s),
+            }
+        };
+        r.result().map_err(driver("cuMemsetAsync"))
     }
 
-    fn copy_f32(&self, dst: ViewMut<'_, CudaBuf>, src: View<'_, CudaBuf>) -> Result<()> {
-        if dst.len() != src.len() {
+    fn copy_typed(&self, dst: ViewMut<'_, CudaBuf>, src: View<'_, CudaBuf>) -> Result<()> {
+        crate::device::cpu::check_same("copy", "dst", dst.len(), src.len())?;
+        let size = src.dtype().size();
+        if dst.dtype() != src.dtype() {
             return Err(Error::invalid(
                 "copy",
-                format!("dst has {} elements, src {}", dst.len(), src.len()),
+                format!("dst is {}, src {}", dst.dtype(), src.dtype()),
             ));
         }
-        let s = dev_in("copy", "src", src)?;
-        let d = dev_out("copy", "dst", dst)?;
-        if d.is_empty() {
+        let (soff, len) = range("copy", "src", &src)?;
+        let (doff, _) = range("copy", "dst", &dst.as_view())?;
+        if len == 0 {
             return Ok(());
         }
-        // SAFETY: both ranges lie in live buffers of ours (checked by `inp`/`out`), have the same
-        // length, and `dst` is borrowed mutably so it is not `src`'s buffer; ordered on our
-        // stream.
+        let s = src.buf().addr + (soff * size) as u64;
+        let d = dst.into_parts().0.addr + (doff * size) as u64;
+        // SAFETY: both ranges lie in live buffers of ours (checked by `range`), hold the same
+        // number of elements of one dtype, and `dst` is borrowed mutably so it is not `src`'s
+        // buffer; ordered on our stream.
         unsafe {
-            cudarc::driver::sys::cuMemcpyDtoDAsync_v2(
-                d.addr(),
-                s.addr(),
-                d.len() * 4,
-                self.stream.cu_stream(),
-            )
+            cudarc::driver::sys::cuMemcpyDtoDAsync_v2(d, s, len * size, self.stream.cu_stream())
         }
         .result()
         .map_err(driver("cuMemcpyDtoDAsync"))
@@ -333,23 +396,40 @@ fn range<B: DeviceBuf>(op: &'static str, what: &str, v: &View<'_, B>) -> Result<
     }
 }
 
-/// The device address range a read-only view covers.
-pub(crate) fn dev_in<'a>(
+/// A view's buffer must hold S.
+fn check_dtype<S: Storage>(op: &'static str, what: &str, got: Dtype) -> Result<()> {
+    if got == S::DTYPE {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            op,
+            format!("{what} is {got}, expected {}", S::DTYPE),
+        ))
+    }
+}
+
+/// The device address range a read-only view of S covers.
+pub(crate) fn dev_in<'a, S: Storage>(
     op: &'static str,
     what: &str,
     v: View<'a, CudaBuf>,
-) -> Result<DevPtr<'a, f32>> {
+) -> Result<DevPtr<'a, S>> {
+    check_dtype::<S>(op, what, v.dtype())?;
     let (off, len) = range(op, what, &v)?;
-    Ok(DevPtr::new(v.buf().addr + 4 * off as u64, len))
+    Ok(DevPtr::new(
+        v.buf().addr + (off * size_of::<S>()) as u64,
+        len,
+    ))
 }
 
-/// The device address range a writable view covers.
-pub(crate) fn dev_out<'a>(
+/// The device address range a writable view of S covers.
+pub(crate) fn dev_out<'a, S: Storage>(
     op: &'static str,
     what: &str,
     v: ViewMut<'a, CudaBuf>,
-) -> Result<DevPtr<'a, f32>> {
+) -> Result<DevPtr<'a, S>> {
+    check_dtype::<S>(op, what, v.dtype())?;
     let (off, len) = range(op, what, &v.as_view())?;
     let (buf, _, _) = v.into_parts();
-    Ok(DevPtr::new(buf.addr + 4 * off as u64, len))
+    Ok(DevPtr::new(buf.addr + (off * size_of::<S>()) as u64, len))
 }

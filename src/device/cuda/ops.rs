@@ -5,14 +5,26 @@
 
 use cudarc::driver::DevicePtr;
 
+use half::bf16;
+
+use super::matmul::Operand;
 use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaIds, CudaLaunch};
 use crate::device::cpu::check_matmul;
+use crate::device::emu_device::check_matmul_dtypes;
 use crate::device::gpu::kernel_device::KernelDevice;
 use crate::device::gpu::{DevPtr, Ids, In, Out};
-use crate::device::{View, ViewMut};
+use crate::device::{Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
 
 type Buf = CudaBuf;
+
+/// The device address of a matmul operand (f32 or bf16).
+fn operand(op: &'static str, what: &str, v: View<'_, Buf>) -> Result<u64> {
+    Ok(match v.dtype() {
+        Dtype::Bf16 => dev_in::<bf16>(op, what, v)?.addr(),
+        _ => dev_in::<f32>(op, what, v)?.addr(),
+    })
+}
 
 impl KernelDevice for CudaDevice {
     type Buf = CudaBuf;
@@ -23,10 +35,14 @@ impl KernelDevice for CudaDevice {
         &self.launcher
     }
 
-    fn input<'a>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<In<'a, f32>> {
+    fn input<'a, S: Storage>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<In<'a, S>> {
         dev_in(op, what, v).map(In::Device)
     }
-    fn output<'a>(op: &'static str, what: &str, v: ViewMut<'a, Buf>) -> Result<Out<'a, f32>> {
+    fn output<'a, S: Storage>(
+        op: &'static str,
+        what: &str,
+        v: ViewMut<'a, Buf>,
+    ) -> Result<Out<'a, S>> {
         dev_out(op, what, v).map(Out::Device)
     }
     fn ids(ids: &CudaIds) -> Ids<'_> {
@@ -69,17 +85,22 @@ impl KernelDevice for CudaDevice {
         self.memory().map(|(free, _)| Some(free))
     }
 
-    fn alloc(&self, n: usize) -> Result<Buf> {
-        self.alloc_f32(n)
+    fn work_dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<Buf> {
+        self.alloc_typed(n, dtype)
     }
     fn upload(&self, host: &[f32]) -> Result<Buf> {
-        self.upload_f32(host)
+        let mut b = self.alloc_typed(host.len(), Dtype::F32)?;
+        self.write_typed(ViewMut::all(&mut b), host)?;
+        Ok(b)
     }
     fn write(&self, dst: ViewMut<'_, Buf>, host: &[f32]) -> Result<()> {
-        self.write_f32(dst, host)
+        self.write_typed(dst, host)
     }
     fn download(&self, x: View<'_, Buf>) -> Result<Vec<f32>> {
-        self.download_f32(x)
+        self.download_typed(x)
     }
     fn upload_ids(&self, host: &[u32]) -> Result<CudaIds> {
         self.upload_ids_u32(host)
@@ -88,13 +109,13 @@ impl KernelDevice for CudaDevice {
         self.download_ids_u32(ids)
     }
     fn fill(&self, x: ViewMut<'_, Buf>, value: f32) -> Result<()> {
-        self.fill_f32(x, value)
+        self.fill_typed(x, value)
     }
-    fn copy(&self, dst: ViewMut<'_, Buf>, src: View<'_, Buf>) -> Result<()> {
-        self.copy_f32(dst, src)
+    fn copy_same(&self, dst: ViewMut<'_, Buf>, src: View<'_, Buf>) -> Result<()> {
+        self.copy_typed(dst, src)
     }
 
-    /// cuBLASLt (f32 in, f32 compute).
+    /// cuBLASLt (f32 compute; see `matmul.rs` for the dtypes).
     fn matmul(
         &self,
         c: ViewMut<'_, Buf>,
@@ -110,20 +131,30 @@ impl KernelDevice for CudaDevice {
     ) -> Result<()> {
         const OP: &str = "matmul";
         check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
-        dev_in(OP, "a", a)?;
-        dev_in(OP, "b", b)?;
-        dev_in(OP, "c", c.as_view())?;
+        let (ab, cd) = (a.dtype(), c.dtype());
+        check_matmul_dtypes(ab, b.dtype(), cd)?;
+        let a = operand(OP, "a", a)?;
+        let b = operand(OP, "b", b)?;
         if m == 0 || n == 0 {
             return Ok(());
         }
         if k == 0 {
             // c = beta * c: cuBLASLt may refuse K = 0
             return match beta {
-                0.0 => self.fill_f32(c, 0.0),
+                0.0 => self.fill_typed(c, 0.0),
                 1.0 => Ok(()),
                 _ => Err(Error::invalid(OP, "K = 0 with beta other than 0 or 1")),
             };
         }
+        let c = match cd {
+            Dtype::Bf16 => dev_out::<bf16>(OP, "c", c)?.addr(),
+            _ => dev_out::<f32>(OP, "c", c)?.addr(),
+        };
+        let (a, b) = (
+            Operand { addr: a, dtype: ab },
+            Operand { addr: b, dtype: ab },
+        );
+        let c = Operand { addr: c, dtype: cd };
         self.blas.matmul(c, a, b, [m, n, k], ta, tb, alpha, beta)
     }
 }

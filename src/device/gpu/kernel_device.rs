@@ -10,13 +10,16 @@
 //!
 //! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
 
+use crate::device::cpu::check_same;
 use crate::device::cpu::policy_loss::{check_mask, check_shapes};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
     AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, InjectMode, PolicyLossSpec, PoolMode,
     RewardSpec, SampleSpec, View, ViewMut,
 };
-use crate::Result;
+use crate::device::{Dtype, Storage};
+use crate::{Error, Result};
+use half::bf16;
 
 type V<'a, D> = View<'a, <D as KernelDevice>::Buf>;
 type M<'a, D> = ViewMut<'a, <D as KernelDevice>::Buf>;
@@ -24,7 +27,7 @@ type M<'a, D> = ViewMut<'a, <D as KernelDevice>::Buf>;
 /// A device whose kernel ops go through the launchers. The methods named as [`Device`]'s are
 /// that trait's non-kernel ops, with the same contracts.
 pub trait KernelDevice: Send + Sync + Sized {
-    /// Device memory of f32.
+    /// Device memory of f32 or bf16.
     type Buf: DeviceBuf;
     /// Device memory of u32 token ids.
     type Ids: Send + Sync;
@@ -35,10 +38,20 @@ pub trait KernelDevice: Send + Sync + Sized {
 
     // ---- buffers as launcher arguments
 
-    /// The elements a read-only view covers, as a `const float*`; an error names `op` and `what`.
-    fn input<'a>(op: &'static str, what: &str, v: View<'a, Self::Buf>) -> Result<In<'a, f32>>;
-    /// The elements a writable view covers, as a `float*`; an error names `op` and `what`.
-    fn output<'a>(op: &'static str, what: &str, v: ViewMut<'a, Self::Buf>) -> Result<Out<'a, f32>>;
+    /// The elements a read-only view covers, as a `const S*`; an error names `op` and `what`
+    /// (also when the buffer does not hold S).
+    fn input<'a, S: Storage>(
+        op: &'static str,
+        what: &str,
+        v: View<'a, Self::Buf>,
+    ) -> Result<In<'a, S>>;
+    /// The elements a writable view covers, as an `S*`; an error names `op` and `what` (also
+    /// when the buffer does not hold S).
+    fn output<'a, S: Storage>(
+        op: &'static str,
+        what: &str,
+        v: ViewMut<'a, Self::Buf>,
+    ) -> Result<Out<'a, S>>;
     /// Token ids (or positions) as a kernel argument.
     fn ids(ids: &Self::Ids) -> Ids<'_>;
     /// Token ids as a kernel output (`unsigned*`).
@@ -57,14 +70,17 @@ pub trait KernelDevice: Send + Sync + Sized {
     fn memory_budget(&self) -> Result<Option<usize>> {
         Ok(None)
     }
-    fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    fn work_dtype(&self) -> Dtype;
+    /// f32 or bf16 (any other dtype is an error).
+    fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
     fn fill(&self, x: M<'_, Self>, value: f32) -> Result<()>;
-    fn copy(&self, dst: M<'_, Self>, src: V<'_, Self>) -> Result<()>;
+    /// `dst = src` of the same dtype (a memory copy; conversions launch `convert`).
+    fn copy_same(&self, dst: M<'_, Self>, src: V<'_, Self>) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
@@ -141,8 +157,14 @@ impl<T: KernelDevice> Device for T {
     fn memory_budget(&self) -> Result<Option<usize>> {
         KernelDevice::memory_budget(self)
     }
+    fn work_dtype(&self) -> Dtype {
+        KernelDevice::work_dtype(self)
+    }
     fn alloc(&self, n: usize) -> Result<T::Buf> {
-        KernelDevice::alloc(self, n)
+        KernelDevice::alloc_as(self, n, Dtype::F32)
+    }
+    fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<T::Buf> {
+        KernelDevice::alloc_as(self, n, dtype)
     }
     fn upload(&self, host: &[f32]) -> Result<T::Buf> {
         KernelDevice::upload(self, host)
@@ -163,7 +185,22 @@ impl<T: KernelDevice> Device for T {
         KernelDevice::fill(self, x, value)
     }
     fn copy(&self, dst: M<'_, T>, src: V<'_, T>) -> Result<()> {
-        KernelDevice::copy(self, dst, src)
+        const OP: &str = "copy";
+        let l = self.launcher();
+        match (dst.dtype(), src.dtype()) {
+            (a, b) if a == b => KernelDevice::copy_same(self, dst, src),
+            (Dtype::Bf16, Dtype::F32) => gpu::convert::convert::<bf16, f32, _>(
+                l,
+                T::output(OP, "dst", dst)?,
+                T::input(OP, "src", src)?,
+            ),
+            (Dtype::F32, Dtype::Bf16) => gpu::convert::convert::<f32, bf16, _>(
+                l,
+                T::output(OP, "dst", dst)?,
+                T::input(OP, "src", src)?,
+            ),
+            (a, b) => Err(Error::invalid(OP, format!("no conversion from {b} to {a}"))),
+        }
     }
     fn matmul(
         &self,
@@ -333,7 +370,7 @@ impl<T: KernelDevice> Device for T {
         // scratch D [B,NH,T], overwritten by the kernels; lse's shape, so empty (and the
         // launcher reports lse) where lse does not match the dims
         let len = gpu::attention::bwd_scratch_len(&d);
-        let mut scratch = KernelDevice::alloc(self, if lse.len() == len { len } else { 0 })?;
+        let mut scratch = Device::alloc(self, if lse.len() == len { len } else { 0 })?;
         let dscratch = T::output(OP, "dscratch", ViewMut::all(&mut scratch))?;
         gpu::attention::bwd(
             self.launcher(),
@@ -712,21 +749,29 @@ impl<T: KernelDevice> Device for T {
 
     fn adamw(
         &self,
-        p: M<'_, T>,
+        mut p: M<'_, T>,
+        work: Option<M<'_, T>>,
         g: V<'_, T>,
         m: M<'_, T>,
         v: M<'_, T>,
         hp: &AdamwStep,
     ) -> Result<()> {
         const OP: &str = "adamw";
+        if let Some(w) = &work {
+            check_same(OP, "work", w.len(), p.len())?;
+        }
         gpu::adamw::adamw(
             self.launcher(),
-            T::output(OP, "p", p)?,
+            T::output(OP, "p", p.reborrow())?,
             T::input(OP, "g", g)?,
             T::output(OP, "m", m)?,
             T::output(OP, "v", v)?,
             hp,
-        )
+        )?;
+        match work {
+            Some(w) => Device::copy(self, w, p.as_view()),
+            None => Ok(()),
+        }
     }
 
     fn sum_squares(&self, x: V<'_, T>) -> Result<f64> {
@@ -757,8 +802,8 @@ impl<T: KernelDevice> Device for T {
         } else {
             (0, 0)
         };
-        let mut part_o = KernelDevice::alloc(self, lo)?;
-        let mut part_ml = KernelDevice::alloc(self, lml)?;
+        let mut part_o = Device::alloc(self, lo)?;
+        let mut part_ml = Device::alloc(self, lml)?;
         gpu::decode_attention::fwd(
             self.launcher(),
             T::output(OP, "out", out)?,

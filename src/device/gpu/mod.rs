@@ -22,6 +22,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod convert;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod embedding;
