@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nla_engine::device::cuda::{self, CudaBuf, CudaDevice};
-use nla_engine::device::{AdamwStep, AttnDims, CacheDims, Device, View, ViewMut};
+use nla_engine::device::{AdamwStep, AttnDims, CacheDims, Device, Dtype, View, ViewMut};
 
 /// Dense f32 FMA rate of an H100 SXM (132 SMs x 128 lanes x 2 x 1.98 GHz), FLOP/s.
 const F32_PEAK: f64 = 67e12;
@@ -94,7 +94,10 @@ fn benches(c: &mut Criterion) {
         eprintln!("benches/cuda.rs: no GPU: {why}");
         return;
     }
-    let dev = CudaDevice::new(0).expect("cuda device");
+    // the f32 kernels: the parity path the CUDA tests check
+    let dev = CudaDevice::new(0)
+        .and_then(|d| d.with_work_dtype(Dtype::F32))
+        .expect("cuda device");
     eprintln!("device: {}", dev.name());
 
     // copy bandwidth: the limit of the memory-bound kernels

@@ -37,7 +37,7 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
-use nla_engine::device::{
+use nla_engine::device::{Dtype, 
     AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, SampleSpec, View, ViewMut,
 };
 use rand::Rng;
@@ -189,7 +189,9 @@ const SMALL: Sizes = Sizes {
 fn gpu() -> Option<CudaDevice> {
     match probe() {
         Ok(_) => {
-            let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
+            let dev = CudaDevice::new(0)
+                .and_then(|d| d.with_work_dtype(Dtype::F32))
+                .unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
             eprintln!("{}", dev.name());
             Some(dev)
         }

@@ -35,7 +35,7 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
-use nla_engine::device::{Device, SampleSpec, View, ViewMut};
+use nla_engine::device::{Device, Dtype, SampleSpec, View, ViewMut};
 use nla_engine::generate::{generate, GenSpec};
 use nla_engine::model::{backward, forward, ActivationSet, Batch, MemoryOptions, Model, Recompute};
 use nla_engine::nla::{Actor, ActorExample, ActorSpec};
@@ -57,7 +57,9 @@ fn emu_devices() -> impl Iterator<Item = (EmuDevice, String)> {
 fn gpu() -> Option<CudaDevice> {
     match probe() {
         Ok(_) => {
-            let dev = CudaDevice::new(0).unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
+            let dev = CudaDevice::new(0)
+                .and_then(|d| d.with_work_dtype(Dtype::F32))
+                .unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
             eprintln!("{}", dev.name());
             Some(dev)
         }

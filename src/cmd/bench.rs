@@ -13,12 +13,16 @@ use nla_engine::model::{MemoryOptions, Recompute};
 use nla_engine::with_device;
 
 use super::nla::open_device;
+use nla_engine::config::Precision;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// cpu, cuda, cuda:N, auto or emu
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Working dtype: auto (bf16 on a GPU, f32 on the CPU), bf16 or f32
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
+    pub precision: Precision,
     /// small: the 5.25M-parameter model of benches/small_config.json, batch 4 x 128;
     /// llama-1b: a TinyLlama-1.1B-shaped model at batch 1 x 2048 (for GPUs)
     #[arg(long, default_value = "small", value_parser = ["small", "llama-1b"])]
@@ -69,7 +73,7 @@ pub struct BenchArgs {
 const H100_BF16_TFLOPS: f64 = 989.0;
 
 pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
-    let dev = open_device(&args.device)?;
+    let dev = open_device(&args.device, args.precision)?;
     let gpu = matches!(dev, nla_engine::device::select::AnyDevice::Cuda(_));
     let peak = args
         .peak_tflops

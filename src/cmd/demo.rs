@@ -16,6 +16,7 @@ use nla_engine::train::run;
 use nla_engine::with_device;
 
 use super::nla::open_device;
+use nla_engine::config::Precision;
 
 #[derive(Args, Debug)]
 pub struct ExtractArgs {
@@ -56,7 +57,7 @@ pub struct ExtractArgs {
 }
 
 pub fn extract_cmd(args: &ExtractArgs) -> Result<()> {
-    let dev = open_device(&args.device)?;
+    let dev = open_device(&args.device, Precision::Auto)?;
     with_device!(&dev, d => extract_on(d, args))
 }
 
@@ -144,7 +145,7 @@ fn p(path: &Path) -> String {
 /// The demo: pretrain a tiny subject model, extract a dataset from the shipped texts, SFT the
 /// actor and critic from the subject's weights, a few GRPO steps, fidelity before and after.
 pub fn demo_cmd(args: &DemoArgs) -> Result<()> {
-    let dev = open_device(&args.device)?;
+    let dev = open_device(&args.device, Precision::Auto)?;
     with_device!(&dev, d => demo_on(d, args))
 }
 

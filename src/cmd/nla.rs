@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use nla_engine::config::{Algo, DeviceKind, Part, RunConfig};
+use nla_engine::config::{Algo, DeviceKind, Part, Precision, RunConfig};
 use nla_engine::data::{DatasetReader, Mode, Sample};
 use nla_engine::device::select::{self, AnyDevice};
 use nla_engine::device::Device;
@@ -34,11 +34,16 @@ pub struct ModelArgs {
     /// emulator: slow)
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Working dtype of weights' copy, activations and logits: auto (bf16 on a GPU, f32 on the
+    /// CPU), bf16 or f32
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
+    pub precision: Precision,
 }
 
-/// Opens the device `--device` names (see [`select::open`]) and says which it is.
-pub fn open_device(kind: &str) -> Result<AnyDevice> {
-    let dev = select::open(kind)?;
+/// Opens the device `--device` names in working dtype `precision` (see [`select::open_with`])
+/// and says which it is.
+pub fn open_device(kind: &str, precision: Precision) -> Result<AnyDevice> {
+    let dev = select::open_with(kind, precision.dtype())?;
     eprintln!("device: {}", dev.name());
     Ok(dev)
 }
@@ -48,7 +53,7 @@ fn config_device(cfg: &RunConfig) -> Result<AnyDevice> {
         DeviceKind::Cpu => "cpu",
         DeviceKind::Cuda => "cuda",
         DeviceKind::Auto => "auto",
-    })
+    }, cfg.trainer.precision)
 }
 
 impl ModelArgs {
@@ -229,7 +234,7 @@ pub fn generate_cmd(args: &GenerateArgs) -> Result<()> {
     if let Some(t) = args.temperature {
         cfg.generation.temperature = t;
     }
-    let dev = open_device(&args.model.device)?;
+    let dev = open_device(&args.model.device, args.model.precision)?;
     with_device!(&dev, d => generate_on(d, args, &cfg))
 }
 
@@ -302,7 +307,7 @@ pub struct ReconstructArgs {
 
 pub fn reconstruct_cmd(args: &ReconstructArgs) -> Result<()> {
     let cfg = args.model.load()?;
-    let dev = open_device(&args.model.device)?;
+    let dev = open_device(&args.model.device, args.model.precision)?;
     with_device!(&dev, d => reconstruct_on(d, args, &cfg))
 }
 
@@ -424,7 +429,7 @@ pub fn eval_cmd(args: &EvalArgs) -> Result<()> {
 /// The validation record of the models of `m` on the first `rows` rows of `data`.
 pub fn eval_record(m: &ModelArgs, data: &Path, rows: usize) -> Result<Record> {
     let cfg = m.load()?;
-    let dev = open_device(&m.device)?;
+    let dev = open_device(&m.device, m.precision)?;
     with_device!(&dev, d => eval_on(d, m, cfg, data, rows))
 }
 

@@ -71,6 +71,7 @@
 //! | `trainer.save_dir` / `save_total_limit` | `checkpoints` / 5 | \[V\] |
 //! | `trainer.seed` / `device` / `critic_epochs` | 42 / `auto` / 1 | \[V\] |
 //! | `trainer.logits_chunk` / `recompute` | null (whole logits) / `none` | |
+//! | `trainer.precision` | `auto` (bf16 on a GPU, f32 on the CPU) | |
 //! | `grpo.n` | 4 | \[O\] `rl.sh`, \[V\] |
 //! | `grpo.clip_ratio_low` / `clip_ratio_high` | 0.2 / 0.2 | \[O\], \[V\] |
 //! | `grpo.dual_clip_c` | 3.0 (null = off) | \[V\] (verl's default) |
@@ -551,6 +552,10 @@ pub struct TrainerConfig {
     /// its backward (one more forward of the blocks per step, a fraction of the activations);
     /// `none`: keep everything.
     pub recompute: Recompute,
+    /// The working dtype of weights' copy, activations and logits (master weights, gradients
+    /// and AdamW state are f32 always): `auto` = the device's (bf16 on a GPU, f32 on the CPU);
+    /// `f32` on a GPU gives the CPU's numerics (parity checks).
+    pub precision: Precision,
 }
 
 impl Default for TrainerConfig {
@@ -570,6 +575,29 @@ impl Default for TrainerConfig {
             critic_epochs: 1,
             logits_chunk: None,
             recompute: Recompute::None,
+            precision: Precision::Auto,
+        }
+    }
+}
+
+/// `trainer.precision` (and `--precision`): the device's working dtype.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// the device's default: bf16 on a GPU, f32 on the CPU
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    /// The dtype asked for; None = the device's default.
+    pub fn dtype(self) -> Option<crate::device::Dtype> {
+        match self {
+            Precision::Auto => None,
+            Precision::Bf16 => Some(crate::device::Dtype::Bf16),
+            Precision::F32 => Some(crate::device::Dtype::F32),
         }
     }
 }

@@ -5,6 +5,7 @@ use super::cpu::CpuDevice;
 use super::cuda::{self, CudaDevice};
 use super::emu::EmuMode;
 use super::emu_device::EmuDevice;
+use super::Dtype;
 use crate::{Error, Result};
 
 /// One of the devices, chosen at run time.
@@ -22,8 +23,33 @@ pub const DEVICE_KINDS: &str = "cpu, cuda, cuda:N, auto or emu";
 
 /// Opens the device `kind` names: `cpu`; `cuda` (GPU 0) or `cuda:N`; `auto` (GPU 0 when this
 /// build has kernels and the machine a driver and a GPU, else the CPU); `emu` (the CUDA kernels
-/// through the CPU emulator).
+/// through the CPU emulator). Each in its default working dtype: bf16 on a GPU, f32 on the CPU
+/// and the emulator.
 pub fn open(kind: &str) -> Result<AnyDevice> {
+    open_with(kind, None)
+}
+
+/// [`open`] with working dtype `precision` (None: the device's default). The CPU device
+/// computes in f32 only: bf16 there is an error.
+pub fn open_with(kind: &str, precision: Option<Dtype>) -> Result<AnyDevice> {
+    let dev = open_default(kind)?;
+    let Some(dtype) = precision else {
+        return Ok(dev);
+    };
+    match dev {
+        AnyDevice::Cpu(_) if dtype != Dtype::F32 => Err(Error::invalid(
+            "precision",
+            format!(
+                "{dtype} asked for, but the device is the CPU (--device {kind}), which computes                  in f32 only: use precision f32 (or auto), or a GPU"
+            ),
+        )),
+        AnyDevice::Cpu(d) => Ok(AnyDevice::Cpu(d)),
+        AnyDevice::Cuda(d) => Ok(AnyDevice::Cuda(Box::new(d.with_work_dtype(dtype)?))),
+        AnyDevice::Emu(d) => Ok(AnyDevice::Emu(d.with_work_dtype(dtype)?)),
+    }
+}
+
+fn open_default(kind: &str) -> Result<AnyDevice> {
     let bad = || Error::invalid("--device", format!("`{kind}`: expected {DEVICE_KINDS}"));
     match kind {
         "cpu" => Ok(AnyDevice::Cpu(CpuDevice::new())),

@@ -114,6 +114,15 @@ pub struct ActivationSet<B> {
     pub elements: usize,
 }
 
+/// A buffer of the set: f32 for a statistic, else the working dtype.
+fn alloc<D: Device>(dev: &D, len: usize, stat: bool) -> Result<D::Buf> {
+    if stat {
+        dev.alloc(len)
+    } else {
+        dev.alloc_work(len)
+    }
+}
+
 /// VC of a vocabulary of `v` entries in chunks of `chunk` (None, or a chunk >= V: V).
 fn vocab_chunk(v: usize, chunk: Option<usize>) -> usize {
     chunk.map_or(v, |ch| ch.clamp(1, v.max(1)))
@@ -137,25 +146,27 @@ impl<B> ActivationSet<B> {
     }
 
     /// Builds the set for batch shape (B, T) with logits [N,VC] (VC 0: no LM head), making
-    /// each buffer with `make(elements)`.
+    /// each buffer with `make(elements, stat)`: `stat` buffers (1/rms, logsumexp, the
+    /// cross-entropy state and losses) are f32 on every device, the others are in the device's
+    /// working dtype.
     fn build<E>(
         cfg: &ModelConfig,
         b: usize,
         t: usize,
         (vc, recompute): (usize, Recompute),
-        mut make: impl FnMut(usize) -> Result<B, E>,
+        mut make: impl FnMut(usize, bool) -> Result<B, E>,
     ) -> Result<Self, E> {
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
         let mut elements = 0usize;
-        let mut a = |len: usize| {
+        let mut a = |len: usize, stat: bool| {
             elements += len;
-            make(len)
+            make(len, stat)
         };
         let mut res = Vec::with_capacity(cfg.num_hidden_layers + 1);
         for _ in 0..=cfg.num_hidden_layers {
-            res.push(a(n * c)?);
+            res.push(a(n * c, false)?);
         }
         let kept = match recompute {
             Recompute::None => cfg.num_hidden_layers,
@@ -164,19 +175,19 @@ impl<B> ActivationSet<B> {
         let mut layers = Vec::with_capacity(kept);
         for _ in 0..kept {
             layers.push(LayerSet {
-                rstd1: a(n)?,
-                xn1: a(n * c)?,
-                q: a(n * qd)?,
-                k: a(n * kvd)?,
-                v: a(n * kvd)?,
-                att: a(n * qd)?,
-                lse: a(b * nh * t)?,
-                x_mid: a(n * c)?,
-                rstd2: a(n)?,
-                xn2: a(n * c)?,
-                gate: a(n * f)?,
-                up: a(n * f)?,
-                h: a(n * f)?,
+                rstd1: a(n, true)?,
+                xn1: a(n * c, false)?,
+                q: a(n * qd, false)?,
+                k: a(n * kvd, false)?,
+                v: a(n * kvd, false)?,
+                att: a(n * qd, false)?,
+                lse: a(b * nh * t, true)?,
+                x_mid: a(n * c, false)?,
+                rstd2: a(n, true)?,
+                xn2: a(n * c, false)?,
+                gate: a(n * f, false)?,
+                up: a(n * f, false)?,
+                h: a(n * f, false)?,
             });
         }
         let mut set = ActivationSet {
@@ -185,27 +196,27 @@ impl<B> ActivationSet<B> {
             res,
             layers,
             recompute,
-            rstd_f: a(n)?,
-            xn_f: a(n * c)?,
-            logits: a(n * vc)?,
+            rstd_f: a(n, true)?,
+            xn_f: a(n * c, false)?,
+            logits: a(n * vc, false)?,
             logits_chunk: vc,
-            ce_state: a(if 0 < vc && vc < v { 3 * n } else { 0 })?,
+            ce_state: a(if 0 < vc && vc < v { 3 * n } else { 0 }, true)?,
             logit_scale: 1.0,
-            losses: a(n)?,
-            proj: a(n * c)?,
+            losses: a(n, true)?,
+            proj: a(n * c, false)?,
             // chunked, each chunk's gradient overwrites its logits (in place): no buffer
-            dlogits: a(if vc < v { 0 } else { n * vc })?,
-            dres: a(n * c)?,
-            dres_next: a(n * c)?,
-            dx_mid: a(n * c)?,
-            dxn: a(n * c)?,
-            dh: a(n * f)?,
-            dgate: a(n * f)?,
-            dup: a(n * f)?,
-            datt: a(n * qd)?,
-            dq: a(n * qd)?,
-            dk: a(n * kvd)?,
-            dv: a(n * kvd)?,
+            dlogits: a(if vc < v { 0 } else { n * vc }, false)?,
+            dres: a(n * c, false)?,
+            dres_next: a(n * c, false)?,
+            dx_mid: a(n * c, false)?,
+            dxn: a(n * c, false)?,
+            dh: a(n * f, false)?,
+            dgate: a(n * f, false)?,
+            dup: a(n * f, false)?,
+            datt: a(n * qd, false)?,
+            dq: a(n * qd, false)?,
+            dk: a(n * kvd, false)?,
+            dv: a(n * kvd, false)?,
             elements: 0,
         };
         set.elements = elements;
@@ -226,7 +237,7 @@ impl<B> ActivationSet<B> {
         opts: MemoryOptions,
     ) -> Result<Self> {
         let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
-        Self::build(cfg, b, t, (vc, opts.recompute), |len| dev.alloc(len))
+        Self::build(cfg, b, t, (vc, opts.recompute), |len, stat| alloc(dev, len, stat))
     }
 
     /// A set for the blocks only ([`super::forward_blocks`], [`super::backward_blocks`]): no
@@ -238,7 +249,7 @@ impl<B> ActivationSet<B> {
         t: usize,
         recompute: Recompute,
     ) -> Result<Self> {
-        Self::build(cfg, b, t, (0, recompute), |len| dev.alloc(len))
+        Self::build(cfg, b, t, (0, recompute), |len, stat| alloc(dev, len, stat))
     }
 
     /// Bytes of all activation and gradient-scratch buffers (f32).
@@ -255,7 +266,7 @@ impl ActivationSet<usize> {
 
     /// The element counts of [`Self::blocks`].
     pub fn plan_blocks(cfg: &ModelConfig, b: usize, t: usize, recompute: Recompute) -> Self {
-        let counts = Ok::<usize, std::convert::Infallible>;
+        let counts = |len, _stat| Ok::<usize, std::convert::Infallible>(len);
         match Self::build(cfg, b, t, (0, recompute), counts) {
             Ok(set) => set,
             Err(never) => match never {},
@@ -265,7 +276,7 @@ impl ActivationSet<usize> {
     /// [`Self::plan`] with `opts`' memory-saving options.
     pub fn plan_with(cfg: &ModelConfig, b: usize, t: usize, opts: MemoryOptions) -> Self {
         let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
-        let counts = Ok::<usize, std::convert::Infallible>;
+        let counts = |len, _stat| Ok::<usize, std::convert::Infallible>(len);
         match Self::build(cfg, b, t, (vc, opts.recompute), counts) {
             Ok(set) => set,
             Err(never) => match never {},

@@ -119,7 +119,7 @@ pub fn backward_with<D: Device>(
     let n = batch.b * batch.t;
     let (c, v) = (cfg.hidden_size, cfg.vocab_size);
     let tb = &model.table;
-    let params = &model.params;
+    let params = model.work.as_ref().unwrap_or(&model.params);
     let grads = &mut model.grads;
     let p = |off: usize, len: usize| View::range(params, off, len);
     // accumulating windows of the flat gradient buffer
@@ -228,7 +228,7 @@ pub fn backward_blocks<D: Device>(
     let theta = cfg.rope_theta;
     let dims = AttnDims { b, t, nh, nkv, hs };
     let tb = &model.table;
-    let params = &model.params;
+    let params = model.work.as_ref().unwrap_or(&model.params);
     let p = |off: usize, len: usize| View::range(params, off, len);
     // accumulating windows of the flat gradient buffer (borrowed per call: a recomputed
     // block reads the model)

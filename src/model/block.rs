@@ -60,7 +60,7 @@ pub(crate) fn block_fwd<D: Device>(
     );
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let (eps, theta) = (cfg.rms_norm_eps, cfg.rope_theta);
-    let p = |off: usize, len: usize| View::range(&model.params, off, len);
+    let p = |off: usize, len: usize| View::range(model.weights(), off, len);
     let BlockBufs {
         x,
         out,

@@ -47,10 +47,10 @@ impl<D: Device> Injection<D> {
             layers,
             mode,
             sites: dev.upload_ids(sites)?,
-            vecs: dev.upload(vecs)?,
+            vecs: dev.upload_as(vecs, dev.work_dtype())?,
             s,
-            dvecs: dev.alloc(s * c)?,
-            dscratch: dev.alloc(s * c)?,
+            dvecs: dev.alloc_work(s * c)?,
+            dscratch: dev.alloc_work(s * c)?,
         })
     }
 
@@ -144,7 +144,7 @@ pub fn forward_with<D: Device>(
     let cfg = &model.cfg;
     let n = batch.b * batch.t;
     let (c, v, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.rms_norm_eps);
-    let p = |off: usize, len: usize| View::range(&model.params, off, len);
+    let p = |off: usize, len: usize| View::range(model.weights(), off, len);
     let tb = &model.table;
     let last = &acts.res[cfg.num_hidden_layers];
     dev.rmsnorm_fwd(
@@ -284,7 +284,7 @@ pub fn forward_blocks<D: Device>(
         cfg.head_dim,
     );
     let dims = AttnDims { b, t, nh, nkv, hs };
-    let p = |off: usize, len: usize| View::range(&model.params, off, len);
+    let p = |off: usize, len: usize| View::range(model.weights(), off, len);
     let tb = &model.table;
 
     dev.embedding_fwd(ViewMut::all(&mut acts.res[0]), ids, p(tb.wte, v * c), n, c)?;

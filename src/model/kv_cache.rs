@@ -87,29 +87,29 @@ impl<D: Device> KvCache<D> {
         let mut k = Vec::with_capacity(cfg.num_hidden_layers);
         let mut vv = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
-            k.push(dev.alloc(b * tmax * kvd)?);
-            vv.push(dev.alloc(b * tmax * kvd)?);
+            k.push(dev.alloc_work(b * tmax * kvd)?);
+            vv.push(dev.alloc_work(b * tmax * kvd)?);
         }
         let ws = Workspace {
-            x: dev.alloc(n * c)?,
-            x_out: dev.alloc(n * c)?,
-            x2: dev.alloc(n * c)?,
-            xn: dev.alloc(n * c)?,
-            xn2: dev.alloc(n * c)?,
+            x: dev.alloc_work(n * c)?,
+            x_out: dev.alloc_work(n * c)?,
+            x2: dev.alloc_work(n * c)?,
+            xn: dev.alloc_work(n * c)?,
+            xn2: dev.alloc_work(n * c)?,
             rstd: dev.alloc(n)?,
             rstd2: dev.alloc(n)?,
-            q: dev.alloc(n * qd)?,
-            k: dev.alloc(n * kvd)?,
-            v: dev.alloc(n * kvd)?,
-            att: dev.alloc(n * qd)?,
-            proj: dev.alloc(n * c)?,
-            gate: dev.alloc(n * f)?,
-            up: dev.alloc(n * f)?,
-            h: dev.alloc(n * f)?,
-            last: dev.alloc(b * c)?,
-            last_n: dev.alloc(b * c)?,
+            q: dev.alloc_work(n * qd)?,
+            k: dev.alloc_work(n * kvd)?,
+            v: dev.alloc_work(n * kvd)?,
+            att: dev.alloc_work(n * qd)?,
+            proj: dev.alloc_work(n * c)?,
+            gate: dev.alloc_work(n * f)?,
+            up: dev.alloc_work(n * f)?,
+            h: dev.alloc_work(n * f)?,
+            last: dev.alloc_work(b * c)?,
+            last_n: dev.alloc_work(b * c)?,
             last_rstd: dev.alloc(b)?,
-            logits: dev.alloc(b * v)?,
+            logits: dev.alloc_work(b * v)?,
         };
         Ok(KvCache {
             b,
@@ -169,7 +169,7 @@ impl<D: Device> KvCache<D> {
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps;
         let tb = &model.table;
-        let p = |off: usize, len: usize| View::range(&model.params, off, len);
+        let p = |off: usize, len: usize| View::range(model.weights(), off, len);
         let w = &mut self.ws;
         let dims = CacheDims {
             b,

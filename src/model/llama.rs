@@ -11,8 +11,11 @@ use crate::Result;
 pub struct Model<D: Device> {
     pub cfg: ModelConfig,
     pub table: ParamTable,
-    /// every parameter, flat [P]
+    /// every parameter, flat [P]: f32 (the master weights where the device computes in bf16)
     pub params: D::Buf,
+    /// [P] the weights in the device's working dtype, where that is not f32 (None: the compute
+    /// reads `params`); the optimizer writes it with every update. Use [`Model::weights`].
+    pub work: Option<D::Buf>,
     /// d loss / d params, flat [P]; accumulated by `backward`, cleared by `zero_grads`
     pub grads: D::Buf,
 }
@@ -39,12 +42,29 @@ impl<D: Device> Model<D> {
                 ),
             ));
         }
+        let params = dev.upload(flat)?;
+        let work = working_copy(dev, &params)?;
         Ok(Model {
-            params: dev.upload(flat)?,
+            params,
+            work,
             grads: dev.alloc(table.total)?,
             cfg,
             table,
         })
+    }
+
+    /// The weights the forward and backward read: the working copy, or the f32 parameters.
+    pub fn weights(&self) -> &D::Buf {
+        self.work.as_ref().unwrap_or(&self.params)
+    }
+
+    /// Makes the working copy again from `params` (after writing them other than by the
+    /// optimizer).
+    pub fn sync_weights(&mut self, dev: &D) -> Result<()> {
+        match &mut self.work {
+            Some(w) => dev.copy(ViewMut::all(w), View::all(&self.params)),
+            None => Ok(()),
+        }
     }
 
     /// Fresh weights: matrices ~ N(0, std^2), norm weights 1. Deterministic in `seed`.
@@ -110,6 +130,16 @@ impl<D: Device> Model<D> {
     pub fn num_params(&self) -> usize {
         self.table.total
     }
+}
+
+/// `params` in the device's working dtype, where that is not f32.
+pub fn working_copy<D: Device>(dev: &D, params: &D::Buf) -> Result<Option<D::Buf>> {
+    if dev.work_dtype() == crate::device::Dtype::F32 {
+        return Ok(None);
+    }
+    let mut w = dev.alloc_work(params.len())?;
+    dev.copy(ViewMut::all(&mut w), View::all(params))?;
+    Ok(Some(w))
 }
 
 /// A standard normal sample (Box-Muller).

@@ -22,7 +22,7 @@ pub use batch::{Batch, DeviceBatch};
 pub use config::ModelConfig;
 pub use forward::{forward, forward_blocks, forward_with, Injection, LossSum};
 pub use kv_cache::KvCache;
-pub use llama::{is_gguf, load_config, load_model, Model};
+pub use llama::{is_gguf, load_config, load_model, working_copy, Model};
 pub use params::{LayerParams, ParamEntry, ParamTable};
 pub use safetensors_io::{
     load_params, read_tensors, save_params, weight_files, write_tensors, NamedTensor, SaveDtype,

@@ -21,7 +21,7 @@ use crate::config::InjectionMode;
 use crate::device::{Device, InjectMode, View, ViewMut};
 use crate::model::linear::{linear_bwd_dw, linear_fwd};
 use crate::model::safetensors_io::{self, SaveDtype};
-use crate::model::{Injection, Model, ParamEntry, ParamTable};
+use crate::model::{working_copy, Injection, Model, ParamEntry, ParamTable};
 use crate::{Error, Result};
 
 /// Name of the projection weight [C,A].
@@ -145,8 +145,10 @@ impl<D: Device> Actor<D> {
         };
         let mut flat = model.params_to_host(dev)?;
         flat.extend_from_slice(&w);
+        let params = dev.upload(&flat)?;
         let model = Model {
-            params: dev.upload(&flat)?,
+            work: working_copy(dev, &params)?,
+            params,
             grads: dev.alloc(table.total)?,
             cfg: model.cfg,
             table: model.table,
@@ -170,10 +172,11 @@ impl<D: Device> Actor<D> {
                 vecs.len()
             )));
         }
-        let raw = dev.upload(vecs)?;
+        // in the working dtype, as the activations they become
+        let raw = dev.upload_as(vecs, dev.work_dtype())?;
         let nv = match self.spec.scale {
             Some(sc) if s > 0 => {
-                let mut nv = dev.alloc(s * a)?;
+                let mut nv = dev.alloc_work(s * a)?;
                 dev.norm_scale_fwd(ViewMut::all(&mut nv), View::all(&raw), s, a, sc)?;
                 nv
             }
@@ -181,12 +184,12 @@ impl<D: Device> Actor<D> {
         };
         let (vecs, nv) = match self.proj {
             Some(off) if s > 0 => {
-                let mut u = dev.alloc(s * c)?;
+                let mut u = dev.alloc_work(s * c)?;
                 linear_fwd(
                     dev,
                     ViewMut::all(&mut u),
                     View::all(&nv),
-                    View::range(&self.model.params, off, c * a),
+                    View::range(self.model.weights(), off, c * a),
                     s,
                     c,
                     a,
@@ -201,8 +204,8 @@ impl<D: Device> Actor<D> {
             sites: dev.upload_ids(sites)?,
             vecs,
             s,
-            dvecs: dev.alloc(s * c)?,
-            dscratch: dev.alloc(s * c)?,
+            dvecs: dev.alloc_work(s * c)?,
+            dscratch: dev.alloc_work(s * c)?,
         };
         Ok(ActorInjection { inj, nv })
     }

@@ -48,7 +48,7 @@ use crate::model::linear::linear_fwd;
 use crate::model::linear::{linear_bwd_dw, linear_bwd_dx};
 use crate::model::safetensors_io::{self, load_params_subset, SaveDtype};
 use crate::model::{backward_blocks, forward_blocks, Activations, Model, ModelConfig, Recompute};
-use crate::model::{ParamEntry, ParamTable};
+use crate::model::{working_copy, ParamEntry, ParamTable};
 use crate::{Error, Result};
 
 /// Name of the value head's weight [A,C] (as [O] names it).
@@ -103,14 +103,17 @@ pub struct CriticActs<D: Device> {
     pub acts: Activations<D>,
     /// [B,C]
     pub pooled: D::Buf,
-    /// [B,A] head output
+    /// [B,A] head output: f32 on every device (the head's matmul rounds its f32 sums once, to
+    /// f32), like the loss after it
     pub pred: D::Buf,
-    /// [B,A] n_s(pred) (or pred when `mse_scale` is None)
+    /// [B,A] n_s(pred) (or pred when `mse_scale` is None), f32
     pub npred: D::Buf,
-    /// [B,A] n_s(target)
+    /// [B,A] n_s(target), f32
     pub ntarget: D::Buf,
-    /// [B,A] d loss / d pred
+    /// [B,A] d loss / d pred, f32
     pub dpred: D::Buf,
+    /// [B,A] `dpred` in the working dtype: the operand of the head's backward matmuls
+    pub dpred_work: D::Buf,
     /// [B,C] d loss / d pooled
     pub dpooled: D::Buf,
     /// what the last forward left for backward: (mse_scale, host n(pred) - n(target) [B,A])
@@ -272,8 +275,10 @@ impl<D: Device> Critic<D> {
                     .for_each(|x| *x = bound * (2.0 * rng.random::<f32>() - 1.0));
             }
         }
+        let params = dev.upload(&flat)?;
         let model = Model {
-            params: dev.upload(&flat)?,
+            work: working_copy(dev, &params)?,
+            params,
             grads: dev.alloc(table.total)?,
             table: backbone,
             cfg,
@@ -396,12 +401,13 @@ impl<D: Device> Critic<D> {
         let (c, a) = (self.model.cfg.hidden_size, self.spec.a);
         Ok(CriticActs {
             acts: Activations::<D>::blocks(dev, &self.model.cfg, b, t, recompute)?,
-            pooled: dev.alloc(b * c)?,
+            pooled: dev.alloc_work(b * c)?,
             pred: dev.alloc(b * a)?,
             npred: dev.alloc(b * a)?,
             ntarget: dev.alloc(b * a)?,
             dpred: dev.alloc(b * a)?,
-            dpooled: dev.alloc(b * c)?,
+            dpred_work: dev.alloc_work(b * a)?,
+            dpooled: dev.alloc_work(b * c)?,
             last: None,
         })
     }
@@ -434,7 +440,7 @@ impl<D: Device> Critic<D> {
         }
         let (b, t, a) = (batch.b, batch.t, self.spec.a);
         let c = self.model.cfg.hidden_size;
-        let params = &self.model.params;
+        let params = self.model.weights();
         forward_blocks(dev, &self.model, &mut ws.acts, &batch.ids, None)?;
         let h = &ws.acts.res[self.spec.k + 1];
         let w = self
@@ -548,11 +554,13 @@ impl<D: Device> Critic<D> {
             None => dev.copy(ViewMut::all(&mut ws.dpred), View::all(&dn))?,
         }
         let model = &mut self.model;
+        let weights = model.work.as_ref().unwrap_or(&model.params);
+        dev.copy(ViewMut::all(&mut ws.dpred_work), View::all(&ws.dpred))?;
         // head: dW[A,C] += dpred^T pooled; dpooled[B,C] = dpred W
         linear_bwd_dw(
             dev,
             ViewMut::range(&mut model.grads, self.head, a * c),
-            View::all(&ws.dpred),
+            View::all(&ws.dpred_work),
             View::all(&ws.pooled),
             b,
             a,
@@ -561,8 +569,8 @@ impl<D: Device> Critic<D> {
         linear_bwd_dx(
             dev,
             ViewMut::all(&mut ws.dpooled),
-            View::all(&ws.dpred),
-            View::range(&model.params, self.head, a * c),
+            View::all(&ws.dpred_work),
+            View::range(weights, self.head, a * c),
             b,
             a,
             c,
@@ -576,7 +584,7 @@ impl<D: Device> Critic<D> {
             View::all(&ws.dpooled),
             View::all(&ws.acts.res[self.spec.k + 1]),
             View::all(&batch.mask),
-            self.pool_w.map(|o| View::range(&model.params, o, tmax)),
+            self.pool_w.map(|o| View::range(weights, o, tmax)),
             b,
             t,
             c,

@@ -90,7 +90,7 @@ impl<D: Device> LmTrainer<D> {
         self.opt.update(
             dev,
             &mut self.model.params,
-            None,
+            self.model.work.as_mut(),
             &self.model.grads,
             lr,
             factor,

@@ -47,6 +47,7 @@ impl<D: Device> Opt<D> {
         &mut self,
         dev: &D,
         params: &mut D::Buf,
+        work: Option<&mut D::Buf>,
         grads: &D::Buf,
         what: &str,
     ) -> Result<(f64, f32)> {
@@ -61,7 +62,7 @@ impl<D: Device> Opt<D> {
             ));
         }
         let lr = self.schedule.lr_at(self.adamw.step + 1);
-        self.adamw.update(dev, params, None, grads, lr, factor)?;
+        self.adamw.update(dev, params, work, grads, lr, factor)?;
         Ok((norm, lr))
     }
 }
@@ -203,7 +204,7 @@ impl<D: Device> ActorTrainer<D> {
         self.actor.zero_grads(dev)?;
         let (loss, tokens) = self.sft_pass(dev, examples, micro, pad_id, true)?;
         let m = &mut self.actor.model;
-        let (grad_norm, lr) = self.opt.apply(dev, &mut m.params, &m.grads, "actor")?;
+        let (grad_norm, lr) = self.opt.apply(dev, &mut m.params, m.work.as_mut(), &m.grads, "actor")?;
         Ok(StepStats {
             loss,
             grad_norm,
@@ -344,7 +345,7 @@ impl<D: Device> CriticTrainer<D> {
         self.critic.zero_grads(dev)?;
         let pass = self.pass(dev, examples, valid, micro, pad_id, true, n)?;
         let m = &mut self.critic.model;
-        let (grad_norm, lr) = self.opt.apply(dev, &mut m.params, &m.grads, "critic")?;
+        let (grad_norm, lr) = self.opt.apply(dev, &mut m.params, m.work.as_mut(), &m.grads, "critic")?;
         Ok((
             StepStats {
                 loss: pass.loss,
@@ -566,7 +567,7 @@ impl<D: Device> ActorTrainer<D> {
                     i += 1;
                 }
                 let md = &mut self.actor.model;
-                let (gn, lr) = self.opt.apply(dev, &mut md.params, &md.grads, "actor")?;
+                let (gn, lr) = self.opt.apply(dev, &mut md.params, md.work.as_mut(), &md.grads, "actor")?;
                 st.grad_norm = gn;
                 st.lr = lr;
             }
