@@ -722,6 +722,7 @@ impl<T: KernelDevice> Device for T {
         gpu::adamw::adamw(
             self.launcher(),
             T::output(OP, "p", p)?,
+            None,
             T::input(OP, "g", g)?,
             T::output(OP, "m", m)?,
             T::output(OP, "v", v)?,
