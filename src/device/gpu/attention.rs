@@ -1,10 +1,14 @@
 //! `kernels/attention.cu`: causal GQA attention, head sizes bucketed to 16/32/64/128 (one
-//! kernel per bucket). `attention_fwd_f32_hs<B>`: grid (ceil(T/64), NH, B), block 128. The
-//! backward is three launches: attention_bwd_dot_f32 (D = rowsum(dout * out) into the caller's
-//! f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs), `attention_bwd_dq_f32_hs<B>`
-//! (grid as the forward) and `attention_bwd_dkdv_f32_hs<B>` (grid (ceil(T/64), NKV, B)).
+//! kernel per bucket). `attention_fwd_<f32|bf16>_hs<B>`: grid (ceil(T/64), NH, B), block 128.
+//! The backward is three launches: `attention_bwd_dot_<f32|bf16>` (D = rowsum(dout * out) into
+//! the caller's f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs),
+//! `attention_bwd_dq_<f32|bf16>_hs<B>` (grid as the forward) and
+//! `attention_bwd_dkdv_<f32|bf16>_hs<B>` (grid (ceil(T/64), NKV, B)). q, k, v, out, dout, dq,
+//! dk, dv are T; lse and the scratch D f32 in both dtypes. Shared memory holds f32 tiles in both
+//! dtypes ([`smem`] does not depend on T).
 
 use super::{check_len, check_pos, int, EmuArgs, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::device::AttnDims;
 use crate::{Error, Result};
 
@@ -55,14 +59,14 @@ fn pack_dims(a: &mut EmuArgs<'_>, d: &AttnDims, with_kv: bool) {
     a.scalar(d.hs as i32);
 }
 
-/// out[B,T,NH,HS], lse[B,NH,T] from q[B,T,NH,HS], k, v [B,T,NKV,HS].
-pub fn fwd<'a, L: Launch + ?Sized>(
+/// out[B,T,NH,HS], lse[B,NH,T] from q[B,T,NH,HS], k, v [B,T,NKV,HS]. out, q, k, v: T; lse: f32.
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
     lse: impl Into<Out<'a, f32>>,
-    q: impl Into<In<'a, f32>>,
-    k: impl Into<In<'a, f32>>,
-    v: impl Into<In<'a, f32>>,
+    q: impl Into<In<'a, T>>,
+    k: impl Into<In<'a, T>>,
+    v: impl Into<In<'a, T>>,
     d: AttnDims,
 ) -> Result<()> {
     const OP: &str = "attention_fwd";
@@ -85,8 +89,8 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .scalar(nkv as i32)
         .scalar(hs as i32);
     let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
-    let sym = format!("attention_fwd_f32_hs{hsb}");
-    l.launch(&sym, grid, [NT, 1, 1], smem(hsb)[0], &mut a)
+    let name = format!("{}_hs{hsb}", sym::<T>("attention_fwd"));
+    l.launch(&name, grid, [NT, 1, 1], smem(hsb)[0], &mut a)
 }
 
 /// Elements of [`bwd`]'s f32 scratch `dscratch`: D [B,NH,T] (D_i = dout_i . out_i, written by
@@ -98,18 +102,19 @@ pub fn bwd_scratch_len(d: &AttnDims) -> usize {
 
 /// dq =, dk =, dv = from dout and the forward's q, k, v, out, lse. `dscratch` is the scratch D
 /// of [`bwd_scratch_len`] elements (its contents on entry do not matter; it is overwritten).
+/// dq, dk, dv, dout, q, k, v, out: T; dscratch, lse: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, L: Launch + ?Sized>(
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dq: impl Into<Out<'a, f32>>,
-    dk: impl Into<Out<'a, f32>>,
-    dv: impl Into<Out<'a, f32>>,
+    dq: impl Into<Out<'a, T>>,
+    dk: impl Into<Out<'a, T>>,
+    dv: impl Into<Out<'a, T>>,
     dscratch: impl Into<Out<'a, f32>>,
-    dout: impl Into<In<'a, f32>>,
-    q: impl Into<In<'a, f32>>,
-    k: impl Into<In<'a, f32>>,
-    v: impl Into<In<'a, f32>>,
-    out: impl Into<In<'a, f32>>,
+    dout: impl Into<In<'a, T>>,
+    q: impl Into<In<'a, T>>,
+    k: impl Into<In<'a, T>>,
+    v: impl Into<In<'a, T>>,
+    out: impl Into<In<'a, T>>,
     lse: impl Into<In<'a, f32>>,
     d: AttnDims,
 ) -> Result<()> {
@@ -141,7 +146,7 @@ pub fn bwd<'a, L: Launch + ?Sized>(
     a.output(dscratch.reborrow()).input(dout).input(out);
     pack_dims(&mut a, &d, false);
     l.launch(
-        "attention_bwd_dot_f32",
+        &sym::<T>("attention_bwd_dot"),
         [dot_grid, 1, 1],
         [NT, 1, 1],
         0,
@@ -160,8 +165,8 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .input(dscratch);
     pack_dims(&mut a, &d, true);
     let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
-    let sym = format!("attention_bwd_dq_f32_hs{hsb}");
-    l.launch(&sym, grid, [NT, 1, 1], smem_dq, &mut a)?;
+    let name = format!("{}_hs{hsb}", sym::<T>("attention_bwd_dq"));
+    l.launch(&name, grid, [NT, 1, 1], smem_dq, &mut a)?;
     // 3. dk, dv
     let mut a = EmuArgs::new();
     a.output(dk)
@@ -174,6 +179,6 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .input(dscratch);
     pack_dims(&mut a, &d, true);
     let grid = [t.div_ceil(64) as u32, nkv as u32, b as u32];
-    let sym = format!("attention_bwd_dkdv_f32_hs{hsb}");
-    l.launch(&sym, grid, [NT, 1, 1], smem_dkdv, &mut a)
+    let name = format!("{}_hs{hsb}", sym::<T>("attention_bwd_dkdv"));
+    l.launch(&name, grid, [NT, 1, 1], smem_dkdv, &mut a)
 }

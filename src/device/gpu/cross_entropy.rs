@@ -1,9 +1,12 @@
-//! `kernels/cross_entropy.cu`: cross_entropy_fwd_f32 / cross_entropy_bwd_f32, one block of 256
-//! per row, grid min(N, 65535) (grid-stride over the rest); cross_entropy_chunk_fwd_f32 /
-//! cross_entropy_chunk_bwd_f32 over vocabulary chunks, the same mapping.
+//! `kernels/cross_entropy.cu`: cross_entropy_fwd_<f32|bf16> / cross_entropy_bwd_<f32|bf16>, one
+//! block of 256 per row, grid min(N, 65535) (grid-stride over the rest);
+//! cross_entropy_chunk_fwd_<f32|bf16> / cross_entropy_chunk_bwd_<f32|bf16> over vocabulary
+//! chunks, the same mapping. logits and dlogits are T; mask, losses and state f32 in both
+//! dtypes.
 
 use super::{check_len, check_pos, dim1, int, EmuArgs, Ids, In, Launch, Out};
 use crate::device::cpu::cross_entropy::check_chunk;
+use crate::device::storage::{sym, Storage};
 use crate::Result;
 
 /// Threads per block of the row kernels (cross_entropy, softmax, sample).
@@ -35,11 +38,11 @@ fn check(
     Ok(())
 }
 
-/// losses[N] = mask * (logsumexp(logits) - logits[target])
-pub fn fwd<'a, L: Launch + ?Sized>(
+/// losses[N] = mask * (logsumexp(logits) - logits[target]). logits: T; losses, mask: f32.
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     losses: impl Into<Out<'a, f32>>,
-    logits: impl Into<In<'a, f32>>,
+    logits: impl Into<In<'a, T>>,
     targets: impl Into<Ids<'a>>,
     mask: impl Into<In<'a, f32>>,
     n: usize,
@@ -63,21 +66,15 @@ pub fn fwd<'a, L: Launch + ?Sized>(
     let mut a = EmuArgs::new();
     a.output(losses).input(logits).ids(targets).input(mask);
     a.scalar(n as i32).scalar(v as i32);
-    l.launch(
-        "cross_entropy_fwd_f32",
-        dim1(row_grid(n)),
-        dim1(ROW_NT),
-        0,
-        &mut a,
-    )
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }
 
-/// dlogits[N,V] = mask * scale * (softmax - onehot(target))
+/// dlogits[N,V] = mask * scale * (softmax - onehot(target)). dlogits, logits: T; mask: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, L: Launch + ?Sized>(
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dlogits: impl Into<Out<'a, f32>>,
-    logits: impl Into<In<'a, f32>>,
+    dlogits: impl Into<Out<'a, T>>,
+    logits: impl Into<In<'a, T>>,
     targets: impl Into<Ids<'a>>,
     mask: impl Into<In<'a, f32>>,
     n: usize,
@@ -102,13 +99,7 @@ pub fn bwd<'a, L: Launch + ?Sized>(
     let mut a = EmuArgs::new();
     a.output(dlogits).input(logits).ids(targets).input(mask);
     a.scalar(n as i32).scalar(v as i32).scalar(scale);
-    l.launch(
-        "cross_entropy_bwd_f32",
-        dim1(row_grid(n)),
-        dim1(ROW_NT),
-        0,
-        &mut a,
-    )
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }
 
 /// Checks of a vocabulary chunk's launch: the shared lengths ([`check_chunk`]), `out`, the
@@ -131,13 +122,14 @@ fn check_chunk_launch(
 }
 
 /// One vocabulary chunk of the forward (columns [v0, v0+VC)): state[N,3] (= at v0 0, += after);
-/// the chunk ending at V writes losses[N] (=). See `kernels/cross_entropy.cu`.
+/// the chunk ending at V writes losses[N] (=). See `kernels/cross_entropy.cu`. logits: T;
+/// losses, state, mask: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn chunk_fwd<'a, L: Launch + ?Sized>(
+pub fn chunk_fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     losses: impl Into<Out<'a, f32>>,
     state: impl Into<Out<'a, f32>>,
-    logits: impl Into<In<'a, f32>>,
+    logits: impl Into<In<'a, T>>,
     targets: impl Into<Ids<'a>>,
     mask: impl Into<In<'a, f32>>,
     n: usize,
@@ -169,21 +161,15 @@ pub fn chunk_fwd<'a, L: Launch + ?Sized>(
         .scalar(vc as i32)
         .scalar(v as i32)
         .scalar(v0 as i32);
-    l.launch(
-        "cross_entropy_chunk_fwd_f32",
-        dim1(row_grid(n)),
-        dim1(ROW_NT),
-        0,
-        &mut a,
-    )
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }
 
 /// In place on logits[N,VC]: mask * scale * (softmax - onehot(target)) over columns
-/// [v0, v0+VC), from the forward's state[N,3].
+/// [v0, v0+VC), from the forward's state[N,3]. logits: T; state, mask: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn chunk_bwd<'a, L: Launch + ?Sized>(
+pub fn chunk_bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    logits: impl Into<Out<'a, f32>>,
+    logits: impl Into<Out<'a, T>>,
     state: impl Into<In<'a, f32>>,
     targets: impl Into<Ids<'a>>,
     mask: impl Into<In<'a, f32>>,
@@ -212,11 +198,5 @@ pub fn chunk_bwd<'a, L: Launch + ?Sized>(
         .scalar(vc as i32)
         .scalar(v0 as i32)
         .scalar(scale);
-    l.launch(
-        "cross_entropy_chunk_bwd_f32",
-        dim1(row_grid(n)),
-        dim1(ROW_NT),
-        0,
-        &mut a,
-    )
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }

@@ -1,11 +1,14 @@
 //! `kernels/decode_attention.cu`: attention of TQ queries over a KV cache.
-//! `decode_attention_fwd_f32_hs<B>`: grid (nsplit, TQ * NKV * ceil(G/8), B), block 128 (G =
-//! NH/NKV query heads per KV head, 8 per block); with nsplit > 1 each split writes partial
-//! (o, m, l) to the caller's scratch ([`scratch_lens`]) and decode_attention_combine_f32 (one
-//! warp per row, ceil(R/4) blocks of 128 capped at 4 * SMs, R = B*TQ*NH) merges them.
+//! `decode_attention_fwd_<f32|bf16>_hs<B>`: grid (nsplit, TQ * NKV * ceil(G/8), B), block 128
+//! (G = NH/NKV query heads per KV head, 8 per block); with nsplit > 1 each split writes partial
+//! (o, m, l) to the caller's f32 scratch ([`scratch_lens`]) and
+//! `decode_attention_combine_<f32|bf16>` (one warp per row, ceil(R/4) blocks of 128 capped at
+//! 4 * SMs, R = B*TQ*NH) merges them. q, kcache, vcache, out are T; part_o and part_ml f32 in
+//! both dtypes (and shared memory f32: [`smem`] does not depend on T).
 
 use super::attention::hs_bucket;
 use super::{check_len, check_pos, int, EmuArgs, Ids, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::device::CacheDims;
 use crate::{Error, Result};
 
@@ -66,15 +69,16 @@ pub fn scratch_lens<'a, L: Launch + ?Sized>(
 
 /// out[B,TQ,NH,HS] from q[B,TQ,NH,HS], caches [B,TMAX,NKV,HS] and starts [B], with the scratch
 /// `part_o`, `part_ml` of [`scratch_lens`] elements (empty when the launch does not split).
+/// out, q, kcache, vcache: T; part_o, part_ml: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<'a, L: Launch + ?Sized>(
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
     part_o: impl Into<Out<'a, f32>>,
     part_ml: impl Into<Out<'a, f32>>,
-    q: impl Into<In<'a, f32>>,
-    kcache: impl Into<In<'a, f32>>,
-    vcache: impl Into<In<'a, f32>>,
+    q: impl Into<In<'a, T>>,
+    kcache: impl Into<In<'a, T>>,
+    vcache: impl Into<In<'a, T>>,
     starts: impl Into<Ids<'a>>,
     d: CacheDims,
 ) -> Result<()> {
@@ -156,9 +160,9 @@ pub fn fwd<'a, L: Launch + ?Sized>(
     for x in [b, tq, tmax, nh, nkv, hs, pos0, ns] {
         a.scalar(x as i32);
     }
-    let sym = format!("decode_attention_fwd_f32_hs{hsb}");
+    let name = format!("{}_hs{hsb}", sym::<T>("decode_attention_fwd"));
     l.launch(
-        &sym,
+        &name,
         [ns as u32, y as u32, b as u32],
         [NT, 1, 1],
         smem(hsb),
@@ -171,7 +175,7 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         a.scalar(rows as i32).scalar(hs as i32).scalar(ns as i32);
         let grid = rows.div_ceil(4).min(4 * l.sms()) as u32;
         l.launch(
-            "decode_attention_combine_f32",
+            &sym::<T>("decode_attention_combine"),
             [grid, 1, 1],
             [128, 1, 1],
             0,

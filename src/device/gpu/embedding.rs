@@ -1,15 +1,18 @@
-//! `kernels/embedding.cu`: embedding_fwd_f32 (grid N, block 32 * ceil(C / pack / 32) capped at
-//! 256) and embedding_bwd_f32 (grid N, block 256, atomics into dwte).
+//! `kernels/embedding.cu`: embedding_fwd_<f32|bf16> (grid N, block 32 * ceil(C / pack / 32)
+//! capped at 256, pack = `T::PACK` (4 f32 / 8 bf16) when C is a multiple of it, else 1) and
+//! embedding_bwd_<f32|bf16> (grid N, block 256, f32 atomics into dwte). out, wte, dout are T;
+//! dwte is f32 in both dtypes.
 
 use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Ids, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::Result;
 
-/// out[N,C] = wte[ids[n], :]
-pub fn fwd<'a, L: Launch + ?Sized>(
+/// out[N,C] = wte[ids[n], :]. out, wte: T.
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
     ids: impl Into<Ids<'a>>,
-    wte: impl Into<In<'a, f32>>,
+    wte: impl Into<In<'a, T>>,
     n: usize,
     c: usize,
 ) -> Result<()> {
@@ -30,20 +33,20 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "C", c)?)
         .scalar(int(OP, "V", vocab)?);
     l.launch(
-        "embedding_fwd_f32",
+        &sym::<T>("embedding_fwd"),
         dim1(grid),
-        dim1(pack_block(c, 256)),
+        dim1(pack_block(c, T::PACK, 256)),
         0,
         &mut a,
     )
 }
 
-/// dwte[ids[n], :] += dout[n, :]
-pub fn bwd<'a, L: Launch + ?Sized>(
+/// dwte[ids[n], :] += dout[n, :]. dout: T; dwte: f32.
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     dwte: impl Into<Out<'a, f32>>,
     ids: impl Into<Ids<'a>>,
-    dout: impl Into<In<'a, f32>>,
+    dout: impl Into<In<'a, T>>,
     n: usize,
     c: usize,
 ) -> Result<()> {
@@ -63,5 +66,5 @@ pub fn bwd<'a, L: Launch + ?Sized>(
     a.scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
         .scalar(int(OP, "V", vocab)?);
-    l.launch("embedding_bwd_f32", dim1(grid), dim1(256), 0, &mut a)
+    l.launch(&sym::<T>("embedding_bwd"), dim1(grid), dim1(256), 0, &mut a)
 }

@@ -1,6 +1,8 @@
-//! `kernels/inject.cu`: inject_fwd_f32 / inject_bwd_f32, grid S (one block per site), block 256.
+//! `kernels/inject.cu`: inject_fwd_<f32|bf16> / inject_bwd_<f32|bf16>, grid S (one block per
+//! site), block 256. h, dh, vecs, dvecs are T (add sums in f32 and rounds once).
 
 use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Ids, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::device::InjectMode;
 use crate::Result;
 
@@ -14,13 +16,13 @@ fn check_sites(op: &'static str, sites: &Ids<'_>, n: usize) -> Result<()> {
     }
 }
 
-/// h[sites[k], :] = (or +=) vecs[k, :]
+/// h[sites[k], :] = (or +=) vecs[k, :] (h, vecs: T)
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<'a, L: Launch + ?Sized>(
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    h: impl Into<Out<'a, f32>>,
+    h: impl Into<Out<'a, T>>,
     sites: impl Into<Ids<'a>>,
-    vecs: impl Into<In<'a, f32>>,
+    vecs: impl Into<In<'a, T>>,
     n: usize,
     c: usize,
     mode: InjectMode,
@@ -42,15 +44,15 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
         .scalar((mode == InjectMode::Add) as i32);
-    l.launch("inject_fwd_f32", dim1(grid), dim1(256), 0, &mut a)
+    l.launch(&sym::<T>(OP), dim1(grid), dim1(256), 0, &mut a)
 }
 
-/// dvecs[k, :] = dh[sites[k], :]; `Replace` also zeroes those rows of dh.
+/// dvecs[k, :] = dh[sites[k], :]; `Replace` also zeroes those rows of dh (dvecs, dh: T).
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, L: Launch + ?Sized>(
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dvecs: impl Into<Out<'a, f32>>,
-    dh: impl Into<Out<'a, f32>>,
+    dvecs: impl Into<Out<'a, T>>,
+    dh: impl Into<Out<'a, T>>,
     sites: impl Into<Ids<'a>>,
     n: usize,
     c: usize,
@@ -73,5 +75,5 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "C", c)?)
         .scalar((mode == InjectMode::Add) as i32);
-    l.launch("inject_bwd_f32", dim1(grid), dim1(256), 0, &mut a)
+    l.launch(&sym::<T>(OP), dim1(grid), dim1(256), 0, &mut a)
 }

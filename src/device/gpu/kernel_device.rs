@@ -10,7 +10,6 @@
 //!
 //! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
 
-use crate::device::cpu::check_same;
 use crate::device::cpu::policy_loss::{check_mask, check_shapes};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
@@ -144,6 +143,23 @@ fn policy_loss<D: KernelDevice>(
     )
 }
 
+/// Runs `$body` with the type `$s` bound to the storage type of `$dtype`: bf16, or f32 (a
+/// kernel device's buffers hold nothing else).
+macro_rules! by_dtype {
+    ($dtype:expr, $s:ident => $body:expr) => {
+        match $dtype {
+            Dtype::Bf16 => {
+                type $s = bf16;
+                $body
+            }
+            _ => {
+                type $s = f32;
+                $body
+            }
+        }
+    };
+}
+
 impl<T: KernelDevice> Device for T {
     type Buf = T::Buf;
     type Ids = T::Ids;
@@ -227,14 +243,14 @@ impl<T: KernelDevice> Device for T {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "embedding_fwd";
-        gpu::embedding::fwd(
+        by_dtype!(out.dtype(), S => gpu::embedding::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::ids(ids),
             T::input(OP, "wte", wte)?,
             n,
             c,
-        )
+        ))
     }
 
     fn embedding_bwd(
@@ -246,14 +262,14 @@ impl<T: KernelDevice> Device for T {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "embedding_bwd";
-        gpu::embedding::bwd(
+        by_dtype!(dout.dtype(), S => gpu::embedding::bwd(
             self.launcher(),
             T::output(OP, "dwte", dwte)?,
             T::ids(ids),
-            T::input(OP, "dout", dout)?,
+            T::input::<S>(OP, "dout", dout)?,
             n,
             c,
-        )
+        ))
     }
 
     fn rmsnorm_fwd(
@@ -267,16 +283,16 @@ impl<T: KernelDevice> Device for T {
         eps: f32,
     ) -> Result<()> {
         const OP: &str = "rmsnorm_fwd";
-        gpu::rmsnorm::fwd(
+        by_dtype!(out.dtype(), S => gpu::rmsnorm::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::output(OP, "rstd", rstd)?,
             T::input(OP, "x", x)?,
             T::input(OP, "w", w)?,
             n,
             c,
             eps,
-        )
+        ))
     }
 
     fn rmsnorm_bwd(
@@ -291,9 +307,9 @@ impl<T: KernelDevice> Device for T {
         c: usize,
     ) -> Result<()> {
         const OP: &str = "rmsnorm_bwd";
-        gpu::rmsnorm::bwd(
+        by_dtype!(dx.dtype(), S => gpu::rmsnorm::bwd(
             self.launcher(),
-            T::output(OP, "dx", dx)?,
+            T::output::<S>(OP, "dx", dx)?,
             T::output(OP, "dw", dw)?,
             T::input(OP, "dout", dout)?,
             T::input(OP, "x", x)?,
@@ -301,7 +317,7 @@ impl<T: KernelDevice> Device for T {
             T::input(OP, "rstd", rstd)?,
             n,
             c,
-        )
+        ))
     }
 
     fn rope_fwd(
@@ -314,8 +330,10 @@ impl<T: KernelDevice> Device for T {
         pos0: usize,
         theta: f32,
     ) -> Result<()> {
-        let x = T::output("rope_fwd", "x", x)?;
-        gpu::rope::rope(self.launcher(), x, [b, t, h, hs], pos0, theta, false)
+        by_dtype!(x.dtype(), S => {
+            let x = T::output::<S>("rope_fwd", "x", x)?;
+            gpu::rope::rope(self.launcher(), x, [b, t, h, hs], pos0, theta, false)
+        })
     }
 
     fn rope_bwd(
@@ -328,8 +346,10 @@ impl<T: KernelDevice> Device for T {
         pos0: usize,
         theta: f32,
     ) -> Result<()> {
-        let dx = T::output("rope_bwd", "dx", dx)?;
-        gpu::rope::rope(self.launcher(), dx, [b, t, h, hs], pos0, theta, true)
+        by_dtype!(dx.dtype(), S => {
+            let dx = T::output::<S>("rope_bwd", "dx", dx)?;
+            gpu::rope::rope(self.launcher(), dx, [b, t, h, hs], pos0, theta, true)
+        })
     }
 
     fn attention_fwd(
@@ -342,15 +362,15 @@ impl<T: KernelDevice> Device for T {
         d: AttnDims,
     ) -> Result<()> {
         const OP: &str = "attention_fwd";
-        gpu::attention::fwd(
+        by_dtype!(out.dtype(), S => gpu::attention::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::output(OP, "lse", lse)?,
             T::input(OP, "q", q)?,
             T::input(OP, "k", k)?,
             T::input(OP, "v", v)?,
             d,
-        )
+        ))
     }
 
     fn attention_bwd(
@@ -372,9 +392,9 @@ impl<T: KernelDevice> Device for T {
         let len = gpu::attention::bwd_scratch_len(&d);
         let mut scratch = Device::alloc(self, if lse.len() == len { len } else { 0 })?;
         let dscratch = T::output(OP, "dscratch", ViewMut::all(&mut scratch))?;
-        gpu::attention::bwd(
+        by_dtype!(dq.dtype(), S => gpu::attention::bwd(
             self.launcher(),
-            T::output(OP, "dq", dq)?,
+            T::output::<S>(OP, "dq", dq)?,
             T::output(OP, "dk", dk)?,
             T::output(OP, "dv", dv)?,
             dscratch,
@@ -385,17 +405,17 @@ impl<T: KernelDevice> Device for T {
             T::input(OP, "out", out)?,
             T::input(OP, "lse", lse)?,
             d,
-        )
+        ))
     }
 
     fn swiglu_fwd(&self, out: M<'_, T>, gate: V<'_, T>, up: V<'_, T>) -> Result<()> {
         const OP: &str = "swiglu_fwd";
-        gpu::swiglu::fwd(
+        by_dtype!(out.dtype(), S => gpu::swiglu::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::input(OP, "gate", gate)?,
             T::input(OP, "up", up)?,
-        )
+        ))
     }
 
     fn swiglu_bwd(
@@ -407,33 +427,33 @@ impl<T: KernelDevice> Device for T {
         up: V<'_, T>,
     ) -> Result<()> {
         const OP: &str = "swiglu_bwd";
-        gpu::swiglu::bwd(
+        by_dtype!(dgate.dtype(), S => gpu::swiglu::bwd(
             self.launcher(),
-            T::output(OP, "dgate", dgate)?,
+            T::output::<S>(OP, "dgate", dgate)?,
             T::output(OP, "dup", dup)?,
             T::input(OP, "dout", dout)?,
             T::input(OP, "gate", gate)?,
             T::input(OP, "up", up)?,
-        )
+        ))
     }
 
     fn residual_fwd(&self, out: M<'_, T>, a: V<'_, T>, b: V<'_, T>) -> Result<()> {
         const OP: &str = "residual_fwd";
-        gpu::residual::fwd(
+        by_dtype!(out.dtype(), S => gpu::residual::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::input(OP, "a", a)?,
             T::input(OP, "b", b)?,
-        )
+        ))
     }
 
     fn residual_bwd(&self, da: M<'_, T>, dout: V<'_, T>) -> Result<()> {
         const OP: &str = "residual_bwd";
-        gpu::residual::bwd(
+        by_dtype!(da.dtype(), S => gpu::residual::bwd(
             self.launcher(),
-            T::output(OP, "da", da)?,
+            T::output::<S>(OP, "da", da)?,
             T::input(OP, "dout", dout)?,
-        )
+        ))
     }
 
     fn cross_entropy_fwd(
@@ -446,15 +466,15 @@ impl<T: KernelDevice> Device for T {
         v: usize,
     ) -> Result<()> {
         const OP: &str = "cross_entropy_fwd";
-        gpu::cross_entropy::fwd(
+        by_dtype!(logits.dtype(), S => gpu::cross_entropy::fwd(
             self.launcher(),
             T::output(OP, "losses", losses)?,
-            T::input(OP, "logits", logits)?,
+            T::input::<S>(OP, "logits", logits)?,
             T::ids(targets),
             T::input(OP, "mask", mask)?,
             n,
             v,
-        )
+        ))
     }
 
     fn cross_entropy_bwd(
@@ -468,16 +488,16 @@ impl<T: KernelDevice> Device for T {
         scale: f32,
     ) -> Result<()> {
         const OP: &str = "cross_entropy_bwd";
-        gpu::cross_entropy::bwd(
+        by_dtype!(dlogits.dtype(), S => gpu::cross_entropy::bwd(
             self.launcher(),
-            T::output(OP, "dlogits", dlogits)?,
+            T::output::<S>(OP, "dlogits", dlogits)?,
             T::input(OP, "logits", logits)?,
             T::ids(targets),
             T::input(OP, "mask", mask)?,
             n,
             v,
             scale,
-        )
+        ))
     }
 
     fn cross_entropy_chunk_fwd(
@@ -493,16 +513,16 @@ impl<T: KernelDevice> Device for T {
         v0: usize,
     ) -> Result<()> {
         const OP: &str = "cross_entropy_chunk_fwd";
-        gpu::cross_entropy::chunk_fwd(
+        by_dtype!(logits.dtype(), S => gpu::cross_entropy::chunk_fwd(
             self.launcher(),
             T::output(OP, "losses", losses)?,
             T::output(OP, "state", state)?,
-            T::input(OP, "logits", logits)?,
+            T::input::<S>(OP, "logits", logits)?,
             T::ids(targets),
             T::input(OP, "mask", mask)?,
             n,
             (vc, v, v0),
-        )
+        ))
     }
 
     fn cross_entropy_chunk_bwd(
@@ -518,27 +538,27 @@ impl<T: KernelDevice> Device for T {
         scale: f32,
     ) -> Result<()> {
         const OP: &str = "cross_entropy_chunk_bwd";
-        gpu::cross_entropy::chunk_bwd(
+        by_dtype!(logits.dtype(), S => gpu::cross_entropy::chunk_bwd(
             self.launcher(),
-            T::output(OP, "logits", logits)?,
+            T::output::<S>(OP, "logits", logits)?,
             T::input(OP, "state", state)?,
             T::ids(targets),
             T::input(OP, "mask", mask)?,
             n,
             (vc, v, v0),
             scale,
-        )
+        ))
     }
 
     fn softmax_fwd(&self, out: M<'_, T>, x: V<'_, T>, n: usize, v: usize) -> Result<()> {
         const OP: &str = "softmax_fwd";
-        gpu::softmax::fwd(
+        by_dtype!(out.dtype(), S => gpu::softmax::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::input(OP, "x", x)?,
             n,
             v,
-        )
+        ))
     }
 
     fn softmax_bwd(
@@ -550,14 +570,14 @@ impl<T: KernelDevice> Device for T {
         v: usize,
     ) -> Result<()> {
         const OP: &str = "softmax_bwd";
-        gpu::softmax::bwd(
+        by_dtype!(dx.dtype(), S => gpu::softmax::bwd(
             self.launcher(),
-            T::output(OP, "dx", dx)?,
+            T::output::<S>(OP, "dx", dx)?,
             T::input(OP, "dout", dout)?,
             T::input(OP, "out", out)?,
             n,
             v,
-        )
+        ))
     }
 
     fn inject_fwd(
@@ -570,15 +590,15 @@ impl<T: KernelDevice> Device for T {
         mode: InjectMode,
     ) -> Result<()> {
         const OP: &str = "inject_fwd";
-        gpu::inject::fwd(
+        by_dtype!(h.dtype(), S => gpu::inject::fwd(
             self.launcher(),
-            T::output(OP, "h", h)?,
+            T::output::<S>(OP, "h", h)?,
             T::ids(sites),
             T::input(OP, "vecs", vecs)?,
             n,
             c,
             mode,
-        )
+        ))
     }
 
     fn inject_bwd(
@@ -591,27 +611,27 @@ impl<T: KernelDevice> Device for T {
         mode: InjectMode,
     ) -> Result<()> {
         const OP: &str = "inject_bwd";
-        gpu::inject::bwd(
+        by_dtype!(dvecs.dtype(), S => gpu::inject::bwd(
             self.launcher(),
-            T::output(OP, "dvecs", dvecs)?,
+            T::output::<S>(OP, "dvecs", dvecs)?,
             T::output(OP, "dh", dh)?,
             T::ids(sites),
             n,
             c,
             mode,
-        )
+        ))
     }
 
     fn norm_scale_fwd(&self, y: M<'_, T>, x: V<'_, T>, n: usize, d: usize, s: f32) -> Result<()> {
         const OP: &str = "norm_scale_fwd";
-        gpu::norm_scale::fwd(
+        by_dtype!(y.dtype(), S => gpu::norm_scale::fwd(
             self.launcher(),
-            T::output(OP, "y", y)?,
+            T::output::<S>(OP, "y", y)?,
             T::input(OP, "x", x)?,
             n,
             d,
             s,
-        )
+        ))
     }
 
     fn norm_scale_bwd(
@@ -624,15 +644,15 @@ impl<T: KernelDevice> Device for T {
         s: f32,
     ) -> Result<()> {
         const OP: &str = "norm_scale_bwd";
-        gpu::norm_scale::bwd(
+        by_dtype!(dx.dtype(), S => gpu::norm_scale::bwd(
             self.launcher(),
-            T::output(OP, "dx", dx)?,
+            T::output::<S>(OP, "dx", dx)?,
             T::input(OP, "dy", dy)?,
             T::input(OP, "x", x)?,
             n,
             d,
             s,
-        )
+        ))
     }
 
     fn pool_fwd(
@@ -647,16 +667,15 @@ impl<T: KernelDevice> Device for T {
         mode: PoolMode,
     ) -> Result<()> {
         const OP: &str = "pool_fwd";
-        let w = w.map(|w| T::input(OP, "w", w)).transpose()?;
-        gpu::pool::fwd(
+        by_dtype!(out.dtype(), S => gpu::pool::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::input(OP, "h", h)?,
             T::input(OP, "mask", mask)?,
-            w,
+            w.map(|w| T::input(OP, "w", w)).transpose()?,
             [b, t, c],
             mode,
-        )
+        ))
     }
 
     fn pool_bwd(
@@ -673,19 +692,18 @@ impl<T: KernelDevice> Device for T {
         mode: PoolMode,
     ) -> Result<()> {
         const OP: &str = "pool_bwd";
-        let w = w.map(|w| T::input(OP, "w", w)).transpose()?;
         let dw = dw.map(|d| T::output(OP, "dw", d)).transpose()?;
-        gpu::pool::bwd(
+        by_dtype!(dh.dtype(), S => gpu::pool::bwd(
             self.launcher(),
-            T::output(OP, "dh", dh)?,
+            T::output::<S>(OP, "dh", dh)?,
             dw,
             T::input(OP, "dout", dout)?,
             T::input(OP, "h", h)?,
             T::input(OP, "mask", mask)?,
-            w,
+            w.map(|w| T::input(OP, "w", w)).transpose()?,
             [b, t, c],
             mode,
-        )
+        ))
     }
 
     fn reward_advantage(
@@ -701,18 +719,18 @@ impl<T: KernelDevice> Device for T {
         spec: &RewardSpec,
     ) -> Result<()> {
         const OP: &str = "reward_advantage";
-        gpu::reward_advantage::reward_advantage(
+        by_dtype!(pred.dtype(), S => gpu::reward_advantage::reward_advantage(
             self.launcher(),
             T::output(OP, "mse", mse)?,
             T::output(OP, "reward", reward)?,
             T::output(OP, "advantage", advantage)?,
-            T::input(OP, "pred", pred)?,
+            T::input::<S>(OP, "pred", pred)?,
             T::input(OP, "target", target)?,
             T::input(OP, "valid", valid)?,
             s,
             a,
             spec,
-        )
+        ))
     }
 
     fn policy_loss_fwd(
@@ -749,7 +767,7 @@ impl<T: KernelDevice> Device for T {
 
     fn adamw(
         &self,
-        mut p: M<'_, T>,
+        p: M<'_, T>,
         work: Option<M<'_, T>>,
         g: V<'_, T>,
         m: M<'_, T>,
@@ -757,27 +775,34 @@ impl<T: KernelDevice> Device for T {
         hp: &AdamwStep,
     ) -> Result<()> {
         const OP: &str = "adamw";
-        if let Some(w) = &work {
-            check_same(OP, "work", w.len(), p.len())?;
-        }
+        let p16 = match work {
+            // a bf16 working copy: written by the same pass (adamw_bf16)
+            Some(w) if w.dtype() == Dtype::Bf16 => Some(T::output(OP, "work", w)?),
+            // an f32 one: a copy of the new p
+            Some(w) => {
+                let mut p = p;
+                Device::adamw(self, p.reborrow(), None, g, m, v, hp)?;
+                return Device::copy(self, w, p.as_view());
+            }
+            None => None,
+        };
         gpu::adamw::adamw(
             self.launcher(),
-            T::output(OP, "p", p.reborrow())?,
+            T::output(OP, "p", p)?,
+            p16,
             T::input(OP, "g", g)?,
             T::output(OP, "m", m)?,
             T::output(OP, "v", v)?,
             hp,
-        )?;
-        match work {
-            Some(w) => Device::copy(self, w, p.as_view()),
-            None => Ok(()),
-        }
+        )
     }
 
     fn sum_squares(&self, x: V<'_, T>) -> Result<f64> {
-        let x = T::input("sum_squares", "x", x)?;
         // the kernel adds into out[0] with atomics: zeroed first
-        self.accumulate_f64(|out| gpu::adamw::sum_squares(self.launcher(), out, x))
+        by_dtype!(x.dtype(), S => {
+            let x = T::input::<S>("sum_squares", "x", x)?;
+            self.accumulate_f64(|out| gpu::adamw::sum_squares(self.launcher(), out, x))
+        })
     }
 
     fn decode_attention_fwd(
@@ -804,9 +829,9 @@ impl<T: KernelDevice> Device for T {
         };
         let mut part_o = Device::alloc(self, lo)?;
         let mut part_ml = Device::alloc(self, lml)?;
-        gpu::decode_attention::fwd(
+        by_dtype!(out.dtype(), S => gpu::decode_attention::fwd(
             self.launcher(),
-            T::output(OP, "out", out)?,
+            T::output::<S>(OP, "out", out)?,
             T::output(OP, "part_o", ViewMut::all(&mut part_o))?,
             T::output(OP, "part_ml", ViewMut::all(&mut part_ml))?,
             T::input(OP, "q", q)?,
@@ -814,7 +839,7 @@ impl<T: KernelDevice> Device for T {
             T::input(OP, "vcache", vcache)?,
             starts,
             d,
-        )
+        ))
     }
 
     fn sample_fwd(
@@ -828,16 +853,16 @@ impl<T: KernelDevice> Device for T {
         spec: &SampleSpec,
     ) -> Result<()> {
         const OP: &str = "sample_fwd";
-        gpu::sample::fwd(
+        by_dtype!(logits.dtype(), S => gpu::sample::fwd(
             self.launcher(),
             T::ids_out(ids),
             T::output(OP, "logp", logp)?,
-            T::input(OP, "logits", logits)?,
+            T::input::<S>(OP, "logits", logits)?,
             T::input(OP, "u", u)?,
             n,
             v,
             spec,
-        )?;
+        ))?;
         // every sampled id is a row index of the logits
         T::ids_written(ids, v);
         Ok(())

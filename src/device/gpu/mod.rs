@@ -5,10 +5,16 @@
 //!
 //! The launchers take their pointer arguments as [`In`] (`const T*`), [`Out`] (`T*`) and [`Ids`]
 //! (token ids or positions, checked against their bound), each either a host slice or a
-//! device address ([`DevPtr`]); the f32 variants of the kernels; ids are u32. Launchers never
-//! allocate: scratch a kernel family needs is the caller's, sized by the family's length
-//! function (`attention::bwd_scratch_len`, `decode_attention::scratch_lens`), and checks of
-//! values (not lengths) run on host memory only (device inputs are not value-checked).
+//! device address ([`DevPtr`]); ids are u32. Each launcher is generic over the storage type
+//! `T:` [`crate::device::Storage`] (f32 or bf16) of exactly the arguments its kernel's header
+//! declares as T, launches that type's symbol `<op>_<f32|bf16>` ([`crate::device::storage::sym`])
+//! and computes pack-dependent geometry from `T::PACK` (4 f32 / 8 bf16 per 16-byte access); the
+//! arguments a header declares f32 in both modes (statistics, parameter gradients, masks, losses,
+//! scratch) stay f32, and the families with f32 symbols only (policy_loss) are f32 only.
+//! Launchers never allocate: scratch a kernel family needs is the caller's, sized by the
+//! family's length function (`attention::bwd_scratch_len`, `decode_attention::scratch_lens`),
+//! and checks of values (not lengths) run on host memory only (device inputs are not
+//! value-checked).
 //!
 //! Today the one backend is [`EmuLaunch`], the CPU emulator of the CUDA execution model
 //! (`device/emu.rs`), which [`crate::device::emu_device::EmuDevice`] uses to run every op but
@@ -166,19 +172,19 @@ pub(crate) fn check_pos(op: &'static str, name: &str, x: usize) -> Result<()> {
     }
 }
 
-/// f32 elements per 16-byte access.
-pub(crate) const PACK: usize = 4;
-
-/// Block of the row kernels that give each row's channels to threads in 16-byte packs:
-/// 32 * ceil(C / pack / 32) capped at `cap` (pack = 4 when C is a multiple of 4, else 1).
-pub(crate) fn pack_block(c: usize, cap: usize) -> u32 {
-    let pack = if c.is_multiple_of(PACK) { PACK } else { 1 };
-    (32 * c.div_ceil(pack).div_ceil(32)).min(cap) as u32
+/// Block of the row kernels that give each row's channels to threads in 16-byte packs of
+/// `pack` elements (the storage type's [`crate::device::Storage::PACK`]: 4 f32 / 8 bf16):
+/// 32 * ceil(C / p / 32) capped at `cap`, p = `pack` when C is a multiple of it, else 1 (the
+/// kernels' one-element-at-a-time path).
+pub(crate) fn pack_block(c: usize, pack: usize, cap: usize) -> u32 {
+    let p = if c.is_multiple_of(pack) { pack } else { 1 };
+    (32 * c.div_ceil(p).div_ceil(32)).min(cap) as u32
 }
 
-/// Grid of the elementwise kernels: block 256, ceil(n / (256 * pack)) blocks.
-pub(crate) fn elementwise_grid(op: &'static str, n: usize) -> Result<u32> {
-    grid_dim(op, "x", n.div_ceil(256 * PACK).max(1), i32::MAX as usize)
+/// Grid of the elementwise kernels over 16-byte packs of `pack` elements
+/// ([`crate::device::Storage::PACK`]): block 256, ceil(n / (256 * pack)) blocks.
+pub(crate) fn elementwise_grid(op: &'static str, n: usize, pack: usize) -> Result<u32> {
+    grid_dim(op, "x", n.div_ceil(256 * pack).max(1), i32::MAX as usize)
 }
 
 /// A table `[rows, c]` given as a flat length: the number of rows.
@@ -212,21 +218,27 @@ mod tests {
     use super::*;
     use crate::device::{AttnDims, CacheDims};
 
-    /// Records each launch (symbol, whether any argument is a host pointer) without running it.
+    /// Records each launch (symbol, whether any argument is a host pointer; and its grid, block
+    /// and dynamic shared memory) without running it.
     #[derive(Default)]
-    struct Record(RefCell<Vec<(String, bool)>>);
+    #[allow(clippy::type_complexity)]
+    struct Record(
+        RefCell<Vec<(String, bool)>>,
+        RefCell<Vec<([u32; 3], [u32; 3], usize)>>,
+    );
 
     impl Launch for Record {
         fn launch(
             &self,
             sym: &str,
-            _grid: [u32; 3],
-            _block: [u32; 3],
-            _smem: usize,
+            grid: [u32; 3],
+            block: [u32; 3],
+            smem: usize,
             args: &mut EmuArgs<'_>,
         ) -> Result<()> {
             let host = args.host_pointer().is_some();
             self.0.borrow_mut().push((sym.to_string(), host));
+            self.1.borrow_mut().push((grid, block, smem));
             Ok(())
         }
     }
@@ -235,6 +247,111 @@ mod tests {
         fn syms(&self) -> Vec<String> {
             self.0.borrow().iter().map(|(s, _)| s.clone()).collect()
         }
+        /// The last launch's (symbol, grid x, block x, smem).
+        fn last(&self) -> (String, u32, u32, usize) {
+            let (grid, block, smem) = *self.1.borrow().last().unwrap();
+            (self.syms().pop().unwrap(), grid[0], block[0], smem)
+        }
+    }
+
+    /// A bf16 launch picks the `_bf16` symbol and the geometry of 8 bf16 per 16-byte access
+    /// where the kernel's header makes it depend on the pack (rmsnorm.cu: "block 512 for C = 4096
+    /// in bf16"; f32: 4096 / 4 = 1024).
+    #[test]
+    fn bf16_launches_pick_the_bf16_symbol_and_pack() {
+        use half::bf16;
+        let l = Record::default();
+        let rmsnorm = |c: usize, bf: bool| {
+            let (rstd, n) = (dev::<f32>(2), 2 * c);
+            if bf {
+                rmsnorm::fwd(
+                    &l,
+                    dev::<bf16>(n),
+                    rstd,
+                    dev::<bf16>(n),
+                    dev::<bf16>(c),
+                    2,
+                    c,
+                    1e-5,
+                )
+            } else {
+                rmsnorm::fwd(
+                    &l,
+                    dev::<f32>(n),
+                    rstd,
+                    dev::<f32>(n),
+                    dev::<f32>(c),
+                    2,
+                    c,
+                    1e-5,
+                )
+            }
+            .unwrap();
+            l.last()
+        };
+        assert_eq!(rmsnorm(4096, true), ("rmsnorm_fwd_bf16".into(), 2, 512, 0));
+        assert_eq!(rmsnorm(4096, false), ("rmsnorm_fwd_f32".into(), 2, 1024, 0));
+        // C = 1000 = 125 packs of 8 (bf16) or 250 of 4 (f32)
+        assert_eq!(rmsnorm(1000, true).2, 128);
+        assert_eq!(rmsnorm(1000, false).2, 256);
+        // C = 1004: a multiple of 4 but not of 8, so bf16 goes one element at a time
+        assert_eq!(rmsnorm(1004, false).2, 256);
+        assert_eq!(rmsnorm(1004, true).2, 1024);
+        // embedding (cap 256): C = 1000 -> 128 threads in bf16, 256 in f32
+        let ids = Ids::Device {
+            ptr: dev::<u32>(1),
+            bound: 1,
+        };
+        embedding::fwd(&l, dev::<bf16>(1000), ids, dev::<bf16>(1000), 1, 1000).unwrap();
+        assert_eq!(l.last(), ("embedding_fwd_bf16".into(), 1, 128, 0));
+        embedding::fwd(&l, dev::<f32>(1000), ids, dev::<f32>(1000), 1, 1000).unwrap();
+        assert_eq!(l.last(), ("embedding_fwd_f32".into(), 1, 256, 0));
+        // elementwise: ceil(n / (256 * pack)) blocks, n = 3 * 2048
+        let n = 3 * 2048;
+        residual::fwd(&l, dev::<bf16>(n), dev::<bf16>(n), dev::<bf16>(n)).unwrap();
+        assert_eq!(l.last(), ("residual_fwd_bf16".into(), 3, 256, 0));
+        residual::fwd(&l, dev::<f32>(n), dev::<f32>(n), dev::<f32>(n)).unwrap();
+        assert_eq!(l.last(), ("residual_fwd_f32".into(), 6, 256, 0));
+        swiglu::bwd(
+            &l,
+            dev::<bf16>(n),
+            dev::<bf16>(n),
+            dev::<bf16>(n),
+            dev::<bf16>(n),
+            dev::<bf16>(n),
+        )
+        .unwrap();
+        assert_eq!(l.last(), ("swiglu_bwd_bf16".into(), 3, 256, 0));
+        // the attention buckets follow the dtype
+        let d = AttnDims {
+            b: 1,
+            t: 3,
+            nh: 2,
+            nkv: 1,
+            hs: 8,
+        };
+        let (nq, nkv, nl) = attn_lens(&d);
+        let (q, kv) = (dev::<bf16>(nq), dev::<bf16>(nkv));
+        attention::fwd(&l, q, dev::<f32>(nl), q, kv, kv, d).unwrap();
+        assert_eq!(l.last().0, "attention_fwd_bf16_hs16");
+        // adamw: p16 picks adamw_bf16; sum_squares over bf16
+        let hp = crate::device::AdamwStep {
+            step: 1,
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_scale: 1.0,
+        };
+        let p = dev::<f32>(10);
+        adamw::adamw(&l, p, Some(dev::<bf16>(10).into()), p, p, p, &hp).unwrap();
+        assert_eq!(l.last().0, "adamw_bf16");
+        assert!(adamw::adamw(&l, p, Some(dev::<bf16>(9).into()), p, p, p, &hp).is_err());
+        adamw::adamw(&l, p, None, p, p, p, &hp).unwrap();
+        assert_eq!(l.last().0, "adamw_f32");
+        adamw::sum_squares(&l, dev::<f64>(1), dev::<bf16>(10)).unwrap();
+        assert_eq!(l.last().0, "sum_squares_bf16");
     }
 
     fn dev<'a, T>(len: usize) -> DevPtr<'a, T> {

@@ -1,6 +1,8 @@
-//! `kernels/norm_scale.cu`: norm_scale_fwd_f32 / norm_scale_bwd_f32, grid N, block 256.
+//! `kernels/norm_scale.cu`: norm_scale_fwd_<f32|bf16> / norm_scale_bwd_<f32|bf16>, grid N, block
+//! 256. Every array is T (math in f32).
 
 use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::{Error, Result};
 
 fn check(op: &'static str, n: usize, d: usize, s: f32, lens: [(&str, usize); 3]) -> Result<()> {
@@ -19,11 +21,11 @@ fn check(op: &'static str, n: usize, d: usize, s: f32, lens: [(&str, usize); 3])
     Ok(())
 }
 
-/// y[N,D] = x * s / max(||x_n||, 1e-12)
-pub fn fwd<'a, L: Launch + ?Sized>(
+/// y[N,D] = x * s / max(||x_n||, 1e-12) (y, x: T)
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    y: impl Into<Out<'a, f32>>,
-    x: impl Into<In<'a, f32>>,
+    y: impl Into<Out<'a, T>>,
+    x: impl Into<In<'a, T>>,
     n: usize,
     d: usize,
     s: f32,
@@ -47,16 +49,16 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "D", d)?)
         .scalar(s);
-    l.launch("norm_scale_fwd_f32", dim1(grid), dim1(256), 0, &mut a)
+    l.launch(&sym::<T>(OP), dim1(grid), dim1(256), 0, &mut a)
 }
 
-/// dx[N,D] from dy and the forward's input x.
+/// dx[N,D] from dy and the forward's input x (all T).
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, L: Launch + ?Sized>(
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dx: impl Into<Out<'a, f32>>,
-    dy: impl Into<In<'a, f32>>,
-    x: impl Into<In<'a, f32>>,
+    dx: impl Into<Out<'a, T>>,
+    dy: impl Into<In<'a, T>>,
+    x: impl Into<In<'a, T>>,
     n: usize,
     d: usize,
     s: f32,
@@ -85,5 +87,5 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "D", d)?)
         .scalar(s);
-    l.launch("norm_scale_bwd_f32", dim1(grid), dim1(256), 0, &mut a)
+    l.launch(&sym::<T>(OP), dim1(grid), dim1(256), 0, &mut a)
 }

@@ -1,11 +1,13 @@
-//! `kernels/pool.cu`: pool_fwd_f32 (grid B, block 256, T * 4 bytes of dynamic shared memory
-//! for `weighted`) and pool_bwd_f32 (grid B, block 256, 3 * T * 4 bytes for `weighted`). `w`
-//! and `dw` are null pointers for the other modes.
+//! `kernels/pool.cu`: pool_fwd_<f32|bf16> (grid B, block 256, T * 4 bytes of dynamic shared
+//! memory for `weighted`) and pool_bwd_<f32|bf16> (grid B, block 256, 3 * T * 4 bytes for
+//! `weighted`; the shared values are f32 in both dtypes). `w` and `dw` are null pointers for the
+//! other modes. h, dh, out, dout, w are the storage type; mask and dw f32 in both dtypes.
 
 use super::{
     check_len, check_pos, check_same, dim1, grid_dim, int, EmuArgs, In, Launch, Out, SMEM_MAX,
 };
 use crate::device::cpu::pool::{check_padding_mask, check_weights};
+use crate::device::storage::{sym, Storage};
 use crate::device::PoolMode;
 use crate::{Error, Result};
 
@@ -42,15 +44,15 @@ fn check_mask(op: &'static str, mask: &In<'_, f32>, t: usize) -> Result<()> {
     }
 }
 
-/// out[B,C] from h[B,T,C] and mask[B,T] (and w[Tmax] for `weighted`). A device `mask` is not
-/// value-checked.
+/// out[B,C] from h[B,T,C] and mask[B,T] (and w[Tmax] for `weighted`). out, h, w: the storage
+/// type (`T: Storage`, not the length T); mask: f32. A device `mask` is not value-checked.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<'a, L: Launch + ?Sized>(
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
-    h: impl Into<In<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
+    h: impl Into<In<'a, T>>,
     mask: impl Into<In<'a, f32>>,
-    w: Option<In<'a, f32>>,
+    w: Option<In<'a, T>>,
     dims: [usize; 3],
     mode: PoolMode,
 ) -> Result<()> {
@@ -75,19 +77,20 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "T", t)?)
         .scalar(int(OP, "C", c)?)
         .scalar(code(mode));
-    l.launch("pool_fwd_f32", dim1(grid), dim1(256), smem, &mut a)
+    l.launch(&sym::<T>(OP), dim1(grid), dim1(256), smem, &mut a)
 }
 
-/// dh[B,T,C] = and, for `weighted`, dw[Tmax] +=. A device `mask` is not value-checked.
+/// dh[B,T,C] = and, for `weighted`, dw[Tmax] +=. dh, dout, h, w: the storage type; mask, dw:
+/// f32. A device `mask` is not value-checked.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, L: Launch + ?Sized>(
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dh: impl Into<Out<'a, f32>>,
+    dh: impl Into<Out<'a, T>>,
     dw: Option<Out<'a, f32>>,
-    dout: impl Into<In<'a, f32>>,
-    h: impl Into<In<'a, f32>>,
+    dout: impl Into<In<'a, T>>,
+    h: impl Into<In<'a, T>>,
     mask: impl Into<In<'a, f32>>,
-    w: Option<In<'a, f32>>,
+    w: Option<In<'a, T>>,
     dims: [usize; 3],
     mode: PoolMode,
 ) -> Result<()> {
@@ -118,5 +121,5 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "T", t)?)
         .scalar(int(OP, "C", c)?)
         .scalar(code(mode));
-    l.launch("pool_bwd_f32", dim1(grid), dim1(256), smem, &mut a)
+    l.launch(&sym::<T>(OP), dim1(grid), dim1(256), smem, &mut a)
 }

@@ -1,15 +1,17 @@
-//! `kernels/residual.cu`: residual_fwd_f32 / residual_bwd_f32, elementwise (block 256, grid
-//! ceil(n / (256 * pack)), n as a 64-bit count).
+//! `kernels/residual.cu`: residual_fwd_<f32|bf16> / residual_bwd_<f32|bf16>, elementwise (block
+//! 256, grid ceil(n / (256 * pack)), pack = `T::PACK` (4 f32 / 8 bf16), n as a 64-bit count).
+//! Every argument is T.
 
 use super::{check_same, dim1, elementwise_grid, EmuArgs, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::Result;
 
-/// out = a + b
-pub fn fwd<'a, L: Launch + ?Sized>(
+/// out = a + b (all T; the sum formed in f32, rounded once)
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
-    a: impl Into<In<'a, f32>>,
-    b: impl Into<In<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
+    a: impl Into<In<'a, T>>,
+    b: impl Into<In<'a, T>>,
 ) -> Result<()> {
     const OP: &str = "residual_fwd";
     let (out, a, b) = (out.into(), a.into(), b.into());
@@ -19,17 +21,23 @@ pub fn fwd<'a, L: Launch + ?Sized>(
     if n == 0 {
         return Ok(());
     }
-    let grid = elementwise_grid(OP, n)?;
+    let grid = elementwise_grid(OP, n, T::PACK)?;
     let mut args = EmuArgs::new();
     args.output(out).input(a).input(b).scalar(n as i64);
-    l.launch("residual_fwd_f32", dim1(grid), dim1(256), 0, &mut args)
+    l.launch(
+        &sym::<T>("residual_fwd"),
+        dim1(grid),
+        dim1(256),
+        0,
+        &mut args,
+    )
 }
 
-/// da += dout
-pub fn bwd<'a, L: Launch + ?Sized>(
+/// da += dout (both T)
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    da: impl Into<Out<'a, f32>>,
-    dout: impl Into<In<'a, f32>>,
+    da: impl Into<Out<'a, T>>,
+    dout: impl Into<In<'a, T>>,
 ) -> Result<()> {
     const OP: &str = "residual_bwd";
     let (da, dout) = (da.into(), dout.into());
@@ -38,8 +46,14 @@ pub fn bwd<'a, L: Launch + ?Sized>(
     if n == 0 {
         return Ok(());
     }
-    let grid = elementwise_grid(OP, n)?;
+    let grid = elementwise_grid(OP, n, T::PACK)?;
     let mut args = EmuArgs::new();
     args.output(da).input(dout).scalar(n as i64);
-    l.launch("residual_bwd_f32", dim1(grid), dim1(256), 0, &mut args)
+    l.launch(
+        &sym::<T>("residual_bwd"),
+        dim1(grid),
+        dim1(256),
+        0,
+        &mut args,
+    )
 }

@@ -1,22 +1,25 @@
-//! `kernels/reward_advantage.cu`: reward_advantage_f32, one block (grid 1, block 1024, S * 8
-//! bytes of dynamic shared memory), the spec passed as the kernel's integer encodings.
+//! `kernels/reward_advantage.cu`: reward_advantage_<f32|bf16>, one block (grid 1, block 1024,
+//! S * 8 bytes of dynamic shared memory), the spec passed as the kernel's integer encodings.
+//! pred and target are T; valid, mse, reward, advantage f32 in both dtypes.
 
 use super::{check_len, check_pos, dim1, int, EmuArgs, In, Launch, Out, SMEM_MAX};
 use crate::device::cpu::pool::check_binary;
 use crate::device::cpu::reward::check_spec;
+use crate::device::storage::{sym, Storage};
 use crate::device::{Advantage, RewardSpec, RewardTransform};
 use crate::{Error, Result};
 
-/// mse[S], reward[S], advantage[S] (`=`) from pred, target [S,A] and valid [S]. `valid` must be
-/// 0/1: checked for host memory; a device `valid` is not value-checked (the caller's contract).
+/// mse[S], reward[S], advantage[S] (`=`, f32) from pred, target [S,A] (T) and valid [S] (f32).
+/// `valid` must be 0/1: checked for host memory; a device `valid` is not value-checked (the
+/// caller's contract).
 #[allow(clippy::too_many_arguments)]
-pub fn reward_advantage<'a, L: Launch + ?Sized>(
+pub fn reward_advantage<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     mse: impl Into<Out<'a, f32>>,
     reward: impl Into<Out<'a, f32>>,
     adv: impl Into<Out<'a, f32>>,
-    pred: impl Into<In<'a, f32>>,
-    target: impl Into<In<'a, f32>>,
+    pred: impl Into<In<'a, T>>,
+    target: impl Into<In<'a, T>>,
     valid: impl Into<In<'a, f32>>,
     s: usize,
     a: usize,
@@ -80,5 +83,5 @@ pub fn reward_advantage<'a, L: Launch + ?Sized>(
         .scalar(norm_by_std)
         .scalar(whiten)
         .scalar(spec.eps);
-    l.launch("reward_advantage_f32", dim1(1), dim1(1024), smem, &mut g)
+    l.launch(&sym::<T>(OP), dim1(1), dim1(1024), smem, &mut g)
 }

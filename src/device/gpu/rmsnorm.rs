@@ -1,20 +1,23 @@
-//! `kernels/rmsnorm.cu`: rmsnorm_fwd_f32 (grid N, block 32 * ceil(C / pack / 32) capped at
-//! 1024) and rmsnorm_bwd_f32 (grid min(N, 2 * SMs), block 256, C * 4 bytes of dynamic shared
-//! memory for the block's dw partial, atomics into dw).
+//! `kernels/rmsnorm.cu`: rmsnorm_fwd_<f32|bf16> (grid N, block 32 * ceil(C / pack / 32) capped
+//! at 1024, pack = `T::PACK` (4 f32 / 8 bf16) when C is a multiple of it, else 1) and
+//! rmsnorm_bwd_<f32|bf16> (grid min(N, 2 * SMs), block 256, C * 4 bytes of dynamic shared memory
+//! for the block's f32 dw partial, atomics into dw). x, out, w, dout, dx are T; rstd and dw f32
+//! in both dtypes.
 
 use super::{
     check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, In, Launch, Out, SMEM_MAX,
 };
+use crate::device::storage::{sym, Storage};
 use crate::{Error, Result};
 
-/// rstd[N] = 1/sqrt(mean_c(x^2) + eps); out[N,C] = x * rstd * w[C]
+/// rstd[N] = 1/sqrt(mean_c(x^2) + eps); out[N,C] = x * rstd * w[C]. out, x, w: T; rstd: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<'a, L: Launch + ?Sized>(
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
     rstd: impl Into<Out<'a, f32>>,
-    x: impl Into<In<'a, f32>>,
-    w: impl Into<In<'a, f32>>,
+    x: impl Into<In<'a, T>>,
+    w: impl Into<In<'a, T>>,
     n: usize,
     c: usize,
     eps: f32,
@@ -42,23 +45,23 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .scalar(int(OP, "C", c)?)
         .scalar(eps);
     l.launch(
-        "rmsnorm_fwd_f32",
+        &sym::<T>("rmsnorm_fwd"),
         dim1(grid),
-        dim1(pack_block(c, 1024)),
+        dim1(pack_block(c, T::PACK, 1024)),
         0,
         &mut a,
     )
 }
 
-/// dx[N,C] =, dw[C] += (see `Device::rmsnorm_bwd`)
+/// dx[N,C] =, dw[C] += (see `Device::rmsnorm_bwd`). dx, dout, x, w: T; dw, rstd: f32.
 #[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, L: Launch + ?Sized>(
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dx: impl Into<Out<'a, f32>>,
+    dx: impl Into<Out<'a, T>>,
     dw: impl Into<Out<'a, f32>>,
-    dout: impl Into<In<'a, f32>>,
-    x: impl Into<In<'a, f32>>,
-    w: impl Into<In<'a, f32>>,
+    dout: impl Into<In<'a, T>>,
+    x: impl Into<In<'a, T>>,
+    w: impl Into<In<'a, T>>,
     rstd: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
@@ -92,5 +95,11 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .input(w)
         .input(rstd);
     a.scalar(int(OP, "N", n)?).scalar(int(OP, "C", c)?);
-    l.launch("rmsnorm_bwd_f32", dim1(grid), dim1(256), smem, &mut a)
+    l.launch(
+        &sym::<T>("rmsnorm_bwd"),
+        dim1(grid),
+        dim1(256),
+        smem,
+        &mut a,
+    )
 }

@@ -1,14 +1,15 @@
-//! `kernels/rope.cu`: rope_fwd_f32 / rope_bwd_f32 in place on x[B,T,H,HS]: grid B*T, block
-//! 32 * ceil(H * HS / 2 / 32) capped at 256.
+//! `kernels/rope.cu`: rope_fwd_<f32|bf16> / rope_bwd_<f32|bf16> in place on x[B,T,H,HS] (T;
+//! rotation in f32): grid B*T, block 32 * ceil(H * HS / 2 / 32) capped at 256 (no pack).
 
 use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::{Error, Result};
 
-/// `bwd`: the transpose rotation (rope_bwd); else rope_fwd.
+/// `bwd`: the transpose rotation (rope_bwd); else rope_fwd. x: T, in place.
 #[allow(clippy::too_many_arguments)]
-pub fn rope<'a, L: Launch + ?Sized>(
+pub fn rope<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    x: impl Into<Out<'a, f32>>,
+    x: impl Into<Out<'a, T>>,
     dims: [usize; 4],
     pos0: usize,
     theta: f32,
@@ -44,6 +45,5 @@ pub fn rope<'a, L: Launch + ?Sized>(
         .scalar(int(op, "H", h)?)
         .scalar(int(op, "HS", hs)?);
     a.scalar(pos0 as i32).scalar(theta);
-    let sym = if bwd { "rope_bwd_f32" } else { "rope_fwd_f32" };
-    l.launch(sym, dim1(grid), dim1(block), 0, &mut a)
+    l.launch(&sym::<T>(op), dim1(grid), dim1(block), 0, &mut a)
 }

@@ -1,20 +1,22 @@
-//! `kernels/sample.cu`: sample_fwd_f32, block exactly 256 (the kernel's SMP_NT), one block per
-//! row, grid min(N, 65535); top_k passed as min(top_k, V).
+//! `kernels/sample.cu`: sample_fwd_<f32|bf16>, block exactly 256 (the kernel's SMP_NT), one block
+//! per row, grid min(N, 65535); top_k passed as min(top_k, V). logits are T; u and logp f32 in
+//! both dtypes, ids u32.
 
 use super::cross_entropy::row_grid;
 use super::{check_len, check_pos, dim1, int, EmuArgs, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::device::SampleSpec;
 use crate::{Error, Result};
 
-/// ids[N], logp[N] (`=`) drawn from logits [N,V] with uniforms u [N]. Every u must lie in
-/// [0, 1): checked for host memory; device uniforms are not value-checked (the caller's
-/// contract).
+/// ids[N] (u32), logp[N] (f32) (`=`) drawn from logits [N,V] (T) with uniforms u [N] (f32).
+/// Every u must lie in [0, 1): checked for host memory; device uniforms are not value-checked
+/// (the caller's contract).
 #[allow(clippy::too_many_arguments)]
-pub fn fwd<'a, L: Launch + ?Sized>(
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     ids: impl Into<Out<'a, u32>>,
     logp: impl Into<Out<'a, f32>>,
-    logits: impl Into<In<'a, f32>>,
+    logits: impl Into<In<'a, T>>,
     u: impl Into<In<'a, f32>>,
     n: usize,
     v: usize,
@@ -57,5 +59,5 @@ pub fn fwd<'a, L: Launch + ?Sized>(
     a.scalar(spec.temperature)
         .scalar(top_k as i32)
         .scalar(spec.top_p);
-    l.launch("sample_fwd_f32", dim1(row_grid(n)), dim1(256), 0, &mut a)
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(256), 0, &mut a)
 }

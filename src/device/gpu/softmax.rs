@@ -1,15 +1,16 @@
-//! `kernels/softmax.cu`: softmax_fwd_f32 / softmax_bwd_f32, one block of 256 per row, grid
-//! min(N, 65535).
+//! `kernels/softmax.cu`: softmax_fwd_<f32|bf16> / softmax_bwd_<f32|bf16>, one block of 256 per
+//! row, grid min(N, 65535). Every argument is T (arithmetic in f32).
 
 use super::cross_entropy::{row_grid, ROW_NT};
 use super::{check_len, check_pos, dim1, int, EmuArgs, In, Launch, Out};
+use crate::device::storage::{sym, Storage};
 use crate::Result;
 
-/// out[N,V] = softmax(x)
-pub fn fwd<'a, L: Launch + ?Sized>(
+/// out[N,V] = softmax(x) (both T)
+pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    out: impl Into<Out<'a, f32>>,
-    x: impl Into<In<'a, f32>>,
+    out: impl Into<Out<'a, T>>,
+    x: impl Into<In<'a, T>>,
     n: usize,
     v: usize,
 ) -> Result<()> {
@@ -26,21 +27,15 @@ pub fn fwd<'a, L: Launch + ?Sized>(
         .input(x)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "V", v)?);
-    l.launch(
-        "softmax_fwd_f32",
-        dim1(row_grid(n)),
-        dim1(ROW_NT),
-        0,
-        &mut a,
-    )
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }
 
-/// dx[N,V] = out * (dout - sum(dout * out))
-pub fn bwd<'a, L: Launch + ?Sized>(
+/// dx[N,V] = out * (dout - sum(dout * out)) (all T)
+pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
-    dx: impl Into<Out<'a, f32>>,
-    dout: impl Into<In<'a, f32>>,
-    out: impl Into<In<'a, f32>>,
+    dx: impl Into<Out<'a, T>>,
+    dout: impl Into<In<'a, T>>,
+    out: impl Into<In<'a, T>>,
     n: usize,
     v: usize,
 ) -> Result<()> {
@@ -59,11 +54,5 @@ pub fn bwd<'a, L: Launch + ?Sized>(
         .input(out)
         .scalar(int(OP, "N", n)?)
         .scalar(int(OP, "V", v)?);
-    l.launch(
-        "softmax_bwd_f32",
-        dim1(row_grid(n)),
-        dim1(ROW_NT),
-        0,
-        &mut a,
-    )
+    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }
