@@ -27,10 +27,10 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
-use nla_engine::device::{Device, Dtype, SampleSpec, View};
+use nla_engine::device::{Device, Dtype, PoolMode, SampleSpec, View};
 use nla_engine::generate::{generate, GenSpec};
-use nla_engine::model::{backward, forward, ActivationSet, Batch, Model};
-use nla_engine::nla::{Actor, ActorExample, ActorSpec};
+use nla_engine::model::{backward, forward, ActivationSet, Batch, Model, ParamTable};
+use nla_engine::nla::{Actor, ActorExample, ActorSpec, Critic, CriticSpec};
 use nla_engine::train::nla::ActorTrainer;
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
 
@@ -102,8 +102,10 @@ fn forward_backward<D: Device>(dev: &D) -> (Vec<f32>, f64, Vec<f32>) {
     (logits, loss.mean(), model.grads_to_host(dev).unwrap())
 }
 
+// measured on the emulator: logits 1.33e-2, loss 3.1e-4, worst gradient 2.0e-2 (layer 1's
+// k_proj), actor grad norm 5.4e-3
 const LOGIT_MAX_REL: f64 = 3e-2;
-const LOSS_REL: f64 = 1e-2;
+const LOSS_REL: f64 = 1e-3;
 const GRAD_REL_L2: f64 = 6e-2;
 
 fn check_forward_backward<D: Device>(dev: &D, label: &str) {
@@ -184,9 +186,9 @@ fn lm_steps<D: Device>(dev: &D) -> (Vec<f64>, Vec<f32>, Option<Vec<f32>>) {
 
 // AdamW moves each weight by about lr (m / sqrt(v) ~ sign(g)) per step whatever |g|, so
 // gradients ~3 % off give nearly the same update, except for the weights whose gradient is near
-// zero, where the sign can flip. So: the update as a whole within 0.3 relative L2 (measured:
-// see the test's output) where a wrong gradient gives O(1), and the losses as the forward's.
-const UPDATE_REL_L2: f64 = 0.3;
+// zero, where the sign can flip. So: the update as a whole within 0.15 relative L2 (measured
+// 5.3e-2) where a wrong gradient gives O(1), and the losses as the forward's.
+const UPDATE_REL_L2: f64 = 0.15;
 
 fn check_lm_steps<D: Device>(dev: &D, label: &str) {
     let cpu = CpuDevice::new();
@@ -205,7 +207,10 @@ fn check_lm_steps<D: Device>(dev: &D, label: &str) {
     let work = work.expect("a bf16 device keeps a working copy");
     for (i, (&w, &p)) in work.iter().zip(&params).enumerate() {
         let r = half::bf16::from_f32(p).to_f32();
-        assert!(w == r, "{label}: working copy [{i}] = {w}, bf16(master) = {r}");
+        assert!(
+            w == r,
+            "{label}: working copy [{i}] = {w}, bf16(master) = {r}"
+        );
     }
 }
 
@@ -316,8 +321,9 @@ fn generation<D: Device>(dev: &D) -> Vec<(Vec<u32>, Vec<f32>)> {
 
 /// Greedy generation in bf16 (KV cache, decode attention, sampling over bf16 logits): the first
 /// token of each prompt is the f32 path's (its distribution is the forward's, whose logits are
-/// within LOGIT_MAX_REL), with its log-probability within 0.05 (measured: see the output); later
-/// tokens may part ways at a near tie, so they are only checked to be in the vocabulary.
+/// within LOGIT_MAX_REL, and this fixture has no near tie there); later tokens may part ways
+/// at a near tie, so they are only checked to be in the vocabulary (all 6 agreed when
+/// measured). Greedy log-probabilities are 0 (the temperature-0 distribution is one token).
 fn check_generation<D: Device>(dev: &D, label: &str) {
     let want = generation(&CpuDevice::new());
     let got = generation(dev);
@@ -325,9 +331,8 @@ fn check_generation<D: Device>(dev: &D, label: &str) {
     for ((t, l), (wt, wl)) in got.iter().zip(&want) {
         assert_eq!(t.len(), wt.len());
         assert_eq!(t[0], wt[0], "{label}: first token");
-        assert!((l[0] - wl[0]).abs() < 0.05, "{label}: logp {} vs {}", l[0], wl[0]);
         assert!(t.iter().all(|&x| x < 96));
-        assert!(l.iter().all(|x| x.is_finite() && *x <= 0.0));
+        assert_eq!(l, wl, "{label}: greedy log-probabilities");
     }
 }
 
@@ -342,5 +347,87 @@ fn bf16_greedy_generation_matches_cpu() {
 fn cuda_bf16_greedy_generation_matches_cpu() {
     if let Some(dev) = gpu() {
         check_generation(&dev, "cuda bf16");
+    }
+}
+
+// ---- the critic (pooling, head, MSE in f32)
+
+/// The critic's per-sample mse and every gradient, with `pooling` (k 1, A 16, max_len 12).
+fn critic_pass<D: Device>(dev: &D, pooling: PoolMode) -> (Vec<f32>, Vec<f32>, ParamTable) {
+    let a = 16;
+    let spec = CriticSpec {
+        k: 1,
+        a,
+        pooling,
+        max_len: 12,
+    };
+    let mut critic = Critic::from_model(dev, &model(dev), spec, 5).unwrap();
+    let (b, t) = (3, 12);
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % 96) as u32).collect();
+    let lens = [12, 7, 3];
+    let mask: Vec<f32> = (0..b * t)
+        .map(|i| f32::from(u8::from(i % t < lens[i / t])))
+        .collect();
+    let target: Vec<f32> = (0..b * a).map(|i| (i as f32 * 0.37).sin() * 2.0).collect();
+    let batch = critic.batch(dev, b, t, &ids, &mask, &target, None).unwrap();
+    let mut ws = critic.acts(dev, b, t).unwrap();
+    critic.zero_grads(dev).unwrap();
+    let out = critic
+        .forward(dev, &mut ws, &batch, Some((a as f32).sqrt()))
+        .unwrap();
+    critic.backward(dev, &mut ws, &batch, b as f32).unwrap();
+    let grads = dev.download(View::all(&critic.model.grads)).unwrap();
+    (out.mse, grads, critic.table)
+}
+
+/// The critic in bf16 against the CPU: per-sample mse within LOSS_REL x 10 (the pooled state
+/// is bf16, the head's output and the MSE f32; measured 2.5e-3) and every gradient
+/// within GRAD_REL_L2.
+fn check_critic<D: Device>(dev: &D, label: &str) {
+    for pooling in [PoolMode::Last, PoolMode::Weighted] {
+        let (want_mse, want_grads, table) = critic_pass(&CpuDevice::new(), pooling);
+        let (mse, grads, _) = critic_pass(dev, pooling);
+        let e = max_rel_err(&mse, &want_mse);
+        let mut worst = (0f64, String::new());
+        for entry in &table.entries {
+            let r = entry.offset..entry.offset + entry.len;
+            let (g, w) = (&grads[r.clone()], &want_grads[r]);
+            if w.iter().all(|&x| x == 0.0) {
+                // blocks past k: no gradient on either device
+                assert!(g.iter().all(|&x| x == 0.0), "{label}: {}", entry.name);
+                continue;
+            }
+            let err = rel_l2(g, w);
+            assert!(
+                err < GRAD_REL_L2,
+                "{label} {pooling:?}: grad {} rel L2 err {err:.2e}",
+                entry.name
+            );
+            if err > worst.0 {
+                worst = (err, entry.name.clone());
+            }
+        }
+        eprintln!(
+            "{label} {pooling:?}: mse max rel err {e:.2e}, worst gradient {:.2e} ({})",
+            worst.0, worst.1
+        );
+        assert!(
+            e < 10.0 * LOSS_REL,
+            "{label} {pooling:?}: mse {mse:?} vs {want_mse:?}"
+        );
+    }
+}
+
+#[test]
+fn bf16_critic_matches_cpu() {
+    for (dev, label) in emu_devices() {
+        check_critic(&dev, &label);
+    }
+}
+
+#[test]
+fn cuda_bf16_critic_matches_cpu() {
+    if let Some(dev) = gpu() {
+        check_critic(&dev, "cuda bf16");
     }
 }

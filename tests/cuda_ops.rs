@@ -37,8 +37,8 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
-use nla_engine::device::{Dtype, 
-    AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, SampleSpec, View, ViewMut,
+use nla_engine::device::{
+    AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, Dtype, SampleSpec, View, ViewMut,
 };
 use rand::Rng;
 

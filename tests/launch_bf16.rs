@@ -980,3 +980,60 @@ fn sum_squares() {
         }
     });
 }
+
+/// `convert` (f32 <-> bf16) against `half`'s conversions, bit for bit: round to nearest even,
+/// ties, values past bf16's range (to inf), subnormals, signed zeros, infinities and NaN; the
+/// 4-element path (aligned) and the scalar one (one element off), and n not a multiple of 4.
+#[test]
+fn convert() {
+    let mut special = vec![
+        0.0,
+        -0.0,
+        1.0 + 1.0 / 256.0, // a tie: to the even significand (1)
+        1.0 + 3.0 / 256.0, // a tie: up to 1 + 2^-6
+        f32::MAX,          // past bf16's largest finite value: inf
+        -3.4e38,
+        1e-40, // f32 subnormal
+        -2.5e-39,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MIN_POSITIVE,
+    ];
+    each_mode(61, |l, rng| {
+        special.extend((0..1025).map(|_| rng.random_range(-1e4f32..1e4) * rng.random::<f32>()));
+        let want16: Vec<bf16> = special.iter().map(|&x| bf16::from_f32(x)).collect();
+        for off in [0, 1] {
+            let x = Buf::new(&special, off);
+            let mut out = Buf::new(&vec![bf16::from_bits(0x7fa5); special.len()], off);
+            gpu::convert::convert::<bf16, f32, _>(l, out.m(), x.s()).unwrap();
+            let bits = |v: &[bf16]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            // NaN: any quiet NaN (the payload is the hardware's)
+            for (i, (g, w)) in out.s().iter().zip(&want16).enumerate() {
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "f32 -> bf16 [{i}] of {}: {g} vs {w} (off {off})",
+                    special[i]
+                );
+            }
+            assert_eq!(bits(out.s()).len(), special.len());
+            // and back: exact
+            let mut back = Buf::new(&vec![f32::NAN; special.len()], off);
+            gpu::convert::convert::<f32, bf16, _>(l, back.m(), out.s()).unwrap();
+            for (i, (g, w)) in back.s().iter().zip(&want16).enumerate() {
+                let w = w.to_f32();
+                assert!(
+                    g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                    "bf16 -> f32 [{i}]"
+                );
+            }
+        }
+        special.truncate(12);
+    });
+    // same dtype or a length mismatch: refused
+    let l = EmuLaunch::new(EmuMode::Forward, 0);
+    let (x, mut y) = (vec![1f32; 4], vec![0f32; 4]);
+    assert!(gpu::convert::convert::<f32, f32, _>(&l, &mut y[..], &x[..]).is_err());
+    let mut z = vec![bf16::ZERO; 3];
+    assert!(gpu::convert::convert::<bf16, f32, _>(&l, &mut z[..], &x[..]).is_err());
+}

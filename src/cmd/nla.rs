@@ -49,11 +49,14 @@ pub fn open_device(kind: &str, precision: Precision) -> Result<AnyDevice> {
 }
 
 fn config_device(cfg: &RunConfig) -> Result<AnyDevice> {
-    open_device(match cfg.trainer.device {
-        DeviceKind::Cpu => "cpu",
-        DeviceKind::Cuda => "cuda",
-        DeviceKind::Auto => "auto",
-    }, cfg.trainer.precision)
+    open_device(
+        match cfg.trainer.device {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Auto => "auto",
+        },
+        cfg.trainer.precision,
+    )
 }
 
 impl ModelArgs {

@@ -237,7 +237,9 @@ impl<B> ActivationSet<B> {
         opts: MemoryOptions,
     ) -> Result<Self> {
         let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
-        Self::build(cfg, b, t, (vc, opts.recompute), |len, stat| alloc(dev, len, stat))
+        Self::build(cfg, b, t, (vc, opts.recompute), |len, stat| {
+            alloc(dev, len, stat)
+        })
     }
 
     /// A set for the blocks only ([`super::forward_blocks`], [`super::backward_blocks`]): no

@@ -204,7 +204,9 @@ impl<D: Device> ActorTrainer<D> {
         self.actor.zero_grads(dev)?;
         let (loss, tokens) = self.sft_pass(dev, examples, micro, pad_id, true)?;
         let m = &mut self.actor.model;
-        let (grad_norm, lr) = self.opt.apply(dev, &mut m.params, m.work.as_mut(), &m.grads, "actor")?;
+        let (grad_norm, lr) =
+            self.opt
+                .apply(dev, &mut m.params, m.work.as_mut(), &m.grads, "actor")?;
         Ok(StepStats {
             loss,
             grad_norm,
@@ -345,7 +347,9 @@ impl<D: Device> CriticTrainer<D> {
         self.critic.zero_grads(dev)?;
         let pass = self.pass(dev, examples, valid, micro, pad_id, true, n)?;
         let m = &mut self.critic.model;
-        let (grad_norm, lr) = self.opt.apply(dev, &mut m.params, m.work.as_mut(), &m.grads, "critic")?;
+        let (grad_norm, lr) =
+            self.opt
+                .apply(dev, &mut m.params, m.work.as_mut(), &m.grads, "critic")?;
         Ok((
             StepStats {
                 loss: pass.loss,
@@ -567,7 +571,9 @@ impl<D: Device> ActorTrainer<D> {
                     i += 1;
                 }
                 let md = &mut self.actor.model;
-                let (gn, lr) = self.opt.apply(dev, &mut md.params, md.work.as_mut(), &md.grads, "actor")?;
+                let (gn, lr) =
+                    self.opt
+                        .apply(dev, &mut md.params, md.work.as_mut(), &md.grads, "actor")?;
                 st.grad_norm = gn;
                 st.lr = lr;
             }

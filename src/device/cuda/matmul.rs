@@ -13,6 +13,7 @@
 //! pointer alignment, and reused: the calls of a training step repeat a few shapes, and the
 //! heuristic query costs more than a small GEMM.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
@@ -267,12 +268,9 @@ impl Blas {
             .plans
             .lock()
             .map_err(|_| Error::cuda("cublasLtMatmul", "a matmul panicked earlier"))?;
-        if !plans.contains_key(&key) {
-            let plan = Plan::new(self.handle, &key)?;
-            plans.insert(key, plan);
-        }
-        let Some(plan) = plans.get(&key) else {
-            return Err(Error::cuda("cublasLtMatmul", "plan missing"));
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(Plan::new(self.handle, &key)?),
         };
         let [la, lb, lc] = plan.layouts;
         // SAFETY: the caller checked that a, b and c hold the elements the layouts describe at
