@@ -141,10 +141,12 @@ if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r=FAILED; status=1; 
     echo
 } >> "$report"
 
-# each preset as it is; the llama-1b step with the memory options (vocabulary chunks of 8192
-# and block recompute: their cost in step time against the plain step); batch-1 decode (the
-# target: 70 % of the weight-streaming bound)
-for run in "small" "llama-1b" "llama-1b --only step --logits-chunk 8192 --recompute" \
+# each preset as it is (bf16, the GPU's default working dtype); the llama-1b step in f32 (the
+# parity path: what bf16 gains); the llama-1b step with the memory options (vocabulary chunks of
+# 8192 and block recompute: their cost in step time against the plain step); batch-1 decode
+# (the target: 70 % of the weight-streaming bound)
+for run in "small" "llama-1b" "llama-1b --only step --precision f32" \
+    "llama-1b --only step --logits-chunk 8192 --recompute" \
     "llama-1b --only rollout --prompts 1 --samples 1 --new-tokens 256"; do
     name="$(echo "$run" | tr -cs 'a-z0-9' '_')"
     # shellcheck disable=SC2086 # $run is a preset and flags, split on purpose

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 
-use nla_engine::config::{DeviceKind, RunConfig};
+use nla_engine::config::{DeviceKind, Precision, RunConfig};
 use nla_engine::memory::{
     check_fits, gib, parse_size, report, DtypePolicy, Recompute, RunShape, StepOptions,
 };
@@ -18,17 +18,6 @@ pub enum RecomputeArg {
     None,
     /// Only each block's input; blocks run again before their backward
     Block,
-}
-
-/// Element types.
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PrecisionArg {
-    /// f32 when trainer.device is cpu, else bf16
-    Auto,
-    /// f32 everywhere (the CPU engine)
-    F32,
-    /// bf16 weights and activations; f32 master weights, gradients, AdamW state, logits
-    Bf16,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -56,9 +45,11 @@ pub struct PlanArgs {
     /// [default: the config's trainer.logits_chunk]
     #[arg(long)]
     pub logits_chunk: Option<usize>,
-    /// Element types
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
-    pub precision: PrecisionArg,
+    /// Element types: f32 everywhere (the CPU engine), or bf16 weights, activations and logits
+    /// with f32 master weights, gradients and AdamW state; auto = f32 when trainer.device is
+    /// cpu, else bf16 [default: trainer.precision]
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// The actor's config.json, instead of model.model_name's (for a model not on disk); also
     /// the critic's unless --critic-model-config or model.critic.model_name says otherwise
     #[arg(long, value_name = "FILE.json")]
@@ -119,11 +110,11 @@ pub fn plan_cmd(args: &PlanArgs) -> Result<()> {
         _ => (actor.clone(), actor_src.clone()),
     };
     let shape = RunShape::from_config(&cfg, actor, critic)?;
-    let policy = match args.precision {
-        PrecisionArg::F32 => DtypePolicy::cpu(),
-        PrecisionArg::Bf16 => DtypePolicy::cuda(),
-        PrecisionArg::Auto if cfg.trainer.device == DeviceKind::Cpu => DtypePolicy::cpu(),
-        PrecisionArg::Auto => DtypePolicy::cuda(),
+    let policy = match args.precision.unwrap_or(cfg.trainer.precision) {
+        Precision::F32 => DtypePolicy::cpu(),
+        Precision::Bf16 => DtypePolicy::cuda(),
+        Precision::Auto if cfg.trainer.device == DeviceKind::Cpu => DtypePolicy::cpu(),
+        Precision::Auto => DtypePolicy::cuda(),
     };
     let opts = StepOptions {
         policy,

@@ -266,11 +266,9 @@ impl RunShape {
 
     /// What the engine holds beyond the planned activation arena: its largest training pass's
     /// activation set ([`ActivationSet::plan_with`], allocated whole for the pass) minus the
-    /// arena; 0 under a policy the engine does not run (bf16: the plan is then the design's).
+    /// arena, with the activations in the policy's dtype.
     fn engine_extra(&self, opts: &StepOptions, sp: &StepPlan) -> usize {
-        if opts.policy != super::DtypePolicy::cpu() {
-            return 0;
-        }
+        let work = opts.policy.activations;
         let memory = MemoryOptions {
             logits_chunk: opts.logits_chunk,
             recompute: opts.recompute,
@@ -279,13 +277,13 @@ impl RunShape {
         let mut largest = 0;
         if self.rl() || self.train_mode.has_actor() {
             let set = ActivationSet::plan_with(&self.actor, mb, self.actor_t(), memory);
-            largest = set.bytes();
+            largest = set.bytes(work);
         }
         if self.rl() || self.train_mode.has_critic() {
             let mut cfg = self.critic.clone();
             cfg.num_hidden_layers = self.critic_k + 1;
             let set = ActivationSet::plan_blocks(&cfg, mb, self.critic_t(), opts.recompute);
-            largest = largest.max(set.bytes());
+            largest = largest.max(set.bytes(work));
         }
         largest.saturating_sub(sp.plan.arena_size(ArenaKind::Activations))
     }

@@ -30,8 +30,9 @@
 //! # Dtype policy
 //!
 //! [`DtypePolicy::cpu`]: f32 everywhere. [`DtypePolicy::cuda`]: weights, activations, their
-//! gradients and the KV cache in bf16; f32 master weights, AdamW moments, logits (and their
-//! gradient) and per-row statistics (1/rms, logsumexp, losses).
+//! gradients, logits and the KV cache in bf16 (the engine's working dtype on a GPU: the LM
+//! head's matmul writes bf16 logits, and the cross-entropy kernels compute in f32 from them);
+//! f32 master weights, AdamW moments and per-row statistics (1/rms, logsumexp, losses).
 //!
 //! Parameter gradients are **f32** under both policies: they accumulate over the
 //! micro-batches of a step and over the GPUs' reduce-scatter, and a bf16 accumulator (8 bits
@@ -88,7 +89,7 @@ impl DtypePolicy {
         }
     }
 
-    /// bf16 weights and activations, f32 master weights, gradients, AdamW state and logits.
+    /// bf16 weights, activations and logits; f32 master weights, gradients and AdamW state.
     pub fn cuda() -> Self {
         DtypePolicy {
             weights: Dtype::Bf16,
@@ -96,7 +97,7 @@ impl DtypePolicy {
             grads: Dtype::F32,
             optimizer: Dtype::F32,
             activations: Dtype::Bf16,
-            logits: Dtype::F32,
+            logits: Dtype::Bf16,
             stats: Dtype::F32,
         }
     }

@@ -12,7 +12,7 @@
 //! before its backward).
 
 use super::ModelConfig;
-use crate::device::Device;
+use crate::device::{Device, Dtype};
 pub use crate::memory::Recompute;
 use crate::Result;
 
@@ -110,8 +110,10 @@ pub struct ActivationSet<B> {
     /// [N,NKV*HS]
     pub dk: B,
     pub dv: B,
-    /// f32 elements in all buffers
+    /// elements in all buffers
     pub elements: usize,
+    /// elements of the statistics among them (f32 on every device)
+    pub stat_elements: usize,
 }
 
 /// A buffer of the set: f32 for a statistic, else the working dtype.
@@ -159,9 +161,10 @@ impl<B> ActivationSet<B> {
         let n = b * t;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
-        let mut elements = 0usize;
+        let (mut elements, mut stat_elements) = (0usize, 0usize);
         let mut a = |len: usize, stat: bool| {
             elements += len;
+            stat_elements += if stat { len } else { 0 };
             make(len, stat)
         };
         let mut res = Vec::with_capacity(cfg.num_hidden_layers + 1);
@@ -218,8 +221,10 @@ impl<B> ActivationSet<B> {
             dk: a(n * kvd, false)?,
             dv: a(n * kvd, false)?,
             elements: 0,
+            stat_elements: 0,
         };
         set.elements = elements;
+        set.stat_elements = stat_elements;
         Ok(set)
     }
 
@@ -254,9 +259,10 @@ impl<B> ActivationSet<B> {
         Self::build(cfg, b, t, (0, recompute), |len, stat| alloc(dev, len, stat))
     }
 
-    /// Bytes of all activation and gradient-scratch buffers (f32).
-    pub fn bytes(&self) -> usize {
-        self.elements * 4
+    /// Bytes of all activation and gradient-scratch buffers on a device of working dtype
+    /// `work` (the statistics are f32).
+    pub fn bytes(&self, work: Dtype) -> usize {
+        self.stat_elements * 4 + (self.elements - self.stat_elements) * work.size()
     }
 }
 

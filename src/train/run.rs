@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use crate::config::{Algo, Part, Resume, RunConfig};
 use crate::data::{DatasetReader, Mode, Sample};
-use crate::device::{Advantage, Device, KlType, LossAgg, PolicyLossSpec, RewardSpec, SampleSpec};
+use crate::device::{
+    Advantage, Device, Dtype, KlType, LossAgg, PolicyLossSpec, RewardSpec, SampleSpec,
+};
 use crate::generate::{generate_with, GenSpec, PromptInjection, StopReason};
 use crate::memory::{check_fits, DtypePolicy, RunShape, StepOptions};
 use crate::model::{load_config, MemoryOptions};
@@ -151,16 +153,19 @@ fn load_parts<D: Device>(dev: &D, cfg: &RunConfig, ckpt: Option<&Path>) -> Resul
     Ok(Parts { actor, critic })
 }
 
-/// Fails before anything is loaded when the memory plan of this run's step (f32 weights,
-/// gradients, AdamW state and activations of actor and critic: `nla-engine plan
-/// --precision f32`) does not fit the `budget` bytes the device has free; the error lists the
-/// changes that would make it fit.
-fn check_memory(cfg: &RunConfig, budget: usize) -> Result<()> {
+/// Fails before anything is loaded when the memory plan of this run's step (weights,
+/// gradients, AdamW state and activations of actor and critic in the device's working dtype
+/// `work`: `nla-engine plan --precision f32|bf16`) does not fit the `budget` bytes the device
+/// has free; the error lists the changes that would make it fit.
+fn check_memory(cfg: &RunConfig, budget: usize, work: Dtype) -> Result<()> {
     let actor = setup::model_path(cfg, "model.model_name", &cfg.model.model_name)?;
     let critic = setup::model_path(cfg, "model.critic.model_name", cfg.critic_model_name())?;
     let shape = RunShape::from_config(cfg, load_config(&actor)?, load_config(&critic)?)?;
     let opts = StepOptions {
-        policy: DtypePolicy::cpu(),
+        policy: match work {
+            Dtype::F32 => DtypePolicy::cpu(),
+            _ => DtypePolicy::cuda(),
+        },
         recompute: cfg.trainer.recompute,
         gpus: 1,
         zero_stage: 0,
@@ -204,7 +209,7 @@ pub fn train<D: Device>(dev: &D, cfg: &RunConfig, bar: Option<bool>) -> Result<R
         }
     }
     if let Some(budget) = dev.memory_budget()? {
-        check_memory(cfg, budget)?;
+        check_memory(cfg, budget, dev.work_dtype())?;
     }
     let mut parts = load_parts(dev, cfg, ckpt.as_deref())?;
     let a = parts
