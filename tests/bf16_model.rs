@@ -27,7 +27,7 @@ use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
-use nla_engine::device::{Device, Dtype, PoolMode, SampleSpec, View};
+use nla_engine::device::{Device, DeviceBuf, Dtype, PoolMode, SampleSpec, View};
 use nla_engine::generate::{generate, GenSpec};
 use nla_engine::model::{backward, forward, ActivationSet, Batch, Model, ParamTable};
 use nla_engine::nla::{Actor, ActorExample, ActorSpec, Critic, CriticSpec};
@@ -312,11 +312,31 @@ fn generation<D: Device>(dev: &D) -> Vec<(Vec<u32>, Vec<f32>)> {
     };
     let prompts = vec![vec![5u32, 17, 3, 44, 9], vec![60u32, 2]];
     let never = |_: &[u32]| false;
-    generate(dev, &model(dev), &prompts, &spec, &never)
-        .unwrap()
-        .into_iter()
-        .map(|g| (g.tokens, g.logps))
-        .collect()
+    let run = |m: &Model<D>| -> Vec<(Vec<u32>, Vec<f32>)> {
+        generate(dev, m, &prompts, &spec, &never)
+            .unwrap()
+            .into_iter()
+            .map(|g| (g.tokens, g.logps))
+            .collect()
+    };
+    let mut m = model(dev);
+    let out = run(&m);
+    // frozen (no gradients; in bf16 no f32 master weights either): the same tokens, and the
+    // weights still readable from the working copy
+    let before = m.params_to_host(dev).unwrap();
+    m.freeze(dev).unwrap();
+    assert_eq!(
+        m.params.len() < m.table.total,
+        dev.work_dtype() == Dtype::Bf16,
+        "the master weights are dropped where a working copy serves the compute"
+    );
+    assert_eq!(run(&m), out);
+    let after = m.params_to_host(dev).unwrap();
+    assert!(after
+        .iter()
+        .zip(&before)
+        .all(|(&a, &b)| a == half::bf16::from_f32(b).to_f32() || a == b));
+    out
 }
 
 /// Greedy generation in bf16 (KV cache, decode attention, sampling over bf16 logits): the first

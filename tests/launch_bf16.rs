@@ -1034,6 +1034,6 @@ fn convert() {
     let l = EmuLaunch::new(EmuMode::Forward, 0);
     let (x, mut y) = (vec![1f32; 4], vec![0f32; 4]);
     assert!(gpu::convert::convert::<f32, f32, _>(&l, &mut y[..], &x[..]).is_err());
-    let mut z = vec![bf16::ZERO; 3];
+    let mut z = [bf16::ZERO; 3];
     assert!(gpu::convert::convert::<bf16, f32, _>(&l, &mut z[..], &x[..]).is_err());
 }

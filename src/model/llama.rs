@@ -58,15 +58,6 @@ impl<D: Device> Model<D> {
         self.work.as_ref().unwrap_or(&self.params)
     }
 
-    /// Makes the working copy again from `params` (after writing them other than by the
-    /// optimizer).
-    pub fn sync_weights(&mut self, dev: &D) -> Result<()> {
-        match &mut self.work {
-            Some(w) => dev.copy(ViewMut::all(w), View::all(&self.params)),
-            None => Ok(()),
-        }
-    }
-
     /// Fresh weights: matrices ~ N(0, std^2), norm weights 1. Deterministic in `seed`.
     pub fn init_random(dev: &D, cfg: ModelConfig, seed: u64, std: f32) -> Result<Self> {
         let table = ParamTable::for_config(&cfg);
@@ -85,9 +76,14 @@ impl<D: Device> Model<D> {
         Self::from_host(dev, cfg, &flat)
     }
 
-    /// The parameters, copied to the host in table layout.
+    /// The parameters, copied to the host in table layout (a frozen model without its f32
+    /// master weights gives its working copy's values).
     pub fn params_to_host(&self, dev: &D) -> Result<Vec<f32>> {
-        dev.download(View::all(&self.params))
+        let src = match &self.work {
+            Some(w) if self.params.len() < self.table.total => w,
+            _ => &self.params,
+        };
+        dev.download(View::all(src))
     }
 
     pub fn grads_to_host(&self, dev: &D) -> Result<Vec<f32>> {
@@ -99,9 +95,13 @@ impl<D: Device> Model<D> {
     }
 
     /// Frees the gradients of a model that is only run forward (a frozen reference, an
-    /// inference command): `backward` on it is then an error.
+    /// inference command), and its f32 master weights where the compute reads a working copy:
+    /// `backward` on it is then an error.
     pub fn freeze(&mut self, dev: &D) -> Result<()> {
         self.grads = dev.alloc(0)?;
+        if self.work.is_some() {
+            self.params = dev.alloc(0)?;
+        }
         Ok(())
     }
 

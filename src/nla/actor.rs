@@ -242,7 +242,7 @@ impl<D: Device> Actor<D> {
     /// Writes the HF folder (config.json, model.safetensors) and [`PROJ_FILE`] (`project`).
     pub fn save(&self, dev: &D, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let flat = dev.download(View::all(&self.model.params))?;
+        let flat = self.model.params_to_host(dev)?;
         let lm = &self.model.table;
         safetensors_io::save_params(
             &dir.join("model.safetensors"),

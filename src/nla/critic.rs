@@ -296,7 +296,7 @@ impl<D: Device> Critic<D> {
     /// (the backbone, f32) + value_head.safetensors.
     pub fn save(&self, dev: &D, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let flat = dev.download(View::all(&self.model.params))?;
+        let flat = self.model.params_to_host(dev)?;
         let bt = &self.model.table;
         safetensors_io::save_params(
             &dir.join("model.safetensors"),
