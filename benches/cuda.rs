@@ -3,8 +3,16 @@
 //! over rotating inputs (several input sets, cycled, so that no launch finds its inputs in L2
 //! from the one before). Criterion reports the time and the throughput (bytes or FLOP per
 //! second); after each group a line gives the fraction of the device's limit: the measured
-//! copy bandwidth (device-to-device copy, bytes read + written) for memory-bound kernels, and
-//! the dense f32 rate for the f32 GEMM and attention (the bf16 path is not built yet).
+//! copy bandwidth (device-to-device copy, bytes read + written) for memory-bound kernels, the
+//! dense f32 rate for the f32 GEMM and attention, and the dense bf16 tensor-core rate for the
+//! bf16 GEMM.
+//!
+//! The memory-bound ops and the matmul run in both storage types: f32 (ids as before, e.g.
+//! `rmsnorm/fwd_16384x4096`) and bf16 (the dtype in the id: `rmsnorm/fwd_bf16_16384x4096`).
+//! In bf16 the arguments that are T in the kernel's header (kernels/<op>.cu, "Dtypes") are bf16
+//! buffers and the always-f32 ones (rstd, dw, mask, losses, the cross-entropy state, AdamW's
+//! p, g, m, v) stay f32; bytes count 2 per bf16 and 4 per f32 element. One device serves both:
+//! every op dispatches on its buffers' dtypes, whatever the device's working dtype.
 //!
 //! Without a GPU (or without kernels in the build) it prints why and measures nothing.
 
@@ -16,10 +24,15 @@ use nla_engine::device::{AdamwStep, AttnDims, CacheDims, Device, Dtype, View, Vi
 
 /// Dense f32 FMA rate of an H100 SXM (132 SMs x 128 lanes x 2 x 1.98 GHz), FLOP/s.
 const F32_PEAK: f64 = 67e12;
+/// Dense bf16 tensor-core rate of an H100 SXM (without sparsity), FLOP/s.
+const BF16_PEAK: f64 = 989e12;
 /// Input sets cycled through (rotating inputs).
 const ROT: usize = 3;
+/// The storage types the memory-bound ops and the matmul run in.
+const DTYPES: [Dtype; 2] = [Dtype::F32, Dtype::Bf16];
 
-fn random(dev: &CudaDevice, n: usize, seed: u64, scale: f32) -> CudaBuf {
+/// `n` pseudo-random values in [-scale, scale), stored as `dt` (rounded to it).
+fn random(dev: &CudaDevice, n: usize, seed: u64, scale: f32, dt: Dtype) -> CudaBuf {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let host: Vec<f32> = (0..n)
         .map(|_| {
@@ -29,7 +42,18 @@ fn random(dev: &CudaDevice, n: usize, seed: u64, scale: f32) -> CudaBuf {
             scale * ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
         })
         .collect();
-    dev.upload(&host).expect("upload")
+    dev.upload_as(&host, dt).expect("upload")
+}
+
+/// A bench id: `op_shape` in f32 (the ids the f32 benches always had), `op_bf16_shape` in
+/// bf16; an empty op gives `shape` and `bf16_shape`.
+fn id(dt: Dtype, op: &str, shape: &str) -> String {
+    let dt = (dt != Dtype::F32).then(|| dt.name());
+    [Some(op).filter(|o| !o.is_empty()), dt, Some(shape)]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("_")
 }
 
 fn v(x: &CudaBuf) -> View<'_, CudaBuf> {
@@ -94,15 +118,16 @@ fn benches(c: &mut Criterion) {
         eprintln!("benches/cuda.rs: no GPU: {why}");
         return;
     }
-    // the f32 kernels: the parity path the CUDA tests check
+    // f32 working dtype (the parity path the CUDA tests check); the bf16 variants allocate
+    // their bf16 buffers explicitly (alloc_as / upload_as), the ops dispatch on them
     let dev = CudaDevice::new(0)
         .and_then(|d| d.with_work_dtype(Dtype::F32))
         .expect("cuda device");
     eprintln!("device: {}", dev.name());
 
-    // copy bandwidth: the limit of the memory-bound kernels
+    // copy bandwidth: the limit of the memory-bound kernels (in either dtype: bytes are bytes)
     let n = 256 << 20; // 1 GiB of f32
-    let src = random(&dev, n, 1, 1.0);
+    let src = random(&dev, n, 1, 1.0, Dtype::F32);
     let mut dst = dev.alloc(n).expect("alloc");
     dev.copy(m(&mut dst), v(&src)).expect("copy");
     let s = dev
@@ -118,25 +143,29 @@ fn benches(c: &mut Criterion) {
     drop((src, dst));
     let bw = (copy_bw, "measured copy bandwidth");
     let f32_peak = (F32_PEAK, "dense f32 peak (67 TFLOP/s)");
+    let bf16_peak = (BF16_PEAK, "dense bf16 peak (989 TFLOP/s)");
 
-    // residual: out = a + b over 64M elements
-    {
+    // Each group below runs once per dtype: `t` is the bytes of one T element (4 or 2).
+
+    // residual: out = a + b over 64M elements (a, b read, out written: 3 T)
+    for dt in DTYPES {
+        let t = dt.size() as u64;
         let n = 64 << 20;
         let ins: Vec<_> = (0..ROT)
             .map(|i| {
                 (
-                    random(&dev, n, 10 + i as u64, 1.0),
-                    random(&dev, n, 20 + i as u64, 1.0),
+                    random(&dev, n, 10 + i as u64, 1.0, dt),
+                    random(&dev, n, 20 + i as u64, 1.0, dt),
                 )
             })
             .collect();
-        let mut out = dev.alloc(n).expect("alloc");
+        let mut out = dev.alloc_as(n, dt).expect("alloc");
         bench_op(
             c,
             &dev,
             "residual",
-            "fwd_64M",
-            Throughput::Bytes(12 * n as u64),
+            &id(dt, "fwd", "64M"),
+            Throughput::Bytes(3 * t * n as u64),
             bw,
             |i| {
                 let (a, b) = &ins[i % ROT];
@@ -145,20 +174,26 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // rmsnorm [N = 16384, C = 4096]
-    {
+    // rmsnorm [N = 16384, C = 4096]: x, out, w, dout, dx T; rstd, dw f32 (the per-row and
+    // per-channel terms, w, rstd, dw, are negligible next to the [N,C] ones and not counted)
+    for dt in DTYPES {
+        let t = dt.size() as u64;
         let (n, cc) = (16384, 4096);
         let xs: Vec<_> = (0..ROT)
-            .map(|i| random(&dev, n * cc, 30 + i as u64, 2.0))
+            .map(|i| random(&dev, n * cc, 30 + i as u64, 2.0, dt))
             .collect();
-        let w = random(&dev, cc, 3, 1.0);
-        let (mut out, mut rstd) = (dev.alloc(n * cc).expect("a"), dev.alloc(n).expect("a"));
+        let w = random(&dev, cc, 3, 1.0, dt);
+        let (mut out, mut rstd) = (
+            dev.alloc_as(n * cc, dt).expect("a"),
+            dev.alloc(n).expect("a"),
+        );
+        // x read, out written
         bench_op(
             c,
             &dev,
             "rmsnorm",
-            "fwd_16384x4096",
-            Throughput::Bytes(8 * (n * cc) as u64),
+            &id(dt, "fwd", "16384x4096"),
+            Throughput::Bytes(2 * t * (n * cc) as u64),
             bw,
             |i| {
                 dev.rmsnorm_fwd(
@@ -172,14 +207,18 @@ fn benches(c: &mut Criterion) {
                 )
             },
         );
-        let dout = random(&dev, n * cc, 4, 1.0);
-        let (mut dx, mut dw) = (dev.alloc(n * cc).expect("a"), dev.alloc(cc).expect("a"));
+        let dout = random(&dev, n * cc, 4, 1.0, dt);
+        let (mut dx, mut dw) = (
+            dev.alloc_as(n * cc, dt).expect("a"),
+            dev.alloc(cc).expect("a"),
+        );
+        // dout, x read, dx written
         bench_op(
             c,
             &dev,
             "rmsnorm",
-            "bwd_16384x4096",
-            Throughput::Bytes(12 * (n * cc) as u64),
+            &id(dt, "bwd", "16384x4096"),
+            Throughput::Bytes(3 * t * (n * cc) as u64),
             bw,
             |i| {
                 dev.rmsnorm_bwd(
@@ -196,24 +235,25 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // swiglu [N*F = 16384 x 11008]
-    {
+    // swiglu [N*F = 16384 x 11008]: gate, up read, out written (3 T)
+    for dt in DTYPES {
+        let t = dt.size() as u64;
         let n = 16384 * 11008 / 4;
         let gs: Vec<_> = (0..ROT)
             .map(|i| {
                 (
-                    random(&dev, n, 40 + i as u64, 3.0),
-                    random(&dev, n, 50 + i as u64, 1.0),
+                    random(&dev, n, 40 + i as u64, 3.0, dt),
+                    random(&dev, n, 50 + i as u64, 1.0, dt),
                 )
             })
             .collect();
-        let mut out = dev.alloc(n).expect("alloc");
+        let mut out = dev.alloc_as(n, dt).expect("alloc");
         bench_op(
             c,
             &dev,
             "swiglu",
-            "fwd_45M",
-            Throughput::Bytes(12 * n as u64),
+            &id(dt, "fwd", "45M"),
+            Throughput::Bytes(3 * t * n as u64),
             bw,
             |i| {
                 let (g, u) = &gs[i % ROT];
@@ -222,45 +262,50 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // rope over q [B 8, T 2048, NH 32, HS 128], in place
-    {
-        let (b, t, h, hs) = (8, 2048, 32, 128);
-        let mut x = random(&dev, b * t * h * hs, 5, 1.0);
+    // rope over q [B 8, T 2048, NH 32, HS 128], in place (x read and written: 2 T)
+    for dt in DTYPES {
+        let t = dt.size() as u64;
+        let (b, tt, h, hs) = (8, 2048, 32, 128);
+        let mut x = random(&dev, b * tt * h * hs, 5, 1.0, dt);
         bench_op(
             c,
             &dev,
             "rope",
-            "fwd_8x2048x32x128",
-            Throughput::Bytes(8 * (b * t * h * hs) as u64),
+            &id(dt, "fwd", "8x2048x32x128"),
+            Throughput::Bytes(2 * t * (b * tt * h * hs) as u64),
             bw,
-            |_| dev.rope_fwd(m(&mut x), b, t, h, hs, 0, 1e4),
+            |_| dev.rope_fwd(m(&mut x), b, tt, h, hs, 0, 1e4),
         );
     }
 
-    // cross-entropy over logits [N 4096, V 32000]
-    {
+    // cross-entropy over logits [N 4096, V 32000]: logits, dlogits T; targets u32; mask,
+    // losses, state f32 (per row, negligible next to the rows, not counted)
+    for dt in DTYPES {
+        let t = dt.size() as u64;
         let (n, vv) = (4096, 32000);
-        let logits = random(&dev, n * vv, 6, 4.0);
+        let logits = random(&dev, n * vv, 6, 4.0, dt);
         let targets: Vec<u32> = (0..n as u32).map(|i| (i * 7919) % vv as u32).collect();
         let targets = dev.upload_ids(&targets).expect("ids");
         let mask = dev.upload(&vec![1.0; n]).expect("mask");
         let mut losses = dev.alloc(n).expect("alloc");
+        // logits read
         bench_op(
             c,
             &dev,
             "cross_entropy",
-            "fwd_4096x32000",
-            Throughput::Bytes(4 * (n * vv) as u64),
+            &id(dt, "fwd", "4096x32000"),
+            Throughput::Bytes(t * (n * vv) as u64),
             bw,
             |_| dev.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vv),
         );
-        let mut dlogits = dev.alloc(n * vv).expect("alloc");
+        let mut dlogits = dev.alloc_as(n * vv, dt).expect("alloc");
+        // logits read, dlogits written (the second pass over a row is an L2 re-read)
         bench_op(
             c,
             &dev,
             "cross_entropy",
-            "bwd_4096x32000",
-            Throughput::Bytes(8 * (n * vv) as u64),
+            &id(dt, "bwd", "4096x32000"),
+            Throughput::Bytes(2 * t * (n * vv) as u64),
             bw,
             |_| {
                 dev.cross_entropy_bwd(
@@ -277,14 +322,15 @@ fn benches(c: &mut Criterion) {
         // one vocabulary chunk of 4096 of the same rows (the chunked LM head's loss kernels;
         // the state [N,3] is read and written per row, negligible next to the chunk)
         let vc = 4096;
-        let chunk = random(&dev, n * vc, 9, 4.0);
+        let chunk = random(&dev, n * vc, 9, 4.0, dt);
         let mut state = dev.alloc(3 * n).expect("alloc");
+        // the chunk read
         bench_op(
             c,
             &dev,
             "cross_entropy",
-            "chunk_fwd_4096x4096",
-            Throughput::Bytes(4 * (n * vc) as u64),
+            &id(dt, "chunk_fwd", "4096x4096"),
+            Throughput::Bytes(t * (n * vc) as u64),
             bw,
             |_| {
                 dev.cross_entropy_chunk_fwd(
@@ -300,13 +346,14 @@ fn benches(c: &mut Criterion) {
                 )
             },
         );
-        let mut dchunk = random(&dev, n * vc, 9, 4.0);
+        let mut dchunk = random(&dev, n * vc, 9, 4.0, dt);
+        // the chunk read and written (in place)
         bench_op(
             c,
             &dev,
             "cross_entropy",
-            "chunk_bwd_4096x4096",
-            Throughput::Bytes(8 * (n * vc) as u64),
+            &id(dt, "chunk_bwd", "4096x4096"),
+            Throughput::Bytes(2 * t * (n * vc) as u64),
             bw,
             |_| {
                 // in place: each launch turns the last one's gradient into the next (timing only)
@@ -325,22 +372,31 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // AdamW over 256M parameters (p, g, m, v read; p, m, v written)
-    {
+    // AdamW over 256M parameters: p, g, m, v are f32 in both dtypes (p, g, m, v read; p, m, v
+    // written: 28 bytes an element); the bf16 variant also writes the bf16 working copy of the
+    // new p in the same pass (adamw_bf16: + 2 bytes). sum_squares reads x, a T (f32: the
+    // gradients it norms in training; bf16: the kernel's other symbol).
+    for dt in DTYPES {
         let n = 256 << 20;
-        let g = random(&dev, n, 7, 1e-3);
+        let g = random(&dev, n, 7, 1e-3, Dtype::F32);
         let (mut p, mut mm, mut vv) = (
-            random(&dev, n, 8, 0.02),
+            random(&dev, n, 8, 0.02, Dtype::F32),
             dev.alloc(n).expect("a"),
             dev.alloc(n).expect("a"),
         );
+        // the working copy: none in f32 (adamw_f32), bf16 in bf16 (adamw_bf16)
+        let mut work = (dt != Dtype::F32).then(|| dev.alloc_as(n, dt).expect("a"));
+        let bytes = 28 + work.as_ref().map_or(0, |_| dt.size() as u64);
         let mut step = 0u64;
         bench_op(
             c,
             &dev,
             "adamw",
-            "256M",
-            Throughput::Bytes(28 * n as u64),
+            &match dt {
+                Dtype::F32 => "256M".to_string(),
+                _ => format!("{dt}_work_256M"),
+            },
+            Throughput::Bytes(bytes * n as u64),
             bw,
             |_| {
                 step += 1;
@@ -353,21 +409,33 @@ fn benches(c: &mut Criterion) {
                     step,
                     grad_scale: 1.0,
                 };
-                dev.adamw(m(&mut p), None, v(&g), m(&mut mm), m(&mut vv), &hp)
+                dev.adamw(
+                    m(&mut p),
+                    work.as_mut().map(m),
+                    v(&g),
+                    m(&mut mm),
+                    m(&mut vv),
+                    &hp,
+                )
             },
         );
+        drop((p, mm, vv, work));
+        // g itself in f32; a bf16 copy of it in bf16
+        let g16 = (dt != Dtype::F32).then(|| random(&dev, n, 7, 1e-3, dt));
+        let x = g16.as_ref().unwrap_or(&g);
         bench_op(
             c,
             &dev,
             "sum_squares",
-            "256M",
-            Throughput::Bytes(4 * n as u64),
+            &id(dt, "", "256M"),
+            Throughput::Bytes(dt.size() as u64 * n as u64),
             bw,
-            |_| dev.sum_squares(v(&g)).map(|_| ()),
+            |_| dev.sum_squares(v(x)).map(|_| ()),
         );
     }
 
-    // causal attention, B 1, T 4096, NH 32 / NKV 8, HS 128 (the target shape, in f32)
+    // causal attention, B 1, T 4096, NH 32 / NKV 8, HS 128 (the target shape, in f32;
+    // compute-bound, f32 only here)
     {
         let d = AttnDims {
             b: 1,
@@ -378,9 +446,9 @@ fn benches(c: &mut Criterion) {
         };
         let (nq, nk) = (d.b * d.t * d.nh * d.hs, d.b * d.t * d.nkv * d.hs);
         let (q, k, vv) = (
-            random(&dev, nq, 9, 1.0),
-            random(&dev, nk, 10, 1.0),
-            random(&dev, nk, 11, 1.0),
+            random(&dev, nq, 9, 1.0, Dtype::F32),
+            random(&dev, nk, 10, 1.0, Dtype::F32),
+            random(&dev, nk, 11, 1.0, Dtype::F32),
         );
         let (mut out, mut lse) = (
             dev.alloc(nq).expect("a"),
@@ -397,7 +465,7 @@ fn benches(c: &mut Criterion) {
             f32_peak,
             |_| dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d),
         );
-        let dout = random(&dev, nq, 12, 1.0);
+        let dout = random(&dev, nq, 12, 1.0, Dtype::F32);
         let (mut dq, mut dk, mut dv) = (
             dev.alloc(nq).expect("a"),
             dev.alloc(nk).expect("a"),
@@ -428,8 +496,10 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // decode attention: one new token per sequence over a 2048-token cache, B 32
-    {
+    // decode attention: one new token per sequence over a 2048-token cache, B 32; q, kcache,
+    // vcache, out T (the caches read: 2 T per cache element; q and out are negligible)
+    for dt in DTYPES {
+        let t = dt.size() as u64;
         let d = CacheDims {
             b: 32,
             tq: 1,
@@ -440,35 +510,58 @@ fn benches(c: &mut Criterion) {
             pos0: 2047,
         };
         let nc = d.b * d.tmax * d.nkv * d.hs;
-        let (kc, vc) = (random(&dev, nc, 13, 1.0), random(&dev, nc, 14, 1.0));
-        let q = random(&dev, d.b * d.nh * d.hs, 15, 1.0);
+        let (kc, vc) = (random(&dev, nc, 13, 1.0, dt), random(&dev, nc, 14, 1.0, dt));
+        let q = random(&dev, d.b * d.nh * d.hs, 15, 1.0, dt);
         let starts = dev.upload_ids(&vec![0u32; d.b]).expect("ids");
-        let mut out = dev.alloc(d.b * d.nh * d.hs).expect("alloc");
+        let mut out = dev.alloc_as(d.b * d.nh * d.hs, dt).expect("alloc");
         bench_op(
             c,
             &dev,
             "decode_attention",
-            "b32_t2048",
-            Throughput::Bytes(8 * nc as u64),
+            &id(dt, "", "b32_t2048"),
+            Throughput::Bytes(2 * t * nc as u64),
             bw,
             |_| dev.decode_attention_fwd(m(&mut out), v(&q), v(&kc), v(&vc), &starts, d),
         );
     }
 
-    // matmul through cuBLASLt, f32 compute: x [4096, 2048] @ W^T (W [5632, 2048])
-    {
+    // matmul through cuBLASLt, f32 compute: x [4096, 2048] @ W^T (W [5632, 2048]); a, b and c
+    // in f32 (SIMT, against the f32 peak) or in bf16 (tensor cores, against the bf16 peak)
+    for dt in DTYPES {
         let (mm, n, k) = (4096, 5632, 2048);
-        let a = random(&dev, mm * k, 16, 1.0);
-        let b = random(&dev, n * k, 17, 0.02);
-        let mut cc = dev.alloc(mm * n).expect("alloc");
+        let a = random(&dev, mm * k, 16, 1.0, dt);
+        let b = random(&dev, n * k, 17, 0.02, dt);
+        let mut cc = dev.alloc_as(mm * n, dt).expect("alloc");
         bench_op(
             c,
             &dev,
             "matmul",
-            "4096x5632x2048_f32",
+            &format!("4096x5632x2048_{dt}"),
             Throughput::Elements((2 * mm * n * k) as u64),
-            f32_peak,
+            if dt == Dtype::F32 {
+                f32_peak
+            } else {
+                bf16_peak
+            },
             |_| dev.matmul(m(&mut cc), v(&a), v(&b), mm, n, k, false, true, 1.0, 0.0),
+        );
+    }
+
+    // the weight gradient of that matmul: dW [5632, 2048] += dY^T [5632, 4096] X [4096, 2048],
+    // bf16 operands into the f32 gradient (cuBLASLt's mixed output, beta 1: accumulate)
+    {
+        let (mm, n, k) = (5632, 2048, 4096);
+        let dy = random(&dev, k * mm, 18, 1.0, Dtype::Bf16);
+        let x = random(&dev, k * n, 19, 1.0, Dtype::Bf16);
+        let mut dw = dev.alloc(mm * n).expect("alloc");
+        bench_op(
+            c,
+            &dev,
+            "matmul",
+            "dw_5632x2048x4096_bf16_into_f32",
+            Throughput::Elements((2 * mm * n * k) as u64),
+            bf16_peak,
+            |_| dev.matmul(m(&mut dw), v(&dy), v(&x), mm, n, k, true, false, 1.0, 1.0),
         );
     }
 }

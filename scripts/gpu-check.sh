@@ -136,7 +136,7 @@ if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r=FAILED; status=1; 
     echo "## benches/cuda.rs (criterion; kernels timed with CUDA events): $r"
     echo
     echo '```'
-    grep -E "^[a-z_]+/|time:|thrpt:|fraction" "$log/bench-cuda.txt" | head -n 200
+    grep -E "^[a-z_]+/|time:|thrpt:|fraction" "$log/bench-cuda.txt" | head -n 400
     echo '```'
     echo
 } >> "$report"

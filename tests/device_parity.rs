@@ -425,8 +425,15 @@ fn check_greedy_generation<D: Device>(dev: &D, label: &str) {
 
 #[test]
 fn greedy_generation_matches_cpu() {
+    use nla_engine::device::gpu::kernel_device::KernelDevice;
     for (dev, label) in emu_devices() {
         check_greedy_generation(&dev, &label);
+        // decode attention ran once per layer and token (2 x 30) and kept its split-K
+        // scratch between calls: a few allocations (each slot's first use, and growth as the
+        // cache fills and the split widens), not one or two per call
+        let allocs = dev.scratch().allocations();
+        eprintln!("{label}: {allocs} scratch allocations");
+        assert!(allocs <= 6, "{label}: {allocs} scratch allocations");
     }
 }
 

@@ -22,6 +22,7 @@ use half::bf16;
 use super::cpu::{check_same, check_write, CpuDevice};
 use super::emu::EmuMode;
 use super::gpu::kernel_device::KernelDevice;
+use super::gpu::scratch::ScratchCache;
 use super::gpu::{EmuLaunch, Ids, In, Out};
 use super::{Device, DeviceBuf, Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
@@ -135,6 +136,7 @@ pub struct EmuDevice {
     launcher: EmuLaunch,
     budget: Option<usize>,
     dtype: Dtype,
+    scratch: ScratchCache<EmuBuf>,
 }
 
 impl EmuDevice {
@@ -145,6 +147,7 @@ impl EmuDevice {
             launcher: EmuLaunch::new(mode, seed),
             budget: None,
             dtype: Dtype::F32,
+            scratch: ScratchCache::default(),
         }
     }
 
@@ -214,6 +217,9 @@ impl KernelDevice for EmuDevice {
     }
     /// Host ids carry no bound: the launchers check their values.
     fn ids_written(_ids: &mut Vec<u32>, _bound: usize) {}
+    fn scratch(&self) -> &ScratchCache<EmuBuf> {
+        &self.scratch
+    }
     fn accumulate_f64(&self, launch: impl FnOnce(Out<'_, f64>) -> Result<()>) -> Result<f64> {
         let mut acc = [0f64; 1];
         launch(Out::Host(&mut acc[..]))?;

@@ -25,6 +25,7 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
 use half::bf16;
 
+use super::gpu::scratch::ScratchCache;
 use super::gpu::DevPtr;
 use super::{DeviceBuf, Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
@@ -109,6 +110,7 @@ pub struct CudaDevice {
     blas: matmul::Blas,
     name: String,
     dtype: Dtype,
+    scratch: ScratchCache<CudaBuf>,
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -166,6 +168,7 @@ impl CudaDevice {
             blas,
             name,
             dtype: Dtype::Bf16,
+            scratch: ScratchCache::default(),
         })
     }
 

@@ -12,6 +12,7 @@ use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaIds, CudaLaunch};
 use crate::device::cpu::check_matmul;
 use crate::device::emu_device::check_matmul_dtypes;
 use crate::device::gpu::kernel_device::KernelDevice;
+use crate::device::gpu::scratch::ScratchCache;
 use crate::device::gpu::{DevPtr, Ids, In, Out};
 use crate::device::{Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
@@ -57,6 +58,9 @@ impl KernelDevice for CudaDevice {
     fn ids_written(ids: &mut CudaIds, bound: usize) {
         ids.bound = bound;
     }
+    fn scratch(&self) -> &ScratchCache<CudaBuf> {
+        &self.scratch
+    }
     fn accumulate_f64(&self, launch: impl FnOnce(Out<'_, f64>) -> Result<()>) -> Result<f64> {
         // alloc_zeros: the accumulator starts at 0
         let acc = self
@@ -74,7 +78,7 @@ impl KernelDevice for CudaDevice {
     }
 
     fn name(&self) -> String {
-        self.name.clone()
+        format!("{}, {}", self.name, self.dtype)
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -11,6 +11,7 @@
 //! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
 
 use crate::device::cpu::policy_loss::{check_mask, check_shapes};
+use crate::device::gpu::scratch::{ScratchCache, ATTENTION_D, DECODE_ML, DECODE_O};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
     AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, InjectMode, PolicyLossSpec, PoolMode,
@@ -57,6 +58,8 @@ pub trait KernelDevice: Send + Sync + Sized {
     fn ids_out(ids: &mut Self::Ids) -> Out<'_, u32>;
     /// A kernel wrote `ids`, every one below `bound`.
     fn ids_written(ids: &mut Self::Ids, bound: usize);
+    /// The scratch buffers kept between launches ([`ScratchCache`]).
+    fn scratch(&self) -> &ScratchCache<Self::Buf>;
     /// Runs `launch` on one zeroed f64 (which the kernel adds into) and returns its value after.
     fn accumulate_f64(&self, launch: impl FnOnce(Out<'_, f64>) -> Result<()>) -> Result<f64>;
 
@@ -390,22 +393,25 @@ impl<T: KernelDevice> Device for T {
         // scratch D [B,NH,T], overwritten by the kernels; lse's shape, so empty (and the
         // launcher reports lse) where lse does not match the dims
         let len = gpu::attention::bwd_scratch_len(&d);
-        let mut scratch = Device::alloc(self, if lse.len() == len { len } else { 0 })?;
-        let dscratch = T::output(OP, "dscratch", ViewMut::all(&mut scratch))?;
-        by_dtype!(dq.dtype(), S => gpu::attention::bwd(
-            self.launcher(),
-            T::output::<S>(OP, "dq", dq)?,
-            T::output(OP, "dk", dk)?,
-            T::output(OP, "dv", dv)?,
-            dscratch,
-            T::input(OP, "dout", dout)?,
-            T::input(OP, "q", q)?,
-            T::input(OP, "k", k)?,
-            T::input(OP, "v", v)?,
-            T::input(OP, "out", out)?,
-            T::input(OP, "lse", lse)?,
-            d,
-        ))
+        let len = if lse.len() == len { len } else { 0 };
+        let alloc = |n| Device::alloc(self, n);
+        self.scratch().with(ATTENTION_D, len, alloc, |scratch| {
+            let dscratch = T::output(OP, "dscratch", ViewMut::range(scratch, 0, len))?;
+            by_dtype!(dq.dtype(), S => gpu::attention::bwd(
+                self.launcher(),
+                T::output::<S>(OP, "dq", dq)?,
+                T::output(OP, "dk", dk)?,
+                T::output(OP, "dv", dv)?,
+                dscratch,
+                T::input(OP, "dout", dout)?,
+                T::input(OP, "q", q)?,
+                T::input(OP, "k", k)?,
+                T::input(OP, "v", v)?,
+                T::input(OP, "out", out)?,
+                T::input(OP, "lse", lse)?,
+                d,
+            ))
+        })
     }
 
     fn swiglu_fwd(&self, out: M<'_, T>, gate: V<'_, T>, up: V<'_, T>) -> Result<()> {
@@ -827,19 +833,22 @@ impl<T: KernelDevice> Device for T {
         } else {
             (0, 0)
         };
-        let mut part_o = Device::alloc(self, lo)?;
-        let mut part_ml = Device::alloc(self, lml)?;
-        by_dtype!(out.dtype(), S => gpu::decode_attention::fwd(
-            self.launcher(),
-            T::output::<S>(OP, "out", out)?,
-            T::output(OP, "part_o", ViewMut::all(&mut part_o))?,
-            T::output(OP, "part_ml", ViewMut::all(&mut part_ml))?,
-            T::input(OP, "q", q)?,
-            T::input(OP, "kcache", kcache)?,
-            T::input(OP, "vcache", vcache)?,
-            starts,
-            d,
-        ))
+        let alloc = |n| Device::alloc(self, n);
+        self.scratch().with(DECODE_O, lo, alloc, |part_o| {
+            self.scratch().with(DECODE_ML, lml, alloc, |part_ml| {
+                by_dtype!(out.dtype(), S => gpu::decode_attention::fwd(
+                    self.launcher(),
+                    T::output::<S>(OP, "out", out)?,
+                    T::output(OP, "part_o", ViewMut::range(part_o, 0, lo))?,
+                    T::output(OP, "part_ml", ViewMut::range(part_ml, 0, lml))?,
+                    T::input(OP, "q", q)?,
+                    T::input(OP, "kcache", kcache)?,
+                    T::input(OP, "vcache", vcache)?,
+                    starts,
+                    d,
+                ))
+            })
+        })
     }
 
     fn sample_fwd(
