@@ -28,8 +28,9 @@ esac
 report_dir="${1:-docs/gpu-runs}"
 
 # The GPU tests: device parity (whole model: forward, backward, training steps, generation),
-# per-op parity at realistic sizes, device selection.
-gpu_tests=(device_parity cuda_ops device_select)
+# per-op parity at realistic sizes, device selection, and the bf16 working precision against
+# the f32 CPU (whole model, critic, generation).
+gpu_tests=(device_parity cuda_ops device_select bf16_model)
 
 find_nvcc() {
     if [ -n "${NVCC:-}" ]; then echo "$NVCC"; return; fi
