@@ -42,8 +42,8 @@ pub mod residual;
 pub mod reward_advantage;
 pub mod rmsnorm;
 pub mod rope;
-pub mod scratch;
 pub mod sample;
+pub mod scratch;
 pub mod softmax;
 pub mod swiglu;
 
