@@ -18,9 +18,11 @@
 //         running max m2 and sum l of exp2(s2 - m2) in f32, so lse = m2 * ln(2) + ln(l). The
 //         backward recomputes P = exp2(s2 - lse * log2(e)) from the forward's lse.
 // Shapes  q, out, dout, dq [B,T,NH,HS]; k, v, dk, dv [B,T,NKV,HS]; lse, D [B,NH,T] (row-major).
-// Dtypes  q, k, v, out, dout, dq, dk, dv: T; lse and D: f32 in both modes. Tiles are widened to
-//         f32 on their way into shared memory; every product and sum is f32 (fmaf); bf16
-//         outputs are rounded once, to nearest even, when stored.
+// Dtypes  q, k, v, out, dout, dq, dk, dv: T; lse and D: f32 in both modes. The f32 kernels and
+//         the bf16 backward widen tiles to f32 on their way into shared memory; every product
+//         and sum is f32 (fmaf); bf16 outputs are rounded once, to nearest even, when stored.
+//         The bf16 forward runs on tensor cores (attn_fwd_tc below: bf16 tiles, f32
+//         accumulators, P rounded to bf16 for the P V product).
 // Head    the head size is a template parameter HSB (the bucket) in {16, 32, 64, 128}; a kernel
 // size    handles any runtime hs <= HSB (tiles are zero-padded to HSB in shared memory, which
 //         leaves every dot product exact), so the launcher picks the smallest bucket >= hs:
@@ -32,8 +34,8 @@
 //         (ty, tx) owns outer rows 4 ty + r (r < 4), inner columns tx + 8 c (c < BI/8) of a
 //         score tile and head dims tx + 8 c (c < HSB/8) of an output tile: a 4 x (BI/8) and a
 //         4 x (HSB/8) register tile, computed as outer products over shared memory (SIMT fmaf;
-//         no tensor cores: a mma.sync path, under #ifndef NLA_EMU with this one as the plain
-//         path, is the next step once a GPU can measure it). The 8 threads of a row share a
+//         the bf16 forward is attn_fwd_tc, on tensor cores; the backward's tensor-core version
+//         is the next step). The 8 threads of a row share a
 //         warp, so row max/sum are 3 xor shuffles. Tiles are stored [rows][HSB + 1] (odd stride:
 //         row-wise and column-wise reads are both free of bank conflicts), score tiles
 //         [64][BI + 2] (conflict-free stores of the 4 x BI/8 thread tiles).
@@ -64,7 +66,8 @@
 //           dq    34304   50688   83456  107776
 //           dkdv  51712   68096  100864  116736
 //         Over 48 KiB: raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; all fit sm_80's
-//         163 KiB per block. dot: none.
+//         163 KiB per block. dot: none. The bf16 forward (tensor cores): 4 * 64 * (HSB + 8)
+//         (6144, 10240, 18432, 34816).
 // Symbols attention_fwd_<f32|bf16>_hs<16|32|64|128>
 //           (T* out, float* lse, const T* q, const T* k, const T* v,
 //            int b, int t, int nh, int nkv, int hs)
@@ -240,6 +243,182 @@ __device__ __forceinline__ void attn_fwd(T* __restrict__ out, float* __restrict_
         }
     }
 }
+
+// ---- forward, bf16: tensor cores
+//
+// The same algorithm as attn_fwd with the tile products on tensor cores (nla_mma_bf16_16816).
+// Block 128 = 4 warps, one per 16 query rows of the 64-row query tile; per key tile of BK = 64
+// keys (K and V in shared memory as bf16, rows of HSB + 8: conflict-free fragment reads):
+//   S = Q K^T: per warp a 16 x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps; Q's fragments
+//     stay in registers for the whole block (read once from global memory, zero past hs and
+//     T);
+//   online softmax in the S fragments (a lane holds rows gr and gr + 8, 16 columns each; the
+//     row max and sum over the 4 lanes of a row are 2 xor shuffles); l sums the f32 p;
+//   O += P V: the S fragments, rounded to bf16, are the A fragments of P (two 8-key n-tiles
+//     make one 16-key k-step), V's B fragments gathered from shared memory (2 bf16 of two
+//     rows each), O in HSB/8 f32 fragments.
+// P is rounded to bf16 for the P V product (the tensor cores' input type) while l sums the
+// unrounded p: out moves by at most 2^-9 sum_j p_j |v_j| / l <= 2^-9 max|v| from the f32
+// algorithm, on top of out's own rounding when stored.
+// Shared memory: 2 * 64 * (HSB + 8) bf16 = 4 * 64 * (HSB + 8) bytes (16: 6144, 32: 10240,
+// 64: 18432, 128: 34816).
+template <int HSB>
+__device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* __restrict__ lse,
+                                            const nla_bf16* __restrict__ q,
+                                            const nla_bf16* __restrict__ k,
+                                            const nla_bf16* __restrict__ v, int nb, int nt,
+                                            int nh, int nkv, int hs) {
+    constexpr int BO = ATTN_BO, BK = 64, LDS = HSB + 8;
+    constexpr int KS = HSB / 16;  // k-steps of Q K^T
+    constexpr int NS = BK / 8;    // n-tiles of S
+    constexpr int NO = HSB / 8;   // n-tiles of O
+    NLA_DYNAMIC_SMEM(nla_bf16, smem);
+    nla_bf16* Ks = smem;           // [BK][LDS]
+    nla_bf16* Vs = Ks + BK * LDS;  // [BK][LDS]
+    const int nqt = (nt + BO - 1) / BO;
+    if ((int)blockIdx.x >= nqt || (int)blockIdx.y >= nh || (int)blockIdx.z >= nb) return;
+    const int qt = nqt - 1 - (int)blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (nh / nkv);
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+    const int gr = lane >> 2, tc = lane & 3;
+    const int q0 = qt * BO;
+    const int row[2] = {q0 + warp * 16 + gr, q0 + warp * 16 + gr + 8};
+    const float sl2 = (1.0f / sqrtf((float)hs)) * ATTN_LOG2E;
+    const long long qstr = (long long)nh * hs, kstr = (long long)nkv * hs;
+    const nla_bf16* qb = q + (long long)b * nt * qstr + (long long)h * hs;
+    const nla_bf16* kb = k + (long long)b * nt * kstr + (long long)g * hs;
+    const nla_bf16* vb = v + (long long)b * nt * kstr + (long long)g * hs;
+    const nla_bf16 zero = nla_from_f32<nla_bf16>(0.0f);
+
+    // Q's A fragments: qa[ks][j] = Q[row j & 1][ks * 16 + 2 tc + 8 (j >> 1) + {0, 1}]
+    uint32_t qa[KS][4];
+    NLA_UNROLL
+    for (int ks = 0; ks < KS; ++ks) {
+        NLA_UNROLL
+        for (int j = 0; j < 4; ++j) {
+            const int r = row[j & 1], c = ks * 16 + 2 * tc + 8 * (j >> 1);
+            const nla_bf16* src = qb + (long long)r * qstr;
+            const bool in = r < nt;
+            qa[ks][j] = nla_pack_bf16(in && c < hs ? src[c] : zero,
+                                      in && c + 1 < hs ? src[c + 1] : zero);
+        }
+    }
+    float o[NO][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    NLA_UNROLL
+    for (int n = 0; n < NO; ++n)
+        NLA_UNROLL
+        for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
+
+    // key tiles up to the last query of the tile; tile 0 holds key 0, which every row sees,
+    // so each row's running max is finite from the first tile on
+    const int nkt = (min(nt, q0 + BO) + BK - 1) / BK;
+    for (int kt = 0; kt < nkt; ++kt) {
+        const int k0 = kt * BK;
+        __syncthreads();  // the previous tile's readers of Ks, Vs are done
+        for (int e = (int)threadIdx.x; e < BK * HSB; e += ATTN_NT) {
+            const int r = e / HSB, d = e % HSB, key = k0 + r;
+            const bool in = key < nt && d < hs;
+            Ks[r * LDS + d] = in ? kb[(long long)key * kstr + d] : zero;
+            Vs[r * LDS + d] = in ? vb[(long long)key * kstr + d] : zero;
+        }
+        __syncthreads();
+        // S = Q K^T (16 x 64 per warp)
+        float s[NS][4];
+        NLA_UNROLL
+        for (int n = 0; n < NS; ++n) {
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
+            const nla_bf16* kr = Ks + (n * 8 + gr) * LDS + 2 * tc;
+            NLA_UNROLL
+            for (int ks = 0; ks < KS; ++ks) {
+                const uint32_t bk[2] = {nla_pack_bf16(kr[ks * 16], kr[ks * 16 + 1]),
+                                        nla_pack_bf16(kr[ks * 16 + 8], kr[ks * 16 + 9])};
+                nla_mma_bf16_16816(s[n], qa[ks], bk);
+            }
+        }
+        // scale, causal mask, online softmax; the rows of this lane: row[0] (s[.][0..1]) and
+        // row[1] (s[.][2..3])
+        float mx[2] = {-INFINITY, -INFINITY};
+        NLA_UNROLL
+        for (int n = 0; n < NS; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                const int key = k0 + n * 8 + 2 * tc + (i & 1);
+                s[n][i] = key <= row[i >> 1] ? s[n][i] * sl2 : -INFINITY;
+                mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+            }
+        float alpha[2];
+        NLA_UNROLL
+        for (int r = 0; r < 2; ++r) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float mn = fmaxf(m[r], mx[r]);  // finite (see above)
+            alpha[r] = exp2f(m[r] - mn);          // 0 on the first tile (m = -inf)
+            m[r] = mn;
+            l[r] *= alpha[r];
+        }
+        NLA_UNROLL
+        for (int n = 0; n < NS; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                s[n][i] = exp2f(s[n][i] - m[i >> 1]);  // masked: exp2(-inf) = 0
+                l[i >> 1] += s[n][i];  // this lane's columns; summed over the row at the end
+            }
+        NLA_UNROLL
+        for (int n = 0; n < NO; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
+        // O += P V: k-step kk covers keys kk * 16 .. + 16 (S n-tiles 2 kk and 2 kk + 1)
+        NLA_UNROLL
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            const uint32_t pa[4] = {nla_pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                                    nla_pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                    nla_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    nla_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const nla_bf16* vr = Vs + (kk * 16 + 2 * tc) * LDS + gr;
+            NLA_UNROLL
+            for (int n = 0; n < NO; ++n) {
+                const nla_bf16* c = vr + n * 8;
+                const uint32_t bv[2] = {nla_pack_bf16(c[0], c[LDS]),
+                                        nla_pack_bf16(c[8 * LDS], c[9 * LDS])};
+                nla_mma_bf16_16816(o[n], pa, bv);
+            }
+        }
+    }
+    NLA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (row[r] >= nt) continue;
+        const float inv = 1.0f / l[r];
+        nla_bf16* orow = out + ((long long)b * nt + row[r]) * qstr + (long long)h * hs;
+        NLA_UNROLL
+        for (int n = 0; n < NO; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 2; ++i) {
+                const int d = n * 8 + 2 * tc + i;
+                if (d < hs) orow[d] = nla_from_f32<nla_bf16>(o[n][2 * r + i] * inv);
+            }
+        if (tc == 0) lse[((long long)b * nh + h) * nt + row[r]] = m[r] * ATTN_LN2 + logf(l[r]);
+    }
+}
+
+// The forward of each storage type: f32 on the SIMT cores (the parity path), bf16 on tensor
+// cores.
+template <typename T, int HSB> struct AttnFwd {
+    static __device__ __forceinline__ void run(T* out, float* lse, const T* q, const T* k,
+                                               const T* v, int b, int t, int nh, int nkv,
+                                               int hs) {
+        attn_fwd<T, HSB>(out, lse, q, k, v, b, t, nh, nkv, hs);
+    }
+};
+template <int HSB> struct AttnFwd<nla_bf16, HSB> {
+    static __device__ __forceinline__ void run(nla_bf16* out, float* lse, const nla_bf16* q,
+                                               const nla_bf16* k, const nla_bf16* v, int b, int t,
+                                               int nh, int nkv, int hs) {
+        attn_fwd_tc<HSB>(out, lse, q, k, v, b, t, nh, nkv, hs);
+    }
+};
 
 // ---- backward: D = rowsum(dout * out)
 
@@ -515,7 +694,7 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
     extern "C" __global__ void __launch_bounds__(ATTN_NT) attention_fwd_##S##_hs##HSB(            \
         T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q,                     \
         const T* __restrict__ k, const T* __restrict__ v, int b, int t, int nh, int nkv, int hs) { \
-        attn_fwd<T, HSB>(out, lse, q, k, v, b, t, nh, nkv, hs);                                    \
+        AttnFwd<T, HSB>::run(out, lse, q, k, v, b, t, nh, nkv, hs);                                \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(ATTN_NT) attention_bwd_dq_##S##_hs##HSB(         \
         T* __restrict__ dq, const T* __restrict__ dout, const T* __restrict__ q,                   \

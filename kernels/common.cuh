@@ -114,6 +114,67 @@ __device__ __forceinline__ long long nla_gtid() {
 }
 __device__ __forceinline__ long long nla_gstride() { return (long long)gridDim.x * blockDim.x; }
 
+// ---- tensor cores: one warp-wide mma.sync m16n8k16, bf16 inputs, f32 accumulators
+//
+// d[16x8] += A[16x16] B[16x8] for a whole warp (PTX ISA, "Matrix fragments for mma.m16n8k16"
+// with .bf16). With gr = lane / 4 and tc = lane % 4 each lane holds (a register's low 16 bits
+// are the first of its two bf16):
+//   a: a[0] = A[gr][2tc, 2tc+1], a[1] = A[gr+8][2tc, 2tc+1], a[2] = A[gr][2tc+8, 2tc+9],
+//      a[3] = A[gr+8][2tc+8, 2tc+9];
+//   b: b[0] = B[2tc, 2tc+1][gr], b[1] = B[2tc+8, 2tc+9][gr] (B's column gr: "col" layout);
+//   d: d[0], d[1] = D[gr][2tc, 2tc+1]; d[2], d[3] = D[gr+8][2tc, 2tc+1].
+// On the GPU: the mma.sync instruction (sm_80 and newer). On the emulator: the same product
+// from the same fragments, through a per-warp exchange in shared memory (the bf16 products are
+// exact in f32; each output sums its 16 in k order, then adds d), so the emulated tests check
+// every kernel's fragment layout; only the instruction itself is the GPU's.
+#ifdef NLA_EMU
+__device__ inline void nla_mma_bf16_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    static float As[32][16][16], Bs[32][16][8];  // per warp (blocks run one at a time)
+    const int lin = (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+    const int w = lin / NLA_WARP, lane = lin % NLA_WARP, gr = lane >> 2, tc = lane & 3;
+    auto lo = [](uint32_t r) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(r & 0xffffu))); };
+    auto hi = [](uint32_t r) { return __bfloat162float(__ushort_as_bfloat16((unsigned short)(r >> 16))); };
+    for (int j = 0; j < 4; ++j) {
+        const int row = gr + 8 * (j & 1), col = 2 * tc + 8 * (j >> 1);
+        As[w][row][col] = lo(a[j]);
+        As[w][row][col + 1] = hi(a[j]);
+    }
+    for (int j = 0; j < 2; ++j) {
+        Bs[w][2 * tc + 8 * j][gr] = lo(b[j]);
+        Bs[w][2 * tc + 8 * j + 1][gr] = hi(b[j]);
+    }
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) {
+        const int row = gr + 8 * (i >> 1), col = 2 * tc + (i & 1);
+        float s = 0.0f;
+        for (int k = 0; k < 16; ++k) s = fmaf(As[w][row][k], Bs[w][k][col], s);
+        d[i] += s;
+    }
+    __syncwarp();  // every lane has read before the next product overwrites
+}
+#else
+__device__ __forceinline__ void nla_mma_bf16_16816(float d[4], const uint32_t a[4],
+                                                   const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
+
+// Two f32 rounded to bf16 (nearest even) in one register, `lo` in the low half (a fragment
+// register of nla_mma_bf16_16816).
+__device__ __forceinline__ uint32_t nla_pack_bf16(float lo, float hi) {
+    return (uint32_t)__bfloat16_as_ushort(nla_from_f32<nla_bf16>(lo)) |
+           ((uint32_t)__bfloat16_as_ushort(nla_from_f32<nla_bf16>(hi)) << 16);
+}
+
+// Two bf16 in one register, `lo` in the low half.
+__device__ __forceinline__ uint32_t nla_pack_bf16(nla_bf16 lo, nla_bf16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
 // ---- reductions (fixed trees: the result does not depend on scheduling)
 
 // Sum over the 32 lanes of a warp (butterfly: every lane gets the sum). All lanes must call.

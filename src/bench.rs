@@ -21,7 +21,7 @@ use crate::model::{Batch, KvCache, MemoryOptions, Model, ModelConfig};
 use crate::train::{AdamwConfig, LmTrainer, LrSchedule};
 use crate::{Error, Result};
 
-/// Bytes of one parameter, KV-cache entry or logit: every buffer is f32.
+/// Bytes of an f32 element (the buffers of the copy-bandwidth measure).
 pub const BYTES_PER_ELEMENT: usize = 4;
 
 /// What to measure: the model's dims (random weights) and the shapes of the step and rollout.
@@ -243,12 +243,13 @@ pub fn streamed_params(cfg: &ModelConfig) -> usize {
 ///
 /// - weights: the rollout samples `new_tokens` tokens: one from the prefill's logits, then
 ///   `new_tokens - 1` decode steps of one position per row, each of which reads every
-///   streamed parameter once ([`streamed_params`] * 4 bytes): a step's matmuls are
+///   streamed parameter once ([`streamed_params`] * `elem` bytes, the device's working dtype:
+///   4 in f32, 2 in bf16): a step's matmuls are
 ///   `[rows, C] x W^T`, so with rows far below the GEMM's arithmetic intensity break-even the
 ///   step is bound by reading W;
 /// - KV cache: decode step k (k = 1 ..= new_tokens - 1) writes position `prompt_len + k - 1`
 ///   and attends over `prompt_len + k` positions, reading their keys and values in every
-///   layer: `2 * L * rows * (prompt_len + k) * NKV * HS * 4` bytes;
+///   layer: `2 * L * rows * (prompt_len + k) * NKV * HS * elem` bytes;
 /// - logits: each of the `new_tokens` samplings reads the `[rows, V]` logits once.
 ///
 /// Activations (`rows x C` per layer) and the cache writes are a small fraction and not counted.
@@ -257,8 +258,9 @@ pub fn decode_bytes(
     rows: usize,
     prompt_len: usize,
     new_tokens: usize,
+    elem: usize,
 ) -> DecodeBytes {
-    let e = BYTES_PER_ELEMENT as f64;
+    let e = elem as f64;
     let steps = new_tokens.saturating_sub(1);
     let weights_per_step = streamed_params(cfg) as f64 * e;
     // sum over k = 1..=steps of (prompt_len + k)
@@ -637,7 +639,13 @@ pub fn rollout<D: Device>(
         .collect();
     let decode_s_median = median(&decode);
     let rollout_s_median = median(&rollout_s);
-    let bytes = decode_bytes(cfg, rows, o.prompt_len, o.new_tokens);
+    let bytes = decode_bytes(
+        cfg,
+        rows,
+        o.prompt_len,
+        o.new_tokens,
+        dev.work_dtype().size(),
+    );
     Ok(RolloutReport {
         device: dev.name(),
         model: ModelDims::of(cfg),

@@ -297,7 +297,12 @@ fn attention_fwd_launch<T: Ty>(
     assert_eq!(v.len(), b * t * nkv * hs);
     assert_eq!(lse.len(), b * nh * t);
     let hsb = hs_bucket(hs);
-    let smem = attn_smem(hsb)[0];
+    // bf16: the tensor-core kernel's K and V tiles, 2 x 64 x (HSB + 8) bf16
+    let smem = if T::BF16 {
+        4 * 64 * (hsb + 8)
+    } else {
+        attn_smem(hsb)[0]
+    };
     let _needs_opt_in = smem > SMEM_DEFAULT_MAX;
     let name = format!("attention_fwd_{}_hs{hsb}", T::NAME);
     let mut a = EmuArgs::new();
@@ -795,13 +800,16 @@ fn attention_case<T: Ty>(b: usize, t: usize, nh: usize, nkv: usize, hs: usize, s
     // orders; out is a convex combination of v rows, so a relative error e of the weights
     // moves it by <= e max|v|. Bound: 1e-5 (~84 u) of max|v| (= 1 here), seen <= 12% (at
     // hs 128). lse (~ln T + the max score, |lse| < 10): 1e-5 absolute plus 8 u relative, seen
-    // <= 13% (at hs 128).
+    // <= 13% (at hs 128). bf16 runs on tensor cores, whose P V product takes P rounded to
+    // bf16 while l sums the unrounded p: the weights move by <= 2^-9 relative, out by <= 2^-9
+    // max|v| more; bound 2^-8 max|v| on top (and out's own rounding when stored).
     let out_kf = widen(&out_k);
+    let p_round = if T::BF16 { amax(&v) / 256.0 } else { 0.0 };
     check(
         &format!("{tag} out"),
         &out_kf,
         &out_t,
-        Tol::new(1e-5 * amax(&v), 0.0).for_ty::<T>(),
+        Tol::new(1e-5 * amax(&v) + p_round, 0.0).for_ty::<T>(),
     );
     check(
         &format!("{tag} lse"),
@@ -974,6 +982,8 @@ fn attention_bf16_matches_twin() {
     attention_case::<bf16>(1, 100, 4, 2, 64, 24);
     attention_case::<bf16>(1, 40, 2, 1, 100, 25);
     attention_case::<bf16>(2, 150, 4, 2, 32, 26);
+    // HS 128 (the tensor-core kernel's largest bucket: 8 k-steps, 16 O tiles), three key tiles
+    attention_case::<bf16>(1, 130, 2, 1, 128, 27);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -64,6 +64,11 @@ fn bf(x: f32) -> f32 {
     bf16::from_f32(x).to_f32()
 }
 
+/// The largest magnitude of `x`.
+fn amax(x: &[f32]) -> f32 {
+    x.iter().fold(0f32, |m, &v| m.max(v.abs()))
+}
+
 /// `n` uniform values in [lo, hi), rounded to bf16; never all zero.
 fn vals(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     let v: Vec<f32> = (0..n).map(|_| bf(rng.random_range(lo..hi))).collect();
@@ -539,7 +544,11 @@ fn attention() {
             let (mut lse_b, mut lse_f) = (vec![f32::NAN; nl], vec![f32::NAN; nl]);
             gpu::attention::fwd(l, out.b.m(), &mut lse_b, q.b.s(), k.b.s(), v.b.s(), d).unwrap();
             gpu::attention::fwd(l, out.f.m(), &mut lse_f, q.f.s(), k.f.s(), v.f.s(), d).unwrap();
-            // lse f32; out = sum_j p_j v_j / l: signed sums
+            // lse f32; out = sum_j p_j v_j / l: signed sums. The bf16 forward runs on tensor
+            // cores, whose P V product takes P rounded to bf16 (l sums the unrounded p): the
+            // weights move by <= 2^-9, out by <= 2^-9 max|v| (kernels/attention.cu): an
+            // absolute term of 2^-8 max|v| (`check` takes it relative to out's largest value)
+            // on top of one rounding
             check(
                 &format!("attention_fwd lse {tag}"),
                 &lse_b,
@@ -552,7 +561,7 @@ fn attention() {
                 &out.got(),
                 out.want(),
                 ROUND,
-                ACC,
+                ROUND * amax(v.want()) / amax(out.want()),
             );
             // backward on the f32 forward's out (rounded to bf16) and lse
             let o: Vec<f32> = out.want().iter().map(|&x| bf(x)).collect();

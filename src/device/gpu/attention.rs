@@ -4,12 +4,13 @@
 //! the caller's f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs),
 //! `attention_bwd_dq_<f32|bf16>_hs<B>` (grid as the forward) and
 //! `attention_bwd_dkdv_<f32|bf16>_hs<B>` (grid (ceil(T/64), NKV, B)). q, k, v, out, dout, dq,
-//! dk, dv are T; lse and the scratch D f32 in both dtypes. Shared memory holds f32 tiles in both
-//! dtypes ([`smem`] does not depend on T).
+//! dk, dv are T; lse and the scratch D f32 in both dtypes. The backward's shared memory holds
+//! f32 tiles in both dtypes ([`smem`]); the bf16 forward runs on tensor cores with bf16 tiles
+//! ([`fwd_smem`]).
 
 use super::{check_len, check_pos, int, EmuArgs, In, Launch, Out};
 use crate::device::storage::{sym, Storage};
-use crate::device::AttnDims;
+use crate::device::{AttnDims, Dtype};
 use crate::{Error, Result};
 
 /// Threads per block of every attention kernel.
@@ -32,6 +33,15 @@ pub fn smem(hsb: usize) -> [usize; 3] {
         4 * (2 * 64 * ld + 2 * bi * ld + 64 * lp),
         4 * (2 * 64 * ld + 2 * bi * ld + 2 * 64 * lp + 2 * bi),
     ]
+}
+
+/// Dynamic shared memory (bytes) of the forward over T for bucket `hsb`: the f32 kernel's
+/// ([`smem`]), or the bf16 tensor-core kernel's K and V tiles, 2 x 64 x (HSB + 8) bf16.
+pub fn fwd_smem<T: Storage>(hsb: usize) -> usize {
+    match T::DTYPE {
+        Dtype::Bf16 => 4 * 64 * (hsb + 8),
+        _ => smem(hsb)[0],
+    }
 }
 
 fn check_dims(op: &'static str, d: &AttnDims) -> Result<usize> {
@@ -90,7 +100,7 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
         .scalar(hs as i32);
     let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
     let name = format!("{}_hs{hsb}", sym::<T>("attention_fwd"));
-    l.launch(&name, grid, [NT, 1, 1], smem(hsb)[0], &mut a)
+    l.launch(&name, grid, [NT, 1, 1], fwd_smem::<T>(hsb), &mut a)
 }
 
 /// Elements of [`bwd`]'s f32 scratch `dscratch`: D [B,NH,T] (D_i = dout_i . out_i, written by
