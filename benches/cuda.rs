@@ -5,9 +5,10 @@
 //! second); after each group a line gives the fraction of the device's limit: the measured
 //! copy bandwidth (device-to-device copy, bytes read + written) for memory-bound kernels, the
 //! dense f32 rate for the f32 GEMM and attention, and the dense bf16 tensor-core rate for the
-//! bf16 GEMM.
+//! bf16 GEMM and attention.
 //!
-//! The memory-bound ops and the matmul run in both storage types: f32 (ids as before, e.g.
+//! The memory-bound ops, the matmul and attention run in both storage types: f32 (ids as
+//! before, e.g.
 //! `rmsnorm/fwd_16384x4096`) and bf16 (the dtype in the id: `rmsnorm/fwd_bf16_16384x4096`).
 //! In bf16 the arguments that are T in the kernel's header (kernels/<op>.cu, "Dtypes") are bf16
 //! buffers and the always-f32 ones (rstd, dw, mask, losses, the cross-entropy state, AdamW's
@@ -434,9 +435,10 @@ fn benches(c: &mut Criterion) {
         );
     }
 
-    // causal attention, B 1, T 4096, NH 32 / NKV 8, HS 128 (the target shape, in f32;
-    // compute-bound, f32 only here)
-    {
+    // causal attention, B 1, T 4096, NH 32 / NKV 8, HS 128 (the target shape): f32 on
+    // the SIMT cores against the f32 peak, bf16 on tensor cores against the bf16 peak (the
+    // 350 TFLOP/s forward target); lse and the backward's D f32 in both
+    for dt in DTYPES {
         let d = AttnDims {
             b: 1,
             t: 4096,
@@ -446,39 +448,44 @@ fn benches(c: &mut Criterion) {
         };
         let (nq, nk) = (d.b * d.t * d.nh * d.hs, d.b * d.t * d.nkv * d.hs);
         let (q, k, vv) = (
-            random(&dev, nq, 9, 1.0, Dtype::F32),
-            random(&dev, nk, 10, 1.0, Dtype::F32),
-            random(&dev, nk, 11, 1.0, Dtype::F32),
+            random(&dev, nq, 9, 1.0, dt),
+            random(&dev, nk, 10, 1.0, dt),
+            random(&dev, nk, 11, 1.0, dt),
         );
         let (mut out, mut lse) = (
-            dev.alloc(nq).expect("a"),
+            dev.alloc_as(nq, dt).expect("a"),
             dev.alloc(d.b * d.nh * d.t).expect("a"),
         );
+        let peak = if dt == Dtype::F32 {
+            f32_peak
+        } else {
+            bf16_peak
+        };
         // causal: half of the T x T score matrix; 2 matmuls of 2 FLOP per multiply-add
         let fwd_flop = 4 * d.b * d.nh * d.t * d.t * d.hs / 2;
         bench_op(
             c,
             &dev,
             "attention",
-            "fwd_t4096_hs128",
+            &id(dt, "fwd", "t4096_hs128"),
             Throughput::Elements(fwd_flop as u64),
-            f32_peak,
+            peak,
             |_| dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d),
         );
-        let dout = random(&dev, nq, 12, 1.0, Dtype::F32);
+        let dout = random(&dev, nq, 12, 1.0, dt);
         let (mut dq, mut dk, mut dv) = (
-            dev.alloc(nq).expect("a"),
-            dev.alloc(nk).expect("a"),
-            dev.alloc(nk).expect("a"),
+            dev.alloc_as(nq, dt).expect("a"),
+            dev.alloc_as(nk, dt).expect("a"),
+            dev.alloc_as(nk, dt).expect("a"),
         );
         // backward: 5 matmuls of the forward's size (S, dP, dV, dQ, dK) = 2.5x forward
         bench_op(
             c,
             &dev,
             "attention",
-            "bwd_t4096_hs128",
+            &id(dt, "bwd", "t4096_hs128"),
             Throughput::Elements((fwd_flop * 5 / 2) as u64),
-            f32_peak,
+            peak,
             |_| {
                 dev.attention_bwd(
                     m(&mut dq),

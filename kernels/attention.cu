@@ -21,8 +21,8 @@
 // Dtypes  q, k, v, out, dout, dq, dk, dv: T; lse and D: f32 in both modes. The f32 kernels and
 //         the bf16 backward widen tiles to f32 on their way into shared memory; every product
 //         and sum is f32 (fmaf); bf16 outputs are rounded once, to nearest even, when stored.
-//         The bf16 forward runs on tensor cores (attn_fwd_tc below: bf16 tiles, f32
-//         accumulators, P rounded to bf16 for the P V product).
+//         The bf16 kernels run on tensor cores (attn_fwd_tc, attn_bwd_dq_tc, attn_bwd_dkdv_tc
+//         below: bf16 tiles, f32 accumulators, P and dS rounded to bf16 as mma inputs).
 // Head    the head size is a template parameter HSB (the bucket) in {16, 32, 64, 128}; a kernel
 // size    handles any runtime hs <= HSB (tiles are zero-padded to HSB in shared memory, which
 //         leaves every dot product exact), so the launcher picks the smallest bucket >= hs:
@@ -34,8 +34,8 @@
 //         (ty, tx) owns outer rows 4 ty + r (r < 4), inner columns tx + 8 c (c < BI/8) of a
 //         score tile and head dims tx + 8 c (c < HSB/8) of an output tile: a 4 x (BI/8) and a
 //         4 x (HSB/8) register tile, computed as outer products over shared memory (SIMT fmaf;
-//         the bf16 forward is attn_fwd_tc, on tensor cores; the backward's tensor-core version
-//         is the next step). The 8 threads of a row share a
+//         the bf16 kernels are the tensor-core versions further down). The 8 threads of a row
+//         share a
 //         warp, so row max/sum are 3 xor shuffles. Tiles are stored [rows][HSB + 1] (odd stride:
 //         row-wise and column-wise reads are both free of bank conflicts), score tiles
 //         [64][BI + 2] (conflict-free stores of the 4 x BI/8 thread tiles).
@@ -54,7 +54,8 @@
 //           (recomputing S and dP, 7 instead of 5 tile products) rather than from f32 atomics
 //           into scratch: deterministic, no zeroing, no conversion pass.
 //         Order: attention_bwd_dot, then attention_bwd_dq and attention_bwd_dkdv (independent).
-// Launch  block 128 (all). Grids: fwd and dq (ceil(T/64), NH, B); dkdv (ceil(T/64), NKV, B);
+// Launch  block 128 (all; dkdv declares at least 1 block per SM to its register allocator, which
+//         otherwise kept its bf16 hs32 instance at 128 registers with a spill). Grids: fwd and dq (ceil(T/64), NH, B); dkdv (ceil(T/64), NKV, B);
 //         dot: any grid (grid-stride over warps), efficient: ceil(B*T*NH/4) blocks of 128 (one
 //         warp per row), capped at 65535 or a few per SM.
 //         Dynamic shared memory in bytes, with LD = HSB + 1, BI as above, LP = BI + 2:
@@ -688,6 +689,325 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
     }
 }
 
+// ---- backward, bf16: tensor cores
+//
+// attn_bwd_dq_tc and attn_bwd_dkdv_tc: the algorithm of attn_bwd_dq / attn_bwd_dkdv with the
+// tile products on tensor cores, tiles in shared memory as bf16 (rows of HSB + 8), the score
+// and gradient tiles in mma fragments (a lane holds rows gr and gr + 8 of its warp's 16, two
+// columns of each 8-wide n-tile):
+//   dq:   per warp 16 query rows; per key tile (BK = 64, 32 for HSB = 128): S = Q K^T and
+//         dP = dO V^T, dS = P (dP - D) in the fragments, dQ += dS K with dS rounded to bf16.
+//   dkdv: per warp 16 keys; per query head of the group and query tile (BQ = 64, 32 for
+//         HSB = 128) at or after the key tile: S^T = K Q^T and dP^T = V dO^T, P^T and
+//         dS^T = P^T (dP^T - D) in the fragments, dV += P^T dO and dK += dS^T Q with P^T and
+//         dS^T rounded to bf16. lse and D of the query tile in shared memory (f32).
+// The rounding of P and dS to bf16 (the tensor cores' input) moves each gradient by at most
+// 2^-9 of the sum of its terms' magnitudes, on top of the stored result's rounding.
+// Shared memory (bytes), LDS = HSB + 8:
+//   dq    2 * (2 * 64 + 2 * BK) * LDS                 16: 12288  32: 20480  64: 36864  128: 52224
+//   dkdv  2 * (2 * 64 + 2 * BQ) * LDS + 8 * BQ        16: 12800  32: 20992  64: 37376  128: 52480
+
+// Zero-filled bf16 tile: dst[r][d] (stride HSB + 8) = src[(row0 + r) * rstride + d] for
+// r < ROWS, d < HSB; 0 where row0 + r >= nrows or d >= hs.
+template <int ROWS, int HSB>
+__device__ __forceinline__ void attn_load_bf16(nla_bf16* dst, const nla_bf16* __restrict__ src,
+                                               long long rstride, int row0, int nrows, int hs) {
+    const nla_bf16 zero = nla_from_f32<nla_bf16>(0.0f);
+    for (int e = (int)threadIdx.x; e < ROWS * HSB; e += ATTN_NT) {
+        const int r = e / HSB, d = e % HSB, row = row0 + r;
+        dst[r * (HSB + 8) + d] = row < nrows && d < hs ? src[(long long)row * rstride + d] : zero;
+    }
+}
+
+// A fragment of the 16 x 16 block at (r0, c0) of a bf16 tile t (stride ld).
+__device__ __forceinline__ void attn_frag_a(uint32_t a[4], const nla_bf16* t, int ld, int r0,
+                                            int c0, int gr, int tc) {
+    NLA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+        const nla_bf16* p = t + (r0 + gr + 8 * (j & 1)) * ld + c0 + 2 * tc + 8 * (j >> 1);
+        a[j] = nla_pack_bf16(p[0], p[1]);
+    }
+}
+
+// B fragment (16 x 8) B[kk][n] = t[(n0 + n) ld + k0 + kk]: the tile's rows are B's columns.
+__device__ __forceinline__ void attn_frag_bt(uint32_t b[2], const nla_bf16* t, int ld, int k0,
+                                             int n0, int gr, int tc) {
+    const nla_bf16* p = t + (n0 + gr) * ld + k0 + 2 * tc;
+    b[0] = nla_pack_bf16(p[0], p[1]);
+    b[1] = nla_pack_bf16(p[8], p[9]);
+}
+
+// B fragment (16 x 8) B[kk][n] = t[(k0 + kk) ld + n0 + n]: the tile's rows are B's rows.
+__device__ __forceinline__ void attn_frag_b(uint32_t b[2], const nla_bf16* t, int ld, int k0,
+                                            int n0, int gr, int tc) {
+    const nla_bf16* p = t + (k0 + 2 * tc) * ld + n0 + gr;
+    b[0] = nla_pack_bf16(p[0], p[ld]);
+    b[1] = nla_pack_bf16(p[8 * ld], p[9 * ld]);
+}
+
+// The A fragment of a 16-wide k-step made of two C fragments (n-tiles c0, c1), to bf16.
+__device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = nla_pack_bf16(c0[0], c0[1]);
+    a[1] = nla_pack_bf16(c0[2], c0[3]);
+    a[2] = nla_pack_bf16(c1[0], c1[1]);
+    a[3] = nla_pack_bf16(c1[2], c1[3]);
+}
+
+template <int HSB>
+__device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
+                                               const nla_bf16* __restrict__ dout,
+                                               const nla_bf16* __restrict__ q,
+                                               const nla_bf16* __restrict__ k,
+                                               const nla_bf16* __restrict__ v,
+                                               const float* __restrict__ lse,
+                                               const float* __restrict__ D, int nb, int nt, int nh,
+                                               int nkv, int hs) {
+    constexpr int BO = ATTN_BO, BK = HSB >= 128 ? 32 : 64, LDS = HSB + 8;
+    constexpr int KS = HSB / 16, NS = BK / 8, NO = HSB / 8;
+    NLA_DYNAMIC_SMEM(nla_bf16, smem);
+    nla_bf16* Qs = smem;            // [BO][LDS]
+    nla_bf16* dOs = Qs + BO * LDS;  // [BO][LDS]
+    nla_bf16* Ks = dOs + BO * LDS;  // [BK][LDS]
+    nla_bf16* Vs = Ks + BK * LDS;   // [BK][LDS]
+    const int nqt = (nt + BO - 1) / BO;
+    if ((int)blockIdx.x >= nqt || (int)blockIdx.y >= nh || (int)blockIdx.z >= nb) return;
+    const int qt = nqt - 1 - (int)blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (nh / nkv);
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+    const int gr = lane >> 2, tc = lane & 3, w0 = warp * 16;
+    const int q0 = qt * BO;
+    const int row[2] = {q0 + w0 + gr, q0 + w0 + gr + 8};
+    const float scale = 1.0f / sqrtf((float)hs), sl2 = scale * ATTN_LOG2E;
+    const long long qstr = (long long)nh * hs, kstr = (long long)nkv * hs;
+    const long long qoff = (long long)b * nt * qstr + (long long)h * hs;
+    const nla_bf16* kb = k + (long long)b * nt * kstr + (long long)g * hs;
+    const nla_bf16* vb = v + (long long)b * nt * kstr + (long long)g * hs;
+
+    attn_load_bf16<BO, HSB>(Qs, q + qoff, qstr, q0, nt, hs);
+    attn_load_bf16<BO, HSB>(dOs, dout + qoff, qstr, q0, nt, hs);
+    float lse2[2], Dr[2], acc[NO][4];
+    NLA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+        const long long li = ((long long)b * nh + h) * nt + row[r];
+        lse2[r] = row[r] < nt ? lse[li] * ATTN_LOG2E : INFINITY;  // rows past T: P = 0
+        Dr[r] = row[r] < nt ? D[li] : 0.0f;
+    }
+    NLA_UNROLL
+    for (int n = 0; n < NO; ++n)
+        NLA_UNROLL
+        for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+    const int nkt = (min(nt, q0 + BO) + BK - 1) / BK;
+    for (int kt = 0; kt < nkt; ++kt) {
+        const int k0 = kt * BK;
+        __syncthreads();  // Q, dO loaded; the previous tile's readers of Ks, Vs are done
+        attn_load_bf16<BK, HSB>(Ks, kb, kstr, k0, nt, hs);
+        attn_load_bf16<BK, HSB>(Vs, vb, kstr, k0, nt, hs);
+        __syncthreads();
+        float s[NS][4], dp[NS][4];
+        NLA_UNROLL
+        for (int n = 0; n < NS; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.0f;
+        NLA_UNROLL
+        for (int ks = 0; ks < KS; ++ks) {
+            uint32_t aq[4], ao[4];
+            attn_frag_a(aq, Qs, LDS, w0, ks * 16, gr, tc);
+            attn_frag_a(ao, dOs, LDS, w0, ks * 16, gr, tc);
+            NLA_UNROLL
+            for (int n = 0; n < NS; ++n) {
+                uint32_t bk[2], bv[2];
+                attn_frag_bt(bk, Ks, LDS, ks * 16, n * 8, gr, tc);
+                attn_frag_bt(bv, Vs, LDS, ks * 16, n * 8, gr, tc);
+                nla_mma_bf16_16816(s[n], aq, bk);
+                nla_mma_bf16_16816(dp[n], ao, bv);
+            }
+        }
+        // dS = P (dP - D), into s
+        NLA_UNROLL
+        for (int n = 0; n < NS; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                const int key = k0 + n * 8 + 2 * tc + (i & 1), r = i >> 1;
+                const float p = key <= row[r] ? exp2f(s[n][i] * sl2 - lse2[r]) : 0.0f;
+                s[n][i] = p * (dp[n][i] - Dr[r]);
+            }
+        // dQ += dS K
+        NLA_UNROLL
+        for (int kk = 0; kk < BK / 16; ++kk) {
+            uint32_t da[4];
+            attn_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
+            NLA_UNROLL
+            for (int n = 0; n < NO; ++n) {
+                uint32_t bk[2];
+                attn_frag_b(bk, Ks, LDS, kk * 16, n * 8, gr, tc);
+                nla_mma_bf16_16816(acc[n], da, bk);
+            }
+        }
+    }
+    NLA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+        if (row[r] >= nt) continue;
+        nla_bf16* o = dq + ((long long)b * nt + row[r]) * qstr + (long long)h * hs;
+        NLA_UNROLL
+        for (int n = 0; n < NO; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 2; ++i) {
+                const int d = n * 8 + 2 * tc + i;
+                if (d < hs) o[d] = nla_from_f32<nla_bf16>(acc[n][2 * r + i] * scale);
+            }
+    }
+}
+
+template <int HSB>
+__device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
+                                                 nla_bf16* __restrict__ dv,
+                                                 const nla_bf16* __restrict__ dout,
+                                                 const nla_bf16* __restrict__ q,
+                                                 const nla_bf16* __restrict__ k,
+                                                 const nla_bf16* __restrict__ v,
+                                                 const float* __restrict__ lse,
+                                                 const float* __restrict__ D, int nb, int nt,
+                                                 int nh, int nkv, int hs) {
+    constexpr int BKEY = ATTN_BO, BQ = HSB >= 128 ? 32 : 64, LDS = HSB + 8;
+    constexpr int KS = HSB / 16, NS = BQ / 8, NO = HSB / 8;
+    NLA_DYNAMIC_SMEM(nla_bf16, smem);
+    nla_bf16* Ks = smem;              // [BKEY][LDS]
+    nla_bf16* Vs = Ks + BKEY * LDS;   // [BKEY][LDS]
+    nla_bf16* Qs = Vs + BKEY * LDS;   // [BQ][LDS]
+    nla_bf16* dOs = Qs + BQ * LDS;    // [BQ][LDS]
+    float* lse2s = reinterpret_cast<float*>(dOs + BQ * LDS);  // [BQ]
+    float* Ds = lse2s + BQ;                                   // [BQ]
+    const int nkt = (nt + BKEY - 1) / BKEY;
+    if ((int)blockIdx.x >= nkt || (int)blockIdx.y >= nkv || (int)blockIdx.z >= nb) return;
+    const int kt = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
+    const int grp = nh / nkv;
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+    const int gr = lane >> 2, tc = lane & 3, w0 = warp * 16;
+    const int key0 = kt * BKEY;
+    const int key_lo = key0 + w0 + gr, key_hi = key_lo + 8;  // this lane's keys
+    const float scale = 1.0f / sqrtf((float)hs), sl2 = scale * ATTN_LOG2E;
+    const long long qstr = (long long)nh * hs, kstr = (long long)nkv * hs;
+    const long long koff = (long long)b * nt * kstr + (long long)g * hs;
+
+    attn_load_bf16<BKEY, HSB>(Ks, k + koff, kstr, key0, nt, hs);
+    attn_load_bf16<BKEY, HSB>(Vs, v + koff, kstr, key0, nt, hs);
+    float dK[NO][4], dV[NO][4];
+    NLA_UNROLL
+    for (int n = 0; n < NO; ++n)
+        NLA_UNROLL
+        for (int i = 0; i < 4; ++i) dK[n][i] = dV[n][i] = 0.0f;
+    const int nqt = (nt + BQ - 1) / BQ;
+    for (int hh = 0; hh < grp; ++hh) {
+        const int h = g * grp + hh;
+        const long long qoff = (long long)b * nt * qstr + (long long)h * hs;
+        for (int qt = key0 / BQ; qt < nqt; ++qt) {
+            const int q0 = qt * BQ;
+            __syncthreads();  // K, V loaded; the previous tile's readers are done
+            attn_load_bf16<BQ, HSB>(Qs, q + qoff, qstr, q0, nt, hs);
+            attn_load_bf16<BQ, HSB>(dOs, dout + qoff, qstr, q0, nt, hs);
+            for (int r = (int)threadIdx.x; r < BQ; r += ATTN_NT) {
+                const int qi = q0 + r;
+                const long long li = ((long long)b * nh + h) * nt + qi;
+                lse2s[r] = qi < nt ? lse[li] * ATTN_LOG2E : INFINITY;  // past T: P = 0
+                Ds[r] = qi < nt ? D[li] : 0.0f;
+            }
+            __syncthreads();
+            float s[NS][4], dp[NS][4];
+            NLA_UNROLL
+            for (int n = 0; n < NS; ++n)
+                NLA_UNROLL
+                for (int i = 0; i < 4; ++i) s[n][i] = dp[n][i] = 0.0f;
+            // S^T = K Q^T, dP^T = V dO^T (16 keys x BQ queries per warp)
+            NLA_UNROLL
+            for (int ks = 0; ks < KS; ++ks) {
+                uint32_t ak[4], av[4];
+                attn_frag_a(ak, Ks, LDS, w0, ks * 16, gr, tc);
+                attn_frag_a(av, Vs, LDS, w0, ks * 16, gr, tc);
+                NLA_UNROLL
+                for (int n = 0; n < NS; ++n) {
+                    uint32_t bq[2], bo[2];
+                    attn_frag_bt(bq, Qs, LDS, ks * 16, n * 8, gr, tc);
+                    attn_frag_bt(bo, dOs, LDS, ks * 16, n * 8, gr, tc);
+                    nla_mma_bf16_16816(s[n], ak, bq);
+                    nla_mma_bf16_16816(dp[n], av, bo);
+                }
+            }
+            // P^T into s, dS^T = P^T (dP^T - D) into dp
+            NLA_UNROLL
+            for (int n = 0; n < NS; ++n)
+                NLA_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                    const int c = n * 8 + 2 * tc + (i & 1), qi = q0 + c;
+                    const float p =
+                        qi >= (i < 2 ? key_lo : key_hi) ? exp2f(s[n][i] * sl2 - lse2s[c]) : 0.0f;
+                    s[n][i] = p;
+                    dp[n][i] = p * (dp[n][i] - Ds[c]);
+                }
+            // dV += P^T dO, dK += dS^T Q
+            NLA_UNROLL
+            for (int kk = 0; kk < BQ / 16; ++kk) {
+                uint32_t pa[4], da[4];
+                attn_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
+                attn_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
+                NLA_UNROLL
+                for (int n = 0; n < NO; ++n) {
+                    uint32_t bo[2], bq[2];
+                    attn_frag_b(bo, dOs, LDS, kk * 16, n * 8, gr, tc);
+                    attn_frag_b(bq, Qs, LDS, kk * 16, n * 8, gr, tc);
+                    nla_mma_bf16_16816(dV[n], pa, bo);
+                    nla_mma_bf16_16816(dK[n], da, bq);
+                }
+            }
+        }
+    }
+    NLA_UNROLL
+    for (int r = 0; r < 2; ++r) {
+        const int kr = r == 0 ? key_lo : key_hi;
+        if (kr >= nt) continue;
+        const long long o = ((long long)b * nt + kr) * kstr + (long long)g * hs;
+        NLA_UNROLL
+        for (int n = 0; n < NO; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 2; ++i) {
+                const int d = n * 8 + 2 * tc + i;
+                if (d < hs) {
+                    dk[o + d] = nla_from_f32<nla_bf16>(dK[n][2 * r + i] * scale);
+                    dv[o + d] = nla_from_f32<nla_bf16>(dV[n][2 * r + i]);
+                }
+            }
+    }
+}
+
+// The backward of each storage type: f32 on the SIMT cores, bf16 on tensor cores.
+template <typename T, int HSB> struct AttnBwd {
+    static __device__ __forceinline__ void dq(T* dq, const T* dout, const T* q, const T* k,
+                                              const T* v, const float* lse, const float* D, int b,
+                                              int t, int nh, int nkv, int hs) {
+        attn_bwd_dq<T, HSB>(dq, dout, q, k, v, lse, D, b, t, nh, nkv, hs);
+    }
+    static __device__ __forceinline__ void dkdv(T* dk, T* dv, const T* dout, const T* q,
+                                                const T* k, const T* v, const float* lse,
+                                                const float* D, int b, int t, int nh, int nkv,
+                                                int hs) {
+        attn_bwd_dkdv<T, HSB>(dk, dv, dout, q, k, v, lse, D, b, t, nh, nkv, hs);
+    }
+};
+template <int HSB> struct AttnBwd<nla_bf16, HSB> {
+    static __device__ __forceinline__ void dq(nla_bf16* dq, const nla_bf16* dout,
+                                              const nla_bf16* q, const nla_bf16* k,
+                                              const nla_bf16* v, const float* lse, const float* D,
+                                              int b, int t, int nh, int nkv, int hs) {
+        attn_bwd_dq_tc<HSB>(dq, dout, q, k, v, lse, D, b, t, nh, nkv, hs);
+    }
+    static __device__ __forceinline__ void dkdv(nla_bf16* dk, nla_bf16* dv, const nla_bf16* dout,
+                                                const nla_bf16* q, const nla_bf16* k,
+                                                const nla_bf16* v, const float* lse,
+                                                const float* D, int b, int t, int nh, int nkv,
+                                                int hs) {
+        attn_bwd_dkdv_tc<HSB>(dk, dv, dout, q, k, v, lse, D, b, t, nh, nkv, hs);
+    }
+};
+
 // ---- symbols
 
 #define ATTN_KERNELS_HS(S, T, HSB)                                                                 \
@@ -700,14 +1020,14 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
         T* __restrict__ dq, const T* __restrict__ dout, const T* __restrict__ q,                   \
         const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,           \
         const float* __restrict__ D, int b, int t, int nh, int nkv, int hs) {                      \
-        attn_bwd_dq<T, HSB>(dq, dout, q, k, v, lse, D, b, t, nh, nkv, hs);                         \
+        AttnBwd<T, HSB>::dq(dq, dout, q, k, v, lse, D, b, t, nh, nkv, hs);                         \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATTN_NT) attention_bwd_dkdv_##S##_hs##HSB(       \
+    extern "C" __global__ void __launch_bounds__(ATTN_NT, 1) attention_bwd_dkdv_##S##_hs##HSB(    \
         T* __restrict__ dk, T* __restrict__ dv, const T* __restrict__ dout,                        \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,                 \
         const float* __restrict__ lse, const float* __restrict__ D, int b, int t, int nh, int nkv, \
         int hs) {                                                                                  \
-        attn_bwd_dkdv<T, HSB>(dk, dv, dout, q, k, v, lse, D, b, t, nh, nkv, hs);                   \
+        AttnBwd<T, HSB>::dkdv(dk, dv, dout, q, k, v, lse, D, b, t, nh, nkv, hs);                   \
     }
 
 #define ATTN_KERNELS(S, T)                                                                        \

@@ -102,8 +102,8 @@ fn forward_backward<D: Device>(dev: &D) -> (Vec<f32>, f64, Vec<f32>) {
     (logits, loss.mean(), model.grads_to_host(dev).unwrap())
 }
 
-// measured on the emulator: logits 1.24e-2, loss 3.3e-5, worst gradient 2.2e-2 (layer 1's
-// k_proj), actor loss 2.3e-4 and grad norm 2.8e-3
+// measured on the emulator: logits 1.24e-2, loss 3.3e-5, worst gradient 2.1e-2 (layer 1's
+// k_proj), actor loss 2.3e-4 and grad norm 3.7e-3
 const LOGIT_MAX_REL: f64 = 3e-2;
 const LOSS_REL: f64 = 1e-3;
 const GRAD_REL_L2: f64 = 6e-2;

@@ -601,29 +601,22 @@ fn attention() {
                 d,
             )
             .unwrap();
-            // D = dout . out (f32); dq, dk, dv: sums of dS = P (dP - D), cancelling
+            // D = dout . out (f32); dq, dk, dv: sums of dS = P (dP - D) terms, cancelling. The
+            // bf16 kernels run on tensor cores, which take P (dv) and dS (dq, dk) rounded to
+            // bf16: each term moves by <= 2^-9 of its magnitude. The bound on the sum of the
+            // terms' magnitudes is kernels_emu_b.rs's (term by term against the CPU twin); here,
+            // at these sizes and |inputs| < 1, an absolute 2^-8 of the gradient's largest value
+            // on top of one rounding (seen: <= 0.53 of the tolerance)
             check(&format!("attention_bwd D {tag}"), &sc_b, &sc_f, F32R, ACC);
-            check(
-                &format!("attention_bwd dq {tag}"),
-                &dq.got(),
-                dq.want(),
-                ROUND,
-                ACC,
-            );
-            check(
-                &format!("attention_bwd dk {tag}"),
-                &dk.got(),
-                dk.want(),
-                ROUND,
-                ACC,
-            );
-            check(
-                &format!("attention_bwd dv {tag}"),
-                &dv.got(),
-                dv.want(),
-                ROUND,
-                ACC,
-            );
+            for (name, g) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
+                check(
+                    &format!("attention_bwd {name} {tag}"),
+                    &g.got(),
+                    g.want(),
+                    ROUND,
+                    ROUND,
+                );
+            }
         }
     });
 }

@@ -1438,7 +1438,7 @@ fn bf16_sft_and_grpo_run_on_the_emulated_device() {
             assert!(m(k).is_finite(), "step {} {k}", r.step);
         }
         // decode (KV cache) and the full forward round differently in bf16: log-probs agree to
-        // a few bf16 roundings of the logits, not to f32's 1e-4 (measured 4.5e-3, 4.7e-3)
+        // a few bf16 roundings of the logits, not to f32's 1e-4 (measured 4.5e-3, 5.1e-3)
         let diff = m("rollout_logp_diff");
         eprintln!("bf16 grpo step {}: rollout_logp_diff {diff:.2e}", r.step);
         assert!(diff < 3e-2, "step {}: rollout_logp_diff {diff}", r.step);

@@ -4,9 +4,9 @@
 //! the caller's f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs),
 //! `attention_bwd_dq_<f32|bf16>_hs<B>` (grid as the forward) and
 //! `attention_bwd_dkdv_<f32|bf16>_hs<B>` (grid (ceil(T/64), NKV, B)). q, k, v, out, dout, dq,
-//! dk, dv are T; lse and the scratch D f32 in both dtypes. The backward's shared memory holds
-//! f32 tiles in both dtypes ([`smem`]); the bf16 forward runs on tensor cores with bf16 tiles
-//! ([`fwd_smem`]).
+//! dk, dv are T; lse and the scratch D f32 in both dtypes. The f32 kernels hold f32 tiles in
+//! shared memory ([`smem`]); the bf16 forward, dq and dkdv run on tensor cores with bf16 tiles
+//! ([`fwd_smem`], [`bwd_smem`]).
 
 use super::{check_len, check_pos, int, EmuArgs, In, Launch, Out};
 use crate::device::storage::{sym, Storage};
@@ -41,6 +41,26 @@ pub fn fwd_smem<T: Storage>(hsb: usize) -> usize {
     match T::DTYPE {
         Dtype::Bf16 => 4 * 64 * (hsb + 8),
         _ => smem(hsb)[0],
+    }
+}
+
+/// Dynamic shared memory (bytes) of the backward's dq and dkdv kernels over T for bucket `hsb`:
+/// the f32 kernels' ([`smem`]), or the bf16 tensor-core kernels' bf16 tiles of HSB + 8
+/// (dq: Q, dO [64] and K, V [BK]; dkdv: K, V [64] and Q, dO [BQ] plus lse and D [BQ] in f32;
+/// BK = BQ = 64, 32 for HSB 128).
+pub fn bwd_smem<T: Storage>(hsb: usize) -> [usize; 2] {
+    match T::DTYPE {
+        Dtype::Bf16 => {
+            let (ld, bk) = (hsb + 8, if hsb >= 128 { 32 } else { 64 });
+            [
+                2 * (2 * 64 + 2 * bk) * ld,
+                2 * (2 * 64 + 2 * bk) * ld + 8 * bk,
+            ]
+        }
+        _ => {
+            let [_, dq, dkdv] = smem(hsb);
+            [dq, dkdv]
+        }
     }
 }
 
@@ -147,7 +167,7 @@ pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     if b * t == 0 {
         return Ok(());
     }
-    let [_, smem_dq, smem_dkdv] = smem(hsb);
+    let [smem_dq, smem_dkdv] = bwd_smem::<T>(hsb);
     // scratch D [B,NH,T]: rows > 0 here (B*T > 0, NH > 0)
     let rows = b * t * nh;
     // 1. D = rowsum(dout * out)
