@@ -245,6 +245,71 @@ __device__ __forceinline__ void attn_fwd(T* __restrict__ out, float* __restrict_
     }
 }
 
+// ---- bf16 tiles and mma fragments (the tensor-core kernels)
+
+// Zero-filled bf16 tile: dst[r][d] (stride HSB + 8) = src[(row0 + r) * rstride + d] for
+// r < ROWS, d < HSB; 0 where row0 + r >= nrows or d >= hs. 16 bytes (8 bf16) per access when
+// hs = HSB and every row of src is 16-byte aligned (dst's rows always are: HSB + 8 is a
+// multiple of 8), else one element at a time.
+template <int ROWS, int HSB>
+__device__ __forceinline__ void attn_load_bf16(nla_bf16* dst, const nla_bf16* __restrict__ src,
+                                               long long rstride, int row0, int nrows, int hs) {
+    const nla_bf16 zero = nla_from_f32<nla_bf16>(0.0f);
+    if (hs == HSB && rstride % 8 == 0 && nla_aligned(src, 16)) {
+        constexpr int V = HSB / 8;  // 16-byte vectors per row
+        for (int e = (int)threadIdx.x; e < ROWS * V; e += ATTN_NT) {
+            const int r = e / V, c = (e % V) * 8, row = row0 + r;
+            NlaVec<nla_bf16, 8> x;
+            if (row < nrows) {
+                x = nla_load<8>(src + (long long)row * rstride + c);
+            } else {
+                NLA_UNROLL
+                for (int j = 0; j < 8; ++j) x.v[j] = zero;
+            }
+            nla_store<8>(dst + r * (HSB + 8) + c, x);
+        }
+        return;
+    }
+    for (int e = (int)threadIdx.x; e < ROWS * HSB; e += ATTN_NT) {
+        const int r = e / HSB, d = e % HSB, row = row0 + r;
+        dst[r * (HSB + 8) + d] = row < nrows && d < hs ? src[(long long)row * rstride + d] : zero;
+    }
+}
+
+// A fragment of the 16 x 16 block at (r0, c0) of a bf16 tile t (stride ld).
+__device__ __forceinline__ void attn_frag_a(uint32_t a[4], const nla_bf16* t, int ld, int r0,
+                                            int c0, int gr, int tc) {
+    NLA_UNROLL
+    for (int j = 0; j < 4; ++j) {
+        const nla_bf16* p = t + (r0 + gr + 8 * (j & 1)) * ld + c0 + 2 * tc + 8 * (j >> 1);
+        a[j] = nla_pack_bf16(p[0], p[1]);
+    }
+}
+
+// B fragment (16 x 8) B[kk][n] = t[(n0 + n) ld + k0 + kk]: the tile's rows are B's columns.
+__device__ __forceinline__ void attn_frag_bt(uint32_t b[2], const nla_bf16* t, int ld, int k0,
+                                             int n0, int gr, int tc) {
+    const nla_bf16* p = t + (n0 + gr) * ld + k0 + 2 * tc;
+    b[0] = nla_pack_bf16(p[0], p[1]);
+    b[1] = nla_pack_bf16(p[8], p[9]);
+}
+
+// B fragment (16 x 8) B[kk][n] = t[(k0 + kk) ld + n0 + n]: the tile's rows are B's rows.
+__device__ __forceinline__ void attn_frag_b(uint32_t b[2], const nla_bf16* t, int ld, int k0,
+                                            int n0, int gr, int tc) {
+    const nla_bf16* p = t + (k0 + 2 * tc) * ld + n0 + gr;
+    b[0] = nla_pack_bf16(p[0], p[ld]);
+    b[1] = nla_pack_bf16(p[8 * ld], p[9 * ld]);
+}
+
+// The A fragment of a 16-wide k-step made of two C fragments (n-tiles c0, c1), to bf16.
+__device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = nla_pack_bf16(c0[0], c0[1]);
+    a[1] = nla_pack_bf16(c0[2], c0[3]);
+    a[2] = nla_pack_bf16(c1[0], c1[1]);
+    a[3] = nla_pack_bf16(c1[2], c1[3]);
+}
+
 // ---- forward, bf16: tensor cores
 //
 // The same algorithm as attn_fwd with the tile products on tensor cores (nla_mma_bf16_16816).
@@ -316,12 +381,8 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
     for (int kt = 0; kt < nkt; ++kt) {
         const int k0 = kt * BK;
         __syncthreads();  // the previous tile's readers of Ks, Vs are done
-        for (int e = (int)threadIdx.x; e < BK * HSB; e += ATTN_NT) {
-            const int r = e / HSB, d = e % HSB, key = k0 + r;
-            const bool in = key < nt && d < hs;
-            Ks[r * LDS + d] = in ? kb[(long long)key * kstr + d] : zero;
-            Vs[r * LDS + d] = in ? vb[(long long)key * kstr + d] : zero;
-        }
+        attn_load_bf16<BK, HSB>(Ks, kb, kstr, k0, nt, hs);
+        attn_load_bf16<BK, HSB>(Vs, vb, kstr, k0, nt, hs);
         __syncthreads();
         // S = Q K^T (16 x 64 per warp)
         float s[NS][4];
@@ -706,52 +767,6 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
 // Shared memory (bytes), LDS = HSB + 8:
 //   dq    2 * (2 * 64 + 2 * BK) * LDS                 16: 12288  32: 20480  64: 36864  128: 52224
 //   dkdv  2 * (2 * 64 + 2 * BQ) * LDS + 8 * BQ        16: 12800  32: 20992  64: 37376  128: 52480
-
-// Zero-filled bf16 tile: dst[r][d] (stride HSB + 8) = src[(row0 + r) * rstride + d] for
-// r < ROWS, d < HSB; 0 where row0 + r >= nrows or d >= hs.
-template <int ROWS, int HSB>
-__device__ __forceinline__ void attn_load_bf16(nla_bf16* dst, const nla_bf16* __restrict__ src,
-                                               long long rstride, int row0, int nrows, int hs) {
-    const nla_bf16 zero = nla_from_f32<nla_bf16>(0.0f);
-    for (int e = (int)threadIdx.x; e < ROWS * HSB; e += ATTN_NT) {
-        const int r = e / HSB, d = e % HSB, row = row0 + r;
-        dst[r * (HSB + 8) + d] = row < nrows && d < hs ? src[(long long)row * rstride + d] : zero;
-    }
-}
-
-// A fragment of the 16 x 16 block at (r0, c0) of a bf16 tile t (stride ld).
-__device__ __forceinline__ void attn_frag_a(uint32_t a[4], const nla_bf16* t, int ld, int r0,
-                                            int c0, int gr, int tc) {
-    NLA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-        const nla_bf16* p = t + (r0 + gr + 8 * (j & 1)) * ld + c0 + 2 * tc + 8 * (j >> 1);
-        a[j] = nla_pack_bf16(p[0], p[1]);
-    }
-}
-
-// B fragment (16 x 8) B[kk][n] = t[(n0 + n) ld + k0 + kk]: the tile's rows are B's columns.
-__device__ __forceinline__ void attn_frag_bt(uint32_t b[2], const nla_bf16* t, int ld, int k0,
-                                             int n0, int gr, int tc) {
-    const nla_bf16* p = t + (n0 + gr) * ld + k0 + 2 * tc;
-    b[0] = nla_pack_bf16(p[0], p[1]);
-    b[1] = nla_pack_bf16(p[8], p[9]);
-}
-
-// B fragment (16 x 8) B[kk][n] = t[(k0 + kk) ld + n0 + n]: the tile's rows are B's rows.
-__device__ __forceinline__ void attn_frag_b(uint32_t b[2], const nla_bf16* t, int ld, int k0,
-                                            int n0, int gr, int tc) {
-    const nla_bf16* p = t + (k0 + 2 * tc) * ld + n0 + gr;
-    b[0] = nla_pack_bf16(p[0], p[ld]);
-    b[1] = nla_pack_bf16(p[8 * ld], p[9 * ld]);
-}
-
-// The A fragment of a 16-wide k-step made of two C fragments (n-tiles c0, c1), to bf16.
-__device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
-    a[0] = nla_pack_bf16(c0[0], c0[1]);
-    a[1] = nla_pack_bf16(c0[2], c0[3]);
-    a[2] = nla_pack_bf16(c1[0], c1[1]);
-    a[3] = nla_pack_bf16(c1[2], c1[3]);
-}
 
 template <int HSB>
 __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
