@@ -7,7 +7,7 @@
 //! - [`EmuDevice`] in bf16 (always, CI included): the bf16 kernels through their launchers on
 //!   the emulator, matmuls as the CPU GEMM on the bf16 operands rounded once to c's dtype (as
 //!   cuBLASLt with f32 compute), in both fiber schedules;
-//! - [`CudaDevice`] in bf16 (`cuda_*` tests, skipped without a GPU as in device_parity.rs).
+//! - `CudaDevice` in bf16 (`cuda_*` tests, skipped without a GPU as in device_parity.rs).
 //!
 //! The model is device_parity.rs's `gqa_untied` fixture (C 48, 2 layers, vocab 96; B 2, T 12).
 //!
@@ -21,16 +21,16 @@ mod common;
 
 use std::time::Instant;
 
-use common::{fixtures_dir, rel_l2};
+use common::parity::{actor_examples, gpu, max_rel_err, model, rows};
+use common::rel_l2;
 use nla_engine::config::InjectionMode;
 use nla_engine::device::cpu::CpuDevice;
-use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
 use nla_engine::device::{Device, DeviceBuf, Dtype, PoolMode, SampleSpec, View};
 use nla_engine::generate::{generate, GenSpec};
 use nla_engine::model::{backward, forward, ActivationSet, Batch, Model, ParamTable};
-use nla_engine::nla::{Actor, ActorExample, ActorSpec, Critic, CriticSpec};
+use nla_engine::nla::{Actor, ActorSpec, Critic, CriticSpec};
 use nla_engine::train::nla::ActorTrainer;
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
 
@@ -44,47 +44,6 @@ fn emu_devices() -> impl Iterator<Item = (EmuDevice, String)> {
             .unwrap();
         (dev, format!("emu bf16 {mode:?}"))
     })
-}
-
-/// GPU 0 in bf16, or None where no GPU is usable (NLA_REQUIRE_GPU=1 makes that a failure).
-fn gpu() -> Option<CudaDevice> {
-    match probe() {
-        Ok(_) => {
-            let dev = CudaDevice::new(0)
-                .and_then(|d| d.with_work_dtype(Dtype::Bf16))
-                .unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
-            eprintln!("{}", dev.name());
-            Some(dev)
-        }
-        Err(why) if std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("NLA_REQUIRE_GPU=1 but no usable GPU: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipped (no usable GPU): {why}");
-            None
-        }
-    }
-}
-
-fn model<D: Device>(dev: &D) -> Model<D> {
-    Model::load(dev, &fixtures_dir().join("models/gqa_untied")).unwrap()
-}
-
-fn rows() -> Vec<Vec<u32>> {
-    let path = fixtures_dir().join("models/gqa_untied/ids.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// Largest |got - want| over the largest |want|; NaN or infinity in `got` fails.
-fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
-    let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    err / scale
 }
 
 // ---- forward and backward
@@ -158,7 +117,7 @@ fn bf16_forward_and_backward_match_cpu() {
 
 #[test]
 fn cuda_bf16_forward_and_backward_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::Bf16) {
         check_forward_backward(&dev, "cuda bf16");
     }
 }
@@ -223,29 +182,12 @@ fn bf16_lm_training_steps_match_cpu() {
 
 #[test]
 fn cuda_bf16_lm_training_steps_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::Bf16) {
         check_lm_steps(&dev, "cuda bf16");
     }
 }
 
 // ---- NLA actor SFT steps (projection injection)
-
-fn actor_examples(a: usize) -> Vec<ActorExample> {
-    (0..2u32)
-        .map(|k| {
-            let ids: Vec<u32> = (0..10).map(|i| (7 * i + 13 * k + 5) % 96).collect();
-            ActorExample {
-                loss_mask: (0..ids.len()).map(|p| u8::from(p >= 4)).collect(),
-                ids,
-                prompt_len: 4,
-                sites: vec![2],
-                vectors: vec![(0..a)
-                    .map(|i| ((i as f32 + 1.0) * (k as f32 + 0.5)).sin())
-                    .collect()],
-            }
-        })
-        .collect()
-}
 
 /// Two actor SFT steps: (loss, grad norm) of each.
 fn actor_steps<D: Device>(dev: &D) -> Vec<(f64, f64)> {
@@ -290,7 +232,7 @@ fn bf16_actor_sft_steps_match_cpu() {
 
 #[test]
 fn cuda_bf16_actor_sft_steps_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::Bf16) {
         check_actor_steps(&dev, "cuda bf16");
     }
 }
@@ -365,7 +307,7 @@ fn bf16_greedy_generation_matches_cpu() {
 
 #[test]
 fn cuda_bf16_greedy_generation_matches_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::Bf16) {
         check_generation(&dev, "cuda bf16");
     }
 }
@@ -447,7 +389,7 @@ fn bf16_critic_matches_cpu() {
 
 #[test]
 fn cuda_bf16_critic_matches_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::Bf16) {
         check_critic(&dev, "cuda bf16");
     }
 }

@@ -7,8 +7,8 @@
 //!   kernels/*.cu through its launcher (device/gpu/) on the emulator of the CUDA execution
 //!   model, in both fiber schedules (EmuMode::Forward, and Reversed: threads in reverse order,
 //!   blocks shuffled); the `#[test]`s without a prefix. They also count the kernel launches.
-//! - [`CudaDevice`] (`cuda_*` tests): the same kernels on a GPU and matmul through cuBLASLt.
-//!   Without a usable GPU ([`probe`] fails) they print why and pass as skipped, unless
+//! - `CudaDevice` (`cuda_*` tests): the same kernels on a GPU and matmul through cuBLASLt.
+//!   Without a usable GPU (`cuda::probe` fails) they print why and pass as skipped, unless
 //!   `NLA_REQUIRE_GPU=1` (scripts/gpu-check.sh), which makes that a failure.
 //!
 //! The model is the `gqa_untied` fixture (C 48, 6 query heads over 2 KV heads of size 8, FFN
@@ -29,16 +29,16 @@ mod common;
 
 use std::time::Instant;
 
-use common::{fixtures_dir, rel_l2};
+use common::parity::{actor_examples, gpu, max_rel_err, model, rows};
+use common::rel_l2;
 use nla_engine::config::InjectionMode;
 use nla_engine::device::cpu::CpuDevice;
-use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
 use nla_engine::device::{Device, Dtype, SampleSpec, View, ViewMut};
 use nla_engine::generate::{generate, GenSpec};
-use nla_engine::model::{backward, forward, ActivationSet, Batch, MemoryOptions, Model, Recompute};
-use nla_engine::nla::{Actor, ActorExample, ActorSpec};
+use nla_engine::model::{backward, forward, ActivationSet, Batch, MemoryOptions, Recompute};
+use nla_engine::nla::{Actor, ActorSpec};
 use nla_engine::train::nla::ActorTrainer;
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
 
@@ -49,49 +49,6 @@ fn emu_devices() -> impl Iterator<Item = (EmuDevice, String)> {
     MODES
         .into_iter()
         .map(|(mode, seed)| (EmuDevice::new(mode, seed), format!("emu {mode:?}")))
-}
-
-/// GPU 0, or None (the test passes as skipped) when [`probe`] says no GPU is usable here;
-/// with `NLA_REQUIRE_GPU=1` a missing GPU fails instead. A GPU that probes usable but does not
-/// open fails either way.
-fn gpu() -> Option<CudaDevice> {
-    match probe() {
-        Ok(_) => {
-            let dev = CudaDevice::new(0)
-                .and_then(|d| d.with_work_dtype(Dtype::F32))
-                .unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
-            eprintln!("{}", dev.name());
-            Some(dev)
-        }
-        Err(why) if std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("NLA_REQUIRE_GPU=1 but no usable GPU: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipped (no usable GPU): {why}");
-            None
-        }
-    }
-}
-
-/// Largest |got - want| over the largest |want|; NaN or infinity in `got` fails.
-fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
-    let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    err / scale
-}
-
-fn model<D: Device>(dev: &D) -> Model<D> {
-    Model::load(dev, &fixtures_dir().join("models/gqa_untied")).unwrap()
-}
-
-fn rows() -> Vec<Vec<u32>> {
-    let path = fixtures_dir().join("models/gqa_untied/ids.json");
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 // ---- forward and backward
@@ -205,7 +162,7 @@ fn forward_and_backward_match_cpu() {
 
 #[test]
 fn cuda_forward_and_backward_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         check_forward_backward(&dev, "cuda", None);
         check_forward_backward(&dev, "cuda", Some(20));
     }
@@ -291,31 +248,12 @@ fn lm_training_steps_match_cpu() {
 
 #[test]
 fn cuda_lm_training_steps_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         check_lm_steps(&dev, "cuda");
     }
 }
 
 // ---- NLA actor SFT steps
-
-/// An actor example: 4 prompt tokens (the vector injected at position 2), 6 response tokens
-/// in the loss.
-fn actor_examples(a: usize) -> Vec<ActorExample> {
-    (0..2u32)
-        .map(|k| {
-            let ids: Vec<u32> = (0..10).map(|i| (7 * i + 13 * k + 5) % 96).collect();
-            ActorExample {
-                loss_mask: (0..ids.len()).map(|p| u8::from(p >= 4)).collect(),
-                ids,
-                prompt_len: 4,
-                sites: vec![2],
-                vectors: vec![(0..a)
-                    .map(|i| ((i as f32 + 1.0) * (k as f32 + 0.5)).sin())
-                    .collect()],
-            }
-        })
-        .collect()
-}
 
 /// Two actor SFT steps with `project` injection (norm_scale, matmul, inject) at layer 1: the
 /// losses, the gradient norms and the parameters (W included) after them.
@@ -378,7 +316,7 @@ fn actor_sft_steps_match_cpu() {
 
 #[test]
 fn cuda_actor_sft_steps_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         check_actor_steps(&dev, "cuda");
     }
 }
@@ -439,7 +377,7 @@ fn greedy_generation_matches_cpu() {
 
 #[test]
 fn cuda_greedy_generation_matches_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         check_greedy_generation(&dev, "cuda");
     }
 }
@@ -676,7 +614,7 @@ fn other_ops_match_cpu() {
 
 #[test]
 fn cuda_other_ops_match_cpu() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         check_other_ops(&dev, "cuda");
         check_mismatch_refused(&dev);
         // nothing faulted on the stream
@@ -711,7 +649,7 @@ fn write_fills_its_window() {
 
 #[test]
 fn cuda_write_fills_its_window() {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         check_write(&dev, "cuda");
     }
 }

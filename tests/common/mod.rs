@@ -6,6 +6,8 @@
 pub mod kernels;
 #[allow(dead_code)]
 pub mod ops;
+#[allow(dead_code)]
+pub mod parity;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
