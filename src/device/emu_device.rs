@@ -3,19 +3,20 @@
 //! execution model ([`super::emu`]), so that the model's forward and backward, training steps
 //! and generation can run "on the GPU code path" where there is no GPU (CI).
 //!
-//! Memory is host memory ([`Vec<f32>`] and [`Vec<u32>`], the CPU device's buffer types), so
-//! what is not a kernel on the GPU runs as the CPU device does it:
-//! - `alloc`, `upload`, `download`, `upload_ids`, `download_ids`, `fill` and `copy` are memory
-//!   operations (cuMemAlloc, cuMemcpy, cuMemsetD32) on the GPU, not kernels of ours;
-//! - `matmul` is cuBLASLt on the GPU, a library whose kernels cannot be emulated: it delegates
-//!   to the CPU GEMM.
+//! Memory is host memory: [`EmuBuf`] (f32 or bf16 elements, as the CUDA device's buffers) and
+//! [`Vec<u32>`] ids. What is not a kernel on the GPU runs on the host:
+//! - `alloc`, `upload`, `write`, `download`, `upload_ids`, `download_ids`, `fill` and `copy`
+//!   between buffers of one dtype are memory operations (cuMemAlloc, cuMemcpy, cuMemset) on
+//!   the GPU, not kernels of ours (`copy` between dtypes launches the `convert` kernel, here as
+//!   there);
+//! - `matmul` is cuBLASLt on the GPU, a library whose kernels cannot be emulated: the CPU GEMM
+//!   on the operands widened to f32, the result rounded once to c's dtype.
 //!
-//! Every other op (embedding, rmsnorm, rope, attention, swiglu, residual, cross_entropy,
-//! softmax, inject, norm_scale, pool, reward_advantage, policy_loss, adamw, sum_squares,
-//! decode_attention, sample) launches its f32 kernel(s), mapped onto the launchers once for this
-//! device and the CUDA device ([`KernelDevice`]), here with host slices as the pointers. Launches
-//! are serialised inside the emulator, so this device is slow (milliseconds per launch): tiny
-//! models only.
+//! Every other op launches its kernel(s) of the buffers' dtype (`_f32` or `_bf16`), mapped onto
+//! the launchers once for this device and the CUDA device ([`KernelDevice`]), here with host
+//! slices as the pointers. The working dtype ([`Device::work_dtype`]) is f32 unless
+//! [`EmuDevice::with_work_dtype`] says bf16. Launches are serialised inside the emulator, so
+//! this device is slow (milliseconds per launch): tiny models only.
 
 use half::bf16;
 
