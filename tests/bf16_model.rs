@@ -21,7 +21,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::parity::{actor_examples, gpu, max_rel_err, model, rows};
+use common::parity::{actor_examples, check_grads, gpu, max_rel_err, model, rows};
 use common::rel_l2;
 use nla_engine::config::InjectionMode;
 use nla_engine::device::cpu::CpuDevice;
@@ -83,29 +83,7 @@ fn check_forward_backward<D: Device>(dev: &D, label: &str) {
     assert!(e > 0.0, "{label}: logits equal the f32 ones");
     assert!(e < LOGIT_MAX_REL, "{label}: logits max rel err {e:.2e}");
     assert!(le < LOSS_REL, "{label}: loss {loss} vs {want_loss}");
-    let mut worst = (0f64, "");
-    for entry in &table.entries {
-        let r = entry.offset..entry.offset + entry.len;
-        let (g, w) = (&grads[r.clone()], &want_grads[r]);
-        assert!(
-            g.iter().all(|x| x.is_finite()),
-            "{label}: grad {}: non-finite",
-            entry.name
-        );
-        let err = rel_l2(g, w);
-        assert!(
-            err < GRAD_REL_L2,
-            "{label}: grad {} rel L2 err {err:.2e}",
-            entry.name
-        );
-        if err > worst.0 {
-            worst = (err, &entry.name);
-        }
-    }
-    eprintln!(
-        "{label}: worst gradient rel L2 err {:.2e} ({})",
-        worst.0, worst.1
-    );
+    check_grads(label, &table, &grads, &want_grads, GRAD_REL_L2);
 }
 
 #[test]

@@ -4,10 +4,10 @@
 
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::{Device, Dtype};
-use nla_engine::model::Model;
+use nla_engine::model::{Model, ParamTable};
 use nla_engine::nla::ActorExample;
 
-use super::fixtures_dir;
+use super::{fixtures_dir, rel_l2};
 
 /// GPU 0 in working dtype `dtype`, or None (the test passes as skipped) when [`probe`] says no
 /// GPU is usable here; with `NLA_REQUIRE_GPU=1` a missing GPU fails instead. A GPU that probes
@@ -72,4 +72,32 @@ pub fn actor_examples(a: usize) -> Vec<ActorExample> {
             }
         })
         .collect()
+}
+
+/// Every parameter's gradient in `grads` against `want` (flat, `table`'s layout): finite and
+/// within `bound` relative L2; prints the worst.
+pub fn check_grads(label: &str, table: &ParamTable, grads: &[f32], want: &[f32], bound: f64) {
+    let mut worst = (0f64, "");
+    for entry in &table.entries {
+        let r = entry.offset..entry.offset + entry.len;
+        let (g, w) = (&grads[r.clone()], &want[r]);
+        assert!(
+            g.iter().all(|x| x.is_finite()),
+            "{label}: grad {}: non-finite",
+            entry.name
+        );
+        let err = rel_l2(g, w);
+        assert!(
+            err < bound,
+            "{label}: grad {} rel L2 err {err:.2e}",
+            entry.name
+        );
+        if err > worst.0 {
+            worst = (err, &entry.name);
+        }
+    }
+    eprintln!(
+        "{label}: worst gradient rel L2 err {:.2e} ({})",
+        worst.0, worst.1
+    );
 }
