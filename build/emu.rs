@@ -13,6 +13,11 @@
 //! Without a working C++ compiler the build still succeeds (with a warning) and every emulator
 //! launch returns an error saying so (`cfg(nla_emu)` is not set). NLA_EMU_CXXFLAGS adds flags
 //! (e.g. `-fsanitize=thread`, `-DNLA_EMU_UCONTEXT`).
+//!
+//! The `racecheck` feature builds the inter-block race check (emu/racecheck.h): the kernels get
+//! gcc's -fsanitize=thread instrumentation (the runtime does not), and emu/racecheck.cpp, built
+//! with NLA_EMU_RACECHECK, implements its hooks instead of the TSan runtime. It cannot be combined
+//! with a ThreadSanitizer build (both would define the hooks).
 
 use std::env;
 use std::fs;
@@ -94,12 +99,58 @@ fn fresh(obj: &Path, cmd: &str) -> bool {
 struct Job {
     src: PathBuf,
     obj: PathBuf,
+    /// Flags for this file only (the race check's instrumentation of kernels).
+    extra: Vec<String>,
+    /// A kernel file: its function-local statics are `__shared__` (see [`move_shared`]).
+    kernel: bool,
+}
+
+/// Moves the `__shared__` variables of a kernel object into section nla_emu_smem, which the
+/// runtime poisons at each block start (and the race check leaves to ThreadSanitizer): under
+/// -fdata-sections every zero-initialised function-local static has its own section
+/// `.bss._ZZ<mangled name>`, and in a kernel file those are exactly the `__shared__` arrays (see
+/// emu/cuda_emu.h). Renaming keeps each section's flags, alignment and COMDAT group.
+fn move_shared(obj: &Path) -> Result<(), String> {
+    let run = |c: &mut Command| -> Result<Vec<u8>, String> {
+        let o = c
+            .output()
+            .map_err(|e| format!("{c:?}: {e} (objdump and objcopy come with binutils)"))?;
+        if !o.status.success() {
+            return Err(format!("{c:?}: {}", String::from_utf8_lossy(&o.stderr)));
+        }
+        Ok(o.stdout)
+    };
+    let headers = run(Command::new("objdump").args(["-h", "-w"]).arg(obj))?;
+    let renames: Vec<String> = String::from_utf8_lossy(&headers)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|name| name.starts_with(".bss._ZZ"))
+        .map(|name| format!("--rename-section={name}=nla_emu_smem"))
+        .collect();
+    if !renames.is_empty() {
+        run(Command::new("objcopy").args(&renames).arg(obj))?;
+    }
+    Ok(())
 }
 
 pub fn build(kernels: &[PathBuf]) {
     println!("cargo::rerun-if-changed=tests/emu_kernels");
     println!("cargo::rerun-if-env-changed=NLA_EMU_CXXFLAGS");
     println!("cargo::rustc-check-cfg=cfg(nla_emu)");
+    let racecheck = env::var_os("CARGO_FEATURE_RACECHECK").is_some();
+    let extra_flags = env::var("NLA_EMU_CXXFLAGS").unwrap_or_default();
+    if racecheck && extra_flags.contains("-fsanitize") {
+        panic!(
+            "emu: the `racecheck` feature cannot be combined with NLA_EMU_CXXFLAGS={extra_flags:?}: \
+             the race check implements the -fsanitize=thread hooks itself (build one or the other)"
+        );
+    }
+    // The race check instruments the kernels (not the runtime); see emu/racecheck.h.
+    let kernel_flags: Vec<String> = if racecheck {
+        vec!["-fsanitize=thread".into()]
+    } else {
+        Vec::new()
+    };
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR")).join("emu");
     let (wrap_dir, obj_dir) = (out.join("wrap"), out.join("obj"));
     for d in [&wrap_dir, &obj_dir] {
@@ -117,15 +168,17 @@ pub fn build(kernels: &[PathBuf]) {
         .include(abs(Path::new("emu/include")))
         // kernels pun shared memory and vector types like CUDA code does; the GPU sets no errno;
         // a large frame must hit the fiber's guard region instead of jumping over it
+        .flag("-fdata-sections") // one section per `__shared__` variable: see move_shared
         .flag("-fno-strict-aliasing")
         .flag("-fno-math-errno")
         .flag("-fstack-clash-protection")
         .flag("-pthread")
         .link_lib_modifier("+whole-archive");
-    if let Ok(extra) = env::var("NLA_EMU_CXXFLAGS") {
-        for f in extra.split_whitespace() {
-            cc.flag(f);
-        }
+    if racecheck {
+        cc.define("NLA_EMU_RACECHECK", None);
+    }
+    for f in extra_flags.split_whitespace() {
+        cc.flag(f);
     }
     let tool = match cc.try_get_compiler() {
         Ok(t) => t,
@@ -145,6 +198,8 @@ pub fn build(kernels: &[PathBuf]) {
             Job {
                 obj: obj_dir.join(format!("emu_{stem}.o")),
                 src: abs(&src),
+                extra: Vec::new(),
+                kernel: false,
             }
         })
         .collect();
@@ -176,6 +231,8 @@ pub fn build(kernels: &[PathBuf]) {
         jobs.push(Job {
             src: wrapper,
             obj: obj_dir.join(format!("{name}.o")),
+            extra: kernel_flags.clone(),
+            kernel: true,
         });
     }
 
@@ -197,6 +254,7 @@ pub fn build(kernels: &[PathBuf]) {
                     return;
                 };
                 let mut args = base.clone();
+                args.extend(job.extra.iter().cloned());
                 args.extend(
                     ["-MMD", "-MF"]
                         .into_iter()
@@ -217,7 +275,16 @@ pub fn build(kernels: &[PathBuf]) {
                 }
                 match c.output() {
                     Ok(o) if o.status.success() => {
-                        let _ = fs::write(job.obj.with_extension("cmd"), &cmd);
+                        match if job.kernel {
+                            move_shared(&job.obj)
+                        } else {
+                            Ok(())
+                        } {
+                            Ok(()) => {
+                                let _ = fs::write(job.obj.with_extension("cmd"), &cmd);
+                            }
+                            Err(e) => errors.lock().unwrap().push(e),
+                        }
                     }
                     Ok(o) => errors.lock().unwrap().push(format!(
                         "{}\n{}{}",

@@ -5,8 +5,9 @@
 // or shuffled); inside a block every CUDA thread is a fiber with its own 256 KiB stack (its
 // "registers"), switched only at __syncthreads, warp collectives and exit, or, in the OS-thread
 // mode (for ThreadSanitizer), a std::thread. Launches are serialised by one process-wide lock, so
-// `__shared__` (a `static` in a dedicated section, poisoned with 0xFF bytes at each block start)
-// and the built-in variables (thread-locals) are never seen by two launches at once.
+// `__shared__` (a `static` moved into a dedicated section, poisoned with 0xFF bytes at each block
+// start) and the built-in variables (thread-locals) are never seen by two launches at once. Built
+// with the `racecheck` feature, the fiber modes also report races between blocks (racecheck.h).
 //
 // Sections:
 //   1. qualifiers and attributes          5. atomics
@@ -62,11 +63,14 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __cluster_dims__(...)
-// `__shared__ float s[N];` -> a function-local static in section nla_emu_smem. Blocks run one at
-// a time, so one copy serves every block; the runtime poisons the whole section (0xFF bytes: NaN
-// as float, -1 as int) at each block start. Write plain `__shared__ T name[...]` (no `static`,
+// `__shared__ float s[N];` -> a function-local static. Blocks run one at a time, so one copy
+// serves every block. build/emu.rs moves every zero-initialised function-local static of a kernel
+// object (section .bss._ZZ*, one per variable under -fdata-sections) into section nla_emu_smem,
+// which the runtime poisons (0xFF bytes: NaN as float, -1 as int) at each block start. (A section
+// attribute here would not do: gcc ignores it in templates and, in inline functions, refuses to
+// mix it with plain functions' in one file.) Write plain `__shared__ T name[...]` (no `static`,
 // no initializer, no `extern`: dynamic shared memory goes through NLA_DYNAMIC_SMEM).
-#define __shared__ __attribute__((section("nla_emu_smem"), aligned(16))) static
+#define __shared__ __attribute__((aligned(16))) static
 
 // ---------------------------------------------------------------------------------------------
 // 2. Vector types and built-in variables
@@ -514,6 +518,9 @@ inline void* nla_emu_dynamic_smem() { return nla_emu::dynamic_smem(); }
 //                                size_t cap);
 //          the kernel's parameter count (-1: no such kernel, -2: registered twice); writes the
 //          first `cap` parameters' sizes, kinds (ParamKind) and pointee sizes.
+//      int nla_emu_racecheck();
+//          1 when built with the inter-block race check (then modes 0 and 1 fail a launch with
+//          NLA_EMU_E_RACE when two of its blocks race), else 0.
 // ---------------------------------------------------------------------------------------------
 namespace nla_emu {
 using Generic = void (*)();
@@ -575,7 +582,9 @@ enum {
     NLA_EMU_E_SMEM = 7,            // a write past the launch's dynamic shared memory
     NLA_EMU_E_TRAP = 8,            // the kernel called __trap()
     NLA_EMU_E_INTERNAL = 9,        // could not allocate stacks / start threads
+    NLA_EMU_E_RACE = 10,           // two blocks access one byte, one writes (racecheck builds)
 };
 extern "C" int nla_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3], size_t dyn_smem,
                               void** args, int mode, unsigned long long seed, char* err, size_t err_len);
 extern "C" int nla_emu_kernel_params(const char* name, size_t* sizes, int* kinds, size_t* elems, size_t cap);
+extern "C" int nla_emu_racecheck();  // 1 when built with the inter-block race check (emu/racecheck.h)

@@ -23,6 +23,7 @@
 
 #include "cuda_emu.h"
 #include "fiber.h"
+#include "racecheck.h"
 
 NLA_EMU_TLS uint3 threadIdx;
 NLA_EMU_TLS uint3 blockIdx;
@@ -694,6 +695,43 @@ static int set_err(char* err, std::size_t len, int code, const std::string& msg)
     return code;
 }
 
+static std::string block_str(unsigned lin, const unsigned grid[3]) {
+    return fmt("block (%u,%u,%u)", lin % grid[0], (lin / grid[0]) % grid[1], lin / (grid[0] * grid[1]));
+}
+
+// An inter-block race found by the race check, located by the kernel's pointer parameter it falls
+// in (the one with the highest address at or below it).
+static std::string race_msg(const KernelReg* k, void** args, const unsigned grid[3], const racecheck::Race& r) {
+    static const char* verb[] = {"reads", "writes", "atomically updates"};
+    static const char* past[] = {"read", "wrote", "updated atomically"};
+    std::string where = fmt("address %p", (void*)r.addr);
+    std::uintptr_t best = 0;
+    for (int i = 0; i < k->nparams; ++i) {
+        if (k->kinds[i] != KIND_PTR_CONST && k->kinds[i] != KIND_PTR_MUT) continue;
+        std::uintptr_t p = 0;
+        std::memcpy(&p, args[i], sizeof p);
+        if (p == 0 || p > r.addr || p < best) continue;
+        best = p;
+        std::size_t off = r.addr - p, e = k->elems[i];
+        where = e ? fmt("element %zu of parameter %d (byte %zu of that element)", off / e, i, off % e)
+                  : fmt("byte %zu of parameter %d", off, i);
+    }
+    std::string other = r.other < 0 ? std::string("other blocks") : block_str((unsigned)r.other, grid);
+    return fmt("inter-block data race: %s %s %u bytes at %s, which %s %s earlier in this launch; the blocks of "
+               "a launch are unordered (use atomics, give each block its own outputs, or split the kernel in two "
+               "launches)",
+               block_str(r.block, grid).c_str(), verb[r.now], r.size, where.c_str(), other.c_str(),
+               past[r.before]);
+}
+
+// Records a launch for the race check while it runs (fiber modes of a racecheck build).
+struct RaceScope {
+    bool on = false;
+    ~RaceScope() {
+        if (on) racecheck::end();
+    }
+};
+
 static unsigned long long splitmix(unsigned long long& s) {
     unsigned long long z = (s += 0x9e3779b97f4a7c15ull);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
@@ -777,6 +815,19 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
     std::size_t smem_len = smem_lo ? (std::size_t)(__stop_nla_emu_smem - __start_nla_emu_smem) : 0;
     blockDim = {block[0], block[1], block[2]};
     gridDim = gdim;
+    RaceScope race;
+    if (fibers && racecheck::built()) {
+        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> ignore;
+        auto range = [&](const void* lo, std::size_t len) {
+            auto a = reinterpret_cast<std::uintptr_t>(lo);
+            ignore.emplace_back(a, a + len);
+        };
+        range(smem_lo, smem_len);
+        range(g_dyn, g_dyn_cap);
+        for (const fiber::Stack& s : g_stacks) range(s.map, (std::size_t)(s.lo + s.size - s.map));
+        racecheck::begin(std::move(ignore));
+        race.on = true;
+    }
     std::unique_ptr<Workers> workers;
     if (b.threaded) {
         try {
@@ -792,12 +843,15 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
         std::memset(g_dyn, 0xff, dyn);
         std::memset(g_dyn + dyn, 0xa5, kCanary);
         blockIdx = bidx;
+        if (race.on) racecheck::set_block(lin);
         if (fibers)
             run_block_fibers(b, torder, guarded);
         else
             workers->run(bidx);
         auto at = fmt("block (%u,%u,%u): ", bidx.x, bidx.y, bidx.z);
         if (b.err) return E(b.err, at + b.msg);
+        if (race.on && racecheck::first().found)
+            return E(NLA_EMU_E_RACE, race_msg(k, args, grid, racecheck::first()));
         for (std::size_t i = 0; i < kCanary; ++i)
             if (g_dyn[dyn + i] != 0xa5)
                 return E(NLA_EMU_E_SMEM, at + fmt("wrote byte %zu of dynamic shared memory, past the %zu bytes of "
@@ -833,3 +887,5 @@ extern "C" int nla_emu_kernel_params(const char* name, size_t* sizes, int* kinds
     }
     return k->nparams;
 }
+
+extern "C" int nla_emu_racecheck() { return nla_emu::racecheck::built() ? 1 : 0; }

@@ -1,10 +1,11 @@
 //! The CPU emulator of the CUDA execution model, tested on its own kernels
 //! (tests/emu_kernels/*.cu): barriers and shared memory in every scheduling mode, warp shuffles
 //! by the PTX rules, votes, atomics, bf16/f16 rounding, dynamic shared memory, poisoning, and
-//! deliberately broken kernels that the emulator (or this harness) must catch.
+//! deliberately broken kernels that the emulator (or this harness) must catch, and races between
+//! blocks, which the race check of a `racecheck` build must catch (scripts/race-check.sh).
 
 use half::{bf16, f16};
-use nla_engine::device::emu::{launch, EmuArgs, EmuMode};
+use nla_engine::device::emu::{launch, race_check, EmuArgs, EmuMode};
 use rand::{Rng, SeedableRng};
 
 const FIBERS: [EmuMode; 2] = [EmuMode::Forward, EmuMode::Reversed];
@@ -150,7 +151,7 @@ fn emu_dynamic_shared_memory_reverses_each_block() {
 fn emu_shared_memory_is_poisoned_at_every_block_start() {
     let (blocks, threads) = (3usize, 64usize);
     for mode in ALL {
-        let mut out = vec![0u32; blocks * threads * 2];
+        let mut out = vec![0u32; blocks * threads * 4];
         run(
             "emu_read_unwritten",
             blocks as u32,
@@ -758,6 +759,122 @@ fn emu_catches_trap_and_dynamic_shared_memory_overflow() {
             mode,
         );
         assert_has(&e, &["dynamic shared memory, past the 256 bytes"]);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Inter-block races (tests/emu_kernels/emu_race.cu)
+// ------------------------------------------------------------------------------------------
+
+/// Launches one block of 32 threads per `blocks`; with the race check built (the `racecheck`
+/// feature, scripts/race-check.sh) returns the race it reports, None when the launch passes.
+fn race_between_blocks(
+    name: &str,
+    blocks: u32,
+    args: &mut EmuArgs,
+    mode: EmuMode,
+) -> Option<String> {
+    match launch(name, [blocks, 1, 1], [32, 1, 1], 0, args, mode, 7) {
+        Ok(()) => None,
+        Err(e) => {
+            let e = e.to_string();
+            assert!(race_check(), "{name} ({mode:?}): {e}");
+            assert_has(&e, &["inter-block data race", "(code 10)", name]);
+            Some(e)
+        }
+    }
+}
+
+#[test]
+fn emu_race_check_catches_races_between_blocks() {
+    assert_eq!(race_check(), cfg!(feature = "racecheck"));
+    let blocks = 8u32;
+    let x: Vec<f32> = (0..blocks).map(|i| i as f32 + 1.0).collect();
+    let sum: f32 = x.iter().sum(); // small integers: exact in any order
+    let per = 16usize;
+    for mode in FIBERS {
+        // a plain += from every block: the right sum in every block order, a race on a GPU
+        let mut y = [0f32];
+        let r = race_between_blocks(
+            "emu_race_plain_sum",
+            blocks,
+            EmuArgs::new().ptr(&x).ptr_mut(&mut y),
+            mode,
+        );
+        match r {
+            Some(e) => assert_has(&e, &["reads 4 bytes at element 0 of parameter 1", "wrote"]),
+            None => assert_eq!(y[0], sum, "{mode:?}"),
+        }
+        // one element past each block's range: every block writes 1, so no order shows it
+        let mut y = vec![0f32; blocks as usize * per + 1];
+        let r = race_between_blocks(
+            "emu_race_overlap",
+            blocks,
+            EmuArgs::new().ptr_mut(&mut y).scalar(per as i32),
+            mode,
+        );
+        match r {
+            Some(e) => {
+                assert_has(
+                    &e,
+                    &["writes 4 bytes at element ", "of parameter 0", "wrote"],
+                );
+                let at: usize = e
+                    .split("element ")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(at > 0 && at.is_multiple_of(per), "{e}");
+            }
+            None => assert!(y.iter().all(|&v| v == 1.0), "{mode:?}"),
+        }
+        // reading what another block writes: the read or the write comes second
+        let (mut y, mut z) = (vec![0f32; blocks as usize], vec![0f32; blocks as usize]);
+        let r = race_between_blocks(
+            "emu_race_neighbour",
+            blocks,
+            EmuArgs::new().ptr(&x).ptr_mut(&mut y).ptr_mut(&mut z),
+            mode,
+        );
+        if let Some(e) = r {
+            assert_has(&e, &["4 bytes at element ", "of parameter 1"]);
+            assert!(
+                (e.contains(" reads ") && e.contains(" wrote "))
+                    || (e.contains(" writes ") && e.contains(" read ")),
+                "{e}"
+            );
+        } else if mode == EmuMode::Forward {
+            assert_eq!(z[1..], x[..blocks as usize - 1], "{mode:?}");
+        }
+
+        // race-free twins pass, with the check or without
+        let mut y = [0f32];
+        run(
+            "emu_race_atomic_sum",
+            blocks,
+            32,
+            0,
+            EmuArgs::new().ptr(&x).ptr_mut(&mut y),
+            mode,
+        );
+        assert_eq!(y[0], sum, "{mode:?}");
+        let mut h = vec![bf16::from_f32(-1.0); blocks as usize];
+        run(
+            "emu_race_free_halves",
+            blocks,
+            32,
+            0,
+            EmuArgs::new().ptr(&x).ptr_mut(&mut h),
+            mode,
+        );
+        assert!(
+            (0..blocks as usize).all(|b| h[b].to_f32() == x[0] + b as f32),
+            "{mode:?}"
+        );
     }
 }
 

@@ -173,6 +173,20 @@ pub fn available() -> bool {
     cfg!(nla_emu)
 }
 
+/// Whether the emulator checks every launch in the fiber modes for inter-block data races (the
+/// `racecheck` feature, emu/racecheck.h): a byte written by one block and read, written or
+/// updated atomically by another in the same launch fails the launch (code 10), naming both
+/// blocks and the kernel parameter. Off by default: instrumented kernels run several times slower.
+pub fn race_check() -> bool {
+    #[cfg(nla_emu)]
+    {
+        // SAFETY: takes no arguments and only returns a constant.
+        unsafe { ffi::nla_emu_racecheck() != 0 }
+    }
+    #[cfg(not(nla_emu))]
+    false
+}
+
 #[cfg(nla_emu)]
 mod ffi {
     use super::*;
@@ -195,6 +209,7 @@ mod ffi {
             elems: *mut usize,
             cap: usize,
         ) -> c_int;
+        pub fn nla_emu_racecheck() -> c_int;
     }
 }
 
@@ -359,7 +374,8 @@ pub(crate) fn check_device_signature(name: &str, args: &EmuArgs<'_>) -> Result<(
 /// a launch configuration out of range, and what the emulator catches while running it: barrier
 /// divergence (naming both call sites), a thread exiting while others wait, a warp collective
 /// with a bad mask or width, a deadlock, a fiber stack overflow, a write past the dynamic shared
-/// memory, `__trap()`.
+/// memory, `__trap()`, and, in a build with the race check ([`race_check`]), a race between two
+/// blocks.
 pub fn launch(
     name: &str,
     grid: [u32; 3],

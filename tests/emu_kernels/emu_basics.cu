@@ -33,16 +33,36 @@ extern "C" __global__ void emu_dyn_reverse(const float* __restrict__ x, float* _
     y[base + t] = s[n - 1 - t];
 }
 
-// Every thread reads its static and dynamic shared slots before anything writes them, then
-// writes them (a later block reading 7 or 9 would mean poisoning happens only once per launch).
-// blockDim.x <= 64, dynamic shared memory blockDim.x * 4 bytes; out has 2 words per thread.
+// A `__shared__` array in a function template and one in an inline function: gcc puts the
+// template's outside the shared-memory section, and build/emu.rs moves it back in.
+template <class T> __device__ T unwritten_in_template(unsigned t) {
+    __shared__ T s[64];
+    T v = s[t];
+    __syncthreads();
+    s[t] = T(5);
+    return v;
+}
+__device__ __forceinline__ unsigned unwritten_in_inline(unsigned t) {
+    __shared__ unsigned s[64];
+    unsigned v = s[t];
+    __syncthreads();
+    s[t] = 3;
+    return v;
+}
+
+// Every thread reads its shared slots (static, dynamic, in a template, in an inline function)
+// before anything writes them, then writes them (a later block reading 7, 9, 5 or 3 would mean
+// poisoning happens only once per launch). blockDim.x <= 64, dynamic shared memory blockDim.x * 4
+// bytes; out has 4 words per thread.
 extern "C" __global__ void emu_read_unwritten(unsigned* __restrict__ out) {
     __shared__ unsigned s[64];
     NLA_DYNAMIC_SMEM(unsigned, d);
     unsigned t = threadIdx.x;
-    long long base = 2 * nla_gtid();
+    long long base = 4 * nla_gtid();
     out[base] = s[t];
     out[base + 1] = d[t];
+    out[base + 2] = unwritten_in_template<unsigned>(t);
+    out[base + 3] = unwritten_in_inline(t);
     __syncthreads();
     s[t] = 7;
     d[t] = 9;

@@ -1,0 +1,47 @@
+// Kernels for the inter-block race check (emu/racecheck.h, tests/emu.rs): three races between
+// blocks that no block order can reveal or that order alone reveals only by chance, and two
+// race-free twins that the check must pass. Each BUG comment says what is wrong.
+#include "../../kernels/common.cuh"
+
+// y[0] = sum of x[0 .. gridDim.x), one value per block.
+// BUG: a plain read-modify-write from every block. Blocks run one at a time in the emulator, so
+// the sum is right in every block order; on a GPU two blocks read the same old y[0].
+extern "C" __global__ void emu_race_plain_sum(const float* __restrict__ x, float* __restrict__ y) {
+    if (threadIdx.x == 0) y[0] += x[blockIdx.x];
+}
+
+// The fixed twin: one atomicAdd per block.
+extern "C" __global__ void emu_race_atomic_sum(const float* __restrict__ x, float* __restrict__ y) {
+    if (threadIdx.x == 0) atomicAdd(y, x[blockIdx.x]);
+}
+
+// y[b * per .. (b + 1) * per) = 1 for block b.
+// BUG: `<=` writes one element past the block's range, into the next block's first element. Every
+// block writes the same value, so the result does not depend on the block order either.
+extern "C" __global__ void emu_race_overlap(float* __restrict__ y, int per) {
+    for (int i = threadIdx.x; i <= per; i += blockDim.x) y[blockIdx.x * per + i] = 1.0f;
+}
+
+// y[b] = x[b]; z[b] = y[b - 1] (0 for b = 0).
+// BUG: reads what another block writes in the same launch (a stencil that needs two launches).
+extern "C" __global__ void emu_race_neighbour(const float* __restrict__ x, float* y, float* __restrict__ z) {
+    unsigned b = blockIdx.x;
+    if (threadIdx.x == 0) {
+        y[b] = x[b];
+        z[b] = b > 0 ? y[b - 1] : 0.0f;
+    }
+}
+
+// Race-free: y[b] = bf16(x[0] + b). Neighbouring blocks write the two halves of one 4-byte word
+// (bytes, not words, are the unit of a race), and every block reads x[0].
+extern "C" __global__ void emu_race_free_halves(const float* __restrict__ x, __nv_bfloat16* __restrict__ y) {
+    if (threadIdx.x == 0) y[blockIdx.x] = __float2bfloat16(x[0] + (float)blockIdx.x);
+}
+
+#ifdef NLA_EMU
+NLA_EMU_KERNEL(emu_race_plain_sum);
+NLA_EMU_KERNEL(emu_race_atomic_sum);
+NLA_EMU_KERNEL(emu_race_overlap);
+NLA_EMU_KERNEL(emu_race_neighbour);
+NLA_EMU_KERNEL(emu_race_free_halves);
+#endif
