@@ -24,8 +24,9 @@
 //         the order of the B contributions depends on scheduling (f32 rounding, not bit for
 //         bit, against the CPU twin's row order).
 //         Launch: grid B, block 256; dynamic shared memory for weighted: fwd T * 4 bytes, bwd
-//         3 * T * 4 bytes (T > 4096 needs the max dynamic shared memory attribute raised for
-//         the backward); other modes need none.
+//         3 * T * 4 bytes (past 48 KiB with the 256 bytes of static shared memory, from T = 4075
+//         for the backward, the max dynamic shared memory attribute must be raised: the CUDA
+//         launcher does); other modes need none.
 // Symbols pool_fwd_f32, pool_fwd_bf16 (T* out, const T* h, const float* mask, const T* w, int b,
 //                                      int t, int c, int mode)
 //         pool_bwd_f32, pool_bwd_bf16 (T* dh, float* dw, const T* dout, const T* h,

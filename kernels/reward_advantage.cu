@@ -24,8 +24,9 @@
 //         thousand; this runs once per RL step). Step 1: one warp per sample, lanes over A;
 //         steps 2-5: one thread per sample with the f64 rewards in dynamic shared memory;
 //         step 6: one thread per GRPO group, or block reductions for PPO.
-//         Launch: grid 1, block 1024, dynamic shared memory S * 8 bytes (S > 6144 needs the max
-//         dynamic shared memory attribute raised). The launcher checks the spec as the CPU
+//         Launch: grid 1, block 1024, dynamic shared memory S * 8 bytes (past 48 KiB with the static
+//         shared memory, from S = 6113, the max dynamic shared memory attribute must be raised:
+//         the CUDA launcher does). The launcher checks the spec as the CPU
 //         device does (G > 0 divides S, S >= 2 for a z-score, lo <= hi, mse_scale > 0 or None).
 // Symbol  reward_advantage_f32, reward_advantage_bf16
 //         (float* mse, float* reward, float* advantage, const T* pred, const T* target,

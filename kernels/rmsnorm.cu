@@ -22,7 +22,8 @@
 //         atomicAdd(float) each: G*C atomics in all. The order of the G additions depends on
 //         scheduling (results agree with the CPU twin to f32 rounding, not bit for bit).
 //         Launch: grid G = min(N, 2 * SMs), block 256, dynamic shared memory C * 4 bytes
-//         (C > 12288 needs the function's max dynamic shared memory attribute raised).
+//         (past 48 KiB with the static shared memory, from C = 12257, the function's max dynamic
+//         shared memory attribute must be raised: the CUDA launcher does).
 // Symbols rmsnorm_fwd_f32, rmsnorm_fwd_bf16 (T* out, float* rstd, const T* x, const T* w,
 //                                            int n, int c, float eps)
 //         rmsnorm_bwd_f32, rmsnorm_bwd_bf16 (T* dx, float* dw, const T* dout, const T* x,

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use crate::device::gpu::{EmuArgs, Launch, SMEM_DEFAULT_MAX};
+use crate::device::gpu::{smem_opt_in, EmuArgs, Launch};
 use crate::device::kernels;
 use crate::{Error, Result};
 
@@ -21,10 +21,11 @@ struct Module {
     module: Arc<CudaModule>,
 }
 
-/// A function and the dynamic shared memory it was opted in to.
+/// A function, its static shared memory and the dynamic shared memory it was opted in to.
 struct Func {
     f: CudaFunction,
-    smem_max: usize,
+    static_smem: usize,
+    opted: Option<usize>,
 }
 
 // A symbol's first launch checks its packed arguments against the kernel's C++ signature
@@ -142,34 +143,34 @@ impl CudaLaunch {
                 .module
                 .load_function(sym)
                 .map_err(|e| Error::cuda(format!("kernels/{}.cu: {sym}", m.stem), e))?;
+            let static_smem = f
+                .shared_size_bytes()
+                .map_err(|e| Error::cuda(format!("{sym}: static shared memory"), e))?
+                .max(0) as usize;
             funcs.insert(
                 sym.to_string(),
                 Func {
                     f,
-                    smem_max: SMEM_DEFAULT_MAX,
+                    static_smem,
+                    opted: None,
                 },
             );
         }
         let func = funcs
             .get_mut(sym)
             .ok_or_else(|| Error::cuda(sym, "function cache"))?;
-        if smem > func.smem_max {
-            if smem > self.smem_optin {
-                return Err(Error::cuda(
-                    sym,
-                    format!(
-                        "{smem} bytes of dynamic shared memory asked, the GPU allows {}",
-                        self.smem_optin
-                    ),
-                ));
-            }
+        if let Some(dynamic) =
+            smem_opt_in(sym, func.static_smem, smem, func.opted, self.smem_optin)?
+        {
             func.f
                 .set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
+                    dynamic as i32,
                 )
-                .map_err(|e| Error::cuda(format!("{sym}: opt in to {smem} B shared memory"), e))?;
-            func.smem_max = smem;
+                .map_err(|e| {
+                    Error::cuda(format!("{sym}: opt in to {dynamic} B of shared memory"), e)
+                })?;
+            func.opted = Some(dynamic);
         }
         Ok(func.f.clone())
     }
@@ -190,10 +191,11 @@ impl Launch for CudaLaunch {
                 format!("argument {i} is host memory; the GPU needs device buffers"),
             ));
         }
-        let f = self.function(sym, smem, args)?;
+        // the context first: loading a function and opting it in are driver calls too
         self.ctx
             .bind_to_thread()
             .map_err(|e| Error::cuda("cuCtxSetCurrent", e))?;
+        let f = self.function(sym, smem, args)?;
         let params = args.kernel_params();
         // SAFETY: `f` is a function of a module this launcher holds (alive as long as `self`).
         // `params` holds one pointer per kernel parameter, each to an 8-byte slot owned by

@@ -125,6 +125,39 @@ fn driver(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ 
     move |e| Error::cuda(what, e)
 }
 
+/// Makes the device's default memory pool (where cudarc's stream-ordered allocations come from)
+/// keep the memory freed into it instead of handing it back to the driver at every synchronize
+/// (its release threshold is 0 by default): a step that frees and allocates again, every step,
+/// then reuses the pool's memory instead of mapping new memory each time. Nothing to do where
+/// the device has no memory pools (allocations are then synchronous `cuMemAlloc`).
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(driver("memory pools supported"))?;
+    if pools == 0 {
+        return Ok(());
+    }
+    ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` is a valid out-pointer for one handle and `ctx.cu_device()` a device the
+    // driver enumerated; the release threshold attribute takes a pointer to a u64 (cuuint64_t),
+    // which `threshold` is, alive across the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(driver("cuDeviceGetDefaultMemPool"))?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .map_err(driver("cuMemPoolSetAttribute(release threshold)"))
+    }
+}
+
 impl CudaDevice {
     /// Opens GPU `ordinal`: its context, a stream, the kernels and cuBLASLt.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -148,6 +181,7 @@ impl CudaDevice {
         // order (cuMemFreeAsync on the same stream when it drops), after every op that used it.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        keep_freed_memory(&ctx)?;
         let cc = ctx
             .compute_capability()
             .map_err(driver("compute capability"))?;
@@ -189,6 +223,12 @@ impl CudaDevice {
     /// The launch backend the ops use.
     pub fn launcher(&self) -> &CudaLaunch {
         &self.launcher
+    }
+
+    /// Makes our context the calling thread's current one, for raw driver calls (cudarc's own
+    /// calls do this themselves; the device is `Sync`, so any thread may call).
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))
     }
 
     /// Waits for every op issued so far (and reports a kernel fault, if one happened).
@@ -343,6 +383,7 @@ impl CudaDevice {
         }
         let addr = x.into_parts().0.addr + (off * dtype.size()) as u64;
         let s = self.stream.cu_stream();
+        self.bind()?;
         // SAFETY: [addr, addr + len elements) lies in a live buffer of ours (checked by
         // `range`), and the memset is ordered on our stream like every other use of it.
         let r = unsafe {
@@ -375,6 +416,7 @@ impl CudaDevice {
         }
         let s = src.buf().addr + (soff * size) as u64;
         let d = dst.into_parts().0.addr + (doff * size) as u64;
+        self.bind()?;
         // SAFETY: both ranges lie in live buffers of ours (checked by `range`), hold the same
         // number of elements of one dtype, and `dst` is borrowed mutably so it is not `src`'s
         // buffer; ordered on our stream.

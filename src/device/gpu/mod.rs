@@ -22,9 +22,9 @@
 //! by handing [`EmuArgs::kernel_params`] to `cuLaunchKernel` (device addresses packed with
 //! [`EmuArgs::device_ptr`]); the grid/block/smem arithmetic here is shared.
 //!
-//! Kernels that need more than 48 KiB of dynamic shared memory (attention with HS > 32) need
-//! `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` raised first on the GPU: [`SMEM_DEFAULT_MAX`]
-//! is where that starts; the emulator takes up to 227 KiB without it.
+//! Kernels whose static and dynamic shared memory together pass 48 KiB (attention with HS > 32,
+//! pooling over 4k positions) need `CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES` raised first
+//! on the GPU ([`smem_opt_in`]); the emulator takes up to 227 KiB without it.
 
 pub mod adamw;
 pub mod attention;
@@ -71,11 +71,39 @@ pub trait Launch {
 /// SM count assumed when the backend does not know better: an H100 SXM.
 pub const SMS_DEFAULT: usize = 132;
 
-/// Dynamic shared memory a kernel gets without opting in (CUDA's default cap).
+/// Shared memory a block gets without opting in, static and dynamic together (CUDA's default
+/// cap).
 pub const SMEM_DEFAULT_MAX: usize = 48 * 1024;
 
 /// Dynamic shared memory per block at most (Hopper, after opting in).
 pub const SMEM_MAX: usize = 227 * 1024;
+
+/// The dynamic shared memory a function must be opted in to (`CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_
+/// SHARED_SIZE_BYTES`) before a launch with `dynamic` bytes, when it has `static_smem` bytes of
+/// static shared memory and is opted in to `opted` dynamic bytes so far (None: never, so the
+/// default cap applies); None when the launch fits as is. A block's static and dynamic shared
+/// memory count together, against [`SMEM_DEFAULT_MAX`] without opting in and against `optin`
+/// (the device's `MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`) at most: an error beyond that.
+pub fn smem_opt_in(
+    sym: &str,
+    static_smem: usize,
+    dynamic: usize,
+    opted: Option<usize>,
+    optin: usize,
+) -> Result<Option<usize>> {
+    let total = static_smem.saturating_add(dynamic);
+    if total > optin {
+        return Err(Error::invalid(
+            "launch",
+            format!(
+                "{sym}: {total} bytes of shared memory per block ({static_smem} static + \
+                 {dynamic} dynamic), the GPU allows {optin}"
+            ),
+        ));
+    }
+    let allowed = opted.unwrap_or(SMEM_DEFAULT_MAX.saturating_sub(static_smem));
+    Ok((dynamic > allowed).then_some(dynamic))
+}
 
 /// The emulator backend: every launch runs on the CPU emulator in `mode`, with the scheduling
 /// seed `seed` mixed with a per-launch counter (so Reversed mode shuffles blocks differently
@@ -214,6 +242,32 @@ pub(crate) fn check_same(op: &'static str, what: &str, got: usize, want: usize) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn smem_opt_in_counts_static_and_dynamic_shared_memory_together() {
+        use super::{smem_opt_in, SMEM_DEFAULT_MAX as D, SMEM_MAX as MAX};
+        // no static: up to the default cap without opting in
+        assert_eq!(smem_opt_in("k", 0, D, None, MAX).unwrap(), None);
+        assert_eq!(smem_opt_in("k", 0, D + 4, None, MAX).unwrap(), Some(D + 4));
+        // pool_bwd at T = 4096: 256 B static + 12 * 4096 dynamic is over the default cap
+        assert_eq!(
+            smem_opt_in("k", 256, 12 * 4096, None, MAX).unwrap(),
+            Some(12 * 4096)
+        );
+        assert_eq!(smem_opt_in("k", 256, D - 256, None, MAX).unwrap(), None);
+        // once opted in to 60 KiB, up to that needs nothing more
+        let o = Some(60 * 1024);
+        assert_eq!(smem_opt_in("k", 256, 50 * 1024, o, MAX).unwrap(), None);
+        assert_eq!(
+            smem_opt_in("k", 256, 61 * 1024, o, MAX).unwrap(),
+            Some(61 * 1024)
+        );
+        // the per-block limit holds for the sum
+        assert!(smem_opt_in("k", 0, MAX, None, MAX).is_ok());
+        let e = smem_opt_in("pool_bwd_f32", 256, MAX, None, MAX).unwrap_err();
+        assert!(e.to_string().contains("pool_bwd_f32"), "{e}");
+        assert!(e.to_string().contains("256 static"), "{e}");
+    }
+
     use std::cell::RefCell;
 
     use super::*;
