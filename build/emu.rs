@@ -14,10 +14,11 @@
 //! launch returns an error saying so (`cfg(nla_emu)` is not set). NLA_EMU_CXXFLAGS adds flags
 //! (e.g. `-fsanitize=thread`, `-DNLA_EMU_UCONTEXT`).
 //!
-//! The `racecheck` feature builds the inter-block race check (emu/racecheck.h): the kernels get
-//! gcc's -fsanitize=thread instrumentation (the runtime does not), and emu/racecheck.cpp, built
-//! with NLA_EMU_RACECHECK, implements its hooks instead of the TSan runtime. It cannot be combined
-//! with a ThreadSanitizer build (both would define the hooks).
+//! The `memcheck` feature builds the memory check (emu/memcheck.h: out-of-bounds and misaligned
+//! accesses, races between blocks): the kernels get gcc's -fsanitize=thread instrumentation (the
+//! runtime does not), and emu/memcheck.cpp, built with NLA_EMU_MEMCHECK, implements its hooks
+//! instead of the TSan runtime. It cannot be combined with a ThreadSanitizer build (both would
+//! define the hooks).
 
 use std::env;
 use std::fs;
@@ -99,14 +100,14 @@ fn fresh(obj: &Path, cmd: &str) -> bool {
 struct Job {
     src: PathBuf,
     obj: PathBuf,
-    /// Flags for this file only (the race check's instrumentation of kernels).
+    /// Flags for this file only (the memory check's instrumentation of kernels).
     extra: Vec<String>,
     /// A kernel file: its function-local statics are `__shared__` (see [`move_shared`]).
     kernel: bool,
 }
 
 /// Moves the `__shared__` variables of a kernel object into section nla_emu_smem, which the
-/// runtime poisons at each block start (and the race check leaves to ThreadSanitizer): under
+/// runtime poisons at each block start (and the memory check knows as shared memory): under
 /// -fdata-sections every zero-initialised function-local static has its own section
 /// `.bss._ZZ<mangled name>`, and in a kernel file those are exactly the `__shared__` arrays (see
 /// emu/cuda_emu.h). Renaming keeps each section's flags, alignment and COMDAT group.
@@ -137,16 +138,16 @@ pub fn build(kernels: &[PathBuf]) {
     println!("cargo::rerun-if-changed=tests/emu_kernels");
     println!("cargo::rerun-if-env-changed=NLA_EMU_CXXFLAGS");
     println!("cargo::rustc-check-cfg=cfg(nla_emu)");
-    let racecheck = env::var_os("CARGO_FEATURE_RACECHECK").is_some();
+    let memcheck = env::var_os("CARGO_FEATURE_MEMCHECK").is_some();
     let extra_flags = env::var("NLA_EMU_CXXFLAGS").unwrap_or_default();
-    if racecheck && extra_flags.contains("-fsanitize") {
+    if memcheck && extra_flags.contains("-fsanitize") {
         panic!(
-            "emu: the `racecheck` feature cannot be combined with NLA_EMU_CXXFLAGS={extra_flags:?}: \
-             the race check implements the -fsanitize=thread hooks itself (build one or the other)"
+            "emu: the `memcheck` feature cannot be combined with NLA_EMU_CXXFLAGS={extra_flags:?}: \
+             the memory check implements the -fsanitize=thread hooks itself (build one or the other)"
         );
     }
-    // The race check instruments the kernels (not the runtime); see emu/racecheck.h.
-    let kernel_flags: Vec<String> = if racecheck {
+    // The memory check instruments the kernels (not the runtime); see emu/memcheck.h.
+    let kernel_flags: Vec<String> = if memcheck {
         vec!["-fsanitize=thread".into()]
     } else {
         Vec::new()
@@ -174,8 +175,8 @@ pub fn build(kernels: &[PathBuf]) {
         .flag("-fstack-clash-protection")
         .flag("-pthread")
         .link_lib_modifier("+whole-archive");
-    if racecheck {
-        cc.define("NLA_EMU_RACECHECK", None);
+    if memcheck {
+        cc.define("NLA_EMU_MEMCHECK", None);
     }
     for f in extra_flags.split_whitespace() {
         cc.flag(f);

@@ -7,7 +7,8 @@
 // mode (for ThreadSanitizer), a std::thread. Launches are serialised by one process-wide lock, so
 // `__shared__` (a `static` moved into a dedicated section, poisoned with 0xFF bytes at each block
 // start) and the built-in variables (thread-locals) are never seen by two launches at once. Built
-// with the `racecheck` feature, the fiber modes also report races between blocks (racecheck.h).
+// with the `memcheck` feature, the fiber modes also report out-of-bounds and misaligned accesses
+// and races between blocks (memcheck.h).
 //
 // Sections:
 //   1. qualifiers and attributes          5. atomics
@@ -405,6 +406,9 @@ unsigned long long warp_collective(int op, unsigned mask, unsigned long long val
 unsigned active_mask();
 void* dynamic_smem();
 [[noreturn]] void trap(const Site& site);
+// Fails the block: a `bytes`-wide access at p, which is not a multiple of `bytes` (kernels'
+// vector access through nla_load / nla_store checks this: x86 would fault or let it pass).
+[[noreturn]] void misaligned(const void* p, unsigned bytes, bool write, const Site& site);
 // The memory clobbers stop the compiler from keeping shared memory in registers across a barrier.
 inline unsigned long long warp_call(int op, unsigned mask, unsigned long long v, int b, int width,
                                     const Site& site) {
@@ -509,18 +513,21 @@ inline void* nla_emu_dynamic_smem() { return nla_emu::dynamic_smem(); }
 //    and kinds so the Rust layer can check what it packed. The C ABI:
 //
 //      int nla_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3],
-//                         size_t dyn_smem, void** args, int mode, unsigned long long seed,
-//                         char* err, size_t err_len);
+//                         size_t dyn_smem, void** args, const unsigned long long* extents,
+//                         int mode, unsigned long long seed, char* err, size_t err_len);
 //          mode 0: fibers, threads in order; 1: fibers, threads in reverse order and blocks in a
 //          seeded random order; 2: one OS thread per CUDA thread. Returns 0, or an error code
-//          (NLA_EMU_E_*) with a message in err. Never aborts the process.
+//          (NLA_EMU_E_*) with a message in err. Never aborts the process. extents (nullable):
+//          the bytes of each pointer argument's buffer (one entry per parameter), for the
+//          memory check's bounds.
 //      int nla_emu_kernel_params(const char* name, size_t* sizes, int* kinds, size_t* elems,
 //                                size_t cap);
 //          the kernel's parameter count (-1: no such kernel, -2: registered twice); writes the
 //          first `cap` parameters' sizes, kinds (ParamKind) and pointee sizes.
-//      int nla_emu_racecheck();
-//          1 when built with the inter-block race check (then modes 0 and 1 fail a launch with
-//          NLA_EMU_E_RACE when two of its blocks race), else 0.
+//      int nla_emu_memcheck();
+//          1 when built with the memory check (then modes 0 and 1 fail a launch with
+//          NLA_EMU_E_MEMORY at an out-of-bounds or misaligned access, NLA_EMU_E_RACE when two of
+//          its blocks race), else 0.
 // ---------------------------------------------------------------------------------------------
 namespace nla_emu {
 using Generic = void (*)();
@@ -582,9 +589,12 @@ enum {
     NLA_EMU_E_SMEM = 7,            // a write past the launch's dynamic shared memory
     NLA_EMU_E_TRAP = 8,            // the kernel called __trap()
     NLA_EMU_E_INTERNAL = 9,        // could not allocate stacks / start threads
-    NLA_EMU_E_RACE = 10,           // two blocks access one byte, one writes (racecheck builds)
+    NLA_EMU_E_RACE = 10,           // two blocks access one byte, one writes (memcheck builds)
+    NLA_EMU_E_MEMORY = 11,         // a misaligned nla_load/nla_store; in memcheck builds any
+                                   // out-of-bounds or misaligned access
 };
 extern "C" int nla_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3], size_t dyn_smem,
-                              void** args, int mode, unsigned long long seed, char* err, size_t err_len);
+                              void** args, const unsigned long long* extents, int mode, unsigned long long seed,
+                              char* err, size_t err_len);
 extern "C" int nla_emu_kernel_params(const char* name, size_t* sizes, int* kinds, size_t* elems, size_t cap);
-extern "C" int nla_emu_racecheck();  // 1 when built with the inter-block race check (emu/racecheck.h)
+extern "C" int nla_emu_memcheck();  // 1 when built with the memory check (emu/memcheck.h)

@@ -23,7 +23,7 @@
 
 #include "cuda_emu.h"
 #include "fiber.h"
-#include "racecheck.h"
+#include "memcheck.h"
 
 NLA_EMU_TLS uint3 threadIdx;
 NLA_EMU_TLS uint3 blockIdx;
@@ -139,6 +139,7 @@ struct Abort {};  // unwinds an OS thread of a failed block
 struct Block {
     const KernelReg* k = nullptr;
     void** args = nullptr;
+    const unsigned long long* extents = nullptr;  // bytes of each pointer argument (nullable)
     unsigned bdim[3] = {1, 1, 1};
     unsigned n = 0, nwarps = 0;
     bool threaded = false;
@@ -201,6 +202,7 @@ struct Block {
 
 static NLA_EMU_TLS Block* tls_block = nullptr;
 static NLA_EMU_TLS unsigned tls_tid = 0;
+unsigned current_thread() { return tls_tid; }
 static NLA_EMU_TLS fiber::Context* tls_sched = nullptr;
 
 static void to_scheduler(Block& b, unsigned tid) { fiber::switch_to(b.th[tid].ctx, *tls_sched); }
@@ -699,36 +701,80 @@ static std::string block_str(unsigned lin, const unsigned grid[3]) {
     return fmt("block (%u,%u,%u)", lin % grid[0], (lin / grid[0]) % grid[1], lin / (grid[0] * grid[1]));
 }
 
-// An inter-block race found by the race check, located by the kernel's pointer parameter it falls
-// in (the one with the highest address at or below it).
-static std::string race_msg(const KernelReg* k, void** args, const unsigned grid[3], const racecheck::Race& r) {
-    static const char* verb[] = {"reads", "writes", "atomically updates"};
-    static const char* past[] = {"read", "wrote", "updated atomically"};
-    std::string where = fmt("address %p", (void*)r.addr);
+// Where an address is: in terms of the kernel's pointer parameter at or below it (the highest),
+// with that buffer's length where the caller gave it.
+static std::string locate(const KernelReg* k, void** args, const unsigned long long* extents, std::uintptr_t addr) {
+    auto in = [addr](const void* lo, std::size_t len) {
+        auto a = reinterpret_cast<std::uintptr_t>(lo);
+        return lo && addr >= a && addr - a < len;
+    };
+    if (in(g_dyn, g_dyn_cap)) return fmt("byte %zu of dynamic shared memory", (std::size_t)(addr - (std::uintptr_t)g_dyn));
+    if (__start_nla_emu_smem && in(__start_nla_emu_smem, (std::size_t)(__stop_nla_emu_smem - __start_nla_emu_smem)))
+        return fmt("address %p in static shared memory", (void*)addr);
+    std::string where = fmt("address %p, below every pointer argument", (void*)addr);
     std::uintptr_t best = 0;
     for (int i = 0; i < k->nparams; ++i) {
         if (k->kinds[i] != KIND_PTR_CONST && k->kinds[i] != KIND_PTR_MUT) continue;
         std::uintptr_t p = 0;
         std::memcpy(&p, args[i], sizeof p);
-        if (p == 0 || p > r.addr || p < best) continue;
+        if (p == 0 || p > addr || p < best) continue;
         best = p;
-        std::size_t off = r.addr - p, e = k->elems[i];
-        where = e ? fmt("element %zu of parameter %d (byte %zu of that element)", off / e, i, off % e)
-                  : fmt("byte %zu of parameter %d", off, i);
+        std::size_t off = addr - p, e = k->elems[i] ? k->elems[i] : 1;
+        where = fmt("element %zu of parameter %d", off / e, i);
+        if (off % e) where += fmt(" (its byte %zu)", off % e);
+        if (extents) where += fmt(", a buffer of %llu elements", extents[i] / e);
     }
-    std::string other = r.other < 0 ? std::string("other blocks") : block_str((unsigned)r.other, grid);
-    return fmt("inter-block data race: %s %s %u bytes at %s, which %s %s earlier in this launch; the blocks of "
-               "a launch are unordered (use atomics, give each block its own outputs, or split the kernel in two "
-               "launches)",
-               block_str(r.block, grid).c_str(), verb[r.now], r.size, where.c_str(), other.c_str(),
-               past[r.before]);
+    return where;
 }
 
-// Records a launch for the race check while it runs (fiber modes of a racecheck build).
-struct RaceScope {
+// The problem the memory check just found (in the running thread), as a message.
+static std::string finding_msg(const Block& b, const memcheck::Finding& f) {
+    static const char* verb[] = {"reads", "writes", "atomically updates"};
+    static const char* past[] = {"read", "wrote", "updated atomically"};
+    std::string what = fmt("%s %s %u bytes at %s", b.who(f.thread).c_str(), verb[f.now], f.size,
+                           locate(b.k, b.args, b.extents, f.addr).c_str());
+    switch (f.problem) {
+    case memcheck::OUT_OF_BOUNDS:
+        return "out-of-bounds access: " + what + ", outside every buffer passed to the kernel";
+    case memcheck::MISALIGNED:
+        return "misaligned access: " + what + fmt(" (address %p): a GPU needs a %u-byte access %u-byte aligned",
+                                                  (void*)f.addr, f.size, f.size);
+    default: {
+        unsigned g[3] = {gridDim.x, gridDim.y, gridDim.z};
+        std::string other = f.other < 0 ? std::string("other blocks") : block_str((unsigned)f.other, g);
+        return "inter-block data race: " + what +
+               fmt(", which %s %s earlier in this launch; the blocks of a launch are unordered (use atomics, give "
+                   "each block its own outputs, or split the kernel in two launches)",
+                   other.c_str(), past[f.before]);
+    }
+    }
+}
+
+void memory_fault() {
+    Block& b = *tls_block;
+    memcheck::Finding f = memcheck::first();
+    TsanQuiet quiet(b);
+    auto lk = b.lock();
+    fail(b, lk, f.problem == memcheck::RACE ? NLA_EMU_E_RACE : NLA_EMU_E_MEMORY, finding_msg(b, f));
+}
+
+void misaligned(const void* p, unsigned bytes, bool write, const Site& site) {
+    Block& b = *tls_block;
+    TsanQuiet quiet(b);
+    auto lk = b.lock();
+    fail(b, lk, NLA_EMU_E_MEMORY,
+         fmt("misaligned access: %s %s %u bytes at %s (address %p) at %s: a GPU needs a %u-byte access %u-byte "
+             "aligned",
+             b.who(tls_tid).c_str(), write ? "writes" : "reads", bytes,
+             locate(b.k, b.args, b.extents, reinterpret_cast<std::uintptr_t>(p)).c_str(), p,
+             site_str(site).c_str(), bytes, bytes));
+}
+
+// Checks a launch's memory accesses while it runs (fiber modes of a memcheck build).
+struct CheckScope {
     bool on = false;
-    ~RaceScope() {
-        if (on) racecheck::end();
+    ~CheckScope() {
+        if (on) memcheck::end();
     }
 };
 
@@ -740,7 +786,8 @@ static unsigned long long splitmix(unsigned long long& s) {
 }
 
 static int launch(const char* name, const unsigned grid[3], const unsigned block[3], std::size_t dyn, void** args,
-                  int mode, unsigned long long seed, char* err, std::size_t err_len) {
+                  const unsigned long long* extents, int mode, unsigned long long seed, char* err,
+                  std::size_t err_len) {
     auto E = [&](int code, const std::string& m) {
         return set_err(err, err_len, code, fmt("emulated kernel `%s`: ", name ? name : "?") + m);
     };
@@ -802,6 +849,7 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
     Block b;
     b.k = k;
     b.args = args;
+    b.extents = extents;
     std::memcpy(b.bdim, block, sizeof b.bdim);
     b.n = (unsigned)nthreads;
     b.nwarps = (b.n + 31) / 32;
@@ -815,18 +863,30 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
     std::size_t smem_len = smem_lo ? (std::size_t)(__stop_nla_emu_smem - __start_nla_emu_smem) : 0;
     blockDim = {block[0], block[1], block[2]};
     gridDim = gdim;
-    RaceScope race;
-    if (fibers && racecheck::built()) {
-        std::vector<std::pair<std::uintptr_t, std::uintptr_t>> ignore;
-        auto range = [&](const void* lo, std::size_t len) {
+    CheckScope check;
+    if (fibers && memcheck::built()) {
+        std::vector<memcheck::Range> ignore, shared, buffers;
+        auto range = [](std::vector<memcheck::Range>& v, const void* lo, std::size_t len) {
             auto a = reinterpret_cast<std::uintptr_t>(lo);
-            ignore.emplace_back(a, a + len);
+            v.emplace_back(a, a + len);
         };
-        range(smem_lo, smem_len);
-        range(g_dyn, g_dyn_cap);
-        for (const fiber::Stack& s : g_stacks) range(s.map, (std::size_t)(s.lo + s.size - s.map));
-        racecheck::begin(std::move(ignore));
-        race.on = true;
+        range(shared, smem_lo, smem_len);
+        range(shared, g_dyn, g_dyn_cap);
+        for (const fiber::Stack& s : g_stacks) range(ignore, s.map, (std::size_t)(s.lo + s.size - s.map));
+        for (const void* v : {(const void*)&threadIdx, (const void*)&blockIdx, (const void*)&blockDim,
+                              (const void*)&gridDim})
+            range(ignore, v, sizeof(uint3));
+        range(ignore, args, sizeof(void*) * (std::size_t)k->nparams);
+        for (int i = 0; i < k->nparams; ++i) {
+            range(ignore, args[i], k->sizes[i]);
+            if (!extents || (k->kinds[i] != KIND_PTR_CONST && k->kinds[i] != KIND_PTR_MUT)) continue;
+            const void* p = nullptr;
+            std::memcpy(&p, args[i], sizeof p);
+            if (p) range(buffers, p, (std::size_t)extents[i]);
+        }
+        if (!extents) buffers.emplace_back(0, ~std::uintptr_t(0));  // lengths unknown: no bounds
+        memcheck::begin(std::move(ignore), std::move(shared), std::move(buffers));
+        check.on = true;
     }
     std::unique_ptr<Workers> workers;
     if (b.threaded) {
@@ -843,15 +903,13 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
         std::memset(g_dyn, 0xff, dyn);
         std::memset(g_dyn + dyn, 0xa5, kCanary);
         blockIdx = bidx;
-        if (race.on) racecheck::set_block(lin);
+        if (check.on) memcheck::set_block(lin);
         if (fibers)
             run_block_fibers(b, torder, guarded);
         else
             workers->run(bidx);
         auto at = fmt("block (%u,%u,%u): ", bidx.x, bidx.y, bidx.z);
         if (b.err) return E(b.err, at + b.msg);
-        if (race.on && racecheck::first().found)
-            return E(NLA_EMU_E_RACE, race_msg(k, args, grid, racecheck::first()));
         for (std::size_t i = 0; i < kCanary; ++i)
             if (g_dyn[dyn + i] != 0xa5)
                 return E(NLA_EMU_E_SMEM, at + fmt("wrote byte %zu of dynamic shared memory, past the %zu bytes of "
@@ -864,9 +922,10 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
 }  // namespace nla_emu
 
 extern "C" int nla_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3], size_t dyn_smem,
-                              void** args, int mode, unsigned long long seed, char* err, size_t err_len) {
+                              void** args, const unsigned long long* extents, int mode, unsigned long long seed,
+                              char* err, size_t err_len) {
     try {
-        return nla_emu::launch(name, grid, block, dyn_smem, args, mode, seed, err, err_len);
+        return nla_emu::launch(name, grid, block, dyn_smem, args, extents, mode, seed, err, err_len);
     } catch (const std::exception& e) {
         return nla_emu::set_err(err, err_len, NLA_EMU_E_INTERNAL, std::string("emulator: ") + e.what());
     } catch (...) {
@@ -888,4 +947,4 @@ extern "C" int nla_emu_kernel_params(const char* name, size_t* sizes, int* kinds
     return k->nparams;
 }
 
-extern "C" int nla_emu_racecheck() { return nla_emu::racecheck::built() ? 1 : 0; }
+extern "C" int nla_emu_memcheck() { return nla_emu::memcheck::built() ? 1 : 0; }

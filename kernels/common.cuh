@@ -91,16 +91,29 @@ template <typename T> struct NlaPack {
     static constexpr int N = 16 / sizeof(T);
 };
 
-template <int N, typename T> __device__ __forceinline__ NlaVec<T, N> nla_load(const T* p) {
-    return *reinterpret_cast<const NlaVec<T, N>*>(p);
-}
-template <int N, typename T>
-__device__ __forceinline__ void nla_store(T* p, const NlaVec<T, N>& x) {
-    *reinterpret_cast<NlaVec<T, N>*>(p) = x;
-}
 // Whether p is a multiple of `bytes` (a power of two).
 __device__ __forceinline__ bool nla_aligned(const void* p, unsigned bytes) {
     return (reinterpret_cast<unsigned long long>(p) & (bytes - 1)) == 0;
+}
+// p must be a multiple of the vector's size, as on the GPU (which faults otherwise); the emulator
+// checks it and fails the launch naming the call site (x86 would crash on an aligned SSE move, or
+// let it pass).
+#ifdef NLA_EMU
+#define NLA_VEC_SITE , NLA_EMU_SITE
+#define NLA_VEC_CHECK(p, bytes, write) \
+    if (!nla_aligned(p, bytes)) nla_emu::misaligned(p, bytes, write, site)
+#else
+#define NLA_VEC_SITE
+#define NLA_VEC_CHECK(p, bytes, write)
+#endif
+template <int N, typename T> __device__ __forceinline__ NlaVec<T, N> nla_load(const T* p NLA_VEC_SITE) {
+    NLA_VEC_CHECK(p, sizeof(NlaVec<T, N>), false);
+    return *reinterpret_cast<const NlaVec<T, N>*>(p);
+}
+template <int N, typename T>
+__device__ __forceinline__ void nla_store(T* p, const NlaVec<T, N>& x NLA_VEC_SITE) {
+    NLA_VEC_CHECK(p, sizeof(NlaVec<T, N>), true);
+    *reinterpret_cast<NlaVec<T, N>*>(p) = x;
 }
 
 // ---- indices

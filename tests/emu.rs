@@ -1,11 +1,12 @@
 //! The CPU emulator of the CUDA execution model, tested on its own kernels
 //! (tests/emu_kernels/*.cu): barriers and shared memory in every scheduling mode, warp shuffles
 //! by the PTX rules, votes, atomics, bf16/f16 rounding, dynamic shared memory, poisoning, and
-//! deliberately broken kernels that the emulator (or this harness) must catch, and races between
-//! blocks, which the race check of a `racecheck` build must catch (scripts/race-check.sh).
+//! deliberately broken kernels that the emulator (or this harness) must catch, and the
+//! out-of-bounds and misaligned accesses and races between blocks that the memory check of a
+//! `memcheck` build must catch (scripts/memcheck.sh).
 
 use half::{bf16, f16};
-use nla_engine::device::emu::{launch, race_check, EmuArgs, EmuMode};
+use nla_engine::device::emu::{launch, memcheck, EmuArgs, EmuMode};
 use rand::{Rng, SeedableRng};
 
 const FIBERS: [EmuMode; 2] = [EmuMode::Forward, EmuMode::Reversed];
@@ -646,15 +647,38 @@ fn emu_harness_catches_an_off_by_one_write() {
     assert!(ok.overruns().is_empty());
     assert!(ok.inner().iter().all(|&v| v == 1.0));
     let mut bad = Guarded::new(n, 0.0);
-    run(
-        "emu_broken_off_by_one",
-        4,
-        128,
-        0,
-        EmuArgs::new().ptr_mut(bad.inner()).scalar(n as i32),
-        EmuMode::Forward,
-    );
-    assert_eq!(bad.overruns(), vec![n as isize]);
+    let mut args = EmuArgs::new();
+    args.ptr_mut(bad.inner()).scalar(n as i32);
+    if memcheck() {
+        // the memory check stops the thread at the write past the end, before it lands
+        let e = run_err(
+            "emu_broken_off_by_one",
+            4,
+            128,
+            0,
+            &mut args,
+            EmuMode::Forward,
+        );
+        assert_has(
+            &e,
+            &[
+                "block (3,0,0): out-of-bounds access: thread (104,0,0) writes 4 bytes at element \
+                 1000 of parameter 0, a buffer of 1000 elements",
+                "(code 11)",
+            ],
+        );
+        assert!(bad.overruns().is_empty());
+    } else {
+        run(
+            "emu_broken_off_by_one",
+            4,
+            128,
+            0,
+            &mut args,
+            EmuMode::Forward,
+        );
+        assert_eq!(bad.overruns(), vec![n as isize]);
+    }
 }
 
 #[test]
@@ -763,31 +787,159 @@ fn emu_catches_trap_and_dynamic_shared_memory_overflow() {
 }
 
 // ------------------------------------------------------------------------------------------
-// Inter-block races (tests/emu_kernels/emu_race.cu)
+// The memory check (tests/emu_kernels/emu_memcheck.cu)
 // ------------------------------------------------------------------------------------------
 
-/// Launches one block of 32 threads per `blocks`; with the race check built (the `racecheck`
-/// feature, scripts/race-check.sh) returns the race it reports, None when the launch passes.
+/// Launches `blocks` blocks of 32 threads. `problem`: the error code the memory check must
+/// report (None: the launch is sound). With the check built (the `memcheck` feature,
+/// scripts/memcheck.sh) returns its report; without it every launch must pass.
+fn checked(
+    name: &str,
+    blocks: u32,
+    args: &mut EmuArgs,
+    mode: EmuMode,
+    problem: Option<u32>,
+) -> Option<String> {
+    let r = launch(name, [blocks, 1, 1], [32, 1, 1], 0, args, mode, 7);
+    match (r, problem.filter(|_| memcheck())) {
+        (Ok(()), None) => None,
+        (Ok(()), Some(code)) => panic!("{name} ({mode:?}): passed, expected error code {code}"),
+        (Err(e), Some(code)) => {
+            let e = e.to_string();
+            assert_has(&e, &[&format!("(code {code})"), name, "thread ("]);
+            Some(e)
+        }
+        (Err(e), None) => panic!("{name} ({mode:?}): {e}"),
+    }
+}
+
+/// A race between blocks: error code 10.
 fn race_between_blocks(
     name: &str,
     blocks: u32,
     args: &mut EmuArgs,
     mode: EmuMode,
 ) -> Option<String> {
-    match launch(name, [blocks, 1, 1], [32, 1, 1], 0, args, mode, 7) {
-        Ok(()) => None,
-        Err(e) => {
-            let e = e.to_string();
-            assert!(race_check(), "{name} ({mode:?}): {e}");
-            assert_has(&e, &["inter-block data race", "(code 10)", name]);
-            Some(e)
+    let r = checked(name, blocks, args, mode, Some(10));
+    if let Some(e) = &r {
+        assert_has(e, &["inter-block data race"]);
+    }
+    r
+}
+
+#[test]
+fn emu_memcheck_catches_out_of_bounds_and_misaligned_accesses() {
+    assert_eq!(memcheck(), cfg!(feature = "memcheck"));
+    let n = 100usize;
+    let x: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+    for mode in FIBERS {
+        // one element past the end of x, by the last thread
+        let mut y = vec![0f32; n];
+        let r = checked(
+            "emu_oob_pair_sum",
+            4,
+            EmuArgs::new().ptr(&x).ptr_mut(&mut y).scalar(n as i32),
+            mode,
+            Some(11),
+        );
+        match r {
+            Some(e) => assert_has(
+                &e,
+                &[
+                    "block (3,0,0): out-of-bounds access: thread (3,0,0) reads",
+                    "of parameter 0, a buffer of 100 elements",
+                ],
+            ),
+            // without the check the read lands in whatever follows x: the rest is right
+            None => assert!((0..n - 1).all(|i| y[i] == x[i] + x[i + 1]), "{mode:?}"),
+        }
+        let mut y = vec![0f32; n];
+        run(
+            "emu_pair_sum",
+            4,
+            32,
+            0,
+            EmuArgs::new().ptr(&x).ptr_mut(&mut y).scalar(n as i32),
+            mode,
+        );
+        assert!((0..n).all(|i| y[i] == x[i] + x.get(i + 1).copied().unwrap_or(0.0)));
+
+        // float4 loads through nla_load from x + 1: misaligned, caught in every build (x86 would
+        // crash on the aligned SSE move); from x + 4 aligned (a Vec<f32> of 100 is 16-byte
+        // aligned)
+        let n4 = 24usize;
+        assert_eq!(x.as_ptr() as usize % 16, 0, "the allocator's alignment");
+        let mut y = vec![0f32; 4 * n4];
+        let e = run_err(
+            "emu_misaligned_copy",
+            1,
+            32,
+            0,
+            EmuArgs::new()
+                .ptr(&x)
+                .ptr_mut(&mut y)
+                .scalar(1i32)
+                .scalar(n4 as i32),
+            mode,
+        );
+        assert_has(
+            &e,
+            &[
+                "block (0,0,0): misaligned access: thread (",
+                "reads 16 bytes at element ",
+                "of parameter 0, a buffer of 100 elements",
+                "emu_memcheck.cu:",
+                "16-byte aligned",
+                "(code 11)",
+            ],
+        );
+        run(
+            "emu_misaligned_copy",
+            1,
+            32,
+            0,
+            EmuArgs::new()
+                .ptr(&x)
+                .ptr_mut(&mut y)
+                .scalar(4i32)
+                .scalar(n4 as i32),
+            mode,
+        );
+        assert_eq!(y, x[4..4 + 4 * n4], "{mode:?}");
+
+        // float2 loads from x + 1 by a plain cast: legal on x86, so only the memory check sees it
+        let n2 = 40usize;
+        for off in [1usize, 2] {
+            let mut y = vec![0f32; 2 * n2];
+            let r = checked(
+                "emu_misaligned_float2",
+                2,
+                EmuArgs::new()
+                    .ptr(&x)
+                    .ptr_mut(&mut y)
+                    .scalar(off as i32)
+                    .scalar(n2 as i32),
+                mode,
+                (off == 1).then_some(11),
+            );
+            match r {
+                Some(e) => assert_has(
+                    &e,
+                    &[
+                        "misaligned access: thread (",
+                        "reads 8 bytes at element ",
+                        "8-byte aligned",
+                    ],
+                ),
+                None => assert_eq!(y, x[off..off + 2 * n2], "{mode:?}"),
+            }
         }
     }
 }
 
 #[test]
-fn emu_race_check_catches_races_between_blocks() {
-    assert_eq!(race_check(), cfg!(feature = "racecheck"));
+fn emu_memcheck_catches_races_between_blocks() {
+    assert_eq!(memcheck(), cfg!(feature = "memcheck"));
     let blocks = 8u32;
     let x: Vec<f32> = (0..blocks).map(|i| i as f32 + 1.0).collect();
     let sum: f32 = x.iter().sum(); // small integers: exact in any order

@@ -85,6 +85,8 @@ pub struct EmuArgs<'a> {
     slots: Vec<u64>,
     ptrs: Vec<*mut c_void>,
     sig: Vec<(usize, Kind, usize)>, // (size, kind, pointee size)
+    /// Bytes of each pointer argument's slice (0 for the rest): the memory check's bounds.
+    extents: Vec<u64>,
     _borrows: PhantomData<&'a mut [u8]>,
 }
 
@@ -98,6 +100,15 @@ impl<'a> EmuArgs<'a> {
         bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
         self.slots.push(slot);
         self.sig.push((bytes.len(), kind, elem));
+        self.extents.push(0);
+        self
+    }
+
+    /// Records the byte length of the slice just packed.
+    fn extent(&mut self, bytes: usize) -> &mut Self {
+        if let Some(e) = self.extents.last_mut() {
+            *e = bytes as u64;
+        }
         self
     }
 
@@ -111,12 +122,15 @@ impl<'a> EmuArgs<'a> {
     pub fn ptr<T: bytemuck::Pod>(&mut self, s: &'a [T]) -> &mut Self {
         let addr = s.as_ptr() as usize;
         self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrConst, size_of::<T>())
+            .extent(size_of_val(s))
     }
 
     /// A `T*` parameter: the kernel may read and write `s`.
     pub fn ptr_mut<T: bytemuck::Pod>(&mut self, s: &'a mut [T]) -> &mut Self {
         let addr = s.as_mut_ptr() as usize;
+        let bytes = size_of_val(s);
         self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrMut, size_of::<T>())
+            .extent(bytes)
     }
 
     /// A null `const T*` parameter: an optional input that is absent (the kernel tests for
@@ -173,15 +187,17 @@ pub fn available() -> bool {
     cfg!(nla_emu)
 }
 
-/// Whether the emulator checks every launch in the fiber modes for inter-block data races (the
-/// `racecheck` feature, emu/racecheck.h): a byte written by one block and read, written or
-/// updated atomically by another in the same launch fails the launch (code 10), naming both
-/// blocks and the kernel parameter. Off by default: instrumented kernels run several times slower.
-pub fn race_check() -> bool {
+/// Whether the emulator checks every access of every launch in the fiber modes (the `memcheck`
+/// feature, emu/memcheck.h, scripts/memcheck.sh): an access outside every buffer passed to the
+/// kernel, or a typed access not aligned to its size, fails the launch (code 11); a byte written
+/// by one block and read, written or updated atomically by another in the same launch fails it
+/// too (code 10). The message names the block, the thread and the kernel parameter. Off by
+/// default: instrumented kernels run about 3 times slower.
+pub fn memcheck() -> bool {
     #[cfg(nla_emu)]
     {
         // SAFETY: takes no arguments and only returns a constant.
-        unsafe { ffi::nla_emu_racecheck() != 0 }
+        unsafe { ffi::nla_emu_memcheck() != 0 }
     }
     #[cfg(not(nla_emu))]
     false
@@ -197,6 +213,7 @@ mod ffi {
             block: *const u32,
             dyn_smem: usize,
             args: *mut *mut c_void,
+            extents: *const u64,
             mode: c_int,
             seed: u64,
             err: *mut c_char,
@@ -209,7 +226,7 @@ mod ffi {
             elems: *mut usize,
             cap: usize,
         ) -> c_int;
-        pub fn nla_emu_racecheck() -> c_int;
+        pub fn nla_emu_memcheck() -> c_int;
     }
 }
 
@@ -374,8 +391,8 @@ pub(crate) fn check_device_signature(name: &str, args: &EmuArgs<'_>) -> Result<(
 /// a launch configuration out of range, and what the emulator catches while running it: barrier
 /// divergence (naming both call sites), a thread exiting while others wait, a warp collective
 /// with a bad mask or width, a deadlock, a fiber stack overflow, a write past the dynamic shared
-/// memory, `__trap()`, and, in a build with the race check ([`race_check`]), a race between two
-/// blocks.
+/// memory, `__trap()`, and, in a build with the memory check ([`memcheck`]), an out-of-bounds or
+/// misaligned access or a race between two blocks.
 pub fn launch(
     name: &str,
     grid: [u32; 3],
@@ -421,6 +438,7 @@ fn launch_impl(
 ) -> Result<()> {
     check_signature(cname, args, mismatch)?;
     let mut err = vec![0u8; 4096];
+    let extents = args.extents.clone();
     let params = args.kernel_params();
     // SAFETY: `cname` is NUL-terminated; `grid` and `block` hold 3 u32 each; `params` has one
     // pointer per kernel parameter (count checked above), each to an 8-byte slot owned by `args`
@@ -428,7 +446,8 @@ fn launch_impl(
     // trampoline reads in bounds. Pointer values come from slices borrowed for `args`' lifetime
     // (alive across this call), mutable only where the kernel may write, with the element size
     // the kernel expects; staying within their lengths is the kernel's contract, checked by its
-    // launcher on lengths and dims. `err` has `err.len()` bytes. The emulator catches every C++
+    // launcher on lengths and dims. `extents` has one u64 per parameter (one per packed slot),
+    // alive across the call. `err` has `err.len()` bytes. The emulator catches every C++
     // exception and never aborts or unwinds into Rust.
     let rc = unsafe {
         ffi::nla_emu_launch(
@@ -437,6 +456,7 @@ fn launch_impl(
             block.as_ptr(),
             dyn_smem,
             params.as_mut_ptr(),
+            extents.as_ptr(),
             mode as c_int,
             seed,
             err.as_mut_ptr().cast::<c_char>(),
