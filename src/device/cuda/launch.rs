@@ -191,6 +191,10 @@ impl Launch for CudaLaunch {
                 format!("argument {i} is host memory; the GPU needs device buffers"),
             ));
         }
+        if self.cubin {
+            // the figures are the sm_90a cubin's: a clear error before the driver's
+            kernels::check_launch(sym, block, smem)?;
+        }
         // the context first: loading a function and opting it in are driver calls too
         self.ctx
             .bind_to_thread()

@@ -147,6 +147,8 @@ impl Launch for EmuLaunch {
                 format!("{sym}: {smem} bytes of dynamic shared memory > {SMEM_MAX}"),
             ));
         }
+        // what an sm_90 GPU would refuse (where the build has ptxas's figures)
+        crate::device::kernels::check_launch(sym, block, smem)?;
         let k = self
             .count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -242,6 +244,31 @@ pub(crate) fn check_same(op: &'static str, what: &str, got: usize, want: usize) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn emulated_launches_are_held_to_what_an_sm90_block_can_hold() {
+        use super::{EmuArgs, EmuLaunch, EmuMode, Launch};
+        let sym = "attention_bwd_dkdv_bf16_hs128";
+        let Some(l) = crate::device::kernels::limits(sym) else {
+            eprintln!("no nvcc at build time: no kernel limits to check");
+            return;
+        };
+        // refused before anything runs (the arguments are not even looked at)
+        let e = EmuLaunch::new(EmuMode::Forward, 1)
+            .launch(
+                sym,
+                [1, 1, 1],
+                [2 * l.max_threads, 1, 1],
+                0,
+                &mut EmuArgs::new(),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(sym) && e.contains("the kernel allows 128"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn smem_opt_in_counts_static_and_dynamic_shared_memory_together() {
         use super::{smem_opt_in, SMEM_DEFAULT_MAX as D, SMEM_MAX as MAX};
