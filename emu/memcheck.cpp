@@ -45,6 +45,10 @@ struct State {
     bool on = false;
     int32_t block = 0;
     std::vector<Range> ignore, shared, buffers;  // each sorted, ignore and shared merged
+    // per shared range, per byte: the block generation that last wrote it (written in this
+    // block when equal to `gen`); a generation per block of the process, so nothing is cleared
+    std::vector<std::vector<std::uint64_t>> written;
+    std::uint64_t gen = 0;
     std::unordered_map<std::uintptr_t, std::unique_ptr<Cell[]>> pages;
     std::uintptr_t last_key = ~std::uintptr_t(0);
     Cell* last = nullptr;
@@ -116,7 +120,15 @@ void access(const volatile void* p, std::size_t size, Access k, bool typed) {
     auto a = reinterpret_cast<std::uintptr_t>(p);
     if (holding(g.ignore, a, 1)) return;
     if (typed && size > 1 && (a & (size - 1)) != 0) report(MISALIGNED, a, (unsigned)size, k);
-    if (holding(g.shared, a, 1)) return;
+    if (const Range* r = holding(g.shared, a, 1)) {
+        // a read (or an atomic's) of a byte this block has not written since it started
+        std::uint64_t* w = g.written[(std::size_t)(r - g.shared.data())].data() + (a - r->first);
+        std::size_t n = std::min<std::size_t>(size, r->second - a);
+        for (std::size_t i = 0; i < n; ++i)
+            if (k != WRITE && w[i] != g.gen) report(UNINITIALIZED, a + i, (unsigned)size, k);
+        for (std::size_t i = 0; k != READ && i < n; ++i) w[i] = g.gen;
+        return;
+    }
     if (!holding(g.buffers, a, size)) report(OUT_OF_BOUNDS, a, (unsigned)size, k);
     for (std::size_t i = 0; i < size; ++i) {
         std::uintptr_t x = a + i;
@@ -129,6 +141,9 @@ void access(const volatile void* p, std::size_t size, Access k, bool typed) {
 void begin(std::vector<Range> ignore, std::vector<Range> shared, std::vector<Range> buffers) {
     g.ignore = sorted(std::move(ignore), true);
     g.shared = sorted(std::move(shared), true);
+    g.written.resize(g.shared.size());
+    for (std::size_t i = 0; i < g.shared.size(); ++i)
+        g.written[i].assign(g.shared[i].second - g.shared[i].first, 0);
     // buffers may overlap (one buffer passed twice, an input inside an output): merged, as an
     // access inside any of them is in bounds; neighbours stay apart (reading past one buffer
     // into the next is out of bounds)
@@ -141,11 +156,15 @@ void begin(std::vector<Range> ignore, std::vector<Range> shared, std::vector<Ran
     g.on = true;
 }
 
-void set_block(unsigned lin) { g.block = (int32_t)lin; }
+void set_block(unsigned lin) {
+    g.block = (int32_t)lin;
+    ++g.gen;  // shared memory starts unwritten in every block
+}
 
 void end() {
     g.on = false;
     g.pages.clear();  // the shadow of a large launch is large: give it back now
+    g.written.clear();
     g.last_key = ~std::uintptr_t(0);
     g.last = nullptr;
 }

@@ -9,6 +9,9 @@
 // - misalignment: a typed access of 2, 4, 8 or 16 bytes at an address that is not a multiple of
 //   its size (a `float4` load from `x + 1`), which a GPU faults on ("misaligned address") and x86
 //   does not; shared memory included;
+// - uninitialised shared memory: a read of a shared byte that no thread of the block has written
+//   since the block started (what the NaN poisoning shows only when the value reaches an output:
+//   fmaxf(NaN, x) is x, and an integer or an index is not a NaN);
 // - races between blocks: blocks of one launch are unordered on a GPU, but the emulator runs them
 //   one after the other, so a race between two blocks is invisible to the fiber modes (a plain
 //   `y[0] += x` from every block gives the right sum in any block order) and to ThreadSanitizer
@@ -37,7 +40,7 @@ namespace nla_emu::memcheck {
 bool built();
 
 enum Access : int { READ = 0, WRITE = 1, ATOMIC = 2 };
-enum Problem : int { NOTHING = 0, RACE = 1, OUT_OF_BOUNDS = 2, MISALIGNED = 3 };
+enum Problem : int { NOTHING = 0, RACE = 1, OUT_OF_BOUNDS = 2, MISALIGNED = 3, UNINITIALIZED = 4 };
 
 // A problem found in a launch.
 struct Finding {
@@ -55,8 +58,8 @@ using Range = std::pair<std::uintptr_t, std::uintptr_t>;  // [lo, hi)
 
 // Starts checking one launch (fiber modes only), forgetting the previous launch's shadow:
 // accesses inside `ignore` (fiber stacks, the built-in variables, the packed arguments) are not
-// checked, inside `shared` (shared memory) only for alignment, and everywhere else they must lie
-// inside one of `buffers` (the pointer arguments' buffers).
+// checked, inside `shared` (shared memory) for alignment and reads of unwritten bytes, and
+// everywhere else they must lie inside one of `buffers` (the pointer arguments' buffers).
 void begin(std::vector<Range> ignore, std::vector<Range> shared, std::vector<Range> buffers);
 // The block whose threads run from now on (linear index).
 void set_block(unsigned lin);

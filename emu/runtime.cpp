@@ -736,6 +736,9 @@ static std::string finding_msg(const Block& b, const memcheck::Finding& f) {
     switch (f.problem) {
     case memcheck::OUT_OF_BOUNDS:
         return "out-of-bounds access: " + what + ", outside every buffer passed to the kernel";
+    case memcheck::UNINITIALIZED:
+        return "uninitialized shared memory: " + what +
+               fmt(", which no thread of this block has written since the block started");
     case memcheck::MISALIGNED:
         return "misaligned access: " + what + fmt(" (address %p): a GPU needs a %u-byte access %u-byte aligned",
                                                   (void*)f.addr, f.size, f.size);
@@ -871,7 +874,7 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
             v.emplace_back(a, a + len);
         };
         range(shared, smem_lo, smem_len);
-        range(shared, g_dyn, g_dyn_cap);
+        range(shared, g_dyn, dyn);  // past it (the canary) is out of bounds
         for (const fiber::Stack& s : g_stacks) range(ignore, s.map, (std::size_t)(s.lo + s.size - s.map));
         for (const void* v : {(const void*)&threadIdx, (const void*)&blockIdx, (const void*)&blockDim,
                               (const void*)&gridDim})

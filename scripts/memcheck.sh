@@ -6,7 +6,9 @@
 # - misaligned: a 2/4/8/16-byte typed access at an address not a multiple of its size;
 # - races between blocks: a byte written by one block and touched by another in the same launch.
 #   Blocks run one after the other in the emulator, so such a race (a plain `+=` into one output
-#   from every block) passes every emulated test in any block order.
+#   from every block) passes every emulated test in any block order;
+# - uninitialised shared memory: a read of a shared byte no thread of the block has written (the
+#   NaN poisoning shows it only when the value reaches an output: fmaxf(x, NaN) is x).
 # The first problem fails the launch with a message naming the block, the thread and the kernel
 # parameter. tests/emu.rs proves each check on the broken kernels of
 # tests/emu_kernels/emu_memcheck.cu.

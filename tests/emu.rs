@@ -153,12 +153,20 @@ fn emu_shared_memory_is_poisoned_at_every_block_start() {
     let (blocks, threads) = (3usize, 64usize);
     for mode in ALL {
         let mut out = vec![0u32; blocks * threads * 4];
+        let mut args = EmuArgs::new();
+        args.ptr_mut(&mut out);
+        if memcheck() && mode != EmuMode::Threads {
+            // the memory check stops the first read of an unwritten slot
+            let e = run_err("emu_read_unwritten", 3, 64, 64 * 4, &mut args, mode);
+            assert_has(&e, &["uninitialized shared memory: thread ("]);
+            continue;
+        }
         run(
             "emu_read_unwritten",
             blocks as u32,
             threads as u32,
             threads * 4,
-            EmuArgs::new().ptr_mut(&mut out),
+            &mut args,
             mode,
         );
         // 0xFFFFFFFF: NaN as a float, -1 as an int; blocks after the first see it too
@@ -543,20 +551,28 @@ fn emu_f16_rounds_to_nearest_even() {
 // ------------------------------------------------------------------------------------------
 
 /// The harness check for shared-memory races: run in both fiber orders; a kernel is suspect if an
-/// output is NaN (poisoned shared memory read before it was written) or the orders disagree.
+/// output is NaN (poisoned shared memory read before it was written) or the orders disagree, or
+/// (a `memcheck` build) the memory check reports a read of a slot not yet written.
 fn race_detected(kernel: &str, x: &[f32]) -> bool {
     let outs: Vec<Vec<f32>> = FIBERS
         .iter()
         .map(|&mode| {
             let mut y = vec![0f32; x.len()];
-            run(
+            let r = launch(
                 kernel,
-                1,
-                x.len() as u32,
+                [1, 1, 1],
+                [x.len() as u32, 1, 1],
                 0,
                 EmuArgs::new().ptr(x).ptr_mut(&mut y),
                 mode,
+                7,
             );
+            // the memory check sees a read of a slot not yet written
+            if let Err(e) = r {
+                assert!(memcheck(), "{kernel} ({mode:?}): {e}");
+                assert_has(&e.to_string(), &["uninitialized shared memory"]);
+                y[0] = f32::NAN;
+            }
             y
         })
         .collect();
@@ -782,7 +798,19 @@ fn emu_catches_trap_and_dynamic_shared_memory_overflow() {
             EmuArgs::new().ptr_mut(&mut y),
             mode,
         );
-        assert_has(&e, &["dynamic shared memory, past the 256 bytes"]);
+        if memcheck() && mode != EmuMode::Threads {
+            // the memory check stops the write itself
+            assert_has(
+                &e,
+                &[
+                    "out-of-bounds access: thread (63,0,0) writes 4 bytes at byte 256 of dynamic \
+                     shared memory",
+                    "(code 11)",
+                ],
+            );
+        } else {
+            assert_has(&e, &["dynamic shared memory, past the 256 bytes"]);
+        }
     }
 }
 
@@ -932,6 +960,44 @@ fn emu_memcheck_catches_out_of_bounds_and_misaligned_accesses() {
                     ],
                 ),
                 None => assert_eq!(y, x[off..off + 2 * n2], "{mode:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn emu_memcheck_catches_reads_of_unwritten_shared_memory() {
+    let x: Vec<f32> = (0..64).map(|i| ((i * 37) % 64) as f32).collect();
+    for mode in FIBERS {
+        for n in [20usize, 32] {
+            let mut y = vec![0f32; 2];
+            let r = checked(
+                "emu_uninit_max",
+                2,
+                EmuArgs::new().ptr(&x).ptr_mut(&mut y).scalar(n as i32),
+                mode,
+                (n < 32).then_some(11),
+            );
+            match r {
+                Some(e) => assert_has(
+                    &e,
+                    &[
+                        "uninitialized shared memory: thread (0,0,0) reads 4 bytes at address",
+                        "in static shared memory",
+                        "no thread of this block has written",
+                    ],
+                ),
+                // the poisoned slots vanish in fmaxf: the maximum of the n written is all
+                // the output shows
+                None => {
+                    for (b, &v) in y.iter().enumerate() {
+                        let want = x[32 * b..32 * b + n]
+                            .iter()
+                            .copied()
+                            .fold(f32::MIN, f32::max);
+                        assert_eq!(v, want, "{mode:?} n {n} row {b}");
+                    }
+                }
             }
         }
     }

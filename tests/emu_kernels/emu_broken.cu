@@ -94,7 +94,7 @@ extern "C" __global__ void emu_broken_dyn_overflow(float* __restrict__ y) {
     NLA_DYNAMIC_SMEM(float, s);
     s[threadIdx.x + 1] = 1.0f;
     __syncthreads();
-    y[threadIdx.x] = s[threadIdx.x];
+    y[threadIdx.x] = s[threadIdx.x + 1];
 }
 
 #ifdef NLA_EMU

@@ -1,7 +1,7 @@
 // Kernels for the memory check (emu/memcheck.h, tests/emu.rs): three races between blocks that no
-// block order can reveal or that order alone reveals only by chance, an out-of-bounds read, a
-// misaligned vector load, and twins free of these that the check must pass. Each BUG comment says
-// what is wrong.
+// block order can reveal or that order alone reveals only by chance, an out-of-bounds read,
+// misaligned loads, a read of unwritten shared memory, and twins free of these that the check
+// must pass. Each BUG comment says what is wrong.
 #include "../../kernels/common.cuh"
 
 // y[0] = sum of x[0 .. gridDim.x), one value per block.
@@ -69,7 +69,24 @@ extern "C" __global__ void emu_misaligned_float2(const float* __restrict__ x, fl
     if (i < n2) reinterpret_cast<float2*>(y)[i] = *reinterpret_cast<const float2*>(x + off + 2 * i);
 }
 
+// y[b] = max of x[32b .. 32b + n) through shared memory, one block of 32 threads per row.
+// BUG: with n < 32 the slots n.. are never written, and thread 0 reads all 32. The emulator
+// poisons them with NaN, but fmaxf(m, NaN) is m: the output is the right maximum and finite, so
+// no check of the output shows it (on a GPU the slots hold what the last block left there).
+extern "C" __global__ void emu_uninit_max(const float* __restrict__ x, float* __restrict__ y, int n) {
+    __shared__ float s[32];
+    unsigned t = threadIdx.x;
+    if (t < (unsigned)n) s[t] = x[blockIdx.x * 32 + t];
+    __syncthreads();
+    if (t == 0) {
+        float m = -INFINITY;
+        for (int i = 0; i < 32; ++i) m = fmaxf(m, s[i]);  // BUG: i < n
+        y[blockIdx.x] = m;
+    }
+}
+
 #ifdef NLA_EMU
+NLA_EMU_KERNEL(emu_uninit_max);
 NLA_EMU_KERNEL(emu_misaligned_float2);
 NLA_EMU_KERNEL(emu_oob_pair_sum);
 NLA_EMU_KERNEL(emu_pair_sum);

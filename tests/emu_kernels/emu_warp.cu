@@ -50,7 +50,8 @@ extern "C" __global__ void emu_votes(const int* __restrict__ pred, unsigned* __r
     __shared__ unsigned s[1024];
     s[threadIdx.x] = lane * 3;
     __syncwarp();
-    o[5 * 32 + lane] = s[(threadIdx.x & ~31u) | ((lane + 1) & 31u)];
+    unsigned next = (threadIdx.x & ~31u) | ((lane + 1) & 31u);
+    if (next < blockDim.x) o[5 * 32 + lane] = s[next];  // the next lane's slot, where it exists
 }
 
 #ifdef NLA_EMU
