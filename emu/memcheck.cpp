@@ -45,10 +45,11 @@ struct State {
     bool on = false;
     int32_t block = 0;
     std::vector<Range> ignore, shared, buffers;  // each sorted, ignore and shared merged
-    // per shared range, per byte: the block generation that last wrote it (written in this
-    // block when equal to `gen`); a generation per block of the process, so nothing is cleared
-    std::vector<std::vector<std::uint64_t>> written;
-    std::uint64_t gen = 0;
+    // per shared range, per byte: the generation of the block that last wrote it (written in this
+    // block when equal to `gen`); zeroed per launch, and each block a new generation, so nothing
+    // is cleared between blocks
+    std::vector<std::vector<std::uint32_t>> written;
+    std::uint32_t gen = 0;
     std::unordered_map<std::uintptr_t, std::unique_ptr<Cell[]>> pages;
     std::uintptr_t last_key = ~std::uintptr_t(0);
     Cell* last = nullptr;
@@ -122,7 +123,7 @@ void access(const volatile void* p, std::size_t size, Access k, bool typed) {
     if (typed && size > 1 && (a & (size - 1)) != 0) report(MISALIGNED, a, (unsigned)size, k);
     if (const Range* r = holding(g.shared, a, 1)) {
         // a read (or an atomic's) of a byte this block has not written since it started
-        std::uint64_t* w = g.written[(std::size_t)(r - g.shared.data())].data() + (a - r->first);
+        std::uint32_t* w = g.written[(std::size_t)(r - g.shared.data())].data() + (a - r->first);
         std::size_t n = std::min<std::size_t>(size, r->second - a);
         for (std::size_t i = 0; i < n; ++i)
             if (k != WRITE && w[i] != g.gen) report(UNINITIALIZED, a + i, (unsigned)size, k);
@@ -153,6 +154,7 @@ void begin(std::vector<Range> ignore, std::vector<Range> shared, std::vector<Ran
     g.last = nullptr;
     g.found = Finding{};
     g.block = 0;
+    g.gen = 0;
     g.on = true;
 }
 

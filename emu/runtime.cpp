@@ -738,7 +738,7 @@ static std::string finding_msg(const Block& b, const memcheck::Finding& f) {
         return "out-of-bounds access: " + what + ", outside every buffer passed to the kernel";
     case memcheck::UNINITIALIZED:
         return "uninitialized shared memory: " + what +
-               fmt(", which no thread of this block has written since the block started");
+               ", which no thread of this block has written since the block started";
     case memcheck::MISALIGNED:
         return "misaligned access: " + what + fmt(" (address %p): a GPU needs a %u-byte access %u-byte aligned",
                                                   (void*)f.addr, f.size, f.size);
@@ -763,14 +763,15 @@ void memory_fault() {
 
 void misaligned(const void* p, unsigned bytes, bool write, const Site& site) {
     Block& b = *tls_block;
+    memcheck::Finding f;
+    f.problem = memcheck::MISALIGNED;
+    f.addr = reinterpret_cast<std::uintptr_t>(p);
+    f.size = bytes;
+    f.now = write ? memcheck::WRITE : memcheck::READ;
+    f.thread = tls_tid;
     TsanQuiet quiet(b);
     auto lk = b.lock();
-    fail(b, lk, NLA_EMU_E_MEMORY,
-         fmt("misaligned access: %s %s %u bytes at %s (address %p) at %s: a GPU needs a %u-byte access %u-byte "
-             "aligned",
-             b.who(tls_tid).c_str(), write ? "writes" : "reads", bytes,
-             locate(b.k, b.args, b.extents, reinterpret_cast<std::uintptr_t>(p)).c_str(), p,
-             site_str(site).c_str(), bytes, bytes));
+    fail(b, lk, NLA_EMU_E_MEMORY, finding_msg(b, f) + " (at " + site_str(site) + ")");
 }
 
 // Checks a launch's memory accesses while it runs (fiber modes of a memcheck build).
