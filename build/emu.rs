@@ -188,6 +188,13 @@ pub fn build(kernels: &[PathBuf]) {
     if Command::new(tool.path()).arg("--version").output().is_err() {
         return missing(&format!("`{}` does not run", tool.path().display()));
     }
+    if memcheck && !tool.is_like_gnu() {
+        panic!(
+            "emu: the `memcheck` feature needs g++ (emu/memcheck.cpp implements the hooks of gcc's \
+             -fsanitize=thread instrumentation), not `{}`: set CXX=g++",
+            tool.path().display()
+        );
+    }
 
     // Sources: the runtime as is; every .cu through a wrapper in its own namespace.
     let emu_dir = abs(Path::new("emu"));
