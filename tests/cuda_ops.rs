@@ -32,9 +32,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::kernels::{nonzero, rng, uniform};
+use common::parity::gpu;
 use common::rel_l2;
 use nla_engine::device::cpu::CpuDevice;
-use nla_engine::device::cuda::{probe, CudaDevice};
+use nla_engine::device::cuda::CudaDevice;
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
 use nla_engine::device::{
@@ -182,28 +183,6 @@ const SMALL: Sizes = Sizes {
 };
 
 // ---- devices
-
-/// GPU 0, or None (the test passes as skipped) when [`probe`] says no GPU is usable here;
-/// with `NLA_REQUIRE_GPU=1` a missing GPU fails instead. A GPU that probes usable but does not
-/// open fails either way.
-fn gpu() -> Option<CudaDevice> {
-    match probe() {
-        Ok(_) => {
-            let dev = CudaDevice::new(0)
-                .and_then(|d| d.with_work_dtype(Dtype::F32))
-                .unwrap_or_else(|e| panic!("CudaDevice::new(0): {e}"));
-            eprintln!("{}", dev.name());
-            Some(dev)
-        }
-        Err(why) if std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("NLA_REQUIRE_GPU=1 but no usable GPU: {why}")
-        }
-        Err(why) => {
-            eprintln!("skipped (no usable GPU): {why}");
-            None
-        }
-    }
-}
 
 // ---- comparison
 
@@ -990,7 +969,7 @@ fn cuda_ops_run_on_emu_small() {
 /// `op` on the GPU at the GPU sizes (skipped without a GPU), then a stream synchronisation
 /// (a fault of an asynchronous launch surfaces there).
 fn on_gpu(op: fn(&CudaDevice, &str, &Sizes)) {
-    if let Some(dev) = gpu() {
+    if let Some(dev) = gpu(Dtype::F32) {
         op(&dev, "cuda", &GPU);
         dev.synchronize().unwrap();
     }

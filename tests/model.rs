@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use common::parity::max_rel_err;
 use common::{fixtures_dir, load_tensors, rel_l2};
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::{Device, View};
@@ -23,18 +24,6 @@ fn model_dir(name: &str) -> std::path::PathBuf {
 
 fn read_rows(path: &Path) -> Vec<Vec<u32>> {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// Largest |got - want| over the largest |want|.
-fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    assert!(got.iter().all(|x| x.is_finite()), "non-finite output");
-    let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64));
-    let err = got
-        .iter()
-        .zip(want)
-        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
-    err / scale
 }
 
 // The reference is transformers in float64. Our f32 pass differs from it by f32 rounding

@@ -1,6 +1,6 @@
 //! Helpers of the whole-model device checks (tests/device_parity.rs in f32, tests/bf16_model.rs
 //! in bf16): the `gqa_untied` fixture model and its rows, the actor examples, the GPU when one
-//! is usable, and the max-relative error.
+//! is usable (also tests/cuda_ops.rs's), and the max-relative error (also tests/model.rs's).
 
 use nla_engine::device::cuda::{probe, CudaDevice};
 use nla_engine::device::{Device, Dtype};
