@@ -21,7 +21,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::parity::{actor_examples, check_grads, gpu, max_rel_err, model, rows};
+use common::parity::{
+    actor_examples, check_grads, forward_backward, gpu, max_rel_err, model, rows,
+};
 use common::rel_l2;
 use nla_engine::config::InjectionMode;
 use nla_engine::device::cpu::CpuDevice;
@@ -29,7 +31,7 @@ use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
 use nla_engine::device::{Device, DeviceBuf, Dtype, PoolMode, SampleSpec, View};
 use nla_engine::generate::{generate, GenSpec};
-use nla_engine::model::{backward, forward, ActivationSet, Batch, Model, ParamTable};
+use nla_engine::model::{Batch, Model, ParamTable};
 use nla_engine::nla::{Actor, ActorSpec, Critic, CriticSpec};
 use nla_engine::train::nla::ActorTrainer;
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
@@ -48,19 +50,6 @@ fn emu_devices() -> impl Iterator<Item = (EmuDevice, String)> {
 
 // ---- forward and backward
 
-/// (logits, loss, every gradient) of one forward and backward.
-fn forward_backward<D: Device>(dev: &D) -> (Vec<f32>, f64, Vec<f32>) {
-    let mut model = model(dev);
-    let batch = Batch::causal_lm(&rows()).unwrap();
-    let mut acts = ActivationSet::new(dev, &model.cfg, batch.b, batch.t).unwrap();
-    let db = batch.upload(dev).unwrap();
-    let loss = forward(dev, &model, &mut acts, &db).unwrap();
-    let logits = dev.download(View::all(&acts.logits)).unwrap();
-    model.zero_grads(dev).unwrap();
-    backward(dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32).unwrap();
-    (logits, loss.mean(), model.grads_to_host(dev).unwrap())
-}
-
 // measured on the emulator: logits 1.24e-2, loss 3.3e-5, worst gradient 2.1e-2 (layer 1's
 // k_proj), actor loss 2.3e-4 and grad norm 3.7e-3
 const LOGIT_MAX_REL: f64 = 3e-2;
@@ -69,10 +58,10 @@ const GRAD_REL_L2: f64 = 6e-2;
 
 fn check_forward_backward<D: Device>(dev: &D, label: &str) {
     assert_eq!(dev.work_dtype(), Dtype::Bf16);
-    let (want_logits, want_loss, want_grads) = forward_backward(&CpuDevice::new());
+    let (want_logits, want_loss, want_grads) = forward_backward(&CpuDevice::new(), None);
     let table = model(&CpuDevice::new()).table;
     let t0 = Instant::now();
-    let (logits, loss, grads) = forward_backward(dev);
+    let (logits, loss, grads) = forward_backward(dev, None);
     let e = max_rel_err(&logits, &want_logits);
     let le = (loss - want_loss).abs() / want_loss;
     eprintln!(

@@ -29,7 +29,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::parity::{actor_examples, check_grads, gpu, max_rel_err, model, rows};
+use common::parity::{
+    actor_examples, check_grads, forward_backward, gpu, max_rel_err, model, rows,
+};
 use common::rel_l2;
 use nla_engine::config::InjectionMode;
 use nla_engine::device::cpu::CpuDevice;
@@ -37,7 +39,7 @@ use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::EmuDevice;
 use nla_engine::device::{Device, Dtype, SampleSpec, View, ViewMut};
 use nla_engine::generate::{generate, GenSpec};
-use nla_engine::model::{backward, forward, ActivationSet, Batch, MemoryOptions, Recompute};
+use nla_engine::model::Batch;
 use nla_engine::nla::{Actor, ActorSpec};
 use nla_engine::train::nla::ActorTrainer;
 use nla_engine::train::{AdamwConfig, LmTrainer, LrSchedule};
@@ -52,30 +54,6 @@ fn emu_devices() -> impl Iterator<Item = (EmuDevice, String)> {
 }
 
 // ---- forward and backward
-
-/// (logits, loss, every gradient) of one forward and backward, the logits in vocabulary
-/// chunks of `chunk` (None = whole; chunked, the logits buffer [N,VC] returned starts with the
-/// last chunk's [N,W]).
-fn forward_backward<D: Device>(dev: &D, chunk: Option<usize>) -> (Vec<f32>, f64, Vec<f32>) {
-    let mut model = model(dev);
-    let batch = Batch::causal_lm(&rows()).unwrap();
-    // block recompute along with the chunks: the blocks run again from their inputs
-    let opts = MemoryOptions {
-        logits_chunk: chunk,
-        recompute: if chunk.is_some() {
-            Recompute::Block
-        } else {
-            Recompute::None
-        },
-    };
-    let mut acts = ActivationSet::with_options(dev, &model.cfg, batch.b, batch.t, opts).unwrap();
-    let db = batch.upload(dev).unwrap();
-    let loss = forward(dev, &model, &mut acts, &db).unwrap();
-    let logits = dev.download(View::all(&acts.logits)).unwrap();
-    model.zero_grads(dev).unwrap();
-    backward(dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32).unwrap();
-    (logits, loss.mean(), model.grads_to_host(dev).unwrap())
-}
 
 // logits within 1e-5 of the largest logit, the loss within 1e-6 relative (a mean of 24
 // cross-entropies: the per-row errors average out), every gradient within 1e-5 relative L2

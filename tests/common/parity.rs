@@ -3,8 +3,10 @@
 //! is usable (also tests/cuda_ops.rs's), and the max-relative error (also tests/model.rs's).
 
 use nla_engine::device::cuda::{probe, CudaDevice};
-use nla_engine::device::{Device, Dtype};
-use nla_engine::model::{Model, ParamTable};
+use nla_engine::device::{Device, Dtype, View};
+use nla_engine::model::{
+    backward, forward, ActivationSet, Batch, MemoryOptions, Model, ParamTable, Recompute,
+};
 use nla_engine::nla::ActorExample;
 
 use super::{fixtures_dir, rel_l2};
@@ -100,4 +102,28 @@ pub fn check_grads(label: &str, table: &ParamTable, grads: &[f32], want: &[f32],
         "{label}: worst gradient rel L2 err {:.2e} ({})",
         worst.0, worst.1
     );
+}
+
+/// (logits, loss, every gradient) of one forward and backward, the logits in vocabulary
+/// chunks of `chunk` (None = whole; chunked, the logits buffer [N,VC] returned starts with the
+/// last chunk's [N,W]).
+pub fn forward_backward<D: Device>(dev: &D, chunk: Option<usize>) -> (Vec<f32>, f64, Vec<f32>) {
+    let mut model = model(dev);
+    let batch = Batch::causal_lm(&rows()).unwrap();
+    // block recompute along with the chunks: the blocks run again from their inputs
+    let opts = MemoryOptions {
+        logits_chunk: chunk,
+        recompute: if chunk.is_some() {
+            Recompute::Block
+        } else {
+            Recompute::None
+        },
+    };
+    let mut acts = ActivationSet::with_options(dev, &model.cfg, batch.b, batch.t, opts).unwrap();
+    let db = batch.upload(dev).unwrap();
+    let loss = forward(dev, &model, &mut acts, &db).unwrap();
+    let logits = dev.download(View::all(&acts.logits)).unwrap();
+    model.zero_grads(dev).unwrap();
+    backward(dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32).unwrap();
+    (logits, loss.mean(), model.grads_to_host(dev).unwrap())
 }
