@@ -15,7 +15,7 @@
 //! (e.g. `-fsanitize=thread`, `-DNLA_EMU_UCONTEXT`).
 //!
 //! The `memcheck` feature builds the memory check (emu/memcheck.h: out-of-bounds and misaligned
-//! accesses, races between blocks): the kernels get gcc's -fsanitize=thread instrumentation (the
+//! accesses, reads of unwritten shared memory, races between blocks): the kernels get gcc's -fsanitize=thread instrumentation (the
 //! runtime does not), and emu/memcheck.cpp, built with NLA_EMU_MEMCHECK, implements its hooks
 //! instead of the TSan runtime. It cannot be combined with a ThreadSanitizer build (both would
 //! define the hooks).
@@ -283,11 +283,13 @@ pub fn build(kernels: &[PathBuf]) {
                 }
                 match c.output() {
                     Ok(o) if o.status.success() => {
-                        match if job.kernel {
+                        // a kernel object is fresh only once its shared memory has moved
+                        let moved = if job.kernel {
                             move_shared(&job.obj)
                         } else {
                             Ok(())
-                        } {
+                        };
+                        match moved {
                             Ok(()) => {
                                 let _ = fs::write(job.obj.with_extension("cmd"), &cmd);
                             }

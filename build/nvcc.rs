@@ -17,8 +17,9 @@
 //! Outputs, in OUT_DIR: `kernels/<stem>.ptx`, `kernels/<stem>.cubin`, `kernels.rs`
 //! (`pub const KERNELS: &[(&str, &[u8], &[u8])]`: file stem, PTX, cubin; and `LIMITS`: each
 //! kernel's registers and static shared memory from ptxas, and its launch bound from the PTX's
-//! `.maxntid`; included by src/device/kernels.rs) and `ptxas-report.txt` (per kernel: registers, stack, spills, static
-//! shared memory, barriers; the time of every nvcc run; then ptxas's own lines), copied to
+//! `.maxntid`; included by src/device/kernels.rs) and `ptxas-report.txt` (per kernel: registers,
+//! stack, spills, static shared memory, barriers; the time of every nvcc run; then ptxas's own
+//! lines), copied to
 //! `<target dir>/ptxas-report.txt`. Runs go longest first (by file size), NUM_JOBS (cargo -j)
 //! at a time.
 //!

@@ -95,58 +95,64 @@ impl<'a> EmuArgs<'a> {
         Self::default()
     }
 
-    fn push_bytes(&mut self, bytes: &[u8], kind: Kind, elem: usize) -> &mut Self {
+    /// One parameter: its value, kind, pointee size and (for a slice) its length in bytes.
+    fn push_bytes(&mut self, bytes: &[u8], kind: Kind, elem: usize, extent: usize) -> &mut Self {
         let mut slot = 0u64;
         bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
         self.slots.push(slot);
         self.sig.push((bytes.len(), kind, elem));
-        self.extents.push(0);
-        self
-    }
-
-    /// Records the byte length of the slice just packed.
-    fn extent(&mut self, bytes: usize) -> &mut Self {
-        if let Some(e) = self.extents.last_mut() {
-            *e = bytes as u64;
-        }
+        self.extents.push(extent as u64);
         self
     }
 
     /// A scalar parameter (`int n`, `float eps`, ...), by value.
     pub fn scalar<S: Scalar>(&mut self, v: S) -> &mut Self {
         let kind = if S::FLOAT { Kind::Float } else { Kind::Int };
-        self.push_bytes(bytemuck::bytes_of(&v), kind, 0)
+        self.push_bytes(bytemuck::bytes_of(&v), kind, 0, 0)
     }
 
     /// A `const T*` parameter: the kernel only reads `s`.
     pub fn ptr<T: bytemuck::Pod>(&mut self, s: &'a [T]) -> &mut Self {
         let addr = s.as_ptr() as usize;
-        self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrConst, size_of::<T>())
-            .extent(size_of_val(s))
+        self.push_bytes(
+            bytemuck::bytes_of(&addr),
+            Kind::PtrConst,
+            size_of::<T>(),
+            size_of_val(s),
+        )
     }
 
     /// A `T*` parameter: the kernel may read and write `s`.
     pub fn ptr_mut<T: bytemuck::Pod>(&mut self, s: &'a mut [T]) -> &mut Self {
         let addr = s.as_mut_ptr() as usize;
         let bytes = size_of_val(s);
-        self.push_bytes(bytemuck::bytes_of(&addr), Kind::PtrMut, size_of::<T>())
-            .extent(bytes)
+        self.push_bytes(
+            bytemuck::bytes_of(&addr),
+            Kind::PtrMut,
+            size_of::<T>(),
+            bytes,
+        )
     }
 
     /// A null `const T*` parameter: an optional input that is absent (the kernel tests for
     /// null; an empty slice's pointer is not null).
     pub fn null<T: bytemuck::Pod>(&mut self) -> &mut Self {
-        self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrConst, size_of::<T>())
+        self.push_bytes(
+            bytemuck::bytes_of(&0usize),
+            Kind::PtrConst,
+            size_of::<T>(),
+            0,
+        )
     }
 
     /// A null `T*` parameter: an optional output that is absent.
     pub fn null_mut<T: bytemuck::Pod>(&mut self) -> &mut Self {
-        self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrMut, size_of::<T>())
+        self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrMut, size_of::<T>(), 0)
     }
 
     /// A device address (`CUdeviceptr`), for the CUDA launchers; [`launch`] refuses it.
     pub fn device_ptr(&mut self, addr: u64) -> &mut Self {
-        self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0)
+        self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0, 0)
     }
 
     /// The index of the first packed argument that is a non-null host pointer (packed with
