@@ -532,6 +532,37 @@ fn benches(c: &mut Criterion) {
         );
     }
 
+    // kv_append: the new keys and values of B 32 rows into a 2048-position cache, NKV 8, HS 128
+    // (k, v read, their cache rows written: 4 T per new element). TQ 1 is one decode step's
+    // append (a few hundred KiB: launch-bound); TQ 512 a prefill's (bandwidth-bound).
+    for dt in DTYPES {
+        let t = dt.size() as u64;
+        for tq in [1, 512] {
+            let d = CacheDims {
+                b: 32,
+                tq,
+                tmax: 2048,
+                nh: 32,
+                nkv: 8,
+                hs: 128,
+                pos0: 1024,
+            };
+            let (nc, nn) = (d.b * d.tmax * d.nkv * d.hs, d.b * d.tq * d.nkv * d.hs);
+            let mut kc = dev.alloc_as(nc, dt).expect("alloc");
+            let mut vc = dev.alloc_as(nc, dt).expect("alloc");
+            let (k, vv) = (random(&dev, nn, 18, 1.0, dt), random(&dev, nn, 19, 1.0, dt));
+            bench_op(
+                c,
+                &dev,
+                "kv_append",
+                &id(dt, "fwd", &format!("b32_tq{tq}")),
+                Throughput::Bytes(4 * t * nn as u64),
+                bw,
+                |_| dev.kv_append_fwd(m(&mut kc), m(&mut vc), v(&k), v(&vv), d),
+            );
+        }
+    }
+
     // matmul through cuBLASLt, f32 compute: x [4096, 2048] @ W^T (W [5632, 2048]); a, b and c
     // in f32 (SIMT, against the f32 peak) or in bf16 (tensor cores, against the bf16 peak)
     for dt in DTYPES {

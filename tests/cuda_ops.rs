@@ -2,7 +2,7 @@
 //! large for the emulator in CI: attention forward and backward (T 512, HS 64 and 128), rmsnorm
 //! (N 4096, C 2048), cross-entropy (V 32000), matmul (M 1024, N 2048, K 512, every transpose),
 //! swiglu, rope, embedding (V 32000), adamw (1M elements), sum_squares (10M), decode attention
-//! (TMAX 1024, TQ 1 and 64), sampling, softmax and residual.
+//! (TMAX 1024, TQ 1 and 64) and kv_append at its shapes, sampling, softmax and residual.
 //!
 //! Every op check is one generic function `op(dev, label, sizes)`: it draws seeded random
 //! inputs, runs the op on `dev` and on the CPU device, and compares each output.
@@ -804,6 +804,52 @@ fn decode_attention<D: Device>(dev: &D, label: &str, s: &Sizes) {
     }
 }
 
+/// The new keys and values of a step into the KV cache (the decode attention cases' shapes),
+/// caches of random values: a copy, exact.
+fn kv_append<D: Device>(dev: &D, label: &str, s: &Sizes) {
+    fn run<E: Device>(e: &E, d: CacheDims, ins: [&[f32]; 4]) -> Vec<f32> {
+        let [kc, vc, k, v] = ins.map(|x| up(e, x));
+        let (mut kc, mut vc) = (kc, vc);
+        e.kv_append_fwd(
+            ViewMut::all(&mut kc),
+            ViewMut::all(&mut vc),
+            View::all(&k),
+            View::all(&v),
+            d,
+        )
+        .unwrap();
+        let mut out = down(e, &kc);
+        out.extend(down(e, &vc));
+        out
+    }
+    for &d in s.decode_attention {
+        let CacheDims {
+            b,
+            tq,
+            tmax,
+            nkv,
+            hs,
+            pos0,
+            ..
+        } = d;
+        let mut r = rng(0x4a + tq as u64);
+        let kc = uniform(&mut r, b * tmax * nkv * hs, -2.0, 2.0);
+        let vc = uniform(&mut r, b * tmax * nkv * hs, -2.0, 2.0);
+        let k = uniform(&mut r, b * tq * nkv * hs, -2.0, 2.0);
+        let v = uniform(&mut r, b * tq * nkv * hs, -2.0, 2.0);
+        let ins = [&kc[..], &vc, &k, &v];
+        let (want, tc) = timed(|| run(&CpuDevice::new(), d, ins));
+        let (got, td) = timed(|| run(dev, d, ins));
+        let what = format!(
+            "kv_append (B {b}, TQ {tq}, TMAX {tmax}, NKV {nkv}, HS {hs}, pos0 {pos0}): kcache, \
+             vcache"
+        );
+        report(label, &what, tc, td);
+        // a copy of f32 values: exact
+        check(label, &what, &got, &want, 0.0);
+    }
+}
+
 // ---- sample
 
 /// Sampling: greedy (ties planted: the lowest id wins), and temperature with top-k / top-p.
@@ -951,6 +997,7 @@ fn all_ops<D: Device>(dev: &D, label: &str, s: &Sizes) {
     adamw(dev, label, s);
     sum_squares(dev, label, s);
     decode_attention(dev, label, s);
+    kv_append(dev, label, s);
     sample(dev, label, s);
     softmax(dev, label, s);
     residual(dev, label, s);
@@ -1023,6 +1070,11 @@ fn cuda_sum_squares() {
 #[test]
 fn cuda_decode_attention() {
     on_gpu(decode_attention);
+}
+
+#[test]
+fn cuda_kv_append() {
+    on_gpu(kv_append);
 }
 
 #[test]

@@ -334,6 +334,37 @@ fn greedy_generation_matches_cpu() {
     }
 }
 
+/// The device calls (kernel launches, memory operations, matmuls: what the CUDA device hands
+/// the driver) of one decode step do not grow with the rows of the batch: each layer appends
+/// every row's key and value to the cache in one launch (not a copy per row), and the logits
+/// come from the step's rows themselves. Counted over decode steps 6..30 (by the difference of
+/// two generations), where the split-K scratch has stopped growing; `n` samples of each of two
+/// prompts are 2n rows.
+#[test]
+fn decode_device_calls_do_not_grow_with_rows() {
+    let prompts = vec![vec![5u32, 17, 3, 44, 9], vec![60u32, 2]];
+    let never = |_: &[u32]| false;
+    let calls = |n: usize, new: usize| {
+        let dev = EmuDevice::new(EmuMode::Forward, 1);
+        let m = model(&dev);
+        let spec = GenSpec {
+            n,
+            max_new_tokens: new,
+            ..greedy()
+        };
+        let before = dev.device_calls();
+        generate(&dev, &m, &prompts, &spec, &never).unwrap();
+        dev.device_calls() - before
+    };
+    let per_step = |n: usize| (calls(n, 30) - calls(n, 6)) as f64 / 24.0;
+    let (two, eight) = (per_step(1), per_step(4));
+    eprintln!("device calls per decode step: {two} with 2 rows, {eight} with 8 rows");
+    assert_eq!(
+        two, eight,
+        "device calls per decode step grow with the rows"
+    );
+}
+
 #[test]
 fn cuda_greedy_generation_matches_cpu() {
     if let Some(dev) = gpu(Dtype::F32) {

@@ -1,7 +1,7 @@
 //! CUDA kernels run through the CPU emulator of the CUDA execution model (`emu/`), each compared
 //! with its CPU twin (`CpuDevice` through the `Device` trait) on the same fresh random inputs:
 //! attention (forward; backward as the launcher composes it: the dot pre-pass, dq, dkdv),
-//! decode_attention (+ the split-K combine), cross_entropy, softmax and sample.
+//! decode_attention (+ the split-K combine), kv_append, cross_entropy, softmax and sample.
 //!
 //! Every launch runs in both fiber schedules (`EmuMode::Forward`, threads and blocks in order;
 //! `EmuMode::Reversed`, threads reversed and blocks shuffled, another seed). These kernels have
@@ -1131,6 +1131,154 @@ fn decode_attention_f32_matches_twin() {
 #[test]
 fn decode_attention_bf16_matches_twin() {
     decode_cases::<bf16>(41);
+}
+
+// ------------------------------------------------------------------------------------------
+// kv_append
+// ------------------------------------------------------------------------------------------
+
+/// kv_append_fwd_<T>: one block per new row (grid B*TQ, or fewer: grid-stride), block
+/// 32 * ceil(D / pack / 32) capped at 256 (pack 16 bytes when D is a multiple of it, else 1).
+#[allow(clippy::too_many_arguments)]
+fn kv_append_launch<T: Ty>(
+    kc: &mut [T],
+    vc: &mut [T],
+    k: &[T],
+    v: &[T],
+    d: CacheDims,
+    max_grid: usize,
+    mode: EmuMode,
+    seed: u64,
+) {
+    let (rows, dim, pack) = (d.b * d.tq, d.nkv * d.hs, 16 / size_of::<T>());
+    let p = if dim.is_multiple_of(pack) { pack } else { 1 };
+    let block = (32 * dim.div_ceil(p).div_ceil(32)).min(256) as u32;
+    let mut a = EmuArgs::new();
+    a.ptr_mut(kc).ptr_mut(vc).ptr(k).ptr(v);
+    for x in [rows, d.tq, d.tmax, dim, d.pos0] {
+        a.scalar(i32_of(x));
+    }
+    launch3(
+        &format!("kv_append_fwd_{}", T::NAME),
+        [rows.clamp(1, max_grid) as u32, 1, 1],
+        block,
+        0,
+        &mut a,
+        mode,
+        seed,
+    );
+}
+
+/// One append of TQ positions at pos0 into caches of random values, against the twin: a copy,
+/// so every element must match exactly (bits), the appended ones and the untouched ones.
+/// `misalign` shifts every buffer by that many elements off 16 bytes (the scalar path).
+#[allow(clippy::too_many_arguments)]
+fn kv_append_case<T: Ty>(
+    b: usize,
+    tq: usize,
+    tmax: usize,
+    pos0: usize,
+    nkv: usize,
+    hs: usize,
+    misalign: usize,
+    max_grid: usize,
+    seed: u64,
+) {
+    let d = CacheDims {
+        b,
+        tq,
+        tmax,
+        nh: nkv,
+        nkv,
+        hs,
+        pos0,
+    };
+    let mut r = rng(seed);
+    let (nc, nn) = (b * tmax * nkv * hs, b * tq * nkv * hs);
+    let kc = rounded::<T>(&nonzero(&mut r, nc, 2.0));
+    let vc = rounded::<T>(&nonzero(&mut r, nc, 2.0));
+    let k = rounded::<T>(&nonzero(&mut r, nn, 2.0));
+    let v = rounded::<T>(&nonzero(&mut r, nn, 2.0));
+    let (mut kc_t, mut vc_t) = (kc.clone(), vc.clone());
+    cpu()
+        .kv_append_fwd(
+            ViewMut::all(&mut kc_t),
+            ViewMut::all(&mut vc_t),
+            View::all(&k),
+            View::all(&v),
+            d,
+        )
+        .expect("twin kv_append_fwd");
+    let tag = format!(
+        "kv_append {} B{b} TQ{tq} TMAX{tmax} pos0 {pos0} NKV{nkv} HS{hs} misalign {misalign} \
+         grid <= {max_grid}",
+        T::NAME
+    );
+    let (kg, vg) = (
+        Guarded::from_slice_misaligned(&conv::<T>(&k), misalign),
+        Guarded::from_slice_misaligned(&conv::<T>(&v), misalign),
+    );
+    let (kc_k, vc_k) = both(&tag, |mode, seed| {
+        let mut kcg = Guarded::from_slice_misaligned(&conv::<T>(&kc), misalign);
+        let mut vcg = Guarded::from_slice_misaligned(&conv::<T>(&vc), misalign);
+        kv_append_launch(
+            kcg.get_mut(),
+            vcg.get_mut(),
+            kg.get(),
+            vg.get(),
+            d,
+            max_grid,
+            mode,
+            seed,
+        );
+        (take(&kcg, "kcache"), take(&vcg, "vcache"))
+    });
+    assert_same_bits(&format!("{tag}: kcache"), &kc_k, &conv::<T>(&kc_t));
+    assert_same_bits(&format!("{tag}: vcache"), &vc_k, &conv::<T>(&vc_t));
+    // the twin itself: the new rows landed, the others kept their values
+    for bi in 0..b {
+        for j in 0..tmax {
+            let o = (bi * tmax + j) * nkv * hs;
+            let want = if (pos0..pos0 + tq).contains(&j) {
+                let src = (bi * tq + j - pos0) * nkv * hs;
+                &k[src..src + nkv * hs]
+            } else {
+                &kc[o..o + nkv * hs]
+            };
+            assert_eq!(
+                &kc_t[o..o + nkv * hs],
+                want,
+                "{tag}: twin row {bi} position {j}"
+            );
+        }
+    }
+}
+
+fn kv_append_cases<T: Ty>(seed: u64) {
+    // decode: one position per row, D = 64 (16-byte packs)
+    kv_append_case::<T>(3, 1, 40, 17, 2, 32, 0, 1024, seed);
+    // prefill of 9 positions at 0, then a chunk at pos0 30 ending at TMAX
+    kv_append_case::<T>(2, 9, 12, 0, 4, 16, 0, 1024, seed + 1);
+    kv_append_case::<T>(2, 6, 36, 30, 1, 128, 0, 1024, seed + 2);
+    // D = 3 * 5 (not a multiple of a pack) and misaligned buffers: the one-element path
+    kv_append_case::<T>(4, 3, 10, 2, 3, 5, 0, 1024, seed + 3);
+    kv_append_case::<T>(2, 2, 7, 4, 2, 16, 1, 1024, seed + 4);
+    // more rows than blocks: the grid-stride loop over rows
+    kv_append_case::<T>(5, 7, 20, 9, 2, 64, 0, 2, seed + 5);
+    // more packs in a row than the 256 threads: D = 4096 (1024 f32 / 512 bf16 packs), and
+    // D = 303 one element at a time
+    kv_append_case::<T>(3, 2, 8, 5, 8, 512, 0, 1024, seed + 6);
+    kv_append_case::<T>(2, 3, 6, 1, 3, 101, 0, 1024, seed + 7);
+}
+
+#[test]
+fn kv_append_f32_matches_twin() {
+    kv_append_cases::<f32>(51);
+}
+
+#[test]
+fn kv_append_bf16_matches_twin() {
+    kv_append_cases::<bf16>(61);
 }
 
 // ------------------------------------------------------------------------------------------

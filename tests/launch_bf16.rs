@@ -701,6 +701,37 @@ fn decode_attention() {
 }
 
 #[test]
+fn kv_append() {
+    // D = NKV*HS = 40: the 16-byte path in both dtypes; 12: f32 only; offset 1: neither
+    for (nkv, hs, off) in [(5, 8, 0), (3, 4, 0), (5, 8, 1)] {
+        let d = CacheDims {
+            b: 3,
+            tq: 2,
+            tmax: 9,
+            nh: nkv,
+            nkv,
+            hs,
+            pos0: 6,
+        };
+        each_mode(9, |l, rng| {
+            let tag = format!("kv_append_fwd {d:?} off {off}");
+            let (nn, nc) = (d.b * d.tq * nkv * hs, d.b * d.tmax * nkv * hs);
+            let (k, v) = (
+                Pair::new(&vals(rng, nn, -1.0, 1.0), off),
+                Pair::new(&vals(rng, nn, -1.0, 1.0), off),
+            );
+            let mut kc = Pair::new(&vals(rng, nc, -1.0, 1.0), off);
+            let mut vc = Pair::new(&vals(rng, nc, -1.0, 1.0), off);
+            gpu::kv_append::fwd(l, kc.b.m(), vc.b.m(), k.b.s(), v.b.s(), d).unwrap();
+            gpu::kv_append::fwd(l, kc.f.m(), vc.f.m(), k.f.s(), v.f.s(), d).unwrap();
+            // a copy of values both dtypes hold: exact
+            check(&format!("{tag} kcache"), &kc.got(), kc.want(), 0.0, 0.0);
+            check(&format!("{tag} vcache"), &vc.got(), vc.want(), 0.0, 0.0);
+        });
+    }
+}
+
+#[test]
 fn rope() {
     each_mode(9, |l, rng| {
         let dims = [2, 3, 4, 8];

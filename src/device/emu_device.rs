@@ -18,6 +18,8 @@
 //! [`EmuDevice::with_work_dtype`] says bf16. Launches are serialised inside the emulator, so
 //! this device is slow (milliseconds per launch): tiny models only.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use half::bf16;
 
 use super::cpu::{check_same, check_write, CpuDevice};
@@ -138,6 +140,8 @@ pub struct EmuDevice {
     budget: Option<usize>,
     dtype: Dtype,
     scratch: ScratchCache<EmuBuf>,
+    /// memory operations and matmuls so far (see [`EmuDevice::device_calls`])
+    host_calls: AtomicU64,
 }
 
 impl EmuDevice {
@@ -149,6 +153,7 @@ impl EmuDevice {
             budget: None,
             dtype: Dtype::F32,
             scratch: ScratchCache::default(),
+            host_calls: AtomicU64::new(0),
         }
     }
 
@@ -184,6 +189,19 @@ impl EmuDevice {
     /// The launch backend the ops use.
     pub fn launcher(&self) -> &EmuLaunch {
         &self.launcher
+    }
+
+    /// The calls into the driver or cuBLASLt the CUDA device would have made so far: kernel
+    /// launches, memory operations (alloc, upload, write, download, fill, copy) and matmuls.
+    /// Each costs the host a few microseconds on a GPU, which is what a batch-1 decode step
+    /// waits on when it makes too many.
+    pub fn device_calls(&self) -> u64 {
+        self.launcher.launches() + self.host_calls.load(Ordering::Relaxed)
+    }
+
+    /// One more memory operation or matmul.
+    fn host_call(&self) {
+        self.host_calls.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -242,6 +260,7 @@ impl KernelDevice for EmuDevice {
     // ---- memory: host operations (cuMem* on the GPU)
 
     fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<EmuBuf> {
+        self.host_call();
         match dtype {
             Dtype::F32 => Ok(EmuBuf::F32(vec![0.0; n])),
             Dtype::Bf16 => Ok(EmuBuf::Bf16(vec![bf16::ZERO; n])),
@@ -252,22 +271,28 @@ impl KernelDevice for EmuDevice {
         }
     }
     fn upload(&self, host: &[f32]) -> Result<EmuBuf> {
+        self.host_call();
         Ok(EmuBuf::F32(host.to_vec()))
     }
     fn write(&self, dst: ViewMut<'_, EmuBuf>, host: &[f32]) -> Result<()> {
+        self.host_call();
         check_write(dst.len(), host.len())?;
         from_f32("write", "dst", dst, host)
     }
     fn download(&self, x: View<'_, EmuBuf>) -> Result<Vec<f32>> {
+        self.host_call();
         to_f32("download", "x", x)
     }
     fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>> {
+        self.host_call();
         CpuDevice.upload_ids(host)
     }
     fn download_ids(&self, ids: &Vec<u32>) -> Result<Vec<u32>> {
+        self.host_call();
         CpuDevice.download_ids(ids)
     }
     fn fill(&self, x: ViewMut<'_, EmuBuf>, value: f32) -> Result<()> {
+        self.host_call();
         match x.dtype() {
             Dtype::Bf16 => slice_mut("fill", "x", x)?.fill(bf16::from_f32(value)),
             _ => slice_mut("fill", "x", x)?.fill(value),
@@ -275,6 +300,7 @@ impl KernelDevice for EmuDevice {
         Ok(())
     }
     fn copy_same(&self, dst: ViewMut<'_, EmuBuf>, src: View<'_, EmuBuf>) -> Result<()> {
+        self.host_call();
         const OP: &str = "copy";
         check_same(OP, "dst", dst.len(), src.len())?;
         match src.dtype() {
@@ -302,6 +328,7 @@ impl KernelDevice for EmuDevice {
         beta: f32,
     ) -> Result<()> {
         const OP: &str = "matmul";
+        self.host_call();
         check_matmul_dtypes(a.dtype(), b.dtype(), c.dtype())?;
         // all f32: the CPU GEMM on the buffers themselves, nothing to convert
         if let (EmuBuf::F32(av), EmuBuf::F32(bv)) = (a.buf(), b.buf()) {

@@ -1,7 +1,7 @@
 //! The `Device` trait: one method per op, forward and backward.
 //!
-//! Every op exists as a CPU twin (`device/cpu/<op>.rs`, the reference) and, later, as a CUDA
-//! kernel (`kernels/<op>.cu`) with the same name and semantics. Buffers are device memory of
+//! Every op exists as a CPU twin (`device/cpu/<op>.rs`, the reference) and as a CUDA kernel
+//! (`kernels/<op>.cu`) with the same name and semantics. Buffers are device memory of
 //! f32 or, on the kernel devices, bf16 elements ([`Dtype`]); ops take windows into them
 //! ([`View`], [`ViewMut`]) plus explicit dims, so a parameter is a window of the flat parameter
 //! buffer and an activation is a whole buffer. The host side of every transfer is f32.
@@ -795,6 +795,17 @@ pub trait Device: Send + Sync + Sized {
 
     /// Copies token ids out of device memory.
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
+    /// `kcache[b, pos0 + t] = k[b, t]`, `vcache[b, pos0 + t] = v[b, t]` for t < TQ   (`=`): a
+    /// step's new keys and values into the KV cache, the other positions unchanged;
+    /// k, v [B,TQ,NKV,HS], kcache, vcache [B,TMAX,NKV,HS] (`d.nh` is not used).
+    fn kv_append_fwd(
+        &self,
+        kcache: M<'_, Self>,
+        vcache: M<'_, Self>,
+        k: V<'_, Self>,
+        v: V<'_, Self>,
+        d: CacheDims,
+    ) -> Result<()>;
     /// `out[B,TQ,NH,HS] = softmax_j(q_t . k_j / sqrt(HS)) v_j` over cache positions
     /// j in [starts[b], pos0 + t] (left-padded rows; 0 for a query before its row's start),
     /// query head h reading KV head h/(NH/NKV);

@@ -1466,7 +1466,7 @@ impl<'a> Builder<'a> {
                 self.op(format!("{lp}: k_proj"), &[k, xn, w]);
                 self.op(format!("{lp}: v_proj"), &[vb, xn, w]);
                 self.op(format!("{lp}: rope_fwd"), &[q, k]);
-                self.op(format!("{lp}: append to cache"), &[kc, vc, k, vb]);
+                self.op(format!("{lp}: kv_append_fwd"), &[kc, vc, k, vb]);
                 self.op(
                     format!("{lp}: decode_attention_fwd"),
                     &[att, q, kc, vc, starts],

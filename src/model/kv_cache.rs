@@ -221,36 +221,31 @@ impl<D: Device> KvCache<D> {
                 h: head(&mut w.h, n * f),
                 proj: head(&mut w.proj, n * c),
             };
-            let (kc, vc, starts, tmax) = (&mut self.k[l], &mut self.v[l], &self.starts, self.tmax);
+            let (kc, vc, starts) = (&mut self.k[l], &mut self.v[l], &self.starts);
             block_fwd(dev, model, lp, (b, tq, pos0), io, |att, q, k, v| {
                 // append this step's keys and values to the cache, then attend over it
-                for r in 0..b {
-                    let (dst, src) = ((r * tmax + pos0) * kvd, r * tq * kvd);
-                    dev.copy(
-                        ViewMut::range(kc, dst, tq * kvd),
-                        View::range(k.buf(), k.offset() + src, tq * kvd),
-                    )?;
-                    dev.copy(
-                        ViewMut::range(vc, dst, tq * kvd),
-                        View::range(v.buf(), v.offset() + src, tq * kvd),
-                    )?;
-                }
+                dev.kv_append_fwd(ViewMut::all(&mut *kc), ViewMut::all(&mut *vc), k, v, dims)?;
                 dev.decode_attention_fwd(att, q, View::all(&*kc), View::all(&*vc), starts, dims)
             })?;
             std::mem::swap(&mut w.x, &mut w.x_out);
             inject(&mut w.x, l + 1)?;
         }
-        for r in 0..b {
-            let src = (r * tq + tq - 1) * c;
-            dev.copy(
-                ViewMut::range(&mut w.last, r * c, c),
-                View::range(&w.x, src, c),
-            )?;
+        // each row's last new position [B,C]: the step's rows themselves when TQ = 1 (decode),
+        // else gathered, one copy per row (once per prefill)
+        if tq > 1 {
+            for r in 0..b {
+                let src = (r * tq + tq - 1) * c;
+                dev.copy(
+                    ViewMut::range(&mut w.last, r * c, c),
+                    View::range(&w.x, src, c),
+                )?;
+            }
         }
+        let last = if tq > 1 { &w.last } else { &w.x };
         dev.rmsnorm_fwd(
             ViewMut::all(&mut w.last_n),
             ViewMut::all(&mut w.last_rstd),
-            View::all(&w.last),
+            View::range(last, 0, b * c),
             p(tb.ln_f, c),
             b,
             c,

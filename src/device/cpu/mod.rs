@@ -14,6 +14,7 @@ pub mod cross_entropy;
 pub mod decode_attention;
 pub mod embedding;
 pub mod inject;
+pub mod kv_append;
 pub mod matmul;
 pub mod norm_scale;
 pub mod policy_loss;
@@ -1138,6 +1139,39 @@ impl Device for CpuDevice {
 
     fn download_ids(&self, ids: &Vec<u32>) -> Result<Vec<u32>> {
         Ok(ids.clone())
+    }
+
+    fn kv_append_fwd(
+        &self,
+        kcache: ViewMut<'_, Buf>,
+        vcache: ViewMut<'_, Buf>,
+        k: View<'_, Buf>,
+        v: View<'_, Buf>,
+        d: CacheDims,
+    ) -> Result<()> {
+        const OP: &str = "kv_append_fwd";
+        if d.pos0 + d.tq > d.tmax {
+            return Err(Error::invalid(
+                OP,
+                format!(
+                    "new positions end at {} beyond the cache's {}",
+                    d.pos0 + d.tq,
+                    d.tmax
+                ),
+            ));
+        }
+        let (kc, vc) = (
+            get_mut(OP, "kcache", kcache)?,
+            get_mut(OP, "vcache", vcache)?,
+        );
+        let (k, v) = (get(OP, "k", k)?, get(OP, "v", v)?);
+        let cache = [d.b, d.tmax, d.nkv, d.hs];
+        check_len(OP, "kcache [B,TMAX,NKV,HS]", kc.len(), &cache)?;
+        check_len(OP, "vcache [B,TMAX,NKV,HS]", vc.len(), &cache)?;
+        check_len(OP, "k [B,TQ,NKV,HS]", k.len(), &[d.b, d.tq, d.nkv, d.hs])?;
+        check_len(OP, "v [B,TQ,NKV,HS]", v.len(), &[d.b, d.tq, d.nkv, d.hs])?;
+        kv_append::kv_append_fwd(kc, vc, k, v, d);
+        Ok(())
     }
 
     fn decode_attention_fwd(

@@ -811,6 +811,25 @@ impl<T: KernelDevice> Device for T {
         })
     }
 
+    fn kv_append_fwd(
+        &self,
+        kcache: M<'_, T>,
+        vcache: M<'_, T>,
+        k: V<'_, T>,
+        v: V<'_, T>,
+        d: CacheDims,
+    ) -> Result<()> {
+        const OP: &str = "kv_append_fwd";
+        by_dtype!(kcache.dtype(), S => gpu::kv_append::fwd(
+            self.launcher(),
+            T::output::<S>(OP, "kcache", kcache)?,
+            T::output(OP, "vcache", vcache)?,
+            T::input(OP, "k", k)?,
+            T::input(OP, "v", v)?,
+            d,
+        ))
+    }
+
     fn decode_attention_fwd(
         &self,
         out: M<'_, T>,

@@ -34,6 +34,7 @@ pub mod decode_attention;
 pub mod embedding;
 pub mod inject;
 pub mod kernel_device;
+pub mod kv_append;
 pub mod norm_scale;
 pub mod policy_loss;
 pub mod pool;
