@@ -138,40 +138,54 @@ pub fn generate_with<D: Device>(
         })
         .collect();
     let mut done = vec![false; b];
+    let steps = spec.max_new_tokens;
+    // every row's uniform draws for every step [STEPS,B], step-major, uploaded once: the s-th
+    // draw of row r is the s-th of its own stream, as if drawn step by step
+    let mut draws = vec![0f32; steps * b];
+    for step in draws.chunks_exact_mut(b) {
+        for (d, rng) in step.iter_mut().zip(&mut rngs) {
+            *d = rng.random::<f32>();
+        }
+    }
+    let u = dev.upload(&draws)?;
+    // the sampled tokens' log-probabilities [STEPS,B], downloaded once at the end: a decode
+    // step waits on the GPU only for the tokens the stop checks need
+    let mut logp = dev.alloc(steps * b)?;
     let mut next = dev.upload_ids(&vec![0; b])?;
-    let mut logp = dev.alloc(b)?;
-    let mut u = dev.alloc(b)?;
-    for step in 0..spec.max_new_tokens {
-        // each row's uniform draw, into the same buffer every step (no allocation per token)
-        let draws: Vec<f32> = rngs.iter_mut().map(|r| r.random::<f32>()).collect();
-        dev.write(ViewMut::all(&mut u), &draws)?;
+    let mut ran = 0;
+    for step in 0..steps {
         dev.sample_fwd(
             &mut next,
-            ViewMut::all(&mut logp),
+            ViewMut::range(&mut logp, step * b, b),
             cache.logits(),
-            View::all(&u),
+            View::range(&u, step * b, b),
             b,
             v,
             &spec.sample,
         )?;
-        let (tok, lp) = (dev.download_ids(&next)?, dev.download(View::all(&logp))?);
+        ran = step + 1;
+        let tok = dev.download_ids(&next)?;
         for r in 0..b {
             if done[r] {
                 continue;
             }
             let s = &mut out[r];
             s.tokens.push(tok[r]);
-            s.logps.push(lp[r]);
             if spec.eos_ids.contains(&tok[r]) {
                 (done[r], s.stop) = (true, StopReason::Eos);
             } else if stop(&s.tokens) {
                 (done[r], s.stop) = (true, StopReason::Stop);
             }
         }
-        if done.iter().all(|&d| d) || step + 1 == spec.max_new_tokens {
+        if done.iter().all(|&d| d) || step + 1 == steps {
             break;
         }
         cache.step(dev, model, &next, 1)?;
+    }
+    // sample r's k-th token was drawn at step k
+    let lp = dev.download(View::range(&logp, 0, ran * b))?;
+    for (r, s) in out.iter_mut().enumerate() {
+        s.logps = (0..s.tokens.len()).map(|k| lp[k * b + r]).collect();
     }
     Ok(out)
 }

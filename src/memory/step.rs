@@ -1434,8 +1434,9 @@ impl<'a> Builder<'a> {
         let sites = inject.then(|| self.ids(format!("{pre}.inject.sites"), r));
         let vecs = inject.then(|| self.act(format!("{pre}.inject.vecs"), r * c));
         let next = self.ids(format!("{pre}.next"), r);
-        let logp = self.stat(format!("{pre}.logp"), r);
-        let u = self.stat(format!("{pre}.uniform"), r);
+        // every step's draws and log-probs [NEW,R] (uploaded and downloaded once)
+        let logp = self.stat(format!("{pre}.logp"), r * new_tokens);
+        let u = self.stat(format!("{pre}.uniform"), r * new_tokens);
         let inject_layers = self.models[m].inject_layers.clone();
         for (step, prefill) in [("prefill", true), ("decode", false)] {
             let sp = format!("{pre}.{step}");
