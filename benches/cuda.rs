@@ -421,9 +421,11 @@ fn benches(c: &mut Criterion) {
             },
         );
         drop((p, mm, vv, work));
-        // g itself in f32; a bf16 copy of it in bf16
+        // g itself in f32; a bf16 copy of it in bf16. The kernel alone, adding into one f64
+        // kept on the device (`Device::sum_squares` also allocates it, copies it back and waits)
         let g16 = (dt != Dtype::F32).then(|| random(&dev, n, 7, 1e-3, dt));
         let x = g16.as_ref().unwrap_or(&g);
+        let mut acc = dev.alloc_as(2, Dtype::F32).expect("alloc");
         bench_op(
             c,
             &dev,
@@ -431,7 +433,7 @@ fn benches(c: &mut Criterion) {
             &id(dt, "", "256M"),
             Throughput::Bytes(dt.size() as u64 * n as u64),
             bw,
-            |_| dev.sum_squares(v(x)).map(|_| ()),
+            |_| dev.sum_squares_kernel(&mut acc, v(x)),
         );
     }
 

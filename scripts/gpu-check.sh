@@ -75,6 +75,36 @@ for l in sys.stdin:
 fi
 
 command -v nvidia-smi >/dev/null || { echo "gpu-check: no nvidia-smi: not a GPU machine" >&2; exit 1; }
+
+# cuBLASLt is not part of the driver: cudarc loads libcublasLt.so(.13) at run time. Find it (the
+# loader's cache, a CUDA toolkit, or the nvidia-cublas wheel of a Python environment) and put
+# its folder on LD_LIBRARY_PATH.
+find_cublaslt() {
+    if ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then return; fi
+    local d
+    for d in "${CUDA_HOME:-/nonexistent}/lib64" /usr/local/cuda/lib64 /usr/local/cuda-*/lib64 \
+        /usr/local/cuda/targets/x86_64-linux/lib; do
+        if compgen -G "$d/libcublasLt.so*" >/dev/null; then echo "$d"; return; fi
+    done
+    for py in python3 /opt/torch/.venv/bin/python3; do
+        command -v "$py" >/dev/null || continue
+        d="$("$py" -c 'import glob, os, sys
+for p in sys.path:
+    for f in glob.glob(os.path.join(p, "nvidia", "*", "lib", "libcublasLt.so*")):
+        print(os.path.dirname(f)); sys.exit()' 2>/dev/null || true)"
+        if [ -n "$d" ]; then echo "$d"; return; fi
+    done
+}
+cublaslt_dir="$(find_cublaslt || true)"
+if [ -n "$cublaslt_dir" ]; then
+    export LD_LIBRARY_PATH="$cublaslt_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+elif ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then
+    echo "gpu-check: libcublasLt.so not found (no CUDA toolkit, no nvidia-cublas wheel): the" \
+        "CUDA device needs it for matmuls; install one or set LD_LIBRARY_PATH" >&2
+fi
+
+# every part runs under a time limit (a hung kernel leaves the rest of the report)
+limit() { local s="$1"; shift; timeout -k 10 "$s" "$@"; }
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1)"
 driver="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n1)"
 mem="$(nvidia-smi --query-gpu=memory.total --format=csv,noheader | head -n1)"
@@ -86,16 +116,17 @@ export NLA_REQUIRE_GPU=1
 
 if [ "$mode" = run-bundle ]; then
     b=.gpu-bundle
-    [ -d "$b" ] || [ ! -f "$b.tgz" ] || tar -xzf "$b.tgz"
+    if [ -f "$b.tgz" ]; then rm -rf "$b" && tar -xzf "$b.tgz"; fi
     [ -x "$b/nla-engine" ] || { echo "gpu-check: no $b/nla-engine: run 'bash scripts/gpu-check.sh bundle' first" >&2; exit 1; }
     built="$(cat "$b/built-in")"
     if [ "$built" != "$root" ] && [ ! -e "$built" ]; then
-        mkdir -p "$(dirname "$built")" && ln -s "$root" "$built"
+        mkdir -p "$(dirname "$built")" 2>/dev/null && ln -s "$root" "$built" ||
+            echo "gpu-check: cannot link $built to $root: tests that read fixtures may fail" >&2
     fi
     commit="$(cat "$b/commit")"
     nla="$b/nla-engine"
-    run_test() { "$b/test-$1" --test-threads=1 --nocapture; }
-    run_bench() { (cd "$built" && "$root/$b/bench-cuda" --bench --noplot); }
+    run_test() { limit 600 "$b/test-$1" --test-threads=1 --nocapture; }
+    run_bench() { (cd "$built" && limit 900 "$root/$b/bench-cuda" --bench --noplot); }
     nvcc_used="(bundled build)"
 else
     NVCC="$(find_nvcc)"
@@ -103,8 +134,8 @@ else
     commit="$(git rev-parse HEAD)$(git diff --quiet || echo '+changes')"
     cargo build --release
     nla=target/release/nla-engine
-    run_test() { cargo test --release --test "$1" -- --test-threads=1 --nocapture; }
-    run_bench() { cargo bench --bench cuda -- --noplot; }
+    run_test() { limit 600 cargo test --release --test "$1" -- --test-threads=1 --nocapture; }
+    run_bench() { limit 900 cargo bench --bench cuda -- --noplot; }
     nvcc_used="$("$NVCC" --version | tail -n1)"
 fi
 
@@ -116,28 +147,32 @@ status=0
     echo "- commit: $commit"
     echo "- GPU: $gpu, $mem, driver $driver"
     echo "- nvcc: $nvcc_used"
+    echo "- cuBLASLt: ${cublaslt_dir:-found by the loader}"
     echo "- devices:"; "$nla" devices 2>&1 | sed "s/^/  - /" || true
     echo
 } > "$report"
 
 for t in "${gpu_tests[@]}"; do
-    if run_test "$t" > "$log/test-$t.txt" 2>&1; then r=passed; else r=FAILED; status=1; fi
+    if run_test "$t" > "$log/test-$t.txt" 2>&1; then r=passed; else r="FAILED (exit $?)"; status=1; fi
     {
         echo "## tests/$t.rs: $r"
         echo
         echo '```'
-        grep -E "^test |test result|err|GB/s|max|worst" "$log/test-$t.txt" | head -n 80
+        # sed, not head, reads all of grep's output: under pipefail a SIGPIPE would end the script
+        { grep -E "^test |test result|err|GB/s|max|worst|panicked" "$log/test-$t.txt" || true; } |
+            sed -n '1,120p'
         echo '```'
         echo
     } >> "$report"
 done
 
-if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r=FAILED; status=1; fi
+if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r="FAILED (exit $?)"; status=1; fi
 {
     echo "## benches/cuda.rs (criterion; kernels timed with CUDA events): $r"
     echo
     echo '```'
-    grep -E "^[a-z_]+/|time:|thrpt:|fraction" "$log/bench-cuda.txt" | head -n 400
+    { grep -E "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked" "$log/bench-cuda.txt" || true; } |
+        sed -n '1,400p'
     echo '```'
     echo
 } >> "$report"
@@ -151,7 +186,12 @@ for run in "small" "llama-1b" "llama-1b --only step --precision f32" \
     "llama-1b --only rollout --prompts 1 --samples 1 --new-tokens 256"; do
     name="$(echo "$run" | tr -cs 'a-z0-9' '_')"
     # shellcheck disable=SC2086 # $run is a preset and flags, split on purpose
-    if "$nla" bench --device cuda --preset $run > "$log/bench-$name.txt" 2>&1; then r=ran; else r=FAILED; status=1; fi
+    if limit 600 "$nla" bench --device cuda --preset $run > "$log/bench-$name.txt" 2>&1; then
+        r=ran
+    else
+        r="FAILED (exit $?)"
+        status=1
+    fi
     {
         echo "## nla-engine bench --device cuda --preset $run: $r"
         echo

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use nla_engine::bench::{self, BenchOpts};
-use nla_engine::device::{cuda, emu, kernels, Device};
+use nla_engine::device::{cuda, emu, kernels, Device, Dtype};
 use nla_engine::model::{MemoryOptions, Recompute};
 use nla_engine::with_device;
 
@@ -33,8 +33,8 @@ pub struct BenchArgs {
     /// Untimed iterations before [default: the preset's]
     #[arg(long)]
     pub warmup: Option<usize>,
-    /// Peak FLOP/s the MFU is taken against, in TFLOP/s [default: 989 (H100 SXM dense bf16)
-    /// on a GPU; none on the CPU]
+    /// Peak FLOP/s the MFU is taken against, in TFLOP/s [default on a GPU: the H100 SXM's
+    /// 989 dense bf16, or 67 f32 with `--precision f32`; none on the CPU]
     #[arg(long)]
     pub peak_tflops: Option<f64>,
     /// Training step: run the LM head and cross-entropy over vocabulary chunks of this many
@@ -71,18 +71,27 @@ pub struct BenchArgs {
 
 /// H100 SXM dense bf16 tensor-core rate, the usual MFU denominator.
 const H100_BF16_TFLOPS: f64 = 989.0;
+/// H100 SXM f32 rate on the SIMT cores (the f32 matmuls use no TF32): the denominator in f32.
+const H100_F32_TFLOPS: f64 = 67.0;
 
 pub fn bench_cmd(args: &BenchArgs) -> Result<()> {
     let dev = open_device(&args.device, args.precision)?;
     let gpu = matches!(dev, nla_engine::device::select::AnyDevice::Cuda(_));
-    let peak = args
-        .peak_tflops
-        .or(gpu.then_some(H100_BF16_TFLOPS))
-        .map(|t| t * 1e12);
-    with_device!(&dev, d => bench_on(d, args, peak))
+    with_device!(&dev, d => {
+        // the peak of the precision the step computes in
+        let default_peak = match d.work_dtype() {
+            Dtype::F32 => H100_F32_TFLOPS,
+            _ => H100_BF16_TFLOPS,
+        };
+        let peak = args
+            .peak_tflops
+            .or(gpu.then_some(default_peak))
+            .map(|t| t * 1e12);
+        bench_on(d, args, peak, gpu)
+    })
 }
 
-fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>) -> Result<()> {
+fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>, gpu: bool) -> Result<()> {
     let mut o = match args.preset.as_str() {
         "llama-1b" => BenchOpts::llama_1b(),
         _ => BenchOpts::small(),
@@ -141,8 +150,11 @@ fn bench_on<D: Device>(dev: &D, args: &BenchArgs, peak: Option<f64>) -> Result<(
         json.insert("step".into(), serde_json::to_value(&r)?);
     }
     if args.only.as_deref() != Some("step") {
-        let bw = bench::measure_copy_bandwidth(dev, 256 << 20, 5, &sync)
-            .context("the copy bandwidth")?;
+        // a GPU copies 256 MiB in ~0.2 ms, where the synchronisations around a timed copy
+        // would weigh: 1 GiB there
+        let bytes = if gpu { 1 << 30 } else { 256 << 20 };
+        let bw =
+            bench::measure_copy_bandwidth(dev, bytes, 5, &sync).context("the copy bandwidth")?;
         println!("copy bandwidth {:.1} GB/s (read + written)", bw / 1e9);
         let r = bench::rollout(dev, &o, &sync).context("the rollout")?;
         println!("{r}");

@@ -264,6 +264,12 @@ impl Blas {
             c: c.dtype,
             align: [alignment(a.addr), alignment(b.addr), alignment(c.addr)],
         };
+        // cuBLASLt runs in the calling thread's current context, its heuristic query included:
+        // ours, whichever thread calls
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("cuCtxSetCurrent", e))?;
         let mut plans = self
             .plans
             .lock()
@@ -273,11 +279,6 @@ impl Blas {
             Entry::Vacant(e) => e.insert(Plan::new(self.handle, &key)?),
         };
         let [la, lb, lc] = plan.layouts;
-        // cuBLASLt runs in the calling thread's current context: ours, whichever thread calls
-        self.stream
-            .context()
-            .bind_to_thread()
-            .map_err(|e| Error::cuda("cuCtxSetCurrent", e))?;
         // SAFETY: the caller checked that a, b and c hold the elements the layouts describe at
         // these addresses (live buffers of ours, c not aliasing a or b), in the dtypes of the
         // plan's key, aligned as the key says; the workspace is ours and WORKSPACE bytes long;

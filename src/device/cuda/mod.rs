@@ -95,6 +95,15 @@ pub fn probe() -> std::result::Result<usize, String> {
             version % 1000 / 10
         ));
     }
+    // SAFETY: `is_culib_present` only tries to load libcublasLt (dlopen); it never calls into it.
+    if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+        return Err(
+            "cuBLASLt (libcublasLt.so.13), which the CUDA device's matmuls need, could not \
+                    be loaded: install the CUDA toolkit's libraries or the nvidia-cublas wheel \
+                    and put the folder holding it on LD_LIBRARY_PATH"
+                .into(),
+        );
+    }
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(n as usize),
         Ok(_) => Err("the CUDA driver sees no GPU".into()),
@@ -111,6 +120,14 @@ pub struct CudaDevice {
     name: String,
     dtype: Dtype,
     scratch: ScratchCache<CudaBuf>,
+}
+
+impl Drop for CudaDevice {
+    /// Waits for the queued work before the fields go (modules unloaded, cuBLASLt's handle and
+    /// workspace released, buffers freed), so nothing is released under a running kernel.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -166,14 +183,6 @@ impl CudaDevice {
             return Err(Error::cuda(
                 "--device cuda",
                 format!("GPU {ordinal} asked for, the driver sees {count}"),
-            ));
-        }
-        // SAFETY: cudarc's driver bindings are loadable (probe checked is_culib_present).
-        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
-            return Err(Error::cuda(
-                "--device cuda",
-                "cuBLASLt (libcublasLt.so) could not be loaded: install the CUDA toolkit's \
-                 libraries or put them on LD_LIBRARY_PATH",
             ));
         }
         let ctx = CudaContext::new(ordinal).map_err(driver("cuCtx (primary context)"))?;

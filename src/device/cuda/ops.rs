@@ -13,7 +13,7 @@ use crate::device::cpu::check_matmul;
 use crate::device::emu_device::check_matmul_dtypes;
 use crate::device::gpu::kernel_device::KernelDevice;
 use crate::device::gpu::scratch::ScratchCache;
-use crate::device::gpu::{DevPtr, Ids, In, Out};
+use crate::device::gpu::{self, DevPtr, Ids, In, Out};
 use crate::device::{Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
 
@@ -160,5 +160,33 @@ impl KernelDevice for CudaDevice {
         );
         let c = Operand { addr: c, dtype: cd };
         self.blas.matmul(c, a, b, [m, n, k], ta, tb, alpha, beta)
+    }
+}
+
+impl CudaDevice {
+    /// sum_squares' kernel alone (the bench's, timing the kernel without the allocation, copy
+    /// and wait of [`crate::device::Device::sum_squares`]): adds sum(x^2) into `acc`, an f32
+    /// buffer of 2 elements whose 8 bytes hold one f64.
+    pub fn sum_squares_kernel(&self, acc: &mut CudaBuf, x: View<'_, Buf>) -> Result<()> {
+        const OP: &str = "sum_squares";
+        let acc = dev_out::<f32>(OP, "acc", ViewMut::all(acc))?;
+        if acc.len() != 2 {
+            return Err(Error::invalid(
+                OP,
+                format!("acc: expected 2 f32 elements (one f64), got {}", acc.len()),
+            ));
+        }
+        // the buffer's start, from cuMemAlloc: aligned for an f64
+        let acc = Out::Device(DevPtr::<f64>::new(acc.addr(), 1));
+        match x.dtype() {
+            Dtype::Bf16 => gpu::adamw::sum_squares(
+                &self.launcher,
+                acc,
+                In::Device(dev_in::<bf16>(OP, "x", x)?),
+            ),
+            _ => {
+                gpu::adamw::sum_squares(&self.launcher, acc, In::Device(dev_in::<f32>(OP, "x", x)?))
+            }
+        }
     }
 }
