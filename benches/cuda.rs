@@ -275,7 +275,7 @@ fn benches(c: &mut Criterion) {
             &id(dt, "fwd", "8x2048x32x128"),
             Throughput::Bytes(2 * t * (b * tt * h * hs) as u64),
             bw,
-            |_| dev.rope_fwd(m(&mut x), b, tt, h, hs, 0, 1e4),
+            |_| dev.rope_fwd(m(&mut x), b, tt, h, hs, 0, None, 1e4),
         );
     }
 
@@ -530,7 +530,7 @@ fn benches(c: &mut Criterion) {
             &id(dt, "", "b32_t2048"),
             Throughput::Bytes(2 * t * nc as u64),
             bw,
-            |_| dev.decode_attention_fwd(m(&mut out), v(&q), v(&kc), v(&vc), &starts, d),
+            |_| dev.decode_attention_fwd(m(&mut out), v(&q), v(&kc), v(&vc), &starts, None, d),
         );
     }
 
@@ -560,7 +560,7 @@ fn benches(c: &mut Criterion) {
                 &id(dt, "fwd", &format!("b32_tq{tq}")),
                 Throughput::Bytes(4 * t * nn as u64),
                 bw,
-                |_| dev.kv_append_fwd(m(&mut kc), m(&mut vc), v(&k), v(&vv), d),
+                |_| dev.kv_append_fwd(m(&mut kc), m(&mut vc), v(&k), v(&vv), None, d),
             );
         }
     }

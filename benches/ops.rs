@@ -120,7 +120,10 @@ fn rope(c: &mut Criterion) {
     let mut g = group(c, "rope", x.len() as u64);
     // Rotations are orthogonal: repeated application keeps the values bounded.
     g.bench_function("fwd", |bch| {
-        bch.iter(|| dev.rope_fwd(m(&mut x), b, t, nh, hs, 0, 10000.0).unwrap())
+        bch.iter(|| {
+            dev.rope_fwd(m(&mut x), b, t, nh, hs, 0, None, 10000.0)
+                .unwrap()
+        })
     });
     g.bench_function("bwd", |bch| {
         bch.iter(|| dev.rope_bwd(m(&mut x), b, t, nh, hs, 0, 10000.0).unwrap())

@@ -14,8 +14,11 @@
 //         kernel merges: M = max_s m_s, out = (sum_s o_s 2^(m_s - M)) * (1 / sum_s l_s 2^(m_s - M))
 //         (=), 0 where every l_s = 0. nsplit = 1 writes out directly (scratch unused, may be
 //         null).
+// Position pos0: the argument, or where `pos` is not null pos[0] (a device word the host writes
+//         between steps: the launch is then the same at every position, as a replayed CUDA
+//         graph needs; the launcher then sizes the split for TMAX).
 // Shapes  q, out [B,TQ,NH,HS]; kcache, vcache [B,TMAX,NKV,HS] (positions < pos0 + TQ written);
-//         starts [B] (< TMAX); pos0 + TQ <= TMAX. Scratch for nsplit > 1, R = B*TQ*NH rows:
+//         starts [B] (< TMAX); pos0 + TQ <= TMAX (a launch whose pos0 breaks this does nothing). Scratch for nsplit > 1, R = B*TQ*NH rows:
 //         part_o [nsplit][R][HS], part_ml [nsplit][R][2] (m, l).
 // Dtypes  q, kcache, vcache, out: T; starts u32; part_o, part_ml f32; sums in f32.
 // Head    template bucket HSB in {16, 32, 64, 128}, any runtime hs <= HSB (zero padding, as in
@@ -45,8 +48,8 @@
 //         of 128; only when nsplit > 1.
 // Symbols decode_attention_fwd_<f32|bf16>_hs<16|32|64|128>
 //           (T* out, float* part_o, float* part_ml, const T* q, const T* kcache,
-//            const T* vcache, const uint32_t* starts, int b, int tq, int tmax, int nh, int nkv,
-//            int hs, int pos0, int nsplit)
+//            const T* vcache, const uint32_t* starts, const uint32_t* pos, int b, int tq,
+//            int tmax, int nh, int nkv, int hs, int pos0, int nsplit)
 //         decode_attention_combine_<f32|bf16>
 //           (T* out, const float* part_o, const float* part_ml, int rows, int hs, int nsplit)
 //
@@ -77,7 +80,8 @@ template <typename T, int HSB>
 __device__ __forceinline__ void dec_fwd(T* __restrict__ out, float* __restrict__ part_o,
                                         float* __restrict__ part_ml, const T* __restrict__ q,
                                         const T* __restrict__ kc, const T* __restrict__ vc,
-                                        const uint32_t* __restrict__ starts, int nb, int tq,
+                                        const uint32_t* __restrict__ starts,
+                                        const uint32_t* __restrict__ pos, int nb, int tq,
                                         int tmax, int nh, int nkv, int hs, int pos0,
                                         int nsplit) {
     constexpr int LD = HSB + 1, SUB = DEC_NT / HSB, PER = DEC_BK * HSB / DEC_NT;
@@ -94,7 +98,8 @@ __device__ __forceinline__ void dec_fwd(T* __restrict__ out, float* __restrict__
     const int group = nh / nkv, nhc = (group + DEC_HG - 1) / DEC_HG;
     const int split = blockIdx.x, y = blockIdx.y, b = blockIdx.z;
     const int hc = y % nhc, g = y / nhc % nkv, t = y / (nhc * nkv);
-    if (split >= nsplit || t >= tq || b >= nb) return;
+    if (pos) pos0 = (int)pos[0];
+    if (split >= nsplit || t >= tq || b >= nb || pos0 < 0 || pos0 > tmax - tq) return;
     const int h0 = g * group + hc * DEC_HG, hn = min(DEC_HG, group - hc * DEC_HG);
     const int p = pos0 + t, start = (int)starts[b];
     const int len = p >= start ? p - start + 1 : 0;  // keys of this query
@@ -229,10 +234,10 @@ __device__ __forceinline__ void dec_combine(T* __restrict__ out, const float* __
     extern "C" __global__ void __launch_bounds__(DEC_NT, 4) decode_attention_fwd_##S##_hs##HSB(      \
         T* __restrict__ out, float* __restrict__ part_o, float* __restrict__ part_ml,              \
         const T* __restrict__ q, const T* __restrict__ kcache, const T* __restrict__ vcache,       \
-        const uint32_t* __restrict__ starts, int b, int tq, int tmax, int nh, int nkv, int hs,     \
-        int pos0, int nsplit) {                                                                    \
-        dec_fwd<T, HSB>(out, part_o, part_ml, q, kcache, vcache, starts, b, tq, tmax, nh, nkv, hs, \
-                        pos0, nsplit);                                                             \
+        const uint32_t* __restrict__ starts, const uint32_t* __restrict__ pos, int b, int tq,      \
+        int tmax, int nh, int nkv, int hs, int pos0, int nsplit) {                                 \
+        dec_fwd<T, HSB>(out, part_o, part_ml, q, kcache, vcache, starts, pos, b, tq, tmax, nh, nkv,\
+                        hs, pos0, nsplit);                                                         \
     }
 
 #define DEC_KERNELS(S, T)                                                                      \

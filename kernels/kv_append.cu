@@ -4,7 +4,11 @@
 // Math    (Device::kv_append_fwd; CPU twin src/device/cpu/kv_append.rs)
 //         kcache[b, pos0 + t, :] = k[b, t, :];  vcache[b, pos0 + t, :] = v[b, t, :]   (=)
 //         for b < B, t < TQ; every other cache position is left as it was.
-// Shapes  k, v [B,TQ,D]; kcache, vcache [B,TMAX,D]; D = NKV*HS; pos0 + TQ <= TMAX.
+// Shapes  k, v [B,TQ,D]; kcache, vcache [B,TMAX,D]; D = NKV*HS; pos0 + TQ <= TMAX (a launch
+//         whose pos0 breaks this writes nothing).
+// Position pos0: the argument, or where `pos` is not null pos[0] (a device word the host writes
+//         between steps: the launch is then the same at every position, as a replayed CUDA
+//         graph needs).
 // Dtypes  T everywhere (f32 or bf16): a copy, bits unchanged.
 // Threads one block per new row r = b * TQ + t (grid-stride over rows), its threads over the
 //         row's D elements in packs of p: p = 16 bytes (4 f32 / 8 bf16) when D is a multiple of
@@ -13,8 +17,8 @@
 //         launcher computes it from D alone), grid B*TQ (any grid and block are correct). The
 //         caches must not overlap k or v.
 // Symbols kv_append_fwd_f32, kv_append_fwd_bf16
-//           (T* kcache, T* vcache, const T* k, const T* v, int rows, int tq, int tmax, int d,
-//            int pos0)   rows = B*TQ
+//           (T* kcache, T* vcache, const T* k, const T* v, const uint32_t* pos, int rows,
+//            int tq, int tmax, int d, int pos0)   rows = B*TQ
 //
 // nla: hot
 
@@ -38,8 +42,11 @@ __device__ __forceinline__ void kv_append_rows(T* __restrict__ kcache, T* __rest
 template <typename T>
 __device__ __forceinline__ void kv_append_fwd(T* __restrict__ kcache, T* __restrict__ vcache,
                                               const T* __restrict__ k, const T* __restrict__ v,
-                                              int rows, int tq, int tmax, int d, int pos0) {
+                                              const uint32_t* pos, int rows, int tq, int tmax,
+                                              int d, int pos0) {
     constexpr int P = NlaPack<T>::N;
+    if (pos) pos0 = (int)pos[0];
+    if (pos0 < 0 || pos0 > tmax - tq) return;
     if (d % P == 0 && nla_aligned(kcache, 16) && nla_aligned(vcache, 16) && nla_aligned(k, 16) &&
         nla_aligned(v, 16))
         kv_append_rows<P>(kcache, vcache, k, v, rows, tq, tmax, d, pos0);
@@ -50,9 +57,9 @@ __device__ __forceinline__ void kv_append_fwd(T* __restrict__ kcache, T* __restr
 #define NLA_KV_APPEND(S, T)                                                                        \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
         kv_append_fwd_##S(T* __restrict__ kcache, T* __restrict__ vcache,                         \
-                          const T* __restrict__ k, const T* __restrict__ v, int rows, int tq,      \
-                          int tmax, int d, int pos0) {                                             \
-        kv_append_fwd<T>(kcache, vcache, k, v, rows, tq, tmax, d, pos0);                           \
+                          const T* __restrict__ k, const T* __restrict__ v, const uint32_t* pos,   \
+                          int rows, int tq, int tmax, int d, int pos0) {                           \
+        kv_append_fwd<T>(kcache, vcache, k, v, pos, rows, tq, tmax, d, pos0);                      \
     }
 NLA_KV_APPEND(f32, float)
 NLA_KV_APPEND(bf16, nla_bf16)

@@ -17,19 +17,23 @@
 //         compute the row's cos/sin into shared memory, then the block's threads take the
 //         H * HS/2 pairs of the row. Launch: grid B*T, block 32 * ceil(H * HS / 2 / 32) capped
 //         at 256.
+// Position pos0 is the position of row t = 0: the `pos0` argument, or where `pos` is not null
+//         pos[0] (a device word the host writes between steps, so that a decode step's launch
+//         is the same at every position: what a replayed CUDA graph needs).
 // Symbols rope_fwd_f32, rope_fwd_bf16, rope_bwd_f32, rope_bwd_bf16
-//         (T* x, int b, int t, int h, int hs, int pos0, float theta)
+//         (T* x, const uint32_t* pos, int b, int t, int h, int hs, int pos0, float theta)
 
 #include "common.cuh"
 
 #define ROPE_MAX_HALF 256
 
 template <typename T>
-__device__ __forceinline__ void rope(T* x, int b, int t, int h, int hs, int pos0, float theta,
-                                     bool inverse) {
+__device__ __forceinline__ void rope(T* x, const uint32_t* pos, int b, int t, int h, int hs,
+                                     int pos0, float theta, bool inverse) {
     __shared__ float cs[ROPE_MAX_HALF], sn[ROPE_MAX_HALF];
     const int half = hs / 2;
     if (half <= 0 || half > ROPE_MAX_HALF) return;
+    if (pos) pos0 = (int)pos[0];
     const long long rows = (long long)b * t;
     const int pairs = h * half;
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -62,12 +66,14 @@ __device__ __forceinline__ void rope(T* x, int b, int t, int h, int hs, int pos0
 
 #define NLA_ROPE(S, T)                                                                             \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
-        rope_fwd_##S(T* x, int b, int t, int h, int hs, int pos0, float theta) {                   \
-        rope<T>(x, b, t, h, hs, pos0, theta, false);                                               \
+        rope_fwd_##S(T* x, const uint32_t* pos, int b, int t, int h, int hs, int pos0,             \
+                     float theta) {                                                                \
+        rope<T>(x, pos, b, t, h, hs, pos0, theta, false);                                          \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
-        rope_bwd_##S(T* dx, int b, int t, int h, int hs, int pos0, float theta) {                  \
-        rope<T>(dx, b, t, h, hs, pos0, theta, true);                                               \
+        rope_bwd_##S(T* dx, const uint32_t* pos, int b, int t, int h, int hs, int pos0,            \
+                     float theta) {                                                                \
+        rope<T>(dx, pos, b, t, h, hs, pos0, theta, true);                                          \
     }
 NLA_ROPE(f32, float)
 NLA_ROPE(bf16, nla_bf16)

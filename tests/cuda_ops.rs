@@ -577,7 +577,7 @@ fn rope<D: Device>(dev: &D, label: &str, s: &Sizes) {
     fn run<E: Device>(e: &E, [b, t, h, hs]: [usize; 4], x: &[f32], at: (usize, f32)) -> Vec<f32> {
         let mut x = up(e, x);
         let (pos0, theta) = at;
-        e.rope_fwd(ViewMut::all(&mut x), b, t, h, hs, pos0, theta)
+        e.rope_fwd(ViewMut::all(&mut x), b, t, h, hs, pos0, None, theta)
             .unwrap();
         let fwd = down(e, &x);
         e.rope_bwd(ViewMut::all(&mut x), b, t, h, hs, pos0, theta)
@@ -770,7 +770,7 @@ fn decode_attention<D: Device>(dev: &D, label: &str, s: &Sizes) {
         let starts = e.upload_ids(starts).unwrap();
         let mut out = nans(e, q.len());
         let (qv, kv, vv) = (View::all(&q), View::all(&k), View::all(&v));
-        e.decode_attention_fwd(ViewMut::all(&mut out), qv, kv, vv, &starts, d)
+        e.decode_attention_fwd(ViewMut::all(&mut out), qv, kv, vv, &starts, None, d)
             .unwrap();
         down(e, &out)
     }
@@ -815,6 +815,7 @@ fn kv_append<D: Device>(dev: &D, label: &str, s: &Sizes) {
             ViewMut::all(&mut vc),
             View::all(&k),
             View::all(&v),
+            None,
             d,
         )
         .unwrap();

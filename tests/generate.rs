@@ -95,6 +95,7 @@ fn decode_attention_matches_full_attention_with_left_padding() {
             View::all(&kcb),
             View::all(&vcb),
             &starts,
+            None,
             dims_real,
         )
         .unwrap();
@@ -107,6 +108,7 @@ fn decode_attention_matches_full_attention_with_left_padding() {
                 View::all(&kcb),
                 View::all(&vcb),
                 &starts,
+                None,
                 dims,
             )
             .unwrap();
@@ -119,6 +121,7 @@ fn decode_attention_matches_full_attention_with_left_padding() {
                 View::all(&kcb),
                 View::all(&vcb),
                 &starts,
+                None,
                 dims,
             )
             .unwrap();

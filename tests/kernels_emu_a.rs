@@ -493,12 +493,14 @@ fn rmsnorm_fwd_in_threads_mode() {
 // rope
 // ------------------------------------------------------------------------------------------
 
-/// Grid B*T, block 32 * ceil(H * HS / 2 / 32) capped at 256.
+/// Grid B*T, block 32 * ceil(H * HS / 2 / 32) capped at 256. `pos`: the position read from
+/// this one-id buffer by the kernel (the `pos0` argument then 0), else `pos0`.
 #[allow(clippy::too_many_arguments)]
 fn rope_k<T: Storage>(
     x: &mut [T],
     dims: [usize; 4],
     pos0: usize,
+    pos: Option<&[u32]>,
     theta: f32,
     bwd: bool,
     mode: EmuMode,
@@ -509,6 +511,11 @@ fn rope_k<T: Storage>(
     let name = sym::<T>(if bwd { "rope_bwd" } else { "rope_fwd" });
     let mut a = EmuArgs::new();
     a.ptr_mut(x);
+    match pos {
+        Some(p) => a.ptr(p),
+        None => a.null::<u32>(),
+    };
+    let pos0 = if pos.is_some() { 0 } else { pos0 };
     a.scalar(b as i32)
         .scalar(t as i32)
         .scalar(h as i32)
@@ -530,16 +537,30 @@ fn check_rope<T: Storage>(dims: [usize; 4], pos0: usize, theta: f32, seed: u64) 
             dev.rope_bwd(m(&mut want), b, t, h, hs, pos0, theta)
                 .unwrap();
         } else {
-            dev.rope_fwd(m(&mut want), b, t, h, hs, pos0, theta)
+            dev.rope_fwd(m(&mut want), b, t, h, hs, pos0, None, theta)
                 .unwrap();
         }
         let got = both_orders(|mode, seed| {
             let mut xg = input::<T>(&x, 0);
-            rope_k(xg.get_mut(), dims, pos0, theta, bwd, mode, seed);
+            rope_k(xg.get_mut(), dims, pos0, None, theta, bwd, mode, seed);
             read(&tag, &xg)
         });
         let what = format!("{tag} {}", if bwd { "bwd" } else { "fwd" });
         assert_same_bits(&what, &got[0], &got[1]);
+        // pos0 read from device memory instead: the same rotation
+        let pos = [pos0 as u32];
+        let mut xg = input::<T>(&x, 0);
+        rope_k(
+            xg.get_mut(),
+            dims,
+            0,
+            Some(&pos),
+            theta,
+            bwd,
+            EmuMode::Forward,
+            seed,
+        );
+        assert_same_bits(&format!("{what}, pos in memory"), &read(&tag, &xg), &got[0]);
         // Same f32 angle, cos/sin in f64 rounded to f32, the twin's products and order; only
         // theta^e differs (f64 pow rounded vs glibc powf, both correctly rounded in practice):
         // where they differ by 1 ulp, the angle moves by up to p * 2^-24 rad (6e-5 at p = 1000)

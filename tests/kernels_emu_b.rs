@@ -433,7 +433,8 @@ fn dec_nsplit(d: &CacheDims, starts: &[u32], sms: usize) -> usize {
 
 /// decode_attention_fwd_<T>_hs<B>: grid (nsplit, TQ*NKV*ceil(G/8), B), block 128; then, when
 /// nsplit > 1, decode_attention_combine_<T> over R = B*TQ*NH rows (ceil(R/4) blocks of 128).
-/// `part_o` [nsplit][R][HS], `part_ml` [nsplit][R][2]: empty when nsplit = 1.
+/// `part_o` [nsplit][R][HS], `part_ml` [nsplit][R][2]: empty when nsplit = 1. `d.pos0` is
+/// passed as the argument, or with `pos_in_memory` as a one-id buffer (the argument then 0).
 #[allow(clippy::too_many_arguments)]
 fn decode_attention_launch<T: Ty>(
     out: &mut [T],
@@ -445,6 +446,7 @@ fn decode_attention_launch<T: Ty>(
     starts: &[u32],
     d: CacheDims,
     nsplit: usize,
+    pos_in_memory: bool,
     mode: EmuMode,
     seed: u64,
 ) {
@@ -479,6 +481,13 @@ fn decode_attention_launch<T: Ty>(
         .ptr_mut(&mut *part_o)
         .ptr_mut(&mut *part_ml);
     a.ptr(q).ptr(kcache).ptr(vcache).ptr(starts);
+    let pos = [pos0 as u32];
+    if pos_in_memory {
+        a.ptr(&pos[..]);
+    } else {
+        a.null::<u32>();
+    }
+    let pos0 = if pos_in_memory { 0 } else { pos0 };
     for x in [b, tq, tmax, nh, nkv, hs, pos0, nsplit] {
         a.scalar(i32_of(x));
     }
@@ -1051,6 +1060,7 @@ fn decode_case<T: Ty>(
             View::all(&kc),
             View::all(&vc),
             &starts_ids,
+            None,
             d,
         )
         .expect("twin decode_attention_fwd");
@@ -1084,6 +1094,7 @@ fn decode_case<T: Ty>(
                 starts,
                 d,
                 nsplit,
+                false,
                 mode,
                 seed,
             );
@@ -1091,6 +1102,25 @@ fn decode_case<T: Ty>(
             pml.assert_intact("part_ml");
             take(&out, "out")
         });
+        // pos0 read from device memory instead: the same result, bit for bit
+        let scratch = if nsplit > 1 { nsplit * rows } else { 0 };
+        let mut out = poisoned::<T>(rows * hs);
+        let (mut po, mut pml) = (poisoned::<f32>(scratch * hs), poisoned::<f32>(scratch * 2));
+        decode_attention_launch(
+            out.get_mut(),
+            po.get_mut(),
+            pml.get_mut(),
+            qg.get(),
+            kg.get(),
+            vg.get(),
+            starts,
+            d,
+            nsplit,
+            true,
+            EmuMode::Forward,
+            seed,
+        );
+        assert_same_bits(&format!("{tag}, pos in memory"), &take(&out, "out"), &out_k);
         // error model as attention's forward (a convex combination of v rows, f32 scores and
         // exponentials in another order; split-K adds one 2^(m_s - M) rescale per split):
         // 1e-5 (~84 u) of max|v| = 1; seen <= 4%.
@@ -1139,6 +1169,7 @@ fn decode_attention_bf16_matches_twin() {
 
 /// kv_append_fwd_<T>: one block per new row (grid B*TQ, or fewer: grid-stride), block
 /// 32 * ceil(D / pack / 32) capped at 256 (pack 16 bytes when D is a multiple of it, else 1).
+/// `pos`: pos0 read by the kernel from this one-id buffer (the argument then 0), else `d.pos0`.
 #[allow(clippy::too_many_arguments)]
 fn kv_append_launch<T: Ty>(
     kc: &mut [T],
@@ -1146,6 +1177,7 @@ fn kv_append_launch<T: Ty>(
     k: &[T],
     v: &[T],
     d: CacheDims,
+    pos: Option<&[u32]>,
     max_grid: usize,
     mode: EmuMode,
     seed: u64,
@@ -1155,7 +1187,12 @@ fn kv_append_launch<T: Ty>(
     let block = (32 * dim.div_ceil(p).div_ceil(32)).min(256) as u32;
     let mut a = EmuArgs::new();
     a.ptr_mut(kc).ptr_mut(vc).ptr(k).ptr(v);
-    for x in [rows, d.tq, d.tmax, dim, d.pos0] {
+    match pos {
+        Some(p) => a.ptr(p),
+        None => a.null::<u32>(),
+    };
+    let pos0 = if pos.is_some() { 0 } else { d.pos0 };
+    for x in [rows, d.tq, d.tmax, dim, pos0] {
         a.scalar(i32_of(x));
     }
     launch3(
@@ -1206,6 +1243,7 @@ fn kv_append_case<T: Ty>(
             ViewMut::all(&mut vc_t),
             View::all(&k),
             View::all(&v),
+            None,
             d,
         )
         .expect("twin kv_append_fwd");
@@ -1227,12 +1265,40 @@ fn kv_append_case<T: Ty>(
             kg.get(),
             vg.get(),
             d,
+            None,
             max_grid,
             mode,
             seed,
         );
         (take(&kcg, "kcache"), take(&vcg, "vcache"))
     });
+    // pos0 read from device memory: the same caches; a position whose TQ rows would pass
+    // TMAX: nothing written
+    for (p, what) in [(pos0, "pos in memory"), (tmax - tq + 1, "pos past the end")] {
+        let mut kcg = Guarded::from_slice_misaligned(&conv::<T>(&kc), misalign);
+        let mut vcg = Guarded::from_slice_misaligned(&conv::<T>(&vc), misalign);
+        let pos = [p as u32];
+        let (kgm, vgm) = (kcg.get_mut(), vcg.get_mut());
+        kv_append_launch(
+            kgm,
+            vgm,
+            kg.get(),
+            vg.get(),
+            d,
+            Some(&pos),
+            max_grid,
+            EmuMode::Forward,
+            seed,
+        );
+        let want = if p == pos0 {
+            (&kc_k, &vc_k)
+        } else {
+            (&conv::<T>(&kc), &conv::<T>(&vc))
+        };
+        let (kc_p, vc_p) = (take(&kcg, "kcache"), take(&vcg, "vcache"));
+        assert_same_bits(&format!("{tag}, {what}: kcache"), &kc_p, want.0);
+        assert_same_bits(&format!("{tag}, {what}: vcache"), &vc_p, want.1);
+    }
     assert_same_bits(&format!("{tag}: kcache"), &kc_k, &conv::<T>(&kc_t));
     assert_same_bits(&format!("{tag}: vcache"), &vc_k, &conv::<T>(&vc_t));
     // the twin itself: the new rows landed, the others kept their values

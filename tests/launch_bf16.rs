@@ -660,7 +660,7 @@ fn decode_attention() {
             let q = Pair::new(&vals(rng, nq, -1.0, 1.0), 0);
             let kc = Pair::new(&vals(rng, nc, -1.0, 1.0), 0);
             let vc = Pair::new(&vals(rng, nc, -1.0, 1.0), 0);
-            let (lo, lml) = gpu::decode_attention::scratch_lens(l, &d, starts);
+            let (lo, lml) = gpu::decode_attention::scratch_lens(l, &d, starts, false);
             assert_eq!(lo > 0, d.tq == 1, "split-K in the decode case only");
             let mut out = Pair::nan(nq, 0);
             let (mut po, mut pml) = (vec![f32::NAN; lo], vec![f32::NAN; lml]);
@@ -673,6 +673,7 @@ fn decode_attention() {
                 kc.b.s(),
                 vc.b.s(),
                 starts,
+                None,
                 d,
             )
             .unwrap();
@@ -685,6 +686,7 @@ fn decode_attention() {
                 kc.f.s(),
                 vc.f.s(),
                 starts,
+                None,
                 d,
             )
             .unwrap();
@@ -722,8 +724,8 @@ fn kv_append() {
             );
             let mut kc = Pair::new(&vals(rng, nc, -1.0, 1.0), off);
             let mut vc = Pair::new(&vals(rng, nc, -1.0, 1.0), off);
-            gpu::kv_append::fwd(l, kc.b.m(), vc.b.m(), k.b.s(), v.b.s(), d).unwrap();
-            gpu::kv_append::fwd(l, kc.f.m(), vc.f.m(), k.f.s(), v.f.s(), d).unwrap();
+            gpu::kv_append::fwd(l, kc.b.m(), vc.b.m(), k.b.s(), v.b.s(), None, d).unwrap();
+            gpu::kv_append::fwd(l, kc.f.m(), vc.f.m(), k.f.s(), v.f.s(), None, d).unwrap();
             // a copy of values both dtypes hold: exact
             check(&format!("{tag} kcache"), &kc.got(), kc.want(), 0.0, 0.0);
             check(&format!("{tag} vcache"), &vc.got(), vc.want(), 0.0, 0.0);
@@ -738,8 +740,8 @@ fn rope() {
         let n: usize = dims.iter().product();
         for bwd in [false, true] {
             let mut x = Pair::new(&vals(rng, n, -2.0, 2.0), 0);
-            gpu::rope::rope(l, x.b.m(), dims, 5, 10000.0, bwd).unwrap();
-            gpu::rope::rope(l, x.f.m(), dims, 5, 10000.0, bwd).unwrap();
+            gpu::rope::rope(l, x.b.m(), dims, 5, None, 10000.0, bwd).unwrap();
+            gpu::rope::rope(l, x.f.m(), dims, 5, None, 10000.0, bwd).unwrap();
             // the same rotation in f32 per pair in both, rounded once
             check(&format!("rope bwd={bwd}"), &x.got(), x.want(), ROUND, 0.0);
         }

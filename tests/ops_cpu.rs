@@ -120,7 +120,8 @@ fn rope_fixture() {
     let (b, t, h, hs) = (shape[0], shape[1], shape[2], shape[3]);
     let theta = fx("rope.theta").scalar();
     let mut x = data("rope.x");
-    dev.rope_fwd(m(&mut x), b, t, h, hs, 0, theta).unwrap();
+    dev.rope_fwd(m(&mut x), b, t, h, hs, 0, None, theta)
+        .unwrap();
     // Same f32 angles as the reference; cos/sin rounded to f32 (u each), then x1 c - x2 s: the
     // two products may cancel, so the error is ~u of max(|x1|, |x2|) (1.4 u of the largest
     // entry measured): 2 u of the largest entry, 4 u relative.
@@ -1187,21 +1188,29 @@ fn rope_device() {
     let (b, t, h, hs) = (2, 3, 2, 6);
     let x = random_f32(b * t * h * hs, 26);
     let mut y = x.clone();
-    dev.rope_fwd(m(&mut y), b, t, h, hs, 5, 10000.0).unwrap();
+    dev.rope_fwd(m(&mut y), b, t, h, hs, 5, None, 10000.0)
+        .unwrap();
     // Position 0 of a batch started at pos0 = 0 is the identity; here pos0 = 5, so nothing is.
     assert_ne!(y[..hs], x[..hs]);
     dev.rope_bwd(m(&mut y), b, t, h, hs, 5, 10000.0).unwrap();
     // bwd is the inverse rotation: it undoes fwd up to rounding.
     assert_close("rope inverse", &y, &x, 1e-6, 1e-6, 1e-12);
     let mut z = x.clone();
-    dev.rope_fwd(m(&mut z), b, t, h, hs, 0, 10000.0).unwrap();
+    dev.rope_fwd(m(&mut z), b, t, h, hs, 0, None, 10000.0)
+        .unwrap();
     assert_eq!(z[..h * hs], x[..h * hs], "position 0 is not rotated");
-    assert_invalid("rope_fwd", dev.rope_fwd(m(&mut y), b, t, h, 5, 0, 10000.0));
     assert_invalid(
         "rope_fwd",
-        dev.rope_fwd(m(&mut y), b, t + 1, h, hs, 0, 10000.0),
+        dev.rope_fwd(m(&mut y), b, t, h, 5, 0, None, 10000.0),
     );
-    assert_invalid("rope_fwd", dev.rope_fwd(m(&mut y), b, t, h, hs, 0, 0.0));
+    assert_invalid(
+        "rope_fwd",
+        dev.rope_fwd(m(&mut y), b, t + 1, h, hs, 0, None, 10000.0),
+    );
+    assert_invalid(
+        "rope_fwd",
+        dev.rope_fwd(m(&mut y), b, t, h, hs, 0, None, 0.0),
+    );
     assert_invalid("rope_bwd", dev.rope_bwd(m(&mut y), b, t, h, 0, 0, 10000.0));
 }
 

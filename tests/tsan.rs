@@ -331,7 +331,8 @@ fn rmsnorm(d: &EmuDevice) {
 fn rope(d: &EmuDevice) {
     let (b, t, h, hs) = (2, 4, 2, 16);
     let mut x = vals(b * t * h * hs, 5, 1.0);
-    d.rope_fwd(m(&mut x), b, t, h, hs, 3, 10000.0).unwrap();
+    d.rope_fwd(m(&mut x), b, t, h, hs, 3, None, 10000.0)
+        .unwrap();
     d.rope_bwd(m(&mut x), b, t, h, hs, 3, 10000.0).unwrap();
 }
 
@@ -414,7 +415,7 @@ fn decode_attention(d: &EmuDevice) {
         let vc = vals(b * tmax * nkv * hs, 12, 1.0);
         let starts: Vec<u32> = vec![0, 5];
         let mut out = zeros(q.len());
-        d.decode_attention_fwd(m(&mut out), v(&q), v(&kc), v(&vc), &starts, dims)
+        d.decode_attention_fwd(m(&mut out), v(&q), v(&kc), v(&vc), &starts, None, dims)
             .unwrap();
     }
 }

@@ -168,6 +168,11 @@ impl<'a> EmuArgs<'a> {
             .position(|(&(_, kind, _), &v)| matches!(kind, Kind::PtrConst | Kind::PtrMut) && v != 0)
     }
 
+    /// Every parameter's 8-byte slot (scalars, host or device addresses), in order.
+    pub fn slots(&self) -> &[u64] {
+        &self.slots
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }

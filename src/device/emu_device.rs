@@ -142,6 +142,10 @@ pub struct EmuDevice {
     scratch: ScratchCache<EmuBuf>,
     /// memory operations and matmuls so far (see [`EmuDevice::device_calls`])
     host_calls: AtomicU64,
+    /// calls made inside replayed graphs, which a GPU makes as one graph launch
+    replayed: AtomicU64,
+    /// steps captured for replay ([`Device::replay`])
+    captures: AtomicU64,
 }
 
 impl EmuDevice {
@@ -154,6 +158,8 @@ impl EmuDevice {
             dtype: Dtype::F32,
             scratch: ScratchCache::default(),
             host_calls: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            captures: AtomicU64::new(0),
         }
     }
 
@@ -197,11 +203,23 @@ impl EmuDevice {
     /// waits on when it makes too many.
     pub fn device_calls(&self) -> u64 {
         self.launcher.launches() + self.host_calls.load(Ordering::Relaxed)
+            - self.replayed.load(Ordering::Relaxed)
+    }
+
+    /// Steps captured for replay so far ([`Device::replay`]): a step whose launches change from
+    /// call to call is captured every time, which on a GPU costs more than it saves.
+    pub fn graph_captures(&self) -> u64 {
+        self.captures.load(Ordering::Relaxed)
     }
 
     /// One more memory operation or matmul.
     fn host_call(&self) {
         self.host_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` calls that a GPU would not have made (they were one graph launch).
+    fn uncount(&self, n: u64) {
+        self.replayed.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -212,6 +230,22 @@ impl KernelDevice for EmuDevice {
 
     fn launcher(&self) -> &EmuLaunch {
         &self.launcher
+    }
+
+    /// No graph object: a replay runs the step's launches again (the record showed they are
+    /// the captured ones), and counts as one call, the graph launch a GPU makes.
+    type Exec = ();
+    fn capture(&self, _step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.captures.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn run_graph(&self, _exec: &(), step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let before = self.device_calls();
+        step()?;
+        // the step's calls made no driver calls on a GPU: one graph launch did
+        let made = self.device_calls() - before;
+        self.uncount(made.saturating_sub(1));
+        Ok(())
     }
 
     fn input<'a, S: Storage>(
@@ -286,6 +320,10 @@ impl KernelDevice for EmuDevice {
     fn upload_ids(&self, host: &[u32]) -> Result<Vec<u32>> {
         self.host_call();
         CpuDevice.upload_ids(host)
+    }
+    fn write_ids(&self, ids: &mut Vec<u32>, host: &[u32]) -> Result<()> {
+        self.host_call();
+        CpuDevice.write_ids(ids, host)
     }
     fn download_ids(&self, ids: &Vec<u32>) -> Result<Vec<u32>> {
         self.host_call();

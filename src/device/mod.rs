@@ -366,8 +366,23 @@ pub trait Device: Send + Sync + Sized {
     type Buf: DeviceBuf;
     /// Device memory of u32 token ids.
     type Ids: Send + Sync;
+    /// A step kept for replay ([`Device::replay`]); nothing where the device has no graphs.
+    type Graph: Default;
 
     fn name(&self) -> String;
+
+    /// Runs `step`, which may only launch kernels and matmuls (no allocation, copy or wait),
+    /// through `graph` where the device can replay steps: the first time `step` is captured
+    /// into a graph; later, when `step` would make the same launches with the same arguments
+    /// (buffers, shapes, scalars), the graph is replayed instead (one launch on a GPU), else
+    /// captured again. `step` runs more than once per call (recorded, captured), so it must
+    /// not change host state. A step that does anything else runs as it is. The CPU runs
+    /// `step` once. While a step is recorded the device records every launch, so no other
+    /// thread may use the device during `replay`.
+    fn replay(&self, graph: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let _ = graph;
+        step()
+    }
 
     /// Waits until every op issued so far has finished (a GPU runs ops asynchronously; the
     /// CPU devices finish each op before returning). For timing.
@@ -417,6 +432,8 @@ pub trait Device: Send + Sync + Sized {
     /// The elements as f32.
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
+    /// `ids = host` into ids already allocated (of the same length).
+    fn write_ids(&self, ids: &mut Self::Ids, host: &[u32]) -> Result<()>;
     /// `x = value` (rounded to x's dtype)
     fn fill(&self, x: M<'_, Self>, value: f32) -> Result<()>;
     /// `dst = src`, converting (round to nearest even) where their dtypes differ
@@ -469,6 +486,9 @@ pub trait Device: Send + Sync + Sized {
 
     /// In place on x[B,T,H,HS]: HF "rotate half" RoPE. For i < HS/2, position p = pos0 + t,
     /// angle = p * theta^(-2i/HS): (x_i, x_{i+HS/2}) <- (x_i cos - x_{i+HS/2} sin, x_{i+HS/2} cos + x_i sin)
+    /// `pos`: where given, one id holding pos0 in device memory, read there instead of `pos0`
+    /// ([`Device::write_ids`] sets it between steps, so a kernel device's launch is the same
+    /// at every position, as a replayed graph needs).
     #[allow(clippy::too_many_arguments)]
     fn rope_fwd(
         &self,
@@ -478,6 +498,7 @@ pub trait Device: Send + Sync + Sized {
         h: usize,
         hs: usize,
         pos0: usize,
+        pos: Option<&Self::Ids>,
         theta: f32,
     ) -> Result<()>;
     /// In place on dx[B,T,H,HS]: the transpose rotation (angle -> -angle).
@@ -797,19 +818,24 @@ pub trait Device: Send + Sync + Sized {
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
     /// `kcache[b, pos0 + t] = k[b, t]`, `vcache[b, pos0 + t] = v[b, t]` for t < TQ   (`=`): a
     /// step's new keys and values into the KV cache, the other positions unchanged;
-    /// k, v [B,TQ,NKV,HS], kcache, vcache [B,TMAX,NKV,HS] (`d.nh` is not used).
+    /// k, v [B,TQ,NKV,HS], kcache, vcache [B,TMAX,NKV,HS] (`d.nh` is not used). `pos`: where
+    /// given, pos0 read from this one id in device memory instead of `d.pos0` (as rope_fwd).
     fn kv_append_fwd(
         &self,
         kcache: M<'_, Self>,
         vcache: M<'_, Self>,
         k: V<'_, Self>,
         v: V<'_, Self>,
+        pos: Option<&Self::Ids>,
         d: CacheDims,
     ) -> Result<()>;
     /// `out[B,TQ,NH,HS] = softmax_j(q_t . k_j / sqrt(HS)) v_j` over cache positions
     /// j in [starts[b], pos0 + t] (left-padded rows; 0 for a query before its row's start),
     /// query head h reading KV head h/(NH/NKV);
     /// kcache, vcache [B,TMAX,NKV,HS]; starts [B]. Prefill (TQ = prompt length) and decode (TQ = 1).
+    /// `pos`: where given, pos0 read from this one id in device memory instead of `d.pos0` (as
+    /// rope_fwd).
+    #[allow(clippy::too_many_arguments)]
     fn decode_attention_fwd(
         &self,
         out: M<'_, Self>,
@@ -817,6 +843,7 @@ pub trait Device: Send + Sync + Sized {
         kcache: V<'_, Self>,
         vcache: V<'_, Self>,
         starts: &Self::Ids,
+        pos: Option<&Self::Ids>,
         d: CacheDims,
     ) -> Result<()>;
     /// ids[N] = a token per row of logits [N,V] drawn with uniforms u [N] as [`SampleSpec`]

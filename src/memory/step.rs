@@ -1404,6 +1404,8 @@ impl<'a> Builder<'a> {
             })
             .collect();
         let starts = self.ids(format!("{pre}.starts"), r);
+        // the step's first position, read on the device (a decode step is replayed as a graph)
+        let pos = self.ids(format!("{pre}.pos"), 1);
         let ws = |s: &mut Self, nm: &str, el: usize| s.act(format!("{pre}.ws.{nm}"), el);
         let x = ws(self, "x", n * c);
         let x_out = ws(self, "x_out", n * c);
@@ -1466,11 +1468,11 @@ impl<'a> Builder<'a> {
                 self.op(format!("{lp}: q_proj"), &[q, xn, w]);
                 self.op(format!("{lp}: k_proj"), &[k, xn, w]);
                 self.op(format!("{lp}: v_proj"), &[vb, xn, w]);
-                self.op(format!("{lp}: rope_fwd"), &[q, k]);
-                self.op(format!("{lp}: kv_append_fwd"), &[kc, vc, k, vb]);
+                self.op(format!("{lp}: rope_fwd"), &[q, k, pos]);
+                self.op(format!("{lp}: kv_append_fwd"), &[kc, vc, k, vb, pos]);
                 self.op(
                     format!("{lp}: decode_attention_fwd"),
-                    &[att, q, kc, vc, starts],
+                    &[att, q, kc, vc, starts, pos],
                 );
                 self.op(format!("{lp}: o_proj"), &[proj, att, w]);
                 self.op(format!("{lp}: residual_fwd"), &[x2, x, x_out, proj]);

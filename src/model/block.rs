@@ -35,13 +35,15 @@ pub(crate) struct BlockBufs<'a, B> {
 }
 
 /// `out = x_mid + down(silu(gate(n2)) * up(n2))`, `x_mid = x + o(attend(rope(q(n1)), rope(k(n1)), v(n1)))`
-/// with n1, n2 the RMS-normed inputs. Rows are (b, t) with N = b*t at positions pos0 + t;
-/// `attend(att, q, k, v)` writes the attention output (causal over the batch, or over a cache).
+/// with n1, n2 the RMS-normed inputs. Rows are (b, t) with N = b*t at positions pos0 + t (pos0
+/// read on the device from `pos` where given: [`Device::rope_fwd`]); `attend(att, q, k, v)`
+/// writes the attention output (causal over the batch, or over a cache).
 pub(crate) fn block_fwd<D: Device>(
     dev: &D,
     model: &Model<D>,
     lp: &LayerParams,
     (b, t, pos0): (usize, usize, usize),
+    pos: Option<&D::Ids>,
     io: BlockBufs<'_, D::Buf>,
     attend: impl FnOnce(
         ViewMut<'_, D::Buf>,
@@ -99,8 +101,8 @@ pub(crate) fn block_fwd<D: Device>(
         kvd,
         c,
     )?;
-    dev.rope_fwd(q.reborrow(), b, t, nh, hs, pos0, theta)?;
-    dev.rope_fwd(k.reborrow(), b, t, nkv, hs, pos0, theta)?;
+    dev.rope_fwd(q.reborrow(), b, t, nh, hs, pos0, pos, theta)?;
+    dev.rope_fwd(k.reborrow(), b, t, nkv, hs, pos0, pos, theta)?;
     attend(att.reborrow(), q.as_view(), k.as_view(), v.as_view())?;
     linear_fwd(
         dev,

@@ -256,9 +256,15 @@ pub(crate) fn block_train_fwd<D: Device>(
         proj: ViewMut::all(proj),
     };
     let lse = ViewMut::all(&mut la.lse);
-    block_fwd(dev, model, lp, (dims.b, dims.t, 0), io, |att, q, k, v| {
-        dev.attention_fwd(att, lse, q, k, v, dims)
-    })
+    block_fwd(
+        dev,
+        model,
+        lp,
+        (dims.b, dims.t, 0),
+        None,
+        io,
+        |att, q, k, v| dev.attention_fwd(att, lse, q, k, v, dims),
+    )
 }
 
 /// The embedding and every block, with injections: fills `acts.res` (res[L] is the output of

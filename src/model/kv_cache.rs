@@ -21,10 +21,16 @@ pub struct KvCache<D: Device> {
     pub v: Vec<D::Buf>,
     /// [B] first real position of each row
     pub starts: D::Ids,
+    /// [1] the position of a step's first new row, written before each step: the step's ops
+    /// read it on the device, so a decode step launches the same kernels with the same
+    /// arguments at every position
+    pos: D::Ids,
     /// positions written so far (the same for every row)
     pub len: usize,
     /// the step's buffers, sized for B rows of up to TQMAX positions
     ws: Workspace<D>,
+    /// the decode step, kept for replay ([`Device::replay`])
+    graph: D::Graph,
     tq_max: usize,
 }
 
@@ -117,6 +123,8 @@ impl<D: Device> KvCache<D> {
             k,
             v: vv,
             starts: dev.upload_ids(starts)?,
+            pos: dev.upload_ids(&[0])?,
+            graph: D::Graph::default(),
             len: 0,
             ws,
             tq_max,
@@ -157,6 +165,7 @@ impl<D: Device> KvCache<D> {
         }
         let (b, pos0) = (self.b, self.len);
         let n = b * tq;
+        dev.write_ids(&mut self.pos, &[pos0 as u32])?;
         let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         if let Some(i) = inj {
             check_injection(dev, i, cfg.num_hidden_layers, n, c)?;
@@ -170,7 +179,6 @@ impl<D: Device> KvCache<D> {
         let eps = cfg.rms_norm_eps;
         let tb = &model.table;
         let p = |off: usize, len: usize| View::range(model.weights(), off, len);
-        let w = &mut self.ws;
         let dims = CacheDims {
             b,
             tq,
@@ -201,65 +209,94 @@ impl<D: Device> KvCache<D> {
             _ => Ok(()),
         };
 
-        dev.embedding_fwd(head(&mut w.x, n * c), ids, p(tb.wte, v * c), n, c)?;
-        inject(&mut w.x, 0)?;
-        for (l, lp) in tb.layers.iter().enumerate() {
-            let io = BlockBufs {
-                x: head_r(&w.x, n * c),
-                out: head(&mut w.x_out, n * c),
-                xn1: head(&mut w.xn, n * c),
-                rstd1: head(&mut w.rstd, n),
-                q: head(&mut w.q, n * qd),
-                k: head(&mut w.k, n * kvd),
-                v: head(&mut w.v, n * kvd),
-                att: head(&mut w.att, n * qd),
-                x_mid: head(&mut w.x2, n * c),
-                xn2: head(&mut w.xn2, n * c),
-                rstd2: head(&mut w.rstd2, n),
-                gate: head(&mut w.gate, n * f),
-                up: head(&mut w.up, n * f),
-                h: head(&mut w.h, n * f),
-                proj: head(&mut w.proj, n * c),
-            };
-            let (kc, vc, starts) = (&mut self.k[l], &mut self.v[l], &self.starts);
-            block_fwd(dev, model, lp, (b, tq, pos0), io, |att, q, k, v| {
-                // append this step's keys and values to the cache, then attend over it
-                dev.kv_append_fwd(ViewMut::all(&mut *kc), ViewMut::all(&mut *vc), k, v, dims)?;
-                dev.decode_attention_fwd(att, q, View::all(&*kc), View::all(&*vc), starts, dims)
-            })?;
-            std::mem::swap(&mut w.x, &mut w.x_out);
-            inject(&mut w.x, l + 1)?;
-        }
-        // each row's last new position [B,C]: the step's rows themselves when TQ = 1 (decode),
-        // else gathered, one copy per row (once per prefill)
-        if tq > 1 {
-            for r in 0..b {
-                let src = (r * tq + tq - 1) * c;
-                dev.copy(
-                    ViewMut::range(&mut w.last, r * c, c),
-                    View::range(&w.x, src, c),
-                )?;
+        let KvCache {
+            k: kcs,
+            v: vcs,
+            starts,
+            pos,
+            ws: w,
+            graph,
+            ..
+        } = self;
+        let (starts, pos) = (&*starts, Some(&*pos));
+        // the step's launches: the same buffers and arguments at every position when TQ = 1
+        // (positions are read from `pos`; x and x_out change roles through references only)
+        let mut run = || -> Result<()> {
+            let (mut x, mut x_out) = (&mut w.x, &mut w.x_out);
+            dev.embedding_fwd(head(x, n * c), ids, p(tb.wte, v * c), n, c)?;
+            inject(x, 0)?;
+            for (l, lp) in tb.layers.iter().enumerate() {
+                let io = BlockBufs {
+                    x: head_r(x, n * c),
+                    out: head(x_out, n * c),
+                    xn1: head(&mut w.xn, n * c),
+                    rstd1: head(&mut w.rstd, n),
+                    q: head(&mut w.q, n * qd),
+                    k: head(&mut w.k, n * kvd),
+                    v: head(&mut w.v, n * kvd),
+                    att: head(&mut w.att, n * qd),
+                    x_mid: head(&mut w.x2, n * c),
+                    xn2: head(&mut w.xn2, n * c),
+                    rstd2: head(&mut w.rstd2, n),
+                    gate: head(&mut w.gate, n * f),
+                    up: head(&mut w.up, n * f),
+                    h: head(&mut w.h, n * f),
+                    proj: head(&mut w.proj, n * c),
+                };
+                let (kc, vc) = (&mut kcs[l], &mut vcs[l]);
+                block_fwd(dev, model, lp, (b, tq, pos0), pos, io, |att, q, k, v| {
+                    // append this step's keys and values to the cache, then attend over it
+                    dev.kv_append_fwd(
+                        ViewMut::all(&mut *kc),
+                        ViewMut::all(&mut *vc),
+                        k,
+                        v,
+                        pos,
+                        dims,
+                    )?;
+                    let (kc, vc) = (View::all(&*kc), View::all(&*vc));
+                    dev.decode_attention_fwd(att, q, kc, vc, starts, pos, dims)
+                })?;
+                std::mem::swap(&mut x, &mut x_out);
+                inject(x, l + 1)?;
             }
+            // each row's last new position [B,C]: the step's rows themselves when TQ = 1
+            // (decode), else gathered, one copy per row (once per prefill)
+            if tq > 1 {
+                for r in 0..b {
+                    let src = (r * tq + tq - 1) * c;
+                    dev.copy(
+                        ViewMut::range(&mut w.last, r * c, c),
+                        View::range(x, src, c),
+                    )?;
+                }
+            }
+            let last = if tq > 1 { &w.last } else { &*x };
+            dev.rmsnorm_fwd(
+                ViewMut::all(&mut w.last_n),
+                ViewMut::all(&mut w.last_rstd),
+                View::range(last, 0, b * c),
+                p(tb.ln_f, c),
+                b,
+                c,
+                eps,
+            )?;
+            linear_fwd(
+                dev,
+                ViewMut::all(&mut w.logits),
+                View::all(&w.last_n),
+                p(tb.lm_head, v * c),
+                b,
+                v,
+                c,
+            )
+        };
+        if tq == 1 && inj.is_none() {
+            // a decode step: replayed as one graph where the device has them
+            dev.replay(graph, &mut run)?;
+        } else {
+            run()?;
         }
-        let last = if tq > 1 { &w.last } else { &w.x };
-        dev.rmsnorm_fwd(
-            ViewMut::all(&mut w.last_n),
-            ViewMut::all(&mut w.last_rstd),
-            View::range(last, 0, b * c),
-            p(tb.ln_f, c),
-            b,
-            c,
-            eps,
-        )?;
-        linear_fwd(
-            dev,
-            ViewMut::all(&mut w.logits),
-            View::all(&w.last_n),
-            p(tb.lm_head, v * c),
-            b,
-            v,
-            c,
-        )?;
         self.len += tq;
         Ok(())
     }

@@ -295,6 +295,18 @@ fn check_ids(op: &'static str, what: &str, ids: &[u32], limit: usize) -> Result<
     }
 }
 
+/// The position an op starts at: the one id of `pos` where given, else `pos0`.
+pub(crate) fn position(op: &'static str, pos: Option<&Vec<u32>>, pos0: usize) -> Result<usize> {
+    match pos.map(|p| p.as_slice()) {
+        None => Ok(pos0),
+        Some(&[p]) => Ok(p as usize),
+        Some(p) => Err(Error::invalid(
+            op,
+            format!("pos holds {} ids, expected 1", p.len()),
+        )),
+    }
+}
+
 /// A table `[rows, c]` given as a flat length: the number of rows.
 fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> {
     if len.is_multiple_of(c) {
@@ -341,6 +353,7 @@ fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Res
 impl Device for CpuDevice {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
+    type Graph = ();
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -366,6 +379,12 @@ impl Device for CpuDevice {
 
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids> {
         Ok(host.to_vec())
+    }
+
+    fn write_ids(&self, ids: &mut Vec<u32>, host: &[u32]) -> Result<()> {
+        check_same("write_ids", "ids", ids.len(), host.len())?;
+        ids.copy_from_slice(host);
+        Ok(())
     }
 
     fn fill(&self, x: ViewMut<'_, Buf>, value: f32) -> Result<()> {
@@ -493,10 +512,12 @@ impl Device for CpuDevice {
         h: usize,
         hs: usize,
         pos0: usize,
+        pos: Option<&Vec<u32>>,
         theta: f32,
     ) -> Result<()> {
         const OP: &str = "rope_fwd";
         check_rope(OP, x.len(), [b, t, h, hs], theta)?;
+        let pos0 = position(OP, pos, pos0)?;
         rope::rope_fwd(get_mut(OP, "x", x)?, t, h, hs, pos0, theta);
         Ok(())
     }
@@ -1147,9 +1168,14 @@ impl Device for CpuDevice {
         vcache: ViewMut<'_, Buf>,
         k: View<'_, Buf>,
         v: View<'_, Buf>,
+        pos: Option<&Vec<u32>>,
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "kv_append_fwd";
+        let d = CacheDims {
+            pos0: position(OP, pos, d.pos0)?,
+            ..d
+        };
         if d.pos0 + d.tq > d.tmax {
             return Err(Error::invalid(
                 OP,
@@ -1181,9 +1207,14 @@ impl Device for CpuDevice {
         kcache: View<'_, Buf>,
         vcache: View<'_, Buf>,
         starts: &Vec<u32>,
+        pos: Option<&Vec<u32>>,
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "decode_attention_fwd";
+        let d = CacheDims {
+            pos0: position(OP, pos, d.pos0)?,
+            ..d
+        };
         check_attn(
             OP,
             &AttnDims {

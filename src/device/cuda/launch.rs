@@ -9,6 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+use crate::device::gpu::graph::{Call, Recorder};
 use crate::device::gpu::{smem_opt_in, EmuArgs, Launch};
 use crate::device::kernels;
 use crate::{Error, Result};
@@ -42,6 +43,7 @@ pub struct CudaLaunch {
     /// Dynamic shared memory per block after opting in.
     smem_optin: usize,
     cubin: bool,
+    recorder: Recorder,
 }
 
 impl CudaLaunch {
@@ -108,6 +110,7 @@ impl CudaLaunch {
             sms,
             smem_optin,
             cubin,
+            recorder: Recorder::default(),
         })
     }
 
@@ -195,6 +198,12 @@ impl Launch for CudaLaunch {
             // the figures are the sm_90a cubin's: a clear error before the driver's
             kernels::check_launch(sym, block, smem)?;
         }
+        if self
+            .recorder
+            .record(|| Call::launch(sym, grid, block, smem, args))
+        {
+            return Ok(());
+        }
         // the context first: loading a function and opting it in are driver calls too
         self.ctx
             .bind_to_thread()
@@ -226,5 +235,9 @@ impl Launch for CudaLaunch {
 
     fn sms(&self) -> usize {
         self.sms
+    }
+
+    fn recorder(&self) -> Option<&Recorder> {
+        Some(&self.recorder)
     }
 }

@@ -122,6 +122,40 @@ pub struct CudaDevice {
     scratch: ScratchCache<CudaBuf>,
 }
 
+/// A captured step, replayed with one graph launch on the device's stream.
+pub struct CudaExec(cudarc::driver::CudaGraph);
+
+// SAFETY: the graph is only used through the `&mut` of the `Graph` that holds it (one thread
+// at a time: cuGraph objects need external serialisation, not a particular thread), and
+// launched on the device's stream, whose context cudarc binds before each call.
+unsafe impl Send for CudaExec {}
+
+impl CudaDevice {
+    /// `step`'s launches and matmuls captured from the stream into an executable graph (not
+    /// run). The capture always ends, also after a failed step, so the stream stays usable.
+    fn capture_graph(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        // relaxed: the step's first calls may still load a function or opt it in (driver calls
+        // that are not stream work), which the stricter modes refuse during a capture
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(driver("cuStreamBeginCapture"))?;
+        let ran = step();
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver("cuStreamEndCapture / cuGraphInstantiate"));
+        ran?;
+        match graph? {
+            Some(g) => Ok(CudaExec(g)),
+            None => Err(Error::cuda(
+                "cuStreamEndCapture",
+                "the capture recorded nothing",
+            )),
+        }
+    }
+}
+
 impl Drop for CudaDevice {
     /// Waits for the queued work before the fields go (modules unloaded, cuBLASLt's handle and
     /// workspace released, buffers freed), so nothing is released under a running kernel.
@@ -372,6 +406,18 @@ impl CudaDevice {
             len: host.len(),
             bound,
         })
+    }
+
+    /// `ids = host` in place (the same length); the ids' bound becomes the new values'.
+    fn write_ids_u32(&self, ids: &mut CudaIds, host: &[u32]) -> Result<()> {
+        crate::device::cpu::check_same("write_ids", "ids", ids.len, host.len())?;
+        if !host.is_empty() {
+            self.stream
+                .memcpy_htod(host, &mut ids.mem.slice_mut(..host.len()))
+                .map_err(driver("cuMemcpyHtoD"))?;
+        }
+        ids.bound = host.iter().map(|&i| i as usize + 1).max().unwrap_or(0);
+        Ok(())
     }
 
     fn download_ids_u32(&self, ids: &CudaIds) -> Result<Vec<u32>> {

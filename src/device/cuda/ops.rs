@@ -8,7 +8,7 @@ use cudarc::driver::DevicePtr;
 use half::bf16;
 
 use super::matmul::Operand;
-use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaIds, CudaLaunch};
+use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaExec, CudaIds, CudaLaunch};
 use crate::device::cpu::check_matmul;
 use crate::device::emu_device::check_matmul_dtypes;
 use crate::device::gpu::kernel_device::KernelDevice;
@@ -34,6 +34,14 @@ impl KernelDevice for CudaDevice {
 
     fn launcher(&self) -> &CudaLaunch {
         &self.launcher
+    }
+
+    type Exec = CudaExec;
+    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
+        self.capture_graph(step)
+    }
+    fn run_graph(&self, exec: &CudaExec, _step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        exec.0.launch().map_err(|e| Error::cuda("cuGraphLaunch", e))
     }
 
     fn input<'a, S: Storage>(op: &'static str, what: &str, v: View<'a, Buf>) -> Result<In<'a, S>> {
@@ -108,6 +116,9 @@ impl KernelDevice for CudaDevice {
     }
     fn upload_ids(&self, host: &[u32]) -> Result<CudaIds> {
         self.upload_ids_u32(host)
+    }
+    fn write_ids(&self, ids: &mut CudaIds, host: &[u32]) -> Result<()> {
+        self.write_ids_u32(ids, host)
     }
     fn download_ids(&self, ids: &CudaIds) -> Result<Vec<u32>> {
         self.download_ids_u32(ids)

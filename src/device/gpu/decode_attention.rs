@@ -37,28 +37,36 @@ pub fn nsplit(d: &CacheDims, starts: &[u32], sms: usize) -> usize {
 
 /// The split count [`fwd`] uses: [`nsplit`] over host `starts`; for device starts (whose values
 /// the host cannot read) as if every row started at 0, the most splits the longest row would
-/// get (splits past a row's keys write l = 0, which the combine skips).
-fn splits(d: &CacheDims, starts: &Ids<'_>, sms: usize) -> usize {
-    nsplit(d, starts.host().unwrap_or(&[]), sms)
+/// get (splits past a row's keys write l = 0, which the combine skips). With the position on
+/// the device (`device_pos`), as if the queries ended at TMAX, so that the split does not
+/// change from step to step.
+fn splits(d: &CacheDims, starts: &Ids<'_>, device_pos: bool, sms: usize) -> usize {
+    let mut d = *d;
+    if device_pos {
+        d.pos0 = d.tmax.saturating_sub(d.tq);
+    }
+    nsplit(&d, starts.host().unwrap_or(&[]), sms)
 }
 
 /// Elements of [`fwd`]'s f32 scratch `(part_o, part_ml)`: with nsplit > 1 splits over R =
 /// B*TQ*NH rows, part_o [nsplit][R][HS] (each split's unnormalised partial output) and part_ml
 /// [nsplit][R][2] (its max m and sum l), written by the splits and merged by
 /// decode_attention_combine (no zeroing needed); (0, 0) when the launch does not split (the
-/// kernel gets null scratch pointers then) or has nothing to do. `starts` and the launcher `l`
-/// (its SM count) must be the ones passed to [`fwd`], which checks the lengths exactly.
+/// kernel gets null scratch pointers then) or has nothing to do. `starts`, `device_pos` (whether
+/// `pos` is given) and the launcher `l` (its SM count) must be the ones passed to [`fwd`],
+/// which checks the lengths exactly.
 pub fn scratch_lens<'a, L: Launch + ?Sized>(
     l: &L,
     d: &CacheDims,
     starts: impl Into<Ids<'a>>,
+    device_pos: bool,
 ) -> (usize, usize) {
     let starts = starts.into();
     let rows = d.b.saturating_mul(d.tq).saturating_mul(d.nh);
     if d.nkv == 0 || d.hs == 0 || rows == 0 {
         return (0, 0);
     }
-    match splits(d, &starts, l.sms()) {
+    match splits(d, &starts, device_pos, l.sms()) {
         ns if ns > 1 => (
             ns.saturating_mul(rows).saturating_mul(d.hs),
             ns.saturating_mul(rows).saturating_mul(2),
@@ -69,7 +77,8 @@ pub fn scratch_lens<'a, L: Launch + ?Sized>(
 
 /// out[B,TQ,NH,HS] from q[B,TQ,NH,HS], caches [B,TMAX,NKV,HS] and starts [B], with the scratch
 /// `part_o`, `part_ml` of [`scratch_lens`] elements (empty when the launch does not split).
-/// out, q, kcache, vcache: T; part_o, part_ml: f32.
+/// out, q, kcache, vcache: T; part_o, part_ml: f32. `pos`: one id, pos0 read on the device
+/// instead of `d.pos0` (the launch is then the same at every position).
 #[allow(clippy::too_many_arguments)]
 pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
@@ -80,6 +89,7 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     kcache: impl Into<In<'a, T>>,
     vcache: impl Into<In<'a, T>>,
     starts: impl Into<Ids<'a>>,
+    pos: Option<Ids<'a>>,
     d: CacheDims,
 ) -> Result<()> {
     const OP: &str = "decode_attention_fwd";
@@ -103,15 +113,7 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
             format!("NH = {nh} is not a multiple of NKV = {nkv}"),
         ));
     }
-    if pos0 + tq > tmax {
-        return Err(Error::invalid(
-            OP,
-            format!(
-                "queries end at position {} beyond the cache's {tmax}",
-                pos0 + tq
-            ),
-        ));
-    }
+    super::kv_append::check_positions(OP, pos, pos0, tq, tmax)?;
     let hsb = hs_bucket(OP, hs)?;
     check_len(OP, "out [B,TQ,NH,HS]", out.len(), &[b, tq, nh, hs])?;
     check_len(OP, "q [B,TQ,NH,HS]", q.len(), &[b, tq, nh, hs])?;
@@ -129,7 +131,7 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     )?;
     check_len(OP, "starts [B]", starts.len(), &[b])?;
     starts.check(OP, "starts", tmax)?;
-    let ns = splits(&d, &starts, l.sms());
+    let ns = splits(&d, &starts, pos.is_some(), l.sms());
     let rows = b * tq * nh;
     // partial results: the caller's scratch, used only when the launch splits
     let split = ns > 1 && rows > 0;
@@ -157,6 +159,11 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
         a.null_mut::<f32>().null_mut::<f32>();
     }
     a.input(q).input(kcache).input(vcache).ids(starts);
+    match pos {
+        Some(p) => a.ids(p),
+        None => a.null::<u32>(),
+    };
+    let pos0 = if pos.is_some() { 0 } else { pos0 };
     for x in [b, tq, tmax, nh, nkv, hs, pos0, ns] {
         a.scalar(x as i32);
     }

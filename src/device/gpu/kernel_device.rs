@@ -11,6 +11,7 @@
 //! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
 
 use crate::device::cpu::policy_loss::{check_mask, check_shapes};
+use crate::device::gpu::graph::{Call, Graph};
 use crate::device::gpu::scratch::{ScratchCache, ATTENTION_D, DECODE_ML, DECODE_O};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
@@ -35,6 +36,16 @@ pub trait KernelDevice: Send + Sync + Sized {
     type Launcher: Launch;
 
     fn launcher(&self) -> &Self::Launcher;
+
+    // ---- graphs ([`Device::replay`])
+
+    /// A captured step: a CUDA graph; `()` on the emulator.
+    type Exec;
+    /// Captures `step`'s launches into a graph without running them.
+    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<Self::Exec>;
+    /// Runs a captured graph: one launch on a GPU; on the emulator `step` itself (the record
+    /// showed that it makes the captured launches).
+    fn run_graph(&self, exec: &Self::Exec, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
 
     // ---- buffers as launcher arguments
 
@@ -79,6 +90,7 @@ pub trait KernelDevice: Send + Sync + Sized {
     fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
     fn upload_ids(&self, host: &[u32]) -> Result<Self::Ids>;
+    fn write_ids(&self, ids: &mut Self::Ids, host: &[u32]) -> Result<()>;
     fn download_ids(&self, ids: &Self::Ids) -> Result<Vec<u32>>;
     fn fill(&self, x: M<'_, Self>, value: f32) -> Result<()>;
     /// `dst = src` of the same dtype (a memory copy; conversions launch `convert`).
@@ -163,14 +175,60 @@ macro_rules! by_dtype {
     };
 }
 
+/// A device call a step to replay may not make: an error while recording.
+fn refuse<T: KernelDevice>(dev: &T, op: &str) -> Result<()> {
+    match dev.launcher().recorder() {
+        Some(r) => r.refuse(op),
+        None => Ok(()),
+    }
+}
+
 impl<T: KernelDevice> Device for T {
     type Buf = T::Buf;
     type Ids = T::Ids;
+    type Graph = Graph<T::Exec>;
 
     fn name(&self) -> String {
         KernelDevice::name(self)
     }
+
+    fn replay(&self, g: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let Some(rec) = self.launcher().recorder().filter(|_| !g.broken) else {
+            return step();
+        };
+        rec.start();
+        let recorded = step();
+        let calls = rec.stop();
+        if recorded.is_err() {
+            // a step that allocates, copies or waits (or fails): as it is
+            g.exec = None;
+            return step();
+        }
+        if g.exec.is_some() && g.calls == calls {
+            g.replays += 1;
+        } else {
+            g.exec = None;
+            match self.capture(step) {
+                Ok(exec) => {
+                    g.exec = Some(exec);
+                    g.calls = calls;
+                    g.captures += 1;
+                }
+                Err(_) => {
+                    // a device that cannot capture this step: no graphs from now on
+                    g.broken = true;
+                    return step();
+                }
+            }
+        }
+        match &g.exec {
+            Some(exec) => self.run_graph(exec, step),
+            None => step(),
+        }
+    }
+
     fn synchronize(&self) -> Result<()> {
+        refuse(self, "a wait")?;
         KernelDevice::synchronize(self)
     }
     fn memory_budget(&self) -> Result<Option<usize>> {
@@ -180,34 +238,49 @@ impl<T: KernelDevice> Device for T {
         KernelDevice::work_dtype(self)
     }
     fn alloc(&self, n: usize) -> Result<T::Buf> {
+        refuse(self, "an allocation")?;
         KernelDevice::alloc_as(self, n, Dtype::F32)
     }
     fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<T::Buf> {
+        refuse(self, "an allocation")?;
         KernelDevice::alloc_as(self, n, dtype)
     }
     fn upload(&self, host: &[f32]) -> Result<T::Buf> {
+        refuse(self, "an upload")?;
         KernelDevice::upload(self, host)
     }
     fn write(&self, dst: M<'_, T>, host: &[f32]) -> Result<()> {
+        refuse(self, "a write from the host")?;
         KernelDevice::write(self, dst, host)
     }
     fn download(&self, x: V<'_, T>) -> Result<Vec<f32>> {
+        refuse(self, "a download")?;
         KernelDevice::download(self, x)
     }
     fn upload_ids(&self, host: &[u32]) -> Result<T::Ids> {
+        refuse(self, "an upload")?;
         KernelDevice::upload_ids(self, host)
     }
+    fn write_ids(&self, ids: &mut T::Ids, host: &[u32]) -> Result<()> {
+        refuse(self, "a write from the host")?;
+        KernelDevice::write_ids(self, ids, host)
+    }
     fn download_ids(&self, ids: &T::Ids) -> Result<Vec<u32>> {
+        refuse(self, "a download")?;
         KernelDevice::download_ids(self, ids)
     }
     fn fill(&self, x: M<'_, T>, value: f32) -> Result<()> {
+        refuse(self, "a fill")?;
         KernelDevice::fill(self, x, value)
     }
     fn copy(&self, dst: M<'_, T>, src: V<'_, T>) -> Result<()> {
         const OP: &str = "copy";
         let l = self.launcher();
         match (dst.dtype(), src.dtype()) {
-            (a, b) if a == b => KernelDevice::copy_same(self, dst, src),
+            (a, b) if a == b => {
+                refuse(self, "a copy")?;
+                KernelDevice::copy_same(self, dst, src)
+            }
             (Dtype::Bf16, Dtype::F32) => gpu::convert::convert::<bf16, f32, _>(
                 l,
                 T::output(OP, "dst", dst)?,
@@ -234,6 +307,26 @@ impl<T: KernelDevice> Device for T {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        if let Some(rec) = self.launcher().recorder().filter(|r| r.active()) {
+            const OP: &str = "matmul";
+            let dtypes = [c.dtype(), a.dtype(), b.dtype()];
+            let addrs = [
+                by_dtype!(dtypes[0], S => T::output::<S>(OP, "c", c)?.addr()),
+                by_dtype!(dtypes[1], S => T::input::<S>(OP, "a", a)?.addr()),
+                by_dtype!(dtypes[2], S => T::input::<S>(OP, "b", b)?.addr()),
+            ];
+            let shape = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
+            let (alpha, beta) = (alpha.to_bits() as u64, beta.to_bits() as u64);
+            let shape = [
+                shape[0], shape[1], shape[2], shape[3], shape[4], alpha, beta,
+            ];
+            rec.record(|| Call::Matmul {
+                addrs,
+                shape,
+                dtypes,
+            });
+            return Ok(());
+        }
         KernelDevice::matmul(self, c, a, b, m, n, k, ta, tb, alpha, beta)
     }
 
@@ -331,11 +424,13 @@ impl<T: KernelDevice> Device for T {
         h: usize,
         hs: usize,
         pos0: usize,
+        pos: Option<&T::Ids>,
         theta: f32,
     ) -> Result<()> {
+        let pos = pos.map(T::ids);
         by_dtype!(x.dtype(), S => {
             let x = T::output::<S>("rope_fwd", "x", x)?;
-            gpu::rope::rope(self.launcher(), x, [b, t, h, hs], pos0, theta, false)
+            gpu::rope::rope(self.launcher(), x, [b, t, h, hs], pos0, pos, theta, false)
         })
     }
 
@@ -351,7 +446,7 @@ impl<T: KernelDevice> Device for T {
     ) -> Result<()> {
         by_dtype!(dx.dtype(), S => {
             let dx = T::output::<S>("rope_bwd", "dx", dx)?;
-            gpu::rope::rope(self.launcher(), dx, [b, t, h, hs], pos0, theta, true)
+            gpu::rope::rope(self.launcher(), dx, [b, t, h, hs], pos0, None, theta, true)
         })
     }
 
@@ -804,6 +899,7 @@ impl<T: KernelDevice> Device for T {
     }
 
     fn sum_squares(&self, x: V<'_, T>) -> Result<f64> {
+        refuse(self, "a download")?;
         // the kernel adds into out[0] with atomics: zeroed first
         by_dtype!(x.dtype(), S => {
             let x = T::input::<S>("sum_squares", "x", x)?;
@@ -817,6 +913,7 @@ impl<T: KernelDevice> Device for T {
         vcache: M<'_, T>,
         k: V<'_, T>,
         v: V<'_, T>,
+        pos: Option<&T::Ids>,
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "kv_append_fwd";
@@ -826,6 +923,7 @@ impl<T: KernelDevice> Device for T {
             T::output(OP, "vcache", vcache)?,
             T::input(OP, "k", k)?,
             T::input(OP, "v", v)?,
+            pos.map(T::ids),
             d,
         ))
     }
@@ -837,6 +935,7 @@ impl<T: KernelDevice> Device for T {
         kcache: V<'_, T>,
         vcache: V<'_, T>,
         starts: &T::Ids,
+        pos: Option<&T::Ids>,
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "decode_attention_fwd";
@@ -848,7 +947,7 @@ impl<T: KernelDevice> Device for T {
             .iter()
             .try_fold(1usize, |acc, &x| acc.checked_mul(x));
         let (lo, lml) = if out_len == Some(out.len()) {
-            gpu::decode_attention::scratch_lens(self.launcher(), &d, starts)
+            gpu::decode_attention::scratch_lens(self.launcher(), &d, starts, pos.is_some())
         } else {
             (0, 0)
         };
@@ -864,6 +963,7 @@ impl<T: KernelDevice> Device for T {
                     T::input(OP, "kcache", kcache)?,
                     T::input(OP, "vcache", vcache)?,
                     starts,
+                    pos.map(T::ids),
                     d,
                 ))
             })

@@ -2,19 +2,21 @@
 //! KV cache in one launch: one block per new row (grid B*TQ), block [`pack_block`] over the
 //! row's D = NKV*HS elements in packs of `T::PACK` (4 f32 / 8 bf16). Every buffer is T.
 
-use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, In, Launch, Out};
+use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Ids, In, Launch, Out};
 use crate::device::storage::{sym, Storage};
 use crate::device::CacheDims;
 use crate::{Error, Result};
 
 /// kcache[b, pos0 + t] = k[b, t], vcache[b, pos0 + t] = v[b, t]: k, v [B,TQ,NKV,HS], caches
-/// [B,TMAX,NKV,HS] (`d.nh` is not used).
+/// [B,TMAX,NKV,HS] (`d.nh` is not used). `pos`: one id, pos0 read on the device instead of
+/// `d.pos0` (the launch is then the same at every position).
 pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     kcache: impl Into<Out<'a, T>>,
     vcache: impl Into<Out<'a, T>>,
     k: impl Into<In<'a, T>>,
     v: impl Into<In<'a, T>>,
+    pos: Option<Ids<'a>>,
     d: CacheDims,
 ) -> Result<()> {
     const OP: &str = "kv_append_fwd";
@@ -30,15 +32,7 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     } = d;
     check_pos(OP, "NKV", nkv)?;
     check_pos(OP, "HS", hs)?;
-    if pos0 + tq > tmax {
-        return Err(Error::invalid(
-            OP,
-            format!(
-                "new positions end at {} beyond the cache's {tmax}",
-                pos0 + tq
-            ),
-        ));
-    }
+    check_positions(OP, pos, pos0, tq, tmax)?;
     let dim = [b, tmax, nkv, hs];
     check_len(OP, "kcache [B,TMAX,NKV,HS]", kcache.len(), &dim)?;
     check_len(OP, "vcache [B,TMAX,NKV,HS]", vcache.len(), &dim)?;
@@ -51,6 +45,11 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     let grid = grid_dim(OP, "x (B*TQ)", rows, i32::MAX as usize)?;
     let mut a = EmuArgs::new();
     a.output(kcache).output(vcache).input(k).input(v);
+    match pos {
+        Some(p) => a.ids(p),
+        None => a.null::<u32>(),
+    };
+    let pos0 = if pos.is_some() { 0 } else { pos0 };
     for (what, x) in [
         ("B*TQ", rows),
         ("TQ", tq),
@@ -68,4 +67,36 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
         0,
         &mut a,
     )
+}
+
+/// The TQ new positions from pos0 (the host's, or the one id of the device word `pos`) end
+/// within the cache's TMAX.
+pub(crate) fn check_positions(
+    op: &'static str,
+    pos: Option<Ids<'_>>,
+    pos0: usize,
+    tq: usize,
+    tmax: usize,
+) -> Result<()> {
+    let Some(p) = pos else {
+        return if pos0 + tq > tmax {
+            Err(Error::invalid(
+                op,
+                format!(
+                    "new positions end at {} beyond the cache's {tmax}",
+                    pos0 + tq
+                ),
+            ))
+        } else {
+            Ok(())
+        };
+    };
+    check_len(op, "pos", p.len(), &[1])?;
+    if tq > tmax {
+        return Err(Error::invalid(
+            op,
+            format!("{tq} new positions do not fit the cache's {tmax}"),
+        ));
+    }
+    p.check(op, "pos (+ TQ <= TMAX)", tmax - tq + 1)
 }

@@ -32,6 +32,7 @@ pub mod convert;
 pub mod cross_entropy;
 pub mod decode_attention;
 pub mod embedding;
+pub mod graph;
 pub mod inject;
 pub mod kernel_device;
 pub mod kv_append;
@@ -66,6 +67,11 @@ pub trait Launch {
     /// Streaming multiprocessors of the device (grid sizes of grid-stride kernels).
     fn sms(&self) -> usize {
         SMS_DEFAULT
+    }
+
+    /// Where this backend records launches instead of making them ([`graph`]); None: never.
+    fn recorder(&self) -> Option<&graph::Recorder> {
+        None
     }
 }
 
@@ -114,6 +120,7 @@ pub struct EmuLaunch {
     pub mode: EmuMode,
     pub seed: u64,
     count: std::sync::atomic::AtomicU64,
+    recorder: graph::Recorder,
 }
 
 impl EmuLaunch {
@@ -122,6 +129,7 @@ impl EmuLaunch {
             mode,
             seed,
             count: std::sync::atomic::AtomicU64::new(0),
+            recorder: graph::Recorder::default(),
         }
     }
 }
@@ -150,11 +158,21 @@ impl Launch for EmuLaunch {
         }
         // what an sm_90 GPU would refuse (where the build has ptxas's figures)
         crate::device::kernels::check_launch(sym, block, smem)?;
+        if self
+            .recorder
+            .record(|| graph::Call::launch(sym, grid, block, smem, args))
+        {
+            return Ok(());
+        }
         let k = self
             .count
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let seed = self.seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         super::emu::launch(sym, grid, block, smem, args, self.mode, seed)
+    }
+
+    fn recorder(&self) -> Option<&graph::Recorder> {
+        Some(&self.recorder)
     }
 }
 
@@ -513,7 +531,7 @@ mod tests {
         let l = Record::default();
         // starts 0: L = 65 keys, 3 splits
         let starts = vec![0u32];
-        let (lo, lml) = decode_attention::scratch_lens(&l, &d, &starts);
+        let (lo, lml) = decode_attention::scratch_lens(&l, &d, &starts, false);
         assert_eq!((lo, lml), (3 * rows * hs, 3 * rows * 2));
         let (mut out, q) = (vec![0f32; rows * hs], vec![0f32; rows * hs]);
         let (mut po, mut pml) = (vec![0f32; lo], vec![0f32; lml]);
@@ -526,6 +544,7 @@ mod tests {
             cache,
             cache,
             &starts,
+            None,
             d,
         )
         .unwrap_err()
@@ -541,6 +560,7 @@ mod tests {
             cache,
             cache,
             &starts,
+            None,
             d,
         )
         .unwrap();
@@ -553,18 +573,21 @@ mod tests {
         );
         // starts 40: L = 25 keys, no split: no scratch, null scratch pointers, one launch
         let starts = vec![40u32];
-        assert_eq!(decode_attention::scratch_lens(&l, &d, &starts), (0, 0));
+        assert_eq!(
+            decode_attention::scratch_lens(&l, &d, &starts, false),
+            (0, 0)
+        );
         let e = dev::<f32>(0);
-        decode_attention::fwd(&l, outd, e, e, qd, cache, cache, &starts, d).unwrap();
+        decode_attention::fwd(&l, outd, e, e, qd, cache, cache, &starts, None, d).unwrap();
         assert_eq!(l.syms().len(), 3);
         // device starts: their values are unknown, so the split as if they were 0
         let ds = Ids::Device {
             ptr: dev::<u32>(1),
             bound: 41,
         };
-        assert_eq!(decode_attention::scratch_lens(&l, &d, ds), (lo, lml));
+        assert_eq!(decode_attention::scratch_lens(&l, &d, ds, false), (lo, lml));
         let (po, pml) = (dev::<f32>(lo), dev::<f32>(lml));
-        decode_attention::fwd(&l, outd, po, pml, qd, cache, cache, ds, d).unwrap();
+        decode_attention::fwd(&l, outd, po, pml, qd, cache, cache, ds, None, d).unwrap();
         assert_eq!(l.syms().len(), 5);
         assert!(l.0.borrow()[3..].iter().all(|(_, host)| !host));
         // device starts out of the cache
@@ -572,9 +595,12 @@ mod tests {
             ptr: dev::<u32>(1),
             bound: 101,
         };
-        assert!(decode_attention::fwd(&l, outd, po, pml, qd, cache, cache, bad, d).is_err());
+        assert!(decode_attention::fwd(&l, outd, po, pml, qd, cache, cache, bad, None, d).is_err());
         // nothing to do: no scratch
         let d0 = CacheDims { b: 0, ..d };
-        assert_eq!(decode_attention::scratch_lens(&l, &d0, &vec![]), (0, 0));
+        assert_eq!(
+            decode_attention::scratch_lens(&l, &d0, &vec![], false),
+            (0, 0)
+        );
     }
 }

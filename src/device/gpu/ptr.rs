@@ -83,6 +83,13 @@ impl<'a, T> In<'a, T> {
             In::Device(_) => None,
         }
     }
+    /// The address of the first element (host or device): what a recorded call names.
+    pub fn addr(&self) -> u64 {
+        match self {
+            In::Host(s) => s.as_ptr() as u64,
+            In::Device(p) => p.addr(),
+        }
+    }
 }
 
 impl<'a, T> From<&'a [T]> for In<'a, T> {
@@ -122,6 +129,13 @@ impl<'a, T> Out<'a, T> {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// The address of the first element (host or device): what a recorded call names.
+    pub fn addr(&self) -> u64 {
+        match self {
+            Out::Host(s) => s.as_ptr() as u64,
+            Out::Device(p) => p.addr(),
+        }
     }
 }
 
