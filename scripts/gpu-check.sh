@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the CUDA device against the CPU twins, the CUDA kernel benches and the
-# end-to-end bench, and a report with the figures, the GPU, the driver and the commit.
+# end-to-end bench, the whole model under compute-sanitizer where it is installed, and a report
+# with the figures, the GPU, the driver and the commit.
 #
 #   bash scripts/gpu-check.sh [REPORT_DIR]
 #       On a machine with an NVIDIA GPU, a Rust toolchain and the crates (or a warm cargo
@@ -201,6 +202,31 @@ for run in "small" "llama-1b" "llama-1b --only step --precision f32" \
         echo
     } >> "$report"
 done
+
+# last, where the GPU's memory checker is installed (and the machine lets it run): the whole
+# model on the GPU (forward, backward, training steps, generation) under compute-sanitizer,
+# which reports out-of-bounds and misaligned accesses and other faults the tests cannot see
+if command -v compute-sanitizer >/dev/null; then
+    sanitize() {
+        if [ "$mode" = run-bundle ]; then
+            limit 600 compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86 \
+                "$b/test-device_parity" --test-threads=1 cuda_
+        else
+            limit 600 compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86 \
+                cargo test --release --test device_parity -- --test-threads=1 cuda_
+        fi
+    }
+    if sanitize > "$log/sanitizer.txt" 2>&1; then r=clean; else r="FAILED (exit $?)"; status=1; fi
+    {
+        echo "## compute-sanitizer memcheck, tests/device_parity.rs cuda_*: $r"
+        echo
+        echo '```'
+        { grep -E "^test |test result|=========|panicked" "$log/sanitizer.txt" || true; } |
+            sed -n '1,80p'
+        echo '```'
+        echo
+    } >> "$report"
+fi
 
 echo "gpu-check: report $report (logs in $log)" >&2
 cat "$report"
