@@ -181,20 +181,24 @@ if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r="FAILED (exit $?)"
 # each preset as it is (bf16, the GPU's default working dtype); the llama-1b step in f32 (the
 # parity path: what bf16 gains); the llama-1b step with the memory options (vocabulary chunks of
 # 8192 and block recompute: their cost in step time against the plain step); batch-1 decode
-# (the target: 70 % of the weight-streaming bound)
+# (the target: 70 % of the weight-streaming bound), with its decode steps replayed as CUDA
+# graphs and, to measure what they gain, without (NLA_GRAPHS=0)
+decode1="llama-1b --only rollout --prompts 1 --samples 1 --new-tokens 256"
 for run in "small" "llama-1b" "llama-1b --only step --precision f32" \
-    "llama-1b --only step --logits-chunk 8192 --recompute" \
-    "llama-1b --only rollout --prompts 1 --samples 1 --new-tokens 256"; do
-    name="$(echo "$run" | tr -cs 'a-z0-9' '_')"
+    "llama-1b --only step --logits-chunk 8192 --recompute" "$decode1" "NLA_GRAPHS=0 $decode1"; do
+    name="$(echo "$run" | tr -cs 'a-zA-Z0-9' '_')"
+    graphs=1
+    case "$run" in NLA_GRAPHS=0*) graphs=0 run="${run#NLA_GRAPHS=0 }" ;; esac
     # shellcheck disable=SC2086 # $run is a preset and flags, split on purpose
-    if limit 600 "$nla" bench --device cuda --preset $run > "$log/bench-$name.txt" 2>&1; then
+    if limit 600 env NLA_GRAPHS=$graphs "$nla" bench --device cuda --preset $run \
+        > "$log/bench-$name.txt" 2>&1; then
         r=ran
     else
         r="FAILED (exit $?)"
         status=1
     fi
     {
-        echo "## nla-engine bench --device cuda --preset $run: $r"
+        echo "## nla-engine bench --device cuda --preset $run (NLA_GRAPHS=$graphs): $r"
         echo
         echo '```'
         tail -n 40 "$log/bench-$name.txt"

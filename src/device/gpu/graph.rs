@@ -9,9 +9,24 @@
 //! from, captured again when it does not. A step that does anything but launch kernels and
 //! matmuls (allocate, copy, wait) cannot be replayed: recording fails and it runs as it is.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use crate::{Error, Result};
+
+/// Whether the kernel devices replay steps as graphs: yes, unless the environment sets
+/// `NLA_GRAPHS=0` (to measure what the graphs gain, or to rule them out when debugging).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| enabled_by(std::env::var("NLA_GRAPHS").ok().as_deref()))
+}
+
+/// [`enabled`] for a value of `NLA_GRAPHS`: off for "0", "false", "off" or "no".
+fn enabled_by(value: Option<&str>) -> bool {
+    !matches!(
+        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
+        Some("0" | "false" | "off" | "no")
+    )
+}
 
 /// One call a recorded step made: a kernel launch (its symbol, geometry and the 8-byte slot of
 /// every argument: device addresses and scalars) or a matmul (its operands' addresses, dims,
@@ -139,6 +154,14 @@ mod tests {
 
     fn emu() -> EmuDevice {
         EmuDevice::new(EmuMode::Forward, 3)
+    }
+
+    #[test]
+    fn nla_graphs_turns_graphs_off() {
+        for (v, on) in [(None, true), (Some("1"), true), (Some("0"), false)] {
+            assert_eq!(super::enabled_by(v), on, "{v:?}");
+        }
+        assert!(!super::enabled_by(Some(" Off")));
     }
 
     #[test]

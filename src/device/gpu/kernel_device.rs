@@ -193,7 +193,8 @@ impl<T: KernelDevice> Device for T {
     }
 
     fn replay(&self, g: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        let Some(rec) = self.launcher().recorder().filter(|_| !g.broken) else {
+        let on = !g.broken && gpu::graph::enabled();
+        let Some(rec) = self.launcher().recorder().filter(|_| on) else {
             return step();
         };
         rec.start();
