@@ -18,7 +18,7 @@
 //         between steps: the launch is then the same at every position, as a replayed CUDA
 //         graph needs; the launcher then sizes the split for TMAX).
 // Shapes  q, out [B,TQ,NH,HS]; kcache, vcache [B,TMAX,NKV,HS] (positions < pos0 + TQ written);
-//         starts [B] (< TMAX); pos0 + TQ <= TMAX (a launch whose pos0 breaks this does nothing). Scratch for nsplit > 1, R = B*TQ*NH rows:
+//         starts [B] (< TMAX); pos0 + TQ <= TMAX (a launch whose pos0 breaks this writes 0). Scratch for nsplit > 1, R = B*TQ*NH rows:
 //         part_o [nsplit][R][HS], part_ml [nsplit][R][2] (m, l).
 // Dtypes  q, kcache, vcache, out: T; starts u32; part_o, part_ml f32; sums in f32.
 // Head    template bucket HSB in {16, 32, 64, 128}, any runtime hs <= HSB (zero padding, as in
@@ -99,10 +99,12 @@ __device__ __forceinline__ void dec_fwd(T* __restrict__ out, float* __restrict__
     const int split = blockIdx.x, y = blockIdx.y, b = blockIdx.z;
     const int hc = y % nhc, g = y / nhc % nkv, t = y / (nhc * nkv);
     if (pos) pos0 = (int)pos[0];
-    if (split >= nsplit || t >= tq || b >= nb || pos0 < 0 || pos0 > tmax - tq) return;
+    if (split >= nsplit || t >= tq || b >= nb) return;
+    // a position whose queries would pass TMAX reads no key: out = 0 (l = 0 for the combine)
+    const bool bad = pos0 < 0 || pos0 > tmax - tq;
     const int h0 = g * group + hc * DEC_HG, hn = min(DEC_HG, group - hc * DEC_HG);
     const int p = pos0 + t, start = (int)starts[b];
-    const int len = p >= start ? p - start + 1 : 0;  // keys of this query
+    const int len = p >= start && !bad ? p - start + 1 : 0;  // keys of this query
     const int chunk = (len + nsplit - 1) / nsplit;
     const int j0 = start + min(len, split * chunk), j1 = start + min(len, (split + 1) * chunk);
     const int tid = threadIdx.x, lane = nla_lane(), warp = nla_warp();

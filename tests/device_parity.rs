@@ -372,6 +372,12 @@ fn decode_device_calls_do_not_grow_with_rows() {
 fn cuda_greedy_generation_matches_cpu() {
     if let Some(dev) = gpu(Dtype::F32) {
         check_greedy_generation(&dev, "cuda");
+        // the decode steps ran as a CUDA graph: captured, then replayed, no capture failed
+        let [captures, replays, failures] = dev.graph_counts();
+        eprintln!("cuda: {captures} graph captures, {replays} replays, {failures} failed");
+        if nla_engine::device::gpu::graph::enabled() {
+            assert!(captures >= 1 && replays >= 1 && failures == 0);
+        }
     }
 }
 

@@ -434,7 +434,7 @@ fn dec_nsplit(d: &CacheDims, starts: &[u32], sms: usize) -> usize {
 /// decode_attention_fwd_<T>_hs<B>: grid (nsplit, TQ*NKV*ceil(G/8), B), block 128; then, when
 /// nsplit > 1, decode_attention_combine_<T> over R = B*TQ*NH rows (ceil(R/4) blocks of 128).
 /// `part_o` [nsplit][R][HS], `part_ml` [nsplit][R][2]: empty when nsplit = 1. `d.pos0` is
-/// passed as the argument, or with `pos_in_memory` as a one-id buffer (the argument then 0).
+/// passed as the argument, or `pos` as a one-id buffer (the argument then 0).
 #[allow(clippy::too_many_arguments)]
 fn decode_attention_launch<T: Ty>(
     out: &mut [T],
@@ -446,7 +446,7 @@ fn decode_attention_launch<T: Ty>(
     starts: &[u32],
     d: CacheDims,
     nsplit: usize,
-    pos_in_memory: bool,
+    pos: Option<u32>,
     mode: EmuMode,
     seed: u64,
 ) {
@@ -481,13 +481,12 @@ fn decode_attention_launch<T: Ty>(
         .ptr_mut(&mut *part_o)
         .ptr_mut(&mut *part_ml);
     a.ptr(q).ptr(kcache).ptr(vcache).ptr(starts);
-    let pos = [pos0 as u32];
-    if pos_in_memory {
-        a.ptr(&pos[..]);
-    } else {
-        a.null::<u32>();
-    }
-    let pos0 = if pos_in_memory { 0 } else { pos0 };
+    let pos_word = pos.map(|p| [p]);
+    match &pos_word {
+        Some(p) => a.ptr(&p[..]),
+        None => a.null::<u32>(),
+    };
+    let pos0 = if pos.is_some() { 0 } else { pos0 };
     for x in [b, tq, tmax, nh, nkv, hs, pos0, nsplit] {
         a.scalar(i32_of(x));
     }
@@ -1094,7 +1093,7 @@ fn decode_case<T: Ty>(
                 starts,
                 d,
                 nsplit,
-                false,
+                None,
                 mode,
                 seed,
             );
@@ -1102,25 +1101,36 @@ fn decode_case<T: Ty>(
             pml.assert_intact("part_ml");
             take(&out, "out")
         });
-        // pos0 read from device memory instead: the same result, bit for bit
+        // pos0 read from device memory instead: the same result, bit for bit; a position whose
+        // queries would pass TMAX reads nothing: out = 0
         let scratch = if nsplit > 1 { nsplit * rows } else { 0 };
-        let mut out = poisoned::<T>(rows * hs);
-        let (mut po, mut pml) = (poisoned::<f32>(scratch * hs), poisoned::<f32>(scratch * 2));
-        decode_attention_launch(
-            out.get_mut(),
-            po.get_mut(),
-            pml.get_mut(),
-            qg.get(),
-            kg.get(),
-            vg.get(),
-            starts,
-            d,
-            nsplit,
-            true,
-            EmuMode::Forward,
-            seed,
-        );
-        assert_same_bits(&format!("{tag}, pos in memory"), &take(&out, "out"), &out_k);
+        let past = (tmax - tq + 1) as u32;
+        for (p, want) in [
+            (pos0 as u32, out_k.clone()),
+            (past, conv::<T>(&vec![0.0; rows * hs])),
+        ] {
+            let mut out = poisoned::<T>(rows * hs);
+            let (mut po, mut pml) = (poisoned::<f32>(scratch * hs), poisoned::<f32>(scratch * 2));
+            decode_attention_launch(
+                out.get_mut(),
+                po.get_mut(),
+                pml.get_mut(),
+                qg.get(),
+                kg.get(),
+                vg.get(),
+                starts,
+                d,
+                nsplit,
+                Some(p),
+                EmuMode::Forward,
+                seed,
+            );
+            assert_same_bits(
+                &format!("{tag}, pos {p} in memory"),
+                &take(&out, "out"),
+                &want,
+            );
+        }
         // error model as attention's forward (a convex combination of v rows, f32 scores and
         // exponentials in another order; split-K adds one 2^(m_s - M) rescale per split):
         // 1e-5 (~84 u) of max|v| = 1; seen <= 4%.

@@ -144,8 +144,6 @@ pub struct EmuDevice {
     host_calls: AtomicU64,
     /// calls made inside replayed graphs, which a GPU makes as one graph launch
     replayed: AtomicU64,
-    /// steps captured for replay ([`Device::replay`])
-    captures: AtomicU64,
 }
 
 impl EmuDevice {
@@ -159,7 +157,6 @@ impl EmuDevice {
             scratch: ScratchCache::default(),
             host_calls: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
-            captures: AtomicU64::new(0),
         }
     }
 
@@ -209,7 +206,7 @@ impl EmuDevice {
     /// Steps captured for replay so far ([`Device::replay`]): a step whose launches change from
     /// call to call is captured every time, which on a GPU costs more than it saves.
     pub fn graph_captures(&self) -> u64 {
-        self.captures.load(Ordering::Relaxed)
+        self.launcher.recorder_counts()[0]
     }
 
     /// One more memory operation or matmul.
@@ -236,7 +233,6 @@ impl KernelDevice for EmuDevice {
     /// the captured ones), and counts as one call, the graph launch a GPU makes.
     type Exec = ();
     fn capture(&self, _step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        self.captures.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
     fn run_graph(&self, _exec: &(), step: &mut dyn FnMut() -> Result<()>) -> Result<()> {

@@ -9,7 +9,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
-use crate::device::gpu::graph::{Call, Recorder};
+use crate::device::gpu::graph::{CallRef, Recorder};
 use crate::device::gpu::{smem_opt_in, EmuArgs, Launch};
 use crate::device::kernels;
 use crate::{Error, Result};
@@ -200,7 +200,7 @@ impl Launch for CudaLaunch {
         }
         if self
             .recorder
-            .record(|| Call::launch(sym, grid, block, smem, args))
+            .record(CallRef::launch(sym, grid, block, smem, args))
         {
             return Ok(());
         }

@@ -132,19 +132,34 @@ unsafe impl Send for CudaExec {}
 
 impl CudaDevice {
     /// `step`'s launches and matmuls captured from the stream into an executable graph (not
-    /// run). The capture always ends, also after a failed step, so the stream stays usable.
+    /// run). The capture ends in every case (a failed step, a failed end, a panic), so the
+    /// stream is left usable.
     fn capture_graph(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
         use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-        // relaxed: the step's first calls may still load a function or opt it in (driver calls
-        // that are not stream work), which the stricter modes refuse during a capture
+        /// Ends a capture that is still open when dropped, discarding what it captured.
+        struct Open<'a>(&'a CudaDevice, bool);
+        impl Drop for Open<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    self.0.abandon_capture();
+                }
+            }
+        }
+        // thread-local: a call of this thread that is not stream work and unsafe during a
+        // capture (an allocation, a wait) invalidates it instead of running eagerly
         self.stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver("cuStreamBeginCapture"))?;
+        let mut open = Open(self, true);
         let ran = step();
         let graph = self
             .stream
             .end_capture(CUgraphInstantiate_flags(0))
             .map_err(driver("cuStreamEndCapture / cuGraphInstantiate"));
+        // cudarc's end_capture may fail before it ends the capture (binding the context);
+        // otherwise the capture is over, whatever else failed
+        open.1 = graph.is_err();
+        drop(open);
         ran?;
         match graph? {
             Some(g) => Ok(CudaExec(g)),
@@ -153,6 +168,28 @@ impl CudaDevice {
                 "the capture recorded nothing",
             )),
         }
+    }
+
+    /// Ends the stream's capture if one is still open, and destroys what it captured.
+    fn abandon_capture(&self) {
+        let _ = self.bind();
+        let s = self.stream.cu_stream();
+        // SAFETY: `s` is our stream; ending a capture that is not open returns an error and
+        // changes nothing; the graph it returns is ours, destroyed here and never instantiated.
+        unsafe {
+            if let Ok(g) = cudarc::driver::result::stream::end_capture(s) {
+                if !g.is_null() {
+                    let _ = cudarc::driver::result::graph::destroy(g);
+                }
+            }
+        }
+    }
+
+    /// Decode steps captured as graphs, replayed without capturing, and captures that failed,
+    /// on this device so far ([`crate::device::Device::replay`]).
+    pub fn graph_counts(&self) -> [u64; 3] {
+        use crate::device::gpu::Launch;
+        self.launcher.recorder().map_or([0; 3], |r| r.counts())
     }
 }
 

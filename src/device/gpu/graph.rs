@@ -4,12 +4,15 @@
 //! GPU: more than the GPU needs for them at batch 1. A CUDA graph captured once replays them
 //! all in one launch, but only stays right while every launch would get the same arguments
 //! (the same buffers, shapes and scalars). So a replay is decided from the step itself: the
-//! step runs first with the launches only recorded ([`Recorder`]: ~0.1 µs a call, nothing
-//! reaches the GPU), and the graph is replayed when the record equals the one it was captured
-//! from, captured again when it does not. A step that does anything but launch kernels and
+//! step runs first with the launches only recorded ([`Recorder`]: each call compared with the
+//! captured one, no allocation while they agree; nothing reaches the GPU), and the graph is
+//! replayed when the record equals the one it was captured from, captured again when it does
+//! not. A step that does anything but launch kernels and
 //! matmuls (allocate, copy, wait) cannot be replayed: recording fails and it runs as it is.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::thread::ThreadId;
 
 use crate::{Error, Result};
 
@@ -29,8 +32,8 @@ fn enabled_by(value: Option<&str>) -> bool {
 }
 
 /// One call a recorded step made: a kernel launch (its symbol, geometry and the 8-byte slot of
-/// every argument: device addresses and scalars) or a matmul (its operands' addresses, dims,
-/// transposes, scales and dtypes).
+/// every argument: device addresses and scalars) or a matmul (its operands' addresses and
+/// lengths, dims, transposes, scales and dtypes).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Call {
     Launch {
@@ -40,77 +43,192 @@ pub enum Call {
         smem: usize,
         args: Vec<u64>,
     },
-    Matmul {
-        /// addresses of c, a, b
-        addrs: [u64; 3],
-        /// m, n, k, ta, tb, and the bits of alpha and beta
-        shape: [u64; 7],
-        /// dtypes of c, a, b
-        dtypes: [crate::device::Dtype; 3],
-    },
+    Matmul(MatmulCall),
 }
 
-impl Call {
-    /// A kernel launch with its arguments' slots.
-    pub fn launch(
-        sym: &str,
+/// A matmul as recorded.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MatmulCall {
+    /// addresses of c, a, b, then their lengths in elements
+    pub operands: [u64; 6],
+    /// m, n, k, ta, tb, and the bits of alpha and beta
+    pub shape: [u64; 7],
+    /// dtypes of c, a, b
+    pub dtypes: [crate::device::Dtype; 3],
+}
+
+/// A call as a launcher sees it, compared with a recorded one without allocating.
+#[derive(Clone, Copy, Debug)]
+pub enum CallRef<'a> {
+    Launch {
+        sym: &'a str,
         grid: [u32; 3],
         block: [u32; 3],
         smem: usize,
-        args: &super::EmuArgs<'_>,
-    ) -> Call {
-        Call::Launch {
-            sym: sym.to_string(),
+        args: &'a [u64],
+    },
+    Matmul(MatmulCall),
+}
+
+impl CallRef<'_> {
+    /// A kernel launch with its arguments' slots.
+    pub fn launch<'a>(
+        sym: &'a str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        smem: usize,
+        args: &'a super::EmuArgs<'_>,
+    ) -> CallRef<'a> {
+        CallRef::Launch {
+            sym,
             grid,
             block,
             smem,
-            args: args.slots().to_vec(),
+            args: args.slots(),
+        }
+    }
+
+    fn is(&self, call: &Call) -> bool {
+        match (self, call) {
+            (
+                CallRef::Launch {
+                    sym,
+                    grid,
+                    block,
+                    smem,
+                    args,
+                },
+                Call::Launch {
+                    sym: s,
+                    grid: g,
+                    block: b,
+                    smem: m,
+                    args: a,
+                },
+            ) => sym == s && grid == g && block == b && smem == m && *args == a.as_slice(),
+            (CallRef::Matmul(x), Call::Matmul(y)) => x == y,
+            _ => false,
+        }
+    }
+
+    fn to_call(self) -> Call {
+        match self {
+            CallRef::Launch {
+                sym,
+                grid,
+                block,
+                smem,
+                args,
+            } => Call::Launch {
+                sym: sym.to_string(),
+                grid,
+                block,
+                smem,
+                args: args.to_vec(),
+            },
+            CallRef::Matmul(m) => Call::Matmul(m),
         }
     }
 }
 
-/// Records the calls of a step instead of making them, while on.
+/// A recording in progress: the calls so far, checked against the ones of the last capture
+/// while they agree (no allocation then), and the thread recording.
+#[derive(Debug)]
+struct Recording {
+    thread: ThreadId,
+    calls: Vec<Call>,
+    /// calls of this step so far; while `same`, calls[..n] are the expected ones it matched
+    n: usize,
+    same: bool,
+}
+
+/// Records the calls of a step instead of making them, while on, for the thread that started
+/// it (another thread's calls go through as usual: a device replaying a step must not be used
+/// by other threads meanwhile, see [`crate::device::Device::replay`]). Also counts what the
+/// replays did on this device.
 #[derive(Debug, Default)]
 pub struct Recorder {
-    calls: Mutex<Option<Vec<Call>>>,
+    rec: Mutex<Option<Recording>>,
+    captures: AtomicU64,
+    replays: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Stops a recording when dropped (also when the step panics), so the device does not keep
+/// recording.
+pub struct Guard<'a>(&'a Recorder);
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().take();
+    }
+}
+
+impl Guard<'_> {
+    /// The step's calls, and whether they are `expected` (what [`Recorder::start`] was given).
+    pub fn finish(self) -> (Vec<Call>, bool) {
+        let r = self.0.lock().take();
+        match r {
+            Some(mut r) => {
+                let same = r.same && r.n == r.calls.len();
+                r.calls.truncate(r.n);
+                (r.calls, same)
+            }
+            None => (Vec::new(), false),
+        }
+    }
 }
 
 impl Recorder {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Call>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Recording>> {
         // a poisoned lock only means a panic elsewhere: the record itself is plain data
-        self.calls.lock().unwrap_or_else(|e| e.into_inner())
+        self.rec.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// From now on, calls are recorded, not made.
-    pub fn start(&self) {
-        *self.lock() = Some(Vec::new());
+    /// From now on this thread's calls are recorded, not made, and compared with `expected`
+    /// (the calls a graph was captured from) until [`Guard::finish`].
+    pub fn start(&self, expected: Vec<Call>) -> Guard<'_> {
+        *self.lock() = Some(Recording {
+            thread: std::thread::current().id(),
+            calls: expected,
+            n: 0,
+            same: true,
+        });
+        Guard(self)
     }
 
-    /// Stops recording; the calls recorded since [`Recorder::start`].
-    pub fn stop(&self) -> Vec<Call> {
-        self.lock().take().unwrap_or_default()
-    }
-
-    /// Whether calls are being recorded.
+    /// Whether this thread's calls are being recorded.
     pub fn active(&self) -> bool {
-        self.lock().is_some()
+        let here = std::thread::current().id();
+        self.lock().as_ref().is_some_and(|r| r.thread == here)
     }
 
-    /// Records `call()` and returns true while recording (the caller then does not make the
-    /// call); false otherwise.
-    pub fn record(&self, call: impl FnOnce() -> Call) -> bool {
-        match self.lock().as_mut() {
-            Some(calls) => {
-                calls.push(call());
-                true
-            }
-            None => false,
+    /// Records `call` and returns true while this thread records (the caller then does not
+    /// make the call); false otherwise.
+    pub fn record(&self, call: CallRef<'_>) -> bool {
+        let here = std::thread::current().id();
+        let mut lock = self.lock();
+        let Some(r) = lock.as_mut().filter(|r| r.thread == here) else {
+            return false;
+        };
+        if r.same && r.n < r.calls.len() && call.is(&r.calls[r.n]) {
+            r.n += 1;
+            return true;
         }
+        if r.same {
+            // the first call that differs: from here the step's own calls
+            r.calls.truncate(r.n);
+            r.same = false;
+        }
+        r.calls.push(call.to_call());
+        r.n += 1;
+        true
     }
 
-    /// An error for `op`, which a step to replay cannot do, while recording; Ok otherwise.
+    /// An error for `op`, which a step to replay cannot do, while this thread records; Ok
+    /// otherwise.
     pub fn refuse(&self, op: &str) -> Result<()> {
-        if self.lock().is_some() {
+        if self.active() {
             Err(Error::invalid(
                 "graph",
                 format!("a step to replay launches kernels and matmuls only, not {op}"),
@@ -119,6 +237,30 @@ impl Recorder {
             Ok(())
         }
     }
+
+    /// One more capture, replay or failed capture on this device.
+    pub(crate) fn count(&self, what: Count) {
+        let c = match what {
+            Count::Capture => &self.captures,
+            Count::Replay => &self.replays,
+            Count::Failure => &self.failures,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Steps captured, replayed without capturing, and captures that failed (the step then ran
+    /// as it is and its graph is given up), on this device so far.
+    pub fn counts(&self) -> [u64; 3] {
+        [&self.captures, &self.replays, &self.failures].map(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// What [`Recorder::count`] counts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Count {
+    Capture,
+    Replay,
+    Failure,
 }
 
 /// A step's graph: the calls it was captured from and the device's executable graph (`E`: a
@@ -127,11 +269,8 @@ impl Recorder {
 pub struct Graph<E> {
     pub(crate) calls: Vec<Call>,
     pub(crate) exec: Option<E>,
-    /// times the graph was captured, and replayed without capturing
-    pub captures: u64,
-    pub replays: u64,
-    /// the device failed to capture a step: no graphs from then on
-    pub broken: bool,
+    /// the device failed to capture this step: no graph for it from then on
+    pub(crate) broken: bool,
 }
 
 impl<E> Default for Graph<E> {
@@ -139,8 +278,6 @@ impl<E> Default for Graph<E> {
         Graph {
             calls: Vec::new(),
             exec: None,
-            captures: 0,
-            replays: 0,
             broken: false,
         }
     }
@@ -154,6 +291,28 @@ mod tests {
 
     fn emu() -> EmuDevice {
         EmuDevice::new(EmuMode::Forward, 3)
+    }
+
+    #[test]
+    fn recording_is_for_the_thread_that_started_it() {
+        use super::{CallRef, Recorder};
+        let r = Recorder::default();
+        let args = crate::device::emu::EmuArgs::new();
+        let call = CallRef::launch("k", [1; 3], [32, 1, 1], 0, &args);
+        let rec = r.start(Vec::new());
+        assert!(r.record(call) && r.refuse("a copy").is_err());
+        std::thread::scope(|s| {
+            s.spawn(|| assert!(!r.record(call) && r.refuse("a copy").is_ok()));
+        });
+        let (calls, same) = rec.finish();
+        assert_eq!((calls.len(), same), (1, false));
+        // the same call again matches the record
+        let rec = r.start(calls);
+        assert!(r.record(call));
+        assert!(rec.finish().1);
+        // a dropped recording (a step that panicked) stops recording
+        drop(r.start(Vec::new()));
+        assert!(!r.active() && !r.record(call));
     }
 
     #[test]
@@ -182,7 +341,7 @@ mod tests {
             // another input buffer is another launch: captured again
             assert_eq!(dev.graph_captures(), captures);
         }
-        assert_eq!((g.captures, g.replays), (2, 2));
+        assert_eq!(dev.launcher().recorder_counts(), [2, 2, 0]);
     }
 
     #[test]
@@ -196,7 +355,7 @@ mod tests {
             dev.replay(&mut g, &mut step).unwrap();
             assert_eq!(dev.download(View::all(&out)).unwrap(), vec![2.5; 4]);
         }
-        assert_eq!((dev.graph_captures(), g.captures, g.replays), (0, 0, 0));
+        assert_eq!(dev.launcher().recorder_counts(), [0, 0, 0]);
         // and the device works as before after the refused recording
         dev.fill(ViewMut::all(&mut out), 1.0).unwrap();
         assert_eq!(dev.download(View::all(&out)).unwrap(), vec![1.0; 4]);
@@ -231,6 +390,12 @@ mod tests {
             assert_eq!(dev.download(View::all(&c)).unwrap(), vec![6.0 * scale; 4]);
         }
         // alpha is part of the call: 0.5 is another graph
-        assert_eq!((g.captures, g.replays), (2, 1));
+        assert_eq!(dev.launcher().recorder_counts(), [2, 1, 0]);
+        // and a view of another length at the same address is refused, as without a graph
+        let mut step = || {
+            let (av, bv) = (View::range(&a, 0, 4), View::all(&b));
+            dev.matmul(ViewMut::all(&mut c), av, bv, 2, 2, 3, false, true, 1.0, 0.0)
+        };
+        assert!(dev.replay(&mut g, &mut step).is_err());
     }
 }

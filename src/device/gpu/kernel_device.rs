@@ -11,7 +11,7 @@
 //! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
 
 use crate::device::cpu::policy_loss::{check_mask, check_shapes};
-use crate::device::gpu::graph::{Call, Graph};
+use crate::device::gpu::graph::{CallRef, Count, Graph, MatmulCall};
 use crate::device::gpu::scratch::{ScratchCache, ATTENTION_D, DECODE_ML, DECODE_O};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
@@ -197,27 +197,28 @@ impl<T: KernelDevice> Device for T {
         let Some(rec) = self.launcher().recorder().filter(|_| on) else {
             return step();
         };
-        rec.start();
+        let recording = rec.start(std::mem::take(&mut g.calls));
         let recorded = step();
-        let calls = rec.stop();
+        let (calls, same) = recording.finish();
         if recorded.is_err() {
             // a step that allocates, copies or waits (or fails): as it is
             g.exec = None;
             return step();
         }
-        if g.exec.is_some() && g.calls == calls {
-            g.replays += 1;
+        g.calls = calls;
+        if same && g.exec.is_some() {
+            rec.count(Count::Replay);
         } else {
             g.exec = None;
             match self.capture(step) {
                 Ok(exec) => {
                     g.exec = Some(exec);
-                    g.calls = calls;
-                    g.captures += 1;
+                    rec.count(Count::Capture);
                 }
                 Err(_) => {
-                    // a device that cannot capture this step: no graphs from now on
+                    // a device that cannot capture this step: no graph for it from now on
                     g.broken = true;
+                    rec.count(Count::Failure);
                     return step();
                 }
             }
@@ -309,23 +310,24 @@ impl<T: KernelDevice> Device for T {
         beta: f32,
     ) -> Result<()> {
         if let Some(rec) = self.launcher().recorder().filter(|r| r.active()) {
+            // the checks the devices' matmul makes, before a call that will not run now
             const OP: &str = "matmul";
             let dtypes = [c.dtype(), a.dtype(), b.dtype()];
+            crate::device::cpu::check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
+            crate::device::emu_device::check_matmul_dtypes(dtypes[1], dtypes[2], dtypes[0])?;
+            let lens = [c.len(), a.len(), b.len()].map(|x| x as u64);
             let addrs = [
                 by_dtype!(dtypes[0], S => T::output::<S>(OP, "c", c)?.addr()),
                 by_dtype!(dtypes[1], S => T::input::<S>(OP, "a", a)?.addr()),
                 by_dtype!(dtypes[2], S => T::input::<S>(OP, "b", b)?.addr()),
             ];
-            let shape = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
-            let (alpha, beta) = (alpha.to_bits() as u64, beta.to_bits() as u64);
-            let shape = [
-                shape[0], shape[1], shape[2], shape[3], shape[4], alpha, beta,
-            ];
-            rec.record(|| Call::Matmul {
-                addrs,
-                shape,
+            let [mm, nn, kk, ta, tb] = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
+            let (alpha, beta) = (u64::from(alpha.to_bits()), u64::from(beta.to_bits()));
+            rec.record(CallRef::Matmul(MatmulCall {
+                operands: [addrs[0], addrs[1], addrs[2], lens[0], lens[1], lens[2]],
+                shape: [mm, nn, kk, ta, tb, alpha, beta],
                 dtypes,
-            });
+            }));
             return Ok(());
         }
         KernelDevice::matmul(self, c, a, b, m, n, k, ta, tb, alpha, beta)

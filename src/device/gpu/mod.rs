@@ -135,6 +135,11 @@ impl EmuLaunch {
 }
 
 impl EmuLaunch {
+    /// Steps captured, replayed and failed captures ([`graph::Recorder::counts`]).
+    pub fn recorder_counts(&self) -> [u64; 3] {
+        self.recorder.counts()
+    }
+
     /// Kernels launched so far.
     pub fn launches(&self) -> u64 {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
@@ -160,7 +165,7 @@ impl Launch for EmuLaunch {
         crate::device::kernels::check_launch(sym, block, smem)?;
         if self
             .recorder
-            .record(|| graph::Call::launch(sym, grid, block, smem, args))
+            .record(graph::CallRef::launch(sym, grid, block, smem, args))
         {
             return Ok(());
         }
