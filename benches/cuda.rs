@@ -116,6 +116,10 @@ fn bench_op(
 
 fn benches(c: &mut Criterion) {
     if let Err(why) = cuda::probe() {
+        // scripts/gpu-check.sh sets NLA_REQUIRE_GPU=1: there a missing GPU is a failure
+        if std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+            panic!("NLA_REQUIRE_GPU=1 but no usable GPU: {why}");
+        }
         eprintln!("benches/cuda.rs: no GPU: {why}");
         return;
     }

@@ -160,7 +160,7 @@ for t in "${gpu_tests[@]}"; do
         echo
         echo '```'
         # sed, not head, reads all of grep's output: under pipefail a SIGPIPE would end the script
-        { grep -E "^test |test result|err|GB/s|max|worst|panicked" "$log/test-$t.txt" || true; } |
+        { grep -E "^test |test result|err|GB/s|max|worst|panicked|GPU|cuBLASLt" "$log/test-$t.txt" || true; } |
             sed -n '1,120p'
         echo '```'
         echo
@@ -172,7 +172,7 @@ if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r="FAILED (exit $?)"
     echo "## benches/cuda.rs (criterion; kernels timed with CUDA events): $r"
     echo
     echo '```'
-    { grep -E "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked" "$log/bench-cuda.txt" || true; } |
+    { grep -E "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked|GPU" "$log/bench-cuda.txt" || true; } |
         sed -n '1,400p'
     echo '```'
     echo
@@ -225,7 +225,7 @@ if command -v compute-sanitizer >/dev/null; then
         echo "## compute-sanitizer memcheck, tests/device_parity.rs cuda_*: $r"
         echo
         echo '```'
-        { grep -E "^test |test result|=========|panicked" "$log/sanitizer.txt" || true; } |
+        { grep -E "^test |test result|=========|panicked|GPU" "$log/sanitizer.txt" || true; } |
             sed -n '1,80p'
         echo '```'
         echo
