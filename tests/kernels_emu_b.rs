@@ -1078,7 +1078,8 @@ fn decode_case<T: Ty>(
              starts {starts:?} nsplit {nsplit}",
             T::NAME
         );
-        let out_k = both(&tag, |mode, seed| {
+        // one launch into fresh poisoned buffers (pos: pos0 read from device memory)
+        let run = |pos: Option<u32>, mode: EmuMode, seed: u64| {
             let scratch = if nsplit > 1 { nsplit * rows } else { 0 };
             let mut out = poisoned::<T>(rows * hs);
             let mut po = poisoned::<f32>(scratch * hs);
@@ -1093,43 +1094,24 @@ fn decode_case<T: Ty>(
                 starts,
                 d,
                 nsplit,
-                None,
+                pos,
                 mode,
                 seed,
             );
             po.assert_intact("part_o");
             pml.assert_intact("part_ml");
             take(&out, "out")
-        });
+        };
+        let out_k = both(&tag, |mode, seed| run(None, mode, seed));
         // pos0 read from device memory instead: the same result, bit for bit; a position whose
         // queries would pass TMAX reads nothing: out = 0
-        let scratch = if nsplit > 1 { nsplit * rows } else { 0 };
         let past = (tmax - tq + 1) as u32;
         for (p, want) in [
             (pos0 as u32, out_k.clone()),
             (past, conv::<T>(&vec![0.0; rows * hs])),
         ] {
-            let mut out = poisoned::<T>(rows * hs);
-            let (mut po, mut pml) = (poisoned::<f32>(scratch * hs), poisoned::<f32>(scratch * 2));
-            decode_attention_launch(
-                out.get_mut(),
-                po.get_mut(),
-                pml.get_mut(),
-                qg.get(),
-                kg.get(),
-                vg.get(),
-                starts,
-                d,
-                nsplit,
-                Some(p),
-                EmuMode::Forward,
-                seed,
-            );
-            assert_same_bits(
-                &format!("{tag}, pos {p} in memory"),
-                &take(&out, "out"),
-                &want,
-            );
+            let out = run(Some(p), EmuMode::Forward, seed);
+            assert_same_bits(&format!("{tag}, pos {p} in memory"), &out, &want);
         }
         // error model as attention's forward (a convex combination of v rows, f32 scores and
         // exponentials in another order; split-K adds one 2^(m_s - M) rescale per split):

@@ -307,6 +307,26 @@ pub(crate) fn position(op: &'static str, pos: Option<&Vec<u32>>, pos0: usize) ->
     }
 }
 
+/// `d` at the position the op starts at ([`position`]), whose TQ positions must end within
+/// the cache's TMAX.
+fn at_position(op: &'static str, pos: Option<&Vec<u32>>, d: CacheDims) -> Result<CacheDims> {
+    let d = CacheDims {
+        pos0: position(op, pos, d.pos0)?,
+        ..d
+    };
+    if d.pos0 + d.tq > d.tmax {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "positions end at {} beyond the cache's {}",
+                d.pos0 + d.tq,
+                d.tmax
+            ),
+        ));
+    }
+    Ok(d)
+}
+
 /// A table `[rows, c]` given as a flat length: the number of rows.
 fn rows_of(op: &'static str, what: &str, len: usize, c: usize) -> Result<usize> {
     if len.is_multiple_of(c) {
@@ -1172,20 +1192,7 @@ impl Device for CpuDevice {
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "kv_append_fwd";
-        let d = CacheDims {
-            pos0: position(OP, pos, d.pos0)?,
-            ..d
-        };
-        if d.pos0 + d.tq > d.tmax {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "new positions end at {} beyond the cache's {}",
-                    d.pos0 + d.tq,
-                    d.tmax
-                ),
-            ));
-        }
+        let d = at_position(OP, pos, d)?;
         let (kc, vc) = (
             get_mut(OP, "kcache", kcache)?,
             get_mut(OP, "vcache", vcache)?,
@@ -1211,10 +1218,7 @@ impl Device for CpuDevice {
         d: CacheDims,
     ) -> Result<()> {
         const OP: &str = "decode_attention_fwd";
-        let d = CacheDims {
-            pos0: position(OP, pos, d.pos0)?,
-            ..d
-        };
+        let d = at_position(OP, pos, d)?;
         check_attn(
             OP,
             &AttnDims {
@@ -1225,16 +1229,6 @@ impl Device for CpuDevice {
                 hs: d.hs,
             },
         )?;
-        if d.pos0 + d.tq > d.tmax {
-            return Err(Error::invalid(
-                OP,
-                format!(
-                    "queries end at position {} beyond the cache's {}",
-                    d.pos0 + d.tq,
-                    d.tmax
-                ),
-            ));
-        }
         let out = get_mut(OP, "out", out)?;
         let (q, kc, vc) = (
             get(OP, "q", q)?,
