@@ -11,6 +11,7 @@ use super::matmul::Operand;
 use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaExec, CudaIds, CudaLaunch};
 use crate::device::cpu::check_matmul;
 use crate::device::emu_device::check_matmul_dtypes;
+use crate::device::gpu::graph::Call;
 use crate::device::gpu::kernel_device::KernelDevice;
 use crate::device::gpu::scratch::ScratchCache;
 use crate::device::gpu::{self, DevPtr, Ids, In, Out};
@@ -37,10 +38,10 @@ impl KernelDevice for CudaDevice {
     }
 
     type Exec = CudaExec;
-    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
+    fn capture(&self, _calls: &[Call], step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
         self.capture_graph(step)
     }
-    fn run_graph(&self, exec: &CudaExec, _step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    fn run_graph(&self, exec: &CudaExec) -> Result<()> {
         exec.0.launch().map_err(|e| Error::cuda("cuGraphLaunch", e))
     }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::ThreadId;
 
+use crate::device::emu::Packed;
 use crate::{Error, Result};
 
 /// Whether the kernel devices replay steps as graphs: yes, unless the environment sets
@@ -31,9 +32,10 @@ fn enabled_by(value: Option<&str>) -> bool {
     )
 }
 
-/// One call a recorded step made: a kernel launch (its symbol, geometry and the 8-byte slot of
-/// every argument: device addresses and scalars) or a matmul (its operands' addresses and
-/// lengths, dims, transposes, scales and dtypes).
+/// One call a recorded step made: a kernel launch (its symbol, geometry and packed arguments:
+/// the 8-byte slot of every argument, device addresses and scalars, with their kinds and the
+/// extents of host slices) or a matmul (its operands' addresses and lengths, dims, transposes,
+/// scales and dtypes).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Call {
     Launch {
@@ -41,7 +43,7 @@ pub enum Call {
         grid: [u32; 3],
         block: [u32; 3],
         smem: usize,
-        args: Vec<u64>,
+        args: Packed,
     },
     Matmul(MatmulCall),
 }
@@ -57,6 +59,21 @@ pub struct MatmulCall {
     pub dtypes: [crate::device::Dtype; 3],
 }
 
+impl MatmulCall {
+    /// The call's [m, n, k], transposes of a and b, alpha and beta.
+    pub fn params(&self) -> ([usize; 3], bool, bool, f32, f32) {
+        let [m, n, k, ta, tb, alpha, beta] = self.shape;
+        let scale = |x: u64| f32::from_bits(x as u32);
+        (
+            [m, n, k].map(|x| x as usize),
+            ta != 0,
+            tb != 0,
+            scale(alpha),
+            scale(beta),
+        )
+    }
+}
+
 /// A call as a launcher sees it, compared with a recorded one without allocating.
 #[derive(Clone, Copy, Debug)]
 pub enum CallRef<'a> {
@@ -65,13 +82,13 @@ pub enum CallRef<'a> {
         grid: [u32; 3],
         block: [u32; 3],
         smem: usize,
-        args: &'a [u64],
+        args: &'a Packed,
     },
     Matmul(MatmulCall),
 }
 
 impl CallRef<'_> {
-    /// A kernel launch with its arguments' slots.
+    /// A kernel launch with its packed arguments.
     pub fn launch<'a>(
         sym: &'a str,
         grid: [u32; 3],
@@ -84,7 +101,7 @@ impl CallRef<'_> {
             grid,
             block,
             smem,
-            args: args.slots(),
+            args: args.packed(),
         }
     }
 
@@ -105,7 +122,7 @@ impl CallRef<'_> {
                     smem: m,
                     args: a,
                 },
-            ) => sym == s && grid == g && block == b && smem == m && *args == a.as_slice(),
+            ) => sym == s && grid == g && block == b && smem == m && *args == a,
             (CallRef::Matmul(x), Call::Matmul(y)) => x == y,
             _ => false,
         }
@@ -124,7 +141,7 @@ impl CallRef<'_> {
                 grid,
                 block,
                 smem,
-                args: args.to_vec(),
+                args: args.clone(),
             },
             CallRef::Matmul(m) => Call::Matmul(m),
         }
@@ -264,7 +281,7 @@ pub(crate) enum Count {
 }
 
 /// A step's graph: the calls it was captured from and the device's executable graph (`E`: a
-/// CUDA graph; `()` on the emulator, which runs the recorded step's launches instead).
+/// CUDA graph; on the emulator the recorded calls themselves, run again as recorded).
 #[derive(Debug)]
 pub struct Graph<E> {
     pub(crate) calls: Vec<Call>,
@@ -342,6 +359,37 @@ mod tests {
             assert_eq!(dev.graph_captures(), captures);
         }
         assert_eq!(dev.launcher().recorder_counts(), [2, 2, 0]);
+    }
+
+    /// The emulator's graph is the record: a replay runs the recorded calls, so the step
+    /// itself runs once per replay (to be recorded), as with a GPU graph, and what the record
+    /// holds is what runs.
+    #[test]
+    fn the_emulator_replays_the_record_not_the_step() {
+        let dev = emu();
+        let (a, b) = (
+            dev.upload(&[1.0, 2.0, 3.0]).unwrap(),
+            dev.upload(&[0.5; 3]).unwrap(),
+        );
+        let (w, mut h) = (dev.upload(&[2.0; 6]).unwrap(), dev.alloc(2).unwrap());
+        let mut out = dev.alloc(3).unwrap();
+        let mut g = Default::default();
+        let mut runs = 0;
+        for i in 0..3 {
+            let mut step = || {
+                runs += 1;
+                dev.residual_fwd(ViewMut::all(&mut out), View::all(&a), View::all(&b))?;
+                // h [2,1] = w [2,3] · out [3,1]: a matmul after the launch
+                let (o, w) = (View::all(&out), View::all(&w));
+                dev.matmul(ViewMut::all(&mut h), w, o, 2, 1, 3, false, false, 1.0, 0.0)
+            };
+            dev.replay(&mut g, &mut step).unwrap();
+            assert_eq!(runs, i + 1, "the step ran more than once for replay {i}");
+            assert_eq!(dev.download(View::all(&out)).unwrap(), vec![1.5, 2.5, 3.5]);
+            // h[0..2] = 2 * (1.5 + 2.5 + 3.5)
+            assert_eq!(dev.download(View::all(&h)).unwrap(), vec![15.0; 2]);
+        }
+        assert_eq!(dev.launcher().recorder_counts(), [1, 2, 0]);
     }
 
     #[test]

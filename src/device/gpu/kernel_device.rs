@@ -11,7 +11,7 @@
 //! `impl<T: KernelDevice> Device for T` gives every such device the whole [`Device`] trait.
 
 use crate::device::cpu::policy_loss::{check_mask, check_shapes};
-use crate::device::gpu::graph::{CallRef, Count, Graph, MatmulCall};
+use crate::device::gpu::graph::{Call, CallRef, Count, Graph, MatmulCall};
 use crate::device::gpu::scratch::{ScratchCache, ATTENTION_D, DECODE_ML, DECODE_O};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
@@ -39,13 +39,15 @@ pub trait KernelDevice: Send + Sync + Sized {
 
     // ---- graphs ([`Device::replay`])
 
-    /// A captured step: a CUDA graph; `()` on the emulator.
+    /// A captured step: a CUDA graph; on the emulator the recorded calls.
     type Exec;
-    /// Captures `step`'s launches into a graph without running them.
-    fn capture(&self, step: &mut dyn FnMut() -> Result<()>) -> Result<Self::Exec>;
-    /// Runs a captured graph: one launch on a GPU; on the emulator `step` itself (the record
-    /// showed that it makes the captured launches).
-    fn run_graph(&self, exec: &Self::Exec, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
+    /// Captures `step`'s launches into a graph without running them; `calls` are what the
+    /// step was just recorded making.
+    fn capture(&self, calls: &[Call], step: &mut dyn FnMut() -> Result<()>) -> Result<Self::Exec>;
+    /// Runs a captured graph: one launch on a GPU; on the emulator the recorded calls, one by
+    /// one, as recorded. Only right after the step being replayed was recorded making the
+    /// calls `exec` was captured from (so every buffer they name is alive and borrowed by it).
+    fn run_graph(&self, exec: &Self::Exec) -> Result<()>;
 
     // ---- buffers as launcher arguments
 
@@ -210,7 +212,7 @@ impl<T: KernelDevice> Device for T {
             rec.count(Count::Replay);
         } else {
             g.exec = None;
-            match self.capture(step) {
+            match self.capture(&g.calls, step) {
                 Ok(exec) => {
                     g.exec = Some(exec);
                     rec.count(Count::Capture);
@@ -224,7 +226,7 @@ impl<T: KernelDevice> Device for T {
             }
         }
         match &g.exec {
-            Some(exec) => self.run_graph(exec, step),
+            Some(exec) => self.run_graph(exec),
             None => step(),
         }
     }
