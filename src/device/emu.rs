@@ -334,7 +334,8 @@ unsafe fn host_slice_mut<'a>(
 /// all alive, each at least as long as recorded and of the recorded element type, and used by
 /// nothing else while this runs. [`crate::device::Device::replay`] calls it right after the
 /// step it replays was recorded making these very calls: the step borrows every buffer they
-/// name, mutably where a call writes.
+/// name (mutably where a call writes), but for the device's scratch buffers, which stay in
+/// its cache since only an allocation could replace them.
 pub(crate) unsafe fn rerun(
     calls: &[crate::device::gpu::graph::Call],
     launcher: &impl crate::device::gpu::Launch,

@@ -244,8 +244,10 @@ impl KernelDevice for EmuDevice {
             matmul_host(c, a, b, mnk, ta, tb, alpha, beta)
         };
         // SAFETY: `Device::replay` runs a graph only right after the step it replays was
-        // recorded making the calls `exec` was captured from (`run_graph`'s contract), and the
-        // step borrows every buffer they name (mutably where a call writes) across the replay.
+        // recorded making the calls `exec` was captured from (`run_graph`'s contract). Every
+        // buffer they name is alive and as long as recorded: the step borrows it across the
+        // replay (mutably where a call writes), or it is a scratch buffer of this device's
+        // cache, which only an allocation could replace and a recording refuses those.
         unsafe { emu::rerun(exec, &self.launcher, matmul)? };
         // the calls made no driver calls on a GPU: one graph launch did
         let made = self.device_calls() - before;
