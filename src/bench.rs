@@ -15,7 +15,7 @@ use std::time::Instant;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::device::{Device, SampleSpec, View, ViewMut};
+use crate::device::{Device, GraphStats, SampleSpec, View, ViewMut};
 use crate::generate::{generate, GenSpec};
 use crate::model::{Batch, KvCache, MemoryOptions, Model, ModelConfig};
 use crate::train::{AdamwConfig, LmTrainer, LrSchedule};
@@ -396,6 +396,9 @@ pub struct RolloutReport {
     pub decode_bytes: DecodeBytes,
     /// `decode_bytes.total() / decode_s_median`
     pub decode_bytes_per_s: f64,
+    /// what the decode steps' graphs did over all rollouts, warm-up included (None: the
+    /// device has no graphs)
+    pub graphs: Option<GraphStats>,
 }
 
 impl RolloutReport {
@@ -451,7 +454,18 @@ impl fmt::Display for RolloutReport {
             si(b.kv_cache, "B"),
             si(b.logits, "B"),
             si(self.decode_bytes_per_s, "B/s")
-        )
+        )?;
+        if let Some(g) = &self.graphs {
+            write!(
+                f,
+                "\n  decode steps as graphs: {} captured, {} replayed, {} failed captures",
+                g.captures, g.replays, g.failures
+            )?;
+            if let Some(why) = &g.first_failure {
+                write!(f, " (first: {why})")?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -614,6 +628,7 @@ pub fn rollout<D: Device>(
     let mut prefill_s = Vec::with_capacity(o.iters);
     let mut rollout_s = Vec::with_capacity(o.iters);
     let mut generated_tokens = 0;
+    let graphs_before = dev.graph_stats();
     for i in 0..o.warmup + o.iters {
         sync()?;
         let t0 = Instant::now();
@@ -632,6 +647,16 @@ pub fn rollout<D: Device>(
         }
         generated_tokens = samples.iter().map(|s| s.tokens.len()).sum();
     }
+    // what the decode steps' graphs did over the rollouts
+    let graphs = dev.graph_stats().map(|after| {
+        let before = graphs_before.unwrap_or_default();
+        GraphStats {
+            captures: after.captures - before.captures,
+            replays: after.replays - before.replays,
+            failures: after.failures - before.failures,
+            first_failure: after.first_failure,
+        }
+    });
     let decode: Vec<f64> = rollout_s
         .iter()
         .zip(&prefill_s)
@@ -665,6 +690,7 @@ pub fn rollout<D: Device>(
         tokens_per_s: generated_tokens as f64 / rollout_s_median,
         decode_bytes_per_s: bytes.total() / decode_s_median,
         decode_bytes: bytes,
+        graphs,
     })
 }
 

@@ -206,6 +206,35 @@ fn rollout_counts_tokens_and_bytes() {
     assert_eq!(json["generated_tokens"].as_u64(), Some(42));
 }
 
+/// On the emulated CUDA device the report says what the decode steps' graphs did: each
+/// rollout's first decode step captured, its 5 others replayed, over 1 warm-up and 2 timed
+/// rollouts. The CPU device has no graphs.
+#[test]
+fn rollout_reports_the_decode_graphs() {
+    use nla_engine::device::emu::EmuMode;
+    use nla_engine::device::emu_device::EmuDevice;
+    use nla_engine::device::GraphStats;
+    let o = tiny_opts();
+    let cpu = bench::rollout(&CpuDevice::new(), &o, &no_sync).unwrap();
+    assert_eq!(cpu.graphs, None);
+    if !nla_engine::device::gpu::graph::enabled() {
+        return;
+    }
+    let r = bench::rollout(&EmuDevice::new(EmuMode::Forward, 3), &o, &no_sync).unwrap();
+    let want = GraphStats {
+        captures: 3,
+        replays: 3 * 5,
+        failures: 0,
+        first_failure: None,
+    };
+    assert_eq!(r.graphs, Some(want));
+    let text = r.to_string();
+    assert!(
+        text.contains("decode steps as graphs: 3 captured, 15 replayed, 0 failed"),
+        "{text}"
+    );
+}
+
 #[test]
 fn copy_bandwidth_is_positive() {
     let bw = bench::measure_copy_bandwidth(&CpuDevice::new(), 1 << 20, 3, &no_sync).unwrap();

@@ -359,6 +359,16 @@ impl PolicyStat {
 type V<'a, D> = View<'a, <D as Device>::Buf>;
 type M<'a, D> = ViewMut<'a, <D as Device>::Buf>;
 
+/// Steps [`Device::replay`] captured as graphs, replayed without capturing, and captures that
+/// failed (those steps run as they are from then on), with why the first failure did.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct GraphStats {
+    pub captures: u64,
+    pub replays: u64,
+    pub failures: u64,
+    pub first_failure: Option<String>,
+}
+
 /// A compute device. Methods check lengths and dims against each other and return
 /// [`crate::Error::Invalid`] naming the op and argument on a mismatch.
 pub trait Device: Send + Sync + Sized {
@@ -372,16 +382,21 @@ pub trait Device: Send + Sync + Sized {
     fn name(&self) -> String;
 
     /// Runs `step`, which may only launch kernels and matmuls (no allocation, copy or wait),
-    /// through `graph` where the device can replay steps: the first time `step` is captured
-    /// into a graph; later, when `step` would make the same launches with the same arguments
-    /// (buffers, shapes, scalars), the graph is replayed instead (one launch on a GPU), else
-    /// captured again. `step` runs more than once per call (recorded, captured), so it must
-    /// not change host state. A step that does anything else runs as it is. The CPU runs
+    /// through `graph` where the device can replay steps: the first time `step` runs as it is
+    /// and is captured into a graph; later, when `step` would make the same launches with the
+    /// same arguments (buffers, shapes, scalars), the graph is replayed instead (one launch on
+    /// a GPU), else run and captured again. `step` runs more than once per call (recorded, run,
+    /// captured), so it must not change host state. A step that does anything else runs as it is. The CPU runs
     /// `step` once. While a step is recorded the device records every launch, so no other
     /// thread may use the device during `replay`.
     fn replay(&self, graph: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         let _ = graph;
         step()
+    }
+
+    /// What [`Device::replay`] did on this device so far; None where it has no graphs.
+    fn graph_stats(&self) -> Option<GraphStats> {
+        None
     }
 
     /// Waits until every op issued so far has finished (a GPU runs ops asynchronously; the

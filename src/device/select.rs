@@ -12,10 +12,10 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub enum AnyDevice {
     Cpu(CpuDevice),
-    /// (boxed: it is much larger than the others)
+    /// (boxed, as the emulator: they are much larger than the CPU device)
     Cuda(Box<CudaDevice>),
     /// The CUDA kernels on the CPU emulator (slow: tiny models, checks).
-    Emu(EmuDevice),
+    Emu(Box<EmuDevice>),
 }
 
 /// What `--device` accepts.
@@ -45,7 +45,7 @@ pub fn open_with(kind: &str, precision: Option<Dtype>) -> Result<AnyDevice> {
         )),
         AnyDevice::Cpu(d) => Ok(AnyDevice::Cpu(d)),
         AnyDevice::Cuda(d) => Ok(AnyDevice::Cuda(Box::new(d.with_work_dtype(dtype)?))),
-        AnyDevice::Emu(d) => Ok(AnyDevice::Emu(d.with_work_dtype(dtype)?)),
+        AnyDevice::Emu(d) => Ok(AnyDevice::Emu(Box::new(d.with_work_dtype(dtype)?))),
     }
 }
 
@@ -64,7 +64,10 @@ fn open_default(kind: &str) -> Result<AnyDevice> {
                     "this build has no CUDA emulator (no C++ compiler when it was compiled)",
                 ));
             }
-            Ok(AnyDevice::Emu(EmuDevice::new(EmuMode::Forward, 0)))
+            Ok(AnyDevice::Emu(Box::new(EmuDevice::new(
+                EmuMode::Forward,
+                0,
+            ))))
         }
         "cuda" => cuda_device(0),
         _ => {
@@ -102,7 +105,10 @@ macro_rules! with_device {
                 let $d: &$crate::device::cuda::CudaDevice = boxed;
                 $body
             }
-            $crate::device::select::AnyDevice::Emu($d) => $body,
+            $crate::device::select::AnyDevice::Emu(boxed) => {
+                let $d: &$crate::device::emu_device::EmuDevice = boxed;
+                $body
+            }
         }
     };
 }

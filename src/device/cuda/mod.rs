@@ -184,13 +184,6 @@ impl CudaDevice {
             }
         }
     }
-
-    /// Decode steps captured as graphs, replayed without capturing, and captures that failed,
-    /// on this device so far ([`crate::device::Device::replay`]).
-    pub fn graph_counts(&self) -> [u64; 3] {
-        use crate::device::gpu::Launch;
-        self.launcher.recorder().map_or([0; 3], |r| r.counts())
-    }
 }
 
 impl Drop for CudaDevice {

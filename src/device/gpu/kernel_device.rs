@@ -208,27 +208,38 @@ impl<T: KernelDevice> Device for T {
             return step();
         }
         g.calls = calls;
-        if same && g.exec.is_some() {
+        if let Some(exec) = g.exec.as_ref().filter(|_| same) {
             rec.count(Count::Replay);
-        } else {
-            g.exec = None;
-            match self.capture(&g.calls, step) {
-                Ok(exec) => {
-                    g.exec = Some(exec);
-                    rec.count(Count::Capture);
-                }
-                Err(_) => {
-                    // a device that cannot capture this step: no graph for it from now on
-                    g.broken = true;
-                    rec.count(Count::Failure);
-                    return step();
-                }
+            return self.run_graph(exec);
+        }
+        // new calls: the step runs as it is, which also loads every kernel and matmul
+        // algorithm it uses (the warm-up a capture needs: nothing loads while capturing), and
+        // is captured, not run, for the calls to come
+        g.exec = None;
+        step()?;
+        match self.capture(&g.calls, step) {
+            Ok(exec) => {
+                g.exec = Some(exec);
+                rec.count(Count::Capture);
+            }
+            Err(e) => {
+                // a device that cannot capture this step: no graph for it from now on
+                g.broken = true;
+                rec.fail(e.to_string());
             }
         }
-        match &g.exec {
-            Some(exec) => self.run_graph(exec),
-            None => step(),
-        }
+        Ok(())
+    }
+
+    fn graph_stats(&self) -> Option<crate::device::GraphStats> {
+        let rec = self.launcher().recorder()?;
+        let [captures, replays, failures] = rec.counts();
+        Some(crate::device::GraphStats {
+            captures,
+            replays,
+            failures,
+            first_failure: rec.first_failure().map(str::to_string),
+        })
     }
 
     fn synchronize(&self) -> Result<()> {
