@@ -18,6 +18,17 @@
 #       and runs the bundled executables instead of building.
 #
 # Tests that need a GPU skip without one; here NLA_REQUIRE_GPU=1 makes a missing GPU a failure.
+#
+# The check runs in parts, the most telling first: parity (tests/device_parity.rs: the whole
+# model on the GPU against the CPU, graph capture included), decode (batch-1 decode with and
+# without CUDA graphs), step (the llama-1b preset: SFT step and rollout), attention (its kernel
+# benches), ops (tests/cuda_ops.rs), bf16 (tests/bf16_model.rs), kernels (every kernel bench),
+# select (tests/device_select.rs), presets (the other end-to-end benches), sanitizer
+# (compute-sanitizer memcheck of the model's GPU tests). Environment:
+#   GPU_CHECK_PARTS=parity,decode    only these parts (default: all)
+#   GPU_CHECK_BUDGET=540             seconds for the whole check: each part's time limit is cut
+#                                    to what is left, and parts that would start with under 30 s
+#                                    left are skipped and listed in the report (default: none)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -97,9 +108,11 @@ for p in sys.path:
     done
 }
 cublaslt_dir="$(find_cublaslt || true)"
+cublaslt_note="${cublaslt_dir:-found by the loader}"
 if [ -n "$cublaslt_dir" ]; then
     export LD_LIBRARY_PATH="$cublaslt_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 elif ! ldconfig -p 2>/dev/null | grep -q 'libcublasLt\.so'; then
+    cublaslt_note="not found (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-})"
     echo "gpu-check: libcublasLt.so not found (no CUDA toolkit, no nvidia-cublas wheel): the" \
         "CUDA device needs it for matmuls; install one or set LD_LIBRARY_PATH" >&2
 fi
@@ -126,8 +139,9 @@ if [ "$mode" = run-bundle ]; then
     fi
     commit="$(cat "$b/commit")"
     nla="$b/nla-engine"
-    run_test() { limit 600 "$b/test-$1" --test-threads=1 --nocapture; }
-    run_bench() { (cd "$built" && limit 900 "$root/$b/bench-cuda" --bench --noplot); }
+    # run_test TEST SECONDS [FILTER], run_bench SECONDS [FILTER]
+    run_test() { limit "$2" "$b/test-$1" --test-threads=1 --nocapture ${3:+"$3"}; }
+    run_bench() { (cd "$built" && limit "$1" "$root/$b/bench-cuda" --bench --noplot ${2:+"$2"}); }
     nvcc_used="(bundled build)"
 else
     NVCC="$(find_nvcc)"
@@ -135,12 +149,17 @@ else
     commit="$(git rev-parse HEAD)$(git diff --quiet || echo '+changes')"
     cargo build --release
     nla=target/release/nla-engine
-    run_test() { limit 600 cargo test --release --test "$1" -- --test-threads=1 --nocapture; }
-    run_bench() { limit 900 cargo bench --bench cuda -- --noplot; }
+    run_test() { limit "$2" cargo test --release --test "$1" -- --test-threads=1 --nocapture ${3:+"$3"}; }
+    run_bench() { limit "$1" cargo bench --bench cuda -- --noplot ${2:+"$2"}; }
     nvcc_used="$("$NVCC" --version | tail -n1)"
 fi
 
 status=0
+budget="${GPU_CHECK_BUDGET:-0}"
+parts="${GPU_CHECK_PARTS:-all}"
+case "$budget" in '' | *[!0-9]*) echo "gpu-check: GPU_CHECK_BUDGET=$budget: expected seconds" >&2; exit 2 ;; esac
+start=$SECONDS
+skipped=()
 {
     echo "# GPU check: $gpu"
     echo
@@ -148,49 +167,69 @@ status=0
     echo "- commit: $commit"
     echo "- GPU: $gpu, $mem, driver $driver"
     echo "- nvcc: $nvcc_used"
-    echo "- cuBLASLt: ${cublaslt_dir:-found by the loader}"
+    echo "- cuBLASLt: $cublaslt_note"
+    echo "- parts: $parts; time budget: $([ "$budget" -gt 0 ] && echo "$budget s" || echo none)"
     echo "- devices:"; "$nla" devices 2>&1 | sed "s/^/  - /" || true
     echo
 } > "$report"
 
-for t in "${gpu_tests[@]}"; do
-    if run_test "$t" > "$log/test-$t.txt" 2>&1; then r=passed; else r="FAILED (exit $?)"; status=1; fi
+# wanted PART: whether the check runs PART (GPU_CHECK_PARTS)
+wanted() { [ "$parts" = all ] || [[ ",$parts," == *",$1,"* ]]; }
+# time_for PART SECONDS: sets t to the part's time limit, cut to what is left of the budget;
+# false, with PART noted as skipped, when under 30 s are left
+time_for() {
+    t="$2"
+    if [ "$budget" -gt 0 ]; then
+        local left=$((budget - (SECONDS - start)))
+        if [ "$left" -lt 30 ]; then
+            [[ " ${skipped[*]} " == *" $1 "* ]] || skipped+=("$1")
+            return 1
+        fi
+        if [ "$left" -lt "$t" ]; then t="$left"; fi
+    fi
+    return 0
+}
+# one line per result: sed, not head, reads all of grep's output (under pipefail a SIGPIPE
+# would end the script)
+excerpt() { { grep -E "$1" "$2" || true; } | sed -n "1,${3}p"; }
+
+# test_part PART TEST: a test file against the CPU twins
+test_part() {
+    wanted "$1" && time_for "$1" 600 || return 0
+    if run_test "$2" "$t" > "$log/test-$2.txt" 2>&1; then r=passed; else r="FAILED (exit $?)"; status=1; fi
     {
-        echo "## tests/$t.rs: $r"
+        echo "## tests/$2.rs: $r"
         echo
         echo '```'
-        # sed, not head, reads all of grep's output: under pipefail a SIGPIPE would end the script
-        { grep -E "^test |test result|err|GB/s|max|worst|panicked|GPU|cuBLASLt" "$log/test-$t.txt" || true; } |
-            sed -n '1,120p'
+        excerpt "^test |test result|err|GB/s|max|worst|panicked|GPU|cuBLASLt|graph" "$log/test-$2.txt" 120
         echo '```'
         echo
     } >> "$report"
-done
+}
 
-if run_bench > "$log/bench-cuda.txt" 2>&1; then r=ran; else r="FAILED (exit $?)"; status=1; fi
-{
-    echo "## benches/cuda.rs (criterion; kernels timed with CUDA events): $r"
-    echo
-    echo '```'
-    { grep -E "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked|GPU" "$log/bench-cuda.txt" || true; } |
-        sed -n '1,400p'
-    echo '```'
-    echo
-} >> "$report"
+# kernel_part PART [FILTER]: the criterion benches of benches/cuda.rs (FILTER: those whose
+# name contains it)
+kernel_part() {
+    wanted "$1" && time_for "$1" 900 || return 0
+    if run_bench "$t" "${2:-}" > "$log/bench-$1.txt" 2>&1; then r=ran; else r="FAILED (exit $?)"; status=1; fi
+    {
+        echo "## benches/cuda.rs${2:+ ($2)} (criterion; kernels timed with CUDA events): $r"
+        echo
+        echo '```'
+        excerpt "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked|GPU" "$log/bench-$1.txt" 400
+        echo '```'
+        echo
+    } >> "$report"
+}
 
-# each preset as it is (bf16, the GPU's default working dtype); the llama-1b step in f32 (the
-# parity path: what bf16 gains); the llama-1b step with the memory options (vocabulary chunks of
-# 8192 and block recompute: their cost in step time against the plain step); batch-1 decode
-# (the target: 70 % of the weight-streaming bound), with its decode steps replayed as CUDA
-# graphs and, to measure what they gain, without (NLA_GRAPHS=0)
-decode1="llama-1b --only rollout --prompts 1 --samples 1 --new-tokens 256"
-for run in "small" "llama-1b" "llama-1b --only step --precision f32" \
-    "llama-1b --only step --logits-chunk 8192 --recompute" "$decode1" "NLA_GRAPHS=0 $decode1"; do
-    name="$(echo "$run" | tr -cs 'a-zA-Z0-9' '_')"
-    graphs=1
-    case "$run" in NLA_GRAPHS=0*) graphs=0 run="${run#NLA_GRAPHS=0 }" ;; esac
-    # shellcheck disable=SC2086 # $run is a preset and flags, split on purpose
-    if limit 600 env NLA_GRAPHS=$graphs "$nla" bench --device cuda --preset $run \
+# bench_part PART GRAPHS PRESET [FLAGS...]: nla-engine bench on the GPU (GRAPHS: NLA_GRAPHS)
+bench_part() {
+    local part="$1" graphs="$2"
+    shift 2
+    wanted "$part" && time_for "$part" 600 || return 0
+    local name
+    name="$(echo "$*" | tr -cs 'a-zA-Z0-9' '_')$graphs"
+    if limit "$t" env NLA_GRAPHS="$graphs" "$nla" bench --device cuda --preset "$@" \
         > "$log/bench-$name.txt" 2>&1; then
         r=ran
     else
@@ -198,40 +237,61 @@ for run in "small" "llama-1b" "llama-1b --only step --precision f32" \
         status=1
     fi
     {
-        echo "## nla-engine bench --device cuda --preset $run (NLA_GRAPHS=$graphs): $r"
+        echo "## nla-engine bench --device cuda --preset $* (NLA_GRAPHS=$graphs): $r"
         echo
         echo '```'
         tail -n 40 "$log/bench-$name.txt"
         echo '```'
         echo
     } >> "$report"
-done
+}
 
-# last, where the GPU's memory checker is installed (and the machine lets it run): the whole
-# model on the GPU (forward, backward, training steps, generation) under compute-sanitizer,
-# which reports out-of-bounds and misaligned accesses and other faults the tests cannot see
-if command -v compute-sanitizer >/dev/null; then
-    sanitize() {
-        if [ "$mode" = run-bundle ]; then
-            limit 600 compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86 \
-                "$b/test-device_parity" --test-threads=1 cuda_
-        else
-            limit 600 compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86 \
-                cargo test --release --test device_parity -- --test-threads=1 cuda_
-        fi
-    }
-    if sanitize > "$log/sanitizer.txt" 2>&1; then r=clean; else r="FAILED (exit $?)"; status=1; fi
+# the GPU's memory checker, where installed (and the machine lets it run): the whole model on
+# the GPU (forward, backward, training steps, generation), which reports out-of-bounds and
+# misaligned accesses and other faults the tests cannot see
+sanitizer_part() {
+    command -v compute-sanitizer >/dev/null || return 0
+    wanted sanitizer && time_for sanitizer 600 || return 0
+    local cs=(limit "$t" compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86)
+    if [ "$mode" = run-bundle ]; then
+        cmd=("${cs[@]}" "$b/test-device_parity" --test-threads=1 cuda_)
+    else
+        cmd=("${cs[@]}" cargo test --release --test device_parity -- --test-threads=1 cuda_)
+    fi
+    if "${cmd[@]}" > "$log/sanitizer.txt" 2>&1; then r=clean; else r="FAILED (exit $?)"; status=1; fi
     {
         echo "## compute-sanitizer memcheck, tests/device_parity.rs cuda_*: $r"
         echo
         echo '```'
-        { grep -E "^test |test result|=========|panicked|GPU" "$log/sanitizer.txt" || true; } |
-            sed -n '1,80p'
+        excerpt "^test |test result|=========|panicked|GPU" "$log/sanitizer.txt" 80
         echo '```'
         echo
     } >> "$report"
-fi
+}
 
-echo "gpu-check: report $report (logs in $log)" >&2
+# batch-1 decode (the target: 70 % of the weight-streaming bound), its steps replayed as CUDA
+# graphs and, to measure what they gain, without; each preset in bf16, the GPU's default working
+# dtype; the llama-1b step in f32 (the parity path: what bf16 gains) and with the memory options
+# (vocabulary chunks of 8192 and block recompute: their cost in step time)
+decode1=(llama-1b --only rollout --prompts 1 --samples 1 --new-tokens 256)
+test_part parity device_parity
+bench_part decode 1 "${decode1[@]}"
+bench_part decode 0 "${decode1[@]}"
+bench_part step 1 llama-1b
+kernel_part attention attention
+test_part ops cuda_ops
+test_part bf16 bf16_model
+kernel_part kernels
+test_part select device_select
+bench_part presets 1 small
+bench_part presets 1 llama-1b --only step --precision f32
+bench_part presets 1 llama-1b --only step --logits-chunk 8192 --recompute
+sanitizer_part
+
+if [ "${#skipped[@]}" -gt 0 ]; then
+    printf '## skipped (time budget of %s s spent)\n\n%s\n' "$budget" "${skipped[*]}" >> "$report"
+    status=1
+fi
+echo "gpu-check: report $report (logs in $log), $((SECONDS - start)) s" >&2
 cat "$report"
 exit "$status"
