@@ -22,8 +22,6 @@
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::marker::PhantomData;
 
-use half::bf16;
-
 use crate::{Error, Result};
 
 /// How the emulator schedules the CUDA threads of a launch.
@@ -114,21 +112,6 @@ impl<'a> EmuArgs<'a> {
         p.sig.push((bytes.len(), kind, elem));
         p.extents.push(extent as u64);
         self
-    }
-
-    /// Arguments packed before, as [`EmuArgs::packed`] gave them.
-    ///
-    /// # Safety
-    /// Every host pointer in `packed` must point at memory that is alive for `'a`, holds at
-    /// least its recorded extent in bytes of its recorded element size, and, where the kernel
-    /// writes through it (`ptr_mut`), is borrowed by nothing else for `'a`: what [`EmuArgs::ptr`]
-    /// and [`EmuArgs::ptr_mut`] ensure through their borrows.
-    pub(crate) unsafe fn from_packed(packed: &Packed) -> EmuArgs<'a> {
-        EmuArgs {
-            packed: packed.clone(),
-            ptrs: Vec::new(),
-            _borrows: PhantomData,
-        }
     }
 
     /// The packed arguments as plain data (no borrow).
@@ -224,162 +207,6 @@ impl<'a> EmuArgs<'a> {
             .collect();
         &mut self.ptrs
     }
-}
-
-/// Host memory a recorded matmul reads: an operand of the emulated device, by element type.
-pub(crate) enum HostSlice<'a> {
-    F32(&'a [f32]),
-    Bf16(&'a [bf16]),
-}
-
-/// Host memory a recorded matmul writes.
-pub(crate) enum HostSliceMut<'a> {
-    F32(&'a mut [f32]),
-    Bf16(&'a mut [bf16]),
-}
-
-impl HostSlice<'_> {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            HostSlice::F32(x) => x.len(),
-            HostSlice::Bf16(x) => x.len(),
-        }
-    }
-}
-
-impl HostSliceMut<'_> {
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            HostSliceMut::F32(x) => x.len(),
-            HostSliceMut::Bf16(x) => x.len(),
-        }
-    }
-}
-
-/// The host address `addr` of `len` elements of `T`, checked for null and alignment.
-fn host_ptr<T>(addr: u64, len: u64) -> Result<(*mut T, usize)> {
-    let bad = |why: &str| Error::invalid("graph", format!("recorded operand {addr:#x}: {why}"));
-    let p = usize::try_from(addr).map_err(|_| bad("not a host address"))? as *mut T;
-    if p.is_null() || !p.is_aligned() {
-        return Err(bad("null or misaligned"));
-    }
-    let n = usize::try_from(len).map_err(|_| bad("too long"))?;
-    Ok((p, n))
-}
-
-fn not_stored(dtype: crate::device::Dtype) -> Error {
-    Error::invalid(
-        "graph",
-        format!("a recorded operand of {dtype}: the kernels store f32 or bf16"),
-    )
-}
-
-/// The `len` elements of `dtype` at host address `addr`, read only.
-///
-/// # Safety
-/// They are alive for `'a` and written by nothing during `'a`.
-unsafe fn host_slice<'a>(
-    addr: u64,
-    len: u64,
-    dtype: crate::device::Dtype,
-) -> Result<HostSlice<'a>> {
-    use crate::device::Dtype;
-    Ok(match dtype {
-        Dtype::F32 => {
-            let (p, n) = host_ptr::<f32>(addr, len)?;
-            // SAFETY: `p` is non-null and aligned; the caller's contract for the rest.
-            HostSlice::F32(unsafe { std::slice::from_raw_parts(p, n) })
-        }
-        Dtype::Bf16 => {
-            let (p, n) = host_ptr::<bf16>(addr, len)?;
-            // SAFETY: as for f32.
-            HostSlice::Bf16(unsafe { std::slice::from_raw_parts(p, n) })
-        }
-        _ => return Err(not_stored(dtype)),
-    })
-}
-
-/// The `len` elements of `dtype` at host address `addr`, to write.
-///
-/// # Safety
-/// They are alive for `'a` and used by nothing else during `'a`.
-unsafe fn host_slice_mut<'a>(
-    addr: u64,
-    len: u64,
-    dtype: crate::device::Dtype,
-) -> Result<HostSliceMut<'a>> {
-    use crate::device::Dtype;
-    Ok(match dtype {
-        Dtype::F32 => {
-            let (p, n) = host_ptr::<f32>(addr, len)?;
-            // SAFETY: `p` is non-null and aligned; the caller's contract for the rest.
-            HostSliceMut::F32(unsafe { std::slice::from_raw_parts_mut(p, n) })
-        }
-        Dtype::Bf16 => {
-            let (p, n) = host_ptr::<bf16>(addr, len)?;
-            // SAFETY: as for f32.
-            HostSliceMut::Bf16(unsafe { std::slice::from_raw_parts_mut(p, n) })
-        }
-        _ => return Err(not_stored(dtype)),
-    })
-}
-
-/// Runs a step's recorded calls again, as recorded: each launch through `launcher` (the same
-/// kernel, geometry and packed arguments), each matmul through `matmul` on its operands' host
-/// memory. The emulated device's graph launch: what runs is the record, not the step, as on a
-/// GPU.
-///
-/// # Safety
-/// `calls` were recorded on the emulated device (host addresses) by a step whose buffers are
-/// all alive, each at least as long as recorded and of the recorded element type, and used by
-/// nothing else while this runs. [`crate::device::Device::replay`] calls it right after the
-/// step it replays was recorded making these very calls: the step borrows every buffer they
-/// name (mutably where a call writes), but for the device's scratch buffers, which stay in
-/// its cache since only an allocation could replace them.
-pub(crate) unsafe fn rerun(
-    calls: &[crate::device::gpu::graph::Call],
-    launcher: &impl crate::device::gpu::Launch,
-    matmul: impl Fn(
-        HostSliceMut<'_>,
-        HostSlice<'_>,
-        HostSlice<'_>,
-        &crate::device::gpu::graph::MatmulCall,
-    ) -> Result<()>,
-) -> Result<()> {
-    use crate::device::gpu::graph::Call;
-    for call in calls {
-        match call {
-            Call::Launch {
-                sym,
-                grid,
-                block,
-                smem,
-                args,
-            } => {
-                // SAFETY: the caller's contract: every pointer packed in `args` is of a buffer
-                // alive across this launch, as long as its recorded extent, borrowed mutably
-                // by the step where the kernel writes through it.
-                let mut args = unsafe { EmuArgs::from_packed(args) };
-                launcher.launch(sym, *grid, *block, *smem, &mut args)?;
-            }
-            Call::Matmul(mm) => {
-                let [c, a, b, lc, la, lb] = mm.operands;
-                let [dc, da, db] = mm.dtypes;
-                // SAFETY: the caller's contract: the operands are alive for this call; c is
-                // borrowed mutably by the step's matmul, so no other operand is c, and a and b
-                // are only read.
-                let (c, a, b) = unsafe {
-                    (
-                        host_slice_mut(c, lc, dc)?,
-                        host_slice(a, la, da)?,
-                        host_slice(b, lb, db)?,
-                    )
-                };
-                matmul(c, a, b, mm)?;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Whether the emulator was built (a C++ compiler was found at build time).

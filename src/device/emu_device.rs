@@ -22,9 +22,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use half::bf16;
 
-use super::cpu::{check_matmul, check_same, check_write, CpuDevice};
-use super::emu::{self, EmuMode, HostSlice, HostSliceMut};
-use super::gpu::graph::{Call, MatmulCall};
+use super::cpu::{check_same, check_write, CpuDevice};
+use super::emu::EmuMode;
+use super::gpu::graph::Call;
 use super::gpu::kernel_device::KernelDevice;
 use super::gpu::scratch::ScratchCache;
 use super::gpu::{EmuLaunch, Ids, In, Out};
@@ -210,9 +210,14 @@ impl EmuDevice {
         self.launcher.recorder_counts()[0]
     }
 
-    /// One more memory operation or matmul.
+    /// One more memory operation or matmul. Made while a step records, it is one the step's
+    /// graph would not hold (each is recorded or refused before it gets here): the recording
+    /// fails, so the record is complete wherever a replay is accepted.
     fn host_call(&self) {
         self.host_calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(r) = super::gpu::Launch::recorder(&self.launcher) {
+            r.fail_recording("a device call made, not recorded, while the step was recorded");
+        }
     }
 
     /// `n` calls that a GPU would not have made (they were one graph launch).
@@ -230,26 +235,17 @@ impl KernelDevice for EmuDevice {
         &self.launcher
     }
 
-    /// The recorded calls: a replay runs them again as recorded (not the step), and counts as
-    /// one call, the graph launch a GPU makes.
-    type Exec = Vec<Call>;
-    fn capture(&self, calls: &[Call], _step: &mut dyn FnMut() -> Result<()>) -> Result<Vec<Call>> {
-        Ok(calls.to_vec())
+    /// No graph object: a replay runs the step again (the record showed that it makes the
+    /// captured launches and matmuls, and that it makes no other device call: one would have
+    /// failed the recording), and counts as one call, the graph launch a GPU makes.
+    type Exec = ();
+    fn capture(&self, _calls: &[Call], _step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        Ok(())
     }
-    fn run_graph(&self, exec: &Vec<Call>) -> Result<()> {
+    fn run_graph(&self, _exec: &(), step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         let before = self.device_calls();
-        let matmul = |c: HostSliceMut<'_>, a: HostSlice<'_>, b: HostSlice<'_>, mm: &MatmulCall| {
-            self.host_call();
-            let (mnk, ta, tb, alpha, beta) = mm.params();
-            matmul_host(c, a, b, mnk, ta, tb, alpha, beta)
-        };
-        // SAFETY: `Device::replay` runs a graph only right after the step it replays was
-        // recorded making the calls `exec` was captured from (`run_graph`'s contract). Every
-        // buffer they name is alive and as long as recorded: the step borrows it across the
-        // replay (mutably where a call writes), or it is a scratch buffer of this device's
-        // cache, which only an allocation could replace and a recording refuses those.
-        unsafe { emu::rerun(exec, &self.launcher, matmul)? };
-        // the calls made no driver calls on a GPU: one graph launch did
+        step()?;
+        // the step's calls made no driver calls on a GPU: one graph launch did
         let made = self.device_calls() - before;
         self.uncount(made.saturating_sub(1));
         Ok(())
@@ -375,64 +371,34 @@ impl KernelDevice for EmuDevice {
         const OP: &str = "matmul";
         self.host_call();
         check_matmul_dtypes(a.dtype(), b.dtype(), c.dtype())?;
-        let c = match c.dtype() {
-            Dtype::Bf16 => HostSliceMut::Bf16(slice_mut(OP, "c", c)?),
-            _ => HostSliceMut::F32(slice_mut(OP, "c", c)?),
-        };
-        let (a, b) = (host_slice(OP, "a", a)?, host_slice(OP, "b", b)?);
-        matmul_host(c, a, b, [m, n, k], ta, tb, alpha, beta)
-    }
-}
-
-/// A view's elements as they are stored.
-fn host_slice<'a>(op: &'static str, what: &str, v: View<'a, EmuBuf>) -> Result<HostSlice<'a>> {
-    Ok(match v.dtype() {
-        Dtype::Bf16 => HostSlice::Bf16(slice(op, what, v)?),
-        _ => HostSlice::F32(slice(op, what, v)?),
-    })
-}
-
-/// The emulated cuBLASLt: `c = alpha·op(a)·op(b) + beta·c` by the CPU GEMM, in place when
-/// all are f32, else on the operands widened to f32 with c rounded once to its dtype (as
-/// cuBLASLt with f32 compute does).
-#[allow(clippy::too_many_arguments)]
-fn matmul_host(
-    c: HostSliceMut<'_>,
-    a: HostSlice<'_>,
-    b: HostSlice<'_>,
-    mnk: [usize; 3],
-    ta: bool,
-    tb: bool,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    use crate::device::cpu::matmul::matmul;
-    let widen = |x: HostSlice<'_>| -> Vec<f32> {
-        match x {
-            HostSlice::F32(x) => x.to_vec(),
-            HostSlice::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
-        }
-    };
-    check_matmul([a.len(), b.len(), c.len()], mnk, ta, tb)?;
-    match (c, a, b) {
         // all f32: the CPU GEMM on the buffers themselves, nothing to convert
-        (HostSliceMut::F32(c), HostSlice::F32(a), HostSlice::F32(b)) => {
-            matmul(c, a, b, mnk, ta, tb, alpha, beta)
+        if let (EmuBuf::F32(av), EmuBuf::F32(bv)) = (a.buf(), b.buf()) {
+            let (cb, coff, clen) = c.into_parts();
+            let EmuBuf::F32(cv) = cb else {
+                return Err(wrong_dtype(OP, "c", Dtype::Bf16, Dtype::F32));
+            };
+            let (a, b) = (
+                View::range(av, a.offset(), a.len()),
+                View::range(bv, b.offset(), b.len()),
+            );
+            let c = ViewMut::range(cv, coff, clen);
+            return CpuDevice.matmul(c, a, b, m, n, k, ta, tb, alpha, beta);
         }
-        (c, a, b) => {
-            let (a, b) = (widen(a), widen(b));
-            match c {
-                HostSliceMut::F32(c) => matmul(c, &a, &b, mnk, ta, tb, alpha, beta),
-                HostSliceMut::Bf16(c) => {
-                    let mut cf: Vec<f32> = c.iter().map(|v| v.to_f32()).collect();
-                    matmul(&mut cf, &a, &b, mnk, ta, tb, alpha, beta)?;
-                    c.iter_mut()
-                        .zip(&cf)
-                        .for_each(|(d, &x)| *d = bf16::from_f32(x));
-                    Ok(())
-                }
-            }
-        }
+        let (a, b) = (to_f32(OP, "a", a)?, to_f32(OP, "b", b)?);
+        let mut cf = to_f32(OP, "c", c.as_view())?;
+        CpuDevice.matmul(
+            ViewMut::all(&mut cf),
+            View::all(&a),
+            View::all(&b),
+            m,
+            n,
+            k,
+            ta,
+            tb,
+            alpha,
+            beta,
+        )?;
+        from_f32(OP, "c", c, &cf)
     }
 }
 

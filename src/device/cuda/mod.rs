@@ -145,6 +145,12 @@ impl CudaDevice {
                 }
             }
         }
+        // an error cudarc stored from a call that could not return it (a free in a Drop):
+        // reported as itself, not as a failure of this capture
+        self.stream
+            .context()
+            .check_err()
+            .map_err(driver("an earlier driver call (stored by cudarc)"))?;
         // thread-local: a call of this thread that is not stream work and unsafe during a
         // capture (an allocation, a wait) invalidates it instead of running eagerly
         self.stream

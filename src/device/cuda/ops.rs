@@ -38,10 +38,25 @@ impl KernelDevice for CudaDevice {
     }
 
     type Exec = CudaExec;
-    fn capture(&self, _calls: &[Call], step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
-        self.capture_graph(step)
+    /// The capture is checked against the record: its launches and matmuls are compared with
+    /// `calls` as they are captured, and a capture that made other calls is refused.
+    fn capture(&self, calls: &[Call], step: &mut dyn FnMut() -> Result<()>) -> Result<CudaExec> {
+        use crate::device::gpu::Launch;
+        let refused = || Error::cuda("graph capture", "another thread records on this device");
+        let rec = self.launcher.recorder().ok_or_else(refused)?;
+        let check = rec.verify(calls.to_vec()).map_err(|_| refused())?;
+        let exec = self.capture_graph(step);
+        let (_, same) = check.finish()?;
+        let exec = exec?;
+        if !same {
+            return Err(Error::cuda(
+                "graph capture",
+                "the captured calls differ from the step's recorded ones",
+            ));
+        }
+        Ok(exec)
     }
-    fn run_graph(&self, exec: &CudaExec) -> Result<()> {
+    fn run_graph(&self, exec: &CudaExec, _step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         exec.0.launch().map_err(|e| Error::cuda("cuGraphLaunch", e))
     }
 

@@ -4,11 +4,12 @@
 //! GPU: more than the GPU needs for them at batch 1. A CUDA graph captured once replays them
 //! all in one launch, but only stays right while every launch would get the same arguments
 //! (the same buffers, shapes and scalars). So a replay is decided from the step itself: the
-//! step runs first with the launches only recorded ([`Recorder`]: each call compared with the
-//! captured one, no allocation while they agree; nothing reaches the GPU), and the graph is
-//! replayed when the record equals the one it was captured from, captured again when it does
-//! not. A step that does anything but launch kernels and
-//! matmuls (allocate, copy, wait) cannot be replayed: recording fails and it runs as it is.
+//! step runs first with the launches only recorded ([`Recorder`]: each call compared in place
+//! with the captured one, the record not copied while they agree; nothing reaches the GPU),
+//! and the graph is replayed when the record equals the one it was captured from; otherwise
+//! the step runs as it is and is captured again, its capture checked against the record. A
+//! step that does anything but launch kernels and matmuls (allocate, copy, wait) cannot be
+//! replayed: recording fails (even if the step ignores the refusal) and it runs as it is.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -149,20 +150,26 @@ impl CallRef<'_> {
 }
 
 /// A recording in progress: the calls so far, checked against the ones of the last capture
-/// while they agree (no allocation then), and the thread recording.
+/// while they agree (the record is not copied then), and the thread recording.
 #[derive(Debug)]
 struct Recording {
     thread: ThreadId,
+    /// calls are checked and made (a capture), not only recorded
+    verify: bool,
     calls: Vec<Call>,
     /// calls of this step so far; while `same`, calls[..n] are the expected ones it matched
     n: usize,
     same: bool,
+    /// why the step cannot be replayed: a call it tried that a graph cannot hold (refused,
+    /// even if the step went on), or one the device made without recording it
+    failed: Option<String>,
 }
 
 /// Records the calls of a step instead of making them, while on, for the thread that started
-/// it (another thread's calls go through as usual: a device replaying a step must not be used
-/// by other threads meanwhile, see [`crate::device::Device::replay`]). Also counts what the
-/// replays did on this device.
+/// it (another thread's calls go through as usual, and it cannot record meanwhile: a device
+/// replaying a step should not be used by other threads, see
+/// [`crate::device::Device::replay`]); or checks a capture's calls against the record. Also
+/// counts what the replays did on this device.
 #[derive(Debug, Default)]
 pub struct Recorder {
     rec: Mutex<Option<Recording>>,
@@ -179,22 +186,24 @@ pub struct Guard<'a>(&'a Recorder);
 
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
-        self.0.lock().take();
+        self.0.take_own();
     }
 }
 
 impl Guard<'_> {
-    /// The step's calls, and whether they are `expected` (what [`Recorder::start`] was given).
-    pub fn finish(self) -> (Vec<Call>, bool) {
-        let r = self.0.lock().take();
-        match r {
-            Some(mut r) => {
-                let same = r.same && r.n == r.calls.len();
-                r.calls.truncate(r.n);
-                (r.calls, same)
-            }
-            None => (Vec::new(), false),
+    /// The step's calls and whether they are the expected ones (what [`Recorder::start`] or
+    /// [`Recorder::verify`] was given); an error when the step did something a graph cannot
+    /// hold.
+    pub fn finish(self) -> Result<(Vec<Call>, bool)> {
+        let Some(mut r) = self.0.take_own() else {
+            return Err(Error::invalid("graph", "the recording was lost"));
+        };
+        if let Some(why) = r.failed {
+            return Err(Error::invalid("graph", why));
         }
+        let same = r.same && r.n == r.calls.len();
+        r.calls.truncate(r.n);
+        Ok((r.calls, same))
     }
 }
 
@@ -204,26 +213,62 @@ impl Recorder {
         self.rec.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// From now on this thread's calls are recorded, not made, and compared with `expected`
-    /// (the calls a graph was captured from) until [`Guard::finish`].
-    pub fn start(&self, expected: Vec<Call>) -> Guard<'_> {
-        *self.lock() = Some(Recording {
+    /// This thread's recording, taken (none: another thread's stays).
+    fn take_own(&self) -> Option<Recording> {
+        let here = std::thread::current().id();
+        let mut lock = self.lock();
+        if lock.as_ref().is_some_and(|r| r.thread == here) {
+            lock.take()
+        } else {
+            None
+        }
+    }
+
+    fn begin(
+        &self,
+        expected: Vec<Call>,
+        verify: bool,
+    ) -> std::result::Result<Guard<'_>, Vec<Call>> {
+        let mut lock = self.lock();
+        if lock.is_some() {
+            // another recording (another thread's replay): this step runs as it is
+            return Err(expected);
+        }
+        *lock = Some(Recording {
             thread: std::thread::current().id(),
+            verify,
             calls: expected,
             n: 0,
             same: true,
+            failed: None,
         });
-        Guard(self)
+        Ok(Guard(self))
     }
 
-    /// Whether this thread's calls are being recorded.
+    /// From now on this thread's calls are recorded, not made, and compared with `expected`
+    /// (the calls a graph was captured from) until [`Guard::finish`]. Refused (`expected` given
+    /// back) while another recording is on.
+    pub fn start(&self, expected: Vec<Call>) -> std::result::Result<Guard<'_>, Vec<Call>> {
+        self.begin(expected, false)
+    }
+
+    /// From now on this thread's calls are made as usual (into a capture) and compared with
+    /// `expected`, the record the capture must hold, until [`Guard::finish`]. Refused while
+    /// another recording is on.
+    pub fn verify(&self, expected: Vec<Call>) -> std::result::Result<Guard<'_>, Vec<Call>> {
+        self.begin(expected, true)
+    }
+
+    /// Whether this thread's calls are being recorded (not made).
     pub fn active(&self) -> bool {
         let here = std::thread::current().id();
-        self.lock().as_ref().is_some_and(|r| r.thread == here)
+        self.lock()
+            .as_ref()
+            .is_some_and(|r| r.thread == here && !r.verify)
     }
 
-    /// Records `call` and returns true while this thread records (the caller then does not
-    /// make the call); false otherwise.
+    /// Records `call` while this thread records or verifies; true when the caller is then not
+    /// to make the call (recording), false when it is (verifying, or no recording).
     pub fn record(&self, call: CallRef<'_>) -> bool {
         let here = std::thread::current().id();
         let mut lock = self.lock();
@@ -232,7 +277,7 @@ impl Recorder {
         };
         if r.same && r.n < r.calls.len() && call.is(&r.calls[r.n]) {
             r.n += 1;
-            return true;
+            return !r.verify;
         }
         if r.same {
             // the first call that differs: from here the step's own calls
@@ -241,19 +286,30 @@ impl Recorder {
         }
         r.calls.push(call.to_call());
         r.n += 1;
-        true
+        !r.verify
     }
 
-    /// An error for `op`, which a step to replay cannot do, while this thread records; Ok
-    /// otherwise.
+    /// An error for `op`, which a step to replay cannot do, while this thread records (the
+    /// recording then fails, even if the step goes on); Ok otherwise.
     pub fn refuse(&self, op: &str) -> Result<()> {
-        if self.active() {
-            Err(Error::invalid(
-                "graph",
-                format!("a step to replay launches kernels and matmuls only, not {op}"),
-            ))
+        let why = format!("a step to replay launches kernels and matmuls only, not {op}");
+        if self.fail_recording(&why) {
+            Err(Error::invalid("graph", why))
         } else {
             Ok(())
+        }
+    }
+
+    /// Fails this thread's recording, if it records, because of `why`: true if it did.
+    pub fn fail_recording(&self, why: &str) -> bool {
+        let here = std::thread::current().id();
+        let mut lock = self.lock();
+        match lock.as_mut().filter(|r| r.thread == here && !r.verify) {
+            Some(r) => {
+                r.failed.get_or_insert_with(|| why.to_string());
+                true
+            }
+            None => false,
         }
     }
 
@@ -329,20 +385,35 @@ mod tests {
         let r = Recorder::default();
         let args = crate::device::emu::EmuArgs::new();
         let call = CallRef::launch("k", [1; 3], [32, 1, 1], 0, &args);
-        let rec = r.start(Vec::new());
-        assert!(r.record(call) && r.refuse("a copy").is_err());
+        let rec = r.start(Vec::new()).unwrap();
+        assert!(r.record(call));
         std::thread::scope(|s| {
-            s.spawn(|| assert!(!r.record(call) && r.refuse("a copy").is_ok()));
+            s.spawn(|| {
+                // another thread's calls are made, and it cannot record meanwhile
+                assert!(!r.record(call) && r.refuse("a copy").is_ok());
+                assert!(r.start(Vec::new()).is_err() && r.verify(Vec::new()).is_err());
+            });
         });
-        let (calls, same) = rec.finish();
+        let (calls, same) = rec.finish().unwrap();
         assert_eq!((calls.len(), same), (1, false));
         // the same call again matches the record
-        let rec = r.start(calls);
+        let rec = r.start(calls.clone()).unwrap();
         assert!(r.record(call));
-        assert!(rec.finish().1);
+        assert!(rec.finish().unwrap().1);
         // a dropped recording (a step that panicked) stops recording
-        drop(r.start(Vec::new()));
+        drop(r.start(Vec::new()).unwrap());
         assert!(!r.active() && !r.record(call));
+        // a refused call fails the recording, even when the step goes on after it
+        let rec = r.start(Vec::new()).unwrap();
+        assert!(r.refuse("a copy").is_err() && r.record(call));
+        assert!(rec.finish().is_err());
+        // verifying (a capture): calls are made, and compared with the record
+        let check = r.verify(calls.clone()).unwrap();
+        assert!(!r.active() && !r.record(call) && r.refuse("a copy").is_ok());
+        assert!(check.finish().unwrap().1);
+        let check = r.verify(calls).unwrap();
+        assert!(!r.record(call) && !r.record(call));
+        assert!(!check.finish().unwrap().1, "a capture with another call");
     }
 
     #[test]
@@ -374,37 +445,27 @@ mod tests {
         assert_eq!(dev.launcher().recorder_counts(), [2, 2, 0]);
     }
 
-    /// The emulator's graph is the record: a replay runs the recorded calls, so the step
-    /// itself runs once per replay (to be recorded), as with a GPU graph, and what the record
-    /// holds is what runs.
+    /// A step that goes on after a refused call (ignoring its error) cannot be replayed: the
+    /// graph would leave the call out. It runs as it is, every time.
     #[test]
-    fn the_emulator_replays_the_record_not_the_step() {
+    fn a_step_that_ignores_a_refusal_runs_as_it_is() {
         let dev = emu();
         let (a, b) = (
             dev.upload(&[1.0, 2.0, 3.0]).unwrap(),
             dev.upload(&[0.5; 3]).unwrap(),
         );
-        let (w, mut h) = (dev.upload(&[2.0; 6]).unwrap(), dev.alloc(2).unwrap());
-        let mut out = dev.alloc(3).unwrap();
+        let (mut out, mut other) = (dev.alloc(3).unwrap(), dev.alloc(2).unwrap());
         let mut g = Default::default();
-        let mut runs = 0;
         for i in 0..3 {
             let mut step = || {
-                runs += 1;
-                dev.residual_fwd(ViewMut::all(&mut out), View::all(&a), View::all(&b))?;
-                // h [2,1] = w [2,3] · out [3,1]: a matmul after the launch
-                let (o, w) = (View::all(&out), View::all(&w));
-                dev.matmul(ViewMut::all(&mut h), w, o, 2, 1, 3, false, false, 1.0, 0.0)
+                let _ = dev.fill(ViewMut::all(&mut other), i as f32);
+                dev.residual_fwd(ViewMut::all(&mut out), View::all(&a), View::all(&b))
             };
             dev.replay(&mut g, &mut step).unwrap();
-            // recorded and run the first time (then captured: the record); recorded only
-            // once it is replayed
-            assert_eq!(runs, i + 2, "the step ran more than once for replay {i}");
             assert_eq!(dev.download(View::all(&out)).unwrap(), vec![1.5, 2.5, 3.5]);
-            // h[0..2] = 2 * (1.5 + 2.5 + 3.5)
-            assert_eq!(dev.download(View::all(&h)).unwrap(), vec![15.0; 2]);
+            assert_eq!(dev.download(View::all(&other)).unwrap(), vec![i as f32; 2]);
         }
-        assert_eq!(dev.launcher().recorder_counts(), [1, 2, 0]);
+        assert_eq!(dev.launcher().recorder_counts(), [0, 0, 0]);
     }
 
     #[test]

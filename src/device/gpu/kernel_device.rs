@@ -39,15 +39,14 @@ pub trait KernelDevice: Send + Sync + Sized {
 
     // ---- graphs ([`Device::replay`])
 
-    /// A captured step: a CUDA graph; on the emulator the recorded calls.
+    /// A captured step: a CUDA graph; `()` on the emulator.
     type Exec;
     /// Captures `step`'s launches into a graph without running them; `calls` are what the
     /// step was just recorded making.
     fn capture(&self, calls: &[Call], step: &mut dyn FnMut() -> Result<()>) -> Result<Self::Exec>;
-    /// Runs a captured graph: one launch on a GPU; on the emulator the recorded calls, one by
-    /// one, as recorded. Only right after the step being replayed was recorded making the
-    /// calls `exec` was captured from (so every buffer they name is alive and borrowed by it).
-    fn run_graph(&self, exec: &Self::Exec) -> Result<()>;
+    /// Runs a captured graph: one launch on a GPU; on the emulator `step` itself (the record
+    /// showed that it makes the captured calls and nothing else).
+    fn run_graph(&self, exec: &Self::Exec, step: &mut dyn FnMut() -> Result<()>) -> Result<()>;
 
     // ---- buffers as launcher arguments
 
@@ -199,18 +198,39 @@ impl<T: KernelDevice> Device for T {
         let Some(rec) = self.launcher().recorder().filter(|_| on) else {
             return step();
         };
-        let recording = rec.start(std::mem::take(&mut g.calls));
+        let recording = match rec.start(std::mem::take(&mut g.calls)) {
+            Ok(r) => r,
+            Err(calls) => {
+                // another thread records on this device: as it is
+                g.calls = calls;
+                return step();
+            }
+        };
         let recorded = step();
-        let (calls, same) = recording.finish();
-        if recorded.is_err() {
-            // a step that allocates, copies or waits (or fails): as it is
-            g.exec = None;
-            return step();
-        }
+        let finished = recording.finish();
+        let (calls, same) = match (recorded, finished) {
+            (Ok(()), Ok(r)) => r,
+            _ => {
+                // a step that allocates, copies or waits (or fails): as it is
+                g.exec = None;
+                return step();
+            }
+        };
         g.calls = calls;
         if let Some(exec) = g.exec.as_ref().filter(|_| same) {
-            rec.count(Count::Replay);
-            return self.run_graph(exec);
+            match self.run_graph(exec, step) {
+                Ok(()) => {
+                    rec.count(Count::Replay);
+                    return Ok(());
+                }
+                Err(e) => {
+                    // the graph did not launch: no graph for this step from now on
+                    g.exec = None;
+                    g.broken = true;
+                    rec.fail(format!("graph launch: {e}"));
+                    return step();
+                }
+            }
         }
         // new calls: the step runs as it is, which also loads every kernel and matmul
         // algorithm it uses (the warm-up a capture needs: nothing loads while capturing), and

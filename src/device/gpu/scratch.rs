@@ -4,7 +4,8 @@
 //! per layer and generated token, where an allocation and a free per call (cuMemAllocAsync /
 //! cuMemFreeAsync) would cost a few microseconds each against a step of well under a millisecond.
 //!
-//! A slot holds one buffer, grown (never shrunk) to the largest request. Reuse is safe because
+//! A slot holds one buffer, grown (never shrunk) to the largest request; a growth frees the
+//! shorter buffer once the larger one is made, so a refused allocation frees nothing. Reuse is safe because
 //! every op of a device is ordered on its one stream: the next launch that writes a scratch runs
 //! after the last one that read it. Taking a buffer out of its slot for the duration of a call
 //! keeps two host threads from sharing one; a call that finds the slot empty allocates its own.
@@ -52,24 +53,39 @@ impl<B: DeviceBuf> ScratchCache<B> {
         };
         let mut buf = match cached {
             Some(b) if b.len() >= len => b,
-            other => {
-                drop(other); // too short: freed before the larger one is made
-                self.allocations
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                alloc(len)?
-            }
+            short => match alloc(len) {
+                Ok(b) => {
+                    // the larger buffer made: the short one goes
+                    drop(short);
+                    self.allocations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    b
+                }
+                Err(e) => {
+                    // not made (a step being recorded for a graph refuses it): the slot keeps
+                    // its buffer, which calls recorded before may name
+                    if let Some(b) = short {
+                        self.put_back(slot, b);
+                    }
+                    return Err(e);
+                }
+            },
         };
         let r = f(&mut buf);
+        self.put_back(slot, buf);
+        r
+    }
+
+    /// `buf` back into `slot`; another call may have put one back meanwhile: the larger stays.
+    fn put_back(&self, slot: usize, buf: B) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         if slots.len() <= slot {
             slots.resize_with(slot + 1, || None);
         }
-        // another call may have put a buffer back meanwhile: keep the larger
         match &slots[slot] {
             Some(b) if b.len() >= buf.len() => {}
             _ => slots[slot] = Some(buf),
         }
-        r
     }
 
     /// Buffers allocated so far (each slot's first use and each growth).
@@ -104,6 +120,14 @@ mod tests {
         });
         assert!(e.is_err());
         assert_eq!(c.with(1, 5, alloc, |b| Ok(b[0])).unwrap(), 7.0);
+        assert_eq!(c.allocations(), 3);
+        // a growth whose allocation is refused keeps the slot's buffer (nothing freed)
+        let refuse = |_: usize| Err(crate::Error::invalid("test", "no allocation"));
+        assert!(c.with(1, 20, refuse, |b| Ok(b.len())).is_err());
+        assert_eq!(
+            c.with(1, 12, refuse, |b| Ok((b.len(), b[0]))).unwrap(),
+            (12, 7.0)
+        );
         assert_eq!(c.allocations(), 3);
     }
 }
