@@ -100,7 +100,18 @@ pub struct EmuArgs<'a> {
 
 impl<'a> EmuArgs<'a> {
     pub fn new() -> Self {
-        Self::default()
+        // room for every kernel's parameters: one allocation per vector, not one per doubling
+        // (a decode step packs ~16 launches per layer)
+        const ROOM: usize = 24;
+        EmuArgs {
+            packed: Packed {
+                slots: Vec::with_capacity(ROOM),
+                sig: Vec::with_capacity(ROOM),
+                extents: Vec::with_capacity(ROOM),
+            },
+            ptrs: Vec::new(),
+            _borrows: PhantomData,
+        }
     }
 
     /// One parameter: its value, kind, pointee size and (for a slice) its length in bytes.

@@ -1,0 +1,194 @@
+//! The host cost of deciding a graph replay ([`nla_engine::device::Device::replay`]): before a
+//! decode step is replayed, its calls are recorded (arguments packed, each call compared with
+//! the captured one), on the host, at every step. This bench records the calls of one decoder
+//! layer at batch 1 (d_model 2048, FFN 5632, 32 heads of 64, 4 KV heads: a 1.1B Llama's
+//! shapes) on the emulated CUDA device, where the launchers run the same host code as on a GPU;
+//! nothing is launched. Throughput is in calls: "elem/s" reads as calls/s.
+//!
+//! `cargo bench --bench graph`
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use nla_engine::device::emu::EmuMode;
+use nla_engine::device::emu_device::{EmuBuf, EmuDevice};
+use nla_engine::device::gpu::Launch;
+use nla_engine::device::{Device, View, ViewMut};
+
+const C: usize = 2048;
+const F: usize = 5632;
+const NH: usize = 32;
+const NKV: usize = 4;
+const HS: usize = 64;
+
+fn buf(dev: &EmuDevice, n: usize) -> EmuBuf {
+    dev.upload(&vec![0.5; n]).expect("upload")
+}
+
+fn v(x: &EmuBuf) -> View<'_, EmuBuf> {
+    View::all(x)
+}
+fn m(x: &mut EmuBuf) -> ViewMut<'_, EmuBuf> {
+    ViewMut::all(x)
+}
+
+/// One layer's calls at batch 1 (one row): 2 norms, 7 matmuls, 2 RoPEs, SwiGLU, 2 residuals.
+fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()> {
+    dev.rmsnorm_fwd(
+        m(&mut b.xn),
+        m(&mut b.rstd),
+        v(&b.x),
+        v(&b.norm),
+        1,
+        C,
+        1e-5,
+    )?;
+    let xn = v(&b.xn);
+    dev.matmul(
+        m(&mut b.q),
+        xn,
+        v(&b.wq),
+        1,
+        NH * HS,
+        C,
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    dev.matmul(
+        m(&mut b.k),
+        xn,
+        v(&b.wk),
+        1,
+        NKV * HS,
+        C,
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    dev.matmul(
+        m(&mut b.v),
+        xn,
+        v(&b.wk),
+        1,
+        NKV * HS,
+        C,
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    dev.rope_fwd(m(&mut b.q), 1, 1, NH, HS, 0, Some(pos), 10000.0)?;
+    dev.rope_fwd(m(&mut b.k), 1, 1, NKV, HS, 0, Some(pos), 10000.0)?;
+    dev.matmul(
+        m(&mut b.proj),
+        v(&b.q),
+        v(&b.wq),
+        1,
+        C,
+        NH * HS,
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    dev.residual_fwd(m(&mut b.x_mid), v(&b.x), v(&b.proj))?;
+    dev.rmsnorm_fwd(
+        m(&mut b.xn),
+        m(&mut b.rstd),
+        v(&b.x_mid),
+        v(&b.norm),
+        1,
+        C,
+        1e-5,
+    )?;
+    let xn = v(&b.xn);
+    dev.matmul(m(&mut b.gate), xn, v(&b.wf), 1, F, C, false, true, 1.0, 0.0)?;
+    dev.matmul(m(&mut b.up), xn, v(&b.wf), 1, F, C, false, true, 1.0, 0.0)?;
+    dev.swiglu_fwd(m(&mut b.h), v(&b.gate), v(&b.up))?;
+    dev.matmul(
+        m(&mut b.proj),
+        v(&b.h),
+        v(&b.wf),
+        1,
+        C,
+        F,
+        false,
+        false,
+        1.0,
+        0.0,
+    )?;
+    dev.residual_fwd(m(&mut b.x), v(&b.x_mid), v(&b.proj))
+}
+const CALLS: u64 = 14;
+
+struct Bufs {
+    x: EmuBuf,
+    xn: EmuBuf,
+    rstd: EmuBuf,
+    norm: EmuBuf,
+    q: EmuBuf,
+    k: EmuBuf,
+    v: EmuBuf,
+    proj: EmuBuf,
+    x_mid: EmuBuf,
+    gate: EmuBuf,
+    up: EmuBuf,
+    h: EmuBuf,
+    wq: EmuBuf,
+    wk: EmuBuf,
+    wf: EmuBuf,
+}
+
+fn graph_record(c: &mut Criterion) {
+    let dev = EmuDevice::new(EmuMode::Forward, 1);
+    let mut b = Bufs {
+        x: buf(&dev, C),
+        xn: buf(&dev, C),
+        rstd: buf(&dev, 1),
+        norm: buf(&dev, C),
+        q: buf(&dev, NH * HS),
+        k: buf(&dev, NKV * HS),
+        v: buf(&dev, NKV * HS),
+        proj: buf(&dev, C),
+        x_mid: buf(&dev, C),
+        gate: buf(&dev, F),
+        up: buf(&dev, F),
+        h: buf(&dev, F),
+        wq: buf(&dev, NH * HS * C),
+        wk: buf(&dev, NKV * HS * C),
+        wf: buf(&dev, F * C),
+    };
+    let pos = dev.upload_ids(&[7]).expect("upload ids");
+    let rec = dev
+        .launcher()
+        .recorder()
+        .expect("the emulated device records");
+    // the record a replay compares with: the layer's calls once
+    let first = rec.start(Vec::new()).expect("no other recording");
+    layer(&dev, &mut b, &pos).expect("layer");
+    let (mut expected, _) = first.finish().expect("a recordable layer");
+    assert_eq!(expected.len() as u64, CALLS);
+
+    let mut g = c.benchmark_group("graph_record");
+    g.throughput(Throughput::Elements(CALLS));
+    g.warm_up_time(Duration::from_millis(500));
+    g.measurement_time(Duration::from_secs(2));
+    g.bench_function("layer_b1_calls", |bench| {
+        bench.iter(|| {
+            let r = rec
+                .start(std::mem::take(&mut expected))
+                .expect("no other recording");
+            layer(&dev, &mut b, &pos).expect("layer");
+            let (calls, same) = r.finish().expect("a recordable layer");
+            assert!(same, "the layer's calls changed");
+            expected = calls;
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, graph_record);
+criterion_main!(benches);
