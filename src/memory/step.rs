@@ -1186,39 +1186,29 @@ impl<'a> Builder<'a> {
         let ld = self.opts.policy.logits;
         let chunks = self.chunks(v);
         let losses = self.stat(format!("{pre}.losses"), n);
-        // whole: the logits [N, V]; chunked: the online logsumexp state [3N]
-        let kept = if chunks.len() == 1 {
-            let lg = self
-                .tr
-                .buf(format!("{pre}.logits"), ld, n * v, ArenaKind::Activations);
-            self.op(format!("{pre}: lm_head"), &[lg, xn_f, w_head]);
+        // the logits chunk by chunk (one chunk, [N, V], when whole), merged into the online
+        // logsumexp state [3N]: running max, sum and the target's logit
+        let whole = chunks.len() == 1;
+        let ce = self.stat(format!("{pre}.ce_state"), 3 * n);
+        let mut lg_whole = None;
+        for (j, &vc) in chunks.iter().enumerate() {
+            let name = if whole {
+                format!("{pre}.logits")
+            } else {
+                format!("{pre}.logits.chunk{j}")
+            };
+            let lg = self.tr.buf(name, ld, n * vc, ArenaKind::Activations);
+            self.op(format!("{pre}: lm_head chunk {j}"), &[lg, xn_f, w_head]);
             self.op(
-                format!("{pre}: cross_entropy_fwd"),
-                &[losses, lg, targets, inp.mask],
+                format!("{pre}: cross_entropy_fwd chunk {j}"),
+                &[ce, lg, targets],
             );
-            lg
-        } else {
-            // online logsumexp over the chunks: running max, sum and the target's logit
-            let ce = self.stat(format!("{pre}.ce_state"), 3 * n);
-            for (j, &vc) in chunks.iter().enumerate() {
-                let lg = self.tr.buf(
-                    format!("{pre}.logits.chunk{j}"),
-                    ld,
-                    n * vc,
-                    ArenaKind::Activations,
-                );
-                self.op(format!("{pre}: lm_head chunk {j}"), &[lg, xn_f, w_head]);
-                self.op(
-                    format!("{pre}: cross_entropy_fwd chunk {j}"),
-                    &[ce, lg, targets],
-                );
-            }
-            self.op(
-                format!("{pre}: cross_entropy_fwd finish"),
-                &[losses, ce, targets, inp.mask],
-            );
-            ce
-        };
+            lg_whole = Some(lg);
+        }
+        self.op(
+            format!("{pre}: cross_entropy_fwd finish"),
+            &[losses, ce, targets, inp.mask],
+        );
         if !train {
             // the log-probs go to the host
             self.op(format!("{pre}: download log-probs"), &[losses]);
@@ -1243,44 +1233,37 @@ impl<'a> Builder<'a> {
         };
         let g_head = self.grad_sink(m, Group::Head, "bwd");
         let dxn_f = self.act(format!("{pre}.dxn_f"), n * c);
-        if chunks.len() == 1 {
-            let lg = kept;
-            let dl = self
-                .tr
-                .buf(format!("{pre}.dlogits"), ld, n * v, ArenaKind::Activations);
+        for (j, &vc) in chunks.iter().enumerate() {
+            // whole: the logits kept from forward; chunked: each chunk made again
+            let lg = match lg_whole.filter(|_| whole) {
+                Some(lg) => lg,
+                None => {
+                    let lg = self.tr.buf(
+                        format!("{pre}.bwd.logits.chunk{j}"),
+                        ld,
+                        n * vc,
+                        ArenaKind::Activations,
+                    );
+                    self.op(
+                        format!("{pre}: lm_head chunk {j} again"),
+                        &[lg, xn_f, w_head],
+                    );
+                    lg
+                }
+            };
+            // in place: the chunk's logits become their gradient
             self.op(
-                format!("{pre}: cross_entropy_bwd"),
-                &[dl, lg, targets, weights],
+                format!("{pre}: cross_entropy_bwd chunk {j}"),
+                &[lg, ce, targets, weights],
             );
-            self.op(format!("{pre}: lm_head bwd_dx"), &[dxn_f, dl, w_head]);
-            self.op(format!("{pre}: lm_head bwd_dw"), &[g_head, dl, xn_f]);
-        } else {
-            let ce = kept;
-            for (j, &vc) in chunks.iter().enumerate() {
-                let lg = self.tr.buf(
-                    format!("{pre}.bwd.logits.chunk{j}"),
-                    ld,
-                    n * vc,
-                    ArenaKind::Activations,
-                );
-                self.op(
-                    format!("{pre}: lm_head chunk {j} again"),
-                    &[lg, xn_f, w_head],
-                );
-                // in place: the chunk's logits become their gradient
-                self.op(
-                    format!("{pre}: cross_entropy_bwd chunk {j}"),
-                    &[lg, ce, targets, weights],
-                );
-                self.op(
-                    format!("{pre}: lm_head chunk {j} bwd_dx"),
-                    &[dxn_f, lg, w_head],
-                );
-                self.op(
-                    format!("{pre}: lm_head chunk {j} bwd_dw"),
-                    &[g_head, lg, xn_f],
-                );
-            }
+            self.op(
+                format!("{pre}: lm_head chunk {j} bwd_dx"),
+                &[dxn_f, lg, w_head],
+            );
+            self.op(
+                format!("{pre}: lm_head chunk {j} bwd_dw"),
+                &[g_head, lg, xn_f],
+            );
         }
         let dres = self.act(format!("{pre}.bwd.dres_f"), n * c);
         self.op(

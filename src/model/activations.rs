@@ -7,7 +7,7 @@
 //! allocating.
 //!
 //! [`MemoryOptions`] trade compute for memory: the LM head and loss over vocabulary chunks
-//! (`logits` and `dlogits` [N,VC] instead of [N,V]), and block recompute (one [`LayerSet`]
+//! (`logits` [N,VC] instead of [N,V], each chunk made again in backward), and block recompute (one [`LayerSet`]
 //! shared by every block instead of one per block; each block runs again from its input just
 //! before its backward).
 
@@ -73,14 +73,17 @@ pub struct ActivationSet<B> {
     /// [N,C] final normed hidden state
     pub xn_f: B,
     /// [N,VC] = logit_scale * xn_f @ lm_head[v0..v0+VC]^T: the whole logits when VC = V,
-    /// else the vocabulary chunk made last (see `logits_chunk`)
+    /// else the vocabulary chunk made last (see `logits_chunk`); after backward, their
+    /// gradient (written in place)
     pub logits: B,
     /// VC: the LM head and the cross-entropy run over the vocabulary in chunks of this many
     /// entries (`cross_entropy_chunk_fwd` / `_bwd`; the backward makes each chunk's logits
-    /// again); V = whole logits, kept from forward for backward; 0 = no LM head (a set for the
-    /// blocks only: [`ActivationSet::blocks`]).
+    /// again, then overwrites them with their gradient); V = whole logits, one chunk, kept
+    /// from forward for backward; 0 = no LM head (a set for the blocks only:
+    /// [`ActivationSet::blocks`]).
     pub logits_chunk: usize,
-    /// [N,3] the chunked cross-entropy's per-row state (max, sum, target logit)
+    /// [N,3] the cross-entropy's per-row state over the vocabulary (chunks) so far: max, sum,
+    /// target logit; what the backward's softmax needs
     pub ce_state: B,
     /// Multiplies the logits inside the LM-head matmul (and its backward): 1 / temperature for
     /// log-probs under a sampling temperature; 1 otherwise. Set by whoever runs the forward.
@@ -89,10 +92,7 @@ pub struct ActivationSet<B> {
     pub losses: B,
     /// [N,C] scratch: projection outputs in forward
     pub proj: B,
-    // gradient scratch
-    /// [N,V] with whole logits; empty with vocabulary chunks (a chunk's gradient overwrites
-    /// its logits)
-    pub dlogits: B,
+    // gradient scratch (the logits' gradient overwrites the logits, chunk by chunk: no buffer)
     /// [N,C] gradient w.r.t. the residual stream, and its next value
     pub dres: B,
     pub dres_next: B,
@@ -159,7 +159,7 @@ impl<B> ActivationSet<B> {
         mut make: impl FnMut(usize, bool) -> Result<B, E>,
     ) -> Result<Self, E> {
         let n = b * t;
-        let (c, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
         let (mut elements, mut stat_elements) = (0usize, 0usize);
         let mut a = |len: usize, stat: bool| {
@@ -203,12 +203,10 @@ impl<B> ActivationSet<B> {
             xn_f: a(n * c, false)?,
             logits: a(n * vc, false)?,
             logits_chunk: vc,
-            ce_state: a(if 0 < vc && vc < v { 3 * n } else { 0 }, true)?,
+            ce_state: a(if vc > 0 { 3 * n } else { 0 }, true)?,
             logit_scale: 1.0,
             losses: a(n, true)?,
             proj: a(n * c, false)?,
-            // chunked, each chunk's gradient overwrites its logits (in place): no buffer
-            dlogits: a(if vc < v { 0 } else { n * vc }, false)?,
             dres: a(n * c, false)?,
             dres_next: a(n * c, false)?,
             dx_mid: a(n * c, false)?,

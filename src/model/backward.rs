@@ -3,7 +3,7 @@
 use super::forward::{block_train_fwd, check_shape, Injection};
 use super::linear::{linear_bwd_dw, linear_bwd_dx};
 use super::{Activations, DeviceBatch, Model, Recompute};
-use crate::device::{AttnDims, Device, DeviceBuf, View, ViewMut};
+use crate::device::{AttnDims, Device, View, ViewMut};
 use crate::Result;
 
 /// At the residual stream of `layer`: the injection's share of the gradient goes to `dvecs`
@@ -46,8 +46,8 @@ fn check_trainable<D: Device>(model: &Model<D>) -> Result<()> {
 }
 
 /// The LM head's backward for logits[N,W] = s * xn_f @ w^T (w [W,C], a window of lm_head),
-/// from d loss / d logits in `a.dlogits[..N*W]` (whole logits) or, in place, `a.logits[..N*W]`
-/// (a vocabulary chunk): dxn[N,C] = s * dlogits @ w + beta * dxn, dw[W,C] += s * dlogits^T xn_f.
+/// from d loss / d logits written over the logits, `a.logits[..N*W]`:
+/// dxn[N,C] = s * dlogits @ w + beta * dxn, dw[W,C] += s * dlogits^T xn_f.
 fn lm_head_bwd<D: Device>(
     dev: &D,
     a: &mut Activations<D>,
@@ -56,12 +56,7 @@ fn lm_head_bwd<D: Device>(
     (n, nw, c): (usize, usize, usize),
     beta: f32,
 ) -> Result<()> {
-    let grad = if a.dlogits.is_empty() {
-        &a.logits
-    } else {
-        &a.dlogits
-    };
-    let dlogits = View::range(grad, 0, n * nw);
+    let dlogits = View::range(&a.logits, 0, n * nw);
     let s = a.logit_scale;
     dev.matmul(
         ViewMut::all(&mut a.dxn),
@@ -130,32 +125,14 @@ pub fn backward_with<D: Device>(
     }
     let a = acts;
 
-    // lm_head [V,C]
-    if a.logits_chunk >= v {
-        dev.cross_entropy_bwd(
-            ViewMut::all(&mut a.dlogits),
-            View::all(&a.logits),
-            &batch.targets,
-            View::all(&batch.mask),
-            n,
-            v,
-            scale,
-        )?;
-        lm_head_bwd(
-            dev,
-            a,
-            p(tb.lm_head, v * c),
-            g!(tb.lm_head, v * c),
-            (n, v, c),
-            0.0,
-        )?;
-    } else {
-        // each chunk [v0, v0+w): its logits made again, their gradient, its share of dxn
-        // (the first chunk overwrites) and of dW[v0..v0+w]
-        let vc = a.logits_chunk;
-        for v0 in (0..v).step_by(vc) {
-            let w = vc.min(v - v0);
-            let wc = p(tb.lm_head + v0 * c, w * c);
+    // lm_head [V,C]: each chunk [v0, v0+w) (one chunk for whole logits): its logits (kept
+    // from forward when whole, else made again), their gradient written over them, its share
+    // of dxn (the first chunk overwrites) and of dW[v0..v0+w]
+    let vc = a.logits_chunk;
+    for v0 in (0..v).step_by(vc) {
+        let w = vc.min(v - v0);
+        let wc = p(tb.lm_head + v0 * c, w * c);
+        if w < v {
             dev.matmul(
                 ViewMut::range(&mut a.logits, 0, n * w),
                 View::all(&a.xn_f),
@@ -168,21 +145,20 @@ pub fn backward_with<D: Device>(
                 a.logit_scale,
                 0.0,
             )?;
-            // in place: the chunk's logits become their gradient
-            dev.cross_entropy_chunk_bwd(
-                ViewMut::range(&mut a.logits, 0, n * w),
-                View::all(&a.ce_state),
-                &batch.targets,
-                View::all(&batch.mask),
-                n,
-                w,
-                v,
-                v0,
-                scale,
-            )?;
-            let beta = if v0 == 0 { 0.0 } else { 1.0 };
-            lm_head_bwd(dev, a, wc, g!(tb.lm_head + v0 * c, w * c), (n, w, c), beta)?;
         }
+        dev.cross_entropy_chunk_bwd(
+            ViewMut::range(&mut a.logits, 0, n * w),
+            View::all(&a.ce_state),
+            &batch.targets,
+            View::all(&batch.mask),
+            n,
+            w,
+            v,
+            v0,
+            scale,
+        )?;
+        let beta = if v0 == 0 { 0.0 } else { 1.0 };
+        lm_head_bwd(dev, a, wc, g!(tb.lm_head + v0 * c, w * c), (n, w, c), beta)?;
     }
     let last = &a.res[cfg.num_hidden_layers];
     dev.rmsnorm_bwd(

@@ -156,7 +156,7 @@ pub fn forward_with<D: Device>(
         c,
         eps,
     )?;
-    // logits[N,V] = logit_scale * xn_f @ lm_head^T (the scale rides on the GEMM's alpha)
+    // the logits are scaled by logit_scale (riding on the GEMM's alpha)
     let scale = acts.logit_scale;
     if !(scale.is_finite() && scale > 0.0) {
         return Err(crate::Error::invalid(
@@ -164,57 +164,35 @@ pub fn forward_with<D: Device>(
             format!("logit_scale {scale} must be finite and > 0"),
         ));
     }
+    // chunk [v0, v0+w) of the vocabulary (one chunk, w = V, for whole logits):
+    // logits[N,w] = scale * xn_f @ lm_head[v0..v0+w]^T, merged into the per-row (max, sum,
+    // target logit); the last chunk writes the losses
     let vc = acts.logits_chunk;
-    if vc >= v {
+    for v0 in (0..v).step_by(vc) {
+        let w = vc.min(v - v0);
         dev.matmul(
-            ViewMut::all(&mut acts.logits),
+            ViewMut::range(&mut acts.logits, 0, n * w),
             View::all(&acts.xn_f),
-            p(tb.lm_head, v * c),
+            p(tb.lm_head + v0 * c, w * c),
             n,
-            v,
+            w,
             c,
             false,
             true,
             scale,
             0.0,
         )?;
-        dev.cross_entropy_fwd(
+        dev.cross_entropy_chunk_fwd(
             ViewMut::all(&mut acts.losses),
-            View::all(&acts.logits),
+            ViewMut::all(&mut acts.ce_state),
+            View::range(&acts.logits, 0, n * w),
             &batch.targets,
             View::all(&batch.mask),
             n,
+            w,
             v,
+            v0,
         )?;
-    } else {
-        // chunk [v0, v0+w) of the vocabulary: logits[N,w] = scale * xn_f @ lm_head[v0..v0+w]^T,
-        // merged into the per-row (max, sum, target logit); the last chunk writes the losses
-        for v0 in (0..v).step_by(vc) {
-            let w = vc.min(v - v0);
-            dev.matmul(
-                ViewMut::range(&mut acts.logits, 0, n * w),
-                View::all(&acts.xn_f),
-                p(tb.lm_head + v0 * c, w * c),
-                n,
-                w,
-                c,
-                false,
-                true,
-                scale,
-                0.0,
-            )?;
-            dev.cross_entropy_chunk_fwd(
-                ViewMut::all(&mut acts.losses),
-                ViewMut::all(&mut acts.ce_state),
-                View::range(&acts.logits, 0, n * w),
-                &batch.targets,
-                View::all(&batch.mask),
-                n,
-                w,
-                v,
-                v0,
-            )?;
-        }
     }
     let sum = dev
         .download(View::all(&acts.losses))?
