@@ -23,8 +23,9 @@
 # model on the GPU against the CPU, graph capture included), decode (batch-1 decode with and
 # without CUDA graphs), step (the llama-1b preset: SFT step and rollout), attention (its kernel
 # benches), ops (tests/cuda_ops.rs), bf16 (tests/bf16_model.rs), kernels (every kernel bench),
-# select (tests/device_select.rs), presets (the other end-to-end benches), sanitizer
-# (compute-sanitizer memcheck of the model's GPU tests). Environment:
+# select (tests/device_select.rs), presets (the other end-to-end benches), sanitizer, racecheck,
+# synccheck (compute-sanitizer's memcheck, racecheck and synccheck of the model's GPU tests).
+# Environment:
 #   GPU_CHECK_PARTS=parity,decode    only these parts (default: all)
 #   GPU_CHECK_BUDGET=540             seconds for the whole check: each part's time limit is cut
 #                                    to what is left, and parts that would start with under 30 s
@@ -246,24 +247,26 @@ bench_part() {
     } >> "$report"
 }
 
-# the GPU's memory checker, where installed (and the machine lets it run): the whole model on
-# the GPU (forward, backward, training steps, generation), which reports out-of-bounds and
-# misaligned accesses and other faults the tests cannot see
+# compute-sanitizer, where installed (and the machine lets it run), over the whole model on
+# the GPU (forward, backward, training steps, generation: tests/device_parity.rs cuda_*): memcheck
+# (out-of-bounds and misaligned accesses, other faults the tests cannot see), racecheck (shared
+# memory races: the tensor-core attention never runs on the emulator) and synccheck (barriers)
+# sanitizer_part PART TOOL
 sanitizer_part() {
     command -v compute-sanitizer >/dev/null || return 0
-    wanted sanitizer && time_for sanitizer 600 || return 0
-    local cs=(limit "$t" compute-sanitizer --tool memcheck --target-processes all --error-exitcode 86)
+    wanted "$1" && time_for "$1" 600 || return 0
+    local cs=(limit "$t" compute-sanitizer --tool "$2" --target-processes all --error-exitcode 86)
     if [ "$mode" = run-bundle ]; then
         cmd=("${cs[@]}" "$b/test-device_parity" --test-threads=1 cuda_)
     else
         cmd=("${cs[@]}" cargo test --release --test device_parity -- --test-threads=1 cuda_)
     fi
-    if "${cmd[@]}" > "$log/sanitizer.txt" 2>&1; then r=clean; else r="FAILED (exit $?)"; status=1; fi
+    if "${cmd[@]}" > "$log/$1.txt" 2>&1; then r=clean; else r="FAILED (exit $?)"; status=1; fi
     {
-        echo "## compute-sanitizer memcheck, tests/device_parity.rs cuda_*: $r"
+        echo "## compute-sanitizer $2, tests/device_parity.rs cuda_*: $r"
         echo
         echo '```'
-        excerpt "^test |test result|=========|panicked|GPU" "$log/sanitizer.txt" 80
+        excerpt "^test |test result|=========|panicked|GPU" "$log/$1.txt" 80
         echo '```'
         echo
     } >> "$report"
@@ -286,7 +289,9 @@ test_part select device_select
 bench_part presets 1 small
 bench_part presets 1 llama-1b --only step --precision f32
 bench_part presets 1 llama-1b --only step --logits-chunk 8192 --recompute
-sanitizer_part
+sanitizer_part sanitizer memcheck
+sanitizer_part racecheck racecheck
+sanitizer_part synccheck synccheck
 
 if [ "${#skipped[@]}" -gt 0 ]; then
     printf '## skipped (time budget of %s s spent)\n\n%s\n' "$budget" "${skipped[*]}" >> "$report"
