@@ -259,6 +259,12 @@ impl Recorder {
         self.begin(expected, true)
     }
 
+    /// Whether this thread's calls are being recorded or checked (a capture).
+    pub fn on_here(&self) -> bool {
+        let here = std::thread::current().id();
+        self.lock().as_ref().is_some_and(|r| r.thread == here)
+    }
+
     /// Whether this thread's calls are being recorded (not made).
     pub fn active(&self) -> bool {
         let here = std::thread::current().id();
@@ -443,6 +449,51 @@ mod tests {
             assert_eq!(dev.graph_captures(), captures);
         }
         assert_eq!(dev.launcher().recorder_counts(), [2, 2, 0]);
+    }
+
+    /// A capture is checked against the record (on a GPU, call by call as it is captured):
+    /// checked calls are made and compared, matmuls as launches.
+    #[test]
+    fn a_checked_capture_makes_and_compares_launches_and_matmuls() {
+        use crate::device::gpu::Launch;
+        let dev = emu();
+        let (a, b) = (
+            dev.upload(&[1.0, 2.0, 3.0]).unwrap(),
+            dev.upload(&[0.5; 3]).unwrap(),
+        );
+        let w = dev.upload(&[2.0; 6]).unwrap();
+        let (mut out, mut h) = (dev.alloc(3).unwrap(), dev.alloc(2).unwrap());
+        let rec = dev.launcher().recorder().unwrap();
+        use crate::device::emu_device::EmuBuf;
+        let step = |out: &mut EmuBuf, h: &mut EmuBuf, alpha: f32| -> crate::Result<()> {
+            dev.residual_fwd(ViewMut::all(out), View::all(&a), View::all(&b))?;
+            // h [2,1] = alpha * w [2,3] · out [3,1]
+            let (w, o) = (View::all(&w), View::all(&*out));
+            dev.matmul(ViewMut::all(h), w, o, 2, 1, 3, false, false, alpha, 0.0)
+        };
+        let r = rec.start(Vec::new()).unwrap();
+        step(&mut out, &mut h, 1.0).unwrap();
+        let (calls, _) = r.finish().unwrap();
+        assert_eq!(calls.len(), 2);
+        let (out_now, h_now) = (
+            dev.download(View::all(&out)).unwrap(),
+            dev.download(View::all(&h)).unwrap(),
+        );
+        assert_eq!(
+            (out_now, h_now),
+            (vec![0.0; 3], vec![0.0; 2]),
+            "made while recording"
+        );
+        let check = rec.verify(calls.clone()).unwrap();
+        step(&mut out, &mut h, 1.0).unwrap();
+        assert!(check.finish().unwrap().1, "the same calls");
+        assert_eq!(dev.download(View::all(&out)).unwrap(), vec![1.5, 2.5, 3.5]);
+        assert_eq!(dev.download(View::all(&h)).unwrap(), vec![15.0; 2]);
+        // a capture whose matmul has another scale is not the record
+        let check = rec.verify(calls).unwrap();
+        step(&mut out, &mut h, 0.5).unwrap();
+        assert!(!check.finish().unwrap().1, "another matmul");
+        assert_eq!(dev.download(View::all(&h)).unwrap(), vec![7.5; 2]);
     }
 
     /// A step that goes on after a refused call (ignoring its error) cannot be replayed: the

@@ -342,26 +342,29 @@ impl<T: KernelDevice> Device for T {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        if let Some(rec) = self.launcher().recorder().filter(|r| r.active()) {
-            // the checks the devices' matmul makes, before a call that will not run now
+        if let Some(rec) = self.launcher().recorder().filter(|r| r.on_here()) {
+            // the checks the devices' matmul makes, before a call that may not run now
             const OP: &str = "matmul";
             let dtypes = [c.dtype(), a.dtype(), b.dtype()];
             crate::device::cpu::check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
             crate::device::emu_device::check_matmul_dtypes(dtypes[1], dtypes[2], dtypes[0])?;
             let lens = [c.len(), a.len(), b.len()].map(|x| x as u64);
             let addrs = [
-                by_dtype!(dtypes[0], S => T::output::<S>(OP, "c", c)?.addr()),
+                by_dtype!(dtypes[0], S => T::input::<S>(OP, "c", c.as_view())?.addr()),
                 by_dtype!(dtypes[1], S => T::input::<S>(OP, "a", a)?.addr()),
                 by_dtype!(dtypes[2], S => T::input::<S>(OP, "b", b)?.addr()),
             ];
-            let [mm, nn, kk, ta, tb] = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
-            let (alpha, beta) = (u64::from(alpha.to_bits()), u64::from(beta.to_bits()));
-            rec.record(CallRef::Matmul(MatmulCall {
+            let [mm, nn, kk, ta1, tb1] = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
+            let (al, be) = (u64::from(alpha.to_bits()), u64::from(beta.to_bits()));
+            let recorded = rec.record(CallRef::Matmul(MatmulCall {
                 operands: [addrs[0], addrs[1], addrs[2], lens[0], lens[1], lens[2]],
-                shape: [mm, nn, kk, ta, tb, alpha, beta],
+                shape: [mm, nn, kk, ta1, tb1, al, be],
                 dtypes,
             }));
-            return Ok(());
+            if recorded {
+                // recorded, not made; a capture being checked makes it below
+                return Ok(());
+            }
         }
         KernelDevice::matmul(self, c, a, b, m, n, k, ta, tb, alpha, beta)
     }
