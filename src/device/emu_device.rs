@@ -216,7 +216,7 @@ impl EmuDevice {
     fn host_call(&self) {
         self.host_calls.fetch_add(1, Ordering::Relaxed);
         if let Some(r) = super::gpu::Launch::recorder(&self.launcher) {
-            r.fail_recording("a device call made, not recorded, while the step was recorded");
+            r.fail_recording(&|| "a device call made, not recorded, while recording".into());
         }
     }
 

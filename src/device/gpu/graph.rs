@@ -60,21 +60,6 @@ pub struct MatmulCall {
     pub dtypes: [crate::device::Dtype; 3],
 }
 
-impl MatmulCall {
-    /// The call's [m, n, k], transposes of a and b, alpha and beta.
-    pub fn params(&self) -> ([usize; 3], bool, bool, f32, f32) {
-        let [m, n, k, ta, tb, alpha, beta] = self.shape;
-        let scale = |x: u64| f32::from_bits(x as u32);
-        (
-            [m, n, k].map(|x| x as usize),
-            ta != 0,
-            tb != 0,
-            scale(alpha),
-            scale(beta),
-        )
-    }
-}
-
 /// A call as a launcher sees it, compared with a recorded one without allocating.
 #[derive(Clone, Copy, Debug)]
 pub enum CallRef<'a> {
@@ -298,21 +283,23 @@ impl Recorder {
     /// An error for `op`, which a step to replay cannot do, while this thread records (the
     /// recording then fails, even if the step goes on); Ok otherwise.
     pub fn refuse(&self, op: &str) -> Result<()> {
-        let why = format!("a step to replay launches kernels and matmuls only, not {op}");
+        let why = || format!("a step to replay launches kernels and matmuls only, not {op}");
         if self.fail_recording(&why) {
-            Err(Error::invalid("graph", why))
+            Err(Error::invalid("graph", why()))
         } else {
             Ok(())
         }
     }
 
     /// Fails this thread's recording, if it records, because of `why`: true if it did.
-    pub fn fail_recording(&self, why: &str) -> bool {
+    /// (`why` is only called then: no message is made on the calls of a device not
+    /// recording.)
+    pub fn fail_recording(&self, why: &dyn Fn() -> String) -> bool {
         let here = std::thread::current().id();
         let mut lock = self.lock();
         match lock.as_mut().filter(|r| r.thread == here && !r.verify) {
             Some(r) => {
-                r.failed.get_or_insert_with(|| why.to_string());
+                r.failed.get_or_insert_with(why);
                 true
             }
             None => false,
