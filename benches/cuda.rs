@@ -293,37 +293,6 @@ fn benches(c: &mut Criterion) {
         let targets = dev.upload_ids(&targets).expect("ids");
         let mask = dev.upload(&vec![1.0; n]).expect("mask");
         let mut losses = dev.alloc(n).expect("alloc");
-        // logits read
-        bench_op(
-            c,
-            &dev,
-            "cross_entropy",
-            &id(dt, "fwd", "4096x32000"),
-            Throughput::Bytes(t * (n * vv) as u64),
-            bw,
-            |_| dev.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vv),
-        );
-        let mut dlogits = dev.alloc_as(n * vv, dt).expect("alloc");
-        // logits read, dlogits written (the second pass over a row is an L2 re-read)
-        bench_op(
-            c,
-            &dev,
-            "cross_entropy",
-            &id(dt, "bwd", "4096x32000"),
-            Throughput::Bytes(2 * t * (n * vv) as u64),
-            bw,
-            |_| {
-                dev.cross_entropy_bwd(
-                    m(&mut dlogits),
-                    v(&logits),
-                    &targets,
-                    v(&mask),
-                    n,
-                    vv,
-                    1.0 / n as f32,
-                )
-            },
-        );
         // the whole vocabulary as one chunk (what training with whole logits runs: the
         // gradient written over the logits); the state [N,3] is read and written per row,
         // negligible next to the logits

@@ -1,49 +1,41 @@
-// cross_entropy: masked softmax cross-entropy over the vocabulary, one row per block; whole
-// rows, or vocabulary chunks so that the LM head's [N, V] logits never exist whole.
+// cross_entropy: masked softmax cross-entropy over the vocabulary in chunks (one chunk of all V
+// columns for whole logits), one row per block, so that the LM head's [N, V] logits need never
+// exist whole and their gradient overwrites them.
 //
-// Math    (Device::cross_entropy_fwd / _bwd / _chunk_fwd / _chunk_bwd; CPU twin
+// Math    (Device::cross_entropy_chunk_fwd / _chunk_bwd; CPU twin
 //         src/device/cpu/cross_entropy.rs)
 //         M = max_v x[n,v] (NaN skipped), S = sum_v e^(x[n,v] - M), y = targets[n]:
-//         fwd: losses[n] = mask[n] * ((M - x[n,y]) + ln S)                               (=)
-//              mask[n] = 0: losses[n] = 0 without reading the row (padding may hold anything)
-//         bwd: w = mask[n] * scale; dlogits[n,v] = e^(x[n,v] - M) * (w * (1/S)) - w [v = y]  (=)
-//              w = 0: the row is 0 without reading it.
+//         loss: losses[n] = mask[n] * ((M - x[n,y]) + ln S); mask[n] = 0: losses[n] = 0
+//         gradient: w = mask[n] * scale; dlogits[n,v] = e^(x[n,v] - M) * (w * (1/S)) - w [v = y]
 //         chunk_fwd over logits [N,VC] = columns [v0, v0+VC) of the V-wide rows, issued in
 //              order of v0: state[n] = (M, S, x_y) of the columns seen so far (x_y 0 until its
 //              chunk); v0 = 0 starts it (=), later chunks merge into it with the pair rule
-//              below (+=); the chunk ending at V writes losses[n] as fwd does (=). mask 0:
-//              the row is skipped (state untouched, loss 0).
-//         chunk_bwd, in place on the chunk's logits: x[n,j] <- e^(x[n,j] - M) * (w * (1/S))
-//              - w [v0 + j = y], M and S from the state; w = 0: the row is 0 without reading
-//              it. (In place, the [N,VC] gradient needs no buffer of its own.)
+//              below (+=); the chunk ending at V writes losses[n] (=). mask 0: the row is
+//              skipped without reading it (state untouched, loss 0; padding may hold anything).
+//         chunk_bwd, in place on the chunk's logits: x[n,j] <- the gradient at column v0 + j,
+//              M and S from the state (=); w = 0: the row is 0 without reading it. (In place,
+//              the [N,VC] gradient needs no buffer of its own.)
 //         e^x is the CPU twin's f32 `vexp` op for op (Cody-Waite reduction, degree-6
 //         polynomial, no FMA contraction: __fmul_rn / __fadd_rn), so each e^(x - M) equals the
 //         twin's bit for bit; S differs from the twin's f64 sum only by f32 rounding (see
 //         Threads). Rows of -inf logits contribute 0 per -inf entry; a row whose max is -inf or
 //         +inf gives NaN, as on the twin.
-// Shapes  logits, dlogits [N,V] (logits [N,VC] chunked); targets [N] (< V, checked by the
-//         launcher); mask, losses [N]; state [N,3].
-// Dtypes  logits, dlogits: T; targets u32; mask, losses, state: f32 in both modes; scale f32.
+// Shapes  logits [N,VC] (VC = V: whole rows); targets [N] (< V, checked by the launcher); mask,
+//         losses [N]; state [N,3].
+// Dtypes  logits: T; targets u32; mask, losses, state: f32 in both modes; scale f32.
 //         Arithmetic in f32: each thread keeps an online (max, sum) pair over its elements in
 //         chunks (8 bf16 / 4 f32 per 16-byte load, or 4 strided elements), rescaling its sum
 //         by e^(m_old - m_new) when a chunk raises the max (one extra exp per chunk, not per
 //         element); pairs merge with (m, s) + (m', s') = (max, s e^(m - max) + s' e^(m' - max)).
-// Threads one block per row (grid-stride over rows). fwd: one pass over the row (online
+// Threads one block per row (grid-stride over rows). chunk_fwd: one pass over the row (online
 //         max/sum), a fixed-tree block merge (xor butterfly in the warp, then the warps' pairs
-//         in warp order: deterministic), thread 0 writes the loss (chunk_fwd: thread 0 merges
-//         into the row's state). bwd: the same pass, then a second pass (L2-resident for a
-//         256 KiB bf16 row of 128k tokens) writes every element; chunk_bwd reads M and S from
-//         the state and makes one pass. 16-byte accesses when V (VC) is a multiple of the pack
-//         and the pointers are 16-byte aligned, else strided scalar accesses.
+//         in warp order: deterministic), thread 0 merges into the row's state and writes the
+//         loss. chunk_bwd reads M and S from the state and makes one pass, each element read
+//         then written by the same thread. 16-byte accesses when VC is a multiple of the pack
+//         and the pointer is 16-byte aligned, else strided scalar accesses.
 // Launch  grid N (or fewer: grid-stride), block 256 (any multiple of 32 up to 1024), no
 //         dynamic shared memory.
-// Symbols cross_entropy_fwd_f32, cross_entropy_fwd_bf16
-//           (float* losses, const T* logits, const uint32_t* targets, const float* mask,
-//            int n, int v)
-//         cross_entropy_bwd_f32, cross_entropy_bwd_bf16
-//           (T* dlogits, const T* logits, const uint32_t* targets, const float* mask,
-//            int n, int v, float scale)
-//         cross_entropy_chunk_fwd_f32, cross_entropy_chunk_fwd_bf16
+// Symbols cross_entropy_chunk_fwd_f32, cross_entropy_chunk_fwd_bf16
 //           (float* losses, float* state, const T* logits, const uint32_t* targets,
 //            const float* mask, int n, int vc, int v, int v0)
 //         cross_entropy_chunk_bwd_f32, cross_entropy_chunk_bwd_bf16
@@ -58,7 +50,7 @@
 // clamp to [-87.33655, 88] (NaN stays NaN), n = round-half-even(x log2 e), r = x - n ln2_hi -
 // n ln2_lo, a degree-6 polynomial, times 2^n; 0 below -87.33655. Every product and sum rounds
 // on its own (the intrinsics are never fused into FMAs), so the result is the twin's, bit for
-// bit. (common.cuh could host this; the three row kernels carry a copy each.)
+// bit. (common.cuh could host this; the row kernels carry a copy each.)
 __device__ __forceinline__ float ce_vexp(float v) {
     const float LOG2E = 1.44269504088896340736f, LN2_HI = 0.6933594f, LN2_LO = -2.1219444e-4f;
     const float MIN_X = -87.33655f;
@@ -150,25 +142,6 @@ __device__ __forceinline__ CeMs ce_row_stats(const T* __restrict__ x, int v, boo
     return ce_block_merge(st);
 }
 
-template <typename T>
-__device__ __forceinline__ void ce_fwd(float* __restrict__ losses, const T* __restrict__ logits,
-                                       const uint32_t* __restrict__ targets,
-                                       const float* __restrict__ mask, int n, int v) {
-    constexpr int P = NlaPack<T>::N;
-    const bool vec = v % P == 0 && nla_aligned(logits, 16);
-    for (int row = blockIdx.x; row < n; row += gridDim.x) {
-        const float mk = mask[row];
-        if (mk == 0.0f) {  // block-uniform
-            if (threadIdx.x == 0) losses[row] = 0.0f;
-            continue;
-        }
-        const T* x = logits + (long long)row * v;
-        const CeMs st = ce_row_stats(x, v, vec);
-        if (threadIdx.x == 0)
-            losses[row] = mk * ((st.m - nla_f32(x[targets[row]])) + logf(st.s));
-    }
-}
-
 // Row gradient dlogits[j] = e^(x[j] - m) * ws - w [j = y] over VC columns (y may be outside).
 // d may be x (in place): each element is read, then written, by the same thread; so neither
 // pointer is __restrict__.
@@ -200,26 +173,6 @@ __device__ __forceinline__ void ce_write_grad(T* d, const T* x, int vc, bool vec
 template <typename T> __device__ __forceinline__ void ce_zero_row(T* __restrict__ d, int vc) {
     const T z = nla_from_f32<T>(0.0f);
     for (int j = threadIdx.x; j < vc; j += blockDim.x) d[j] = z;
-}
-
-template <typename T>
-__device__ __forceinline__ void ce_bwd(T* __restrict__ dlogits, const T* __restrict__ logits,
-                                       const uint32_t* __restrict__ targets,
-                                       const float* __restrict__ mask, int n, int v,
-                                       float scale) {
-    constexpr int P = NlaPack<T>::N;
-    const bool vec = v % P == 0 && nla_aligned(logits, 16) && nla_aligned(dlogits, 16);
-    for (int row = blockIdx.x; row < n; row += gridDim.x) {
-        const float w = mask[row] * scale;
-        const T* x = logits + (long long)row * v;
-        T* d = dlogits + (long long)row * v;
-        if (w == 0.0f) {  // block-uniform
-            ce_zero_row(d, v);
-            continue;
-        }
-        const CeMs st = ce_row_stats(x, v, vec);
-        ce_write_grad(d, x, v, vec, st.m, w * (1.0f / st.s), w, (int)targets[row]);
-    }
 }
 
 // One vocabulary chunk (columns [v0, v0 + vc) of a v-wide row) of the forward: merges the
@@ -283,17 +236,6 @@ __device__ __forceinline__ void ce_chunk_bwd(T* logits, const float* __restrict_
 }
 
 #define CE_KERNELS(S, T)                                                                       \
-    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_fwd_##S(         \
-        float* __restrict__ losses, const T* __restrict__ logits,                              \
-        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int v) {  \
-        ce_fwd<T>(losses, logits, targets, mask, n, v);                                        \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_bwd_##S(         \
-        T* __restrict__ dlogits, const T* __restrict__ logits,                                 \
-        const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int v,    \
-        float scale) {                                                                         \
-        ce_bwd<T>(dlogits, logits, targets, mask, n, v, scale);                                \
-    }                                                                                          \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) cross_entropy_chunk_fwd_##S(   \
         float* __restrict__ losses, float* __restrict__ state, const T* __restrict__ logits,   \
         const uint32_t* __restrict__ targets, const float* __restrict__ mask, int n, int vc,   \
@@ -310,10 +252,6 @@ CE_KERNELS(f32, float)
 CE_KERNELS(bf16, nla_bf16)
 
 #ifdef NLA_EMU
-NLA_EMU_KERNEL(cross_entropy_fwd_f32);
-NLA_EMU_KERNEL(cross_entropy_fwd_bf16);
-NLA_EMU_KERNEL(cross_entropy_bwd_f32);
-NLA_EMU_KERNEL(cross_entropy_bwd_bf16);
 NLA_EMU_KERNEL(cross_entropy_chunk_fwd_f32);
 NLA_EMU_KERNEL(cross_entropy_chunk_fwd_bf16);
 NLA_EMU_KERNEL(cross_entropy_chunk_bwd_f32);

@@ -367,34 +367,17 @@ fn rmsnorm<D: Device>(dev: &D, label: &str, s: &Sizes) {
 
 // ---- cross-entropy
 
-/// cross_entropy forward (losses) and backward (dlogits), every 5th row masked out.
+/// cross_entropy forward (losses) and backward (dlogits) over whole rows (one chunk of all V,
+/// as training runs them) and over chunks of about V/8, every 5th row masked out.
 fn cross_entropy<D: Device>(dev: &D, label: &str, s: &Sizes) {
-    fn run<E: Device>(
-        e: &E,
-        [n, v]: [usize; 2],
-        logits: &[f32],
-        targets: &[u32],
-        mask: &[f32],
-    ) -> Vec<Vec<f32>> {
-        let (logits, mask, targets) = (up(e, logits), up(e, mask), e.upload_ids(targets).unwrap());
-        let mut losses = nans(e, n);
-        let (lv, mv) = (View::all(&logits), View::all(&mask));
-        e.cross_entropy_fwd(ViewMut::all(&mut losses), lv, &targets, mv, n, v)
-            .unwrap();
-        let count = n - n.div_ceil(5);
-        let mut dlogits = nans(e, n * v);
-        let scale = 1.0 / count as f32;
-        e.cross_entropy_bwd(ViewMut::all(&mut dlogits), lv, &targets, mv, n, v, scale)
-            .unwrap();
-        vec![down(e, &losses), down(e, &dlogits)]
-    }
     let [n, v] = s.cross_entropy;
     let mut r = rng(0xce);
     let logits = uniform(&mut r, n * v, -6.0, 6.0);
     let targets: Vec<u32> = (0..n).map(|_| r.random_range(0..v as u32)).collect();
     let mask: Vec<f32> = (0..n).map(|i| f32::from(u8::from(i % 5 != 0))).collect();
-    let (want, tc) = timed(|| run(&CpuDevice::new(), s.cross_entropy, &logits, &targets, &mask));
-    let (got, td) = timed(|| run(dev, s.cross_entropy, &logits, &targets, &mask));
+    let cpu = CpuDevice::new();
+    let (want, tc) = timed(|| cross_entropy_chunked(&cpu, [n, v, v], &logits, &targets, &mask));
+    let (got, td) = timed(|| cross_entropy_chunked(dev, [n, v, v], &logits, &targets, &mask));
     let what = format!("cross_entropy (N {n}, V {v})");
     report(label, &what, tc, td);
     // losses: logsumexp of V positive terms summed in another order (relative error of the

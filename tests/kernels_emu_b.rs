@@ -513,9 +513,12 @@ fn row_grid(n: usize, max_grid: usize) -> u32 {
     n.min(max_grid).clamp(1, 65535) as u32
 }
 
+/// cross_entropy_chunk_fwd over one chunk of all V columns (whole rows, as training runs it):
+/// losses [N] and the state [N,3] the backward reads.
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy_fwd_launch<T: Ty>(
     losses: &mut [f32],
+    state: &mut [f32],
     logits: &[T],
     targets: &[u32],
     mask: &[f32],
@@ -527,14 +530,22 @@ fn cross_entropy_fwd_launch<T: Ty>(
 ) {
     assert!(v > 0);
     assert_eq!(losses.len(), n);
+    assert_eq!(state.len(), 3 * n);
     assert_eq!(logits.len(), n * v);
     assert_eq!(targets.len(), n);
     assert_eq!(mask.len(), n);
     assert!(targets.iter().all(|&y| (y as usize) < v), "targets < V");
     let mut a = EmuArgs::new();
-    a.ptr_mut(losses).ptr(logits).ptr(targets).ptr(mask);
-    a.scalar(i32_of(n)).scalar(i32_of(v));
-    let name = format!("cross_entropy_fwd_{}", T::NAME);
+    a.ptr_mut(losses)
+        .ptr_mut(state)
+        .ptr(logits)
+        .ptr(targets)
+        .ptr(mask);
+    a.scalar(i32_of(n))
+        .scalar(i32_of(v))
+        .scalar(i32_of(v))
+        .scalar(0i32);
+    let name = format!("cross_entropy_chunk_fwd_{}", T::NAME);
     launch3(
         &name,
         [row_grid(n, max_grid), 1, 1],
@@ -546,10 +557,12 @@ fn cross_entropy_fwd_launch<T: Ty>(
     );
 }
 
+/// cross_entropy_chunk_bwd over one chunk of all V columns: the gradient written over `logits`
+/// [N,V], from the forward's state.
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy_bwd_launch<T: Ty>(
-    dlogits: &mut [T],
-    logits: &[T],
+    logits: &mut [T],
+    state: &[f32],
     targets: &[u32],
     mask: &[f32],
     n: usize,
@@ -560,15 +573,18 @@ fn cross_entropy_bwd_launch<T: Ty>(
     seed: u64,
 ) {
     assert!(v > 0);
-    assert_eq!(dlogits.len(), n * v);
     assert_eq!(logits.len(), n * v);
+    assert_eq!(state.len(), 3 * n);
     assert_eq!(targets.len(), n);
     assert_eq!(mask.len(), n);
     assert!(targets.iter().all(|&y| (y as usize) < v), "targets < V");
     let mut a = EmuArgs::new();
-    a.ptr_mut(dlogits).ptr(logits).ptr(targets).ptr(mask);
-    a.scalar(i32_of(n)).scalar(i32_of(v)).scalar(scale);
-    let name = format!("cross_entropy_bwd_{}", T::NAME);
+    a.ptr_mut(logits).ptr(state).ptr(targets).ptr(mask);
+    a.scalar(i32_of(n))
+        .scalar(i32_of(v))
+        .scalar(0i32)
+        .scalar(scale);
+    let name = format!("cross_entropy_chunk_bwd_{}", T::NAME);
     launch3(
         &name,
         [row_grid(n, max_grid), 1, 1],
@@ -1343,7 +1359,8 @@ fn kv_append_bf16_matches_twin() {
 // cross_entropy
 // ------------------------------------------------------------------------------------------
 
-/// The twin's (losses [N], dlogits [N,V]) of whole rows of logits `x` [N,V].
+/// The twin's (losses [N], dlogits [N,V]) of whole rows of logits `x` [N,V]: the device's
+/// cross-entropy over one chunk of all V columns, the gradient written over a copy of `x`.
 fn twin_cross_entropy(
     x: &[f32],
     targets: &[u32],
@@ -1352,28 +1369,32 @@ fn twin_cross_entropy(
     scale: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let (dev, n) = (cpu(), mask.len());
-    let (xv, mv) = (x.to_vec(), mask.to_vec());
-    let mut losses = vec![0.0; n];
-    dev.cross_entropy_fwd(
+    let (mut dl, mv, ids) = (x.to_vec(), mask.to_vec(), targets.to_vec());
+    let (mut losses, mut state) = (vec![0.0; n], vec![0.0; 3 * n]);
+    dev.cross_entropy_chunk_fwd(
         ViewMut::all(&mut losses),
-        View::all(&xv),
-        &targets.to_vec(),
+        ViewMut::all(&mut state),
+        View::all(&dl),
+        &ids,
         View::all(&mv),
         n,
         v,
+        v,
+        0,
     )
-    .expect("twin cross_entropy_fwd");
-    let mut dl = vec![0.0; n * v];
-    dev.cross_entropy_bwd(
+    .expect("twin cross_entropy_chunk_fwd");
+    dev.cross_entropy_chunk_bwd(
         ViewMut::all(&mut dl),
-        View::all(&xv),
-        &targets.to_vec(),
+        View::all(&state),
+        &ids,
         View::all(&mv),
         n,
         v,
+        v,
+        0,
         scale,
     )
-    .expect("twin cross_entropy_bwd");
+    .expect("twin cross_entropy_chunk_bwd");
     (losses, dl)
 }
 
@@ -1421,10 +1442,11 @@ fn cross_entropy_case<T: Ty>(v: usize, neg_inf: bool, misalign: usize, max_grid:
     let xg = Guarded::from_slice_misaligned(&conv::<T>(&x), misalign);
     let scale = 0.37f32;
 
-    let losses_k = both(&format!("{tag} fwd"), |mode, seed| {
-        let mut losses = poisoned::<f32>(n);
+    let (losses_k, state_k) = both(&format!("{tag} fwd"), |mode, seed| {
+        let (mut losses, mut state) = (poisoned::<f32>(n), poisoned::<f32>(3 * n));
         cross_entropy_fwd_launch(
             losses.get_mut(),
+            state.get_mut(),
             xg.get(),
             &targets,
             &mask,
@@ -1434,13 +1456,14 @@ fn cross_entropy_case<T: Ty>(v: usize, neg_inf: bool, misalign: usize, max_grid:
             mode,
             seed,
         );
-        take(&losses, "losses")
+        (take(&losses, "losses"), take(&state, "state"))
     });
+    // the backward from the kernel forward's state, in place on a copy of the logits
     let dl_k = both(&format!("{tag} bwd"), |mode, seed| {
-        let mut dl = Guarded::from_slice_misaligned(&vec![T::CANARY; n * v], misalign);
+        let mut dl = Guarded::from_slice_misaligned(&conv::<T>(&x), misalign);
         cross_entropy_bwd_launch(
             dl.get_mut(),
-            xg.get(),
+            &state_k,
             &targets,
             &mask,
             n,

@@ -379,92 +379,74 @@ fn cross_entropy() {
         for (v, off) in CASES {
             let (n, tag) = (4, format!("V={v} off={off}"));
             let targets: Vec<u32> = (0..n).map(|_| rng.random_range(0..v as u32)).collect();
-            let mask = vec![1.0, 1.0, 0.0, 1.0];
+            let mask = [1.0, 1.0, 0.0, 1.0];
             let x = Pair::new(&vals(rng, n * v, -5.0, 5.0), off);
-            let (mut loss_b, mut loss_f) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            gpu::cross_entropy::fwd(l, &mut loss_b, x.b.s(), &targets, &mask, n, v).unwrap();
-            gpu::cross_entropy::fwd(l, &mut loss_f, x.f.s(), &targets, &mask, n, v).unwrap();
-            // f32 losses, (M - x_y) + ln S with S in another order
-            check(
-                &format!("cross_entropy_fwd losses {tag}"),
-                &loss_b,
-                &loss_f,
-                F32R,
-                ACC,
-            );
-            let mut dx = Pair::nan(n * v, off);
             let m = &mask[..];
-            gpu::cross_entropy::bwd(l, dx.b.m(), x.b.s(), &targets, m, n, v, 0.5).unwrap();
-            gpu::cross_entropy::bwd(l, dx.f.m(), x.f.s(), &targets, m, n, v, 0.5).unwrap();
-            // w (p - [v = y]): cancellation at the target
-            check(
-                &format!("cross_entropy_bwd {tag}"),
-                &dx.got(),
-                dx.want(),
-                ROUND,
-                ACC,
-            );
-
-            // the same rows in two vocabulary chunks [0, v1), [v1, v)
+            // whole rows (one chunk of all V), then the same rows in two vocabulary chunks
+            // [0, v1), [v1, v)
             let v1 = if v >= 16 { 16 } else { v / 2 };
-            let chunks = [(0, v1), (v1, v - v1)];
-            let cols = |v0: usize, vc: usize| -> Vec<f32> {
-                let xf = x.want();
-                (0..n)
-                    .flat_map(|r| xf[r * v + v0..r * v + v0 + vc].to_vec())
-                    .collect()
-            };
-            // state starts at 0 (a masked row leaves it untouched)
-            let (mut st_b, mut st_f) = (vec![0f32; 3 * n], vec![0f32; 3 * n]);
-            let (mut loss_b, mut loss_f) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-            for (v0, vc) in chunks {
-                let xc = Pair::new(&cols(v0, vc), off);
-                let cv = (vc, v, v0);
-                gpu::cross_entropy::chunk_fwd(
-                    l,
-                    &mut loss_b,
-                    &mut st_b,
-                    xc.b.s(),
-                    &targets,
-                    m,
-                    n,
-                    cv,
-                )
-                .unwrap();
-                gpu::cross_entropy::chunk_fwd(
-                    l,
-                    &mut loss_f,
-                    &mut st_f,
-                    xc.f.s(),
-                    &targets,
-                    m,
-                    n,
-                    cv,
-                )
-                .unwrap();
+            for chunks in [vec![(0, v)], vec![(0, v1), (v1, v - v1)]] {
+                let tag = format!("{tag} {} chunks", chunks.len());
+                let cols = |v0: usize, vc: usize| -> Vec<f32> {
+                    let xf = x.want();
+                    (0..n)
+                        .flat_map(|r| xf[r * v + v0..r * v + v0 + vc].to_vec())
+                        .collect()
+                };
+                // state starts at 0 (a masked row leaves it untouched)
+                let (mut st_b, mut st_f) = (vec![0f32; 3 * n], vec![0f32; 3 * n]);
+                let (mut loss_b, mut loss_f) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                for &(v0, vc) in &chunks {
+                    let xc = Pair::new(&cols(v0, vc), off);
+                    let cv = (vc, v, v0);
+                    gpu::cross_entropy::chunk_fwd(
+                        l,
+                        &mut loss_b,
+                        &mut st_b,
+                        xc.b.s(),
+                        &targets,
+                        m,
+                        n,
+                        cv,
+                    )
+                    .unwrap();
+                    gpu::cross_entropy::chunk_fwd(
+                        l,
+                        &mut loss_f,
+                        &mut st_f,
+                        xc.f.s(),
+                        &targets,
+                        m,
+                        n,
+                        cv,
+                    )
+                    .unwrap();
+                    check(
+                        &format!("cross_entropy_chunk_fwd state {tag} v0={v0}"),
+                        &st_b,
+                        &st_f,
+                        F32R,
+                        ACC,
+                    );
+                }
                 check(
-                    &format!("cross_entropy_chunk_fwd state {tag} v0={v0}"),
-                    &st_b,
-                    &st_f,
+                    &format!("cross_entropy_chunk_fwd losses {tag}"),
+                    &loss_b,
+                    &loss_f,
                     F32R,
                     ACC,
                 );
-            }
-            check(
-                &format!("cross_entropy_chunk_fwd losses {tag}"),
-                &loss_b,
-                &loss_f,
-                F32R,
-                ACC,
-            );
-            for (v0, vc) in chunks {
-                // in place on the chunk's logits, from the f32 forward's state
-                let mut xc = Pair::new(&cols(v0, vc), off);
-                let cv = (vc, v, v0);
-                gpu::cross_entropy::chunk_bwd(l, xc.b.m(), &st_f, &targets, m, n, cv, 0.5).unwrap();
-                gpu::cross_entropy::chunk_bwd(l, xc.f.m(), &st_f, &targets, m, n, cv, 0.5).unwrap();
-                let what = format!("cross_entropy_chunk_bwd {tag} v0={v0}");
-                check(&what, &xc.got(), xc.want(), ROUND, ACC);
+                for &(v0, vc) in &chunks {
+                    // in place on the chunk's logits, from the f32 forward's state
+                    let mut xc = Pair::new(&cols(v0, vc), off);
+                    let cv = (vc, v, v0);
+                    gpu::cross_entropy::chunk_bwd(l, xc.b.m(), &st_f, &targets, m, n, cv, 0.5)
+                        .unwrap();
+                    gpu::cross_entropy::chunk_bwd(l, xc.f.m(), &st_f, &targets, m, n, cv, 0.5)
+                        .unwrap();
+                    let what = format!("cross_entropy_chunk_bwd {tag} v0={v0}");
+                    check(&what, &xc.got(), xc.want(), ROUND, ACC);
+                }
             }
         }
     });

@@ -639,18 +639,23 @@ fn policy_loss_fd() {
 #[test]
 fn policy_loss_reaches_logits_through_cross_entropy_bwd() {
     // logp[n] = logits[n, y_n] - logsumexp(logits[n]) = -cross_entropy (mask 1), so
-    // d loss / d logits = -dlogp (softmax - onehot) = cross_entropy_bwd(mask := -dlogp, scale 1).
+    // d loss / d logits = -dlogp (softmax - onehot) = the cross-entropy's backward with
+    // mask := -dlogp, scale 1 (cross_entropy_chunk_bwd over one chunk of all V, as training).
     let (vv, t) = (6, 4);
     let p0 = policy_inputs(&[4, 2, 3], t, 10);
     let n = p0.s * t;
     let logits: Vec<f64> = random(n * vv, 11).iter().map(|x| 3.0 * x).collect();
     let targets: Vec<u32> = (0..n as u32).map(|i| (i * 5 + 1) % vv as u32).collect();
     let ones = vec![1.0; n];
-    let logp_of = |logits: &[f64]| {
-        let mut ce = vec![0.0; n];
-        cpu::cross_entropy::cross_entropy_fwd(&mut ce, logits, &targets, &ones, vv);
-        ce.iter().map(|x| -x).collect::<Vec<f64>>()
+    use cpu::cross_entropy::{cross_entropy_chunk_bwd, cross_entropy_chunk_fwd, CE_STATE};
+    // the whole vocabulary as one chunk; the state [N,3] for the backward's softmax
+    let ce_of = |logits: &[f64]| {
+        let (mut ce, mut state) = (vec![0.0; n], vec![0.0; n * CE_STATE]);
+        cross_entropy_chunk_fwd(&mut ce, &mut state, logits, &targets, &ones, vv, vv, 0);
+        (ce, state)
     };
+    let logp_of = |logits: &[f64]| ce_of(logits).0.iter().map(|x| -x).collect::<Vec<f64>>();
+    let state = ce_of(&logits).1;
     // old and ref policies near the current one, so that some ratios clip
     let logp = logp_of(&logits);
     let p = PolicyInputs {
@@ -669,8 +674,8 @@ fn policy_loss_reaches_logits_through_cross_entropy_bwd() {
     for spec in policy_specs() {
         let dlogp = policy_dlogp64(&p, &logp, &spec);
         let neg: Vec<f64> = dlogp.iter().map(|d| -d).collect();
-        let mut dlogits = vec![f64::NAN; n * vv];
-        cpu::cross_entropy::cross_entropy_bwd(&mut dlogits, &logits, &targets, &neg, vv, 1.0);
+        let mut dlogits = logits.clone();
+        cross_entropy_chunk_bwd(&mut dlogits, &state, &targets, &neg, vv, 0, 1.0);
         let what = format!("policy_loss -> logits {:?} {:?}", spec.agg, spec.kl_type);
         check_fd(&what, &logits, &dlogits, unit_step(&logits), |x| {
             policy_loss64(&p, &logp_of(x), &spec)

@@ -444,11 +444,13 @@ fn cross_entropy(d: &EmuDevice) {
     let logits = vals(n * vocab, 18, 4.0);
     let targets: Vec<u32> = vec![0, 32, 7, 7];
     let mask = EmuBuf::F32(vec![1.0, 1.0, 0.0, 1.0]);
-    let mut losses = zeros(n);
-    d.cross_entropy_fwd(m(&mut losses), v(&logits), &targets, v(&mask), n, vocab)
+    // whole rows: one chunk of all V, the gradient written over the logits
+    let (mut losses, mut state) = (zeros(n), zeros(3 * n));
+    let (l, t, mk) = (v(&logits), &targets, v(&mask));
+    d.cross_entropy_chunk_fwd(m(&mut losses), m(&mut state), l, t, mk, n, vocab, vocab, 0)
         .unwrap();
-    let mut dl = zeros(n * vocab);
-    d.cross_entropy_bwd(m(&mut dl), v(&logits), &targets, v(&mask), n, vocab, 0.25)
+    let mut dl = logits.clone();
+    d.cross_entropy_chunk_bwd(m(&mut dl), v(&state), t, mk, n, vocab, vocab, 0, 0.25)
         .unwrap();
 }
 

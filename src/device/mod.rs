@@ -593,35 +593,12 @@ pub trait Device: Send + Sync + Sized {
     /// da += dout (the gradient reaching each input of an add)
     fn residual_bwd(&self, da: M<'_, Self>, dout: V<'_, Self>) -> Result<()>;
 
-    /// losses[N] = mask[n] * (logsumexp(logits[n,:]) - logits[n, targets[n]])   (targets < V)
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy_fwd(
-        &self,
-        losses: M<'_, Self>,
-        logits: V<'_, Self>,
-        targets: &Self::Ids,
-        mask: V<'_, Self>,
-        n: usize,
-        v: usize,
-    ) -> Result<()>;
-    /// dlogits[N,V] = mask[n] * scale * (softmax(logits[n,:]) - onehot(targets[n]))
-    #[allow(clippy::too_many_arguments)]
-    fn cross_entropy_bwd(
-        &self,
-        dlogits: M<'_, Self>,
-        logits: V<'_, Self>,
-        targets: &Self::Ids,
-        mask: V<'_, Self>,
-        n: usize,
-        v: usize,
-        scale: f32,
-    ) -> Result<()>;
-
-    /// One vocabulary chunk of the cross-entropy, chunks issued in order of `v0` (0, VC, ...):
-    /// logits [N,VC] are columns `[v0, v0+VC)` of V-wide rows. state[N,3] = (max, sum of
-    /// exp(x - max), target logit) of the columns seen so far: `v0 == 0` starts it (=), later
-    /// chunks merge into it (+=); the chunk ending at V writes losses[N] as
-    /// [`Device::cross_entropy_fwd`] does (=). Rows with mask 0 are skipped (loss 0).
+    /// One vocabulary chunk of the cross-entropy (one chunk of all V for whole logits), chunks
+    /// issued in order of `v0` (0, VC, ...): logits [N,VC] are columns `[v0, v0+VC)` of V-wide
+    /// rows (targets < V). state[N,3] = (max, sum of exp(x - max), target logit) of the
+    /// columns seen so far: `v0 == 0` starts it (=), later chunks merge into it (+=); the
+    /// chunk ending at V writes losses[N] = mask[n] * (logsumexp(logits[n,:]) -
+    /// logits[n, targets[n]]) (=). Rows with mask 0 are skipped (loss 0).
     #[allow(clippy::too_many_arguments)]
     fn cross_entropy_chunk_fwd(
         &self,
@@ -635,7 +612,7 @@ pub trait Device: Send + Sync + Sized {
         v: usize,
         v0: usize,
     ) -> Result<()>;
-    /// In place on the chunk's logits [N,VC] (made again): logits <- mask[n] * scale *
+    /// In place on the chunk's logits [N,VC] (kept or made again): logits <- mask[n] * scale *
     /// (softmax - onehot(targets[n])) over columns `[v0, v0+VC)`, the softmax from the state
     /// all chunks' forward left. A row the forward skipped (mask 0) must have weight
     /// `mask[n] * scale` 0 here (its state is not made).

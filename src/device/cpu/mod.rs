@@ -714,60 +714,6 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn cross_entropy_fwd(
-        &self,
-        losses: ViewMut<'_, Buf>,
-        logits: View<'_, Buf>,
-        targets: &Self::Ids,
-        mask: View<'_, Buf>,
-        n: usize,
-        v: usize,
-    ) -> Result<()> {
-        const OP: &str = "cross_entropy_fwd";
-        check_pos(OP, "V", v)?;
-        check_len(OP, "losses [N]", losses.len(), &[n])?;
-        check_len(OP, "logits [N,V]", logits.len(), &[n, v])?;
-        check_len(OP, "targets [N]", targets.len(), &[n])?;
-        check_len(OP, "mask [N]", mask.len(), &[n])?;
-        check_ids(OP, "targets", targets, v)?;
-        cross_entropy::cross_entropy_fwd(
-            get_mut(OP, "losses", losses)?,
-            get(OP, "logits", logits)?,
-            targets,
-            get(OP, "mask", mask)?,
-            v,
-        );
-        Ok(())
-    }
-
-    fn cross_entropy_bwd(
-        &self,
-        dlogits: ViewMut<'_, Buf>,
-        logits: View<'_, Buf>,
-        targets: &Self::Ids,
-        mask: View<'_, Buf>,
-        n: usize,
-        v: usize,
-        scale: f32,
-    ) -> Result<()> {
-        const OP: &str = "cross_entropy_bwd";
-        check_pos(OP, "V", v)?;
-        check_len(OP, "dlogits [N,V]", dlogits.len(), &[n, v])?;
-        check_len(OP, "logits [N,V]", logits.len(), &[n, v])?;
-        check_len(OP, "targets [N]", targets.len(), &[n])?;
-        check_len(OP, "mask [N]", mask.len(), &[n])?;
-        check_ids(OP, "targets", targets, v)?;
-        cross_entropy::cross_entropy_bwd(
-            get_mut(OP, "dlogits", dlogits)?,
-            get(OP, "logits", logits)?,
-            targets,
-            get(OP, "mask", mask)?,
-            v,
-            scale,
-        );
-        Ok(())
-    }
-
     fn cross_entropy_chunk_fwd(
         &self,
         losses: ViewMut<'_, Buf>,

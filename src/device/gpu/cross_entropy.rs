@@ -1,10 +1,9 @@
-//! `kernels/cross_entropy.cu`: cross_entropy_fwd_<f32|bf16> / cross_entropy_bwd_<f32|bf16>, one
-//! block of 256 per row, grid min(N, 65535) (grid-stride over the rest);
-//! cross_entropy_chunk_fwd_<f32|bf16> / cross_entropy_chunk_bwd_<f32|bf16> over vocabulary
-//! chunks, the same mapping. logits and dlogits are T; mask, losses and state f32 in both
-//! dtypes.
+//! `kernels/cross_entropy.cu`: cross_entropy_chunk_fwd_<f32|bf16> /
+//! cross_entropy_chunk_bwd_<f32|bf16> over vocabulary chunks (one chunk of all V for whole
+//! logits), one block of 256 per row, grid min(N, 65535) (grid-stride over the rest). logits
+//! are T; mask, losses and state f32 in both dtypes.
 
-use super::{check_len, check_pos, dim1, int, EmuArgs, Ids, In, Launch, Out};
+use super::{check_len, dim1, int, EmuArgs, Ids, In, Launch, Out};
 use crate::device::cpu::cross_entropy::check_chunk;
 use crate::device::storage::{sym, Storage};
 use crate::Result;
@@ -15,91 +14,6 @@ pub const ROW_NT: u32 = 256;
 /// Grid of the row kernels: one block per row, at most 65535 (grid-stride beyond).
 pub(crate) fn row_grid(n: usize) -> u32 {
     n.clamp(1, 65535) as u32
-}
-
-#[allow(clippy::too_many_arguments)]
-fn check(
-    op: &'static str,
-    out: (&str, usize, &[usize]),
-    logits: usize,
-    targets: &Ids<'_>,
-    mask: usize,
-    n: usize,
-    v: usize,
-) -> Result<()> {
-    check_pos(op, "V", v)?;
-    check_len(op, out.0, out.1, out.2)?;
-    check_len(op, "logits [N,V]", logits, &[n, v])?;
-    check_len(op, "targets [N]", targets.len(), &[n])?;
-    check_len(op, "mask [N]", mask, &[n])?;
-    targets.check(op, "targets", v)?;
-    int(op, "N", n)?;
-    int(op, "V", v)?;
-    Ok(())
-}
-
-/// losses[N] = mask * (logsumexp(logits) - logits[target]). logits: T; losses, mask: f32.
-pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
-    l: &L,
-    losses: impl Into<Out<'a, f32>>,
-    logits: impl Into<In<'a, T>>,
-    targets: impl Into<Ids<'a>>,
-    mask: impl Into<In<'a, f32>>,
-    n: usize,
-    v: usize,
-) -> Result<()> {
-    const OP: &str = "cross_entropy_fwd";
-    let (losses, logits, targets, mask) =
-        (losses.into(), logits.into(), targets.into(), mask.into());
-    check(
-        OP,
-        ("losses [N]", losses.len(), &[n]),
-        logits.len(),
-        &targets,
-        mask.len(),
-        n,
-        v,
-    )?;
-    if n == 0 {
-        return Ok(());
-    }
-    let mut a = EmuArgs::new();
-    a.output(losses).input(logits).ids(targets).input(mask);
-    a.scalar(n as i32).scalar(v as i32);
-    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
-}
-
-/// dlogits[N,V] = mask * scale * (softmax - onehot(target)). dlogits, logits: T; mask: f32.
-#[allow(clippy::too_many_arguments)]
-pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
-    l: &L,
-    dlogits: impl Into<Out<'a, T>>,
-    logits: impl Into<In<'a, T>>,
-    targets: impl Into<Ids<'a>>,
-    mask: impl Into<In<'a, f32>>,
-    n: usize,
-    v: usize,
-    scale: f32,
-) -> Result<()> {
-    const OP: &str = "cross_entropy_bwd";
-    let (dlogits, logits) = (dlogits.into(), logits.into());
-    let (targets, mask) = (targets.into(), mask.into());
-    check(
-        OP,
-        ("dlogits [N,V]", dlogits.len(), &[n, v]),
-        logits.len(),
-        &targets,
-        mask.len(),
-        n,
-        v,
-    )?;
-    if n == 0 {
-        return Ok(());
-    }
-    let mut a = EmuArgs::new();
-    a.output(dlogits).input(logits).ids(targets).input(mask);
-    a.scalar(n as i32).scalar(v as i32).scalar(scale);
-    l.launch(&sym::<T>(OP), dim1(row_grid(n)), dim1(ROW_NT), 0, &mut a)
 }
 
 /// Checks of a vocabulary chunk's launch: the shared lengths ([`check_chunk`]), `out`, the

@@ -596,50 +596,6 @@ impl<T: KernelDevice> Device for T {
         ))
     }
 
-    fn cross_entropy_fwd(
-        &self,
-        losses: M<'_, T>,
-        logits: V<'_, T>,
-        targets: &T::Ids,
-        mask: V<'_, T>,
-        n: usize,
-        v: usize,
-    ) -> Result<()> {
-        const OP: &str = "cross_entropy_fwd";
-        by_dtype!(logits.dtype(), S => gpu::cross_entropy::fwd(
-            self.launcher(),
-            T::output(OP, "losses", losses)?,
-            T::input::<S>(OP, "logits", logits)?,
-            T::ids(targets),
-            T::input(OP, "mask", mask)?,
-            n,
-            v,
-        ))
-    }
-
-    fn cross_entropy_bwd(
-        &self,
-        dlogits: M<'_, T>,
-        logits: V<'_, T>,
-        targets: &T::Ids,
-        mask: V<'_, T>,
-        n: usize,
-        v: usize,
-        scale: f32,
-    ) -> Result<()> {
-        const OP: &str = "cross_entropy_bwd";
-        by_dtype!(dlogits.dtype(), S => gpu::cross_entropy::bwd(
-            self.launcher(),
-            T::output::<S>(OP, "dlogits", dlogits)?,
-            T::input(OP, "logits", logits)?,
-            T::ids(targets),
-            T::input(OP, "mask", mask)?,
-            n,
-            v,
-            scale,
-        ))
-    }
-
     fn cross_entropy_chunk_fwd(
         &self,
         losses: M<'_, T>,
