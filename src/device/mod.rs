@@ -757,7 +757,7 @@ pub trait Device: Send + Sync + Sized {
     /// pg = max(-A ratio, -A clip(ratio, 1-clip_low, 1+clip_high)), and for A < 0 with dual
     /// clip c: min(pg, -A c); token loss l = pg + kl_coef kl (k1/k2/k3, [`KlType`]); the loss
     /// aggregates m l by `agg` ([`LossAgg`]). Writes stats[PolicyStat::COUNT] (`=`, slots in
-    /// [`PolicyStat`]). logp comes from the logits as -cross_entropy_fwd (mask 1).
+    /// [`PolicyStat`]). logp comes from the logits as minus the cross-entropy's losses.
     #[allow(clippy::too_many_arguments)]
     fn policy_loss_fwd(
         &self,
@@ -773,8 +773,8 @@ pub trait Device: Send + Sync + Sized {
     ) -> Result<()>;
     /// dlogp[N] = d loss / d logp (`=`; 0 where masked, where a clipped term is taken or a
     /// clamp is active). Since logp = logits[y] - logsumexp(logits), d logits =
-    /// -dlogp (softmax - onehot(y)): `cross_entropy_bwd` with mask := -dlogp and scale 1 (a
-    /// micro-batch weight goes into that scale).
+    /// -dlogp (softmax - onehot(y)): `cross_entropy_chunk_bwd` with mask := -dlogp and scale 1
+    /// (a micro-batch weight goes into that scale).
     #[allow(clippy::too_many_arguments)]
     fn policy_loss_bwd(
         &self,
