@@ -235,7 +235,7 @@ fn cross_entropy(c: &mut Criterion) {
     let mask = vec![1.0; N];
     let (mut losses, mut state) = (vec![0.0; N], vec![0.0; 3 * N]);
     let mut g = slow_group(c, "cross_entropy", (N * V) as u64);
-    g.bench_function("fwd", |b| {
+    g.bench_function("chunk_fwd", |b| {
         b.iter(|| {
             dev.cross_entropy_chunk_fwd(
                 m(&mut losses),
@@ -251,7 +251,7 @@ fn cross_entropy(c: &mut Criterion) {
             .unwrap()
         })
     });
-    g.bench_function("bwd", |b| {
+    g.bench_function("chunk_bwd", |b| {
         b.iter_batched_ref(
             || logits.clone(),
             |dl| {
