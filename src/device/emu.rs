@@ -78,23 +78,15 @@ macro_rules! scalars {
 scalars!(false => i8, u8, i16, u16, i32, u32, i64, u64, isize, usize);
 scalars!(true => f32, f64);
 
-/// Packed kernel arguments as plain data: what a graph records of a launch
-/// ([`crate::device::gpu::graph::Call`]), compared from step to step.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Packed {
-    /// each parameter's value in its own 8-byte slot (scalars, host or device addresses)
-    slots: Vec<u64>,
-    sig: Vec<(usize, Kind, usize)>, // (size, kind, pointee size)
-    /// Bytes of each pointer argument's slice (0 for the rest): the memory check's bounds.
-    extents: Vec<u64>,
-}
-
 /// Kernel arguments packed like `cuLaunchKernel`'s `kernelParams`: each value in its own 8-byte
 /// slot, and one pointer per slot. `'a` is the borrow of the slices passed as pointers.
 #[derive(Default)]
 pub struct EmuArgs<'a> {
-    packed: Packed,
+    slots: Vec<u64>,
     ptrs: Vec<*mut c_void>,
+    sig: Vec<(usize, Kind, usize)>, // (size, kind, pointee size)
+    /// Bytes of each pointer argument's slice (0 for the rest): the memory check's bounds.
+    extents: Vec<u64>,
     _borrows: PhantomData<&'a mut [u8]>,
 }
 
@@ -104,12 +96,10 @@ impl<'a> EmuArgs<'a> {
         // (a decode step packs ~16 launches per layer)
         const ROOM: usize = 24;
         EmuArgs {
-            packed: Packed {
-                slots: Vec::with_capacity(ROOM),
-                sig: Vec::with_capacity(ROOM),
-                extents: Vec::with_capacity(ROOM),
-            },
+            slots: Vec::with_capacity(ROOM),
             ptrs: Vec::new(),
+            sig: Vec::with_capacity(ROOM),
+            extents: Vec::with_capacity(ROOM),
             _borrows: PhantomData,
         }
     }
@@ -118,16 +108,10 @@ impl<'a> EmuArgs<'a> {
     fn push_bytes(&mut self, bytes: &[u8], kind: Kind, elem: usize, extent: usize) -> &mut Self {
         let mut slot = 0u64;
         bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
-        let p = &mut self.packed;
-        p.slots.push(slot);
-        p.sig.push((bytes.len(), kind, elem));
-        p.extents.push(extent as u64);
+        self.slots.push(slot);
+        self.sig.push((bytes.len(), kind, elem));
+        self.extents.push(extent as u64);
         self
-    }
-
-    /// The packed arguments as plain data (no borrow).
-    pub fn packed(&self) -> &Packed {
-        &self.packed
     }
 
     /// A scalar parameter (`int n`, `float eps`, ...), by value.
@@ -187,31 +171,29 @@ impl<'a> EmuArgs<'a> {
     /// device addresses and scalars are not host pointers.
     #[allow(dead_code)] // for the CUDA backend
     pub(crate) fn host_pointer(&self) -> Option<usize> {
-        self.packed
-            .sig
+        self.sig
             .iter()
-            .zip(&self.packed.slots)
+            .zip(&self.slots)
             .position(|(&(_, kind, _), &v)| matches!(kind, Kind::PtrConst | Kind::PtrMut) && v != 0)
     }
 
     /// Every parameter's 8-byte slot (scalars, host or device addresses), in order.
     pub fn slots(&self) -> &[u64] {
-        &self.packed.slots
+        &self.slots
     }
 
     pub fn len(&self) -> usize {
-        self.packed.slots.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.packed.slots.is_empty()
+        self.slots.is_empty()
     }
 
     /// `kernelParams` for `cuLaunchKernel` (or cudarc's `launch_kernel`): pointer i points at
     /// the value of parameter i. Valid while `self` is neither moved nor changed.
     pub fn kernel_params(&mut self) -> &mut [*mut c_void] {
         self.ptrs = self
-            .packed
             .slots
             .iter_mut()
             .map(|s| s as *mut u64 as *mut c_void)
@@ -392,7 +374,7 @@ fn check_signature(
             ),
         ));
     }
-    for (i, (&want, &got)) in sig.iter().zip(&args.packed.sig).enumerate() {
+    for (i, (&want, &got)) in sig.iter().zip(&args.sig).enumerate() {
         if let Some(why) = why(want, got) {
             return Err(Error::invalid(
                 "emu",
@@ -476,7 +458,7 @@ fn launch_impl(
 ) -> Result<()> {
     check_signature(cname, args, mismatch)?;
     let mut err = vec![0u8; 4096];
-    let extents = args.packed.extents.clone();
+    let extents = args.extents.clone();
     let params = args.kernel_params();
     // SAFETY: `cname` is NUL-terminated; `grid` and `block` hold 3 u32 each; `params` has one
     // pointer per kernel parameter (count checked above), each to an 8-byte slot owned by `args`

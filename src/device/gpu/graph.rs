@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::ThreadId;
 
-use crate::device::emu::Packed;
 use crate::{Error, Result};
 
 /// Whether the kernel devices replay steps as graphs: yes, unless the environment sets
@@ -33,10 +32,9 @@ fn enabled_by(value: Option<&str>) -> bool {
     )
 }
 
-/// One call a recorded step made: a kernel launch (its symbol, geometry and packed arguments:
-/// the 8-byte slot of every argument, device addresses and scalars, with their kinds and the
-/// extents of host slices) or a matmul (its operands' addresses and lengths, dims, transposes,
-/// scales and dtypes).
+/// One call a recorded step made: a kernel launch (its symbol, geometry and the 8-byte slot of
+/// every argument: device addresses and scalars) or a matmul (its operands' addresses and
+/// lengths, dims, transposes, scales and dtypes).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Call {
     Launch {
@@ -44,7 +42,7 @@ pub enum Call {
         grid: [u32; 3],
         block: [u32; 3],
         smem: usize,
-        args: Packed,
+        args: Vec<u64>,
     },
     Matmul(MatmulCall),
 }
@@ -68,13 +66,13 @@ pub enum CallRef<'a> {
         grid: [u32; 3],
         block: [u32; 3],
         smem: usize,
-        args: &'a Packed,
+        args: &'a [u64],
     },
     Matmul(MatmulCall),
 }
 
 impl CallRef<'_> {
-    /// A kernel launch with its packed arguments.
+    /// A kernel launch with its arguments' slots.
     pub fn launch<'a>(
         sym: &'a str,
         grid: [u32; 3],
@@ -87,7 +85,7 @@ impl CallRef<'_> {
             grid,
             block,
             smem,
-            args: args.packed(),
+            args: args.slots(),
         }
     }
 
@@ -108,7 +106,7 @@ impl CallRef<'_> {
                     smem: m,
                     args: a,
                 },
-            ) => sym == s && grid == g && block == b && smem == m && *args == a,
+            ) => sym == s && grid == g && block == b && smem == m && *args == a.as_slice(),
             (CallRef::Matmul(x), Call::Matmul(y)) => x == y,
             _ => false,
         }
@@ -127,7 +125,7 @@ impl CallRef<'_> {
                 grid,
                 block,
                 smem,
-                args: args.clone(),
+                args: args.to_vec(),
             },
             CallRef::Matmul(m) => Call::Matmul(m),
         }
