@@ -193,19 +193,15 @@ time_for() {
 # one line per result: sed, not head, reads all of grep's output (under pipefail a SIGPIPE
 # would end the script)
 excerpt() { { grep -E "$1" "$2" || true; } | sed -n "1,${3}p"; }
+# section TITLE: a section of the report, its body (standard input) in a code block
+section() { { echo "## $1"; echo; echo '```'; cat; echo '```'; echo; } >> "$report"; }
 
 # test_part PART TEST: a test file against the CPU twins
 test_part() {
     wanted "$1" && time_for "$1" 600 || return 0
     if run_test "$2" "$t" > "$log/test-$2.txt" 2>&1; then r=passed; else r="FAILED (exit $?)"; status=1; fi
-    {
-        echo "## tests/$2.rs: $r"
-        echo
-        echo '```'
-        excerpt "^test |test result|err|GB/s|max|worst|panicked|GPU|cuBLASLt|graph" "$log/test-$2.txt" 120
-        echo '```'
-        echo
-    } >> "$report"
+    excerpt "^test |test result|err|GB/s|max|worst|panicked|GPU|cuBLASLt|graph" \
+        "$log/test-$2.txt" 120 | section "tests/$2.rs: $r"
 }
 
 # kernel_part PART [FILTER]: the criterion benches of benches/cuda.rs (FILTER: those whose
@@ -213,14 +209,8 @@ test_part() {
 kernel_part() {
     wanted "$1" && time_for "$1" 900 || return 0
     if run_bench "$t" "${2:-}" > "$log/bench-$1.txt" 2>&1; then r=ran; else r="FAILED (exit $?)"; status=1; fi
-    {
-        echo "## benches/cuda.rs${2:+ ($2)} (criterion; kernels timed with CUDA events): $r"
-        echo
-        echo '```'
-        excerpt "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked|GPU" "$log/bench-$1.txt" 400
-        echo '```'
-        echo
-    } >> "$report"
+    excerpt "^copy:|^[a-z_]+/|time:|thrpt:|fraction|panicked|GPU" "$log/bench-$1.txt" 400 |
+        section "benches/cuda.rs${2:+ ($2)} (criterion; kernels timed with CUDA events): $r"
 }
 
 # bench_part PART GRAPHS PRESET [FLAGS...]: nla-engine bench on the GPU (GRAPHS: NLA_GRAPHS)
@@ -237,14 +227,8 @@ bench_part() {
         r="FAILED (exit $?)"
         status=1
     fi
-    {
-        echo "## nla-engine bench --device cuda --preset $* (NLA_GRAPHS=$graphs): $r"
-        echo
-        echo '```'
-        tail -n 40 "$log/bench-$name.txt"
-        echo '```'
-        echo
-    } >> "$report"
+    tail -n 40 "$log/bench-$name.txt" |
+        section "nla-engine bench --device cuda --preset $* (NLA_GRAPHS=$graphs): $r"
 }
 
 # compute-sanitizer, where installed (and the machine lets it run), over the whole model on
@@ -262,14 +246,8 @@ sanitizer_part() {
         cmd=("${cs[@]}" cargo test --release --test device_parity -- --test-threads=1 cuda_)
     fi
     if "${cmd[@]}" > "$log/$1.txt" 2>&1; then r=clean; else r="FAILED (exit $?)"; status=1; fi
-    {
-        echo "## compute-sanitizer $2, tests/device_parity.rs cuda_*: $r"
-        echo
-        echo '```'
-        excerpt "^test |test result|=========|panicked|GPU" "$log/$1.txt" 80
-        echo '```'
-        echo
-    } >> "$report"
+    excerpt "^test |test result|=========|panicked|GPU" "$log/$1.txt" 80 |
+        section "compute-sanitizer $2, tests/device_parity.rs cuda_*: $r"
 }
 
 # batch-1 decode (the target: 70 % of the weight-streaming bound), its steps replayed as CUDA
