@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use nla_engine::device::{Device, View};
+use nla_engine::device::{Device, Dtype, View};
 use nla_engine::model::{
     backward, forward, is_gguf, load_config, load_model, safetensors_io, ActivationSet, Batch,
     ParamTable,
@@ -190,11 +190,11 @@ fn info(dir: &Path, batch: usize, seq: usize) -> Result<()> {
         gib(p * 4),
         gib(p * 8)
     );
-    let acts = ActivationSet::plan(&cfg, batch, seq).elements;
+    let acts = ActivationSet::plan(&cfg, batch, seq).bytes_unshared(Dtype::F32);
     println!(
         "training at batch {batch} x {seq}: activations {}, total {}",
-        gib(acts * 4),
-        gib(p * 16 + acts * 4)
+        gib(acts),
+        gib(p * 16 + acts)
     );
     Ok(())
 }

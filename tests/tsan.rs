@@ -449,7 +449,7 @@ fn cross_entropy(d: &EmuDevice) {
     let (l, t, mk) = (v(&logits), &targets, v(&mask));
     d.cross_entropy_chunk_fwd(m(&mut losses), m(&mut state), l, t, mk, n, vocab, vocab, 0)
         .unwrap();
-    let mut dl = logits.clone();
+    let mut dl = vals(n * vocab, 18, 4.0);
     d.cross_entropy_chunk_bwd(m(&mut dl), v(&state), t, mk, n, vocab, vocab, 0, 0.25)
         .unwrap();
 }

@@ -159,6 +159,23 @@ impl<'a> EmuArgs<'a> {
         self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrMut, size_of::<T>(), 0)
     }
 
+    /// A pointer into a [`SharedMem`] of `len` elements of `T` (`const T*`, or `T*` when
+    /// `mutable`): packed as a host pointer, with no Rust reference made to the memory.
+    pub fn shared_ptr<T: bytemuck::Pod>(
+        &mut self,
+        addr: u64,
+        len: usize,
+        mutable: bool,
+    ) -> &mut Self {
+        let kind = if mutable {
+            Kind::PtrMut
+        } else {
+            Kind::PtrConst
+        };
+        let bytes = len * size_of::<T>();
+        self.push_bytes(&addr.to_ne_bytes(), kind, size_of::<T>(), bytes)
+    }
+
     /// A device address (`CUdeviceptr`), for the CUDA launchers; [`launch`] refuses it.
     pub fn device_ptr(&mut self, addr: u64) -> &mut Self {
         self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0, 0)
@@ -199,6 +216,117 @@ impl<'a> EmuArgs<'a> {
             .map(|s| s as *mut u64 as *mut c_void)
             .collect();
         &mut self.ptrs
+    }
+}
+
+/// Host memory that several buffers of the emulated device share
+/// ([`crate::device::Device::alloc_shared`]): what the buffers of one GPU allocation are.
+///
+/// Buffers over it may overlap, so no Rust reference to it is ever kept: kernels get its
+/// addresses as pointers (as a GPU's kernels do), and the host copies in and out of it with
+/// [`SharedMem::read`], [`SharedMem::write`] and [`SharedMem::fill`]. Every access, those and
+/// every kernel launch, holds the emulator's memory lock ([`memory_lock`]), so none of them
+/// runs while another does (no data race, whichever threads hold the buffers).
+pub struct SharedMem {
+    /// 16-byte aligned (the kernels' vector accesses), zeroed
+    cells: Box<[std::cell::UnsafeCell<u128>]>,
+    bytes: usize,
+}
+
+// SAFETY: the cells are only accessed through raw pointers while the memory lock is held (see
+// the type's docs), never through references, so sharing and sending the memory between
+// threads cannot race.
+unsafe impl Sync for SharedMem {}
+// SAFETY: as for Sync: no thread-bound state, and every access holds the memory lock.
+unsafe impl Send for SharedMem {}
+
+impl std::fmt::Debug for SharedMem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedMem({} bytes at {:#x})", self.bytes, self.addr())
+    }
+}
+
+/// The lock every access to a [`SharedMem`] holds, kernel launches included.
+static MEMORY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds the emulator's memory lock (a panic while it was held leaves nothing half-done that
+/// matters here: the memory holds whatever was written).
+pub(crate) fn memory_lock() -> std::sync::MutexGuard<'static, ()> {
+    MEMORY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SharedMem {
+    /// `bytes` zeroed bytes.
+    pub fn new(bytes: usize) -> Self {
+        let cells = (0..bytes.div_ceil(16).max(1))
+            .map(|_| std::cell::UnsafeCell::new(0u128))
+            .collect();
+        SharedMem { cells, bytes }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The address of byte 0.
+    pub fn addr(&self) -> u64 {
+        self.base() as u64
+    }
+
+    fn base(&self) -> *mut u8 {
+        std::cell::UnsafeCell::raw_get(self.cells.as_ptr()).cast::<u8>()
+    }
+
+    /// `[off, off + n * size_of::<T>())` lies in the memory, at an offset aligned for T.
+    fn check<T>(&self, off: usize, n: usize) -> Result<()> {
+        let end = n
+            .checked_mul(size_of::<T>())
+            .and_then(|b| b.checked_add(off));
+        if end.is_some_and(|e| e <= self.bytes) && off.is_multiple_of(align_of::<T>()) {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                "shared memory",
+                format!("{n} elements at byte {off} outside {} bytes", self.bytes),
+            ))
+        }
+    }
+
+    /// The `n` elements of T at byte `off`, copied out.
+    pub fn read<T: bytemuck::Pod>(&self, off: usize, n: usize) -> Result<Vec<T>> {
+        self.check::<T>(off, n)?;
+        let mut out = vec![T::zeroed(); n];
+        let _lock = memory_lock();
+        // SAFETY: the range lies in the allocation and is aligned for T (checked above); the
+        // lock is held, so nothing writes it meanwhile; `out` is a distinct allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base().add(off).cast::<T>(), out.as_mut_ptr(), n)
+        };
+        Ok(out)
+    }
+
+    /// Writes `src` at byte `off`.
+    pub fn write<T: bytemuck::Pod>(&self, off: usize, src: &[T]) -> Result<()> {
+        self.check::<T>(off, src.len())?;
+        let _lock = memory_lock();
+        // SAFETY: as in `read`: in bounds and aligned, under the lock, and `src` is not this
+        // memory (no reference to it is ever made).
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.base().add(off).cast::<T>(), src.len())
+        };
+        Ok(())
+    }
+
+    /// Writes `value` into the `n` elements of T at byte `off`.
+    pub fn fill<T: bytemuck::Pod>(&self, off: usize, n: usize, value: T) -> Result<()> {
+        self.check::<T>(off, n)?;
+        let _lock = memory_lock();
+        let p = self.base().wrapping_add(off).cast::<T>();
+        for i in 0..n {
+            // SAFETY: element i < n lies in the checked, aligned range; under the lock.
+            unsafe { p.add(i).write(value) };
+        }
+        Ok(())
     }
 }
 
@@ -424,6 +552,8 @@ pub fn launch(
 ) -> Result<()> {
     let cname = CString::new(name)
         .map_err(|_| Error::invalid("emu", format!("kernel name {name:?} contains NUL")))?;
+    // a kernel may read and write shared memory ([`SharedMem`])
+    let _lock = memory_lock();
     launch_impl(&cname, grid, block, dyn_smem, args, mode, seed)
 }
 

@@ -19,23 +19,32 @@
 //! this device is slow (milliseconds per launch): tiny models only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use half::bf16;
 
 use super::cpu::{check_same, check_write, CpuDevice};
-use super::emu::EmuMode;
+use super::emu::{EmuMode, SharedMem};
 use super::gpu::graph::Call;
 use super::gpu::kernel_device::KernelDevice;
 use super::gpu::scratch::ScratchCache;
-use super::gpu::{EmuLaunch, Ids, In, Out};
-use super::{Device, DeviceBuf, Dtype, Storage, View, ViewMut};
+use super::gpu::{DevPtr, EmuLaunch, Ids, In, Out};
+use super::{Device, DeviceBuf, Dtype, Part, Storage, View, ViewMut};
 use crate::{Error, Result};
 
 /// Host memory of one storage type: the emulated device's buffer.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Debug)]
 pub enum EmuBuf {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// `len` elements of `dtype` at byte `offset` of memory other buffers may share
+    /// ([`Device::alloc_shared`])
+    Shared {
+        mem: Arc<SharedMem>,
+        offset: usize,
+        len: usize,
+        dtype: Dtype,
+    },
 }
 
 impl DeviceBuf for EmuBuf {
@@ -43,14 +52,32 @@ impl DeviceBuf for EmuBuf {
         match self {
             EmuBuf::F32(v) => v.len(),
             EmuBuf::Bf16(v) => v.len(),
+            EmuBuf::Shared { len, .. } => *len,
         }
     }
     fn dtype(&self) -> Dtype {
         match self {
             EmuBuf::F32(_) => Dtype::F32,
             EmuBuf::Bf16(_) => Dtype::Bf16,
+            EmuBuf::Shared { dtype, .. } => *dtype,
         }
     }
+}
+
+/// Where a view of a shared buffer lies: its memory and the byte offset of its first element.
+fn shared_at<'a>(
+    op: &'static str,
+    what: &str,
+    v: View<'a, EmuBuf>,
+) -> Result<Option<(&'a SharedMem, usize)>> {
+    let EmuBuf::Shared {
+        mem, offset, len, ..
+    } = v.buf()
+    else {
+        return Ok(None);
+    };
+    let r = range(op, what, v.offset(), v.len(), *len)?;
+    Ok(Some((mem, offset + r.start * v.dtype().size())))
 }
 
 /// A view's range, checked against its buffer.
@@ -81,6 +108,7 @@ fn slice<'a, S: Storage>(op: &'static str, what: &str, v: View<'a, EmuBuf>) -> R
     let s: Option<&[S]> = match v.buf() {
         EmuBuf::F32(x) => bytemuck::try_cast_slice(&x[r]).ok(),
         EmuBuf::Bf16(x) => bytemuck::try_cast_slice(&x[r]).ok(),
+        EmuBuf::Shared { .. } => return Err(shared_slice(op, what)),
     };
     s.filter(|_| got == S::DTYPE)
         .ok_or_else(|| wrong_dtype(op, what, got, S::DTYPE))
@@ -100,12 +128,41 @@ fn slice_mut<'a, S: Storage>(
     let s: Option<&mut [S]> = match buf {
         EmuBuf::F32(x) => bytemuck::try_cast_slice_mut(&mut x[r]).ok(),
         EmuBuf::Bf16(x) => bytemuck::try_cast_slice_mut(&mut x[r]).ok(),
+        EmuBuf::Shared { .. } => return Err(shared_slice(op, what)),
     };
     s.ok_or_else(|| wrong_dtype(op, what, got, S::DTYPE))
 }
 
+/// Shared memory is never borrowed as a slice (another buffer may overlap it).
+fn shared_slice(op: &'static str, what: &str) -> Error {
+    Error::invalid(op, format!("{what}: shared memory is not lent as a slice"))
+}
+
+/// A view of a shared buffer as a kernel argument (its address; no reference is made).
+fn shared_ptr<'a, S: Storage>(
+    op: &'static str,
+    what: &str,
+    v: View<'a, EmuBuf>,
+) -> Result<Option<DevPtr<'a, S>>> {
+    let got = v.dtype();
+    if got != S::DTYPE {
+        return Err(wrong_dtype(op, what, got, S::DTYPE));
+    }
+    Ok(shared_at(op, what, v)?.map(|(mem, at)| DevPtr::new(mem.addr() + at as u64, v.len())))
+}
+
 /// A view's elements as f32.
 fn to_f32(op: &'static str, what: &str, v: View<'_, EmuBuf>) -> Result<Vec<f32>> {
+    if let Some((mem, at)) = shared_at(op, what, v)? {
+        return Ok(match v.dtype() {
+            Dtype::Bf16 => mem
+                .read::<bf16>(at, v.len())?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect(),
+            _ => mem.read::<f32>(at, v.len())?,
+        });
+    }
     Ok(match v.dtype() {
         Dtype::Bf16 => slice::<bf16>(op, what, v)?
             .iter()
@@ -117,6 +174,16 @@ fn to_f32(op: &'static str, what: &str, v: View<'_, EmuBuf>) -> Result<Vec<f32>>
 
 /// `dst = host`, rounded to dst's type.
 fn from_f32(op: &'static str, what: &str, dst: ViewMut<'_, EmuBuf>, host: &[f32]) -> Result<()> {
+    if let Some((mem, at)) = shared_at(op, what, dst.as_view())? {
+        check_same(op, what, dst.len(), host.len())?;
+        return match dst.dtype() {
+            Dtype::Bf16 => {
+                let h: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+                mem.write(at, &h)
+            }
+            _ => mem.write(at, host),
+        };
+    }
     match dst.dtype() {
         Dtype::Bf16 => {
             let d = slice_mut::<bf16>(op, what, dst)?;
@@ -132,6 +199,35 @@ fn from_f32(op: &'static str, what: &str, dst: ViewMut<'_, EmuBuf>, host: &[f32]
         }
     }
     Ok(())
+}
+
+/// A view's elements as S, copied out (shared memory or a host vector).
+fn shared_or_slice<S: Storage>(
+    op: &'static str,
+    what: &str,
+    v: View<'_, EmuBuf>,
+) -> Result<Vec<S>> {
+    match shared_at(op, what, v)? {
+        Some((mem, at)) => mem.read::<S>(at, v.len()),
+        None => Ok(slice::<S>(op, what, v)?.to_vec()),
+    }
+}
+
+/// `dst = src` of dst's type S (shared memory or a host vector).
+fn write_as<S: Storage>(
+    op: &'static str,
+    what: &str,
+    dst: ViewMut<'_, EmuBuf>,
+    src: &[S],
+) -> Result<()> {
+    check_same(op, what, dst.len(), src.len())?;
+    match shared_at(op, what, dst.as_view())? {
+        Some((mem, at)) => mem.write(at, src),
+        None => {
+            slice_mut::<S>(op, what, dst)?.copy_from_slice(src);
+            Ok(())
+        }
+    }
 }
 
 /// The emulated CUDA device (see the module docs).
@@ -256,14 +352,22 @@ impl KernelDevice for EmuDevice {
         what: &str,
         v: View<'a, EmuBuf>,
     ) -> Result<In<'a, S>> {
-        slice(op, what, v).map(In::Host)
+        match shared_ptr(op, what, v)? {
+            Some(p) => Ok(In::Shared(p)),
+            None => slice(op, what, v).map(In::Host),
+        }
     }
     fn output<'a, S: Storage>(
         op: &'static str,
         what: &str,
         v: ViewMut<'a, EmuBuf>,
     ) -> Result<Out<'a, S>> {
-        slice_mut(op, what, v).map(Out::Host)
+        match shared_ptr::<S>(op, what, v.as_view())? {
+            // the address outlives the view's borrow of the buffer only as a number: the
+            // memory is kept by the buffer, which `v` borrows for 'a
+            Some(p) => Ok(Out::Shared(DevPtr::new(p.addr(), p.len()))),
+            None => slice_mut(op, what, v).map(Out::Host),
+        }
     }
     fn ids(ids: &Vec<u32>) -> Ids<'_> {
         Ids::Host(ids)
@@ -307,6 +411,19 @@ impl KernelDevice for EmuDevice {
             )),
         }
     }
+    fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<EmuBuf>> {
+        self.host_call();
+        let mem = Arc::new(SharedMem::new(bytes));
+        Ok(parts
+            .iter()
+            .map(|p| EmuBuf::Shared {
+                mem: Arc::clone(&mem),
+                offset: p.offset,
+                len: p.len,
+                dtype: p.dtype,
+            })
+            .collect())
+    }
     fn upload(&self, host: &[f32]) -> Result<EmuBuf> {
         self.host_call();
         Ok(EmuBuf::F32(host.to_vec()))
@@ -334,6 +451,12 @@ impl KernelDevice for EmuDevice {
     }
     fn fill(&self, x: ViewMut<'_, EmuBuf>, value: f32) -> Result<()> {
         self.host_call();
+        if let Some((mem, at)) = shared_at("fill", "x", x.as_view())? {
+            return match x.dtype() {
+                Dtype::Bf16 => mem.fill(at, x.len(), bf16::from_f32(value)),
+                _ => mem.fill(at, x.len(), value),
+            };
+        }
         match x.dtype() {
             Dtype::Bf16 => slice_mut("fill", "x", x)?.fill(bf16::from_f32(value)),
             _ => slice_mut("fill", "x", x)?.fill(value),
@@ -344,6 +467,24 @@ impl KernelDevice for EmuDevice {
         self.host_call();
         const OP: &str = "copy";
         check_same(OP, "dst", dst.len(), src.len())?;
+        if dst.dtype() != src.dtype() {
+            return Err(wrong_dtype(OP, "dst", dst.dtype(), src.dtype()));
+        }
+        if matches!(dst.as_view().buf(), EmuBuf::Shared { .. })
+            || matches!(src.buf(), EmuBuf::Shared { .. })
+        {
+            // through the host, in the dtype (a copy does not round)
+            return match src.dtype() {
+                Dtype::Bf16 => {
+                    let v = shared_or_slice::<bf16>(OP, "src", src)?;
+                    write_as(OP, "dst", dst, &v)
+                }
+                _ => {
+                    let v = shared_or_slice::<f32>(OP, "src", src)?;
+                    write_as(OP, "dst", dst, &v)
+                }
+            };
+        }
         match src.dtype() {
             Dtype::Bf16 => {
                 slice_mut::<bf16>(OP, "dst", dst)?.copy_from_slice(slice(OP, "src", src)?)
@@ -372,7 +513,9 @@ impl KernelDevice for EmuDevice {
         self.host_call();
         check_matmul_dtypes(a.dtype(), b.dtype(), c.dtype())?;
         // all f32: the CPU GEMM on the buffers themselves, nothing to convert
-        if let (EmuBuf::F32(av), EmuBuf::F32(bv)) = (a.buf(), b.buf()) {
+        // (not shared memory: that goes through copies, below)
+        let c_vec = matches!(c.as_view().buf(), EmuBuf::F32(_));
+        if let (EmuBuf::F32(av), EmuBuf::F32(bv), true) = (a.buf(), b.buf(), c_vec) {
             let (cb, coff, clen) = c.into_parts();
             let EmuBuf::F32(cv) = cb else {
                 return Err(wrong_dtype(OP, "c", Dtype::Bf16, Dtype::F32));

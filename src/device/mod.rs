@@ -359,6 +359,50 @@ impl PolicyStat {
 type V<'a, D> = View<'a, <D as Device>::Buf>;
 type M<'a, D> = ViewMut<'a, <D as Device>::Buf>;
 
+/// One buffer of a shared allocation ([`Device::alloc_shared`]): `len` elements of `dtype`
+/// starting `offset` bytes into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    pub offset: usize,
+    pub len: usize,
+    pub dtype: Dtype,
+}
+
+impl Part {
+    /// Bytes of its elements.
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+
+    /// Whether the two share a byte (an empty part shares none).
+    pub fn overlaps(&self, other: &Part) -> bool {
+        self.bytes() > 0
+            && other.bytes() > 0
+            && self.offset < other.offset + other.bytes()
+            && other.offset < self.offset + self.bytes()
+    }
+}
+
+/// `parts` fit in an allocation of `bytes`, each at an offset aligned to its element size.
+pub(crate) fn check_parts(bytes: usize, parts: &[Part]) -> Result<()> {
+    for (i, p) in parts.iter().enumerate() {
+        let end = p
+            .len
+            .checked_mul(p.dtype.size())
+            .and_then(|b| b.checked_add(p.offset));
+        if end.is_none_or(|e| e > bytes) || !p.offset.is_multiple_of(p.dtype.size()) {
+            return Err(crate::Error::invalid(
+                "alloc_shared",
+                format!(
+                    "part {i} ({} {} at byte {}) does not fit an aligned place in {bytes} bytes",
+                    p.len, p.dtype, p.offset
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Steps [`Device::replay`] captured as graphs, replayed without capturing, and captures that
 /// failed (those steps run as they are from then on), with why the first failure did.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -432,6 +476,21 @@ pub trait Device: Send + Sync + Sized {
     /// A zeroed buffer of `n` elements of the working dtype.
     fn alloc_work(&self, n: usize) -> Result<Self::Buf> {
         self.alloc_as(n, self.work_dtype())
+    }
+    /// Zeroed buffers laid out in one allocation of `bytes`, part i at `parts[i]`, where the
+    /// device can share memory between buffers (the kernel devices); else each part on its own
+    /// (the CPU, whose buffers are host vectors, and whose memory is the host's).
+    ///
+    /// Parts may overlap: a memory plan lets buffers whose lifetimes do not intersect share
+    /// memory. Writing a part then changes every part it overlaps, so a caller keeps values in
+    /// a part only while no part overlapping it is written, and never passes overlapping parts
+    /// to one op (which would read what it writes, as on a GPU: wrong values, nothing worse).
+    fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<Self::Buf>> {
+        check_parts(bytes, parts)?;
+        parts
+            .iter()
+            .map(|p| self.alloc_as(p.len, p.dtype))
+            .collect()
     }
     /// A new f32 buffer holding `host`.
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;

@@ -260,14 +260,15 @@ impl RunShape {
     pub fn plan(&self, opts: &StepOptions) -> Result<StepPlan> {
         let (models, phases) = self.step(opts.gpus);
         let mut sp = plan_step(&models, &phases, opts)?;
-        sp.engine_extra = self.engine_extra(opts, &sp);
+        sp.engine_extra = self.engine_extra(opts, &sp)?;
         Ok(sp)
     }
 
     /// What the engine holds beyond the planned activation arena: its largest training pass's
-    /// activation set ([`ActivationSet::plan_with`], allocated whole for the pass) minus the
-    /// arena, with the activations in the policy's dtype.
-    fn engine_extra(&self, opts: &StepOptions, sp: &StepPlan) -> usize {
+    /// activation set ([`ActivationSet::plan_with`], one allocation for the pass whose buffers
+    /// share memory as their lifetimes in the pass allow) minus the arena, with the activations
+    /// in the policy's dtype.
+    fn engine_extra(&self, opts: &StepOptions, sp: &StepPlan) -> Result<usize> {
         let work = opts.policy.activations;
         let memory = MemoryOptions {
             logits_chunk: opts.logits_chunk,
@@ -277,15 +278,15 @@ impl RunShape {
         let mut largest = 0;
         if self.rl() || self.train_mode.has_actor() {
             let set = ActivationSet::plan_with(&self.actor, mb, self.actor_t(), memory);
-            largest = set.bytes(work);
+            largest = set.bytes(work)?;
         }
         if self.rl() || self.train_mode.has_critic() {
             let mut cfg = self.critic.clone();
             cfg.num_hidden_layers = self.critic_k + 1;
             let set = ActivationSet::plan_blocks(&cfg, mb, self.critic_t(), opts.recompute);
-            largest = largest.max(set.bytes(work));
+            largest = largest.max(set.bytes(work)?);
         }
-        largest.saturating_sub(sp.plan.arena_size(ArenaKind::Activations))
+        Ok(largest.saturating_sub(sp.plan.arena_size(ArenaKind::Activations)))
     }
 
     /// The same step planned without reuse (each buffer its own memory), to compare.
@@ -671,7 +672,7 @@ pub fn report(
     ));
     if plan.engine_extra > 0 {
         line(format!(
-            "engine      {} more: a pass's activation set is allocated whole; {} needed",
+            "engine      {} more: a pass's activation set shares memory by phase, the plan by op; {} needed",
             gib(plan.engine_extra),
             gib(plan.needed())
         ));

@@ -297,9 +297,9 @@ pub struct StepPlan {
     /// Name of each op, by index (the lifetimes' time axis).
     pub ops: Vec<String>,
     pub models: Vec<ModelSummary>,
-    /// Bytes the engine holds beyond the planned activation arena: it allocates a pass's
-    /// activation set whole, where the plan shares memory between buffers whose lifetimes do
-    /// not overlap (set by [`super::RunShape::plan`]; 0 from [`plan_step`]).
+    /// Bytes the engine holds beyond the planned activation arena: a pass's activation set is
+    /// one allocation whose buffers share memory by phases of the pass, where the plan shares
+    /// it op by op (set by [`super::RunShape::plan`]; 0 from [`plan_step`]).
     pub engine_extra: usize,
 }
 

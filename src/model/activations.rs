@@ -6,15 +6,100 @@
 //! ([`Activations`]), or element counts (`ActivationSet<usize>`) to plan memory without
 //! allocating.
 //!
+//! The buffers of a set share one allocation where the device can ([`Device::alloc_shared`]),
+//! laid out by the memory planner from the phases of the pass each buffer lives in
+//! ([`phase`]): a buffer whose phases do not meet another's may share its memory (the logits
+//! and the blocks' gradient scratch, for one).
+//!
 //! [`MemoryOptions`] trade compute for memory: the LM head and loss over vocabulary chunks
 //! (`logits` [N,VC] instead of [N,V], each chunk made again in backward), and block recompute (one [`LayerSet`]
 //! shared by every block instead of one per block; each block runs again from its input just
 //! before its backward).
 
 use super::ModelConfig;
-use crate::device::{Device, Dtype};
+use crate::device::{Device, Dtype, Part};
 pub use crate::memory::Recompute;
+use crate::memory::{ArenaKind, Planner};
 use crate::Result;
+
+/// The phases of a pass, in the numbering the memory planner gets: a buffer's lifetime is the
+/// range of phases `[first, last]` it holds values in (written, or kept to be read later), and
+/// two buffers may share memory when their ranges do not meet.
+///
+/// A pass runs FWD, HEAD_FWD, HEAD_BWD, then for each block from the last: RECOMPUTE (with
+/// block recompute), MLP_BWD, ATTN_BWD (a forward-only pass stops after HEAD_FWD). The
+/// phases are numbered out of that order so that the phases of every buffer make a range: a
+/// block's activations with recompute live in FWD and the blocks' backward but not in between;
+/// the MLP's gradient scratch only in MLP_BWD and the attention's only in ATTN_BWD (so they
+/// share memory); losses and the residual gradients from the head to the end of the pass.
+pub mod phase {
+    /// The embedding, the injections and the blocks' forward.
+    pub const FWD: usize = 0;
+    /// A block's forward again before its backward (block recompute), and the injections'
+    /// backward at its output.
+    pub const RECOMPUTE: usize = 1;
+    /// A block's MLP backward, down to d loss / d x_mid.
+    pub const MLP_BWD: usize = 2;
+    /// A block's attention backward, down to d loss / d x (and, after the first block, the
+    /// embedding's backward).
+    pub const ATTN_BWD: usize = 3;
+    /// The LM head's backward and the final norm's, down to d loss / d res[L] in `dres` (the
+    /// critic: its pooling's backward, outside the set).
+    pub const HEAD_BWD: usize = 4;
+    /// The final norm, the LM head and the cross-entropy (the critic: its pooling, outside
+    /// the set, reading the residual stream).
+    pub const HEAD_FWD: usize = 5;
+    /// Every phase: what lives through the pass.
+    pub const ALL: super::Life = (FWD, HEAD_FWD);
+}
+
+/// A buffer's lifetime: the phases `[first, last]` of a pass it lives in ([`phase`]).
+pub type Life = (usize, usize);
+
+/// One buffer of a set: its name (as in the step's plan: `res.3`, `layers.0.xn1`, `logits`),
+/// element count, whether it is a statistic (f32 on every device) and the phases it lives in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decl {
+    pub name: String,
+    pub len: usize,
+    pub stat: bool,
+    pub life: Life,
+}
+
+/// The buffers of a set, in the order they are made.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub decls: Vec<Decl>,
+}
+
+impl Layout {
+    /// One allocation for all buffers on a device of working dtype `work`: its bytes and each
+    /// buffer's place in it, from the memory planner (buffers whose lifetimes do not meet may
+    /// share memory).
+    pub fn plan(&self, work: Dtype) -> Result<(usize, Vec<Part>)> {
+        let mut p = Planner::new();
+        let mut ids = Vec::with_capacity(self.decls.len());
+        for d in &self.decls {
+            let dtype = if d.stat { Dtype::F32 } else { work };
+            let (first, last) = d.life;
+            ids.push((
+                p.declare(&d.name, dtype, d.len, ArenaKind::Activations, first, last)?,
+                dtype,
+            ));
+        }
+        let plan = p.plan()?;
+        let parts = ids
+            .iter()
+            .zip(&self.decls)
+            .map(|(&(id, dtype), d)| Part {
+                offset: plan.placement(id).offset,
+                len: d.len,
+                dtype,
+            })
+            .collect();
+        Ok((plan.arena_size(ArenaKind::Activations), parts))
+    }
+}
 
 /// How a pass trades compute for memory; the default keeps everything (no extra compute).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -114,15 +199,8 @@ pub struct ActivationSet<B> {
     pub elements: usize,
     /// elements of the statistics among them (f32 on every device)
     pub stat_elements: usize,
-}
-
-/// A buffer of the set: f32 for a statistic, else the working dtype.
-fn alloc<D: Device>(dev: &D, len: usize, stat: bool) -> Result<D::Buf> {
-    if stat {
-        dev.alloc(len)
-    } else {
-        dev.alloc_work(len)
-    }
+    /// every buffer with its lifetime, in the order made
+    pub layout: Layout,
 }
 
 /// VC of a vocabulary of `v` entries in chunks of `chunk` (None, or a chunk >= V: V).
@@ -148,81 +226,149 @@ impl<B> ActivationSet<B> {
     }
 
     /// Builds the set for batch shape (B, T) with logits [N,VC] (VC 0: no LM head), making
-    /// each buffer with `make(elements, stat)`: `stat` buffers (1/rms, logsumexp, the
-    /// cross-entropy state and losses) are f32 on every device, the others are in the device's
-    /// working dtype.
+    /// each buffer with `make(decl)`: `stat` buffers (1/rms, logsumexp, the cross-entropy
+    /// state and losses) are f32 on every device, the others are in the device's working
+    /// dtype. Every buffer is declared with the phases it lives in ([`phase`]).
     fn build<E>(
         cfg: &ModelConfig,
         b: usize,
         t: usize,
         (vc, recompute): (usize, Recompute),
-        mut make: impl FnMut(usize, bool) -> Result<B, E>,
+        mut make: impl FnMut(&Decl) -> Result<B, E>,
     ) -> Result<Self, E> {
+        use phase::{ALL, ATTN_BWD, FWD, HEAD_BWD, HEAD_FWD, MLP_BWD, RECOMPUTE};
         let n = b * t;
         let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd, nh) = (cfg.q_dim(), cfg.kv_dim(), cfg.num_attention_heads);
-        let (mut elements, mut stat_elements) = (0usize, 0usize);
-        let mut a = |len: usize, stat: bool| {
-            elements += len;
-            stat_elements += if stat { len } else { 0 };
-            make(len, stat)
+        let mut layout = Layout::default();
+        let mut a = |name: String, len: usize, stat: bool, life: Life| {
+            let d = Decl {
+                name,
+                len,
+                stat,
+                life,
+            };
+            let buf = make(&d);
+            layout.decls.push(d);
+            buf
         };
+        // the residual stream: the blocks' inputs, read by their backward (and by callers
+        // after the pass: the critic's pooling, extraction)
         let mut res = Vec::with_capacity(cfg.num_hidden_layers + 1);
-        for _ in 0..=cfg.num_hidden_layers {
-            res.push(a(n * c, false)?);
+        for l in 0..=cfg.num_hidden_layers {
+            res.push(a(format!("res.{l}"), n * c, false, ALL)?);
         }
-        let kept = match recompute {
-            Recompute::None => cfg.num_hidden_layers,
-            Recompute::Block => cfg.num_hidden_layers.min(1),
+        // a block's activations: from its forward to its backward; with recompute the one
+        // set is written by each block's forward and made again before each backward, so
+        // nothing in it is read outside FWD and the blocks' backward
+        let (kept, life) = match recompute {
+            Recompute::None => (cfg.num_hidden_layers, ALL),
+            Recompute::Block => (cfg.num_hidden_layers.min(1), (FWD, ATTN_BWD)),
         };
         let mut layers = Vec::with_capacity(kept);
-        for _ in 0..kept {
+        for l in 0..kept {
+            let mut la = |name: &str, len: usize, stat: bool| {
+                a(format!("layers.{l}.{name}"), len, stat, life)
+            };
             layers.push(LayerSet {
-                rstd1: a(n, true)?,
-                xn1: a(n * c, false)?,
-                q: a(n * qd, false)?,
-                k: a(n * kvd, false)?,
-                v: a(n * kvd, false)?,
-                att: a(n * qd, false)?,
-                lse: a(b * nh * t, true)?,
-                x_mid: a(n * c, false)?,
-                rstd2: a(n, true)?,
-                xn2: a(n * c, false)?,
-                gate: a(n * f, false)?,
-                up: a(n * f, false)?,
-                h: a(n * f, false)?,
+                rstd1: la("rstd1", n, true)?,
+                xn1: la("xn1", n * c, false)?,
+                q: la("q", n * qd, false)?,
+                k: la("k", n * kvd, false)?,
+                v: la("v", n * kvd, false)?,
+                att: la("att", n * qd, false)?,
+                lse: la("lse", b * nh * t, true)?,
+                x_mid: la("x_mid", n * c, false)?,
+                rstd2: la("rstd2", n, true)?,
+                xn2: la("xn2", n * c, false)?,
+                gate: la("gate", n * f, false)?,
+                up: la("up", n * f, false)?,
+                h: la("h", n * f, false)?,
             });
         }
+        let head = (HEAD_BWD, HEAD_FWD);
+        // from the head's forward to the end of the pass (read after it)
+        let losses = (RECOMPUTE, HEAD_FWD);
+        // the residual stream's gradient: from the head's backward through every block's
+        // (the two buffers swap roles block by block)
+        let dres = (RECOMPUTE, HEAD_BWD);
+        // the normed inputs' gradient: written and read in the head's backward and in each
+        // half of a block's
+        let dxn = (MLP_BWD, HEAD_BWD);
+        // d x_mid: the recomputed block's output first (scratch), then from the MLP's
+        // backward to the attention's
+        let dx_mid = (RECOMPUTE, ATTN_BWD);
+        let mlp = (MLP_BWD, MLP_BWD);
+        let attn = (ATTN_BWD, ATTN_BWD);
+        // the projections' scratch of a block's forward
+        let proj = match recompute {
+            Recompute::None => (FWD, FWD),
+            Recompute::Block => (FWD, RECOMPUTE),
+        };
         let mut set = ActivationSet {
             b,
             t,
             res,
             layers,
             recompute,
-            rstd_f: a(n, true)?,
-            xn_f: a(n * c, false)?,
-            logits: a(n * vc, false)?,
+            rstd_f: a("rstd_f".into(), n, true, head)?,
+            xn_f: a("xn_f".into(), n * c, false, head)?,
+            logits: a("logits".into(), n * vc, false, head)?,
             logits_chunk: vc,
-            ce_state: a(if vc > 0 { 3 * n } else { 0 }, true)?,
+            ce_state: a(
+                "ce_state".into(),
+                if vc > 0 { 3 * n } else { 0 },
+                true,
+                head,
+            )?,
             logit_scale: 1.0,
-            losses: a(n, true)?,
-            proj: a(n * c, false)?,
-            dres: a(n * c, false)?,
-            dres_next: a(n * c, false)?,
-            dx_mid: a(n * c, false)?,
-            dxn: a(n * c, false)?,
-            dh: a(n * f, false)?,
-            dgate: a(n * f, false)?,
-            dup: a(n * f, false)?,
-            datt: a(n * qd, false)?,
-            dq: a(n * qd, false)?,
-            dk: a(n * kvd, false)?,
-            dv: a(n * kvd, false)?,
+            losses: a("losses".into(), n, true, losses)?,
+            proj: a("proj".into(), n * c, false, proj)?,
+            dres: a("dres".into(), n * c, false, dres)?,
+            dres_next: a("dres_next".into(), n * c, false, dres)?,
+            dx_mid: a("dx_mid".into(), n * c, false, dx_mid)?,
+            dxn: a("dxn".into(), n * c, false, dxn)?,
+            dh: a("dh".into(), n * f, false, mlp)?,
+            dgate: a("dgate".into(), n * f, false, mlp)?,
+            dup: a("dup".into(), n * f, false, mlp)?,
+            datt: a("datt".into(), n * qd, false, attn)?,
+            dq: a("dq".into(), n * qd, false, attn)?,
+            dk: a("dk".into(), n * kvd, false, attn)?,
+            dv: a("dv".into(), n * kvd, false, attn)?,
             elements: 0,
             stat_elements: 0,
+            layout: Layout::default(),
         };
-        set.elements = elements;
-        set.stat_elements = stat_elements;
+        set.elements = layout.decls.iter().map(|d| d.len).sum();
+        set.stat_elements = layout.decls.iter().filter(|d| d.stat).map(|d| d.len).sum();
+        set.layout = layout;
+        Ok(set)
+    }
+
+    /// The set made on `dev` in one shared allocation, each buffer's lifetime as
+    /// `life(name, lifetime)` gives it.
+    fn on_device<D: Device<Buf = B>>(
+        dev: &D,
+        cfg: &ModelConfig,
+        (b, t): (usize, usize),
+        shape: (usize, Recompute),
+        life: &dyn Fn(&str, Life) -> Life,
+    ) -> Result<Self> {
+        let none = |_: &Decl| Ok::<(), std::convert::Infallible>(());
+        let mut layout = match ActivationSet::build(cfg, b, t, shape, none) {
+            Ok(set) => set.layout,
+            Err(never) => match never {},
+        };
+        for d in &mut layout.decls {
+            d.life = life(&d.name, d.life);
+        }
+        let (bytes, parts) = layout.plan(dev.work_dtype())?;
+        let mut bufs = dev.alloc_shared(bytes, &parts)?.into_iter();
+        let mut set = Self::build(cfg, b, t, shape, |_| {
+            bufs.next()
+                .ok_or_else(|| crate::Error::invalid("activations", "fewer buffers than declared"))
+        })?;
+        set.layout = layout;
         Ok(set)
     }
 
@@ -239,10 +385,23 @@ impl<B> ActivationSet<B> {
         t: usize,
         opts: MemoryOptions,
     ) -> Result<Self> {
+        Self::with_lifetimes(dev, cfg, b, t, opts, &|_, life| life)
+    }
+
+    /// [`Self::with_options`] with each buffer's lifetime (in [`phase`]s) replaced by
+    /// `life(name, lifetime)`: to check that the lifetimes are the pass's (a set whose buffers
+    /// share memory they still use computes other values), and to make a set without sharing
+    /// (every buffer [`phase::ALL`]).
+    pub fn with_lifetimes<D: Device<Buf = B>>(
+        dev: &D,
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        opts: MemoryOptions,
+        life: &dyn Fn(&str, Life) -> Life,
+    ) -> Result<Self> {
         let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
-        Self::build(cfg, b, t, (vc, opts.recompute), |len, stat| {
-            alloc(dev, len, stat)
-        })
+        Self::on_device(dev, cfg, (b, t), (vc, opts.recompute), life)
     }
 
     /// A set for the blocks only ([`super::forward_blocks`], [`super::backward_blocks`]): no
@@ -254,12 +413,18 @@ impl<B> ActivationSet<B> {
         t: usize,
         recompute: Recompute,
     ) -> Result<Self> {
-        Self::build(cfg, b, t, (0, recompute), |len, stat| alloc(dev, len, stat))
+        Self::on_device(dev, cfg, (b, t), (0, recompute), &|_, life| life)
     }
 
-    /// Bytes of all activation and gradient-scratch buffers on a device of working dtype
-    /// `work` (the statistics are f32).
-    pub fn bytes(&self, work: Dtype) -> usize {
+    /// Bytes of the set's one allocation on a device of working dtype `work` (the statistics
+    /// are f32), its buffers sharing memory as their lifetimes allow.
+    pub fn bytes(&self, work: Dtype) -> Result<usize> {
+        Ok(self.layout.plan(work)?.0)
+    }
+
+    /// Bytes of all its buffers, each in memory of its own (what a device that cannot share
+    /// memory allocates: the CPU).
+    pub fn bytes_unshared(&self, work: Dtype) -> usize {
         self.stat_elements * 4 + (self.elements - self.stat_elements) * work.size()
     }
 }
@@ -272,7 +437,7 @@ impl ActivationSet<usize> {
 
     /// The element counts of [`Self::blocks`].
     pub fn plan_blocks(cfg: &ModelConfig, b: usize, t: usize, recompute: Recompute) -> Self {
-        let counts = |len, _stat| Ok::<usize, std::convert::Infallible>(len);
+        let counts = |d: &Decl| Ok::<usize, std::convert::Infallible>(d.len);
         match Self::build(cfg, b, t, (0, recompute), counts) {
             Ok(set) => set,
             Err(never) => match never {},
@@ -282,7 +447,7 @@ impl ActivationSet<usize> {
     /// [`Self::plan`] with `opts`' memory-saving options.
     pub fn plan_with(cfg: &ModelConfig, b: usize, t: usize, opts: MemoryOptions) -> Self {
         let vc = vocab_chunk(cfg.vocab_size, opts.logits_chunk);
-        let counts = |len, _stat| Ok::<usize, std::convert::Infallible>(len);
+        let counts = |d: &Decl| Ok::<usize, std::convert::Infallible>(d.len);
         match Self::build(cfg, b, t, (vc, opts.recompute), counts) {
             Ok(set) => set,
             Err(never) => match never {},

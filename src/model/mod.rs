@@ -16,7 +16,10 @@ pub mod params;
 pub mod safetensors_io;
 pub mod tokenizer;
 
-pub use activations::{ActivationSet, Activations, LayerActs, LayerSet, MemoryOptions, Recompute};
+pub use activations::{
+    phase, ActivationSet, Activations, Decl, LayerActs, LayerSet, Layout, Life, MemoryOptions,
+    Recompute,
+};
 pub use backward::{backward, backward_blocks, backward_with};
 pub use batch::{Batch, DeviceBatch};
 pub use config::ModelConfig;

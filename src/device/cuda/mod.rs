@@ -32,10 +32,12 @@ use crate::{Error, Result};
 
 pub use launch::CudaLaunch;
 
-/// Device memory of f32 or bf16 elements.
+/// Device memory of f32 or bf16 elements: an allocation of its own, or a part of one that
+/// other buffers share ([`super::Device::alloc_shared`]).
 #[derive(Debug)]
 pub struct CudaBuf {
-    mem: CudaSlice<u8>,
+    /// the allocation, held (freed with the last buffer into it)
+    _mem: Arc<CudaSlice<u8>>,
     /// device address of element 0
     addr: u64,
     len: usize,
@@ -364,11 +366,39 @@ impl CudaDevice {
             .map_err(driver("cuMemAlloc"))?;
         let addr = mem.device_ptr(&self.stream).0;
         Ok(CudaBuf {
-            mem,
+            _mem: Arc::new(mem),
             addr,
             len: n,
             dtype,
         })
+    }
+
+    /// One allocation of `bytes` (zeroed), a buffer per part (checked to fit by the caller).
+    fn alloc_shared_typed(&self, bytes: usize, parts: &[super::Part]) -> Result<Vec<CudaBuf>> {
+        if let Some(p) = parts
+            .iter()
+            .find(|p| !matches!(p.dtype, Dtype::F32 | Dtype::Bf16))
+        {
+            return Err(Error::invalid(
+                "alloc_shared",
+                format!("the kernels store f32 or bf16, not {}", p.dtype),
+            ));
+        }
+        let mem = self
+            .stream
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(driver("cuMemAlloc"))?;
+        let base = mem.device_ptr(&self.stream).0;
+        let mem = Arc::new(mem);
+        Ok(parts
+            .iter()
+            .map(|p| CudaBuf {
+                _mem: Arc::clone(&mem),
+                addr: base + p.offset as u64,
+                len: p.len,
+                dtype: p.dtype,
+            })
+            .collect())
     }
 
     fn write_typed(&self, dst: ViewMut<'_, CudaBuf>, host: &[f32]) -> Result<()> {
@@ -387,25 +417,37 @@ impl CudaDevice {
             }
             _ => bytemuck::cast_slice(host),
         };
-        self.stream
-            .memcpy_htod(
-                bytes,
-                &mut buf.mem.slice_mut(off * size..(off + len) * size),
-            )
+        let dst = buf.addr + (off * size) as u64;
+        self.bind()?;
+        // SAFETY: [dst, dst + len elements) lies in a live buffer of ours (checked by `range`;
+        // `buf`, borrowed mutably, keeps its memory), `bytes` holds exactly len elements, and
+        // the copy is ordered on our stream like every other use of the memory (from pageable
+        // host memory it returns once `bytes` has been read).
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, bytes, self.stream.cu_stream()) }
             .map_err(driver("cuMemcpyHtoD"))
     }
 
     fn download_typed(&self, x: View<'_, CudaBuf>) -> Result<Vec<f32>> {
         let (off, len) = range("download", "x", &x)?;
         let (buf, size) = (x.buf(), x.buf().dtype.size());
-        let src = buf.mem.slice(off * size..(off + len) * size);
+        let src = buf.addr + (off * size) as u64;
+        self.bind()?;
         let host = match buf.dtype {
             Dtype::Bf16 => {
                 let mut h = vec![bf16::ZERO; len];
                 if len > 0 {
-                    self.stream
-                        .memcpy_dtoh(&src, bytemuck::cast_slice_mut::<bf16, u8>(&mut h))
-                        .map_err(driver("cuMemcpyDtoH"))?;
+                    // SAFETY: [src, src + len elements) lies in a live buffer (checked by
+                    // `range`; borrowed by `x`), `h` holds len elements, and the copy is
+                    // ordered on our stream; the synchronize below waits for it before `h`
+                    // is read.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            bytemuck::cast_slice_mut::<bf16, u8>(&mut h),
+                            src,
+                            self.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(driver("cuMemcpyDtoH"))?;
                 }
                 self.synchronize()?;
                 h.iter().map(|x| x.to_f32()).collect()
@@ -413,9 +455,15 @@ impl CudaDevice {
             _ => {
                 let mut h = vec![0f32; len];
                 if len > 0 {
-                    self.stream
-                        .memcpy_dtoh(&src, bytemuck::cast_slice_mut::<f32, u8>(&mut h))
-                        .map_err(driver("cuMemcpyDtoH"))?;
+                    // SAFETY: as above, for f32 elements.
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            bytemuck::cast_slice_mut::<f32, u8>(&mut h),
+                            src,
+                            self.stream.cu_stream(),
+                        )
+                    }
+                    .map_err(driver("cuMemcpyDtoH"))?;
                 }
                 self.synchronize()?;
                 h
@@ -508,10 +556,15 @@ impl CudaDevice {
         }
         let s = src.buf().addr + (soff * size) as u64;
         let d = dst.into_parts().0.addr + (doff * size) as u64;
+        let bytes = (len * size) as u64;
+        if s < d + bytes && d < s + bytes {
+            // parts of one shared allocation (`alloc_shared`) that overlap
+            return Err(Error::invalid("copy", "dst and src share memory"));
+        }
         self.bind()?;
         // SAFETY: both ranges lie in live buffers of ours (checked by `range`), hold the same
-        // number of elements of one dtype, and `dst` is borrowed mutably so it is not `src`'s
-        // buffer; ordered on our stream.
+        // number of elements of one dtype, and do not overlap (checked above); ordered on our
+        // stream.
         unsafe {
             cudarc::driver::sys::cuMemcpyDtoDAsync_v2(d, s, len * size, self.stream.cu_stream())
         }

@@ -119,6 +119,9 @@ impl KernelDevice for CudaDevice {
     fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<Buf> {
         self.alloc_typed(n, dtype)
     }
+    fn alloc_shared(&self, bytes: usize, parts: &[crate::device::Part]) -> Result<Vec<Buf>> {
+        self.alloc_shared_typed(bytes, parts)
+    }
     fn upload(&self, host: &[f32]) -> Result<Buf> {
         let mut b = self.alloc_typed(host.len(), Dtype::F32)?;
         self.write_typed(ViewMut::all(&mut b), host)?;

@@ -15,7 +15,7 @@ use crate::device::gpu::graph::{Call, CallRef, Count, Graph, MatmulCall};
 use crate::device::gpu::scratch::{ScratchCache, ATTENTION_D, DECODE_ML, DECODE_O};
 use crate::device::gpu::{self, Ids, In, Launch, Out};
 use crate::device::{
-    AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, InjectMode, PolicyLossSpec, PoolMode,
+    AdamwStep, AttnDims, CacheDims, Device, DeviceBuf, InjectMode, Part, PolicyLossSpec, PoolMode,
     RewardSpec, SampleSpec, View, ViewMut,
 };
 use crate::device::{Dtype, Storage};
@@ -87,6 +87,9 @@ pub trait KernelDevice: Send + Sync + Sized {
     fn work_dtype(&self) -> Dtype;
     /// f32 or bf16 (any other dtype is an error).
     fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<Self::Buf>;
+    /// One allocation of `bytes` with every part a buffer into it ([`Device::alloc_shared`];
+    /// the parts were checked to fit).
+    fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<Self::Buf>>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
     fn download(&self, x: V<'_, Self>) -> Result<Vec<f32>>;
@@ -279,6 +282,11 @@ impl<T: KernelDevice> Device for T {
     fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<T::Buf> {
         refuse(self, "an allocation")?;
         KernelDevice::alloc_as(self, n, dtype)
+    }
+    fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<T::Buf>> {
+        refuse(self, "an allocation")?;
+        crate::device::check_parts(bytes, parts)?;
+        KernelDevice::alloc_shared(self, bytes, parts)
     }
     fn upload(&self, host: &[f32]) -> Result<T::Buf> {
         refuse(self, "an upload")?;

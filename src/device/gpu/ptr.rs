@@ -9,14 +9,17 @@
 //!
 //! A device variant is made only by the CUDA device, from memory it owns and borrows for `'a`
 //! ([`DevPtr::new`]); the emulator refuses device addresses and the CUDA backend refuses host
-//! pointers, so a launch can never hand one kind of memory to the other.
+//! pointers, so a launch can never hand one kind of memory to the other. A shared variant is
+//! host memory that buffers share ([`crate::device::Device::alloc_shared`] on the emulator),
+//! passed as a host pointer with no Rust reference made to it (another buffer may overlap it).
 
 use std::marker::PhantomData;
 
 use super::EmuArgs;
 use crate::{Error, Result};
 
-/// `len` elements of `T` at device address `addr`, borrowed for `'a`.
+/// `len` elements of `T` at address `addr` (device memory, or shared host memory of the
+/// emulator), borrowed for `'a`.
 #[derive(Debug)]
 pub struct DevPtr<'a, T> {
     addr: u64,
@@ -57,6 +60,8 @@ impl<'a, T> DevPtr<'a, T> {
 pub enum In<'a, T> {
     Host(&'a [T]),
     Device(DevPtr<'a, T>),
+    /// host memory that other buffers may share (the emulator's shared allocations)
+    Shared(DevPtr<'a, T>),
 }
 
 impl<T> Clone for In<'_, T> {
@@ -70,7 +75,7 @@ impl<'a, T> In<'a, T> {
     pub fn len(&self) -> usize {
         match self {
             In::Host(s) => s.len(),
-            In::Device(p) => p.len(),
+            In::Device(p) | In::Shared(p) => p.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -80,14 +85,14 @@ impl<'a, T> In<'a, T> {
     pub fn host(&self) -> Option<&'a [T]> {
         match *self {
             In::Host(s) => Some(s),
-            In::Device(_) => None,
+            In::Device(_) | In::Shared(_) => None,
         }
     }
     /// The address of the first element (host or device): what a recorded call names.
     pub fn addr(&self) -> u64 {
         match self {
             In::Host(s) => s.as_ptr() as u64,
-            In::Device(p) => p.addr(),
+            In::Device(p) | In::Shared(p) => p.addr(),
         }
     }
 }
@@ -118,13 +123,15 @@ impl<'a, T> From<DevPtr<'a, T>> for In<'a, T> {
 pub enum Out<'a, T> {
     Host(&'a mut [T]),
     Device(DevPtr<'a, T>),
+    /// host memory that other buffers may share (the emulator's shared allocations)
+    Shared(DevPtr<'a, T>),
 }
 
 impl<'a, T> Out<'a, T> {
     pub fn len(&self) -> usize {
         match self {
             Out::Host(s) => s.len(),
-            Out::Device(p) => p.len(),
+            Out::Device(p) | Out::Shared(p) => p.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -134,7 +141,7 @@ impl<'a, T> Out<'a, T> {
     pub fn addr(&self) -> u64 {
         match self {
             Out::Host(s) => s.as_ptr() as u64,
-            Out::Device(p) => p.addr(),
+            Out::Device(p) | Out::Shared(p) => p.addr(),
         }
     }
 }
@@ -145,6 +152,7 @@ impl<T> Out<'_, T> {
         match self {
             Out::Host(s) => Out::Host(s),
             Out::Device(p) => Out::Device(*p),
+            Out::Shared(p) => Out::Shared(*p),
         }
     }
 
@@ -153,6 +161,7 @@ impl<T> Out<'_, T> {
         match self {
             Out::Host(s) => In::Host(s),
             Out::Device(p) => In::Device(*p),
+            Out::Shared(p) => In::Shared(*p),
         }
     }
 }
@@ -241,6 +250,7 @@ impl<'a> EmuArgs<'a> {
         match x {
             In::Host(s) => self.ptr(s),
             In::Device(p) => self.device_ptr(p.addr()),
+            In::Shared(p) => self.shared_ptr::<T>(p.addr(), p.len(), false),
         }
     }
 
@@ -249,6 +259,7 @@ impl<'a> EmuArgs<'a> {
         match x {
             Out::Host(s) => self.ptr_mut(s),
             Out::Device(p) => self.device_ptr(p.addr()),
+            Out::Shared(p) => self.shared_ptr::<T>(p.addr(), p.len(), true),
         }
     }
 
