@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 t0=$SECONDS
 unset NVCC CUDA_HOME
-tests=(kernels_emu_a kernels_emu_b launch_bf16 cuda_ops device_parity bf16_model train_nla emu)
+tests=(kernels_emu_a kernels_emu_b launch_bf16 cuda_ops device_parity bf16_model train_nla emu activation_layout)
 targets=()
 for t in "${tests[@]}"; do targets+=(--test "$t"); done
 echo "== memcheck: cargo test --release --features memcheck ${targets[*]}"
