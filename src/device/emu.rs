@@ -87,6 +87,8 @@ pub struct EmuArgs<'a> {
     sig: Vec<(usize, Kind, usize)>, // (size, kind, pointee size)
     /// Bytes of each pointer argument's slice (0 for the rest): the memory check's bounds.
     extents: Vec<u64>,
+    /// Bit i: parameter i is a pointer the kernel may write through ([`EmuArgs::overlap`]).
+    written: u64,
     _borrows: PhantomData<&'a mut [u8]>,
 }
 
@@ -100,12 +102,16 @@ impl<'a> EmuArgs<'a> {
             ptrs: Vec::new(),
             sig: Vec::with_capacity(ROOM),
             extents: Vec::with_capacity(ROOM),
+            written: 0,
             _borrows: PhantomData,
         }
     }
 
     /// One parameter: its value, kind, pointee size and (for a slice) its length in bytes.
     fn push_bytes(&mut self, bytes: &[u8], kind: Kind, elem: usize, extent: usize) -> &mut Self {
+        if kind == Kind::PtrMut {
+            self.mark_written();
+        }
         let mut slot = 0u64;
         bytemuck::bytes_of_mut(&mut slot)[..bytes.len()].copy_from_slice(bytes);
         self.slots.push(slot);
@@ -159,9 +165,17 @@ impl<'a> EmuArgs<'a> {
         self.push_bytes(bytemuck::bytes_of(&0usize), Kind::PtrMut, size_of::<T>(), 0)
     }
 
+    /// The parameter about to be pushed is written by the kernel (bit 63 stands for every
+    /// parameter from the 64th on; no kernel has that many).
+    fn mark_written(&mut self) {
+        self.written |= 1 << self.slots.len().min(63);
+    }
+
     /// A pointer into a [`SharedMem`] of `len` elements of `T` (`const T*`, or `T*` when
-    /// `mutable`): packed as a host pointer, with no Rust reference made to the memory.
-    pub fn shared_ptr<T: bytemuck::Pod>(
+    /// `mutable`): packed as a host pointer, with no Rust reference made to the memory. Only
+    /// the emulated device packs these, from its shared buffers (checked to lie in their
+    /// memory).
+    pub(crate) fn shared_ptr<T: bytemuck::Pod>(
         &mut self,
         addr: u64,
         len: usize,
@@ -179,6 +193,52 @@ impl<'a> EmuArgs<'a> {
     /// A device address (`CUdeviceptr`), for the CUDA launchers; [`launch`] refuses it.
     pub fn device_ptr(&mut self, addr: u64) -> &mut Self {
         self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0, 0)
+    }
+
+    /// The device address of `len` elements of T, written by the kernel when `mutable`: as
+    /// [`device_ptr`](Self::device_ptr), with the extent [`overlap`](Self::overlap) checks.
+    pub(crate) fn device_range<T>(&mut self, addr: u64, len: usize, mutable: bool) -> &mut Self {
+        if mutable {
+            self.mark_written();
+        }
+        self.push_bytes(&addr.to_ne_bytes(), Kind::Device, 0, len * size_of::<T>())
+    }
+
+    /// The first pair of pointer parameters (i, j) whose memory overlaps where the kernel
+    /// writes i, if any. Slices borrowed from separate buffers never do; parts of one shared
+    /// allocation ([`crate::device::Device::alloc_shared`]) can, which a kernel (whose
+    /// pointers are `__restrict__`) must not get: both devices refuse such a launch.
+    pub(crate) fn overlap(&self) -> Option<(usize, usize)> {
+        let range = |i: usize| {
+            let (_, kind, _) = self.sig[i];
+            let (at, bytes) = (self.slots[i], self.extents[i]);
+            let pointer = matches!(kind, Kind::PtrConst | Kind::PtrMut | Kind::Device);
+            (pointer && at != 0 && bytes > 0).then(|| (at, at.saturating_add(bytes)))
+        };
+        let written = |i: usize| self.written & (1 << i.min(63)) != 0;
+        (0..self.slots.len())
+            .filter(|&i| written(i))
+            .filter_map(|i| range(i).map(|r| (i, r)))
+            .find_map(|(i, (a0, a1))| {
+                (0..self.slots.len())
+                    .filter(|&j| j != i)
+                    .find(|&j| range(j).is_some_and(|(b0, b1)| a0 < b1 && b0 < a1))
+                    .map(|j| (i, j))
+            })
+    }
+
+    /// [`overlap`](Self::overlap) as the error of a launch of kernel `name`.
+    pub(crate) fn check_overlap(&self, name: &str) -> Result<()> {
+        match self.overlap() {
+            None => Ok(()),
+            Some((i, j)) => Err(Error::invalid(
+                "launch",
+                format!(
+                    "kernel `{name}`: parameter {i}, which it writes, overlaps parameter {j} in \
+                     memory (buffers that share memory passed to one launch)"
+                ),
+            )),
+        }
     }
 
     /// The index of the first packed argument that is a non-null host pointer (packed with
@@ -587,6 +647,7 @@ fn launch_impl(
     seed: u64,
 ) -> Result<()> {
     check_signature(cname, args, mismatch)?;
+    args.check_overlap(&cname.to_string_lossy())?;
     let mut err = vec![0u8; 4096];
     let extents = args.extents.clone();
     let params = args.kernel_params();

@@ -27,8 +27,9 @@ use super::cpu::{check_same, check_write, CpuDevice};
 use super::emu::{EmuMode, SharedMem};
 use super::gpu::graph::Call;
 use super::gpu::kernel_device::KernelDevice;
+use super::gpu::ptr::SharedPtr;
 use super::gpu::scratch::ScratchCache;
-use super::gpu::{DevPtr, EmuLaunch, Ids, In, Out};
+use super::gpu::{EmuLaunch, Ids, In, Out};
 use super::{Device, DeviceBuf, Dtype, Part, Storage, View, ViewMut};
 use crate::{Error, Result};
 
@@ -37,14 +38,18 @@ use crate::{Error, Result};
 pub enum EmuBuf {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
-    /// `len` elements of `dtype` at byte `offset` of memory other buffers may share
-    /// ([`Device::alloc_shared`])
-    Shared {
-        mem: Arc<SharedMem>,
-        offset: usize,
-        len: usize,
-        dtype: Dtype,
-    },
+    /// elements in memory other buffers may share ([`Device::alloc_shared`])
+    Shared(SharedPart),
+}
+
+/// `len` elements of `dtype` at byte `offset` of a shared memory: made only by
+/// [`Device::alloc_shared`], which checks that the part lies in the memory, aligned.
+#[derive(Debug)]
+pub struct SharedPart {
+    mem: Arc<SharedMem>,
+    offset: usize,
+    len: usize,
+    dtype: Dtype,
 }
 
 impl DeviceBuf for EmuBuf {
@@ -52,14 +57,14 @@ impl DeviceBuf for EmuBuf {
         match self {
             EmuBuf::F32(v) => v.len(),
             EmuBuf::Bf16(v) => v.len(),
-            EmuBuf::Shared { len, .. } => *len,
+            EmuBuf::Shared(p) => p.len,
         }
     }
     fn dtype(&self) -> Dtype {
         match self {
             EmuBuf::F32(_) => Dtype::F32,
             EmuBuf::Bf16(_) => Dtype::Bf16,
-            EmuBuf::Shared { dtype, .. } => *dtype,
+            EmuBuf::Shared(p) => p.dtype,
         }
     }
 }
@@ -70,14 +75,11 @@ fn shared_at<'a>(
     what: &str,
     v: View<'a, EmuBuf>,
 ) -> Result<Option<(&'a SharedMem, usize)>> {
-    let EmuBuf::Shared {
-        mem, offset, len, ..
-    } = v.buf()
-    else {
+    let EmuBuf::Shared(p) = v.buf() else {
         return Ok(None);
     };
-    let r = range(op, what, v.offset(), v.len(), *len)?;
-    Ok(Some((mem, offset + r.start * v.dtype().size())))
+    let r = range(op, what, v.offset(), v.len(), p.len)?;
+    Ok(Some((&p.mem, p.offset + r.start * v.dtype().size())))
 }
 
 /// A view's range, checked against its buffer.
@@ -108,7 +110,7 @@ fn slice<'a, S: Storage>(op: &'static str, what: &str, v: View<'a, EmuBuf>) -> R
     let s: Option<&[S]> = match v.buf() {
         EmuBuf::F32(x) => bytemuck::try_cast_slice(&x[r]).ok(),
         EmuBuf::Bf16(x) => bytemuck::try_cast_slice(&x[r]).ok(),
-        EmuBuf::Shared { .. } => return Err(shared_slice(op, what)),
+        EmuBuf::Shared(_) => return Err(shared_slice(op, what)),
     };
     s.filter(|_| got == S::DTYPE)
         .ok_or_else(|| wrong_dtype(op, what, got, S::DTYPE))
@@ -128,9 +130,26 @@ fn slice_mut<'a, S: Storage>(
     let s: Option<&mut [S]> = match buf {
         EmuBuf::F32(x) => bytemuck::try_cast_slice_mut(&mut x[r]).ok(),
         EmuBuf::Bf16(x) => bytemuck::try_cast_slice_mut(&mut x[r]).ok(),
-        EmuBuf::Shared { .. } => return Err(shared_slice(op, what)),
+        EmuBuf::Shared(_) => return Err(shared_slice(op, what)),
     };
     s.ok_or_else(|| wrong_dtype(op, what, got, S::DTYPE))
+}
+
+/// Whether two views share memory (parts of one shared allocation that overlap).
+fn meet(x: View<'_, EmuBuf>, y: View<'_, EmuBuf>) -> bool {
+    let at = |v: View<'_, EmuBuf>| match v.buf() {
+        EmuBuf::Shared(p) => {
+            let start = p.offset + v.offset() * p.dtype.size();
+            Some((Arc::as_ptr(&p.mem), start, start + v.len() * p.dtype.size()))
+        }
+        _ => None,
+    };
+    match (at(x), at(y)) {
+        (Some((mx, x0, x1)), Some((my, y0, y1))) => {
+            std::ptr::eq(mx, my) && x0 < x1 && y0 < y1 && x0 < y1 && y0 < x1
+        }
+        _ => false,
+    }
 }
 
 /// Shared memory is never borrowed as a slice (another buffer may overlap it).
@@ -143,12 +162,14 @@ fn shared_ptr<'a, S: Storage>(
     op: &'static str,
     what: &str,
     v: View<'a, EmuBuf>,
-) -> Result<Option<DevPtr<'a, S>>> {
+) -> Result<Option<SharedPtr<'a, S>>> {
     let got = v.dtype();
     if got != S::DTYPE {
         return Err(wrong_dtype(op, what, got, S::DTYPE));
     }
-    Ok(shared_at(op, what, v)?.map(|(mem, at)| DevPtr::new(mem.addr() + at as u64, v.len())))
+    // the view lies in its part (checked by `shared_at`), the part in its memory (checked when
+    // it was made)
+    Ok(shared_at(op, what, v)?.map(|(mem, at)| SharedPtr::new(mem.addr() + at as u64, v.len())))
 }
 
 /// A view's elements as f32.
@@ -365,7 +386,7 @@ impl KernelDevice for EmuDevice {
         match shared_ptr::<S>(op, what, v.as_view())? {
             // the address outlives the view's borrow of the buffer only as a number: the
             // memory is kept by the buffer, which `v` borrows for 'a
-            Some(p) => Ok(Out::Shared(DevPtr::new(p.addr(), p.len()))),
+            Some(p) => Ok(Out::Shared(SharedPtr::new(p.addr(), p.len()))),
             None => slice_mut(op, what, v).map(Out::Host),
         }
     }
@@ -413,14 +434,27 @@ impl KernelDevice for EmuDevice {
     }
     fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<EmuBuf>> {
         self.host_call();
+        // the kernel path trusts each part to lie in the memory: checked here
+        super::check_parts(bytes, parts)?;
+        if let Some(p) = parts
+            .iter()
+            .find(|p| !matches!(p.dtype, Dtype::F32 | Dtype::Bf16))
+        {
+            return Err(Error::invalid(
+                "alloc_shared",
+                format!("the kernels store f32 or bf16, not {}", p.dtype),
+            ));
+        }
         let mem = Arc::new(SharedMem::new(bytes));
         Ok(parts
             .iter()
-            .map(|p| EmuBuf::Shared {
-                mem: Arc::clone(&mem),
-                offset: p.offset,
-                len: p.len,
-                dtype: p.dtype,
+            .map(|p| {
+                EmuBuf::Shared(SharedPart {
+                    mem: Arc::clone(&mem),
+                    offset: p.offset,
+                    len: p.len,
+                    dtype: p.dtype,
+                })
             })
             .collect())
     }
@@ -470,8 +504,11 @@ impl KernelDevice for EmuDevice {
         if dst.dtype() != src.dtype() {
             return Err(wrong_dtype(OP, "dst", dst.dtype(), src.dtype()));
         }
-        if matches!(dst.as_view().buf(), EmuBuf::Shared { .. })
-            || matches!(src.buf(), EmuBuf::Shared { .. })
+        if meet(dst.as_view(), src) {
+            return Err(Error::invalid(OP, "dst and src share memory"));
+        }
+        if matches!(dst.as_view().buf(), EmuBuf::Shared(_))
+            || matches!(src.buf(), EmuBuf::Shared(_))
         {
             // through the host, in the dtype (a copy does not round)
             return match src.dtype() {
@@ -512,6 +549,10 @@ impl KernelDevice for EmuDevice {
         const OP: &str = "matmul";
         self.host_call();
         check_matmul_dtypes(a.dtype(), b.dtype(), c.dtype())?;
+        if meet(c.as_view(), a) || meet(c.as_view(), b) {
+            // as the CUDA device: cuBLASLt must not write what it reads
+            return Err(Error::invalid(OP, "c shares memory with a or b"));
+        }
         // all f32: the CPU GEMM on the buffers themselves, nothing to convert
         // (not shared memory: that goes through copies, below)
         let c_vec = matches!(c.as_view().buf(), EmuBuf::F32(_));

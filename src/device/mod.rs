@@ -483,8 +483,8 @@ pub trait Device: Send + Sync + Sized {
     ///
     /// Parts may overlap: a memory plan lets buffers whose lifetimes do not intersect share
     /// memory. Writing a part then changes every part it overlaps, so a caller keeps values in
-    /// a part only while no part overlapping it is written, and never passes overlapping parts
-    /// to one op (which would read what it writes, as on a GPU: wrong values, nothing worse).
+    /// a part only while no part overlapping it is written. An op whose output overlaps one of
+    /// its other buffers is refused (an error) by the devices that share memory.
     fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<Self::Buf>> {
         check_parts(bytes, parts)?;
         parts

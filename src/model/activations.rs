@@ -17,7 +17,7 @@
 //! before its backward).
 
 use super::ModelConfig;
-use crate::device::{Device, Dtype, Part};
+use crate::device::{Device, DeviceBuf, Dtype, Part};
 pub use crate::memory::Recompute;
 use crate::memory::{ArenaKind, Planner};
 use crate::Result;
@@ -158,8 +158,9 @@ pub struct ActivationSet<B> {
     /// [N,C] final normed hidden state
     pub xn_f: B,
     /// [N,VC] = logit_scale * xn_f @ lm_head[v0..v0+VC]^T: the whole logits when VC = V,
-    /// else the vocabulary chunk made last (see `logits_chunk`); after backward, their
-    /// gradient (written in place)
+    /// else the vocabulary chunk made last (see `logits_chunk`), until the LM head's backward
+    /// writes each chunk's gradient over them; after backward their memory holds the blocks'
+    /// backward's buffers (it is shared with them): read the logits after forward only
     pub logits: B,
     /// VC: the LM head and the cross-entropy run over the vocabulary in chunks of this many
     /// entries (`cross_entropy_chunk_fwd` / `_bwd`; the backward makes each chunk's logits
@@ -201,6 +202,11 @@ pub struct ActivationSet<B> {
     pub stat_elements: usize,
     /// every buffer with its lifetime, in the order made
     pub layout: Layout,
+}
+
+/// Whether `buf` holds `len` elements of `dtype`.
+fn fits<D: Device>(buf: &D::Buf, len: usize, dtype: Dtype) -> bool {
+    buf.len() == len && buf.dtype() == dtype
 }
 
 /// VC of a vocabulary of `v` entries in chunks of `chunk` (None, or a chunk >= V: V).
@@ -364,9 +370,16 @@ impl<B> ActivationSet<B> {
         }
         let (bytes, parts) = layout.plan(dev.work_dtype())?;
         let mut bufs = dev.alloc_shared(bytes, &parts)?.into_iter();
-        let mut set = Self::build(cfg, b, t, shape, |_| {
-            bufs.next()
-                .ok_or_else(|| crate::Error::invalid("activations", "fewer buffers than declared"))
+        let mut set = Self::build(cfg, b, t, shape, |d| {
+            // both builds declare the same buffers in the same order
+            let want = if d.stat { Dtype::F32 } else { dev.work_dtype() };
+            match bufs.next() {
+                Some(buf) if fits::<D>(&buf, d.len, want) => Ok(buf),
+                _ => Err(crate::Error::invalid(
+                    "activations",
+                    format!("buffer `{}` is not the one laid out", d.name),
+                )),
+            }
         })?;
         set.layout = layout;
         Ok(set)

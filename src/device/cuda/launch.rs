@@ -194,6 +194,7 @@ impl Launch for CudaLaunch {
                 format!("argument {i} is host memory; the GPU needs device buffers"),
             ));
         }
+        args.check_overlap(sym)?;
         if self.cubin {
             // the figures are the sm_90a cubin's: a clear error before the driver's
             kernels::check_launch(sym, block, smem)?;

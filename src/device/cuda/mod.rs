@@ -375,6 +375,8 @@ impl CudaDevice {
 
     /// One allocation of `bytes` (zeroed), a buffer per part (checked to fit by the caller).
     fn alloc_shared_typed(&self, bytes: usize, parts: &[super::Part]) -> Result<Vec<CudaBuf>> {
+        // the launchers trust each buffer to lie in its allocation: checked here
+        super::check_parts(bytes, parts)?;
         if let Some(p) = parts
             .iter()
             .find(|p| !matches!(p.dtype, Dtype::F32 | Dtype::Bf16))

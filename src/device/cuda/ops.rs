@@ -167,6 +167,9 @@ impl KernelDevice for CudaDevice {
         check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
         let (ab, cd) = (a.dtype(), c.dtype());
         check_matmul_dtypes(ab, b.dtype(), cd)?;
+        let bytes = |len: usize, d: Dtype| (len * d.size()) as u64;
+        let (a_bytes, b_bytes, c_bytes) =
+            (bytes(a.len(), ab), bytes(b.len(), ab), bytes(c.len(), cd));
         let a = operand(OP, "a", a)?;
         let b = operand(OP, "b", b)?;
         if m == 0 || n == 0 {
@@ -184,6 +187,11 @@ impl KernelDevice for CudaDevice {
             Dtype::Bf16 => dev_out::<bf16>(OP, "c", c)?.addr(),
             _ => dev_out::<f32>(OP, "c", c)?.addr(),
         };
+        let meets = |x: u64, xb: u64, y: u64, yb: u64| xb > 0 && yb > 0 && x < y + yb && y < x + xb;
+        if meets(c, c_bytes, a, a_bytes) || meets(c, c_bytes, b, b_bytes) {
+            // parts of one shared allocation (`alloc_shared`) that overlap
+            return Err(Error::invalid(OP, "c shares memory with a or b"));
+        }
         let (a, b) = (
             Operand { addr: a, dtype: ab },
             Operand { addr: b, dtype: ab },

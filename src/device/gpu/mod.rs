@@ -51,7 +51,7 @@ pub mod swiglu;
 
 pub use super::emu::{EmuArgs, EmuMode};
 use crate::{Error, Result};
-pub use ptr::{DevPtr, Ids, In, Out};
+pub use ptr::{DevPtr, Ids, In, Out, SharedPtr};
 
 /// Launches a kernel by symbol. `args` are packed like `cuLaunchKernel`'s `kernelParams`.
 pub trait Launch {

@@ -55,13 +55,51 @@ impl<'a, T> DevPtr<'a, T> {
     }
 }
 
+/// `len` elements of `T` at host address `addr` in memory that buffers of the emulated device
+/// share ([`crate::device::emu::SharedMem`]), borrowed for `'a`. Made only by that device, from
+/// a buffer it checked lies in its shared memory: a kernel given one reads and writes there.
+#[derive(Debug)]
+pub struct SharedPtr<'a, T> {
+    addr: u64,
+    len: usize,
+    _borrow: PhantomData<&'a [T]>,
+}
+
+impl<T> Clone for SharedPtr<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedPtr<'_, T> {}
+
+impl<T> SharedPtr<'_, T> {
+    /// `addr` must be the address of `len` elements of T in a shared memory that stays
+    /// allocated for `'a` (the buffer borrowed for `'a` holds it).
+    pub(crate) fn new(addr: u64, len: usize) -> Self {
+        SharedPtr {
+            addr,
+            len,
+            _borrow: PhantomData,
+        }
+    }
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// A `const T*` kernel parameter.
 #[derive(Debug)]
 pub enum In<'a, T> {
     Host(&'a [T]),
     Device(DevPtr<'a, T>),
     /// host memory that other buffers may share (the emulator's shared allocations)
-    Shared(DevPtr<'a, T>),
+    Shared(SharedPtr<'a, T>),
 }
 
 impl<T> Clone for In<'_, T> {
@@ -75,7 +113,8 @@ impl<'a, T> In<'a, T> {
     pub fn len(&self) -> usize {
         match self {
             In::Host(s) => s.len(),
-            In::Device(p) | In::Shared(p) => p.len(),
+            In::Device(p) => p.len(),
+            In::Shared(p) => p.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -92,7 +131,8 @@ impl<'a, T> In<'a, T> {
     pub fn addr(&self) -> u64 {
         match self {
             In::Host(s) => s.as_ptr() as u64,
-            In::Device(p) | In::Shared(p) => p.addr(),
+            In::Device(p) => p.addr(),
+            In::Shared(p) => p.addr(),
         }
     }
 }
@@ -124,14 +164,15 @@ pub enum Out<'a, T> {
     Host(&'a mut [T]),
     Device(DevPtr<'a, T>),
     /// host memory that other buffers may share (the emulator's shared allocations)
-    Shared(DevPtr<'a, T>),
+    Shared(SharedPtr<'a, T>),
 }
 
 impl<'a, T> Out<'a, T> {
     pub fn len(&self) -> usize {
         match self {
             Out::Host(s) => s.len(),
-            Out::Device(p) | Out::Shared(p) => p.len(),
+            Out::Device(p) => p.len(),
+            Out::Shared(p) => p.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -141,7 +182,8 @@ impl<'a, T> Out<'a, T> {
     pub fn addr(&self) -> u64 {
         match self {
             Out::Host(s) => s.as_ptr() as u64,
-            Out::Device(p) | Out::Shared(p) => p.addr(),
+            Out::Device(p) => p.addr(),
+            Out::Shared(p) => p.addr(),
         }
     }
 }
@@ -249,7 +291,7 @@ impl<'a> EmuArgs<'a> {
     pub fn input<T: bytemuck::Pod>(&mut self, x: In<'a, T>) -> &mut Self {
         match x {
             In::Host(s) => self.ptr(s),
-            In::Device(p) => self.device_ptr(p.addr()),
+            In::Device(p) => self.device_range::<T>(p.addr(), p.len(), false),
             In::Shared(p) => self.shared_ptr::<T>(p.addr(), p.len(), false),
         }
     }
@@ -258,7 +300,7 @@ impl<'a> EmuArgs<'a> {
     pub fn output<T: bytemuck::Pod>(&mut self, x: Out<'a, T>) -> &mut Self {
         match x {
             Out::Host(s) => self.ptr_mut(s),
-            Out::Device(p) => self.device_ptr(p.addr()),
+            Out::Device(p) => self.device_range::<T>(p.addr(), p.len(), true),
             Out::Shared(p) => self.shared_ptr::<T>(p.addr(), p.len(), true),
         }
     }
@@ -283,7 +325,7 @@ impl<'a> EmuArgs<'a> {
     pub fn ids(&mut self, x: Ids<'a>) -> &mut Self {
         match x {
             Ids::Host(s) => self.ptr(s),
-            Ids::Device { ptr, .. } => self.device_ptr(ptr.addr()),
+            Ids::Device { ptr, .. } => self.device_range::<u32>(ptr.addr(), ptr.len(), false),
         }
     }
 }
