@@ -194,7 +194,6 @@ impl Launch for CudaLaunch {
                 format!("argument {i} is host memory; the GPU needs device buffers"),
             ));
         }
-        args.check_overlap(sym)?;
         if self.cubin {
             // the figures are the sm_90a cubin's: a clear error before the driver's
             kernels::check_launch(sym, block, smem)?;
@@ -205,6 +204,8 @@ impl Launch for CudaLaunch {
         {
             return Ok(());
         }
+        // a replayed graph holds only launches made (and so checked) before
+        args.check_overlap(sym)?;
         // the context first: loading a function and opting it in are driver calls too
         self.ctx
             .bind_to_thread()
@@ -215,9 +216,10 @@ impl Launch for CudaLaunch {
         // `params` holds one pointer per kernel parameter, each to an 8-byte slot owned by
         // `args` (alive across this call; the driver copies the values at launch). Every
         // pointer argument is a device address of a buffer borrowed for `args`' lifetime or
-        // null (no host pointer: checked above); where the emulator is built the count, sizes
-        // and kinds were checked against the kernel's C++ signature on the symbol's first
-        // launch (its launcher packs the same kinds every time). The launcher checked the
+        // null (no host pointer, and none written that overlaps another: checked above); where
+        // the emulator is built the count, sizes and kinds were checked against the kernel's
+        // C++ signature on the symbol's first launch (its launcher packs the same kinds every
+        // time). The launcher checked the
         // lengths and dims the kernel indexes with, and the grid/block/smem it computed from
         // them (smem opted in above). The launch is ordered on our one stream after every
         // earlier write to these buffers and before any later read or free.
