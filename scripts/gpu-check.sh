@@ -23,8 +23,9 @@
 # model on the GPU against the CPU, graph capture included), decode (batch-1 decode with and
 # without CUDA graphs), step (the llama-1b preset: SFT step and rollout), attention (its kernel
 # benches), ops (tests/cuda_ops.rs), bf16 (tests/bf16_model.rs), kernels (every kernel bench),
-# select (tests/device_select.rs), presets (the other end-to-end benches), sanitizer, racecheck,
-# synccheck (compute-sanitizer's memcheck, racecheck and synccheck of the model's GPU tests).
+# select (tests/device_select.rs), layout (tests/activation_layout.rs cuda_*: shared buffers),
+# presets (the other end-to-end benches), sanitizer, racecheck, synccheck (compute-sanitizer's
+# memcheck, racecheck and synccheck of the model's GPU tests).
 # Environment:
 #   GPU_CHECK_PARTS=parity,decode    only these parts (default: all)
 #   GPU_CHECK_BUDGET=540             seconds for the whole check: each part's time limit is cut
@@ -42,8 +43,8 @@ report_dir="${1:-docs/gpu-runs}"
 
 # The GPU tests: device parity (whole model: forward, backward, training steps, generation),
 # per-op parity at realistic sizes, device selection, and the bf16 working precision against
-# the f32 CPU (whole model, critic, generation).
-gpu_tests=(device_parity cuda_ops device_select bf16_model)
+# the f32 CPU (whole model, critic, generation), and ops on buffers that share one allocation.
+gpu_tests=(device_parity cuda_ops device_select bf16_model activation_layout)
 
 find_nvcc() {
     if [ -n "${NVCC:-}" ]; then echo "$NVCC"; return; fi
@@ -196,12 +197,13 @@ excerpt() { { grep -E "$1" "$2" || true; } | sed -n "1,${3}p"; }
 # section TITLE: a section of the report, its body (standard input) in a code block
 section() { { echo "## $1"; echo; echo '```'; cat; echo '```'; echo; } >> "$report"; }
 
-# test_part PART TEST: a test file against the CPU twins
+# test_part PART TEST [FILTER]: a test file against the CPU twins (FILTER: only the tests whose
+# name contains it)
 test_part() {
     wanted "$1" && time_for "$1" 600 || return 0
-    if run_test "$2" "$t" > "$log/test-$2.txt" 2>&1; then r=passed; else r="FAILED (exit $?)"; status=1; fi
+    if run_test "$2" "$t" ${3:+"$3"} > "$log/test-$2.txt" 2>&1; then r=passed; else r="FAILED (exit $?)"; status=1; fi
     excerpt "^test |test result|err|GB/s|max|worst|panicked|GPU|cuBLASLt|graph" \
-        "$log/test-$2.txt" 120 | section "tests/$2.rs: $r"
+        "$log/test-$2.txt" 120 | section "tests/$2.rs${3:+ ($3*)}: $r"
 }
 
 # kernel_part PART [FILTER]: the criterion benches of benches/cuda.rs (FILTER: those whose
@@ -264,6 +266,7 @@ test_part ops cuda_ops
 test_part bf16 bf16_model
 kernel_part kernels
 test_part select device_select
+test_part layout activation_layout cuda_
 bench_part presets 1 small
 bench_part presets 1 llama-1b --only step --precision f32
 bench_part presets 1 llama-1b --only step --logits-chunk 8192 --recompute
