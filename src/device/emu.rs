@@ -288,7 +288,7 @@ impl<'a> EmuArgs<'a> {
 /// every kernel launch, holds the emulator's memory lock ([`memory_lock`]), so none of them
 /// runs while another does (no data race, whichever threads hold the buffers).
 pub struct SharedMem {
-    /// 16-byte aligned (the kernels' vector accesses), zeroed
+    /// 16-byte aligned (the kernels' vector accesses)
     cells: Box<[std::cell::UnsafeCell<u128>]>,
     bytes: usize,
 }
@@ -316,10 +316,11 @@ pub(crate) fn memory_lock() -> std::sync::MutexGuard<'static, ()> {
 }
 
 impl SharedMem {
-    /// `bytes` zeroed bytes.
-    pub fn new(bytes: usize) -> Self {
+    /// `bytes` bytes, each `fill` (0xFF: every f32 and bf16 element a NaN).
+    pub fn new(bytes: usize, fill: u8) -> Self {
+        let v = u128::from_ne_bytes([fill; 16]);
         let cells = (0..bytes.div_ceil(16).max(1))
-            .map(|_| std::cell::UnsafeCell::new(0u128))
+            .map(|_| std::cell::UnsafeCell::new(v))
             .collect();
         SharedMem { cells, bytes }
     }

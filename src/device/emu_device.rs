@@ -445,7 +445,8 @@ impl KernelDevice for EmuDevice {
                 format!("the kernels store f32 or bf16, not {}", p.dtype),
             ));
         }
-        let mem = Arc::new(SharedMem::new(bytes));
+        // NaN where nothing was written yet: a read before a write shows in the results
+        let mem = Arc::new(SharedMem::new(bytes, 0xFF));
         Ok(parts
             .iter()
             .map(|p| {

@@ -477,9 +477,13 @@ pub trait Device: Send + Sync + Sized {
     fn alloc_work(&self, n: usize) -> Result<Self::Buf> {
         self.alloc_as(n, self.work_dtype())
     }
-    /// Zeroed buffers laid out in one allocation of `bytes`, part i at `parts[i]`, where the
-    /// device can share memory between buffers (the kernel devices); else each part on its own
-    /// (the CPU, whose buffers are host vectors, and whose memory is the host's).
+    /// Buffers laid out in one allocation of `bytes`, part i at `parts[i]`, where the device
+    /// can share memory between buffers (the kernel devices); else each part on its own (the
+    /// CPU, whose buffers are host vectors, and whose memory is the host's).
+    ///
+    /// Their contents are unspecified until written: the caller writes before it reads (the
+    /// CPU's are zeroed; the emulated device's are NaN, so that a read before a write shows;
+    /// the GPU's are what the allocator left, with no memset).
     ///
     /// Parts may overlap: a memory plan lets buffers whose lifetimes do not intersect share
     /// memory. Writing a part then changes every part it overlaps, so a caller keeps values in

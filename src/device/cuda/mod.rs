@@ -373,7 +373,8 @@ impl CudaDevice {
         })
     }
 
-    /// One allocation of `bytes` (zeroed), a buffer per part (checked to fit by the caller).
+    /// One allocation of `bytes` (not zeroed: no memset over a pass's activations each time
+    /// they are made), a buffer per part.
     fn alloc_shared_typed(&self, bytes: usize, parts: &[super::Part]) -> Result<Vec<CudaBuf>> {
         // the launchers trust each buffer to lie in its allocation: checked here
         super::check_parts(bytes, parts)?;
@@ -386,10 +387,11 @@ impl CudaDevice {
                 format!("the kernels store f32 or bf16, not {}", p.dtype),
             ));
         }
-        let mem = self
-            .stream
-            .alloc_zeros::<u8>(bytes.max(1))
-            .map_err(driver("cuMemAlloc"))?;
+        // SAFETY: device memory holds no Rust values: its bytes are only ever read by kernels
+        // and copies, and the buffers' contents are unspecified until written (the contract of
+        // `alloc_shared`, whose callers write before they read; the emulated device, which
+        // fills them with NaN, shows a read before a write in the tests).
+        let mem = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.map_err(driver("cuMemAlloc"))?;
         let base = mem.device_ptr(&self.stream).0;
         let mem = Arc::new(mem);
         Ok(parts
