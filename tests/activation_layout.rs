@@ -319,6 +319,47 @@ fn kernel_devices_refuse_ops_on_overlapping_parts() {
 }
 
 #[test]
+fn parts_outside_their_allocation_are_refused() {
+    let f32_at = |offset: usize, len: usize| Part {
+        offset,
+        len,
+        dtype: Dtype::F32,
+    };
+    let emu = EmuDevice::new(EmuMode::Forward, 0);
+    let cpu = CpuDevice::new();
+    let cases = [
+        (vec![f32_at(0, 64), f32_at(200, 16)], "does not fit"), // 200 + 64 bytes > 256
+        (vec![f32_at(2, 8)], "does not fit"),                   // not 4-byte aligned
+        (vec![f32_at(usize::MAX - 3, 2)], "does not fit"),      // past the address space
+    ];
+    for (parts, want) in &cases {
+        for e in [
+            emu.alloc_shared(256, parts).unwrap_err(),
+            cpu.alloc_shared(256, parts).unwrap_err(),
+        ] {
+            assert!(e.to_string().contains(want), "{parts:?}: {e}");
+        }
+    }
+    // the kernels store f32 or bf16 only
+    let u8_part = [Part {
+        offset: 0,
+        len: 4,
+        dtype: Dtype::U8,
+    }];
+    let e = emu.alloc_shared(256, &u8_part).unwrap_err().to_string();
+    assert!(e.contains("f32 or bf16"), "{e}");
+    // the emulated device's shared memory reads NaN until written
+    let mut p = emu.alloc_shared(256, &[f32_at(0, 64)]).unwrap();
+    assert!(emu
+        .download(View::all(&p[0]))
+        .unwrap()
+        .iter()
+        .all(|x| x.is_nan()));
+    emu.fill(ViewMut::all(&mut p[0]), 2.0).unwrap();
+    assert_eq!(emu.download(View::all(&p[0])).unwrap(), vec![2.0; 64]);
+}
+
+#[test]
 fn cuda_refuses_ops_on_overlapping_parts() {
     if let Some(dev) = common::parity::gpu(Dtype::F32) {
         check_overlapping_parts(&dev);
