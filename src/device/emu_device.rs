@@ -435,16 +435,7 @@ impl KernelDevice for EmuDevice {
     fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<EmuBuf>> {
         self.host_call();
         // the kernel path trusts each part to lie in the memory: checked here
-        super::check_parts(bytes, parts)?;
-        if let Some(p) = parts
-            .iter()
-            .find(|p| !matches!(p.dtype, Dtype::F32 | Dtype::Bf16))
-        {
-            return Err(Error::invalid(
-                "alloc_shared",
-                format!("the kernels store f32 or bf16, not {}", p.dtype),
-            ));
-        }
+        super::gpu::check_kernel_parts(bytes, parts)?;
         // NaN where nothing was written yet: a read before a write shows in the results
         let mem = Arc::new(SharedMem::new(bytes, 0xFF));
         Ok(parts

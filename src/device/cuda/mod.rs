@@ -377,16 +377,7 @@ impl CudaDevice {
     /// they are made), a buffer per part.
     fn alloc_shared_typed(&self, bytes: usize, parts: &[super::Part]) -> Result<Vec<CudaBuf>> {
         // the launchers trust each buffer to lie in its allocation: checked here
-        super::check_parts(bytes, parts)?;
-        if let Some(p) = parts
-            .iter()
-            .find(|p| !matches!(p.dtype, Dtype::F32 | Dtype::Bf16))
-        {
-            return Err(Error::invalid(
-                "alloc_shared",
-                format!("the kernels store f32 or bf16, not {}", p.dtype),
-            ));
-        }
+        super::gpu::check_kernel_parts(bytes, parts)?;
         // SAFETY: device memory holds no Rust values: its bytes are only ever read by kernels
         // and copies, and the buffers' contents are unspecified until written (the contract of
         // `alloc_shared`, whose callers write before they read; the emulated device, which
@@ -434,46 +425,32 @@ impl CudaDevice {
     fn download_typed(&self, x: View<'_, CudaBuf>) -> Result<Vec<f32>> {
         let (off, len) = range("download", "x", &x)?;
         let (buf, size) = (x.buf(), x.buf().dtype.size());
-        let src = buf.addr + (off * size) as u64;
-        self.bind()?;
-        let host = match buf.dtype {
-            Dtype::Bf16 => {
-                let mut h = vec![bf16::ZERO; len];
-                if len > 0 {
-                    // SAFETY: [src, src + len elements) lies in a live buffer (checked by
-                    // `range`; borrowed by `x`), `h` holds len elements, and the copy is
-                    // ordered on our stream; the synchronize below waits for it before `h`
-                    // is read.
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtoh_async(
-                            bytemuck::cast_slice_mut::<bf16, u8>(&mut h),
-                            src,
-                            self.stream.cu_stream(),
-                        )
-                    }
-                    .map_err(driver("cuMemcpyDtoH"))?;
-                }
-                self.synchronize()?;
-                h.iter().map(|x| x.to_f32()).collect()
+        let mut bytes = vec![0u8; len * size];
+        if len > 0 {
+            self.bind()?;
+            // SAFETY: [src, src + len elements) lies in a live buffer (checked by `range`;
+            // borrowed by `x`), `bytes` holds len elements, and the copy is ordered on our
+            // stream; the synchronize below waits for it before `bytes` is read.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut bytes[..],
+                    buf.addr + (off * size) as u64,
+                    self.stream.cu_stream(),
+                )
             }
-            _ => {
-                let mut h = vec![0f32; len];
-                if len > 0 {
-                    // SAFETY: as above, for f32 elements.
-                    unsafe {
-                        cudarc::driver::result::memcpy_dtoh_async(
-                            bytemuck::cast_slice_mut::<f32, u8>(&mut h),
-                            src,
-                            self.stream.cu_stream(),
-                        )
-                    }
-                    .map_err(driver("cuMemcpyDtoH"))?;
-                }
-                self.synchronize()?;
-                h
-            }
-        };
-        Ok(host)
+            .map_err(driver("cuMemcpyDtoH"))?;
+        }
+        self.synchronize()?;
+        Ok(match buf.dtype {
+            Dtype::Bf16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            _ => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        })
     }
 
     fn upload_ids_u32(&self, host: &[u32]) -> Result<CudaIds> {

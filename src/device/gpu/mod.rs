@@ -53,6 +53,24 @@ pub use super::emu::{EmuArgs, EmuMode};
 use crate::{Error, Result};
 pub use ptr::{DevPtr, Ids, In, Out, SharedPtr};
 
+/// `parts` fit in an allocation of `bytes` ([`crate::device::Device::alloc_shared`]) and hold
+/// what the kernels store: f32 or bf16.
+pub(crate) fn check_kernel_parts(bytes: usize, parts: &[crate::device::Part]) -> Result<()> {
+    crate::device::check_parts(bytes, parts)?;
+    match parts.iter().find(|p| {
+        !matches!(
+            p.dtype,
+            crate::device::Dtype::F32 | crate::device::Dtype::Bf16
+        )
+    }) {
+        Some(p) => Err(Error::invalid(
+            "alloc_shared",
+            format!("the kernels store f32 or bf16, not {}", p.dtype),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Launches a kernel by symbol. `args` are packed like `cuLaunchKernel`'s `kernelParams`.
 pub trait Launch {
     fn launch(

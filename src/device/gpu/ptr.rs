@@ -59,11 +59,7 @@ impl<'a, T> DevPtr<'a, T> {
 /// share ([`crate::device::emu::SharedMem`]), borrowed for `'a`. Made only by that device, from
 /// a buffer it checked lies in its shared memory: a kernel given one reads and writes there.
 #[derive(Debug)]
-pub struct SharedPtr<'a, T> {
-    addr: u64,
-    len: usize,
-    _borrow: PhantomData<&'a [T]>,
-}
+pub struct SharedPtr<'a, T>(DevPtr<'a, T>);
 
 impl<T> Clone for SharedPtr<'_, T> {
     fn clone(&self) -> Self {
@@ -76,20 +72,16 @@ impl<T> SharedPtr<'_, T> {
     /// `addr` must be the address of `len` elements of T in a shared memory that stays
     /// allocated for `'a` (the buffer borrowed for `'a` holds it).
     pub(crate) fn new(addr: u64, len: usize) -> Self {
-        SharedPtr {
-            addr,
-            len,
-            _borrow: PhantomData,
-        }
+        SharedPtr(DevPtr::new(addr, len))
     }
     pub fn addr(&self) -> u64 {
-        self.addr
+        self.0.addr()
     }
     pub fn len(&self) -> usize {
-        self.len
+        self.0.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.0.is_empty()
     }
 }
 
