@@ -213,16 +213,16 @@ impl<'a> EmuArgs<'a> {
             let (_, kind, _) = self.sig[i];
             let (at, bytes) = (self.slots[i], self.extents[i]);
             let pointer = matches!(kind, Kind::PtrConst | Kind::PtrMut | Kind::Device);
-            (pointer && at != 0 && bytes > 0).then(|| (at, at.saturating_add(bytes)))
+            (pointer && at != 0).then_some((at, bytes))
         };
         let written = |i: usize| self.written & (1 << i.min(63)) != 0;
         (0..self.slots.len())
             .filter(|&i| written(i))
             .filter_map(|i| range(i).map(|r| (i, r)))
-            .find_map(|(i, (a0, a1))| {
+            .find_map(|(i, a)| {
                 (0..self.slots.len())
                     .filter(|&j| j != i)
-                    .find(|&j| range(j).is_some_and(|(b0, b1)| a0 < b1 && b0 < a1))
+                    .find(|&j| range(j).is_some_and(|b| crate::device::bytes_meet(a, b)))
                     .map(|j| (i, j))
             })
     }

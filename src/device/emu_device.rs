@@ -30,7 +30,7 @@ use super::gpu::kernel_device::KernelDevice;
 use super::gpu::ptr::SharedPtr;
 use super::gpu::scratch::ScratchCache;
 use super::gpu::{EmuLaunch, Ids, In, Out};
-use super::{Device, DeviceBuf, Dtype, Part, Storage, View, ViewMut};
+use super::{bytes_meet, Device, DeviceBuf, Dtype, Part, Storage, View, ViewMut};
 use crate::{Error, Result};
 
 /// Host memory of one storage type: the emulated device's buffer.
@@ -139,15 +139,17 @@ fn slice_mut<'a, S: Storage>(
 fn meet(x: View<'_, EmuBuf>, y: View<'_, EmuBuf>) -> bool {
     let at = |v: View<'_, EmuBuf>| match v.buf() {
         EmuBuf::Shared(p) => {
-            let start = p.offset + v.offset() * p.dtype.size();
-            Some((Arc::as_ptr(&p.mem), start, start + v.len() * p.dtype.size()))
+            let size = p.dtype.size();
+            let range = (
+                (p.offset + v.offset() * size) as u64,
+                (v.len() * size) as u64,
+            );
+            Some((Arc::as_ptr(&p.mem), range))
         }
         _ => None,
     };
     match (at(x), at(y)) {
-        (Some((mx, x0, x1)), Some((my, y0, y1))) => {
-            std::ptr::eq(mx, my) && x0 < x1 && y0 < y1 && x0 < y1 && y0 < x1
-        }
+        (Some((mx, xr)), Some((my, yr))) => std::ptr::eq(mx, my) && bytes_meet(xr, yr),
         _ => false,
     }
 }

@@ -376,11 +376,15 @@ impl Part {
 
     /// Whether the two share a byte (an empty part shares none).
     pub fn overlaps(&self, other: &Part) -> bool {
-        self.bytes() > 0
-            && other.bytes() > 0
-            && self.offset < other.offset + other.bytes()
-            && other.offset < self.offset + self.bytes()
+        let at = |p: &Part| (p.offset as u64, p.bytes() as u64);
+        bytes_meet(at(self), at(other))
     }
+}
+
+/// Whether two byte ranges `(start, bytes)` share a byte (an empty range shares none): the
+/// overlap test of every check on buffers that share memory.
+pub(crate) fn bytes_meet((x, xb): (u64, u64), (y, yb): (u64, u64)) -> bool {
+    xb > 0 && yb > 0 && x < y.saturating_add(yb) && y < x.saturating_add(xb)
 }
 
 /// `parts` fit in an allocation of `bytes`, each at an offset aligned to its element size.

@@ -538,7 +538,7 @@ impl CudaDevice {
         let s = src.buf().addr + (soff * size) as u64;
         let d = dst.into_parts().0.addr + (doff * size) as u64;
         let bytes = (len * size) as u64;
-        if s < d + bytes && d < s + bytes {
+        if super::bytes_meet((s, bytes), (d, bytes)) {
             // parts of one shared allocation (`alloc_shared`) that overlap
             return Err(Error::invalid("copy", "dst and src share memory"));
         }

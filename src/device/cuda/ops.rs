@@ -15,7 +15,7 @@ use crate::device::gpu::graph::Call;
 use crate::device::gpu::kernel_device::KernelDevice;
 use crate::device::gpu::scratch::ScratchCache;
 use crate::device::gpu::{self, DevPtr, Ids, In, Out};
-use crate::device::{Dtype, Storage, View, ViewMut};
+use crate::device::{bytes_meet, Dtype, Storage, View, ViewMut};
 use crate::{Error, Result};
 
 type Buf = CudaBuf;
@@ -187,8 +187,8 @@ impl KernelDevice for CudaDevice {
             Dtype::Bf16 => dev_out::<bf16>(OP, "c", c)?.addr(),
             _ => dev_out::<f32>(OP, "c", c)?.addr(),
         };
-        let meets = |x: u64, xb: u64, y: u64, yb: u64| xb > 0 && yb > 0 && x < y + yb && y < x + xb;
-        if meets(c, c_bytes, a, a_bytes) || meets(c, c_bytes, b, b_bytes) {
+        let c_range = (c, c_bytes);
+        if bytes_meet(c_range, (a, a_bytes)) || bytes_meet(c_range, (b, b_bytes)) {
             // parts of one shared allocation (`alloc_shared`) that overlap
             return Err(Error::invalid(OP, "c shares memory with a or b"));
         }

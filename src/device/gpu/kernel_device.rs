@@ -87,8 +87,9 @@ pub trait KernelDevice: Send + Sync + Sized {
     fn work_dtype(&self) -> Dtype;
     /// f32 or bf16 (any other dtype is an error).
     fn alloc_as(&self, n: usize, dtype: Dtype) -> Result<Self::Buf>;
-    /// One allocation of `bytes` with every part a buffer into it ([`Device::alloc_shared`];
-    /// the parts were checked to fit).
+    /// One allocation of `bytes` with every part a buffer into it ([`Device::alloc_shared`]);
+    /// an error where a part does not fit it (`gpu::check_kernel_parts`: reachable directly,
+    /// so each device checks).
     fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<Self::Buf>>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn write(&self, dst: M<'_, Self>, host: &[f32]) -> Result<()>;
@@ -285,7 +286,6 @@ impl<T: KernelDevice> Device for T {
     }
     fn alloc_shared(&self, bytes: usize, parts: &[Part]) -> Result<Vec<T::Buf>> {
         refuse(self, "an allocation")?;
-        crate::device::check_parts(bytes, parts)?;
         KernelDevice::alloc_shared(self, bytes, parts)
     }
     fn upload(&self, host: &[f32]) -> Result<T::Buf> {
