@@ -577,6 +577,44 @@ fn benches(c: &mut Criterion) {
             |_| dev.matmul(m(&mut dw), v(&dy), v(&x), mm, n, k, true, false, 1.0, 1.0),
         );
     }
+    // the residual add as the matmul's epilogue: the down projection of a block (h [4096, 5632]
+    // @ Wdown^T, Wdown [2048, 5632]) added to the residual stream x [4096, 2048], in bf16: one
+    // matmul_add (reads x, writes the sum) against matmul + residual_fwd (writes the product,
+    // then reads it and x and writes the sum: 2 NC more elements moved, one launch more).
+    // Counted in FLOPs of the matmul, so the two ids compare as times.
+    {
+        let (mm, n, k) = (4096, 2048, 5632);
+        let dt = Dtype::Bf16;
+        let h = random(&dev, mm * k, 20, 1.0, dt);
+        let w = random(&dev, n * k, 21, 0.02, dt);
+        let x = random(&dev, mm * n, 22, 1.0, dt);
+        let (mut out, mut p) = (
+            dev.alloc_as(mm * n, dt).expect("alloc"),
+            dev.alloc_as(mm * n, dt).expect("alloc"),
+        );
+        let flops = Throughput::Elements((2 * mm * n * k) as u64);
+        bench_op(
+            c,
+            &dev,
+            "matmul_add",
+            "down_4096x2048x5632_bf16_fused",
+            flops.clone(),
+            bf16_peak,
+            |_| dev.matmul_add(m(&mut out), v(&x), v(&h), v(&w), mm, n, k, false, true),
+        );
+        bench_op(
+            c,
+            &dev,
+            "matmul_add",
+            "down_4096x2048x5632_bf16_matmul_then_residual",
+            flops,
+            bf16_peak,
+            |_| {
+                dev.matmul(m(&mut p), v(&h), v(&w), mm, n, k, false, true, 1.0, 0.0)?;
+                dev.residual_fwd(m(&mut out), v(&x), v(&p))
+            },
+        );
+    }
 }
 
 criterion_group!(cuda_benches, benches);

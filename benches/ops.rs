@@ -211,6 +211,29 @@ fn matmul(c: &mut Criterion) {
     g.finish();
 }
 
+/// The residual add as the matmul's epilogue, at a block's down projection (h [N,F] @ Wdown^T,
+/// Wdown [C,F], plus x [N,C]): `matmul_add` against `matmul` then `residual_fwd`.
+fn matmul_add(c: &mut Criterion) {
+    let dev = CpuDevice;
+    let mut g = slow_group(c, "matmul_add", 2 * (N * C * F) as u64);
+    let (h, w, x) = (random(N * F, 19), random(C * F, 20), random(N * C, 21));
+    let (mut out, mut p) = (vec![0.0; N * C], vec![0.0; N * C]);
+    g.bench_function("down 2048x576x1536 fused flops", |bch| {
+        bch.iter(|| {
+            dev.matmul_add(m(&mut out), v(&x), v(&h), v(&w), N, C, F, false, true)
+                .unwrap()
+        })
+    });
+    g.bench_function("down 2048x576x1536 matmul then residual flops", |bch| {
+        bch.iter(|| {
+            dev.matmul(m(&mut p), v(&h), v(&w), N, C, F, false, true, 1.0, 0.0)
+                .unwrap();
+            dev.residual_fwd(m(&mut out), v(&x), v(&p)).unwrap()
+        })
+    });
+    g.finish();
+}
+
 fn residual(c: &mut Criterion) {
     let dev = CpuDevice;
     let (a, b2) = (random(N * C, 17), random(N * C, 18));
@@ -320,6 +343,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = embedding, rmsnorm, rope, attention, swiglu, matmul, residual, cross_entropy, softmax, adamw
+    targets = embedding, rmsnorm, rope, attention, swiglu, matmul, matmul_add, residual, cross_entropy, softmax, adamw
 }
 criterion_main!(benches);

@@ -461,6 +461,13 @@ impl fmt::Display for RolloutReport {
                 "\n  decode steps as graphs: {} captured, {} replayed, {} failed captures",
                 g.captures, g.replays, g.failures
             )?;
+            if g.captures > 0 {
+                write!(
+                    f,
+                    "; a graph: {} kernel launches + {} matmuls",
+                    g.graph_kernels, g.graph_matmuls
+                )?;
+            }
             if let Some(why) = &g.first_failure {
                 write!(f, " (first: {why})")?;
             }
@@ -655,6 +662,8 @@ pub fn rollout<D: Device>(
             replays: after.replays - before.replays,
             failures: after.failures - before.failures,
             first_failure: after.first_failure,
+            graph_kernels: after.graph_kernels,
+            graph_matmuls: after.graph_matmuls,
         }
     });
     let decode: Vec<f64> = rollout_s

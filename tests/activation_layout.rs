@@ -251,8 +251,8 @@ fn three_parts<D: Device>(dev: &D) -> Vec<D::Buf> {
         .unwrap()
 }
 
-/// Ops whose output overlaps another of their buffers are refused (a kernel launch, a matmul, a
-/// copy); parts that do not overlap work, and writing one part changes what an overlapping
+/// Ops whose output overlaps another of their buffers are refused (a kernel launch, a matmul,
+/// matmul_add, a copy); parts that do not overlap work, and writing one part changes what an overlapping
 /// part reads.
 fn check_overlapping_parts<D: Device>(dev: &D) {
     let mut p = three_parts(dev);
@@ -303,6 +303,19 @@ fn check_overlapping_parts<D: Device>(dev: &D) {
     let p1_now = dev.download(View::all(p1)).unwrap();
     let want0: Vec<f32> = x.iter().map(|v| v + 1.0).collect();
     assert_eq!(&p1_now[..32], &want0[32..]);
+    // matmul_add: d must not overlap its addend x either; over p2 (apart from p0) it works
+    let (a, b) = (dev.upload(&y).unwrap(), dev.upload(&y).unwrap());
+    let add = |d: ViewMut<'_, D::Buf>, x: View<'_, D::Buf>| {
+        let (a, b) = (View::all(&a), View::all(&b));
+        dev.matmul_add(d, x, a, b, 8, 8, 8, false, false)
+    };
+    let e = add(ViewMut::all(p0), View::all(p1))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("shares memory with x"), "{e}");
+    add(ViewMut::all(p0), View::all(p2)).unwrap();
+    // 8 products of 0.5 * 0.5, plus p2's 0.5
+    assert_eq!(dev.download(View::all(p0)).unwrap(), vec![2.5; 64]);
 }
 
 #[test]

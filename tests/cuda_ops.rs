@@ -1,8 +1,9 @@
 //! Per-op parity of the CUDA device with the CPU device (the twins) at realistic sizes, too
 //! large for the emulator in CI: attention forward and backward (T 512, HS 64 and 128), rmsnorm
-//! (N 4096, C 2048), cross-entropy (V 32000), matmul (M 1024, N 2048, K 512, every transpose),
-//! swiglu, rope, embedding (V 32000), adamw (1M elements), sum_squares (10M), decode attention
-//! (TMAX 1024, TQ 1 and 64) and kv_append at its shapes, sampling, softmax and residual.
+//! (N 4096, C 2048), cross-entropy (V 32000), matmul and matmul_add (M 1024, N 2048, K 512,
+//! every transpose), swiglu, rope, embedding (V 32000), adamw (1M elements), sum_squares (10M),
+//! decode attention (TMAX 1024, TQ 1 and 64) and kv_append at its shapes, sampling, softmax and
+//! residual.
 //!
 //! Every op check is one generic function `op(dev, label, sizes)`: it draws seeded random
 //! inputs, runs the op on `dev` and on the CPU device, and compares each output.
@@ -508,6 +509,35 @@ fn matmul<D: Device>(dev: &D, label: &str, s: &Sizes) {
         // transpose or leading dimension is off by O(1).
         check(label, &what, &got, &want, 1e-4);
     }
+    // matmul_add (cuBLASLt's C apart from D): d starts as NaN (its contents must be ignored),
+    // x is the addend and must come through unchanged
+    for t in [(false, false), (false, true), (true, false), (true, true)] {
+        let (want, tc) = timed(|| add(&CpuDevice::new(), s.matmul, &a, &b, &c0, t));
+        let (got, td) = timed(|| add(dev, s.matmul, &a, &b, &c0, t));
+        let what = format!("matmul_add (M {m}, N {n}, K {k}, ta {}, tb {})", t.0, t.1);
+        report(label, &what, tc, td);
+        // as matmul's; the added x (|x| < 1) changes nothing of that bound
+        check(label, &what, &got, &want, 1e-4);
+    }
+}
+
+/// `matmul_add` on `e`: d (NaN) = op(a) op(b) + x; returns d, after checking that x is
+/// unchanged.
+fn add<E: Device>(
+    e: &E,
+    [m, n, k]: [usize; 3],
+    a: &[f32],
+    b: &[f32],
+    x: &[f32],
+    (ta, tb): (bool, bool),
+) -> Vec<f32> {
+    let (a, b, xb) = (up(e, a), up(e, b), up(e, x));
+    let mut d = nans(e, m * n);
+    let (av, bv, xv) = (View::all(&a), View::all(&b), View::all(&xb));
+    e.matmul_add(ViewMut::all(&mut d), xv, av, bv, m, n, k, ta, tb)
+        .unwrap();
+    assert_eq!(down(e, &xb), x, "matmul_add wrote its addend");
+    down(e, &d)
 }
 
 // ---- swiglu

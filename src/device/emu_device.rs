@@ -26,7 +26,7 @@ use half::bf16;
 use super::cpu::{check_same, check_write, CpuDevice};
 use super::emu::{EmuMode, SharedMem};
 use super::gpu::graph::Call;
-use super::gpu::kernel_device::KernelDevice;
+use super::gpu::kernel_device::{check_addend, KernelDevice};
 use super::gpu::ptr::SharedPtr;
 use super::gpu::scratch::ScratchCache;
 use super::gpu::{EmuLaunch, Ids, In, Out};
@@ -530,6 +530,7 @@ impl KernelDevice for EmuDevice {
     fn matmul(
         &self,
         c: ViewMut<'_, EmuBuf>,
+        x: Option<View<'_, EmuBuf>>,
         a: View<'_, EmuBuf>,
         b: View<'_, EmuBuf>,
         m: usize,
@@ -546,6 +547,22 @@ impl KernelDevice for EmuDevice {
         if meet(c.as_view(), a) || meet(c.as_view(), b) {
             // as the CUDA device: cuBLASLt must not write what it reads
             return Err(Error::invalid(OP, "c shares memory with a or b"));
+        }
+        if let Some(x) = x {
+            // matmul_add: the addend is x, converted as a and b are
+            check_addend(x.dtype(), x.len(), c.dtype(), c.len())?;
+            if meet(c.as_view(), x) {
+                return Err(Error::invalid("matmul_add", "d shares memory with x"));
+            }
+            let (a, b, mut cf) = (
+                to_f32(OP, "a", a)?,
+                to_f32(OP, "b", b)?,
+                to_f32(OP, "x", x)?,
+            );
+            let (av, bv) = (View::all(&a), View::all(&b));
+            let cm = ViewMut::all(&mut cf);
+            CpuDevice.matmul(cm, av, bv, m, n, k, ta, tb, alpha, beta)?;
+            return from_f32(OP, "c", c, &cf);
         }
         // all f32: the CPU GEMM on the buffers themselves, nothing to convert
         // (not shared memory: that goes through copies, below)

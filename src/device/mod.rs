@@ -408,13 +408,17 @@ pub(crate) fn check_parts(bytes: usize, parts: &[Part]) -> Result<()> {
 }
 
 /// Steps [`Device::replay`] captured as graphs, replayed without capturing, and captures that
-/// failed (those steps run as they are from then on), with why the first failure did.
+/// failed (those steps run as they are from then on), with why the first failure did; and the
+/// size of the last graph captured.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct GraphStats {
     pub captures: u64,
     pub replays: u64,
     pub failures: u64,
     pub first_failure: Option<String>,
+    /// kernel launches and matmuls of the last graph captured (0 before the first)
+    pub graph_kernels: u64,
+    pub graph_matmuls: u64,
 }
 
 /// A compute device. Methods check lengths and dims against each other and return
@@ -653,6 +657,25 @@ pub trait Device: Send + Sync + Sized {
         tb: bool,
         alpha: f32,
         beta: f32,
+    ) -> Result<()>;
+
+    /// d[M,N] = op(a) op(b) + x: [`Device::matmul`] whose epilogue adds x [M,N] (cuBLASLt's C,
+    /// read, apart from its D, written), e.g. a projection added to the residual stream without
+    /// the projection ever being written. Shapes and dtypes as `matmul`'s with c = d; x has d's
+    /// dtype. The products accumulate in f32 and d is rounded once to its dtype. d must not
+    /// share memory with x, a or b.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_add(
+        &self,
+        d: M<'_, Self>,
+        x: V<'_, Self>,
+        a: V<'_, Self>,
+        b: V<'_, Self>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
     ) -> Result<()>;
 
     /// out = a + b (elementwise)

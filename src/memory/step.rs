@@ -873,10 +873,9 @@ impl<'a> Builder<'a> {
         let att = self.act(format!("{pre}.att"), n * qd);
         let lse = self.stat(format!("{pre}.lse"), b * nh * t);
         self.op(format!("{pre}: attention_fwd"), &[att, lse, q, k, v]);
-        let proj_a = self.act(format!("{pre}.proj_attn"), n * c);
-        self.op(format!("{pre}: o_proj"), &[proj_a, att, w]);
         let x_mid = self.act(format!("{pre}.x_mid"), n * c);
-        self.op(format!("{pre}: residual_fwd"), &[x_mid, x, proj_a]);
+        // x_mid = x + att @ wo^T: the residual add is the matmul's epilogue (matmul_add)
+        self.op(format!("{pre}: o_proj + residual"), &[x_mid, x, att, w]);
         let rstd2 = self.stat(format!("{pre}.rstd2"), n);
         let xn2 = self.act(format!("{pre}.xn2"), n * c);
         self.op(format!("{pre}: rmsnorm_fwd 2"), &[xn2, rstd2, x_mid, w]);
@@ -887,9 +886,7 @@ impl<'a> Builder<'a> {
         let h = self.act(format!("{pre}.h"), n * f);
         self.op(format!("{pre}: swiglu_fwd"), &[h, gate, up]);
         if let Some(out) = out {
-            let proj_m = self.act(format!("{pre}.proj_mlp"), n * c);
-            self.op(format!("{pre}: down_proj"), &[proj_m, h, w]);
-            self.op(format!("{pre}: residual_fwd 2"), &[out, x_mid, proj_m]);
+            self.op(format!("{pre}: down_proj + residual"), &[out, x_mid, h, w]);
         }
         LayerBufs {
             rstd1,
@@ -1401,7 +1398,6 @@ impl<'a> Builder<'a> {
         let k = ws(self, "k", n * kvd);
         let vb = ws(self, "v", n * kvd);
         let att = ws(self, "att", n * qd);
-        let proj = ws(self, "proj", n * c);
         let gate = ws(self, "gate", n * f);
         let up = ws(self, "up", n * f);
         let h = ws(self, "h", n * f);
@@ -1457,14 +1453,12 @@ impl<'a> Builder<'a> {
                     format!("{lp}: decode_attention_fwd"),
                     &[att, q, kc, vc, starts, pos],
                 );
-                self.op(format!("{lp}: o_proj"), &[proj, att, w]);
-                self.op(format!("{lp}: residual_fwd"), &[x2, x, x_out, proj]);
+                self.op(format!("{lp}: o_proj + residual"), &[x2, x, x_out, att, w]);
                 self.op(format!("{lp}: rmsnorm_fwd 2"), &[xn2, rstd2, x2, w]);
                 self.op(format!("{lp}: gate_proj"), &[gate, xn2, w]);
                 self.op(format!("{lp}: up_proj"), &[up, xn2, w]);
                 self.op(format!("{lp}: swiglu_fwd"), &[h, gate, up]);
-                self.op(format!("{lp}: down_proj"), &[proj, h, w]);
-                self.op(format!("{lp}: residual_fwd 2"), &[x_out, x, x2, proj]);
+                self.op(format!("{lp}: down_proj + residual"), &[x_out, x, x2, h, w]);
                 do_inject(self, l + 1, x_out);
             }
             self.op(format!("{sp}: last positions"), &[last, x, x_out]);

@@ -176,8 +176,6 @@ pub struct ActivationSet<B> {
     pub logit_scale: f32,
     /// [N] masked per-position cross-entropy
     pub losses: B,
-    /// [N,C] scratch: projection outputs in forward
-    pub proj: B,
     // gradient scratch (the logits' gradient overwrites the logits, chunk by chunk: no buffer)
     /// [N,C] gradient w.r.t. the residual stream, and its next value
     pub dres: B,
@@ -306,11 +304,6 @@ impl<B> ActivationSet<B> {
         let dx_mid = (RECOMPUTE, ATTN_BWD);
         let mlp = (MLP_BWD, MLP_BWD);
         let attn = (ATTN_BWD, ATTN_BWD);
-        // the projections' scratch of a block's forward
-        let proj = match recompute {
-            Recompute::None => (FWD, FWD),
-            Recompute::Block => (FWD, RECOMPUTE),
-        };
         let mut set = ActivationSet {
             b,
             t,
@@ -329,7 +322,6 @@ impl<B> ActivationSet<B> {
             )?,
             logit_scale: 1.0,
             losses: a("losses".into(), n, true, losses)?,
-            proj: a("proj".into(), n * c, false, proj)?,
             dres: a("dres".into(), n * c, false, dres)?,
             dres_next: a("dres_next".into(), n * c, false, dres)?,
             dx_mid: a("dx_mid".into(), n * c, false, dx_mid)?,

@@ -221,15 +221,7 @@ pub fn backward_blocks<D: Device>(
             // the block again from its input, into the shared set (its output, equal to
             // res[l+1], goes to dx_mid: scratch until the MLP's backward writes it)
             let (x, out) = (View::all(&a.res[l]), ViewMut::all(&mut a.dx_mid));
-            block_train_fwd(
-                dev,
-                model,
-                lp,
-                dims,
-                (x, out),
-                &mut a.layers[li],
-                &mut a.proj,
-            )?;
+            block_train_fwd(dev, model, lp, dims, (x, out), &mut a.layers[li])?;
         }
         let la = &a.layers[li];
         let x = &a.res[l];

@@ -1,7 +1,7 @@
 //! One decoder block's forward, shared by training (activations kept per layer for backward)
 //! and inference (scratch buffers, attention over a KV cache).
 
-use super::linear::linear_fwd;
+use super::linear::{linear_fwd, linear_fwd_add};
 use super::{LayerParams, Model};
 use crate::device::{Device, View, ViewMut};
 use crate::Result;
@@ -30,8 +30,6 @@ pub(crate) struct BlockBufs<'a, B> {
     pub gate: ViewMut<'a, B>,
     pub up: ViewMut<'a, B>,
     pub h: ViewMut<'a, B>,
-    /// [N,C] scratch for the projections
-    pub proj: ViewMut<'a, B>,
 }
 
 /// `out = x_mid + down(silu(gate(n2)) * up(n2))`, `x_mid = x + o(attend(rope(q(n1)), rope(k(n1)), v(n1)))`
@@ -78,7 +76,6 @@ pub(crate) fn block_fwd<D: Device>(
         mut gate,
         mut up,
         mut h,
-        mut proj,
     } = io;
 
     dev.rmsnorm_fwd(xn1.reborrow(), rstd1, x, p(lp.ln1, c), n, c, eps)?;
@@ -104,16 +101,17 @@ pub(crate) fn block_fwd<D: Device>(
     dev.rope_fwd(q.reborrow(), b, t, nh, hs, pos0, pos, theta)?;
     dev.rope_fwd(k.reborrow(), b, t, nkv, hs, pos0, pos, theta)?;
     attend(att.reborrow(), q.as_view(), k.as_view(), v.as_view())?;
-    linear_fwd(
+    // x_mid = x + att @ wo^T: the residual add is the matmul's epilogue
+    linear_fwd_add(
         dev,
-        proj.reborrow(),
+        x_mid.reborrow(),
+        x,
         att.as_view(),
         p(lp.wo, c * qd),
         n,
         c,
         qd,
     )?;
-    dev.residual_fwd(x_mid.reborrow(), x, proj.as_view())?;
 
     dev.rmsnorm_fwd(
         xn2.reborrow(),
@@ -135,14 +133,14 @@ pub(crate) fn block_fwd<D: Device>(
     )?;
     linear_fwd(dev, up.reborrow(), xn2.as_view(), p(lp.wup, f * c), n, f, c)?;
     dev.swiglu_fwd(h.reborrow(), gate.as_view(), up.as_view())?;
-    linear_fwd(
+    linear_fwd_add(
         dev,
-        proj.reborrow(),
+        out,
+        x_mid.as_view(),
         h.as_view(),
         p(lp.wdown, c * f),
         n,
         c,
         f,
-    )?;
-    dev.residual_fwd(out, x_mid.as_view(), proj.as_view())
+    )
 }

@@ -205,8 +205,7 @@ pub fn forward_with<D: Device>(
     })
 }
 
-/// Block `lp` of a training pass: `out` from `x`, keeping in `la` what its backward needs
-/// (`proj` is scratch).
+/// Block `lp` of a training pass: `out` from `x`, keeping in `la` what its backward needs.
 pub(crate) fn block_train_fwd<D: Device>(
     dev: &D,
     model: &Model<D>,
@@ -214,7 +213,6 @@ pub(crate) fn block_train_fwd<D: Device>(
     dims: AttnDims,
     (x, out): (View<'_, D::Buf>, ViewMut<'_, D::Buf>),
     la: &mut LayerActs<D>,
-    proj: &mut D::Buf,
 ) -> Result<()> {
     let io = BlockBufs {
         x,
@@ -231,7 +229,6 @@ pub(crate) fn block_train_fwd<D: Device>(
         gate: ViewMut::all(&mut la.gate),
         up: ViewMut::all(&mut la.up),
         h: ViewMut::all(&mut la.h),
-        proj: ViewMut::all(proj),
     };
     let lse = ViewMut::all(&mut la.lse);
     block_fwd(
@@ -278,15 +275,7 @@ pub fn forward_blocks<D: Device>(
         let (before, after) = acts.res.split_at_mut(l + 1);
         let x_out = &mut after[0];
         let (x, out) = (View::all(&before[l]), ViewMut::all(&mut *x_out));
-        block_train_fwd(
-            dev,
-            model,
-            lp,
-            dims,
-            (x, out),
-            &mut acts.layers[li],
-            &mut acts.proj,
-        )?;
+        block_train_fwd(dev, model, lp, dims, (x, out), &mut acts.layers[li])?;
         inject(dev, x_out, inj, l + 1, n, c)?;
     }
     Ok(())

@@ -53,8 +53,6 @@ struct Workspace<D: Device> {
     v: D::Buf,
     /// [B*TQ,NH*HS]
     att: D::Buf,
-    /// [B*TQ,C]
-    proj: D::Buf,
     /// [B*TQ,F]
     gate: D::Buf,
     up: D::Buf,
@@ -108,7 +106,6 @@ impl<D: Device> KvCache<D> {
             k: dev.alloc_work(n * kvd)?,
             v: dev.alloc_work(n * kvd)?,
             att: dev.alloc_work(n * qd)?,
-            proj: dev.alloc_work(n * c)?,
             gate: dev.alloc_work(n * f)?,
             up: dev.alloc_work(n * f)?,
             h: dev.alloc_work(n * f)?,
@@ -241,7 +238,6 @@ impl<D: Device> KvCache<D> {
                     gate: head(&mut w.gate, n * f),
                     up: head(&mut w.up, n * f),
                     h: head(&mut w.h, n * f),
-                    proj: head(&mut w.proj, n * c),
                 };
                 let (kc, vc) = (&mut kcs[l], &mut vcs[l]);
                 block_fwd(dev, model, lp, (b, tq, pos0), pos, io, |att, q, k, v| {

@@ -17,6 +17,22 @@ pub fn linear_fwd<D: Device>(
     dev.matmul(out, x, w, n, o, i, false, true, 1.0, 0.0)
 }
 
+/// [`linear_fwd`] added to `x`: `out[N,O] = x[N,O] + input[N,I] @ w[O,I]^T` (`=`), one
+/// [`Device::matmul_add`] (the residual stream's update, the projection never written).
+#[allow(clippy::too_many_arguments)]
+pub fn linear_fwd_add<D: Device>(
+    dev: &D,
+    out: ViewMut<'_, D::Buf>,
+    x: View<'_, D::Buf>,
+    input: View<'_, D::Buf>,
+    w: View<'_, D::Buf>,
+    n: usize,
+    o: usize,
+    i: usize,
+) -> Result<()> {
+    dev.matmul_add(out, x, input, w, n, o, i, false, true)
+}
+
 /// The input gradient of [`linear_fwd`]: `dx[N,I] = dy[N,O] @ w[O,I]` (`=`, or `+=` when
 /// `accumulate`: the input feeds several linears).
 #[allow(clippy::too_many_arguments)]

@@ -694,6 +694,36 @@ impl Device for CpuDevice {
         )
     }
 
+    fn matmul_add(
+        &self,
+        d: ViewMut<'_, Buf>,
+        x: View<'_, Buf>,
+        a: View<'_, Buf>,
+        b: View<'_, Buf>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<()> {
+        const OP: &str = "matmul_add";
+        check_matmul([a.len(), b.len(), d.len()], [m, n, k], ta, tb)?;
+        check_same(OP, "x", x.len(), d.len())?;
+        // d and x are distinct borrows: d = x, then d += op(a) op(b)
+        let d = get_mut(OP, "d", d)?;
+        d.copy_from_slice(get(OP, "x", x)?);
+        matmul::matmul(
+            d,
+            get(OP, "a", a)?,
+            get(OP, "b", b)?,
+            [m, n, k],
+            ta,
+            tb,
+            1.0,
+            1.0,
+        )
+    }
+
     fn residual_fwd(
         &self,
         out: ViewMut<'_, Buf>,

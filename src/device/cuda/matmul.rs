@@ -1,6 +1,7 @@
 //! matmul on the GPU: cuBLASLt with the f32 compute type (`CUBLAS_COMPUTE_32F`, no TF32) over
-//! f32 or bf16 operands: a and b share a dtype, c (= d) has theirs or is f32 (the parameter
-//! gradient of bf16 operands). With f32 operands the device matches the CPU twin to f32
+//! f32 or bf16 operands: a and b share a dtype, c (cuBLASLt's D) has theirs or is f32 (the
+//! parameter gradient of bf16 operands). cuBLASLt's C, the addend, is c itself, or for
+//! `matmul_add` another buffer of c's dtype and layout (the residual epilogue). With f32 operands the device matches the CPU twin to f32
 //! rounding; with bf16 operands the products accumulate in f32 and c is rounded once.
 //!
 //! Row-major to cuBLAS's column-major: a row-major `c[M,N]` is a column-major `c^T [N,M]`, and
@@ -37,8 +38,9 @@ struct Key {
     /// dtype of a and b, and of c
     ab: Dtype,
     c: Dtype,
-    /// alignment in bytes (a power of two up to 256) of a, b and c
-    align: [u32; 3],
+    /// alignment in bytes (a power of two up to 256) of a, b, the addend (cuBLASLt's C) and c
+    /// (its D)
+    align: [u32; 4],
 }
 
 /// A cuBLASLt matmul descriptor, its A, B, C layouts and the algorithm chosen for them.
@@ -141,8 +143,8 @@ impl Plan {
             .map_err(blas_err("cublasLtMatmulPreferenceSetAttribute", *key))
         };
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
-        // cuBLAS A = our b, B = our a, C = D = our c
-        let [align_a, align_b, align_c] = key.align;
+        // cuBLAS A = our b, B = our a, C = the addend (our c itself unless matmul_add), D = our c
+        let [align_a, align_b, align_x, align_c] = key.align;
         let found = set_pref(
             P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
             &(WORKSPACE as u64).to_ne_bytes(),
@@ -162,7 +164,7 @@ impl Plan {
         .and_then(|_| {
             set_pref(
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                &align_c.to_ne_bytes(),
+                &align_x.to_ne_bytes(),
             )
         })
         .and_then(|_| {
@@ -241,13 +243,15 @@ impl Blas {
         })
     }
 
-    /// `c[M,N] = alpha * op(a) op(b) + beta * c` (row-major; see `Device::matmul`). The caller
-    /// checked that the operands hold exactly the elements of their shapes and that the dtypes
-    /// are a combination of the module docs.
+    /// `c[M,N] = alpha * op(a) op(b) + beta * x` (row-major; see `Device::matmul`), x at address
+    /// `x`: c's own (`matmul`) or another [M,N] of c's dtype (`matmul_add`). The caller checked
+    /// that the operands hold exactly the elements of their shapes, that the dtypes are a
+    /// combination of the module docs, and that c overlaps none of a, b and (unless it is c) x.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul(
         &self,
         c: Operand,
+        x: u64,
         a: Operand,
         b: Operand,
         [m, n, k]: [usize; 3],
@@ -262,7 +266,12 @@ impl Blas {
             tb,
             ab: a.dtype,
             c: c.dtype,
-            align: [alignment(a.addr), alignment(b.addr), alignment(c.addr)],
+            align: [
+                alignment(a.addr),
+                alignment(b.addr),
+                alignment(x),
+                alignment(c.addr),
+            ],
         };
         // cuBLASLt runs in the calling thread's current context, its heuristic query included:
         // ours, whichever thread calls
@@ -279,10 +288,11 @@ impl Blas {
             Entry::Vacant(e) => e.insert(Plan::new(self.handle, &key)?),
         };
         let [la, lb, lc] = plan.layouts;
-        // SAFETY: the caller checked that a, b and c hold the elements the layouts describe at
-        // these addresses (live buffers of ours, c not aliasing a or b), in the dtypes of the
-        // plan's key, aligned as the key says; the workspace is ours and WORKSPACE bytes long;
-        // alpha and beta are f32 (the scale type); the call is ordered on our one stream.
+        // SAFETY: the caller checked that a, b, x and c hold the elements the layouts describe at
+        // these addresses (live buffers of ours, c aliasing none of a, b and, unless it is c, x),
+        // in the dtypes of the plan's key (x has c's), aligned as the key says; the workspace is
+        // ours and WORKSPACE bytes long; alpha and beta are f32 (the scale type); the call is
+        // ordered on our one stream.
         unsafe {
             result::matmul(
                 self.handle,
@@ -293,7 +303,7 @@ impl Blas {
                 la,
                 a.addr as *const c_void,
                 lb,
-                c.addr as *const c_void,
+                x as *const c_void,
                 lc,
                 c.addr as *mut c_void,
                 lc,

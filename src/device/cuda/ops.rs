@@ -12,7 +12,7 @@ use super::{dev_in, dev_out, CudaBuf, CudaDevice, CudaExec, CudaIds, CudaLaunch}
 use crate::device::cpu::check_matmul;
 use crate::device::emu_device::check_matmul_dtypes;
 use crate::device::gpu::graph::Call;
-use crate::device::gpu::kernel_device::KernelDevice;
+use crate::device::gpu::kernel_device::{check_addend, KernelDevice};
 use crate::device::gpu::scratch::ScratchCache;
 use crate::device::gpu::{self, DevPtr, Ids, In, Out};
 use crate::device::{bytes_meet, Dtype, Storage, View, ViewMut};
@@ -149,10 +149,11 @@ impl KernelDevice for CudaDevice {
         self.copy_typed(dst, src)
     }
 
-    /// cuBLASLt (f32 compute; see `matmul.rs` for the dtypes).
+    /// cuBLASLt (f32 compute; see `matmul.rs` for the dtypes), with x (if any) as its C.
     fn matmul(
         &self,
         c: ViewMut<'_, Buf>,
+        x: Option<View<'_, Buf>>,
         a: View<'_, Buf>,
         b: View<'_, Buf>,
         m: usize,
@@ -170,34 +171,47 @@ impl KernelDevice for CudaDevice {
         let bytes = |len: usize, d: Dtype| (len * d.size()) as u64;
         let (a_bytes, b_bytes, c_bytes) =
             (bytes(a.len(), ab), bytes(b.len(), ab), bytes(c.len(), cd));
+        if let Some(x) = &x {
+            check_addend(x.dtype(), x.len(), cd, c.len())?;
+        }
         let a = operand(OP, "a", a)?;
         let b = operand(OP, "b", b)?;
+        let x_addr = match x {
+            Some(x) => Some(operand(OP, "x", x)?),
+            None => None,
+        };
         if m == 0 || n == 0 {
             return Ok(());
         }
-        if k == 0 {
-            // c = beta * c: cuBLASLt may refuse K = 0
-            return match beta {
-                0.0 => self.fill_typed(c, 0.0),
-                1.0 => Ok(()),
-                _ => Err(Error::invalid(OP, "K = 0 with beta other than 0 or 1")),
-            };
-        }
-        let c = match cd {
-            Dtype::Bf16 => dev_out::<bf16>(OP, "c", c)?.addr(),
-            _ => dev_out::<f32>(OP, "c", c)?.addr(),
-        };
-        let c_range = (c, c_bytes);
+        let c_addr = operand(OP, "c", c.as_view())?;
+        let c_range = (c_addr, c_bytes);
         if bytes_meet(c_range, (a, a_bytes)) || bytes_meet(c_range, (b, b_bytes)) {
             // parts of one shared allocation (`alloc_shared`) that overlap
             return Err(Error::invalid(OP, "c shares memory with a or b"));
+        }
+        if x_addr.is_some_and(|x| bytes_meet(c_range, (x, c_bytes))) {
+            return Err(Error::invalid("matmul_add", "d shares memory with x"));
+        }
+        if k == 0 {
+            // c = beta * (x or c): cuBLASLt may refuse K = 0
+            return match (beta, x) {
+                (0.0, _) => self.fill_typed(c, 0.0),
+                (1.0, None) => Ok(()),
+                (1.0, Some(x)) => self.copy_typed(c, x),
+                _ => Err(Error::invalid(OP, "K = 0 with beta other than 0 or 1")),
+            };
         }
         let (a, b) = (
             Operand { addr: a, dtype: ab },
             Operand { addr: b, dtype: ab },
         );
-        let c = Operand { addr: c, dtype: cd };
-        self.blas.matmul(c, a, b, [m, n, k], ta, tb, alpha, beta)
+        let addend = x_addr.unwrap_or(c_addr);
+        let c = Operand {
+            addr: c_addr,
+            dtype: cd,
+        };
+        self.blas
+            .matmul(c, addend, a, b, [m, n, k], ta, tb, alpha, beta)
     }
 }
 

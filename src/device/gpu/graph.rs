@@ -50,8 +50,9 @@ pub enum Call {
 /// A matmul as recorded.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MatmulCall {
-    /// addresses of c, a, b, then their lengths in elements
-    pub operands: [u64; 6],
+    /// addresses of c, the addend (c itself unless `matmul_add`), a, b, then the lengths in
+    /// elements of c, a, b
+    pub operands: [u64; 7],
     /// m, n, k, ta, tb, and the bits of alpha and beta
     pub shape: [u64; 7],
     /// dtypes of c, a, b
@@ -161,6 +162,8 @@ pub struct Recorder {
     failures: AtomicU64,
     /// why the first capture that failed did
     first_failure: OnceLock<String>,
+    /// kernel launches and matmuls of the last graph captured
+    last_graph: [AtomicU64; 2],
 }
 
 /// Stops a recording when dropped (also when the step panics), so the device does not keep
@@ -312,6 +315,27 @@ impl Recorder {
             Count::Failure => &self.failures,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One more capture, of these calls.
+    pub(crate) fn captured(&self, calls: &[Call]) {
+        self.count(Count::Capture);
+        let matmuls = calls
+            .iter()
+            .filter(|c| matches!(c, Call::Matmul(_)))
+            .count();
+        let sizes = [calls.len() - matmuls, matmuls];
+        for (slot, n) in self.last_graph.iter().zip(sizes) {
+            slot.store(n as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Kernel launches and matmuls of the last graph captured on this device (0 before the
+    /// first).
+    pub fn last_graph(&self) -> [u64; 2] {
+        self.last_graph
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// One more failed capture, and why.

@@ -100,10 +100,13 @@ pub trait KernelDevice: Send + Sync + Sized {
     fn fill(&self, x: M<'_, Self>, value: f32) -> Result<()>;
     /// `dst = src` of the same dtype (a memory copy; conversions launch `convert`).
     fn copy_same(&self, dst: M<'_, Self>, src: V<'_, Self>) -> Result<()>;
+    /// [`Device::matmul`] with `x` None; with `Some(x)` the addend is x instead of c's own
+    /// contents: `c = alpha op(a) op(b) + beta x` ([`Device::matmul_add`]: alpha = beta = 1).
     #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
         c: M<'_, Self>,
+        x: Option<V<'_, Self>>,
         a: V<'_, Self>,
         b: V<'_, Self>,
         m: usize,
@@ -180,6 +183,71 @@ macro_rules! by_dtype {
     };
 }
 
+/// [`Device::matmul`] (`x` None) or [`Device::matmul_add`] (`x` the addend): recorded where a
+/// graph is being recorded, else made.
+#[allow(clippy::too_many_arguments)]
+fn matmul_call<T: KernelDevice>(
+    dev: &T,
+    c: M<'_, T>,
+    x: Option<V<'_, T>>,
+    a: V<'_, T>,
+    b: V<'_, T>,
+    [m, n, k]: [usize; 3],
+    ta: bool,
+    tb: bool,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    if let Some(rec) = dev.launcher().recorder().filter(|r| r.on_here()) {
+        // the checks the devices' matmul makes, before a call that may not run now
+        const OP: &str = "matmul";
+        let dtypes = [c.dtype(), a.dtype(), b.dtype()];
+        crate::device::cpu::check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
+        crate::device::emu_device::check_matmul_dtypes(dtypes[1], dtypes[2], dtypes[0])?;
+        let lens = [c.len(), a.len(), b.len()].map(|x| x as u64);
+        let c_addr = by_dtype!(dtypes[0], S => T::input::<S>(OP, "c", c.as_view())?.addr());
+        let x_addr = match x {
+            Some(x) => {
+                check_addend(x.dtype(), x.len(), dtypes[0], c.len())?;
+                by_dtype!(dtypes[0], S => T::input::<S>(OP, "x", x)?.addr())
+            }
+            None => c_addr,
+        };
+        let addrs = [
+            c_addr,
+            x_addr,
+            by_dtype!(dtypes[1], S => T::input::<S>(OP, "a", a)?.addr()),
+            by_dtype!(dtypes[2], S => T::input::<S>(OP, "b", b)?.addr()),
+        ];
+        let [mm, nn, kk, ta1, tb1] = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
+        let (al, be) = (u64::from(alpha.to_bits()), u64::from(beta.to_bits()));
+        let recorded = rec.record(CallRef::Matmul(MatmulCall {
+            operands: [
+                addrs[0], addrs[1], addrs[2], addrs[3], lens[0], lens[1], lens[2],
+            ],
+            shape: [mm, nn, kk, ta1, tb1, al, be],
+            dtypes,
+        }));
+        if recorded {
+            // recorded, not made; a capture being checked makes it below
+            return Ok(());
+        }
+    }
+    KernelDevice::matmul(dev, c, x, a, b, m, n, k, ta, tb, alpha, beta)
+}
+
+/// `matmul_add`'s addend x: d's dtype and length.
+pub(crate) fn check_addend(x: Dtype, x_len: usize, d: Dtype, d_len: usize) -> Result<()> {
+    const OP: &str = "matmul_add";
+    if x != d {
+        return Err(Error::invalid(
+            OP,
+            format!("x is {x}, d {d}: x must have d's dtype"),
+        ));
+    }
+    crate::device::cpu::check_same(OP, "x", x_len, d_len)
+}
+
 /// A device call a step to replay may not make: an error while recording.
 fn refuse<T: KernelDevice>(dev: &T, op: &str) -> Result<()> {
     match dev.launcher().recorder() {
@@ -244,7 +312,7 @@ impl<T: KernelDevice> Device for T {
         match self.capture(&g.calls, step) {
             Ok(exec) => {
                 g.exec = Some(exec);
-                rec.count(Count::Capture);
+                rec.captured(&g.calls);
             }
             Err(e) => {
                 // a device that cannot capture this step: no graph for it from now on
@@ -258,11 +326,14 @@ impl<T: KernelDevice> Device for T {
     fn graph_stats(&self) -> Option<crate::device::GraphStats> {
         let rec = self.launcher().recorder()?;
         let [captures, replays, failures] = rec.counts();
+        let [graph_kernels, graph_matmuls] = rec.last_graph();
         Some(crate::device::GraphStats {
             captures,
             replays,
             failures,
             first_failure: rec.first_failure().map(str::to_string),
+            graph_kernels,
+            graph_matmuls,
         })
     }
 
@@ -350,31 +421,22 @@ impl<T: KernelDevice> Device for T {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
-        if let Some(rec) = self.launcher().recorder().filter(|r| r.on_here()) {
-            // the checks the devices' matmul makes, before a call that may not run now
-            const OP: &str = "matmul";
-            let dtypes = [c.dtype(), a.dtype(), b.dtype()];
-            crate::device::cpu::check_matmul([a.len(), b.len(), c.len()], [m, n, k], ta, tb)?;
-            crate::device::emu_device::check_matmul_dtypes(dtypes[1], dtypes[2], dtypes[0])?;
-            let lens = [c.len(), a.len(), b.len()].map(|x| x as u64);
-            let addrs = [
-                by_dtype!(dtypes[0], S => T::input::<S>(OP, "c", c.as_view())?.addr()),
-                by_dtype!(dtypes[1], S => T::input::<S>(OP, "a", a)?.addr()),
-                by_dtype!(dtypes[2], S => T::input::<S>(OP, "b", b)?.addr()),
-            ];
-            let [mm, nn, kk, ta1, tb1] = [m, n, k, ta as usize, tb as usize].map(|x| x as u64);
-            let (al, be) = (u64::from(alpha.to_bits()), u64::from(beta.to_bits()));
-            let recorded = rec.record(CallRef::Matmul(MatmulCall {
-                operands: [addrs[0], addrs[1], addrs[2], lens[0], lens[1], lens[2]],
-                shape: [mm, nn, kk, ta1, tb1, al, be],
-                dtypes,
-            }));
-            if recorded {
-                // recorded, not made; a capture being checked makes it below
-                return Ok(());
-            }
-        }
-        KernelDevice::matmul(self, c, a, b, m, n, k, ta, tb, alpha, beta)
+        matmul_call(self, c, None, a, b, [m, n, k], ta, tb, alpha, beta)
+    }
+
+    fn matmul_add(
+        &self,
+        d: M<'_, T>,
+        x: V<'_, T>,
+        a: V<'_, T>,
+        b: V<'_, T>,
+        m: usize,
+        n: usize,
+        k: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<()> {
+        matmul_call(self, d, Some(x), a, b, [m, n, k], ta, tb, 1.0, 1.0)
     }
 
     fn embedding_fwd(
