@@ -235,6 +235,7 @@ fn benches(c: &mut Criterion) {
                     v(&rstd),
                     n,
                     cc,
+                    false,
                 )
             },
         );

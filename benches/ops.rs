@@ -98,6 +98,7 @@ fn rmsnorm(c: &mut Criterion) {
                 v(&rstd),
                 N,
                 C,
+                false,
             )
             .unwrap()
         })

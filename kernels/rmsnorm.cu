@@ -2,8 +2,8 @@
 //
 // Math    fwd: rstd[n] = 1 / sqrt(mean_c(x^2) + eps)                              (=)
 //              out[n,c] = x[n,c] * rstd[n] * w[c]                                  (=)
-//         bwd: dx[n,c] = rstd (w dout) - x rstd^3 mean_c(w dout x)               (=: activation
-//              gradient)
+//         bwd: dx[n,c] = rstd (w dout) - x rstd^3 mean_c(w dout x)     (=, or += when acc != 0:
+//              an activation gradient, added to the residual stream's where acc is set)
 //              dw[c] += sum_n dout[n,c] x[n,c] rstd[n]                             (+=: parameter
 //              gradient)
 //         mean_c(.) = sum_c(.) * (1/C) and 1/sqrt is IEEE (as the CPU twin); sums over c in f32.
@@ -27,7 +27,8 @@
 // Symbols rmsnorm_fwd_f32, rmsnorm_fwd_bf16 (T* out, float* rstd, const T* x, const T* w,
 //                                            int n, int c, float eps)
 //         rmsnorm_bwd_f32, rmsnorm_bwd_bf16 (T* dx, float* dw, const T* dout, const T* x,
-//                                            const T* w, const float* rstd, int n, int c)
+//                                            const T* w, const float* rstd, int n, int c,
+//                                            int acc)
 //
 // nla: hot
 
@@ -82,7 +83,7 @@ template <typename T>
 __device__ __forceinline__ void rmsnorm_bwd(T* __restrict__ dx, float* __restrict__ dw,
                                             const T* __restrict__ dout, const T* __restrict__ x,
                                             const T* __restrict__ w, const float* __restrict__ rstd,
-                                            int n, int c) {
+                                            int n, int c, int acc) {
     constexpr int P = NlaPack<T>::N;
     NLA_DYNAMIC_SMEM(float, dw_part);  // [C]: this block's sum over its rows of dout x rstd
     const bool vec = c % P == 0 && nla_aligned(dx, 16) && nla_aligned(dout, 16) &&
@@ -117,23 +118,28 @@ __device__ __forceinline__ void rmsnorm_bwd(T* __restrict__ dx, float* __restric
                 const NlaVec<T, P> vx = nla_load<P>(xr + j), vg = nla_load<P>(gr + j),
                                    vw = nla_load<P>(w + j);
                 NlaVec<T, P> vd;
+                if (acc) vd = nla_load<P>(dr + j);
                 NLA_UNROLL
                 for (int q = 0; q < P; q += 4) {
-                    NlaVec<float, 4> acc = nla_load<4>(dw_part + j + q);
+                    NlaVec<float, 4> part = nla_load<4>(dw_part + j + q);
                     NLA_UNROLL
                     for (int k = 0; k < 4; ++k) {
                         const float g = nla_f32(vg.v[q + k]), xf = nla_f32(vx.v[q + k]);
-                        vd.v[q + k] = nla_from_f32<T>(r * (g * nla_f32(vw.v[q + k])) - xf * kk);
-                        acc.v[k] += g * xf * r;
+                        float d = r * (g * nla_f32(vw.v[q + k])) - xf * kk;
+                        if (acc) d += nla_f32(vd.v[q + k]);
+                        vd.v[q + k] = nla_from_f32<T>(d);
+                        part.v[k] += g * xf * r;
                     }
-                    nla_store<4>(dw_part + j + q, acc);
+                    nla_store<4>(dw_part + j + q, part);
                 }
                 nla_store<P>(dr + j, vd);
             }
         } else {
             for (int j = threadIdx.x; j < c; j += blockDim.x) {
                 const float g = nla_f32(gr[j]), xf = nla_f32(xr[j]);
-                dr[j] = nla_from_f32<T>(r * (g * nla_f32(w[j])) - xf * kk);
+                float d = r * (g * nla_f32(w[j])) - xf * kk;
+                if (acc) d += nla_f32(dr[j]);
+                dr[j] = nla_from_f32<T>(d);
                 dw_part[j] += g * xf * r;
             }
         }
@@ -152,8 +158,8 @@ __device__ __forceinline__ void rmsnorm_bwd(T* __restrict__ dx, float* __restric
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
         rmsnorm_bwd_##S(T* __restrict__ dx, float* __restrict__ dw, const T* __restrict__ dout,    \
                         const T* __restrict__ x, const T* __restrict__ w,                          \
-                        const float* __restrict__ rstd, int n, int c) {                            \
-        rmsnorm_bwd<T>(dx, dw, dout, x, w, rstd, n, c);                                            \
+                        const float* __restrict__ rstd, int n, int c, int acc) {                   \
+        rmsnorm_bwd<T>(dx, dw, dout, x, w, rstd, n, c, acc);                                       \
     }
 NLA_RMSNORM(f32, float)
 NLA_RMSNORM(bf16, nla_bf16)

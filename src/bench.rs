@@ -461,15 +461,15 @@ impl fmt::Display for RolloutReport {
                 "\n  decode steps as graphs: {} captured, {} replayed, {} failed captures",
                 g.captures, g.replays, g.failures
             )?;
+            if let Some(why) = &g.first_failure {
+                write!(f, " (first: {why})")?;
+            }
             if g.captures > 0 {
                 write!(
                     f,
                     "; a graph: {} kernel launches + {} matmuls",
                     g.graph_kernels, g.graph_matmuls
                 )?;
-            }
-            if let Some(why) = &g.first_failure {
-                write!(f, " (first: {why})")?;
             }
         }
         Ok(())

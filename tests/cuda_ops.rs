@@ -334,6 +334,7 @@ fn rmsnorm<D: Device>(dev: &D, label: &str, s: &Sizes) {
             View::all(&rstd),
             n,
             c,
+            false,
         )
         .unwrap();
         [&out, &rstd, &dx, &dw].map(|x| down(e, x)).to_vec()
@@ -510,19 +511,27 @@ fn matmul<D: Device>(dev: &D, label: &str, s: &Sizes) {
         check(label, &what, &got, &want, 1e-4);
     }
     // matmul_add (cuBLASLt's C apart from D): d starts as NaN (its contents must be ignored),
-    // x is the addend and must come through unchanged
-    for t in [(false, false), (false, true), (true, false), (true, true)] {
-        let (want, tc) = timed(|| add(&CpuDevice::new(), s.matmul, &a, &b, &c0, t));
-        let (got, td) = timed(|| add(dev, s.matmul, &a, &b, &c0, t));
-        let what = format!("matmul_add (M {m}, N {n}, K {k}, ta {}, tb {})", t.0, t.1);
+    // x is the addend and must come through unchanged; x one element past its buffer's start
+    // once (C less aligned than D: another cuBLASLt plan)
+    let cases = [
+        (false, false, 0),
+        (false, true, 0),
+        (true, false, 0),
+        (true, true, 0),
+    ];
+    for (ta, tb, x_off) in cases.into_iter().chain([(false, true, 1)]) {
+        let t = (ta, tb);
+        let (want, tc) = timed(|| add(&CpuDevice::new(), s.matmul, &a, &b, &c0, t, x_off));
+        let (got, td) = timed(|| add(dev, s.matmul, &a, &b, &c0, t, x_off));
+        let what = format!("matmul_add (M {m}, N {n}, K {k}, ta {ta}, tb {tb}, x at +{x_off})");
         report(label, &what, tc, td);
         // as matmul's; the added x (|x| < 1) changes nothing of that bound
         check(label, &what, &got, &want, 1e-4);
     }
 }
 
-/// `matmul_add` on `e`: d (NaN) = op(a) op(b) + x; returns d, after checking that x is
-/// unchanged.
+/// `matmul_add` on `e`: d (NaN) = op(a) op(b) + x, x at element `x_off` of its buffer;
+/// returns d, after checking that x is unchanged.
 fn add<E: Device>(
     e: &E,
     [m, n, k]: [usize; 3],
@@ -530,13 +539,15 @@ fn add<E: Device>(
     b: &[f32],
     x: &[f32],
     (ta, tb): (bool, bool),
+    x_off: usize,
 ) -> Vec<f32> {
-    let (a, b, xb) = (up(e, a), up(e, b), up(e, x));
+    let padded: Vec<f32> = [vec![7.0; x_off], x.to_vec()].concat();
+    let (a, b, xb) = (up(e, a), up(e, b), up(e, &padded));
     let mut d = nans(e, m * n);
-    let (av, bv, xv) = (View::all(&a), View::all(&b), View::all(&xb));
+    let (av, bv, xv) = (View::all(&a), View::all(&b), View::range(&xb, x_off, m * n));
     e.matmul_add(ViewMut::all(&mut d), xv, av, bv, m, n, k, ta, tb)
         .unwrap();
-    assert_eq!(down(e, &xb), x, "matmul_add wrote its addend");
+    assert_eq!(down(e, &xb), padded, "matmul_add wrote its addend");
     down(e, &d)
 }
 

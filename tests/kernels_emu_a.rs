@@ -323,8 +323,7 @@ fn rmsnorm_bwd_k<T: Storage>(
     x: &[T],
     w: &[T],
     rstd: &[f32],
-    n: usize,
-    c: usize,
+    (n, c, acc): (usize, usize, bool),
     sms: usize,
     mode: EmuMode,
     seed: u64,
@@ -332,7 +331,7 @@ fn rmsnorm_bwd_k<T: Storage>(
     let grid = n.min(2 * sms) as u32;
     let mut a = EmuArgs::new();
     a.ptr_mut(dx).ptr_mut(dw).ptr(dout).ptr(x).ptr(w).ptr(rstd);
-    a.scalar(n as i32).scalar(c as i32);
+    a.scalar(n as i32).scalar(c as i32).scalar(acc as i32);
     launch1(
         &sym::<T>("rmsnorm_bwd"),
         grid,
@@ -354,23 +353,13 @@ fn check_rmsnorm<T: Storage>(n: usize, c: usize, misalign: usize, sms: usize, se
     let w = T::round(&uniform(&mut r, c, 0.5, 1.5));
     let dout = rand_t::<T>(&mut r, n * c, 1.0);
     let dw0 = nonzero(&mut r, c, 1.0);
+    // what dx holds before a backward that adds into it (the residual stream's gradient)
+    let dx0 = rand_t::<T>(&mut r, n * c, 1.0);
     let eps = 1e-5;
     let dev = cpu();
     let (mut out_w, mut rstd_w) = (vec![0.0; n * c], vec![0.0; n]);
     dev.rmsnorm_fwd(m(&mut out_w), m(&mut rstd_w), v(&x), v(&w), n, c, eps)
         .unwrap();
-    let (mut dx_w, mut dw_w) = (vec![0.0; n * c], dw0.clone());
-    dev.rmsnorm_bwd(
-        m(&mut dx_w),
-        m(&mut dw_w),
-        v(&dout),
-        v(&x),
-        v(&w),
-        v(&rstd_w),
-        n,
-        c,
-    )
-    .unwrap();
 
     // sum_c x^2: positive terms, block tree vs the twin's dot; the relative error of either
     // sum is below (log2 C + C/8) * 2^-24 < 4e-6 for C <= 512, rstd gets half of it, out
@@ -406,38 +395,58 @@ fn check_rmsnorm<T: Storage>(n: usize, c: usize, misalign: usize, sms: usize, se
     // allows ~12 such ulp (observed: < 1); rtol 4e-6 for the r (w g) term.
     // dw += sum_n g x r: per-block partials then G atomics in scheduling order; N terms of
     // size < 4: atol 4e-6 * N / 8.
+    // With acc, dx0 (|dx0| < 1) is added in f32 before the one rounding: no more than that.
     let dx_tol = Tol::new(5e-6, 4e-6);
     let dw_tol = Tol::new(4e-6 * (n as f32 / 8.0).max(1.0), 4e-6);
-    let bwd = both_orders(|mode, seed| {
-        let mut dx = nan_out::<T>(n * c, misalign);
-        let mut dw = Guarded::from_slice(&dw0);
-        let (g, xg, wg) = (
-            input::<T>(&dout, misalign),
-            input::<T>(&x, misalign),
-            input::<T>(&w, misalign),
-        );
-        let rs = Guarded::from_slice(&rstd_w);
-        rmsnorm_bwd_k(
-            dx.get_mut(),
-            dw.get_mut(),
-            g.get(),
-            xg.get(),
-            wg.get(),
-            rs.get(),
+    for acc in [false, true] {
+        let tag = format!("{tag} acc={acc}");
+        let (mut dx_w, mut dw_w) = (dx0.clone(), dw0.clone());
+        dev.rmsnorm_bwd(
+            m(&mut dx_w),
+            m(&mut dw_w),
+            v(&dout),
+            v(&x),
+            v(&w),
+            v(&rstd_w),
             n,
             c,
-            sms,
-            mode,
-            seed,
-        );
-        (read(&tag, &dx), read(&tag, &dw))
-    });
-    assert_same_bits(&format!("{tag} bwd dx"), &bwd[0].0, &bwd[1].0);
-    for (i, (dx, dw)) in bwd.iter().enumerate() {
-        dx_tol
-            .out::<T>()
-            .check(&format!("{tag} bwd dx [{i}]"), dx, &dx_w);
-        dw_tol.check(&format!("{tag} bwd dw [{i}]"), dw, &dw_w);
+            acc,
+        )
+        .unwrap();
+        let bwd = both_orders(|mode, seed| {
+            let mut dx = if acc {
+                input::<T>(&dx0, misalign)
+            } else {
+                nan_out::<T>(n * c, misalign)
+            };
+            let mut dw = Guarded::from_slice(&dw0);
+            let (g, xg, wg) = (
+                input::<T>(&dout, misalign),
+                input::<T>(&x, misalign),
+                input::<T>(&w, misalign),
+            );
+            let rs = Guarded::from_slice(&rstd_w);
+            rmsnorm_bwd_k(
+                dx.get_mut(),
+                dw.get_mut(),
+                g.get(),
+                xg.get(),
+                wg.get(),
+                rs.get(),
+                (n, c, acc),
+                sms,
+                mode,
+                seed,
+            );
+            (read(&tag, &dx), read(&tag, &dw))
+        });
+        assert_same_bits(&format!("{tag} bwd dx"), &bwd[0].0, &bwd[1].0);
+        for (i, (dx, dw)) in bwd.iter().enumerate() {
+            dx_tol
+                .out::<T>()
+                .check(&format!("{tag} bwd dx [{i}]"), dx, &dx_w);
+            dw_tol.check(&format!("{tag} bwd dw [{i}]"), dw, &dw_w);
+        }
     }
 }
 

@@ -274,6 +274,7 @@ fn rmsnorm() {
                 r,
                 n,
                 c,
+                false,
             )
             .unwrap();
             gpu::rmsnorm::bwd(
@@ -286,6 +287,7 @@ fn rmsnorm() {
                 r,
                 n,
                 c,
+                false,
             )
             .unwrap();
             // dx = rstd w dout - x rstd^3 mean(w dout x): a difference of f32 sums

@@ -88,6 +88,7 @@ fn rmsnorm_fixture() {
         v(&rstd),
         n,
         c,
+        false,
     )
     .unwrap();
     // dx = rstd*w*dout - x*rstd^3*mean(w*dout*x): two terms that cancel, so the error is ~u of
@@ -783,7 +784,7 @@ fn rmsnorm_fd() {
     };
     let rstd = fwd(&x, &w).1;
     let (mut dx, mut dw) = (vec![0.0; n * c], vec![0.0; c]);
-    cpu::rmsnorm::rmsnorm_bwd(&mut dx, &mut dw, &r, &x, &w, &rstd, c);
+    cpu::rmsnorm::rmsnorm_bwd(&mut dx, &mut dw, &r, &x, &w, &rstd, c, false);
     check_fd("rmsnorm dx", &x, &dx, |x| fwd(x, &w).0);
     check_fd("rmsnorm dw", &w, &dw, |w| fwd(&x, w).0);
 }
@@ -1155,6 +1156,7 @@ fn rmsnorm_device() {
         v(&rstd),
         n,
         c,
+        false,
     )
     .unwrap();
     assert!(dx.iter().all(|x| x.is_finite()), "dx overwrites");
@@ -1168,6 +1170,7 @@ fn rmsnorm_device() {
         v(&rstd),
         n,
         c,
+        false,
     )
     .unwrap();
     assert_eq!(dx, dx1, "dx overwrites");
@@ -1176,6 +1179,23 @@ fn rmsnorm_device() {
         dw1.iter().map(|x| 2.0 * x).collect::<Buf>(),
         "dw accumulates"
     );
+    // accumulate: dx += the same values, each one f32 add (bit-exact)
+    let dx0 = random_f32(n * c, 44);
+    let mut dx = dx0.clone();
+    dev.rmsnorm_bwd(
+        m(&mut dx),
+        m(&mut dw),
+        v(&dout),
+        v(&x),
+        v(&w),
+        v(&rstd),
+        n,
+        c,
+        true,
+    )
+    .unwrap();
+    let want: Buf = dx0.iter().zip(&dx1).map(|(a, b)| a + b).collect();
+    assert_eq!(dx, want, "dx accumulates with accumulate");
 
     let mut out = vec![0.0; n * c];
     assert_invalid(
@@ -1217,6 +1237,7 @@ fn rmsnorm_device() {
             v(&rstd[..2].to_vec()),
             n,
             c,
+            false,
         ),
     );
     assert_invalid(
@@ -1230,6 +1251,7 @@ fn rmsnorm_device() {
             v(&rstd),
             n,
             usize::MAX,
+            false,
         ),
     );
 }

@@ -323,6 +323,7 @@ fn rmsnorm(d: &EmuDevice) {
             v(&rstd),
             n,
             c,
+            false,
         )
         .unwrap();
     }

@@ -556,7 +556,9 @@ pub trait Device: Send + Sync + Sized {
         c: usize,
         eps: f32,
     ) -> Result<()>;
-    /// dx[N,C] = (rstd * (w*dout) - x * rstd^3 * mean_c(w*dout*x)); dw[C] += sum_n dout * x * rstd
+    /// dx[N,C] = (rstd * (w*dout) - x * rstd^3 * mean_c(w*dout*x)) (`=`, or `+=` when
+    /// `accumulate`: the residual stream's gradient, which also reaches it past the norm);
+    /// dw[C] += sum_n dout * x * rstd
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_bwd(
         &self,
@@ -568,6 +570,7 @@ pub trait Device: Send + Sync + Sized {
         rstd: V<'_, Self>,
         n: usize,
         c: usize,
+        accumulate: bool,
     ) -> Result<()>;
 
     /// In place on x[B,T,H,HS]: HF "rotate half" RoPE. For i < HS/2, position p = pos0 + t,
@@ -662,8 +665,9 @@ pub trait Device: Send + Sync + Sized {
     /// d[M,N] = op(a) op(b) + x: [`Device::matmul`] whose epilogue adds x [M,N] (cuBLASLt's C,
     /// read, apart from its D, written), e.g. a projection added to the residual stream without
     /// the projection ever being written. Shapes and dtypes as `matmul`'s with c = d; x has d's
-    /// dtype. The products accumulate in f32 and d is rounded once to its dtype. d must not
-    /// share memory with x, a or b.
+    /// dtype. The products accumulate in f32 and d is rounded once to its dtype (the CPU twin
+    /// adds its GEMM's K-panels into d = x one after another: the same sum to f32 rounding,
+    /// not bit for bit matmul then `residual_fwd`). d must not share memory with x, a or b.
     #[allow(clippy::too_many_arguments)]
     fn matmul_add(
         &self,

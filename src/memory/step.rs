@@ -905,8 +905,8 @@ impl<'a> Builder<'a> {
         }
     }
 
-    /// One block's backward (`model/backward.rs`): from `dout` = d loss / d out to the
-    /// returned d loss / d x; weight gradients into `g`.
+    /// One block's backward (`model/backward.rs`): from `dout` = d loss / d out to d loss / d x,
+    /// in place in `dout` (returned); weight gradients into `g`.
     #[allow(clippy::too_many_arguments)]
     fn block_bwd(
         &mut self,
@@ -938,15 +938,14 @@ impl<'a> Builder<'a> {
         self.op(format!("{pre}: up_proj bwd_dx"), &[dxn, dup, w]);
         self.op(format!("{pre}: gate_proj bwd_dw"), &[g, dgate, la.xn2]);
         self.op(format!("{pre}: up_proj bwd_dw"), &[g, dup, la.xn2]);
-        let dx_mid = self.act(format!("{pre}.dx_mid"), n * c);
+        // dout += the norm's share, in place: d x_mid from here
         self.op(
-            format!("{pre}: rmsnorm_bwd 2"),
-            &[dx_mid, g, dxn, la.x_mid, w, la.rstd2],
+            format!("{pre}: rmsnorm_bwd 2 (+=)"),
+            &[dout, g, dxn, la.x_mid, w, la.rstd2],
         );
-        self.op(format!("{pre}: residual_bwd"), &[dx_mid, dout]);
         let datt = self.act(format!("{pre}.datt"), n * qd);
-        self.op(format!("{pre}: o_proj bwd_dx"), &[datt, dx_mid, w]);
-        self.op(format!("{pre}: o_proj bwd_dw"), &[g, dx_mid, la.att]);
+        self.op(format!("{pre}: o_proj bwd_dx"), &[datt, dout, w]);
+        self.op(format!("{pre}: o_proj bwd_dw"), &[g, dout, la.att]);
         let dq = self.act(format!("{pre}.dq"), n * qd);
         let dk = self.act(format!("{pre}.dk"), n * kvd);
         let dv = self.act(format!("{pre}.dv"), n * kvd);
@@ -963,13 +962,12 @@ impl<'a> Builder<'a> {
         self.op(format!("{pre}: q_proj bwd_dw"), &[g, dq, la.xn1]);
         self.op(format!("{pre}: k_proj bwd_dw"), &[g, dk, la.xn1]);
         self.op(format!("{pre}: v_proj bwd_dw"), &[g, dv, la.xn1]);
-        let dx = self.act(format!("{pre}.dres"), n * c);
+        // and again: d x
         self.op(
-            format!("{pre}: rmsnorm_bwd"),
-            &[dx, g, dxn1, x, w, la.rstd1],
+            format!("{pre}: rmsnorm_bwd (+=)"),
+            &[dout, g, dxn1, x, w, la.rstd1],
         );
-        self.op(format!("{pre}: residual_bwd 2"), &[dx, dx_mid]);
-        dx
+        dout
     }
 
     /// The batch inputs of a pass (ids [N], targets [N] for an LM, mask [N], injection).

@@ -177,11 +177,9 @@ pub struct ActivationSet<B> {
     /// [N] masked per-position cross-entropy
     pub losses: B,
     // gradient scratch (the logits' gradient overwrites the logits, chunk by chunk: no buffer)
-    /// [N,C] gradient w.r.t. the residual stream, and its next value
+    /// [N,C] gradient w.r.t. the residual stream (d x_out, then d x_mid, then d x in a
+    /// block's backward)
     pub dres: B,
-    pub dres_next: B,
-    /// [N,C]
-    pub dx_mid: B,
     /// [N,C] gradient w.r.t. a normed input
     pub dxn: B,
     /// [N,F]
@@ -293,15 +291,12 @@ impl<B> ActivationSet<B> {
         let head = (HEAD_BWD, HEAD_FWD);
         // from the head's forward to the end of the pass (read after it)
         let losses = (RECOMPUTE, HEAD_FWD);
-        // the residual stream's gradient: from the head's backward through every block's
-        // (the two buffers swap roles block by block)
+        // the residual stream's gradient: from the head's backward through every block's, each
+        // norm's backward adding its share in place
         let dres = (RECOMPUTE, HEAD_BWD);
         // the normed inputs' gradient: written and read in the head's backward and in each
         // half of a block's
         let dxn = (MLP_BWD, HEAD_BWD);
-        // d x_mid: the recomputed block's output first (scratch), then from the MLP's
-        // backward to the attention's
-        let dx_mid = (RECOMPUTE, ATTN_BWD);
         let mlp = (MLP_BWD, MLP_BWD);
         let attn = (ATTN_BWD, ATTN_BWD);
         let mut set = ActivationSet {
@@ -323,8 +318,6 @@ impl<B> ActivationSet<B> {
             logit_scale: 1.0,
             losses: a("losses".into(), n, true, losses)?,
             dres: a("dres".into(), n * c, false, dres)?,
-            dres_next: a("dres_next".into(), n * c, false, dres)?,
-            dx_mid: a("dx_mid".into(), n * c, false, dx_mid)?,
             dxn: a("dxn".into(), n * c, false, dxn)?,
             dh: a("dh".into(), n * f, false, mlp)?,
             dgate: a("dgate".into(), n * f, false, mlp)?,

@@ -170,6 +170,7 @@ pub fn backward_with<D: Device>(
         View::all(&a.rstd_f),
         n,
         c,
+        false,
     )?;
 
     backward_blocks(dev, model, a, &batch.ids, inj)
@@ -218,10 +219,10 @@ pub fn backward_blocks<D: Device>(
         uninject(dev, &mut a.dres, &mut inj, l + 1, (n, c), &mut first)?;
         let li = a.layer_index(l);
         if a.recompute == Recompute::Block {
-            // the block again from its input, into the shared set (its output, equal to
-            // res[l+1], goes to dx_mid: scratch until the MLP's backward writes it)
-            let (x, out) = (View::all(&a.res[l]), ViewMut::all(&mut a.dx_mid));
-            block_train_fwd(dev, model, lp, dims, (x, out), &mut a.layers[li])?;
+            // the block again from its input, into the shared set, up to what its backward
+            // reads (h: not the down projection, whose output res[l+1] holds)
+            let x = View::all(&a.res[l]);
+            block_train_fwd(dev, model, lp, dims, (x, None), &mut a.layers[li])?;
         }
         let la = &a.layers[li];
         let x = &a.res[l];
@@ -268,8 +269,9 @@ pub fn backward_blocks<D: Device>(
         )?;
         linear_bwd_dw(dev, g!(lp.wgate, f * c), dgate, xn2, n, f, c)?;
         linear_bwd_dw(dev, g!(lp.wup, f * c), dup, xn2, n, f, c)?;
+        // a.dres += the norm's share
         dev.rmsnorm_bwd(
-            ViewMut::all(&mut a.dx_mid),
+            ViewMut::all(&mut a.dres),
             g!(lp.ln2, c),
             View::all(&a.dxn),
             View::all(&la.x_mid),
@@ -277,11 +279,12 @@ pub fn backward_blocks<D: Device>(
             View::all(&la.rstd2),
             n,
             c,
+            true,
         )?;
-        dev.residual_bwd(ViewMut::all(&mut a.dx_mid), dres)?;
 
-        // attention: x_mid = x + att @ wo^T
-        let dx_mid = View::all(&a.dx_mid);
+        // a.dres now holds d x_mid (the skip's share plus the norm's). attention:
+        // x_mid = x + att @ wo^T
+        let dx_mid = View::all(&a.dres);
         linear_bwd_dx(
             dev,
             ViewMut::all(&mut a.datt),
@@ -346,8 +349,9 @@ pub fn backward_blocks<D: Device>(
         linear_bwd_dw(dev, g!(lp.wq, qd * c), dq, xn1, n, qd, c)?;
         linear_bwd_dw(dev, g!(lp.wk, kvd * c), dk, xn1, n, kvd, c)?;
         linear_bwd_dw(dev, g!(lp.wv, kvd * c), dv, xn1, n, kvd, c)?;
+        // a.dres += the norm's share: d x, the previous block's d x_out
         dev.rmsnorm_bwd(
-            ViewMut::all(&mut a.dres_next),
+            ViewMut::all(&mut a.dres),
             g!(lp.ln1, c),
             View::all(&a.dxn),
             View::all(x),
@@ -355,9 +359,8 @@ pub fn backward_blocks<D: Device>(
             View::all(&la.rstd1),
             n,
             c,
+            true,
         )?;
-        dev.residual_bwd(ViewMut::all(&mut a.dres_next), dx_mid)?;
-        std::mem::swap(&mut a.dres, &mut a.dres_next);
     }
     uninject(dev, &mut a.dres, &mut inj, 0, (n, c), &mut first)?;
     dev.embedding_bwd(g!(tb.wte, v * c), ids, View::all(&a.dres), n, c)

@@ -10,8 +10,9 @@ use crate::Result;
 pub(crate) struct BlockBufs<'a, B> {
     /// [N,C] the block's input (residual stream)
     pub x: View<'a, B>,
-    /// [N,C] the block's output (residual stream)
-    pub out: ViewMut<'a, B>,
+    /// [N,C] the block's output (residual stream); None stops after SwiGLU (a recomputed
+    /// block: its backward needs h, not the output, which the residual stream holds already)
+    pub out: Option<ViewMut<'a, B>>,
     /// [N,C], [N]
     pub xn1: ViewMut<'a, B>,
     pub rstd1: ViewMut<'a, B>,
@@ -133,6 +134,9 @@ pub(crate) fn block_fwd<D: Device>(
     )?;
     linear_fwd(dev, up.reborrow(), xn2.as_view(), p(lp.wup, f * c), n, f, c)?;
     dev.swiglu_fwd(h.reborrow(), gate.as_view(), up.as_view())?;
+    let Some(out) = out else {
+        return Ok(());
+    };
     linear_fwd_add(
         dev,
         out,

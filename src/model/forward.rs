@@ -205,13 +205,14 @@ pub fn forward_with<D: Device>(
     })
 }
 
-/// Block `lp` of a training pass: `out` from `x`, keeping in `la` what its backward needs.
+/// Block `lp` of a training pass: `out` from `x`, keeping in `la` what its backward needs
+/// (`out` None: only that, for a recomputed block).
 pub(crate) fn block_train_fwd<D: Device>(
     dev: &D,
     model: &Model<D>,
     lp: &LayerParams,
     dims: AttnDims,
-    (x, out): (View<'_, D::Buf>, ViewMut<'_, D::Buf>),
+    (x, out): (View<'_, D::Buf>, Option<ViewMut<'_, D::Buf>>),
     la: &mut LayerActs<D>,
 ) -> Result<()> {
     let io = BlockBufs {
@@ -274,7 +275,7 @@ pub fn forward_blocks<D: Device>(
         let li = acts.layer_index(l);
         let (before, after) = acts.res.split_at_mut(l + 1);
         let x_out = &mut after[0];
-        let (x, out) = (View::all(&before[l]), ViewMut::all(&mut *x_out));
+        let (x, out) = (View::all(&before[l]), Some(ViewMut::all(&mut *x_out)));
         block_train_fwd(dev, model, lp, dims, (x, out), &mut acts.layers[li])?;
         inject(dev, x_out, inj, l + 1, n, c)?;
     }

@@ -225,7 +225,7 @@ impl<D: Device> KvCache<D> {
             for (l, lp) in tb.layers.iter().enumerate() {
                 let io = BlockBufs {
                     x: head_r(x, n * c),
-                    out: head(x_out, n * c),
+                    out: Some(head(x_out, n * c)),
                     xn1: head(&mut w.xn, n * c),
                     rstd1: head(&mut w.rstd, n),
                     q: head(&mut w.q, n * qd),

@@ -108,8 +108,6 @@ pub fn check_grads(label: &str, table: &ParamTable, grads: &[f32], want: &[f32],
 /// chunks of `chunk` (None = whole; chunked, the logits buffer [N,VC] returned starts with the
 /// last chunk's [N,W]).
 pub fn forward_backward<D: Device>(dev: &D, chunk: Option<usize>) -> (Vec<f32>, f64, Vec<f32>) {
-    let mut model = model(dev);
-    let batch = Batch::causal_lm(&rows()).unwrap();
     // block recompute along with the chunks: the blocks run again from their inputs
     let opts = MemoryOptions {
         logits_chunk: chunk,
@@ -119,6 +117,13 @@ pub fn forward_backward<D: Device>(dev: &D, chunk: Option<usize>) -> (Vec<f32>, 
             Recompute::None
         },
     };
+    forward_backward_with(dev, opts)
+}
+
+/// [`forward_backward`] with any memory options.
+pub fn forward_backward_with<D: Device>(dev: &D, opts: MemoryOptions) -> (Vec<f32>, f64, Vec<f32>) {
+    let mut model = model(dev);
+    let batch = Batch::causal_lm(&rows()).unwrap();
     let mut acts = ActivationSet::with_options(dev, &model.cfg, batch.b, batch.t, opts).unwrap();
     let db = batch.upload(dev).unwrap();
     let loss = forward(dev, &model, &mut acts, &db).unwrap();

@@ -503,6 +503,7 @@ impl Device for CpuDevice {
         rstd: View<'_, Buf>,
         n: usize,
         c: usize,
+        accumulate: bool,
     ) -> Result<()> {
         const OP: &str = "rmsnorm_bwd";
         check_pos(OP, "C", c)?;
@@ -520,6 +521,7 @@ impl Device for CpuDevice {
             get(OP, "w", w)?,
             get(OP, "rstd", rstd)?,
             c,
+            accumulate,
         );
         Ok(())
     }

@@ -27,12 +27,14 @@ pub fn rmsnorm_fwd<T: Real>(out: &mut [T], rstd: &mut [T], x: &[T], w: &[T], c: 
         });
 }
 
-/// `dx[N,C] = rstd * (w*dout) - x * rstd^3 * mean_c(w*dout*x)`   (`=`);
+/// `dx[N,C] = rstd * (w*dout) - x * rstd^3 * mean_c(w*dout*x)`   (`=`, or `+=` when
+/// `accumulate`: the gradient of a residual stream that also reaches it past the norm);
 /// `dw[C] += sum_n dout * x * rstd`   (`+=`)
 ///
 /// dout, x [N,C], w [C], rstd [N] (from the forward). dx is parallel over rows; dw over blocks of
 /// columns, each summing its columns over all rows in order and adding the sum to dw once
 /// (deterministic, independent of the thread count).
+#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_bwd<T: Real>(
     dx: &mut [T],
     dw: &mut [T],
@@ -41,6 +43,7 @@ pub fn rmsnorm_bwd<T: Real>(
     w: &[T],
     rstd: &[T],
     c: usize,
+    accumulate: bool,
 ) {
     if c == 0 {
         return;
@@ -50,15 +53,20 @@ pub fn rmsnorm_bwd<T: Real>(
         .zip(dout.par_chunks(c))
         .zip(x.par_chunks(c))
         .zip(rstd.par_iter())
-        .for_each(|(((dx, dout), x), &r)| {
-            for ((d, &g), &w) in dx.iter_mut().zip(dout).zip(w) {
-                *d = g * w;
-            }
-            let k = r * r * r * dot(dx, x) * inv_c;
-            for (d, &x) in dx.iter_mut().zip(x) {
-                *d = r * *d - x * k;
-            }
-        });
+        .for_each_init(
+            || vec![T::zero(); c],
+            |wg, (((dx, dout), x), &r)| {
+                // wg = w * dout, one row
+                for ((t, &g), &w) in wg.iter_mut().zip(dout).zip(w) {
+                    *t = g * w;
+                }
+                let k = r * r * r * dot(wg, x) * inv_c;
+                for ((d, &t), &x) in dx.iter_mut().zip(wg.iter()).zip(x) {
+                    let g = r * t - x * k;
+                    *d = if accumulate { *d + g } else { g };
+                }
+            },
+        );
     dw.par_chunks_mut(COLS).enumerate().for_each(|(blk, dw)| {
         let j0 = blk * COLS;
         let mut acc = [T::zero(); COLS];

@@ -1,6 +1,6 @@
 //! Replaying a step as one graph ([`crate::device::Device::replay`] on the kernel devices).
 //!
-//! A decode step launches ~16 kernels and matmuls per layer, each a few µs of host time on a
+//! A decode step launches ~14 kernels and matmuls per layer, each a few µs of host time on a
 //! GPU: more than the GPU needs for them at batch 1. A CUDA graph captured once replays them
 //! all in one launch, but only stays right while every launch would get the same arguments
 //! (the same buffers, shapes and scalars). So a replay is decided from the step itself: the
@@ -543,6 +543,33 @@ mod tests {
         // and the device works as before after the refused recording
         dev.fill(ViewMut::all(&mut out), 1.0).unwrap();
         assert_eq!(dev.download(View::all(&out)).unwrap(), vec![1.0; 4]);
+    }
+
+    /// matmul_add's addend is part of the call: a step alternating between two addends is
+    /// captured again at each change, and every replay adds the right one.
+    #[test]
+    fn a_recorded_matmul_add_names_its_addend() {
+        let dev = emu();
+        let (a, b) = (
+            dev.upload(&[1.0; 6]).unwrap(),
+            dev.upload(&[2.0; 6]).unwrap(),
+        );
+        let xs = [
+            dev.upload(&[1.0; 4]).unwrap(),
+            dev.upload(&[3.0; 4]).unwrap(),
+        ];
+        let mut d = dev.alloc(4).unwrap();
+        let mut g = Default::default();
+        for (i, want) in [(0, 7.0), (0, 7.0), (1, 9.0), (1, 9.0), (0, 7.0)] {
+            let mut step = || {
+                let (av, bv, xv) = (View::all(&a), View::all(&b), View::all(&xs[i]));
+                dev.matmul_add(ViewMut::all(&mut d), xv, av, bv, 2, 2, 3, false, true)
+            };
+            dev.replay(&mut g, &mut step).unwrap();
+            assert_eq!(dev.download(View::all(&d)).unwrap(), vec![want; 4]);
+        }
+        // captured at the first call and at each change of addend, replayed otherwise
+        assert_eq!(dev.launcher().recorder_counts(), [3, 2, 0]);
     }
 
     #[test]

@@ -510,6 +510,7 @@ impl<T: KernelDevice> Device for T {
         rstd: V<'_, T>,
         n: usize,
         c: usize,
+        accumulate: bool,
     ) -> Result<()> {
         const OP: &str = "rmsnorm_bwd";
         by_dtype!(dx.dtype(), S => gpu::rmsnorm::bwd(
@@ -522,6 +523,7 @@ impl<T: KernelDevice> Device for T {
             T::input(OP, "rstd", rstd)?,
             n,
             c,
+            accumulate,
         ))
     }
 

@@ -53,7 +53,8 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     )
 }
 
-/// dx[N,C] =, dw[C] += (see `Device::rmsnorm_bwd`). dx, dout, x, w: T; dw, rstd: f32.
+/// dx[N,C] = (or += with `accumulate`), dw[C] += (see `Device::rmsnorm_bwd`). dx, dout, x, w:
+/// T; dw, rstd: f32.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
@@ -65,6 +66,7 @@ pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
     rstd: impl Into<In<'a, f32>>,
     n: usize,
     c: usize,
+    accumulate: bool,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_bwd";
     let (dx, dw, dout) = (dx.into(), dw.into(), dout.into());
@@ -94,7 +96,9 @@ pub fn bwd<'a, T: Storage, L: Launch + ?Sized>(
         .input(x)
         .input(w)
         .input(rstd);
-    a.scalar(int(OP, "N", n)?).scalar(int(OP, "C", c)?);
+    a.scalar(int(OP, "N", n)?)
+        .scalar(int(OP, "C", c)?)
+        .scalar(accumulate as i32);
     l.launch(
         &sym::<T>("rmsnorm_bwd"),
         dim1(grid),
