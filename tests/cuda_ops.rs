@@ -309,8 +309,8 @@ fn attention<D: Device>(dev: &D, label: &str, s: &Sizes) {
 
 /// rmsnorm forward (out, rstd) and backward (dx, and dw accumulated onto a random start).
 fn rmsnorm<D: Device>(dev: &D, label: &str, s: &Sizes) {
-    fn run<E: Device>(e: &E, [n, c]: [usize; 2], ins: [&[f32]; 4]) -> Vec<Vec<f32>> {
-        let [x, w, dout, dw0] = ins.map(|x| up(e, x));
+    fn run<E: Device>(e: &E, [n, c]: [usize; 2], ins: [&[f32]; 5]) -> Vec<Vec<f32>> {
+        let [x, w, dout, dw0, dx0] = ins.map(|x| up(e, x));
         let (mut out, mut rstd) = (nans(e, n * c), nans(e, n));
         let eps = 1e-5;
         let (xv, wv) = (View::all(&x), View::all(&w));
@@ -337,7 +337,23 @@ fn rmsnorm<D: Device>(dev: &D, label: &str, s: &Sizes) {
             false,
         )
         .unwrap();
-        [&out, &rstd, &dx, &dw].map(|x| down(e, x)).to_vec()
+        // again, adding into dx0 (the residual stream's gradient); its dw is not kept
+        let (mut dx_acc, mut dw_acc) = (dx0, up(e, ins[3]));
+        e.rmsnorm_bwd(
+            ViewMut::all(&mut dx_acc),
+            ViewMut::all(&mut dw_acc),
+            View::all(&dout),
+            xv,
+            wv,
+            View::all(&rstd),
+            n,
+            c,
+            true,
+        )
+        .unwrap();
+        [&out, &rstd, &dx, &dw, &dx_acc]
+            .map(|x| down(e, x))
+            .to_vec()
     }
     let [n, c] = s.rmsnorm;
     let mut r = rng(0x4e5);
@@ -350,7 +366,8 @@ fn rmsnorm<D: Device>(dev: &D, label: &str, s: &Sizes) {
     let w = uniform(&mut r, c, 0.5, 1.5);
     let dout = uniform(&mut r, n * c, -1.0, 1.0);
     let dw0 = uniform(&mut r, c, -1.0, 1.0);
-    let ins = [&x[..], &w, &dout, &dw0];
+    let dx0 = uniform(&mut r, n * c, -1.0, 1.0);
+    let ins = [&x[..], &w, &dout, &dw0, &dx0];
     let (want, tc) = timed(|| run(&CpuDevice::new(), s.rmsnorm, ins));
     let (got, td) = timed(|| run(dev, s.rmsnorm, ins));
     let what = format!("rmsnorm (N {n}, C {c})");
@@ -360,8 +377,9 @@ fn rmsnorm<D: Device>(dev: &D, label: &str, s: &Sizes) {
     // the mean of C terms of random sign (absolute error ~2^-24 of the terms' scale): 1e-5. dw:
     // a sum over N = 4096 rows in another order (~2^-24 sqrt(N) = 4e-6 relative): 2e-5.
     // Measured on the emulator at the GPU sizes: <= 2.7e-7 (out, rstd, dx), 1.8e-6 (dw).
-    let names = ["out", "rstd", "dx", "dw"];
-    let tols = [1e-5, 1e-5, 1e-5, 2e-5];
+    // dx (+=): dx0 added once in f32 to the same dx: as dx.
+    let names = ["out", "rstd", "dx", "dw", "dx (+=)"];
+    let tols = [1e-5, 1e-5, 1e-5, 2e-5, 1e-5];
     for ((g, w), (name, tol)) in got.iter().zip(&want).zip(names.iter().zip(tols)) {
         check(label, &format!("{what} {name}"), g, w, tol);
     }

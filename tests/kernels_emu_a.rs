@@ -465,6 +465,7 @@ fn rmsnorm_bf16_matches_cpu() {
     check_rmsnorm::<bf16>(19, 512, 0, 3, 14); // vector path (C % 8 == 0)
     check_rmsnorm::<bf16>(19, 300, 0, 3, 15); // C % 8 != 0: scalar path
     check_rmsnorm::<bf16>(7, 77, 0, 3, 16);
+    check_rmsnorm::<bf16>(6, 512, 1, 3, 20); // scalar path by misalignment
     check_rmsnorm::<bf16>(64, 576, 0, 132, 19);
 }
 
