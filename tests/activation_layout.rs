@@ -215,7 +215,7 @@ fn a_lifetime_that_misses_a_use_is_caught() {
             life
         }
     };
-    let over = sharing(opts, &wrong, "layers.0.gate", Dtype::F32);
+    let over = sharing(opts, &wrong, "layers.0.gu", Dtype::F32);
     assert!(over.contains(&"dh".to_string()), "{over:?}");
     let dev = EmuDevice::new(EmuMode::Forward, 0);
     let good = passes(&dev, opts, &planned, &[rows()], false).unwrap();

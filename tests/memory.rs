@@ -474,8 +474,7 @@ fn a_training_pass_declares_what_activations_rs_allocates() {
             ("x_mid", la.x_mid),
             ("rstd2", la.rstd2),
             ("xn2", la.xn2),
-            ("gate", la.gate),
-            ("up", la.up),
+            ("gu", la.gu),
             ("h", la.h),
         ] {
             let d = decl(&sp, &format!("actor.layers.{l}.{name}"));

@@ -562,8 +562,8 @@ struct LayerBufs {
     x_mid: Buf,
     rstd2: Buf,
     xn2: Buf,
-    gate: Buf,
-    up: Buf,
+    /// gate^T then up^T [2F,N], from one matmul
+    gu: Buf,
     h: Buf,
 }
 
@@ -879,12 +879,10 @@ impl<'a> Builder<'a> {
         let rstd2 = self.stat(format!("{pre}.rstd2"), n);
         let xn2 = self.act(format!("{pre}.xn2"), n * c);
         self.op(format!("{pre}: rmsnorm_fwd 2"), &[xn2, rstd2, x_mid, w]);
-        let gate = self.act(format!("{pre}.gate"), n * f);
-        self.op(format!("{pre}: gate_proj"), &[gate, xn2, w]);
-        let up = self.act(format!("{pre}.up"), n * f);
-        self.op(format!("{pre}: up_proj"), &[up, xn2, w]);
+        let gu = self.act(format!("{pre}.gu"), 2 * n * f);
+        self.op(format!("{pre}: gate_up_proj"), &[gu, xn2, w]);
         let h = self.act(format!("{pre}.h"), n * f);
-        self.op(format!("{pre}: swiglu_fwd"), &[h, gate, up]);
+        self.op(format!("{pre}: swiglu_fwd"), &[h, gu]);
         if let Some(out) = out {
             self.op(format!("{pre}: down_proj + residual"), &[out, x_mid, h, w]);
         }
@@ -899,8 +897,7 @@ impl<'a> Builder<'a> {
             x_mid,
             rstd2,
             xn2,
-            gate,
-            up,
+            gu,
             h,
         }
     }
@@ -929,10 +926,7 @@ impl<'a> Builder<'a> {
         self.op(format!("{pre}: down_proj bwd_dw"), &[g, dout, la.h]);
         let dgate = self.act(format!("{pre}.dgate"), n * f);
         let dup = self.act(format!("{pre}.dup"), n * f);
-        self.op(
-            format!("{pre}: swiglu_bwd"),
-            &[dgate, dup, dh, la.gate, la.up],
-        );
+        self.op(format!("{pre}: swiglu_bwd"), &[dgate, dup, dh, la.gu]);
         let dxn = self.act(format!("{pre}.dxn_mlp"), n * c);
         self.op(format!("{pre}: gate_proj bwd_dx"), &[dxn, dgate, w]);
         self.op(format!("{pre}: up_proj bwd_dx"), &[dxn, dup, w]);
@@ -1396,8 +1390,7 @@ impl<'a> Builder<'a> {
         let k = ws(self, "k", n * kvd);
         let vb = ws(self, "v", n * kvd);
         let att = ws(self, "att", n * qd);
-        let gate = ws(self, "gate", n * f);
-        let up = ws(self, "up", n * f);
+        let gu = ws(self, "gu", 2 * n * f);
         let h = ws(self, "h", n * f);
         let last = ws(self, "last", r * c);
         let last_n = ws(self, "last_n", r * c);
@@ -1453,9 +1446,8 @@ impl<'a> Builder<'a> {
                 );
                 self.op(format!("{lp}: o_proj + residual"), &[x2, x, x_out, att, w]);
                 self.op(format!("{lp}: rmsnorm_fwd 2"), &[xn2, rstd2, x2, w]);
-                self.op(format!("{lp}: gate_proj"), &[gate, xn2, w]);
-                self.op(format!("{lp}: up_proj"), &[up, xn2, w]);
-                self.op(format!("{lp}: swiglu_fwd"), &[h, gate, up]);
+                self.op(format!("{lp}: gate_up_proj"), &[gu, xn2, w]);
+                self.op(format!("{lp}: swiglu_fwd"), &[h, gu]);
                 self.op(format!("{lp}: down_proj + residual"), &[x_out, x, x2, h, w]);
                 do_inject(self, l + 1, x_out);
             }

@@ -136,11 +136,9 @@ pub struct LayerSet<B> {
     pub rstd2: B,
     /// [N,C] normed input of the MLP
     pub xn2: B,
-    /// [N,F]
-    pub gate: B,
-    /// [N,F]
-    pub up: B,
-    /// [N,F] silu(gate) * up
+    /// [2F,N] the MLP's gate^T then up^T, feature-major (one matmul writes both)
+    pub gu: B,
+    /// [F,N] silu(gate) * up, feature-major
     pub h: B,
 }
 
@@ -182,8 +180,9 @@ pub struct ActivationSet<B> {
     pub dres: B,
     /// [N,C] gradient w.r.t. a normed input
     pub dxn: B,
-    /// [N,F]
+    /// [F,N] the gradient of h (feature-major)
     pub dh: B,
+    /// [F,N] the gradients of gate and up (feature-major)
     pub dgate: B,
     pub dup: B,
     /// [N,NH*HS]
@@ -283,8 +282,7 @@ impl<B> ActivationSet<B> {
                 x_mid: la("x_mid", n * c, false)?,
                 rstd2: la("rstd2", n, true)?,
                 xn2: la("xn2", n * c, false)?,
-                gate: la("gate", n * f, false)?,
-                up: la("up", n * f, false)?,
+                gu: la("gu", 2 * n * f, false)?,
                 h: la("h", n * f, false)?,
             });
         }

@@ -226,49 +226,65 @@ pub fn backward_blocks<D: Device>(
         }
         let la = &a.layers[li];
         let x = &a.res[l];
-        // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T
+        // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T, with h, gate, up and their
+        // gradients feature-major ([F,N]: gate and up come from one matmul, `gate_up_fwd`)
         let dres = View::all(&a.dres);
-        linear_bwd_dx(
-            dev,
+        // dh^T [F,N] = wdown^T [F,C] @ dres^T (wdown stored [C,F], dres [N,C])
+        let wdown = p(lp.wdown, c * f);
+        dev.matmul(
             ViewMut::all(&mut a.dh),
+            wdown,
             dres,
-            p(lp.wdown, c * f),
+            f,
             n,
             c,
-            f,
-            false,
+            true,
+            true,
+            1.0,
+            0.0,
         )?;
-        linear_bwd_dw(dev, g!(lp.wdown, c * f), dres, View::all(&la.h), n, c, f)?;
+        // dwdown [C,F] += dres^T [C,N] @ h [N,F] (h stored [F,N])
+        let h = View::all(&la.h);
+        dev.matmul(g!(lp.wdown, c * f), dres, h, c, f, n, true, true, 1.0, 1.0)?;
+        let fnn = f * n;
         dev.swiglu_bwd(
             ViewMut::all(&mut a.dgate),
             ViewMut::all(&mut a.dup),
             View::all(&a.dh),
-            View::all(&la.gate),
-            View::all(&la.up),
+            View::range(&la.gu, 0, fnn),
+            View::range(&la.gu, fnn, fnn),
         )?;
         let (dgate, dup, xn2) = (View::all(&a.dgate), View::all(&a.dup), View::all(&la.xn2));
-        linear_bwd_dx(
-            dev,
-            ViewMut::all(&mut a.dxn),
+        // dxn [N,C] = dgate [N,F] @ wgate [F,C] + dup @ wup (dgate, dup stored [F,N])
+        let (wgate, wup) = (p(lp.wgate, f * c), p(lp.wup, f * c));
+        let dxn = &mut a.dxn;
+        dev.matmul(
+            ViewMut::all(dxn),
             dgate,
-            p(lp.wgate, f * c),
+            wgate,
             n,
-            f,
             c,
-            false,
-        )?;
-        linear_bwd_dx(
-            dev,
-            ViewMut::all(&mut a.dxn),
-            dup,
-            p(lp.wup, f * c),
-            n,
             f,
-            c,
             true,
+            false,
+            1.0,
+            0.0,
         )?;
-        linear_bwd_dw(dev, g!(lp.wgate, f * c), dgate, xn2, n, f, c)?;
-        linear_bwd_dw(dev, g!(lp.wup, f * c), dup, xn2, n, f, c)?;
+        dev.matmul(ViewMut::all(dxn), dup, wup, n, c, f, true, false, 1.0, 1.0)?;
+        // dwgate [F,C] += dgate^T [F,N] @ xn2 [N,C], dwup likewise
+        dev.matmul(
+            g!(lp.wgate, f * c),
+            dgate,
+            xn2,
+            f,
+            c,
+            n,
+            false,
+            false,
+            1.0,
+            1.0,
+        )?;
+        dev.matmul(g!(lp.wup, f * c), dup, xn2, f, c, n, false, false, 1.0, 1.0)?;
         // a.dres += the norm's share
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dres),

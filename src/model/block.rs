@@ -1,7 +1,7 @@
 //! One decoder block's forward, shared by training (activations kept per layer for backward)
 //! and inference (scratch buffers, attention over a KV cache).
 
-use super::linear::{linear_fwd, linear_fwd_add};
+use super::linear::{gate_up_fwd, linear_fwd, linear_fwd_add};
 use super::{LayerParams, Model};
 use crate::device::{Device, View, ViewMut};
 use crate::Result;
@@ -27,9 +27,9 @@ pub(crate) struct BlockBufs<'a, B> {
     /// [N,C], [N]
     pub xn2: ViewMut<'a, B>,
     pub rstd2: ViewMut<'a, B>,
-    /// [N,F]
-    pub gate: ViewMut<'a, B>,
-    pub up: ViewMut<'a, B>,
+    /// [2F,N] gate^T then up^T (feature-major: one matmul writes both)
+    pub gu: ViewMut<'a, B>,
+    /// [F,N] silu(gate) * up, feature-major
     pub h: ViewMut<'a, B>,
 }
 
@@ -74,8 +74,7 @@ pub(crate) fn block_fwd<D: Device>(
         mut x_mid,
         mut xn2,
         rstd2,
-        mut gate,
-        mut up,
+        mut gu,
         mut h,
     } = io;
 
@@ -123,22 +122,33 @@ pub(crate) fn block_fwd<D: Device>(
         c,
         eps,
     )?;
-    linear_fwd(
+    // gate and up in one matmul (their weights are adjacent), feature-major
+    if lp.wup != lp.wgate + f * c {
+        return Err(crate::Error::invalid(
+            "block",
+            "the up projection's weight does not follow the gate's in the parameter table",
+        ));
+    }
+    gate_up_fwd(
         dev,
-        gate.reborrow(),
+        gu.reborrow(),
         xn2.as_view(),
-        p(lp.wgate, f * c),
+        p(lp.wgate, 2 * f * c),
         n,
         f,
         c,
     )?;
-    linear_fwd(dev, up.reborrow(), xn2.as_view(), p(lp.wup, f * c), n, f, c)?;
-    dev.swiglu_fwd(h.reborrow(), gate.as_view(), up.as_view())?;
+    let guv = gu.as_view();
+    let (gate, up) = (
+        View::range(guv.buf(), guv.offset(), f * n),
+        View::range(guv.buf(), guv.offset() + f * n, f * n),
+    );
+    dev.swiglu_fwd(h.reborrow(), gate, up)?;
     let Some(out) = out else {
         return Ok(());
     };
-    linear_fwd_add(
-        dev,
+    // out = x_mid + h @ wdown^T, h stored [F,N]
+    dev.matmul_add(
         out,
         x_mid.as_view(),
         h.as_view(),
@@ -146,5 +156,7 @@ pub(crate) fn block_fwd<D: Device>(
         n,
         c,
         f,
+        true,
+        true,
     )
 }

@@ -227,8 +227,7 @@ pub(crate) fn block_train_fwd<D: Device>(
         x_mid: ViewMut::all(&mut la.x_mid),
         xn2: ViewMut::all(&mut la.xn2),
         rstd2: ViewMut::all(&mut la.rstd2),
-        gate: ViewMut::all(&mut la.gate),
-        up: ViewMut::all(&mut la.up),
+        gu: ViewMut::all(&mut la.gu),
         h: ViewMut::all(&mut la.h),
     };
     let lse = ViewMut::all(&mut la.lse);

@@ -53,9 +53,8 @@ struct Workspace<D: Device> {
     v: D::Buf,
     /// [B*TQ,NH*HS]
     att: D::Buf,
-    /// [B*TQ,F]
-    gate: D::Buf,
-    up: D::Buf,
+    /// [2F,B*TQ] gate^T then up^T; [F,B*TQ] h (feature-major, as in training)
+    gu: D::Buf,
     h: D::Buf,
     /// [B,C] the last new position of each row, and its norm
     last: D::Buf,
@@ -106,8 +105,7 @@ impl<D: Device> KvCache<D> {
             k: dev.alloc_work(n * kvd)?,
             v: dev.alloc_work(n * kvd)?,
             att: dev.alloc_work(n * qd)?,
-            gate: dev.alloc_work(n * f)?,
-            up: dev.alloc_work(n * f)?,
+            gu: dev.alloc_work(2 * n * f)?,
             h: dev.alloc_work(n * f)?,
             last: dev.alloc_work(b * c)?,
             last_n: dev.alloc_work(b * c)?,
@@ -235,8 +233,7 @@ impl<D: Device> KvCache<D> {
                     x_mid: head(&mut w.x2, n * c),
                     xn2: head(&mut w.xn2, n * c),
                     rstd2: head(&mut w.rstd2, n),
-                    gate: head(&mut w.gate, n * f),
-                    up: head(&mut w.up, n * f),
+                    gu: head(&mut w.gu, 2 * n * f),
                     h: head(&mut w.h, n * f),
                 };
                 let (kc, vc) = (&mut kcs[l], &mut vcs[l]);

@@ -33,6 +33,21 @@ pub fn linear_fwd_add<D: Device>(
     dev.matmul_add(out, x, input, w, n, o, i, false, true)
 }
 
+/// The MLP's gate and up projections as one matmul, feature-major: `gu[2F,N] = w[2F,C] @ x[N,C]^T`
+/// (`=`), w = [wgate; wup] (adjacent in the parameter table); gu's first F rows are gate^T,
+/// the next F up^T, each a contiguous [F,N] (what the elementwise SwiGLU reads).
+pub fn gate_up_fwd<D: Device>(
+    dev: &D,
+    gu: ViewMut<'_, D::Buf>,
+    x: View<'_, D::Buf>,
+    w: View<'_, D::Buf>,
+    n: usize,
+    f: usize,
+    c: usize,
+) -> Result<()> {
+    dev.matmul(gu, w, x, 2 * f, n, c, false, true, 1.0, 0.0)
+}
+
 /// The input gradient of [`linear_fwd`]: `dx[N,I] = dy[N,O] @ w[O,I]` (`=`, or `+=` when
 /// `accumulate`: the input feeds several linears).
 #[allow(clippy::too_many_arguments)]
