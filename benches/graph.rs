@@ -127,8 +127,8 @@ fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()
         1,
         C,
         F,
-        false,
-        false,
+        true,
+        true,
     )
 }
 const CALLS: u64 = 11;

@@ -122,13 +122,9 @@ pub(crate) fn block_fwd<D: Device>(
         c,
         eps,
     )?;
-    // gate and up in one matmul (their weights are adjacent), feature-major
-    if lp.wup != lp.wgate + f * c {
-        return Err(crate::Error::invalid(
-            "block",
-            "the up projection's weight does not follow the gate's in the parameter table",
-        ));
-    }
+    // gate and up in one matmul, feature-major: their weights are adjacent (`ParamTable`
+    // pushes up_proj right after gate_proj)
+    debug_assert_eq!(lp.wup, lp.wgate + f * c, "wup follows wgate");
     gate_up_fwd(
         dev,
         gu.reborrow(),

@@ -77,6 +77,7 @@ impl ParamTable {
             let wv = t.push(&p("self_attn.v_proj.weight"), &[kvd, c], true);
             let wo = t.push(&p("self_attn.o_proj.weight"), &[c, qd], true);
             let ln2 = t.push(&p("post_attention_layernorm.weight"), &[c], false);
+            // up right after gate: the two are one [2F,C] matrix (`linear::gate_up_fwd`)
             let wgate = t.push(&p("mlp.gate_proj.weight"), &[f, c], true);
             let wup = t.push(&p("mlp.up_proj.weight"), &[f, c], true);
             let wdown = t.push(&p("mlp.down_proj.weight"), &[c, f], true);
