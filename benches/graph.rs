@@ -117,8 +117,7 @@ fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()
         1.0,
         0.0,
     )?;
-    let (gate, up) = (View::range(&b.gu, 0, F), View::range(&b.gu, F, F));
-    dev.swiglu_fwd(m(&mut b.h), gate, up)?;
+    dev.swiglu_fwd(m(&mut b.h), v(&b.gu))?;
     dev.matmul_add(
         m(&mut b.x),
         v(&b.x_mid),

@@ -1,6 +1,8 @@
 // swiglu: the gating of the Llama MLP, elementwise.
 //
 // Math    s = sigmoid(g) = 1 / (1 + exp(-g)), silu(g) = g s, silu'(g) = s (1 + g (1 - s))
+//         gu = [gate; up] and dgu = [dgate; dup]: one matmul writes gate and up, one buffer
+//         holds their gradients, so the MLP's two projections stay one matmul in the backward.
 //         fwd: out = silu(gate) * up                                  (=)
 //         bwd: dgate = dout * up * silu'(gate); dup = dout * silu(gate) (both =: activation
 //              gradients)
@@ -10,15 +12,16 @@
 //         good but its slow path is a subroutine call, which makes the unrolled 16-byte loop
 //         spill. Products in the CPU twin's order: g * s * u, d * u * s * (1 + g (1 - s)),
 //         d * g * s.
-// Shapes  gate, up, out, dout, dgate, dup: equal lengths n = N*F (i64).
+// Shapes  out, dout: n = N*F (i64); gu, dgu: 2n, gate = gu[0, n), up = gu[n, 2n), dgu alike.
 // Dtypes  T everywhere; math in f32.
-// Threads elementwise, grid-stride, 16 bytes per access (4 f32 / 8 bf16) when every pointer is
-//         16-byte aligned, else one element at a time; the n % pack tail one at a time.
-//         Launch: block 256, grid ceil(n / (256 * pack)) (any grid is correct). Outputs must not
-//         overlap inputs.
-// Symbols swiglu_fwd_f32, swiglu_fwd_bf16 (T* out, const T* gate, const T* up, i64 n)
-//         swiglu_bwd_f32, swiglu_bwd_bf16 (T* dgate, T* dup, const T* dout, const T* gate,
-//                                          const T* up, i64 n)
+// Threads elementwise, grid-stride, 16 bytes per access (4 f32 / 8 bf16) when every pointer
+//         (gate, up, dgate and dup included) is 16-byte aligned, else one element at a time.
+//         up = gu + n and dup = dgu + n, so the 16-byte path needs n a multiple of the pack too:
+//         a launch runs all of it 16 bytes at a time or all of it one element at a time (the
+//         templates' tail loop serves callers with separate buffers). Launch: block 256, grid
+//         ceil(n / (256 * pack)) (any grid is correct). Outputs must not overlap inputs.
+// Symbols swiglu_fwd_f32, swiglu_fwd_bf16 (T* out, const T* gu, i64 n)
+//         swiglu_bwd_f32, swiglu_bwd_bf16 (T* dgu, const T* dout, const T* gu, i64 n)
 //
 // nla: hot
 
@@ -91,14 +94,13 @@ __device__ __forceinline__ void swiglu_bwd(T* __restrict__ dgate, T* __restrict_
 }
 
 #define NLA_SWIGLU(S, T)                                                                           \
-    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) swiglu_fwd_##S(                    \
-        T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up, long long n) {  \
-        swiglu_fwd<T>(out, gate, up, n);                                                           \
-    }                                                                                              \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
-        swiglu_bwd_##S(T* __restrict__ dgate, T* __restrict__ dup, const T* __restrict__ dout,     \
-                       const T* __restrict__ gate, const T* __restrict__ up, long long n) {        \
-        swiglu_bwd<T>(dgate, dup, dout, gate, up, n);                                              \
+        swiglu_fwd_##S(T* __restrict__ out, const T* __restrict__ gu, long long n) {               \
+        swiglu_fwd<T>(out, gu, gu + n, n);                                                         \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK) swiglu_bwd_##S(                    \
+        T* __restrict__ dgu, const T* __restrict__ dout, const T* __restrict__ gu, long long n) {  \
+        swiglu_bwd<T>(dgu, dgu + n, dout, gu, gu + n, n);                                          \
     }
 NLA_SWIGLU(f32, float)
 NLA_SWIGLU(bf16, nla_bf16)

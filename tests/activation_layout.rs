@@ -216,7 +216,7 @@ fn a_lifetime_that_misses_a_use_is_caught() {
         }
     };
     let over = sharing(opts, &wrong, "layers.0.gu", Dtype::F32);
-    assert!(over.contains(&"dh".to_string()), "{over:?}");
+    assert!(over.contains(&"dgu".to_string()), "{over:?}");
     let dev = EmuDevice::new(EmuMode::Forward, 0);
     let good = passes(&dev, opts, &planned, &[rows()], false).unwrap();
     match passes(&dev, opts, &wrong, &[rows()], false) {

@@ -573,22 +573,17 @@ fn add<E: Device>(
 
 /// swiglu forward and backward.
 fn swiglu<D: Device>(dev: &D, label: &str, s: &Sizes) {
-    fn run<E: Device>(e: &E, ins: [&[f32]; 3]) -> Vec<Vec<f32>> {
-        let [gate, upb, dout] = ins.map(|x| up(e, x));
+    fn run<E: Device>(e: &E, [gate, upv, dout]: [&[f32]; 3]) -> Vec<Vec<f32>> {
         let n = gate.len();
+        let (gu, dout) = (up(e, &[gate, upv].concat()), up(e, dout));
         let mut out = nans(e, n);
-        let (gv, uv) = (View::all(&gate), View::all(&upb));
-        e.swiglu_fwd(ViewMut::all(&mut out), gv, uv).unwrap();
-        let (mut dgate, mut dup) = (nans(e, n), nans(e, n));
-        e.swiglu_bwd(
-            ViewMut::all(&mut dgate),
-            ViewMut::all(&mut dup),
-            View::all(&dout),
-            gv,
-            uv,
-        )
-        .unwrap();
-        [&out, &dgate, &dup].map(|x| down(e, x)).to_vec()
+        e.swiglu_fwd(ViewMut::all(&mut out), View::all(&gu))
+            .unwrap();
+        let mut dgu = nans(e, 2 * n);
+        e.swiglu_bwd(ViewMut::all(&mut dgu), View::all(&dout), View::all(&gu))
+            .unwrap();
+        let dgu = down(e, &dgu);
+        vec![down(e, &out), dgu[..n].to_vec(), dgu[n..].to_vec()]
     }
     let n = s.swiglu;
     let mut r = rng(0x5e1);

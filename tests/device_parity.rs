@@ -152,6 +152,27 @@ fn recompute_runs_each_block_up_to_swiglu() {
     );
 }
 
+/// A block's backward makes 12 matmuls: the down projection's dx and dW, gate and up's as one
+/// dx (K = 2F) and one dW ([2F,C]), the output projection's dx and dW, and q, k and v's
+/// three each. The LM head adds its dx and dW.
+#[test]
+fn the_backward_makes_12_matmuls_per_block() {
+    use nla_engine::model::{backward, forward, ActivationSet, MemoryOptions};
+    let dev = EmuDevice::new(EmuMode::Forward, 0);
+    let mut model = model(&dev);
+    let batch = Batch::causal_lm(&rows()).unwrap();
+    let mut acts =
+        ActivationSet::with_options(&dev, &model.cfg, batch.b, batch.t, MemoryOptions::default())
+            .unwrap();
+    let db = batch.upload(&dev).unwrap();
+    let loss = forward(&dev, &model, &mut acts, &db).unwrap();
+    model.zero_grads(&dev).unwrap();
+    let before = dev.matmuls();
+    backward(&dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32).unwrap();
+    let blocks = model.cfg.num_hidden_layers as u64;
+    assert_eq!(dev.matmuls() - before, 12 * blocks + 2);
+}
+
 #[test]
 fn cuda_forward_and_backward_match_cpu() {
     if let Some(dev) = gpu(Dtype::F32) {

@@ -602,10 +602,10 @@ fn elementwise_grid<T: Storage>(n: usize) -> u32 {
     n.div_ceil(256 * T::PACK).max(1) as u32
 }
 
-fn swiglu_fwd_k<T: Storage>(out: &mut [T], gate: &[T], up: &[T], mode: EmuMode, seed: u64) {
+fn swiglu_fwd_k<T: Storage>(out: &mut [T], gu: &[T], mode: EmuMode, seed: u64) {
     let n = out.len();
     let mut a = EmuArgs::new();
-    a.ptr_mut(out).ptr(gate).ptr(up).scalar(n as i64);
+    a.ptr_mut(out).ptr(gu).scalar(n as i64);
     launch1(
         &sym::<T>("swiglu_fwd"),
         elementwise_grid::<T>(n),
@@ -617,24 +617,10 @@ fn swiglu_fwd_k<T: Storage>(out: &mut [T], gate: &[T], up: &[T], mode: EmuMode, 
     );
 }
 
-#[allow(clippy::too_many_arguments)]
-fn swiglu_bwd_k<T: Storage>(
-    dgate: &mut [T],
-    dup: &mut [T],
-    dout: &[T],
-    gate: &[T],
-    up: &[T],
-    mode: EmuMode,
-    seed: u64,
-) {
-    let n = dgate.len();
+fn swiglu_bwd_k<T: Storage>(dgu: &mut [T], dout: &[T], gu: &[T], mode: EmuMode, seed: u64) {
+    let n = dout.len();
     let mut a = EmuArgs::new();
-    a.ptr_mut(dgate)
-        .ptr_mut(dup)
-        .ptr(dout)
-        .ptr(gate)
-        .ptr(up)
-        .scalar(n as i64);
+    a.ptr_mut(dgu).ptr(dout).ptr(gu).scalar(n as i64);
     launch1(
         &sym::<T>("swiglu_bwd"),
         elementwise_grid::<T>(n),
@@ -646,8 +632,15 @@ fn swiglu_bwd_k<T: Storage>(
     );
 }
 
-fn check_swiglu<T: Storage>(n: usize, misalign: usize, seed: u64) {
-    let tag = format!("swiglu {} n={n} misalign={misalign}", T::SUFFIX);
+/// gu = [gate; up] and dgu = [dgate; dup] are one buffer each: up and dup start n elements in,
+/// so the 16-byte path needs n a multiple of the pack as well as aligned buffers. The inputs
+/// (gu, dout) start `misalign` elements past 16-byte alignment, the outputs (out, dgu)
+/// `misalign_out`.
+fn check_swiglu<T: Storage>(n: usize, misalign: usize, misalign_out: usize, seed: u64) {
+    let tag = format!(
+        "swiglu {} n={n} misalign={misalign}/{misalign_out}",
+        T::SUFFIX
+    );
     let mut r = rng(seed);
     let mut gate = uniform(&mut r, n, -8.0, 8.0);
     // saturation: sigmoid 0 (e^-g overflows) and 1, and the point 0
@@ -659,13 +652,13 @@ fn check_swiglu<T: Storage>(n: usize, misalign: usize, seed: u64) {
     }
     let gate = T::round(&gate);
     let up = rand_t::<T>(&mut r, n, 2.0);
+    let gu = [gate, up].concat();
     let dout = rand_t::<T>(&mut r, n, 1.0);
     let dev = cpu();
     let mut out_w = vec![0.0; n];
-    dev.swiglu_fwd(m(&mut out_w), v(&gate), v(&up)).unwrap();
-    let (mut dg_w, mut du_w) = (vec![0.0; n], vec![0.0; n]);
-    dev.swiglu_bwd(m(&mut dg_w), m(&mut du_w), v(&dout), v(&gate), v(&up))
-        .unwrap();
+    dev.swiglu_fwd(m(&mut out_w), v(&gu)).unwrap();
+    let mut dgu_w = vec![0.0; 2 * n];
+    dev.swiglu_bwd(m(&mut dgu_w), v(&dout), v(&gu)).unwrap();
 
     // sigmoid from expf and __fdividef (each within 2 ulp) vs the twin's vexp and IEEE
     // division (vexp within 2 ulp): s within ~6 ulp; silu'(g) = s (1 + g (1 - s)) carries
@@ -674,47 +667,46 @@ fn check_swiglu<T: Storage>(n: usize, misalign: usize, seed: u64) {
     // Near g = -87.5 the kernel's sigmoid flushes to 0 where the twin's is ~1e-38: atol covers.
     let tol = Tol::new(2e-5, 1e-6);
     let got = both_orders(|mode, seed| {
-        let (g, u, d) = (
-            input::<T>(&gate, misalign),
-            input::<T>(&up, misalign),
-            input::<T>(&dout, misalign),
-        );
-        let mut out = nan_out::<T>(n, misalign);
-        swiglu_fwd_k(out.get_mut(), g.get(), u.get(), mode, seed);
-        let (mut dg, mut du) = (nan_out::<T>(n, misalign), nan_out::<T>(n, misalign));
-        swiglu_bwd_k(
-            dg.get_mut(),
-            du.get_mut(),
-            d.get(),
-            g.get(),
-            u.get(),
-            mode,
-            seed,
-        );
-        (read(&tag, &out), read(&tag, &dg), read(&tag, &du))
+        let (gu, d) = (input::<T>(&gu, misalign), input::<T>(&dout, misalign));
+        let mut out = nan_out::<T>(n, misalign_out);
+        swiglu_fwd_k(out.get_mut(), gu.get(), mode, seed);
+        let mut dgu = nan_out::<T>(2 * n, misalign_out);
+        swiglu_bwd_k(dgu.get_mut(), d.get(), gu.get(), mode, seed);
+        (read(&tag, &out), read(&tag, &dgu))
     });
     assert_same_bits(&format!("{tag} out"), &got[0].0, &got[1].0);
-    assert_same_bits(&format!("{tag} dgate"), &got[0].1, &got[1].1);
-    assert_same_bits(&format!("{tag} dup"), &got[0].2, &got[1].2);
+    assert_same_bits(&format!("{tag} dgu"), &got[0].1, &got[1].1);
     tol.out::<T>()
         .check(&format!("{tag} fwd out"), &got[0].0, &out_w);
     tol.out::<T>()
-        .check(&format!("{tag} bwd dgate"), &got[0].1, &dg_w);
+        .check(&format!("{tag} bwd dgate"), &got[0].1[..n], &dgu_w[..n]);
     tol.out::<T>()
-        .check(&format!("{tag} bwd dup"), &got[0].2, &du_w);
+        .check(&format!("{tag} bwd dup"), &got[0].1[n..], &dgu_w[n..]);
 }
 
 #[test]
 fn swiglu_f32_matches_cpu() {
-    check_swiglu::<f32>(6151, 0, 30); // vector path + a 3-element tail, 7 blocks
-    check_swiglu::<f32>(6151, 1, 31); // scalar path
+    // the vector path, 7 blocks
+    check_swiglu::<f32>(6152, 0, 0, 30);
+    // scalar paths: gate aligned, up not (n % 4 = 3); up 8- but not 16-byte aligned; all
+    // misaligned; the inputs aligned and the outputs not
+    check_swiglu::<f32>(6151, 0, 0, 35);
+    check_swiglu::<f32>(6150, 0, 0, 36);
+    check_swiglu::<f32>(6151, 1, 1, 31);
+    check_swiglu::<f32>(6152, 0, 1, 37);
 }
 
 #[test]
 fn swiglu_bf16_matches_cpu() {
-    check_swiglu::<bf16>(6151, 0, 32); // vector path + a 7-element tail, 4 blocks
-    check_swiglu::<bf16>(1003, 1, 33); // scalar path, one block
-    check_swiglu::<bf16>(64 * 1536, 0, 34); // SmolLM2's MLP width, 48 blocks
+    // the vector path, 4 blocks; at SmolLM2's MLP width, 48 blocks
+    check_swiglu::<bf16>(6152, 0, 0, 32);
+    check_swiglu::<bf16>(64 * 1536, 0, 0, 34);
+    // scalar paths: up misaligned (n % 8 = 7, then 4); all misaligned (one block); the
+    // inputs aligned and the outputs not
+    check_swiglu::<bf16>(6151, 0, 0, 38);
+    check_swiglu::<bf16>(6148, 0, 0, 39);
+    check_swiglu::<bf16>(1003, 1, 1, 33);
+    check_swiglu::<bf16>(6152, 0, 1, 40);
 }
 
 fn residual_fwd_k<T: Storage>(out: &mut [T], a: &[T], b: &[T], mode: EmuMode, seed: u64) {

@@ -218,8 +218,9 @@ fn attention_fixture() {
 fn swiglu_fixture() {
     let dev = CpuDevice;
     let (gate, up) = (data("swiglu.gate"), data("swiglu.up"));
+    let gu = [gate.as_slice(), &up].concat();
     let mut out = vec![f32::NAN; gate.len()];
-    dev.swiglu_fwd(m(&mut out), v(&gate), v(&up)).unwrap();
+    dev.swiglu_fwd(m(&mut out), v(&gu)).unwrap();
     // Elementwise: expf (~1 ulp), a divide and two products: ~6 u relative.
     assert_close(
         "swiglu out",
@@ -231,15 +232,15 @@ fn swiglu_fixture() {
     );
 
     let dout = data("swiglu.dout");
-    let (mut dgate, mut dup) = (vec![f32::NAN; gate.len()], vec![f32::NAN; gate.len()]);
-    dev.swiglu_bwd(m(&mut dgate), m(&mut dup), v(&dout), v(&gate), v(&up))
-        .unwrap();
+    let mut dgu = vec![f32::NAN; 2 * gate.len()];
+    dev.swiglu_bwd(m(&mut dgu), v(&dout), v(&gu)).unwrap();
+    let (dgate, dup) = dgu.split_at(gate.len());
     // silu'(g) = s (1 + g (1 - s)) cancels near g ~ -2.4 (its zero): an absolute term of a few
     // u of the largest entry covers that; elsewhere ~8 u relative.
     let want = &fx("swiglu.dgate").data;
     assert_close(
         "swiglu dgate",
-        &dgate,
+        dgate,
         want,
         4.0 * U * amax(want),
         16.0 * U,
@@ -247,7 +248,7 @@ fn swiglu_fixture() {
     );
     assert_close(
         "swiglu dup",
-        &dup,
+        dup,
         &fx("swiglu.dup").data,
         0.0,
         8.0 * U,
@@ -916,13 +917,14 @@ fn swiglu_fd() {
     let r = random(n, 10);
     let fwd = |g: &[f64], u: &[f64]| {
         let mut out = vec![0.0; n];
-        cpu::swiglu::swiglu_fwd(&mut out, g, u);
+        cpu::swiglu::swiglu_fwd(&mut out, &[g, u].concat());
         dot64(&r, &out)
     };
-    let (mut dg, mut du) = (vec![0.0; n], vec![0.0; n]);
-    cpu::swiglu::swiglu_bwd(&mut dg, &mut du, &r, &gate, &up);
-    check_fd("swiglu dgate", &gate, &dg, |g| fwd(g, &up));
-    check_fd("swiglu dup", &up, &du, |u| fwd(&gate, u));
+    let mut dgu = vec![0.0; 2 * n];
+    cpu::swiglu::swiglu_bwd(&mut dgu, &r, &[gate.as_slice(), &up].concat());
+    let (dg, du) = dgu.split_at(n);
+    check_fd("swiglu dgate", &gate, dg, |g| fwd(g, &up));
+    check_fd("swiglu dup", &up, du, |u| fwd(&gate, u));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1371,8 +1373,9 @@ fn swiglu_device() {
     let dev = CpuDevice;
     let n = 50;
     let (g, u, dout) = (random_f32(n, 31), random_f32(n, 32), random_f32(n, 33));
+    let gu = [g.as_slice(), &u].concat();
     let mut out = vec![f32::NAN; n];
-    dev.swiglu_fwd(m(&mut out), v(&g), v(&u)).unwrap();
+    dev.swiglu_fwd(m(&mut out), v(&gu)).unwrap();
     let silu = |x: f32| x / (1.0 + (-x).exp());
     assert_close(
         "swiglu out",
@@ -1385,22 +1388,37 @@ fn swiglu_device() {
         4.0 * U,
         1e-13,
     );
-    let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
-    dev.swiglu_bwd(m(&mut dg), m(&mut du), v(&dout), v(&g), v(&u))
-        .unwrap();
-    let (dg1, du1) = (dg.clone(), du.clone());
-    dev.swiglu_bwd(m(&mut dg), m(&mut du), v(&dout), v(&g), v(&u))
-        .unwrap();
-    assert_eq!((dg, du), (dg1.clone(), du1), "dgate and dup overwrite");
-    assert!(dg1.iter().all(|x| x.is_finite()));
+    let mut dgu = vec![f32::NAN; 2 * n];
+    dev.swiglu_bwd(m(&mut dgu), v(&dout), v(&gu)).unwrap();
+    // against the separate formulas, in [dgate; dup] order
+    let s = |x: f32| 1.0 / (1.0 + (-x).exp());
+    let want: Buf = (0..2 * n)
+        .map(|i| {
+            let j = i % n;
+            let (g, u, d) = (g[j], u[j], dout[j]);
+            if i < n {
+                d * u * s(g) * (1.0 + g * (1.0 - s(g)))
+            } else {
+                d * silu(g)
+            }
+        })
+        .collect();
+    assert_close("swiglu dgu", &dgu, &want, 4.0 * U, 16.0 * U, 1e-13);
+    let dgu1 = dgu.clone();
+    dev.swiglu_bwd(m(&mut dgu), v(&dout), v(&gu)).unwrap();
+    assert_eq!(dgu, dgu1, "dgate and dup overwrite");
     assert_invalid(
         "swiglu_fwd",
-        dev.swiglu_fwd(m(&mut out), v(&g[1..].to_vec()), v(&u)),
+        dev.swiglu_fwd(m(&mut out), v(&gu[1..].to_vec())),
     );
-    let mut short = vec![0.0; n - 1];
+    let mut short = vec![0.0; 2 * n - 1];
     assert_invalid(
         "swiglu_bwd",
-        dev.swiglu_bwd(m(&mut short), m(&mut out), v(&dout), v(&g), v(&u)),
+        dev.swiglu_bwd(m(&mut short), v(&dout), v(&gu)),
+    );
+    assert_invalid(
+        "swiglu_bwd",
+        dev.swiglu_bwd(m(&mut dgu), v(&dout), v(&gu[1..].to_vec())),
     );
 }
 

@@ -264,6 +264,8 @@ pub struct EmuDevice {
     host_calls: AtomicU64,
     /// calls made inside replayed graphs, which a GPU makes as one graph launch
     replayed: AtomicU64,
+    /// matmul calls so far (see [`EmuDevice::matmuls`])
+    matmuls: AtomicU64,
 }
 
 impl EmuDevice {
@@ -277,6 +279,7 @@ impl EmuDevice {
             scratch: ScratchCache::default(),
             host_calls: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            matmuls: AtomicU64::new(0),
         }
     }
 
@@ -321,6 +324,12 @@ impl EmuDevice {
     pub fn device_calls(&self) -> u64 {
         self.launcher.launches() + self.host_calls.load(Ordering::Relaxed)
             - self.replayed.load(Ordering::Relaxed)
+    }
+
+    /// The matmul calls (and matmul_adds) so far, replayed ones and refused ones included: each
+    /// is one cuBLASLt call on a GPU, so this counts what fusing two GEMMs into one saves.
+    pub fn matmuls(&self) -> u64 {
+        self.matmuls.load(Ordering::Relaxed)
     }
 
     /// Steps captured for replay so far ([`Device::replay`]): a step whose launches change from
@@ -543,6 +552,7 @@ impl KernelDevice for EmuDevice {
     ) -> Result<()> {
         const OP: &str = "matmul";
         self.host_call();
+        self.matmuls.fetch_add(1, Ordering::Relaxed);
         check_matmul_dtypes(a.dtype(), b.dtype(), c.dtype())?;
         if meet(c.as_view(), a) || meet(c.as_view(), b) {
             // as the CUDA device: cuBLASLt must not write what it reads

@@ -631,17 +631,11 @@ pub trait Device: Send + Sync + Sized {
         d: AttnDims,
     ) -> Result<()>;
 
-    /// out[N*F] = silu(gate) * up
-    fn swiglu_fwd(&self, out: M<'_, Self>, gate: V<'_, Self>, up: V<'_, Self>) -> Result<()>;
-    /// dgate = dout * up * silu'(gate); dup = dout * silu(gate)   (both =)
-    fn swiglu_bwd(
-        &self,
-        dgate: M<'_, Self>,
-        dup: M<'_, Self>,
-        dout: V<'_, Self>,
-        gate: V<'_, Self>,
-        up: V<'_, Self>,
-    ) -> Result<()>;
+    /// out[N*F] = silu(gate) * up, gu[2*N*F] = [gate; up] (one matmul writes both)
+    fn swiglu_fwd(&self, out: M<'_, Self>, gu: V<'_, Self>) -> Result<()>;
+    /// dgu[2*N*F] = [dgate; dup]: dgate = dout * up * silu'(gate), dup = dout * silu(gate) (=),
+    /// gu = [gate; up]; one buffer, so the gradient flows back through one matmul
+    fn swiglu_bwd(&self, dgu: M<'_, Self>, dout: V<'_, Self>, gu: V<'_, Self>) -> Result<()>;
 
     /// c[M,N] = alpha * op(a) op(b) + beta * c, row-major; op(a) [M,K] is a or a^T (a stored [K,M]
     /// when ta), op(b) [K,N] is b or b^T (b stored [N,K] when tb). beta = 0 ignores c's contents.

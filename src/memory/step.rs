@@ -924,14 +924,11 @@ impl<'a> Builder<'a> {
         let dh = self.act(format!("{pre}.dh"), n * f);
         self.op(format!("{pre}: down_proj bwd_dx"), &[dh, dout, w]);
         self.op(format!("{pre}: down_proj bwd_dw"), &[g, dout, la.h]);
-        let dgate = self.act(format!("{pre}.dgate"), n * f);
-        let dup = self.act(format!("{pre}.dup"), n * f);
-        self.op(format!("{pre}: swiglu_bwd"), &[dgate, dup, dh, la.gu]);
+        let dgu = self.act(format!("{pre}.dgu"), 2 * n * f);
+        self.op(format!("{pre}: swiglu_bwd"), &[dgu, dh, la.gu]);
         let dxn = self.act(format!("{pre}.dxn_mlp"), n * c);
-        self.op(format!("{pre}: gate_proj bwd_dx"), &[dxn, dgate, w]);
-        self.op(format!("{pre}: up_proj bwd_dx"), &[dxn, dup, w]);
-        self.op(format!("{pre}: gate_proj bwd_dw"), &[g, dgate, la.xn2]);
-        self.op(format!("{pre}: up_proj bwd_dw"), &[g, dup, la.xn2]);
+        self.op(format!("{pre}: gate_up_proj bwd_dx"), &[dxn, dgu, w]);
+        self.op(format!("{pre}: gate_up_proj bwd_dw"), &[g, dgu, la.xn2]);
         // dout += the norm's share, in place: d x_mid from here
         self.op(
             format!("{pre}: rmsnorm_bwd 2 (+=)"),

@@ -182,9 +182,8 @@ pub struct ActivationSet<B> {
     pub dxn: B,
     /// [F,N] the gradient of h (feature-major)
     pub dh: B,
-    /// [F,N] the gradients of gate and up (feature-major)
-    pub dgate: B,
-    pub dup: B,
+    /// [2F,N] the gradients of gate and up, [dgate; dup] (feature-major, as `gu`)
+    pub dgu: B,
     /// [N,NH*HS]
     pub datt: B,
     pub dq: B,
@@ -318,8 +317,7 @@ impl<B> ActivationSet<B> {
             dres: a("dres".into(), n * c, false, dres)?,
             dxn: a("dxn".into(), n * c, false, dxn)?,
             dh: a("dh".into(), n * f, false, mlp)?,
-            dgate: a("dgate".into(), n * f, false, mlp)?,
-            dup: a("dup".into(), n * f, false, mlp)?,
+            dgu: a("dgu".into(), 2 * n * f, false, mlp)?,
             datt: a("datt".into(), n * qd, false, attn)?,
             dq: a("dq".into(), n * qd, false, attn)?,
             dk: a("dk".into(), n * kvd, false, attn)?,

@@ -226,8 +226,9 @@ pub fn backward_blocks<D: Device>(
         }
         let la = &a.layers[li];
         let x = &a.res[l];
-        // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T, with h, gate, up and their
-        // gradients feature-major ([F,N]: gate and up come from one matmul, `gate_up_fwd`)
+        // a.dres holds d x_out. MLP: x_out = x_mid + h @ wdown^T, with h [F,N], gu = [gate; up]
+        // [2F,N] and their gradients feature-major (gate and up come from one matmul,
+        // `gate_up_fwd`, and their gradients go back through one)
         let dres = View::all(&a.dres);
         // dh^T [F,N] = wdown^T [F,C] @ dres^T (wdown stored [C,F], dres [N,C])
         let wdown = p(lp.wdown, c * f);
@@ -246,37 +247,37 @@ pub fn backward_blocks<D: Device>(
         // dwdown [C,F] += dres^T [C,N] @ h [N,F] (h stored [F,N])
         let h = View::all(&la.h);
         dev.matmul(g!(lp.wdown, c * f), dres, h, c, f, n, true, true, 1.0, 1.0)?;
-        let fnn = f * n;
         dev.swiglu_bwd(
-            ViewMut::all(&mut a.dgate),
-            ViewMut::all(&mut a.dup),
+            ViewMut::all(&mut a.dgu),
             View::all(&a.dh),
-            View::range(&la.gu, 0, fnn),
-            View::range(&la.gu, fnn, fnn),
+            View::all(&la.gu),
         )?;
-        let (dgate, dup, xn2) = (View::all(&a.dgate), View::all(&a.dup), View::all(&la.xn2));
-        // dxn [N,C] = dgate [N,F] @ wgate [F,C] + dup @ wup (dgate, dup stored [F,N])
-        let (wgate, wup) = (p(lp.wgate, f * c), p(lp.wup, f * c));
-        let dxn = &mut a.dxn;
+        // gate and up as one [2F,C] weight W_gu (adjacent in the table, and so in the grads)
+        debug_assert_eq!(lp.wup, lp.wgate + f * c, "wup follows wgate");
+        let (dgu, xn2, wgu) = (
+            View::all(&a.dgu),
+            View::all(&la.xn2),
+            p(lp.wgate, 2 * f * c),
+        );
+        // dxn [N,C] = dgu^T [N,2F] @ W_gu [2F,C] (dgu stored [2F,N])
         dev.matmul(
-            ViewMut::all(dxn),
-            dgate,
-            wgate,
+            ViewMut::all(&mut a.dxn),
+            dgu,
+            wgu,
             n,
             c,
-            f,
+            2 * f,
             true,
             false,
             1.0,
             0.0,
         )?;
-        dev.matmul(ViewMut::all(dxn), dup, wup, n, c, f, true, false, 1.0, 1.0)?;
-        // dwgate [F,C] += dgate^T [F,N] @ xn2 [N,C], dwup likewise
+        // dW_gu [2F,C] += dgu [2F,N] @ xn2 [N,C]
         dev.matmul(
-            g!(lp.wgate, f * c),
-            dgate,
+            g!(lp.wgate, 2 * f * c),
+            dgu,
             xn2,
-            f,
+            2 * f,
             c,
             n,
             false,
@@ -284,7 +285,6 @@ pub fn backward_blocks<D: Device>(
             1.0,
             1.0,
         )?;
-        dev.matmul(g!(lp.wup, f * c), dup, xn2, f, c, n, false, false, 1.0, 1.0)?;
         // a.dres += the norm's share
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dres),

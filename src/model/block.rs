@@ -134,12 +134,7 @@ pub(crate) fn block_fwd<D: Device>(
         f,
         c,
     )?;
-    let guv = gu.as_view();
-    let (gate, up) = (
-        View::range(guv.buf(), guv.offset(), f * n),
-        View::range(guv.buf(), guv.offset() + f * n, f * n),
-    );
-    dev.swiglu_fwd(h.reborrow(), gate, up)?;
+    dev.swiglu_fwd(h.reborrow(), gu.as_view())?;
     let Some(out) = out else {
         return Ok(());
     };

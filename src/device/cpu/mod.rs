@@ -628,43 +628,27 @@ impl Device for CpuDevice {
         Ok(())
     }
 
-    fn swiglu_fwd(
-        &self,
-        out: ViewMut<'_, Buf>,
-        gate: View<'_, Buf>,
-        up: View<'_, Buf>,
-    ) -> Result<()> {
+    fn swiglu_fwd(&self, out: ViewMut<'_, Buf>, gu: View<'_, Buf>) -> Result<()> {
         const OP: &str = "swiglu_fwd";
-        check_same(OP, "gate", gate.len(), out.len())?;
-        check_same(OP, "up", up.len(), out.len())?;
-        swiglu::swiglu_fwd(
-            get_mut(OP, "out", out)?,
-            get(OP, "gate", gate)?,
-            get(OP, "up", up)?,
-        );
+        check_same(OP, "gu", gu.len(), 2 * out.len())?;
+        swiglu::swiglu_fwd(get_mut(OP, "out", out)?, get(OP, "gu", gu)?);
         Ok(())
     }
 
     fn swiglu_bwd(
         &self,
-        dgate: ViewMut<'_, Buf>,
-        dup: ViewMut<'_, Buf>,
+        dgu: ViewMut<'_, Buf>,
         dout: View<'_, Buf>,
-        gate: View<'_, Buf>,
-        up: View<'_, Buf>,
+        gu: View<'_, Buf>,
     ) -> Result<()> {
         const OP: &str = "swiglu_bwd";
         let n = dout.len();
-        check_same(OP, "dgate", dgate.len(), n)?;
-        check_same(OP, "dup", dup.len(), n)?;
-        check_same(OP, "gate", gate.len(), n)?;
-        check_same(OP, "up", up.len(), n)?;
+        check_same(OP, "dgu", dgu.len(), 2 * n)?;
+        check_same(OP, "gu", gu.len(), 2 * n)?;
         swiglu::swiglu_bwd(
-            get_mut(OP, "dgate", dgate)?,
-            get_mut(OP, "dup", dup)?,
+            get_mut(OP, "dgu", dgu)?,
             get(OP, "dout", dout)?,
-            get(OP, "gate", gate)?,
-            get(OP, "up", up)?,
+            get(OP, "gu", gu)?,
         );
         Ok(())
     }

@@ -10,8 +10,10 @@ fn sigmoid<T: Real>(x: T) -> T {
 
 /// `out[N*F] = silu(gate) * up`, silu(g) = g * sigmoid(g)   (`=`)
 ///
-/// gate, up, out: any equal lengths (N*F). Parallel over chunks.
-pub fn swiglu_fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) {
+/// gu = [gate; up], twice out's length (any length N*F). Parallel over chunks.
+pub fn swiglu_fwd<T: Real>(out: &mut [T], gu: &[T]) {
+    debug_assert_eq!(gu.len(), 2 * out.len(), "gu = [gate; up]");
+    let (gate, up) = gu.split_at(out.len());
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
@@ -25,8 +27,12 @@ pub fn swiglu_fwd<T: Real>(out: &mut [T], gate: &[T], up: &[T]) {
 /// `dgate = dout * up * silu'(gate)`, silu'(g) = s (1 + g (1 - s)) with s = sigmoid(g);
 /// `dup = dout * silu(gate)`   (both `=`)
 ///
-/// All five of equal length (N*F). Parallel over chunks.
-pub fn swiglu_bwd<T: Real>(dgate: &mut [T], dup: &mut [T], dout: &[T], gate: &[T], up: &[T]) {
+/// dgu = [dgate; dup] and gu = [gate; up], twice dout's length (N*F). Parallel over chunks.
+pub fn swiglu_bwd<T: Real>(dgu: &mut [T], dout: &[T], gu: &[T]) {
+    debug_assert_eq!(dgu.len(), 2 * dout.len(), "dgu = [dgate; dup]");
+    debug_assert_eq!(gu.len(), 2 * dout.len(), "gu = [gate; up]");
+    let (dgate, dup) = dgu.split_at_mut(dout.len());
+    let (gate, up) = gu.split_at(dout.len());
     dgate
         .par_chunks_mut(CHUNK)
         .zip(dup.par_chunks_mut(CHUNK))

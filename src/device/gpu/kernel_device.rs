@@ -620,32 +620,22 @@ impl<T: KernelDevice> Device for T {
         })
     }
 
-    fn swiglu_fwd(&self, out: M<'_, T>, gate: V<'_, T>, up: V<'_, T>) -> Result<()> {
+    fn swiglu_fwd(&self, out: M<'_, T>, gu: V<'_, T>) -> Result<()> {
         const OP: &str = "swiglu_fwd";
         by_dtype!(out.dtype(), S => gpu::swiglu::fwd(
             self.launcher(),
             T::output::<S>(OP, "out", out)?,
-            T::input(OP, "gate", gate)?,
-            T::input(OP, "up", up)?,
+            T::input(OP, "gu", gu)?,
         ))
     }
 
-    fn swiglu_bwd(
-        &self,
-        dgate: M<'_, T>,
-        dup: M<'_, T>,
-        dout: V<'_, T>,
-        gate: V<'_, T>,
-        up: V<'_, T>,
-    ) -> Result<()> {
+    fn swiglu_bwd(&self, dgu: M<'_, T>, dout: V<'_, T>, gu: V<'_, T>) -> Result<()> {
         const OP: &str = "swiglu_bwd";
-        by_dtype!(dgate.dtype(), S => gpu::swiglu::bwd(
+        by_dtype!(dgu.dtype(), S => gpu::swiglu::bwd(
             self.launcher(),
-            T::output::<S>(OP, "dgate", dgate)?,
-            T::output(OP, "dup", dup)?,
+            T::output::<S>(OP, "dgu", dgu)?,
             T::input(OP, "dout", dout)?,
-            T::input(OP, "gate", gate)?,
-            T::input(OP, "up", up)?,
+            T::input(OP, "gu", gu)?,
         ))
     }
 

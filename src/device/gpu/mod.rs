@@ -436,15 +436,7 @@ mod tests {
         assert_eq!(l.last(), ("residual_fwd_bf16".into(), 3, 256, 0));
         residual::fwd(&l, dev::<f32>(n), dev::<f32>(n), dev::<f32>(n)).unwrap();
         assert_eq!(l.last(), ("residual_fwd_f32".into(), 6, 256, 0));
-        swiglu::bwd(
-            &l,
-            dev::<bf16>(n),
-            dev::<bf16>(n),
-            dev::<bf16>(n),
-            dev::<bf16>(n),
-            dev::<bf16>(n),
-        )
-        .unwrap();
+        swiglu::bwd(&l, dev::<bf16>(2 * n), dev::<bf16>(n), dev::<bf16>(2 * n)).unwrap();
         assert_eq!(l.last(), ("swiglu_bwd_bf16".into(), 3, 256, 0));
         // the attention buckets follow the dtype
         let d = AttnDims {
