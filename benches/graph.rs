@@ -13,13 +13,14 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::{EmuBuf, EmuDevice};
 use nla_engine::device::gpu::Launch;
-use nla_engine::device::{Device, View, ViewMut};
+use nla_engine::device::{AttnDims, Device, View, ViewMut};
 
 const C: usize = 2048;
 const F: usize = 5632;
 const NH: usize = 32;
 const NKV: usize = 4;
 const HS: usize = 64;
+const QKV: usize = (NH + 2 * NKV) * HS;
 
 fn buf(dev: &EmuDevice, n: usize) -> EmuBuf {
     dev.upload(&vec![0.5; n]).expect("upload")
@@ -32,8 +33,8 @@ fn m(x: &mut EmuBuf) -> ViewMut<'_, EmuBuf> {
     ViewMut::all(x)
 }
 
-/// One layer's calls at batch 1 (one row): 2 norms, 6 matmuls (o and down adding into the
-/// residual stream, gate and up as one), 2 RoPEs, SwiGLU.
+/// One layer's calls at batch 1 (one row): 2 norms, 4 matmuls (q, k and v as one, o and down
+/// adding into the residual stream, gate and up as one), the split with RoPE, SwiGLU.
 fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()> {
     dev.rmsnorm_fwd(
         m(&mut b.xn),
@@ -44,45 +45,36 @@ fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()
         C,
         1e-5,
     )?;
-    let xn = v(&b.xn);
+    // q, k and v as one matmul, then split and rotated
     dev.matmul(
+        m(&mut b.qkv),
+        v(&b.xn),
+        v(&b.wqkv),
+        1,
+        QKV,
+        C,
+        false,
+        true,
+        1.0,
+        0.0,
+    )?;
+    let d = AttnDims {
+        b: 1,
+        t: 1,
+        nh: NH,
+        nkv: NKV,
+        hs: HS,
+    };
+    dev.qkv_rope_fwd(
         m(&mut b.q),
-        xn,
-        v(&b.wq),
-        1,
-        NH * HS,
-        C,
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    dev.matmul(
         m(&mut b.k),
-        xn,
-        v(&b.wk),
-        1,
-        NKV * HS,
-        C,
-        false,
-        true,
-        1.0,
-        0.0,
-    )?;
-    dev.matmul(
         m(&mut b.v),
-        xn,
-        v(&b.wk),
-        1,
-        NKV * HS,
-        C,
-        false,
-        true,
-        1.0,
-        0.0,
+        v(&b.qkv),
+        d,
+        0,
+        Some(pos),
+        10000.0,
     )?;
-    dev.rope_fwd(m(&mut b.q), 1, 1, NH, HS, 0, Some(pos), 10000.0)?;
-    dev.rope_fwd(m(&mut b.k), 1, 1, NKV, HS, 0, Some(pos), 10000.0)?;
     dev.matmul_add(
         m(&mut b.x_mid),
         v(&b.x),
@@ -130,21 +122,22 @@ fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()
         true,
     )
 }
-const CALLS: u64 = 11;
+const CALLS: u64 = 8;
 
 struct Bufs {
     x: EmuBuf,
     xn: EmuBuf,
     rstd: EmuBuf,
     norm: EmuBuf,
+    qkv: EmuBuf,
     q: EmuBuf,
     k: EmuBuf,
     v: EmuBuf,
     x_mid: EmuBuf,
     gu: EmuBuf,
     h: EmuBuf,
+    wqkv: EmuBuf,
     wq: EmuBuf,
-    wk: EmuBuf,
     wf: EmuBuf,
     wgu: EmuBuf,
 }
@@ -156,14 +149,15 @@ fn graph_record(c: &mut Criterion) {
         xn: buf(&dev, C),
         rstd: buf(&dev, 1),
         norm: buf(&dev, C),
+        qkv: buf(&dev, QKV),
         q: buf(&dev, NH * HS),
         k: buf(&dev, NKV * HS),
         v: buf(&dev, NKV * HS),
         x_mid: buf(&dev, C),
         gu: buf(&dev, 2 * F),
         h: buf(&dev, F),
+        wqkv: buf(&dev, QKV * C),
         wq: buf(&dev, NH * HS * C),
-        wk: buf(&dev, NKV * HS * C),
         wf: buf(&dev, F * C),
         wgu: buf(&dev, 2 * F * C),
     };

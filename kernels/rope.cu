@@ -22,10 +22,51 @@
 //         is the same at every position: what a replayed CUDA graph needs).
 // Symbols rope_fwd_f32, rope_fwd_bf16, rope_bwd_f32, rope_bwd_bf16
 //         (T* x, const uint32_t* pos, int b, int t, int h, int hs, int pos0, float theta)
+//
+// qkv_rope: the attention's q, k and v from the one matmul that projects all three, and back.
+// Math    qkv [B,T,QKV] row-major, QKV = (NH + 2 NKV) HS: each row is q's NH heads, k's NKV heads,
+//         v's NKV heads. With rope as above:
+//         fwd: q [B,T,NH,HS] = rope(q part), k [B,T,NKV,HS] = rope(k part), v = v part  (all =)
+//         bwd: dqkv's q part = rope_bwd(dq), k part = rope_bwd(dk), v part = dv          (=)
+//         The same table and rotation code as rope_fwd / rope_bwd (rope_table, rope_rotate).
+// Threads as rope: one block per row (b, t), the table in shared memory, then the block's
+//         threads take the (NH + NKV) HS/2 pairs (q's and k's heads are adjacent in a qkv row),
+//         then v's NKV HS elements. Launch: grid B*T, block 32 * ceil((NH + NKV) HS / 2 / 32)
+//         capped at 256. Outputs must not overlap inputs.
+// Symbols qkv_rope_fwd_f32, qkv_rope_fwd_bf16
+//           (T* q, T* k, T* v, const T* qkv, const uint32_t* pos, int b, int t, int nh, int nkv,
+//            int hs, int pos0, float theta)
+//         qkv_rope_bwd_f32, qkv_rope_bwd_bf16
+//           (T* dqkv, const T* dq, const T* dk, const T* dv, const uint32_t* pos, int b, int t,
+//            int nh, int nkv, int hs, int pos0, float theta)
 
 #include "common.cuh"
 
 #define ROPE_MAX_HALF 256
+
+// cos and sin of position p's angles into cs, sn [HS/2] (the block's threads share the work)
+__device__ __forceinline__ void rope_table(float* cs, float* sn, int half, int hs, int p,
+                                           float theta) {
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float e = (float)(2 * i) / (float)hs;
+        const float inv_freq = 1.0f / (float)pow((double)theta, (double)e);
+        const float angle = (float)p * inv_freq;
+        cs[i] = (float)cos((double)angle);
+        sn[i] = (float)sin((double)angle);
+    }
+}
+
+// (x1, x2) rotated by the angle (c, s), or by minus it where `inverse`
+__device__ __forceinline__ void rope_rotate(float x1, float x2, float c, float s, bool inverse,
+                                            float& y1, float& y2) {
+    if (inverse) {
+        y1 = x1 * c + x2 * s;
+        y2 = x2 * c - x1 * s;
+    } else {
+        y1 = x1 * c - x2 * s;
+        y2 = x2 * c + x1 * s;
+    }
+}
 
 template <typename T>
 __device__ __forceinline__ void rope(T* x, const uint32_t* pos, int b, int t, int h, int hs,
@@ -37,28 +78,16 @@ __device__ __forceinline__ void rope(T* x, const uint32_t* pos, int b, int t, in
     const long long rows = (long long)b * t;
     const int pairs = h * half;
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-        const int ti = (int)(row % t);
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            const float e = (float)(2 * i) / (float)hs;
-            const float inv_freq = 1.0f / (float)pow((double)theta, (double)e);
-            const float angle = (float)(pos0 + ti) * inv_freq;
-            cs[i] = (float)cos((double)angle);
-            sn[i] = (float)sin((double)angle);
-        }
+        rope_table(cs, sn, half, hs, pos0 + (int)(row % t), theta);
         __syncthreads();
         T* xr = x + row * h * hs;
         for (int k = threadIdx.x; k < pairs; k += blockDim.x) {
             const int head = k / half, i = k % half;
             T* xh = xr + (long long)head * hs;
-            const float x1 = nla_f32(xh[i]), x2 = nla_f32(xh[i + half]);
-            const float c = cs[i], s = sn[i];
-            if (inverse) {
-                xh[i] = nla_from_f32<T>(x1 * c + x2 * s);
-                xh[i + half] = nla_from_f32<T>(x2 * c - x1 * s);
-            } else {
-                xh[i] = nla_from_f32<T>(x1 * c - x2 * s);
-                xh[i + half] = nla_from_f32<T>(x2 * c + x1 * s);
-            }
+            float y1, y2;
+            rope_rotate(nla_f32(xh[i]), nla_f32(xh[i + half]), cs[i], sn[i], inverse, y1, y2);
+            xh[i] = nla_from_f32<T>(y1);
+            xh[i + half] = nla_from_f32<T>(y2);
         }
         __syncthreads();  // the table is rewritten for the next row
     }
@@ -78,9 +107,68 @@ __device__ __forceinline__ void rope(T* x, const uint32_t* pos, int b, int t, in
 NLA_ROPE(f32, float)
 NLA_ROPE(bf16, nla_bf16)
 
+// fwd (BWD false): q, k, v <- qkv. bwd: qkv <- dq, dk, dv (the pointers keep their names: in
+// the backward q, k, v are the gradients read and qkv the one written).
+template <typename T, bool BWD>
+__device__ __forceinline__ void qkv_rope(T* q, T* k, T* v, T* qkv, const uint32_t* pos, int b,
+                                         int t, int nh, int nkv, int hs, int pos0, float theta) {
+    __shared__ float cs[ROPE_MAX_HALF], sn[ROPE_MAX_HALF];
+    const int half = hs / 2;
+    if (half <= 0 || half > ROPE_MAX_HALF) return;
+    if (pos) pos0 = (int)pos[0];
+    const long long rows = (long long)b * t;
+    const int qd = nh * hs, kvd = nkv * hs, ld = qd + 2 * kvd;
+    const int pairs = (nh + nkv) * half;
+    for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
+        rope_table(cs, sn, half, hs, pos0 + (int)(row % t), theta);
+        __syncthreads();
+        T* fr = qkv + row * ld;
+        for (int kk = threadIdx.x; kk < pairs; kk += blockDim.x) {
+            const int head = kk / half, i = kk % half;
+            // q's heads then k's, adjacent in the fused row
+            T* f = fr + (long long)head * hs;
+            T* x = head < nh ? q + row * qd + (long long)head * hs
+                             : k + row * kvd + (long long)(head - nh) * hs;
+            T* src = BWD ? x : f;
+            T* dst = BWD ? f : x;
+            float y1, y2;
+            rope_rotate(nla_f32(src[i]), nla_f32(src[i + half]), cs[i], sn[i], BWD, y1, y2);
+            dst[i] = nla_from_f32<T>(y1);
+            dst[i + half] = nla_from_f32<T>(y2);
+        }
+        T* vr = v + row * kvd;
+        for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
+            if (BWD)
+                fr[qd + kvd + j] = vr[j];
+            else
+                vr[j] = fr[qd + kvd + j];
+        }
+        __syncthreads();  // the table is rewritten for the next row
+    }
+}
+
+#define NLA_QKV_ROPE(S, T)                                                                         \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
+        qkv_rope_fwd_##S(T* q, T* k, T* v, const T* qkv, const uint32_t* pos, int b, int t,        \
+                         int nh, int nkv, int hs, int pos0, float theta) {                         \
+        qkv_rope<T, false>(q, k, v, const_cast<T*>(qkv), pos, b, t, nh, nkv, hs, pos0, theta);     \
+    }                                                                                              \
+    extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
+        qkv_rope_bwd_##S(T* dqkv, const T* dq, const T* dk, const T* dv, const uint32_t* pos,      \
+                         int b, int t, int nh, int nkv, int hs, int pos0, float theta) {           \
+        qkv_rope<T, true>(const_cast<T*>(dq), const_cast<T*>(dk), const_cast<T*>(dv), dqkv, pos,  \
+                          b, t, nh, nkv, hs, pos0, theta);                                         \
+    }
+NLA_QKV_ROPE(f32, float)
+NLA_QKV_ROPE(bf16, nla_bf16)
+
 #ifdef NLA_EMU
 NLA_EMU_KERNEL(rope_fwd_f32);
 NLA_EMU_KERNEL(rope_fwd_bf16);
 NLA_EMU_KERNEL(rope_bwd_f32);
 NLA_EMU_KERNEL(rope_bwd_bf16);
+NLA_EMU_KERNEL(qkv_rope_fwd_f32);
+NLA_EMU_KERNEL(qkv_rope_fwd_bf16);
+NLA_EMU_KERNEL(qkv_rope_bwd_f32);
+NLA_EMU_KERNEL(qkv_rope_bwd_bf16);
 #endif

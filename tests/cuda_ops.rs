@@ -1,9 +1,9 @@
 //! Per-op parity of the CUDA device with the CPU device (the twins) at realistic sizes, too
 //! large for the emulator in CI: attention forward and backward (T 512, HS 64 and 128), rmsnorm
 //! (N 4096, C 2048), cross-entropy (V 32000), matmul and matmul_add (M 1024, N 2048, K 512,
-//! every transpose), swiglu, rope, embedding (V 32000), adamw (1M elements), sum_squares (10M),
-//! decode attention (TMAX 1024, TQ 1 and 64) and kv_append at its shapes, sampling, softmax and
-//! residual.
+//! every transpose), swiglu, rope, qkv_rope, embedding (V 32000), adamw (1M elements),
+//! sum_squares (10M), decode attention (TMAX 1024, TQ 1 and 64) and kv_append at its shapes,
+//! sampling, softmax and residual.
 //!
 //! Every op check is one generic function `op(dev, label, sizes)`: it draws seeded random
 //! inputs, runs the op on `dev` and on the CPU device, and compares each output.
@@ -647,6 +647,64 @@ fn rope<D: Device>(dev: &D, label: &str, s: &Sizes) {
     check(label, "rope bwd(fwd(x)) vs x", back, &x, 1e-6);
 }
 
+/// qkv_rope forward (q, k, v out of the fused projection's rows, q and k rotated) and backward
+/// (the rows back from dq, dk, dv), at rope's sizes with NKV = NH / 4.
+fn qkv_rope<D: Device>(dev: &D, label: &str, s: &Sizes) {
+    fn run<E: Device>(e: &E, d: AttnDims, x: &[f32], dx: &[f32], at: (usize, f32)) -> Vec<f32> {
+        let n = d.b * d.t;
+        let (qd, kvd) = (d.nh * d.hs, d.nkv * d.hs);
+        let (pos0, theta) = at;
+        let qkv = up(e, x);
+        let [mut q, mut k, mut v] = [qd, kvd, kvd].map(|w| nans(e, n * w));
+        let (qm, km, vm) = (
+            ViewMut::all(&mut q),
+            ViewMut::all(&mut k),
+            ViewMut::all(&mut v),
+        );
+        e.qkv_rope_fwd(qm, km, vm, View::all(&qkv), d, pos0, None, theta)
+            .unwrap();
+        // the gradients: dq, dk, dv are the parts of dx's rows
+        let [dq, dk, dv] = [(0, qd), (qd, kvd), (qd + kvd, kvd)].map(|(lo, w)| {
+            let part: Vec<f32> = dx
+                .chunks(qd + 2 * kvd)
+                .flat_map(|row| row[lo..lo + w].to_vec())
+                .collect();
+            up(e, &part)
+        });
+        let mut dqkv = nans(e, x.len());
+        let (dq, dk, dv) = (View::all(&dq), View::all(&dk), View::all(&dv));
+        e.qkv_rope_bwd(ViewMut::all(&mut dqkv), dq, dk, dv, d, pos0, theta)
+            .unwrap();
+        [&q, &k, &v, &dqkv].map(|x| down(e, x)).concat()
+    }
+    let [b, t, nh, hs] = s.rope;
+    let d = AttnDims {
+        b,
+        t,
+        nh,
+        nkv: (nh / 4).max(1),
+        hs,
+    };
+    let len = b * t * (nh + 2 * d.nkv) * hs;
+    let mut r = rng(0x9c7);
+    let (x, dx) = (
+        uniform(&mut r, len, -2.0, 2.0),
+        uniform(&mut r, len, -1.0, 1.0),
+    );
+    for &at in s.rope_at {
+        let (want, tc) = timed(|| run(&CpuDevice::new(), d, &x, &dx, at));
+        let (got, td) = timed(|| run(dev, d, &x, &dx, at));
+        let what = format!(
+            "qkv_rope fwd+bwd (B {b}, T {t}, NH {nh}, NKV {}, HS {hs}, pos0 {}, theta {})",
+            d.nkv, at.0, at.1
+        );
+        report(label, &what, tc, td);
+        // rope's rotation and tolerance (above); the copies exact
+        let tol = (1.25e-7 * (at.0 + t) as f64).max(1e-6);
+        check(label, &what, &got, &want, tol);
+    }
+}
+
 // ---- embedding
 
 /// embedding forward (a gather) and backward (a scatter-add with repeated ids, onto a random
@@ -1031,6 +1089,7 @@ fn all_ops<D: Device>(dev: &D, label: &str, s: &Sizes) {
     matmul(dev, label, s);
     swiglu(dev, label, s);
     rope(dev, label, s);
+    qkv_rope(dev, label, s);
     embedding(dev, label, s);
     adamw(dev, label, s);
     sum_squares(dev, label, s);
@@ -1088,6 +1147,11 @@ fn cuda_swiglu() {
 #[test]
 fn cuda_rope() {
     on_gpu(rope);
+}
+
+#[test]
+fn cuda_qkv_rope() {
+    on_gpu(qkv_rope);
 }
 
 #[test]

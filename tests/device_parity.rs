@@ -104,32 +104,32 @@ fn check_forward_backward<D: Device>(dev: &D, label: &str, chunk: Option<usize>)
 fn forward_and_backward_match_cpu() {
     for (dev, label) in emu_devices() {
         check_forward_backward(&dev, &label, None);
-        // the ops ran as kernels: the embedding; per block 2 rmsnorm, 2 rope, attention and
-        // swiglu; the final norm and the cross-entropy; then their backwards (attention's in 3
-        // launches: dot, dq, dkdv). The residual adds are none: matmul epilogues in forward,
+        // the ops ran as kernels: the embedding; per block 2 rmsnorm, the q/k/v split with
+        // RoPE, attention and swiglu; the final norm and the cross-entropy; then their
+        // backwards (attention's in 3 launches: dot, dq, dkdv). The residual adds are none: matmul epilogues in forward,
         // the norms' backward adding into the residual gradient in backward.
         let launches = dev.launcher().launches();
         eprintln!("{label}: {launches} kernel launches");
         let blocks = model(&CpuDevice::new()).cfg.num_hidden_layers as u64;
         assert_eq!(
             launches,
-            2 * (1 + 6 * blocks + 2) + 2 * blocks,
+            2 * (1 + 5 * blocks + 2) + 2 * blocks,
             "{label}: launches"
         );
         // vocabulary 96 in chunks of 20 (four chunks and a last one of 16: each chunk one
         // cross_entropy_chunk_fwd and one _bwd launch, for the whole rows' one each) and
-        // block recompute (each of the 2 blocks' 6 forward kernels again: rmsnorm, 2 rope,
+        // block recompute (each of the 2 blocks' 5 forward kernels again: rmsnorm, qkv_rope,
         // attention, rmsnorm, swiglu)
         check_forward_backward(&dev, &label, Some(20));
         let more = dev.launcher().launches() - 2 * launches;
-        assert_eq!(more, (2 * 5 - 2) + 2 * 6, "{label}: chunked launches");
+        assert_eq!(more, (2 * 5 - 2) + 2 * 5, "{label}: chunked launches");
     }
 }
 
-/// Block recompute runs each block's forward again up to what its backward reads: 6 kernels
-/// (rmsnorm, 2 rope, attention, rmsnorm, swiglu) and 5 matmuls (q, k, v, o, gate and up as
-/// one; not the down projection, whose output the residual stream holds) per block, and
-/// nothing else.
+/// Block recompute runs each block's forward again up to what its backward reads: 5 kernels
+/// (rmsnorm, the q/k/v split with RoPE, attention, rmsnorm, swiglu) and 3 matmuls (q, k and v
+/// as one, o, gate and up as one; not the down projection, whose output the residual stream
+/// holds) per block, and nothing else.
 #[test]
 fn recompute_runs_each_block_up_to_swiglu() {
     use nla_engine::model::{MemoryOptions, Recompute};
@@ -144,19 +144,19 @@ fn recompute_runs_each_block_up_to_swiglu() {
     };
     let ((l0, c0), (l1, c1)) = (calls(Recompute::None), calls(Recompute::Block));
     let blocks = model(&CpuDevice::new()).cfg.num_hidden_layers as u64;
-    assert_eq!(l1 - l0, 6 * blocks, "kernels");
+    assert_eq!(l1 - l0, 5 * blocks, "kernels");
     assert_eq!(
         (c1 - l1) - (c0 - l0),
-        5 * blocks,
+        3 * blocks,
         "matmuls and memory operations"
     );
 }
 
-/// A block's backward makes 12 matmuls: the down projection's dx and dW, gate and up's as one
-/// dx (K = 2F) and one dW ([2F,C]), the output projection's dx and dW, and q, k and v's
-/// three each. The LM head adds its dx and dW.
+/// A block's backward makes 8 matmuls, a dx and a dW for each of: the down projection, gate
+/// and up as one (K = 2F, [2F,C]), the output projection, q, k and v as one (K = QKV,
+/// [QKV,C]). The LM head adds its dx and dW.
 #[test]
-fn the_backward_makes_12_matmuls_per_block() {
+fn the_backward_makes_8_matmuls_per_block() {
     use nla_engine::model::{backward, forward, ActivationSet, MemoryOptions};
     let dev = EmuDevice::new(EmuMode::Forward, 0);
     let mut model = model(&dev);
@@ -170,7 +170,7 @@ fn the_backward_makes_12_matmuls_per_block() {
     let before = dev.matmuls();
     backward(&dev, &mut model, &mut acts, &db, (1.0 / loss.count) as f32).unwrap();
     let blocks = model.cfg.num_hidden_layers as u64;
-    assert_eq!(dev.matmuls() - before, 12 * blocks + 2);
+    assert_eq!(dev.matmuls() - before, 8 * blocks + 2);
 }
 
 #[test]

@@ -37,8 +37,8 @@ use half::bf16;
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::emu::{EmuArgs, EmuMode};
 use nla_engine::device::{
-    AdamwStep, Advantage, Device, InjectMode, KlType, LossAgg, PolicyLossSpec, PolicyStat,
-    PoolMode, RewardSpec, RewardTransform,
+    AdamwStep, Advantage, AttnDims, Device, InjectMode, KlType, LossAgg, PolicyLossSpec,
+    PolicyStat, PoolMode, RewardSpec, RewardTransform,
 };
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -591,6 +591,171 @@ fn rope_f32_matches_cpu() {
 fn rope_bf16_matches_cpu() {
     check_rope::<bf16>([2, 5, 3, 24], 0, 10000.0, 23);
     check_rope::<bf16>([1, 3, 6, 128], 1000, 500000.0, 24);
+}
+
+/// qkv_rope_fwd (q, k, v out of qkv) or qkv_rope_bwd (dqkv out of dq, dk, dv: `parts` then
+/// holds the inputs and `fused` the output), grid B*T, block as rope's over NH + NKV heads.
+#[allow(clippy::too_many_arguments)]
+fn qkv_rope_k<T: Storage>(
+    parts: [&mut [T]; 3],
+    fused: &mut [T],
+    [b, t, nh, nkv, hs]: [usize; 5],
+    pos0: usize,
+    pos: Option<&[u32]>,
+    bwd: bool,
+    mode: EmuMode,
+    seed: u64,
+) {
+    let block = (32 * ((nh + nkv) * hs / 2).div_ceil(32)).min(256) as u32;
+    let mut a = EmuArgs::new();
+    let [q, k, v] = parts;
+    if bwd {
+        a.ptr_mut(fused).ptr(q).ptr(k).ptr(v);
+    } else {
+        a.ptr_mut(q).ptr_mut(k).ptr_mut(v).ptr(fused);
+    }
+    match pos {
+        Some(p) => a.ptr(p),
+        None => a.null::<u32>(),
+    };
+    let pos0 = if pos.is_some() { 0 } else { pos0 };
+    for x in [b, t, nh, nkv, hs, pos0] {
+        a.scalar(x as i32);
+    }
+    a.scalar(10000.0f32);
+    let name = sym::<T>(if bwd { "qkv_rope_bwd" } else { "qkv_rope_fwd" });
+    launch1(&name, (b * t) as u32, block, 0, &mut a, mode, seed);
+}
+
+/// The fused kernels against the CPU twin (both thread orders), and bit for bit against the
+/// rope kernel run on the split parts: one rotation code, two layouts.
+fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
+    let [b, t, nh, nkv, hs] = dims;
+    let tag = format!("qkv_rope {} {dims:?} pos0={pos0}", T::SUFFIX);
+    let (rows, qd, kvd) = (b * t, nh * hs, nkv * hs);
+    let ld = qd + 2 * kvd;
+    let d = AttnDims { b, t, nh, nkv, hs };
+    let theta = 10000.0;
+    let mut r = rng(seed);
+    let dev = cpu();
+    // the parts of each row of a fused [rows, ld] buffer
+    let split = |x: &[f32]| -> [Vec<f32>; 3] {
+        let part = |lo: usize, w: usize| -> Vec<f32> {
+            x.chunks(ld)
+                .flat_map(|row| row[lo..lo + w].to_vec())
+                .collect()
+        };
+        [part(0, qd), part(qd, kvd), part(qd + kvd, kvd)]
+    };
+    let tol = Tol::new(2.5e-7 * (pos0 + t) as f32, 2.4e-7);
+
+    // forward: q, k, v out of qkv
+    let qkv = rand_t::<T>(&mut r, rows * ld, 2.0);
+    let mut want = [
+        vec![0.0; rows * qd],
+        vec![0.0; rows * kvd],
+        vec![0.0; rows * kvd],
+    ];
+    let [wq, wk, wv] = &mut want;
+    dev.qkv_rope_fwd(m(wq), m(wk), m(wv), v(&qkv), d, pos0, None, theta)
+        .unwrap();
+    let run_fwd = |mode, seed, pos: Option<&[u32]>| {
+        let mut out = [qd, kvd, kvd].map(|w| nan_out::<T>(rows * w, 0));
+        let mut f = input::<T>(&qkv, 0);
+        let [q, k, v] = &mut out;
+        qkv_rope_k(
+            [q.get_mut(), k.get_mut(), v.get_mut()],
+            f.get_mut(),
+            dims,
+            pos0,
+            pos,
+            false,
+            mode,
+            seed,
+        );
+        out.map(|x| read(&tag, &x))
+    };
+    let got = both_orders(|mode, seed| run_fwd(mode, seed, None));
+    let pos = [pos0 as u32];
+    let in_memory = run_fwd(EmuMode::Forward, seed, Some(&pos));
+    let [sq, sk, sv] = split(&qkv);
+    for (i, (name, h)) in [("q", nh), ("k", nkv), ("v", 0)].into_iter().enumerate() {
+        let what = format!("{tag} fwd {name}");
+        assert_same_bits(&what, &got[0][i], &got[1][i]);
+        assert_same_bits(&format!("{what}, pos in memory"), &in_memory[i], &got[0][i]);
+        tol.out::<T>().check(&what, &got[0][i], &want[i]);
+        // the rope kernel on the split part (v: the part itself)
+        let part = [&sq, &sk, &sv][i];
+        let mut x = input::<T>(part, 0);
+        if h > 0 {
+            let rd = [b, t, h, hs];
+            rope_k(
+                x.get_mut(),
+                rd,
+                pos0,
+                None,
+                theta,
+                false,
+                EmuMode::Forward,
+                0,
+            );
+        }
+        assert_same_bits(
+            &format!("{what} = split, rope"),
+            &got[0][i],
+            &read(&tag, &x),
+        );
+    }
+
+    // backward: dqkv out of dq, dk, dv
+    let dparts = [qd, kvd, kvd].map(|w| rand_t::<T>(&mut r, rows * w, 1.0));
+    let [dq, dk, dv] = &dparts;
+    let mut want = vec![0.0; rows * ld];
+    dev.qkv_rope_bwd(m(&mut want), v(dq), v(dk), v(dv), d, pos0, theta)
+        .unwrap();
+    let got = both_orders(|mode, seed| {
+        let mut ins = dparts.clone().map(|x| input::<T>(&x, 0));
+        let mut f = nan_out::<T>(rows * ld, 0);
+        let [q, k, v] = &mut ins;
+        let parts = [q.get_mut(), k.get_mut(), v.get_mut()];
+        qkv_rope_k(parts, f.get_mut(), dims, pos0, None, true, mode, seed);
+        read(&tag, &f)
+    });
+    let what = format!("{tag} bwd");
+    assert_same_bits(&what, &got[0], &got[1]);
+    tol.out::<T>().check(&what, &got[0], &want);
+    let split_got = split(&got[0]);
+    for (i, (name, h)) in [("dq", nh), ("dk", nkv), ("dv", 0)].into_iter().enumerate() {
+        let mut x = input::<T>(&dparts[i], 0);
+        if h > 0 {
+            let rd = [b, t, h, hs];
+            rope_k(
+                x.get_mut(),
+                rd,
+                pos0,
+                None,
+                theta,
+                true,
+                EmuMode::Forward,
+                0,
+            );
+        }
+        let what = format!("{what} {name} = rope_bwd");
+        assert_same_bits(&what, &split_got[i], &read(&tag, &x));
+    }
+}
+
+#[test]
+fn qkv_rope_f32_matches_cpu() {
+    check_qkv_rope::<f32>([2, 5, 4, 2, 24], 0, 25); // 72 pairs: a partial warp
+    check_qkv_rope::<f32>([1, 3, 6, 2, 128], 1000, 26); // 512 pairs > 256 threads
+    check_qkv_rope::<f32>([2, 4, 2, 2, 64], 37, 27); // NKV = NH
+}
+
+#[test]
+fn qkv_rope_bf16_matches_cpu() {
+    check_qkv_rope::<bf16>([2, 5, 4, 2, 24], 0, 28);
+    check_qkv_rope::<bf16>([1, 3, 6, 2, 128], 1000, 29);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -1279,6 +1279,143 @@ fn rope_device() {
     assert_invalid("rope_bwd", dev.rope_bwd(m(&mut y), b, t, h, 0, 0, 10000.0));
 }
 
+/// qkv_rope is the split of the fused rows followed by rope (bit for bit: the same rotation),
+/// and its backward is the forward's adjoint: <fwd(x), g> = <x, bwd(g)> (a rotation and
+/// copies), checked in f64 on the f32 results.
+#[test]
+fn qkv_rope_device() {
+    let dev = CpuDevice;
+    let d = AttnDims {
+        b: 2,
+        t: 3,
+        nh: 4,
+        nkv: 2,
+        hs: 6,
+    };
+    let (rows, qd, kvd) = (d.b * d.t, d.nh * d.hs, d.nkv * d.hs);
+    let ld = qd + 2 * kvd;
+    let (pos0, theta) = (5, 10000.0);
+    let x = random_f32(rows * ld, 61);
+    let part = |x: &[f32], lo: usize, w: usize| -> Buf {
+        x.chunks(ld).flat_map(|r| r[lo..lo + w].to_vec()).collect()
+    };
+    let [mut q, mut k, mut vv] = [qd, kvd, kvd].map(|w| vec![f32::NAN; rows * w]);
+    dev.qkv_rope_fwd(
+        m(&mut q),
+        m(&mut k),
+        m(&mut vv),
+        v(&x),
+        d,
+        pos0,
+        None,
+        theta,
+    )
+    .unwrap();
+    let (mut wq, mut wk, wv) = (part(&x, 0, qd), part(&x, qd, kvd), part(&x, qd + kvd, kvd));
+    dev.rope_fwd(m(&mut wq), d.b, d.t, d.nh, d.hs, pos0, None, theta)
+        .unwrap();
+    dev.rope_fwd(m(&mut wk), d.b, d.t, d.nkv, d.hs, pos0, None, theta)
+        .unwrap();
+    assert_eq!((&q, &k, &vv), (&wq, &wk, &wv), "split, then rope");
+    // the position held in memory: the same
+    let [mut q2, mut k2, mut v2] = [qd, kvd, kvd].map(|w| vec![f32::NAN; rows * w]);
+    let pos = vec![pos0 as u32];
+    dev.qkv_rope_fwd(
+        m(&mut q2),
+        m(&mut k2),
+        m(&mut v2),
+        v(&x),
+        d,
+        0,
+        Some(&pos),
+        theta,
+    )
+    .unwrap();
+    assert_eq!((&q2, &k2, &v2), (&q, &k, &vv), "pos in memory");
+
+    let g = random_f32(rows * ld, 62);
+    let (gq, gk, gv) = (part(&g, 0, qd), part(&g, qd, kvd), part(&g, qd + kvd, kvd));
+    let mut dx = vec![f32::NAN; rows * ld];
+    dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), d, pos0, theta)
+        .unwrap();
+    let dot =
+        |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
+    let lhs = dot(&q, &gq) + dot(&k, &gk) + dot(&vv, &gv);
+    let rhs = dot(&x, &dx);
+    // each side rounds ~rows * ld products of |x| < 1 to f32 once: 1e-5 relative covers it
+    assert!(
+        (lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0),
+        "{lhs} vs {rhs}"
+    );
+    // the backward's parts are rope_bwd's
+    let (mut bq, mut bk) = (gq.clone(), gk.clone());
+    dev.rope_bwd(m(&mut bq), d.b, d.t, d.nh, d.hs, pos0, theta)
+        .unwrap();
+    dev.rope_bwd(m(&mut bk), d.b, d.t, d.nkv, d.hs, pos0, theta)
+        .unwrap();
+    let dparts = (
+        part(&dx, 0, qd),
+        part(&dx, qd, kvd),
+        part(&dx, qd + kvd, kvd),
+    );
+    assert_eq!(dparts, (bq, bk, gv.clone()), "rope_bwd, then concatenated");
+
+    // wrong lengths, HS, theta and pos are refused
+    let short = vec![0.0; rows * ld - 1];
+    assert_invalid(
+        "qkv_rope_fwd",
+        dev.qkv_rope_fwd(
+            m(&mut q),
+            m(&mut k),
+            m(&mut vv),
+            v(&short),
+            d,
+            0,
+            None,
+            theta,
+        ),
+    );
+    assert_invalid(
+        "qkv_rope_fwd",
+        dev.qkv_rope_fwd(m(&mut k), m(&mut q), m(&mut vv), v(&x), d, 0, None, theta),
+    );
+    let odd = AttnDims { hs: 5, ..d };
+    assert_invalid(
+        "qkv_rope_fwd",
+        dev.qkv_rope_fwd(m(&mut q), m(&mut k), m(&mut vv), v(&x), odd, 0, None, theta),
+    );
+    let two = vec![0u32; 2];
+    assert_invalid(
+        "qkv_rope_fwd",
+        dev.qkv_rope_fwd(
+            m(&mut q),
+            m(&mut k),
+            m(&mut vv),
+            v(&x),
+            d,
+            0,
+            Some(&two),
+            theta,
+        ),
+    );
+    assert_invalid(
+        "qkv_rope_bwd",
+        dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), d, 0, f32::NAN),
+    );
+    assert_invalid(
+        "qkv_rope_bwd",
+        dev.qkv_rope_bwd(
+            m(&mut dx),
+            v(&gq),
+            v(&gv[1..].to_vec()),
+            v(&gv),
+            d,
+            0,
+            theta,
+        ),
+    );
+}
+
 #[test]
 fn attention_device() {
     let dev = CpuDevice;

@@ -335,6 +335,31 @@ fn rope(d: &EmuDevice) {
     d.rope_fwd(m(&mut x), b, t, h, hs, 3, None, 10000.0)
         .unwrap();
     d.rope_bwd(m(&mut x), b, t, h, hs, 3, 10000.0).unwrap();
+    // the fused projection's split (kernels/rope.cu too)
+    let dims = AttnDims {
+        b,
+        t,
+        nh: 2 * h,
+        nkv: h,
+        hs,
+    };
+    let (qd, kvd) = (2 * h * hs, h * hs);
+    let qkv = vals(b * t * (qd + 2 * kvd), 6, 1.0);
+    let [mut q, mut k, mut v2] = [qd, kvd, kvd].map(|w| zeros(b * t * w));
+    d.qkv_rope_fwd(
+        m(&mut q),
+        m(&mut k),
+        m(&mut v2),
+        v(&qkv),
+        dims,
+        3,
+        None,
+        10000.0,
+    )
+    .unwrap();
+    let mut dqkv = zeros(qkv.len());
+    d.qkv_rope_bwd(m(&mut dqkv), v(&q), v(&k), v(&v2), dims, 3, 10000.0)
+        .unwrap();
 }
 
 fn attention(d: &EmuDevice) {

@@ -603,6 +603,35 @@ pub trait Device: Send + Sync + Sized {
         theta: f32,
     ) -> Result<()>;
 
+    /// q [B,T,NH*HS], k and v [B,T,NKV*HS] = the parts of each row of qkv [B,T,(NH+2NKV)*HS]
+    /// (one matmul projects all three: q's heads, then k's, then v's), q and k rotated as
+    /// [`Device::rope_fwd`] (all `=`). `pos` as rope_fwd's.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_fwd(
+        &self,
+        q: M<'_, Self>,
+        k: M<'_, Self>,
+        v: M<'_, Self>,
+        qkv: V<'_, Self>,
+        d: AttnDims,
+        pos0: usize,
+        pos: Option<&Self::Ids>,
+        theta: f32,
+    ) -> Result<()>;
+    /// dqkv [B,T,(NH+2NKV)*HS] = each row's dq, dk and dv, dq and dk rotated back as
+    /// [`Device::rope_bwd`] (`=`): the gradient of the one matmul's output.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_bwd(
+        &self,
+        dqkv: M<'_, Self>,
+        dq: V<'_, Self>,
+        dk: V<'_, Self>,
+        dv: V<'_, Self>,
+        d: AttnDims,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()>;
+
     /// Causal attention, head h reading KV head h / (NH/NKV), scale 1/sqrt(HS):
     /// out[B,T,NH,HS] = softmax(q k^T * scale, causal) v ; lse[B,NH,T] = logsumexp of the scaled scores.
     #[allow(clippy::too_many_arguments)]

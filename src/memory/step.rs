@@ -862,14 +862,13 @@ impl<'a> Builder<'a> {
         let rstd1 = self.stat(format!("{pre}.rstd1"), n);
         let xn1 = self.act(format!("{pre}.xn1"), n * c);
         self.op(format!("{pre}: rmsnorm_fwd"), &[xn1, rstd1, x, w]);
+        // q, k and v: one matmul into scratch, then split and rotated
+        let qkv = self.act(format!("{pre}.qkv"), n * (qd + 2 * kvd));
+        self.op(format!("{pre}: qkv_proj"), &[qkv, xn1, w]);
         let q = self.act(format!("{pre}.q"), n * qd);
-        self.op(format!("{pre}: q_proj"), &[q, xn1, w]);
         let k = self.act(format!("{pre}.k"), n * kvd);
-        self.op(format!("{pre}: k_proj"), &[k, xn1, w]);
         let v = self.act(format!("{pre}.v"), n * kvd);
-        self.op(format!("{pre}: v_proj"), &[v, xn1, w]);
-        self.op(format!("{pre}: rope_fwd q"), &[q]);
-        self.op(format!("{pre}: rope_fwd k"), &[k]);
+        self.op(format!("{pre}: qkv_rope_fwd"), &[q, k, v, qkv]);
         let att = self.act(format!("{pre}.att"), n * qd);
         let lse = self.stat(format!("{pre}.lse"), b * nh * t);
         self.op(format!("{pre}: attention_fwd"), &[att, lse, q, k, v]);
@@ -944,15 +943,11 @@ impl<'a> Builder<'a> {
             format!("{pre}: attention_bwd"),
             &[dq, dk, dv, datt, la.q, la.k, la.v, la.att, la.lse],
         );
-        self.op(format!("{pre}: rope_bwd q"), &[dq]);
-        self.op(format!("{pre}: rope_bwd k"), &[dk]);
+        let dqkv = self.act(format!("{pre}.dqkv"), n * (qd + 2 * kvd));
+        self.op(format!("{pre}: qkv_rope_bwd"), &[dqkv, dq, dk, dv]);
         let dxn1 = self.act(format!("{pre}.dxn_attn"), n * c);
-        self.op(format!("{pre}: q_proj bwd_dx"), &[dxn1, dq, w]);
-        self.op(format!("{pre}: k_proj bwd_dx"), &[dxn1, dk, w]);
-        self.op(format!("{pre}: v_proj bwd_dx"), &[dxn1, dv, w]);
-        self.op(format!("{pre}: q_proj bwd_dw"), &[g, dq, la.xn1]);
-        self.op(format!("{pre}: k_proj bwd_dw"), &[g, dk, la.xn1]);
-        self.op(format!("{pre}: v_proj bwd_dw"), &[g, dv, la.xn1]);
+        self.op(format!("{pre}: qkv_proj bwd_dx"), &[dxn1, dqkv, w]);
+        self.op(format!("{pre}: qkv_proj bwd_dw"), &[g, dqkv, la.xn1]);
         // and again: d x
         self.op(
             format!("{pre}: rmsnorm_bwd (+=)"),
@@ -1383,6 +1378,7 @@ impl<'a> Builder<'a> {
         let xn2 = ws(self, "xn2", n * c);
         let rstd = self.stat(format!("{pre}.ws.rstd"), n);
         let rstd2 = self.stat(format!("{pre}.ws.rstd2"), n);
+        let qkv = ws(self, "qkv", n * (qd + 2 * kvd));
         let q = ws(self, "q", n * qd);
         let k = ws(self, "k", n * kvd);
         let vb = ws(self, "v", n * kvd);
@@ -1432,10 +1428,8 @@ impl<'a> Builder<'a> {
                 let lp = format!("{sp}.layers.{l}");
                 // x and x_out swap roles every block: both are touched
                 self.op(format!("{lp}: rmsnorm_fwd"), &[xn, rstd, x, x_out, w]);
-                self.op(format!("{lp}: q_proj"), &[q, xn, w]);
-                self.op(format!("{lp}: k_proj"), &[k, xn, w]);
-                self.op(format!("{lp}: v_proj"), &[vb, xn, w]);
-                self.op(format!("{lp}: rope_fwd"), &[q, k, pos]);
+                self.op(format!("{lp}: qkv_proj"), &[qkv, xn, w]);
+                self.op(format!("{lp}: qkv_rope_fwd"), &[q, k, vb, qkv, pos]);
                 self.op(format!("{lp}: kv_append_fwd"), &[kc, vc, k, vb, pos]);
                 self.op(
                     format!("{lp}: decode_attention_fwd"),

@@ -184,6 +184,10 @@ pub struct ActivationSet<B> {
     pub dh: B,
     /// [2F,N] the gradients of gate and up, [dgate; dup] (feature-major, as `gu`)
     pub dgu: B,
+    /// [N,(NH+2NKV)*HS] the fused q/k/v projection's output in a block's forward (scratch:
+    /// `qkv_rope_fwd` splits it into the kept q, k, v), and its gradient in the backward
+    pub qkv: B,
+    pub dqkv: B,
     /// [N,NH*HS]
     pub datt: B,
     pub dq: B,
@@ -318,6 +322,8 @@ impl<B> ActivationSet<B> {
             dxn: a("dxn".into(), n * c, false, dxn)?,
             dh: a("dh".into(), n * f, false, mlp)?,
             dgu: a("dgu".into(), 2 * n * f, false, mlp)?,
+            qkv: a("qkv".into(), n * (qd + 2 * kvd), false, (FWD, RECOMPUTE))?,
+            dqkv: a("dqkv".into(), n * (qd + 2 * kvd), false, attn)?,
             datt: a("datt".into(), n * qd, false, attn)?,
             dq: a("dq".into(), n * qd, false, attn)?,
             dk: a("dk".into(), n * kvd, false, attn)?,

@@ -222,7 +222,8 @@ pub fn backward_blocks<D: Device>(
             // the block again from its input, into the shared set, up to what its backward
             // reads (h: not the down projection, whose output res[l+1] holds)
             let x = View::all(&a.res[l]);
-            block_train_fwd(dev, model, lp, dims, (x, None), &mut a.layers[li])?;
+            let la = (&mut a.layers[li], &mut a.qkv);
+            block_train_fwd(dev, model, lp, dims, (x, None), la)?;
         }
         let la = &a.layers[li];
         let x = &a.res[l];
@@ -324,47 +325,23 @@ pub fn backward_blocks<D: Device>(
             View::all(&la.lse),
             dims,
         )?;
-        dev.rope_bwd(ViewMut::all(&mut a.dq), b, t, nh, hs, 0, theta)?;
-        dev.rope_bwd(ViewMut::all(&mut a.dk), b, t, nkv, hs, 0, theta)?;
-        let (dq, dk, dv, xn1) = (
+        // dq, dk, dv rotated back into one [N,QKV] gradient of the fused projection
+        dev.qkv_rope_bwd(
+            ViewMut::all(&mut a.dqkv),
             View::all(&a.dq),
             View::all(&a.dk),
             View::all(&a.dv),
-            View::all(&la.xn1),
-        );
-        linear_bwd_dx(
-            dev,
-            ViewMut::all(&mut a.dxn),
-            dq,
-            p(lp.wq, qd * c),
-            n,
-            qd,
-            c,
-            false,
+            dims,
+            0,
+            theta,
         )?;
-        linear_bwd_dx(
-            dev,
-            ViewMut::all(&mut a.dxn),
-            dk,
-            p(lp.wk, kvd * c),
-            n,
-            kvd,
-            c,
-            true,
-        )?;
-        linear_bwd_dx(
-            dev,
-            ViewMut::all(&mut a.dxn),
-            dv,
-            p(lp.wv, kvd * c),
-            n,
-            kvd,
-            c,
-            true,
-        )?;
-        linear_bwd_dw(dev, g!(lp.wq, qd * c), dq, xn1, n, qd, c)?;
-        linear_bwd_dw(dev, g!(lp.wk, kvd * c), dk, xn1, n, kvd, c)?;
-        linear_bwd_dw(dev, g!(lp.wv, kvd * c), dv, xn1, n, kvd, c)?;
+        // q, k and v as one [QKV,C] weight W_qkv (adjacent in the table, and so in the grads)
+        let qkvd = qd + 2 * kvd;
+        debug_assert_eq!(lp.wv, lp.wq + (qd + kvd) * c, "wk and wv follow wq");
+        let (dqkv, xn1) = (View::all(&a.dqkv), View::all(&la.xn1));
+        let wqkv = p(lp.wq, qkvd * c);
+        linear_bwd_dx(dev, ViewMut::all(&mut a.dxn), dqkv, wqkv, n, qkvd, c, false)?;
+        linear_bwd_dw(dev, g!(lp.wq, qkvd * c), dqkv, xn1, n, qkvd, c)?;
         // a.dres += the norm's share: d x, the previous block's d x_out
         dev.rmsnorm_bwd(
             ViewMut::all(&mut a.dres),

@@ -3,7 +3,7 @@
 
 use super::linear::{gate_up_fwd, linear_fwd, linear_fwd_add};
 use super::{LayerParams, Model};
-use crate::device::{Device, View, ViewMut};
+use crate::device::{AttnDims, Device, View, ViewMut};
 use crate::Result;
 
 /// What one block reads and writes, over N = B*T rows.
@@ -16,6 +16,8 @@ pub(crate) struct BlockBufs<'a, B> {
     /// [N,C], [N]
     pub xn1: ViewMut<'a, B>,
     pub rstd1: ViewMut<'a, B>,
+    /// [N,(NH+2NKV)*HS] scratch: q, k and v before RoPE, as the one matmul writes them
+    pub qkv: ViewMut<'a, B>,
     /// [N,NH*HS] queries, [N,NKV*HS] keys and values, after RoPE
     pub q: ViewMut<'a, B>,
     pub k: ViewMut<'a, B>,
@@ -34,8 +36,9 @@ pub(crate) struct BlockBufs<'a, B> {
 }
 
 /// `out = x_mid + down(silu(gate(n2)) * up(n2))`, `x_mid = x + o(attend(rope(q(n1)), rope(k(n1)), v(n1)))`
-/// with n1, n2 the RMS-normed inputs. Rows are (b, t) with N = b*t at positions pos0 + t (pos0
-/// read on the device from `pos` where given: [`Device::rope_fwd`]); `attend(att, q, k, v)`
+/// with n1, n2 the RMS-normed inputs (q, k and v one matmul, gate and up another). Rows are
+/// (b, t) with N = b*t at positions pos0 + t (pos0 read on the device from `pos` where given:
+/// [`Device::rope_fwd`]); `attend(att, q, k, v)`
 /// writes the attention output (causal over the batch, or over a cache).
 pub(crate) fn block_fwd<D: Device>(
     dev: &D,
@@ -67,6 +70,7 @@ pub(crate) fn block_fwd<D: Device>(
         out,
         mut xn1,
         rstd1,
+        mut qkv,
         mut q,
         mut k,
         mut v,
@@ -79,27 +83,33 @@ pub(crate) fn block_fwd<D: Device>(
     } = io;
 
     dev.rmsnorm_fwd(xn1.reborrow(), rstd1, x, p(lp.ln1, c), n, c, eps)?;
-    linear_fwd(dev, q.reborrow(), xn1.as_view(), p(lp.wq, qd * c), n, qd, c)?;
+    // q, k and v in one matmul: their weights are adjacent (`ParamTable`), one [QKV,C] matrix
+    let qkvd = qd + 2 * kvd;
+    debug_assert_eq!(
+        (lp.wk, lp.wv),
+        (lp.wq + qd * c, lp.wq + (qd + kvd) * c),
+        "wk and wv follow wq"
+    );
     linear_fwd(
         dev,
+        qkv.reborrow(),
+        xn1.as_view(),
+        p(lp.wq, qkvd * c),
+        n,
+        qkvd,
+        c,
+    )?;
+    let d = AttnDims { b, t, nh, nkv, hs };
+    dev.qkv_rope_fwd(
+        q.reborrow(),
         k.reborrow(),
-        xn1.as_view(),
-        p(lp.wk, kvd * c),
-        n,
-        kvd,
-        c,
-    )?;
-    linear_fwd(
-        dev,
         v.reborrow(),
-        xn1.as_view(),
-        p(lp.wv, kvd * c),
-        n,
-        kvd,
-        c,
+        qkv.as_view(),
+        d,
+        pos0,
+        pos,
+        theta,
     )?;
-    dev.rope_fwd(q.reborrow(), b, t, nh, hs, pos0, pos, theta)?;
-    dev.rope_fwd(k.reborrow(), b, t, nkv, hs, pos0, pos, theta)?;
     attend(att.reborrow(), q.as_view(), k.as_view(), v.as_view())?;
     // x_mid = x + att @ wo^T: the residual add is the matmul's epilogue
     linear_fwd_add(

@@ -206,20 +206,21 @@ pub fn forward_with<D: Device>(
 }
 
 /// Block `lp` of a training pass: `out` from `x`, keeping in `la` what its backward needs
-/// (`out` None: only that, for a recomputed block).
+/// (`out` None: only that, for a recomputed block); `qkv` is the set's projection scratch.
 pub(crate) fn block_train_fwd<D: Device>(
     dev: &D,
     model: &Model<D>,
     lp: &LayerParams,
     dims: AttnDims,
     (x, out): (View<'_, D::Buf>, Option<ViewMut<'_, D::Buf>>),
-    la: &mut LayerActs<D>,
+    (la, qkv): (&mut LayerActs<D>, &mut D::Buf),
 ) -> Result<()> {
     let io = BlockBufs {
         x,
         out,
         xn1: ViewMut::all(&mut la.xn1),
         rstd1: ViewMut::all(&mut la.rstd1),
+        qkv: ViewMut::all(qkv),
         q: ViewMut::all(&mut la.q),
         k: ViewMut::all(&mut la.k),
         v: ViewMut::all(&mut la.v),
@@ -275,7 +276,8 @@ pub fn forward_blocks<D: Device>(
         let (before, after) = acts.res.split_at_mut(l + 1);
         let x_out = &mut after[0];
         let (x, out) = (View::all(&before[l]), Some(ViewMut::all(&mut *x_out)));
-        block_train_fwd(dev, model, lp, dims, (x, out), &mut acts.layers[li])?;
+        let la = (&mut acts.layers[li], &mut acts.qkv);
+        block_train_fwd(dev, model, lp, dims, (x, out), la)?;
         inject(dev, x_out, inj, l + 1, n, c)?;
     }
     Ok(())

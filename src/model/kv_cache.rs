@@ -46,6 +46,8 @@ struct Workspace<D: Device> {
     /// [B*TQ]
     rstd: D::Buf,
     rstd2: D::Buf,
+    /// [B*TQ,(NH+2NKV)*HS] the fused q/k/v projection, before RoPE
+    qkv: D::Buf,
     /// [B*TQ,NH*HS]
     q: D::Buf,
     /// [B*TQ,NKV*HS]
@@ -101,6 +103,7 @@ impl<D: Device> KvCache<D> {
             xn2: dev.alloc_work(n * c)?,
             rstd: dev.alloc(n)?,
             rstd2: dev.alloc(n)?,
+            qkv: dev.alloc_work(n * (qd + 2 * kvd))?,
             q: dev.alloc_work(n * qd)?,
             k: dev.alloc_work(n * kvd)?,
             v: dev.alloc_work(n * kvd)?,
@@ -226,6 +229,7 @@ impl<D: Device> KvCache<D> {
                     out: Some(head(x_out, n * c)),
                     xn1: head(&mut w.xn, n * c),
                     rstd1: head(&mut w.rstd, n),
+                    qkv: head(&mut w.qkv, n * (qd + 2 * kvd)),
                     q: head(&mut w.q, n * qd),
                     k: head(&mut w.k, n * kvd),
                     v: head(&mut w.v, n * kvd),

@@ -370,6 +370,26 @@ fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Res
     check_len(op, "x [B,T,H,HS]", len, &dims)
 }
 
+/// q [B,T,NH,HS], k and v [B,T,NKV,HS] and the fused qkv [B,T,NH+2NKV,HS] (`lens` in that
+/// order), with rope's conditions on HS and theta.
+fn check_qkv_rope(
+    op: &'static str,
+    lens: [usize; 4],
+    names: [&str; 4],
+    d: AttnDims,
+    theta: f32,
+) -> Result<()> {
+    let AttnDims { b, t, nh, nkv, hs } = d;
+    check_pos(op, "NKV", nkv)?;
+    // NH, HS and theta (the lengths below, with their names)
+    check_rope(op, b * t * nh * hs, [b, t, nh, hs], theta)?;
+    let heads = [nh, nkv, nkv, nh + 2 * nkv];
+    for ((len, name), h) in lens.into_iter().zip(names).zip(heads) {
+        check_len(op, name, len, &[b, t, h, hs])?;
+    }
+    Ok(())
+}
+
 impl Device for CpuDevice {
     type Buf = Vec<f32>;
     type Ids = Vec<u32>;
@@ -557,6 +577,60 @@ impl Device for CpuDevice {
         const OP: &str = "rope_bwd";
         check_rope(OP, dx.len(), [b, t, h, hs], theta)?;
         rope::rope_bwd(get_mut(OP, "dx", dx)?, t, h, hs, pos0, theta);
+        Ok(())
+    }
+
+    fn qkv_rope_fwd(
+        &self,
+        q: ViewMut<'_, Buf>,
+        k: ViewMut<'_, Buf>,
+        v: ViewMut<'_, Buf>,
+        qkv: View<'_, Buf>,
+        d: AttnDims,
+        pos0: usize,
+        pos: Option<&Vec<u32>>,
+        theta: f32,
+    ) -> Result<()> {
+        const OP: &str = "qkv_rope_fwd";
+        let lens = [q.len(), k.len(), v.len(), qkv.len()];
+        check_qkv_rope(OP, lens, ["q", "k", "v", "qkv"], d, theta)?;
+        let pos0 = position(OP, pos, pos0)?;
+        rope::qkv_rope_fwd(
+            get_mut(OP, "q", q)?,
+            get_mut(OP, "k", k)?,
+            get_mut(OP, "v", v)?,
+            get(OP, "qkv", qkv)?,
+            d.t,
+            (d.nh, d.nkv, d.hs),
+            pos0,
+            theta,
+        );
+        Ok(())
+    }
+
+    fn qkv_rope_bwd(
+        &self,
+        dqkv: ViewMut<'_, Buf>,
+        dq: View<'_, Buf>,
+        dk: View<'_, Buf>,
+        dv: View<'_, Buf>,
+        d: AttnDims,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        const OP: &str = "qkv_rope_bwd";
+        let lens = [dq.len(), dk.len(), dv.len(), dqkv.len()];
+        check_qkv_rope(OP, lens, ["dq", "dk", "dv", "dqkv"], d, theta)?;
+        rope::qkv_rope_bwd(
+            get_mut(OP, "dqkv", dqkv)?,
+            get(OP, "dq", dq)?,
+            get(OP, "dk", dk)?,
+            get(OP, "dv", dv)?,
+            d.t,
+            (d.nh, d.nkv, d.hs),
+            pos0,
+            theta,
+        );
         Ok(())
     }
 

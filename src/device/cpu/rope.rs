@@ -22,10 +22,13 @@ fn tables<T: Real>(t: usize, hs: usize, pos0: usize, theta: f32) -> (Vec<T>, Vec
         .unzip()
 }
 
-/// Rotates every head vector of x [B,T,H,HS] in place by its position's angles; `inverse`
-/// rotates by minus the angles (the transpose, used by the backward).
+/// Rotates the first H head vectors of every row of x [B,T,LD] (LD >= H*HS) in place by the
+/// row's position's angles; `inverse` rotates by minus the angles (the transpose, used by the
+/// backward).
+#[allow(clippy::too_many_arguments)]
 fn rotate<T: Real>(
     x: &mut [T],
+    ld: usize,
     t: usize,
     h: usize,
     hs: usize,
@@ -38,13 +41,13 @@ fn rotate<T: Real>(
         return;
     }
     let (cos, sin) = tables::<T>(t, hs, pos0, theta);
-    x.par_chunks_mut(h * hs).enumerate().for_each(|(bt, row)| {
+    x.par_chunks_mut(ld).enumerate().for_each(|(bt, row)| {
         let ti = bt % t;
         let (cos, sin) = (
             &cos[ti * half..(ti + 1) * half],
             &sin[ti * half..(ti + 1) * half],
         );
-        for head in row.chunks_exact_mut(hs) {
+        for head in row[..h * hs].chunks_exact_mut(hs) {
             let (lo, hi) = head.split_at_mut(half);
             for (((a, b), &c), &s) in lo.iter_mut().zip(hi.iter_mut()).zip(cos).zip(sin) {
                 let (x1, x2) = (*a, *b);
@@ -64,11 +67,77 @@ fn rotate<T: Real>(
 /// `(x_i, x_{i+HS/2}) <- (x_i cos - x_{i+HS/2} sin, x_{i+HS/2} cos + x_i sin)`.
 /// Parallel over (b, t) rows; the angle table is built once per call.
 pub fn rope_fwd<T: Real>(x: &mut [T], t: usize, h: usize, hs: usize, pos0: usize, theta: f32) {
-    rotate(x, t, h, hs, pos0, theta, false);
+    rotate(x, h * hs, t, h, hs, pos0, theta, false);
 }
 
 /// In place on dx [B,T,H,HS]   (`=`): the transpose rotation (angle -> -angle):
 /// `(d_i, d_{i+HS/2}) <- (d_i cos + d_{i+HS/2} sin, d_{i+HS/2} cos - d_i sin)`.
 pub fn rope_bwd<T: Real>(dx: &mut [T], t: usize, h: usize, hs: usize, pos0: usize, theta: f32) {
-    rotate(dx, t, h, hs, pos0, theta, true);
+    rotate(dx, h * hs, t, h, hs, pos0, theta, true);
+}
+
+/// q [B,T,NH*HS], k and v [B,T,NKV*HS] = the parts of each row of qkv [B,T,(NH+2NKV)*HS],
+/// q and k then rotated as [`rope_fwd`]   (all `=`)
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_fwd<T: Real>(
+    q: &mut [T],
+    k: &mut [T],
+    v: &mut [T],
+    qkv: &[T],
+    t: usize,
+    (nh, nkv, hs): (usize, usize, usize),
+    pos0: usize,
+    theta: f32,
+) {
+    let (qd, kvd) = (nh * hs, nkv * hs);
+    debug_assert_eq!(qkv.len() * qd, q.len() * (qd + 2 * kvd), "qkv [B,T,QKV]");
+    if qd == 0 || kvd == 0 {
+        return;
+    }
+    q.par_chunks_mut(qd)
+        .zip(k.par_chunks_mut(kvd))
+        .zip(v.par_chunks_mut(kvd))
+        .zip(qkv.par_chunks(qd + 2 * kvd))
+        .for_each(|(((q, k), v), row)| {
+            let (rq, rest) = row.split_at(qd);
+            let (rk, rv) = rest.split_at(kvd);
+            q.copy_from_slice(rq);
+            k.copy_from_slice(rk);
+            v.copy_from_slice(rv);
+        });
+    rotate(q, qd, t, nh, hs, pos0, theta, false);
+    rotate(k, kvd, t, nkv, hs, pos0, theta, false);
+}
+
+/// dqkv [B,T,(NH+2NKV)*HS] = each row's dq, dk, dv, dq's and dk's parts rotated back as
+/// [`rope_bwd`]   (`=`)
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_bwd<T: Real>(
+    dqkv: &mut [T],
+    dq: &[T],
+    dk: &[T],
+    dv: &[T],
+    t: usize,
+    (nh, nkv, hs): (usize, usize, usize),
+    pos0: usize,
+    theta: f32,
+) {
+    let (qd, kvd) = (nh * hs, nkv * hs);
+    debug_assert_eq!(dqkv.len() * qd, dq.len() * (qd + 2 * kvd), "dqkv [B,T,QKV]");
+    if qd == 0 || kvd == 0 {
+        return;
+    }
+    dqkv.par_chunks_mut(qd + 2 * kvd)
+        .zip(dq.par_chunks(qd))
+        .zip(dk.par_chunks(kvd))
+        .zip(dv.par_chunks(kvd))
+        .for_each(|(((row, dq), dk), dv)| {
+            let (rq, rest) = row.split_at_mut(qd);
+            let (rk, rv) = rest.split_at_mut(kvd);
+            rq.copy_from_slice(dq);
+            rk.copy_from_slice(dk);
+            rv.copy_from_slice(dv);
+        });
+    // q's heads then k's: adjacent in every row
+    rotate(dqkv, qd + 2 * kvd, t, nh + nkv, hs, pos0, theta, true);
 }

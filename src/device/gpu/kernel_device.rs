@@ -561,6 +561,55 @@ impl<T: KernelDevice> Device for T {
         })
     }
 
+    fn qkv_rope_fwd(
+        &self,
+        q: M<'_, T>,
+        k: M<'_, T>,
+        v: M<'_, T>,
+        qkv: V<'_, T>,
+        d: AttnDims,
+        pos0: usize,
+        pos: Option<&T::Ids>,
+        theta: f32,
+    ) -> Result<()> {
+        const OP: &str = "qkv_rope_fwd";
+        let pos = pos.map(T::ids);
+        by_dtype!(q.dtype(), S => gpu::rope::qkv_fwd(
+            self.launcher(),
+            T::output::<S>(OP, "q", q)?,
+            T::output(OP, "k", k)?,
+            T::output(OP, "v", v)?,
+            T::input(OP, "qkv", qkv)?,
+            d,
+            pos0,
+            pos,
+            theta,
+        ))
+    }
+
+    fn qkv_rope_bwd(
+        &self,
+        dqkv: M<'_, T>,
+        dq: V<'_, T>,
+        dk: V<'_, T>,
+        dv: V<'_, T>,
+        d: AttnDims,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        const OP: &str = "qkv_rope_bwd";
+        by_dtype!(dqkv.dtype(), S => gpu::rope::qkv_bwd(
+            self.launcher(),
+            T::output::<S>(OP, "dqkv", dqkv)?,
+            T::input(OP, "dq", dq)?,
+            T::input(OP, "dk", dk)?,
+            T::input(OP, "dv", dv)?,
+            d,
+            pos0,
+            theta,
+        ))
+    }
+
     fn attention_fwd(
         &self,
         out: M<'_, T>,
