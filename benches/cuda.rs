@@ -277,6 +277,33 @@ fn benches(c: &mut Criterion) {
         );
     }
 
+    // qkv_rope over the fused rows of a 1.1B Llama [B 8, T 2048, NH 32 + 2 x NKV 4, HS 64]:
+    // qkv read, q, k, v written (2 T per element); the model's split with RoPE
+    for dt in DTYPES {
+        let t = dt.size() as u64;
+        let d = AttnDims {
+            b: 8,
+            t: 2048,
+            nh: 32,
+            nkv: 4,
+            hs: 64,
+        };
+        let (n, qd, kvd) = (d.b * d.t, d.nh * d.hs, d.nkv * d.hs);
+        let qkv = random(&dev, n * (qd + 2 * kvd), 7, 1.0, dt);
+        let mut q = dev.alloc_as(n * qd, dt).expect("alloc");
+        let mut k = dev.alloc_as(n * kvd, dt).expect("alloc");
+        let mut vb = dev.alloc_as(n * kvd, dt).expect("alloc");
+        bench_op(
+            c,
+            &dev,
+            "qkv_rope",
+            &id(dt, "fwd", "8x2048x(32+8)x64"),
+            Throughput::Bytes(2 * t * (n * (qd + 2 * kvd)) as u64),
+            bw,
+            |_| dev.qkv_rope_fwd(m(&mut q), m(&mut k), m(&mut vb), v(&qkv), d, 0, None, 1e4),
+        );
+    }
+
     // cross-entropy over logits [N 4096, V 32000]: logits, dlogits T; targets u32; mask,
     // losses, state f32 (per row, negligible next to the rows, not counted)
     for dt in DTYPES {

@@ -11,7 +11,7 @@
 //         The pairs are (i, i + HS/2) of one head (rotate_half), not adjacent elements.
 //         theta^e is pow in f64 of the f32 exponent, rounded to f32 (the correctly rounded powf,
 //         as glibc's powf gives the CPU twin in nearly all cases).
-// Shapes  x, dx [B,T,H,HS] (H = NH for q, NKV for k); HS even, HS <= 2 * ROPE_MAX_HALF = 512.
+// Shapes  x, dx [B,T,H,HS] (H heads of a q or k); HS even, HS <= 2 * ROPE_MAX_HALF = 512.
 // Dtypes  T; rotation in f32.
 // Threads one block per row (b, t) (grid-stride over the B*T rows): the first HS/2 threads
 //         compute the row's cos/sin into shared memory, then the block's threads take the

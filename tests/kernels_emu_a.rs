@@ -594,7 +594,8 @@ fn rope_bf16_matches_cpu() {
 }
 
 /// qkv_rope_fwd (q, k, v out of qkv) or qkv_rope_bwd (dqkv out of dq, dk, dv: `parts` then
-/// holds the inputs and `fused` the output), grid B*T, block as rope's over NH + NKV heads.
+/// holds the inputs and `fused` the output), block as rope's over NH + NKV heads, grid B*T
+/// where `grid` is None (the launchers' choice; any grid is correct).
 #[allow(clippy::too_many_arguments)]
 fn qkv_rope_k<T: Storage>(
     parts: [&mut [T]; 3],
@@ -602,7 +603,7 @@ fn qkv_rope_k<T: Storage>(
     [b, t, nh, nkv, hs]: [usize; 5],
     pos0: usize,
     pos: Option<&[u32]>,
-    bwd: bool,
+    (bwd, grid): (bool, Option<u32>),
     mode: EmuMode,
     seed: u64,
 ) {
@@ -624,7 +625,8 @@ fn qkv_rope_k<T: Storage>(
     }
     a.scalar(10000.0f32);
     let name = sym::<T>(if bwd { "qkv_rope_bwd" } else { "qkv_rope_fwd" });
-    launch1(&name, (b * t) as u32, block, 0, &mut a, mode, seed);
+    let grid = grid.unwrap_or((b * t) as u32);
+    launch1(&name, grid, block, 0, &mut a, mode, seed);
 }
 
 /// The fused kernels against the CPU twin (both thread orders), and bit for bit against the
@@ -659,7 +661,7 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
     let [wq, wk, wv] = &mut want;
     dev.qkv_rope_fwd(m(wq), m(wk), m(wv), v(&qkv), d, pos0, None, theta)
         .unwrap();
-    let run_fwd = |mode, seed, pos: Option<&[u32]>| {
+    let run_fwd = |mode, seed, pos: Option<&[u32]>, grid| {
         let mut out = [qd, kvd, kvd].map(|w| nan_out::<T>(rows * w, 0));
         let mut f = input::<T>(&qkv, 0);
         let [q, k, v] = &mut out;
@@ -669,20 +671,25 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
             dims,
             pos0,
             pos,
-            false,
+            (false, grid),
             mode,
             seed,
         );
         out.map(|x| read(&tag, &x))
     };
-    let got = both_orders(|mode, seed| run_fwd(mode, seed, None));
+    let got = both_orders(|mode, seed| run_fwd(mode, seed, None, None));
     let pos = [pos0 as u32];
-    let in_memory = run_fwd(EmuMode::Forward, seed, Some(&pos));
+    let in_memory = run_fwd(EmuMode::Forward, seed, Some(&pos), None);
+    // two blocks taking the rows in turn: the table rewritten per row behind a barrier
+    let strided = both_orders(|mode, seed| run_fwd(mode, seed, None, Some(2)));
     let [sq, sk, sv] = split(&qkv);
     for (i, (name, h)) in [("q", nh), ("k", nkv), ("v", 0)].into_iter().enumerate() {
         let what = format!("{tag} fwd {name}");
         assert_same_bits(&what, &got[0][i], &got[1][i]);
         assert_same_bits(&format!("{what}, pos in memory"), &in_memory[i], &got[0][i]);
+        for s in &strided {
+            assert_same_bits(&format!("{what}, grid 2"), &s[i], &got[0][i]);
+        }
         tol.out::<T>().check(&what, &got[0][i], &want[i]);
         // the rope kernel on the split part (v: the part itself)
         let part = [&sq, &sk, &sv][i];
@@ -713,16 +720,29 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
     let mut want = vec![0.0; rows * ld];
     dev.qkv_rope_bwd(m(&mut want), v(dq), v(dk), v(dv), d, pos0, theta)
         .unwrap();
-    let got = both_orders(|mode, seed| {
+    let run_bwd = |mode, seed, grid| {
         let mut ins = dparts.clone().map(|x| input::<T>(&x, 0));
         let mut f = nan_out::<T>(rows * ld, 0);
         let [q, k, v] = &mut ins;
         let parts = [q.get_mut(), k.get_mut(), v.get_mut()];
-        qkv_rope_k(parts, f.get_mut(), dims, pos0, None, true, mode, seed);
+        qkv_rope_k(
+            parts,
+            f.get_mut(),
+            dims,
+            pos0,
+            None,
+            (true, grid),
+            mode,
+            seed,
+        );
         read(&tag, &f)
-    });
+    };
+    let got = both_orders(|mode, seed| run_bwd(mode, seed, None));
     let what = format!("{tag} bwd");
     assert_same_bits(&what, &got[0], &got[1]);
+    for s in both_orders(|mode, seed| run_bwd(mode, seed, Some(2))) {
+        assert_same_bits(&format!("{what}, grid 2"), &s, &got[0]);
+    }
     tol.out::<T>().check(&what, &got[0], &want);
     let split_got = split(&got[0]);
     for (i, (name, h)) in [("dq", nh), ("dk", nkv), ("dv", 0)].into_iter().enumerate() {

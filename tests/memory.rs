@@ -540,9 +540,13 @@ fn lifetimes_follow_the_forward_then_backward_order() {
     // written: the residual adds are the matmuls' epilogues); the fused q/k/v projection's
     // output is the forward's scratch, read once by the split into q, k and v
     for d in &sp.plan.decls {
-        if d.name.ends_with(".qkv") {
-            let split = sp.ops.iter().rposition(|o| o.ends_with(": qkv_rope_fwd"));
-            assert!(d.last < grad && Some(d.last) <= split, "{d:?}");
+        if let Some(pre) = d.name.strip_suffix(".qkv") {
+            // its block's own split (the first of that name: the forward's)
+            let split = sp
+                .ops
+                .iter()
+                .position(|o| *o == format!("{pre}: qkv_rope_fwd"));
+            assert_eq!(Some(d.last), split, "{d:?}");
         } else if d.name.starts_with("actor.layers.") {
             assert!(d.first < grad && d.last > grad, "{d:?}");
         }

@@ -95,7 +95,7 @@ pub struct EmuArgs<'a> {
 impl<'a> EmuArgs<'a> {
     pub fn new() -> Self {
         // room for every kernel's parameters: one allocation per vector, not one per doubling
-        // (a decode step packs ~16 launches per layer)
+        // (a decode step packs ~10 calls per layer)
         const ROOM: usize = 24;
         EmuArgs {
             slots: Vec::with_capacity(ROOM),

@@ -185,8 +185,9 @@ pub struct ActivationSet<B> {
     /// [2F,N] the gradients of gate and up, [dgate; dup] (feature-major, as `gu`)
     pub dgu: B,
     /// [N,(NH+2NKV)*HS] the fused q/k/v projection's output in a block's forward (scratch:
-    /// `qkv_rope_fwd` splits it into the kept q, k, v), and its gradient in the backward
+    /// `qkv_rope_fwd` splits it into the kept q, k, v)
     pub qkv: B,
+    /// [N,(NH+2NKV)*HS] its gradient in a block's backward (`qkv_rope_bwd` joins dq, dk, dv)
     pub dqkv: B,
     /// [N,NH*HS]
     pub datt: B,

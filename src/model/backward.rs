@@ -337,7 +337,11 @@ pub fn backward_blocks<D: Device>(
         )?;
         // q, k and v as one [QKV,C] weight W_qkv (adjacent in the table, and so in the grads)
         let qkvd = qd + 2 * kvd;
-        debug_assert_eq!(lp.wv, lp.wq + (qd + kvd) * c, "wk and wv follow wq");
+        debug_assert_eq!(
+            (lp.wk, lp.wv),
+            (lp.wq + qd * c, lp.wq + (qd + kvd) * c),
+            "wk and wv follow wq"
+        );
         let (dqkv, xn1) = (View::all(&a.dqkv), View::all(&la.xn1));
         let wqkv = p(lp.wq, qkvd * c);
         linear_bwd_dx(dev, ViewMut::all(&mut a.dxn), dqkv, wqkv, n, qkvd, c, false)?;

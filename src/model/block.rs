@@ -38,7 +38,7 @@ pub(crate) struct BlockBufs<'a, B> {
 /// `out = x_mid + down(silu(gate(n2)) * up(n2))`, `x_mid = x + o(attend(rope(q(n1)), rope(k(n1)), v(n1)))`
 /// with n1, n2 the RMS-normed inputs (q, k and v one matmul, gate and up another). Rows are
 /// (b, t) with N = b*t at positions pos0 + t (pos0 read on the device from `pos` where given:
-/// [`Device::rope_fwd`]); `attend(att, q, k, v)`
+/// [`Device::qkv_rope_fwd`]); `attend(att, q, k, v)`
 /// writes the attention output (causal over the batch, or over a cache).
 pub(crate) fn block_fwd<D: Device>(
     dev: &D,

@@ -72,6 +72,7 @@ impl ParamTable {
         for l in 0..cfg.num_hidden_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             let ln1 = t.push(&p("input_layernorm.weight"), &[c], false);
+            // k and v right after q: the three are one [QKV,C] matrix (`block::block_fwd`)
             let wq = t.push(&p("self_attn.q_proj.weight"), &[qd, c], true);
             let wk = t.push(&p("self_attn.k_proj.weight"), &[kvd, c], true);
             let wv = t.push(&p("self_attn.v_proj.weight"), &[kvd, c], true);

@@ -355,10 +355,11 @@ fn check_attn(op: &'static str, d: &AttnDims) -> Result<()> {
 fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Result<()> {
     let [_, _, h, hs] = dims;
     check_pos(op, "H", h)?;
-    if hs == 0 || hs % 2 != 0 {
+    // the CUDA kernels' limit (their table in shared memory), kept here for parity
+    if hs == 0 || hs % 2 != 0 || hs > 512 {
         return Err(Error::invalid(
             op,
-            format!("HS = {hs} must be even and > 0"),
+            format!("HS = {hs} must be even, > 0 and <= 512"),
         ));
     }
     if !(theta.is_finite() && theta > 0.0) {
@@ -380,8 +381,9 @@ fn check_qkv_rope(
     theta: f32,
 ) -> Result<()> {
     let AttnDims { b, t, nh, nkv, hs } = d;
+    check_pos(op, "NH", nh)?;
     check_pos(op, "NKV", nkv)?;
-    // NH, HS and theta (the lengths below, with their names)
+    // HS and theta (the lengths below, with their names)
     check_rope(op, b * t * nh * hs, [b, t, nh, hs], theta)?;
     let heads = [nh, nkv, nkv, nh + 2 * nkv];
     for ((len, name), h) in lens.into_iter().zip(names).zip(heads) {

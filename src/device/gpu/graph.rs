@@ -1,6 +1,6 @@
 //! Replaying a step as one graph ([`crate::device::Device::replay`] on the kernel devices).
 //!
-//! A decode step launches ~14 kernels and matmuls per layer, each a few µs of host time on a
+//! A decode step launches ~10 kernels and matmuls per layer, each a few µs of host time on a
 //! GPU: more than the GPU needs for them at batch 1. A CUDA graph captured once replays them
 //! all in one launch, but only stays right while every launch would get the same arguments
 //! (the same buffers, shapes and scalars). So a replay is decided from the step itself: the

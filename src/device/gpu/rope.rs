@@ -2,21 +2,21 @@
 //! rotation in f32): grid B*T, block 32 * ceil(H * HS / 2 / 32) capped at 256 (no pack). The
 //! position of row 0 is `pos0`, or the device word `pos` where given (the kernel reads it and
 //! gets 0 for `pos0`, so the launch is the same at every position).
-//! qkv_rope_fwd_<f32|bf16> / qkv_rope_bwd_<f32|bf16>: q, k, v [B,T,H*HS] from the fused
-//! projection's qkv [B,T,(NH+2NKV)*HS] with q and k rotated (and back), launched as rope with
-//! NH + NKV heads.
+//! qkv_rope_fwd_<f32|bf16> / qkv_rope_bwd_<f32|bf16>: q [B,T,NH*HS], k and v [B,T,NKV*HS] from
+//! the fused projection's qkv [B,T,(NH+2NKV)*HS] with q and k rotated (and back), launched as
+//! rope with NH + NKV heads.
 
 use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Ids, In, Launch, Out};
 use crate::device::storage::{sym, Storage};
 use crate::device::AttnDims;
 use crate::{Error, Result};
 
-/// HS even and > 0, theta finite and > 0.
+/// HS even, > 0 and within the kernel's table (512), theta finite and > 0.
 fn check_rotation(op: &'static str, hs: usize, theta: f32) -> Result<()> {
-    if hs == 0 || !hs.is_multiple_of(2) {
+    if hs == 0 || !hs.is_multiple_of(2) || hs > 512 {
         return Err(Error::invalid(
             op,
-            format!("HS = {hs} must be even and > 0"),
+            format!("HS = {hs} must be even, > 0 and <= 512"),
         ));
     }
     if !(theta.is_finite() && theta > 0.0) {
