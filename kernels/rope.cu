@@ -39,6 +39,8 @@
 //         qkv_rope_bwd_f32, qkv_rope_bwd_bf16
 //           (T* dqkv, const T* dq, const T* dk, const T* dv, const uint32_t* pos, int b, int t,
 //            int nh, int nkv, int hs, int pos0, float theta)
+//
+// nla: hot qkv_rope_fwd_f32 qkv_rope_fwd_bf16 qkv_rope_bwd_f32 qkv_rope_bwd_bf16
 
 #include "common.cuh"
 
