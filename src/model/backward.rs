@@ -254,7 +254,6 @@ pub fn backward_blocks<D: Device>(
             View::all(&la.gu),
         )?;
         // gate and up as one [2F,C] weight W_gu (adjacent in the table, and so in the grads)
-        debug_assert_eq!(lp.wup, lp.wgate + f * c, "wup follows wgate");
         let (dgu, xn2, wgu) = (
             View::all(&a.dgu),
             View::all(&la.xn2),
@@ -337,11 +336,6 @@ pub fn backward_blocks<D: Device>(
         )?;
         // q, k and v as one [QKV,C] weight W_qkv (adjacent in the table, and so in the grads)
         let qkvd = qd + 2 * kvd;
-        debug_assert_eq!(
-            (lp.wk, lp.wv),
-            (lp.wq + qd * c, lp.wq + (qd + kvd) * c),
-            "wk and wv follow wq"
-        );
         let (dqkv, xn1) = (View::all(&a.dqkv), View::all(&la.xn1));
         let wqkv = p(lp.wq, qkvd * c);
         linear_bwd_dx(dev, ViewMut::all(&mut a.dxn), dqkv, wqkv, n, qkvd, c, false)?;

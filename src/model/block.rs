@@ -83,13 +83,8 @@ pub(crate) fn block_fwd<D: Device>(
     } = io;
 
     dev.rmsnorm_fwd(xn1.reborrow(), rstd1, x, p(lp.ln1, c), n, c, eps)?;
-    // q, k and v in one matmul: their weights are adjacent (`ParamTable`), one [QKV,C] matrix
+    // q, k and v in one matmul: their weights are one [QKV,C] matrix (`LayerParams`)
     let qkvd = qd + 2 * kvd;
-    debug_assert_eq!(
-        (lp.wk, lp.wv),
-        (lp.wq + qd * c, lp.wq + (qd + kvd) * c),
-        "wk and wv follow wq"
-    );
     linear_fwd(
         dev,
         qkv.reborrow(),
@@ -132,9 +127,8 @@ pub(crate) fn block_fwd<D: Device>(
         c,
         eps,
     )?;
-    // gate and up in one matmul, feature-major: their weights are adjacent (`ParamTable`
-    // pushes up_proj right after gate_proj)
-    debug_assert_eq!(lp.wup, lp.wgate + f * c, "wup follows wgate");
+    // gate and up in one matmul, feature-major: their weights are one [2F,C] matrix
+    // (`LayerParams`)
     gate_up_fwd(
         dev,
         gu.reborrow(),

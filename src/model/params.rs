@@ -16,7 +16,9 @@ pub struct ParamEntry {
     pub decay: bool,
 }
 
-/// Windows of one decoder block's parameters in the flat buffer.
+/// Windows of one decoder block's parameters in the flat buffer. wq, wk and wv are adjacent,
+/// one [QKV,C] matrix at wq, and so are wgate and wup, one [2F,C] matrix at wgate: each group
+/// is one matmul (`block::block_fwd`), in the parameters and in the gradients alike.
 #[derive(Clone, Debug)]
 pub struct LayerParams {
     /// input_layernorm [C]
@@ -82,6 +84,8 @@ impl ParamTable {
             let wgate = t.push(&p("mlp.gate_proj.weight"), &[f, c], true);
             let wup = t.push(&p("mlp.up_proj.weight"), &[f, c], true);
             let wdown = t.push(&p("mlp.down_proj.weight"), &[c, f], true);
+            debug_assert_eq!((wk, wv), (wq + qd * c, wq + (qd + kvd) * c));
+            debug_assert_eq!(wup, wgate + f * c);
             t.layers.push(LayerParams {
                 ln1,
                 wq,

@@ -355,8 +355,14 @@ fn check_attn(op: &'static str, d: &AttnDims) -> Result<()> {
 fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Result<()> {
     let [_, _, h, hs] = dims;
     check_pos(op, "H", h)?;
-    // the CUDA kernels' limit (their table in shared memory), kept here for parity
-    if hs == 0 || hs % 2 != 0 || hs > 512 {
+    check_rotation(op, hs, theta)?;
+    check_len(op, "x [B,T,H,HS]", len, &dims)
+}
+
+/// HS even, > 0 and <= 512 (the CUDA kernels' limit: their table in shared memory, kept here
+/// for parity), theta finite and > 0.
+fn check_rotation(op: &'static str, hs: usize, theta: f32) -> Result<()> {
+    if hs == 0 || !hs.is_multiple_of(2) || hs > 512 {
         return Err(Error::invalid(
             op,
             format!("HS = {hs} must be even, > 0 and <= 512"),
@@ -368,7 +374,7 @@ fn check_rope(op: &'static str, len: usize, dims: [usize; 4], theta: f32) -> Res
             format!("theta = {theta} must be finite and > 0"),
         ));
     }
-    check_len(op, "x [B,T,H,HS]", len, &dims)
+    Ok(())
 }
 
 /// q [B,T,NH,HS], k and v [B,T,NKV,HS] and the fused qkv [B,T,NH+2NKV,HS] (`lens` in that
@@ -383,8 +389,7 @@ fn check_qkv_rope(
     let AttnDims { b, t, nh, nkv, hs } = d;
     check_pos(op, "NH", nh)?;
     check_pos(op, "NKV", nkv)?;
-    // HS and theta (the lengths below, with their names)
-    check_rope(op, b * t * nh * hs, [b, t, nh, hs], theta)?;
+    check_rotation(op, hs, theta)?;
     let heads = [nh, nkv, nkv, nh + 2 * nkv];
     for ((len, name), h) in lens.into_iter().zip(names).zip(heads) {
         check_len(op, name, len, &[b, t, h, hs])?;
