@@ -300,7 +300,17 @@ fn benches(c: &mut Criterion) {
             &id(dt, "fwd", "8x2048x(32+8)x64"),
             Throughput::Bytes(2 * t * (n * (qd + 2 * kvd)) as u64),
             bw,
-            |_| dev.qkv_rope_fwd(m(&mut q), m(&mut k), m(&mut vb), v(&qkv), d, 0, None, 1e4),
+            |_| {
+                dev.qkv_rope_fwd(
+                    m(&mut q),
+                    m(&mut k),
+                    m(&mut vb),
+                    v(&qkv),
+                    None,
+                    d.into(),
+                    1e4,
+                )
+            },
         );
     }
 

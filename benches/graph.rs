@@ -13,7 +13,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use nla_engine::device::emu::EmuMode;
 use nla_engine::device::emu_device::{EmuBuf, EmuDevice};
 use nla_engine::device::gpu::Launch;
-use nla_engine::device::{AttnDims, Device, View, ViewMut};
+use nla_engine::device::{CacheDims, Device, View, ViewMut};
 
 const C: usize = 2048;
 const F: usize = 5632;
@@ -21,6 +21,8 @@ const NH: usize = 32;
 const NKV: usize = 4;
 const HS: usize = 64;
 const QKV: usize = (NH + 2 * NKV) * HS;
+/// the KV cache's positions
+const TMAX: usize = 16;
 
 fn buf(dev: &EmuDevice, n: usize) -> EmuBuf {
     dev.upload(&vec![0.5; n]).expect("upload")
@@ -58,21 +60,23 @@ fn layer(dev: &EmuDevice, b: &mut Bufs, pos: &Vec<u32>) -> nla_engine::Result<()
         1.0,
         0.0,
     )?;
-    let d = AttnDims {
+    // k and v into the cache at the position `pos` holds
+    let d = CacheDims {
         b: 1,
-        t: 1,
+        tq: 1,
+        tmax: TMAX,
         nh: NH,
         nkv: NKV,
         hs: HS,
+        pos0: 0,
     };
     dev.qkv_rope_fwd(
         m(&mut b.q),
         m(&mut b.k),
         m(&mut b.v),
         v(&b.qkv),
-        d,
-        0,
         Some(pos),
+        d,
         10000.0,
     )?;
     dev.matmul_add(
@@ -151,8 +155,8 @@ fn graph_record(c: &mut Criterion) {
         norm: buf(&dev, C),
         qkv: buf(&dev, QKV),
         q: buf(&dev, NH * HS),
-        k: buf(&dev, NKV * HS),
-        v: buf(&dev, NKV * HS),
+        k: buf(&dev, TMAX * NKV * HS),
+        v: buf(&dev, TMAX * NKV * HS),
         x_mid: buf(&dev, C),
         gu: buf(&dev, 2 * F),
         h: buf(&dev, F),

@@ -1,5 +1,7 @@
 // kv_append: a step's new keys and values written into the KV cache, both in one launch (one
-// launch per layer and step, where a copy per row would be 2 B).
+// launch per layer and step, where a copy per row would be 2 B). The model's decode and prefill
+// do not call it: qkv_rope_fwd (rope.cu) writes the keys and values into the cache as it splits
+// them; the tests use this op as the reference for that write.
 //
 // Math    (Device::kv_append_fwd; CPU twin src/device/cpu/kv_append.rs)
 //         kcache[b, pos0 + t, :] = k[b, t, :];  vcache[b, pos0 + t, :] = v[b, t, :]   (=)

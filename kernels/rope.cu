@@ -23,22 +23,28 @@
 // Symbols rope_fwd_f32, rope_fwd_bf16, rope_bwd_f32, rope_bwd_bf16
 //         (T* x, const uint32_t* pos, int b, int t, int h, int hs, int pos0, float theta)
 //
-// qkv_rope: the attention's q, k and v from the one matmul that projects all three, and back.
-// Math    qkv [B,T,QKV] row-major, QKV = (NH + 2 NKV) HS: each row is q's NH heads, k's NKV heads,
-//         v's NKV heads. With rope as above:
-//         fwd: q [B,T,NH,HS] = rope(q part), k [B,T,NKV,HS] = rope(k part), v = v part  (all =)
-//         bwd: dqkv's q part = rope_bwd(dq), k part = rope_bwd(dk), v part = dv          (=)
-//         The same table and rotation code as rope_fwd / rope_bwd (rope_table, rope_rotate).
+// qkv_rope: the attention's q, k and v from the one matmul that projects all three, and back;
+//         k and v go straight to their positions in a KV cache (or in [B,T] buffers: TMAX = T,
+//         pos0 = 0, as training has them).
+// Math    qkv [B,TQ,QKV] row-major, QKV = (NH + 2 NKV) HS: each row is q's NH heads, k's NKV
+//         heads, v's NKV heads. Row (b, t) is at position p = pos0 + t. With rope as above:
+//         fwd: q[b,t] = rope(q part), k[b,p] = rope(k part), v[b,p] = v part   (all =)
+//         bwd: dqkv[b,t]'s q part = rope_bwd(dq[b,t]), k part = rope_bwd(dk[b,p]),
+//              v part = dv[b,p]                                                (=)
+//         k's and v's other positions are neither read nor written. The same table and rotation
+//         code as rope_fwd / rope_bwd (rope_table, rope_rotate).
+// Shapes  q, dq [B,TQ,NH,HS]; k, v, dk, dv [B,TMAX,NKV,HS]; qkv, dqkv [B,TQ,NH+2NKV,HS];
+//         pos0 + TQ <= TMAX (a launch whose pos0 breaks this writes nothing).
 // Threads as rope: one block per row (b, t), the table in shared memory, then the block's
 //         threads take the (NH + NKV) HS/2 pairs (q's and k's heads are adjacent in a qkv row),
-//         then v's NKV HS elements. Launch: grid B*T, block 32 * ceil((NH + NKV) HS / 2 / 32)
+//         then v's NKV HS elements. Launch: grid B*TQ, block 32 * ceil((NH + NKV) HS / 2 / 32)
 //         capped at 256. Outputs must not overlap inputs.
 // Symbols qkv_rope_fwd_f32, qkv_rope_fwd_bf16
-//           (T* q, T* k, T* v, const T* qkv, const uint32_t* pos, int b, int t, int nh, int nkv,
-//            int hs, int pos0, float theta)
-//         qkv_rope_bwd_f32, qkv_rope_bwd_bf16
-//           (T* dqkv, const T* dq, const T* dk, const T* dv, const uint32_t* pos, int b, int t,
+//           (T* q, T* k, T* v, const T* qkv, const uint32_t* pos, int b, int tq, int tmax,
 //            int nh, int nkv, int hs, int pos0, float theta)
+//         qkv_rope_bwd_f32, qkv_rope_bwd_bf16
+//           (T* dqkv, const T* dq, const T* dk, const T* dv, const uint32_t* pos, int b, int tq,
+//            int tmax, int nh, int nkv, int hs, int pos0, float theta)
 //
 // nla: hot qkv_rope_fwd_f32 qkv_rope_fwd_bf16 qkv_rope_bwd_f32 qkv_rope_bwd_bf16
 
@@ -113,24 +119,29 @@ NLA_ROPE(bf16, nla_bf16)
 // the backward q, k, v are the gradients read and qkv the one written).
 template <typename T, bool BWD>
 __device__ __forceinline__ void qkv_rope(T* q, T* k, T* v, T* qkv, const uint32_t* pos, int b,
-                                         int t, int nh, int nkv, int hs, int pos0, float theta) {
+                                         int tq, int tmax, int nh, int nkv, int hs, int pos0,
+                                         float theta) {
     __shared__ float cs[ROPE_MAX_HALF], sn[ROPE_MAX_HALF];
     const int half = hs / 2;
     if (half <= 0 || half > ROPE_MAX_HALF) return;
     if (pos) pos0 = (int)pos[0];
-    const long long rows = (long long)b * t;
+    if (pos0 < 0 || pos0 > tmax - tq) return;
+    const long long rows = (long long)b * tq;
     const int qd = nh * hs, kvd = nkv * hs, ld = qd + 2 * kvd;
     const int pairs = (nh + nkv) * half;
     for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
-        rope_table(cs, sn, half, hs, pos0 + (int)(row % t), theta);
+        const int t = (int)(row % tq);
+        rope_table(cs, sn, half, hs, pos0 + t, theta);
         __syncthreads();
         T* fr = qkv + row * ld;
+        // the row's position in k and v: b * TMAX + pos0 + t
+        const long long kvrow = (row / tq) * tmax + pos0 + t;
         for (int kk = threadIdx.x; kk < pairs; kk += blockDim.x) {
             const int head = kk / half, i = kk % half;
             // q's heads then k's, adjacent in the fused row
             T* f = fr + (long long)head * hs;
             T* x = head < nh ? q + row * qd + (long long)head * hs
-                             : k + row * kvd + (long long)(head - nh) * hs;
+                             : k + kvrow * kvd + (long long)(head - nh) * hs;
             T* src = BWD ? x : f;
             T* dst = BWD ? f : x;
             float y1, y2;
@@ -138,7 +149,7 @@ __device__ __forceinline__ void qkv_rope(T* q, T* k, T* v, T* qkv, const uint32_
             dst[i] = nla_from_f32<T>(y1);
             dst[i + half] = nla_from_f32<T>(y2);
         }
-        T* vr = v + row * kvd;
+        T* vr = v + kvrow * kvd;
         for (int j = threadIdx.x; j < kvd; j += blockDim.x) {
             if (BWD)
                 fr[qd + kvd + j] = vr[j];
@@ -151,15 +162,17 @@ __device__ __forceinline__ void qkv_rope(T* q, T* k, T* v, T* qkv, const uint32_
 
 #define NLA_QKV_ROPE(S, T)                                                                         \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
-        qkv_rope_fwd_##S(T* q, T* k, T* v, const T* qkv, const uint32_t* pos, int b, int t,        \
-                         int nh, int nkv, int hs, int pos0, float theta) {                         \
-        qkv_rope<T, false>(q, k, v, const_cast<T*>(qkv), pos, b, t, nh, nkv, hs, pos0, theta);     \
+        qkv_rope_fwd_##S(T* q, T* k, T* v, const T* qkv, const uint32_t* pos, int b, int tq,       \
+                         int tmax, int nh, int nkv, int hs, int pos0, float theta) {               \
+        qkv_rope<T, false>(q, k, v, const_cast<T*>(qkv), pos, b, tq, tmax, nh, nkv, hs, pos0,      \
+                           theta);                                                                 \
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(NLA_MAX_BLOCK)                                    \
         qkv_rope_bwd_##S(T* dqkv, const T* dq, const T* dk, const T* dv, const uint32_t* pos,      \
-                         int b, int t, int nh, int nkv, int hs, int pos0, float theta) {           \
+                         int b, int tq, int tmax, int nh, int nkv, int hs, int pos0,               \
+                         float theta) {                                                            \
         qkv_rope<T, true>(const_cast<T*>(dq), const_cast<T*>(dk), const_cast<T*>(dv), dqkv, pos,  \
-                          b, t, nh, nkv, hs, pos0, theta);                                         \
+                          b, tq, tmax, nh, nkv, hs, pos0, theta);                                  \
     }
 NLA_QKV_ROPE(f32, float)
 NLA_QKV_ROPE(bf16, nla_bf16)

@@ -647,60 +647,65 @@ fn rope<D: Device>(dev: &D, label: &str, s: &Sizes) {
     check(label, "rope bwd(fwd(x)) vs x", back, &x, 1e-6);
 }
 
-/// qkv_rope forward (q, k, v out of the fused projection's rows, q and k rotated) and backward
-/// (the rows back from dq, dk, dv), at rope's sizes with NKV = NH / 4.
+/// qkv_rope forward (q out of the fused projection's rows, k and v into caches holding earlier
+/// values, q and k rotated) and backward (the rows back from dq and the caches' dk, dv), at
+/// rope's sizes with NKV = NH / 4, the new rows at positions pos0.. of a cache 3 positions
+/// longer.
 fn qkv_rope<D: Device>(dev: &D, label: &str, s: &Sizes) {
-    fn run<E: Device>(e: &E, d: AttnDims, x: &[f32], dx: &[f32], at: (usize, f32)) -> Vec<f32> {
-        let n = d.b * d.t;
-        let (qd, kvd) = (d.nh * d.hs, d.nkv * d.hs);
-        let (pos0, theta) = at;
+    fn run<E: Device>(
+        e: &E,
+        d: CacheDims,
+        x: &[f32],
+        olds: &[Vec<f32>; 5],
+        theta: f32,
+    ) -> Vec<f32> {
+        let n = d.b * d.tq;
+        let qd = d.nh * d.hs;
         let qkv = up(e, x);
-        let [mut q, mut k, mut v] = [qd, kvd, kvd].map(|w| nans(e, n * w));
+        let [kc0, vc0, dq, dk, dv] = olds;
+        let (mut q, mut k, mut v) = (nans(e, n * qd), up(e, kc0), up(e, vc0));
         let (qm, km, vm) = (
             ViewMut::all(&mut q),
             ViewMut::all(&mut k),
             ViewMut::all(&mut v),
         );
-        e.qkv_rope_fwd(qm, km, vm, View::all(&qkv), d, pos0, None, theta)
+        e.qkv_rope_fwd(qm, km, vm, View::all(&qkv), None, d, theta)
             .unwrap();
-        // the gradients: dq, dk, dv are the parts of dx's rows
-        let [dq, dk, dv] = [(0, qd), (qd, kvd), (qd + kvd, kvd)].map(|(lo, w)| {
-            let part: Vec<f32> = dx
-                .chunks(qd + 2 * kvd)
-                .flat_map(|row| row[lo..lo + w].to_vec())
-                .collect();
-            up(e, &part)
-        });
+        let [dq, dk, dv] = [dq, dk, dv].map(|g| up(e, g));
         let mut dqkv = nans(e, x.len());
         let (dq, dk, dv) = (View::all(&dq), View::all(&dk), View::all(&dv));
-        e.qkv_rope_bwd(ViewMut::all(&mut dqkv), dq, dk, dv, d, pos0, theta)
+        e.qkv_rope_bwd(ViewMut::all(&mut dqkv), dq, dk, dv, d, theta)
             .unwrap();
         [&q, &k, &v, &dqkv].map(|x| down(e, x)).concat()
     }
     let [b, t, nh, hs] = s.rope;
-    let d = AttnDims {
-        b,
-        t,
-        nh,
-        nkv: (nh / 4).max(1),
-        hs,
-    };
-    let len = b * t * (nh + 2 * d.nkv) * hs;
+    let nkv = (nh / 4).max(1);
+    let (qd, kvd) = (nh * hs, nkv * hs);
+    let len = b * t * (qd + 2 * kvd);
     let mut r = rng(0x9c7);
-    let (x, dx) = (
-        uniform(&mut r, len, -2.0, 2.0),
-        uniform(&mut r, len, -1.0, 1.0),
-    );
-    for &at in s.rope_at {
-        let (want, tc) = timed(|| run(&CpuDevice::new(), d, &x, &dx, at));
-        let (got, td) = timed(|| run(dev, d, &x, &dx, at));
+    let x = uniform(&mut r, len, -2.0, 2.0);
+    for &(pos0, theta) in s.rope_at {
+        let d = CacheDims {
+            b,
+            tq: t,
+            tmax: pos0 + t + 3,
+            nh,
+            nkv,
+            hs,
+            pos0,
+        };
+        let cache = b * d.tmax * kvd;
+        let olds = [cache, cache, b * t * qd, cache, cache].map(|n| uniform(&mut r, n, -1.0, 1.0));
+        let (want, tc) = timed(|| run(&CpuDevice::new(), d, &x, &olds, theta));
+        let (got, td) = timed(|| run(dev, d, &x, &olds, theta));
         let what = format!(
-            "qkv_rope fwd+bwd (B {b}, T {t}, NH {nh}, NKV {}, HS {hs}, pos0 {}, theta {})",
-            d.nkv, at.0, at.1
+            "qkv_rope fwd+bwd (B {b}, TQ {t}, TMAX {}, NH {nh}, NKV {nkv}, HS {hs}, pos0 {pos0}, \
+             theta {theta})",
+            d.tmax
         );
         report(label, &what, tc, td);
-        // rope's rotation and tolerance (above); the copies exact
-        let tol = (1.25e-7 * (at.0 + t) as f64).max(1e-6);
+        // rope's rotation and tolerance (above); the copies and kept positions exact
+        let tol = (1.25e-7 * (pos0 + t) as f64).max(1e-6);
         check(label, &what, &got, &want, tol);
     }
 }

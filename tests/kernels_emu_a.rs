@@ -37,7 +37,7 @@ use half::bf16;
 use nla_engine::device::cpu::CpuDevice;
 use nla_engine::device::emu::{EmuArgs, EmuMode};
 use nla_engine::device::{
-    AdamwStep, Advantage, AttnDims, Device, InjectMode, KlType, LossAgg, PolicyLossSpec,
+    AdamwStep, Advantage, CacheDims, Device, InjectMode, KlType, LossAgg, PolicyLossSpec,
     PolicyStat, PoolMode, RewardSpec, RewardTransform,
 };
 use rand::rngs::StdRng;
@@ -594,13 +594,13 @@ fn rope_bf16_matches_cpu() {
 }
 
 /// qkv_rope_fwd (q, k, v out of qkv) or qkv_rope_bwd (dqkv out of dq, dk, dv: `parts` then
-/// holds the inputs and `fused` the output), block as rope's over NH + NKV heads, grid B*T
+/// holds the inputs and `fused` the output), block as rope's over NH + NKV heads, grid B*TQ
 /// where `grid` is None (the launchers' choice; any grid is correct).
 #[allow(clippy::too_many_arguments)]
 fn qkv_rope_k<T: Storage>(
     parts: [&mut [T]; 3],
     fused: &mut [T],
-    [b, t, nh, nkv, hs]: [usize; 5],
+    [b, tq, tmax, nh, nkv, hs]: [usize; 6],
     pos0: usize,
     pos: Option<&[u32]>,
     (bwd, grid): (bool, Option<u32>),
@@ -620,23 +620,41 @@ fn qkv_rope_k<T: Storage>(
         None => a.null::<u32>(),
     };
     let pos0 = if pos.is_some() { 0 } else { pos0 };
-    for x in [b, t, nh, nkv, hs, pos0] {
+    for x in [b, tq, tmax, nh, nkv, hs, pos0] {
         a.scalar(x as i32);
     }
     a.scalar(10000.0f32);
     let name = sym::<T>(if bwd { "qkv_rope_bwd" } else { "qkv_rope_fwd" });
-    let grid = grid.unwrap_or((b * t) as u32);
+    let grid = grid.unwrap_or((b * tq) as u32);
     launch1(&name, grid, block, 0, &mut a, mode, seed);
 }
 
+/// Positions pos0..pos0+TQ of each batch row of x [B,TMAX,W]: [B,TQ,W].
+fn window(x: &[f32], [b, tq, tmax]: [usize; 3], pos0: usize, w: usize) -> Vec<f32> {
+    (0..b)
+        .flat_map(|bi| x[(bi * tmax + pos0) * w..(bi * tmax + pos0 + tq) * w].to_vec())
+        .collect()
+}
+
 /// The fused kernels against the CPU twin (both thread orders), and bit for bit against the
-/// rope kernel run on the split parts: one rotation code, two layouts.
-fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
-    let [b, t, nh, nkv, hs] = dims;
+/// rope kernel run on the split parts: one rotation code, two layouts. k and v are a cache
+/// [B,TMAX,NKV,HS] holding earlier values: the kernel writes positions pos0..pos0+TQ and
+/// leaves the others (compared with the twin, which does the same), and a pos0 beyond TMAX -
+/// TQ read from memory writes nothing.
+fn check_qkv_rope<T: Storage>(dims: [usize; 6], pos0: usize, seed: u64) {
+    let [b, tq, tmax, nh, nkv, hs] = dims;
     let tag = format!("qkv_rope {} {dims:?} pos0={pos0}", T::SUFFIX);
-    let (rows, qd, kvd) = (b * t, nh * hs, nkv * hs);
+    let (rows, qd, kvd) = (b * tq, nh * hs, nkv * hs);
     let ld = qd + 2 * kvd;
-    let d = AttnDims { b, t, nh, nkv, hs };
+    let d = CacheDims {
+        b,
+        tq,
+        tmax,
+        nh,
+        nkv,
+        hs,
+        pos0,
+    };
     let theta = 10000.0;
     let mut r = rng(seed);
     let dev = cpu();
@@ -649,24 +667,25 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
         };
         [part(0, qd), part(qd, kvd), part(qd + kvd, kvd)]
     };
-    let tol = Tol::new(2.5e-7 * (pos0 + t) as f32, 2.4e-7);
+    let win = |x: &[f32]| window(x, [b, tq, tmax], pos0, kvd);
+    let tol = Tol::new(2.5e-7 * (pos0 + tq) as f32, 2.4e-7);
 
-    // forward: q, k, v out of qkv
+    // forward: q, k, v out of qkv, into caches holding earlier values
     let qkv = rand_t::<T>(&mut r, rows * ld, 2.0);
-    let mut want = [
-        vec![0.0; rows * qd],
-        vec![0.0; rows * kvd],
-        vec![0.0; rows * kvd],
-    ];
+    let caches = [0, 0].map(|_| rand_t::<T>(&mut r, b * tmax * kvd, 1.0));
+    let mut want = [vec![0.0; rows * qd], caches[0].clone(), caches[1].clone()];
     let [wq, wk, wv] = &mut want;
-    dev.qkv_rope_fwd(m(wq), m(wk), m(wv), v(&qkv), d, pos0, None, theta)
+    dev.qkv_rope_fwd(m(wq), m(wk), m(wv), v(&qkv), None, d, theta)
         .unwrap();
     let run_fwd = |mode, seed, pos: Option<&[u32]>, grid| {
-        let mut out = [qd, kvd, kvd].map(|w| nan_out::<T>(rows * w, 0));
+        let (mut q, mut k, mut vv) = (
+            nan_out::<T>(rows * qd, 0),
+            input::<T>(&caches[0], 0),
+            input::<T>(&caches[1], 0),
+        );
         let mut f = input::<T>(&qkv, 0);
-        let [q, k, v] = &mut out;
         qkv_rope_k(
-            [q.get_mut(), k.get_mut(), v.get_mut()],
+            [q.get_mut(), k.get_mut(), vv.get_mut()],
             f.get_mut(),
             dims,
             pos0,
@@ -675,13 +694,16 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
             mode,
             seed,
         );
-        out.map(|x| read(&tag, &x))
+        [q, k, vv].map(|x| read(&tag, &x))
     };
     let got = both_orders(|mode, seed| run_fwd(mode, seed, None, None));
     let pos = [pos0 as u32];
     let in_memory = run_fwd(EmuMode::Forward, seed, Some(&pos), None);
     // two blocks taking the rows in turn: the table rewritten per row behind a barrier
     let strided = both_orders(|mode, seed| run_fwd(mode, seed, None, Some(2)));
+    // a position whose TQ rows pass the cache's end: nothing written
+    let beyond = [(tmax - tq + 1) as u32];
+    let none = run_fwd(EmuMode::Forward, seed, Some(&beyond), None);
     let [sq, sk, sv] = split(&qkv);
     for (i, (name, h)) in [("q", nh), ("k", nkv), ("v", 0)].into_iter().enumerate() {
         let what = format!("{tag} fwd {name}");
@@ -691,11 +713,27 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
             assert_same_bits(&format!("{what}, grid 2"), &s[i], &got[0][i]);
         }
         tol.out::<T>().check(&what, &got[0][i], &want[i]);
+        if i > 0 {
+            // the other positions keep the cache's values, bit for bit
+            let (mut kept, mut was) = (got[0][i].clone(), caches[i - 1].clone());
+            for x in [&mut kept, &mut was] {
+                for bi in 0..b {
+                    x[(bi * tmax + pos0) * kvd..(bi * tmax + pos0 + tq) * kvd].fill(0.0);
+                }
+            }
+            assert_same_bits(&format!("{what}, other positions"), &kept, &was);
+            assert_same_bits(&format!("{what}, pos beyond"), &none[i], &caches[i - 1]);
+        } else {
+            assert!(
+                none[0].iter().all(|x| x.is_nan()),
+                "{what}: a pos beyond the cache wrote q"
+            );
+        }
         // the rope kernel on the split part (v: the part itself)
         let part = [&sq, &sk, &sv][i];
         let mut x = input::<T>(part, 0);
         if h > 0 {
-            let rd = [b, t, h, hs];
+            let rd = [b, tq, h, hs];
             rope_k(
                 x.get_mut(),
                 rd,
@@ -707,18 +745,19 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
                 0,
             );
         }
-        assert_same_bits(
-            &format!("{what} = split, rope"),
-            &got[0][i],
-            &read(&tag, &x),
-        );
+        let new = if i == 0 {
+            got[0][0].clone()
+        } else {
+            win(&got[0][i])
+        };
+        assert_same_bits(&format!("{what} = split, rope"), &new, &read(&tag, &x));
     }
 
-    // backward: dqkv out of dq, dk, dv
-    let dparts = [qd, kvd, kvd].map(|w| rand_t::<T>(&mut r, rows * w, 1.0));
+    // backward: dqkv out of dq and the window of dk, dv
+    let dparts = [rows * qd, b * tmax * kvd, b * tmax * kvd].map(|n| rand_t::<T>(&mut r, n, 1.0));
     let [dq, dk, dv] = &dparts;
     let mut want = vec![0.0; rows * ld];
-    dev.qkv_rope_bwd(m(&mut want), v(dq), v(dk), v(dv), d, pos0, theta)
+    dev.qkv_rope_bwd(m(&mut want), v(dq), v(dk), v(dv), d, theta)
         .unwrap();
     let run_bwd = |mode, seed, grid| {
         let mut ins = dparts.clone().map(|x| input::<T>(&x, 0));
@@ -746,9 +785,14 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
     tol.out::<T>().check(&what, &got[0], &want);
     let split_got = split(&got[0]);
     for (i, (name, h)) in [("dq", nh), ("dk", nkv), ("dv", 0)].into_iter().enumerate() {
-        let mut x = input::<T>(&dparts[i], 0);
+        let part = if i == 0 {
+            dparts[0].clone()
+        } else {
+            win(&dparts[i])
+        };
+        let mut x = input::<T>(&part, 0);
         if h > 0 {
-            let rd = [b, t, h, hs];
+            let rd = [b, tq, h, hs];
             rope_k(
                 x.get_mut(),
                 rd,
@@ -765,17 +809,20 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 5], pos0: usize, seed: u64) {
     }
 }
 
+// dims [B, TQ, TMAX, NH, NKV, HS]
 #[test]
 fn qkv_rope_f32_matches_cpu() {
-    check_qkv_rope::<f32>([2, 5, 4, 2, 24], 0, 25); // 72 pairs: a partial warp
-    check_qkv_rope::<f32>([1, 3, 6, 2, 128], 1000, 26); // 512 pairs > 256 threads
-    check_qkv_rope::<f32>([2, 4, 2, 2, 64], 37, 27); // NKV = NH
+    check_qkv_rope::<f32>([2, 5, 5, 4, 2, 24], 0, 25); // 72 pairs: a partial warp; TMAX = TQ
+    check_qkv_rope::<f32>([1, 3, 1003, 6, 2, 128], 1000, 26); // 512 pairs > 256 threads
+    check_qkv_rope::<f32>([2, 4, 45, 2, 2, 64], 37, 27); // NKV = NH; positions after
+    check_qkv_rope::<f32>([3, 1, 9, 4, 2, 32], 8, 30); // decode: the cache's last position
 }
 
 #[test]
 fn qkv_rope_bf16_matches_cpu() {
-    check_qkv_rope::<bf16>([2, 5, 4, 2, 24], 0, 28);
-    check_qkv_rope::<bf16>([1, 3, 6, 2, 128], 1000, 29);
+    check_qkv_rope::<bf16>([2, 5, 5, 4, 2, 24], 0, 28);
+    check_qkv_rope::<bf16>([1, 3, 1003, 6, 2, 128], 1000, 29);
+    check_qkv_rope::<bf16>([3, 2, 12, 4, 2, 32], 6, 31);
 }
 
 // ------------------------------------------------------------------------------------------

@@ -727,19 +727,23 @@ fn rope() {
             // the same rotation in f32 per pair in both, rounded once
             check(&format!("rope bwd={bwd}"), &x.got(), x.want(), ROUND, 0.0);
         }
-        // qkv_rope: the same rotation (and copies) between the fused rows and q, k, v
-        let d = AttnDims {
+        // qkv_rope: the same rotation (and copies) between the fused rows and q, and positions
+        // 5..8 of 9-position k and v caches (the others kept)
+        let d = CacheDims {
             b: 2,
-            t: 3,
+            tq: 3,
+            tmax: 9,
             nh: 4,
             nkv: 2,
             hs: 8,
+            pos0: 5,
         };
         let (n, qd, kvd) = (6, 32, 16);
         let qkv = Pair::new(&vals(rng, n * (qd + 2 * kvd), -2.0, 2.0), 0);
-        let [mut q, mut k, mut v] = [qd, kvd, kvd].map(|w| Pair::nan(n * w, 0));
-        gpu::rope::qkv_fwd(l, q.b.m(), k.b.m(), v.b.m(), qkv.b.s(), d, 5, None, 1e4).unwrap();
-        gpu::rope::qkv_fwd(l, q.f.m(), k.f.m(), v.f.m(), qkv.f.s(), d, 5, None, 1e4).unwrap();
+        let mut q = Pair::nan(n * qd, 0);
+        let [mut k, mut v] = [0, 0].map(|_| Pair::new(&vals(rng, 2 * 9 * kvd, -1.0, 1.0), 0));
+        gpu::rope::qkv_fwd(l, q.b.m(), k.b.m(), v.b.m(), qkv.b.s(), None, d, 1e4).unwrap();
+        gpu::rope::qkv_fwd(l, q.f.m(), k.f.m(), v.f.m(), qkv.f.s(), None, d, 1e4).unwrap();
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
             check(
                 &format!("qkv_rope_fwd {name}"),
@@ -750,14 +754,14 @@ fn rope() {
             );
         }
         let mut dqkv = Pair::nan(n * (qd + 2 * kvd), 0);
-        gpu::rope::qkv_bwd(l, dqkv.b.m(), q.b.s(), k.b.s(), v.b.s(), d, 5, 1e4).unwrap();
+        gpu::rope::qkv_bwd(l, dqkv.b.m(), q.b.s(), k.b.s(), v.b.s(), d, 1e4).unwrap();
         // the f32 launch from the bf16 launch's q, k, v (exact in f32)
         let (qf, kf, vf) = (
             Pair::new(&q.got(), 0),
             Pair::new(&k.got(), 0),
             Pair::new(&v.got(), 0),
         );
-        gpu::rope::qkv_bwd(l, dqkv.f.m(), qf.f.s(), kf.f.s(), vf.f.s(), d, 5, 1e4).unwrap();
+        gpu::rope::qkv_bwd(l, dqkv.f.m(), qf.f.s(), kf.f.s(), vf.f.s(), d, 1e4).unwrap();
         check("qkv_rope_bwd", &dqkv.got(), dqkv.want(), ROUND, 0.0);
     });
 }

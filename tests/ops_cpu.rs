@@ -6,7 +6,7 @@ mod common;
 use common::ops::{amax, assert_invalid, dot64, m, random, random_f32, rng, tensor, v, Buf, U};
 use common::{assert_close, Tensor};
 use nla_engine::device::cpu::{self, CpuDevice};
-use nla_engine::device::{AdamwStep, AttnDims, Device, View, ViewMut};
+use nla_engine::device::{AdamwStep, AttnDims, CacheDims, Device, View, ViewMut};
 use rand::Rng;
 
 // ------------------------------------------------------------------------------------------
@@ -1279,140 +1279,171 @@ fn rope_device() {
     assert_invalid("rope_bwd", dev.rope_bwd(m(&mut y), b, t, h, 0, 0, 10000.0));
 }
 
-/// qkv_rope is the split of the fused rows followed by rope (bit for bit: the same rotation),
-/// and its backward is the forward's adjoint: <fwd(x), g> = <x, bwd(g)> (a rotation and
-/// copies), checked in f64 on the f32 results.
+/// qkv_rope is the split of the fused rows followed by rope (bit for bit: the same rotation)
+/// and, into a cache, kv_append of those keys and values; its backward is the forward's
+/// adjoint: <fwd(x), g> = <x, bwd(g)> over the written positions (a rotation and copies),
+/// checked in f64 on the f32 results.
 #[test]
 fn qkv_rope_device() {
     let dev = CpuDevice;
-    let d = AttnDims {
+    // positions 5..8 of a 10-position cache: earlier and later positions are kept
+    let d = CacheDims {
         b: 2,
-        t: 3,
+        tq: 3,
+        tmax: 10,
         nh: 4,
         nkv: 2,
         hs: 6,
+        pos0: 5,
     };
-    let (rows, qd, kvd) = (d.b * d.t, d.nh * d.hs, d.nkv * d.hs);
+    let (rows, qd, kvd) = (d.b * d.tq, d.nh * d.hs, d.nkv * d.hs);
     let ld = qd + 2 * kvd;
-    let (pos0, theta) = (5, 10000.0);
+    let (pos0, theta) = (d.pos0, 10000.0);
     let x = random_f32(rows * ld, 61);
     let part = |x: &[f32], lo: usize, w: usize| -> Buf {
         x.chunks(ld).flat_map(|r| r[lo..lo + w].to_vec()).collect()
     };
-    let [mut q, mut k, mut vv] = [qd, kvd, kvd].map(|w| vec![f32::NAN; rows * w]);
-    dev.qkv_rope_fwd(
-        m(&mut q),
-        m(&mut k),
-        m(&mut vv),
-        v(&x),
-        d,
-        pos0,
-        None,
-        theta,
-    )
-    .unwrap();
+    // the window of positions pos0..pos0+TQ of each row of a cache [B,TMAX,KVD]
+    let win = |x: &[f32]| -> Buf {
+        (0..d.b)
+            .flat_map(|b| x[(b * d.tmax + pos0) * kvd..(b * d.tmax + pos0 + d.tq) * kvd].to_vec())
+            .collect()
+    };
+    let (kc0, vc0) = (
+        random_f32(d.b * d.tmax * kvd, 63),
+        random_f32(d.b * d.tmax * kvd, 64),
+    );
+    let mut q = vec![f32::NAN; rows * qd];
+    let (mut kc, mut vc) = (kc0.clone(), vc0.clone());
+    dev.qkv_rope_fwd(m(&mut q), m(&mut kc), m(&mut vc), v(&x), None, d, theta)
+        .unwrap();
     let (mut wq, mut wk, wv) = (part(&x, 0, qd), part(&x, qd, kvd), part(&x, qd + kvd, kvd));
-    dev.rope_fwd(m(&mut wq), d.b, d.t, d.nh, d.hs, pos0, None, theta)
+    dev.rope_fwd(m(&mut wq), d.b, d.tq, d.nh, d.hs, pos0, None, theta)
         .unwrap();
-    dev.rope_fwd(m(&mut wk), d.b, d.t, d.nkv, d.hs, pos0, None, theta)
+    dev.rope_fwd(m(&mut wk), d.b, d.tq, d.nkv, d.hs, pos0, None, theta)
         .unwrap();
-    assert_eq!((&q, &k, &vv), (&wq, &wk, &wv), "split, then rope");
+    assert_eq!(
+        (&q, &win(&kc), &win(&vc)),
+        (&wq, &wk, &wv),
+        "split, then rope"
+    );
+    // = kv_append of those keys and values: every other cache position kept
+    let (mut kc1, mut vc1) = (kc0.clone(), vc0.clone());
+    dev.kv_append_fwd(m(&mut kc1), m(&mut vc1), v(&wk), v(&wv), None, d)
+        .unwrap();
+    assert_eq!(
+        (&kc, &vc),
+        (&kc1, &vc1),
+        "kv_append of the rotated keys and values"
+    );
+    // the batch as its own cache (training's layout): [B,TQ] outputs, positions from 0
+    let own = CacheDims::from(AttnDims {
+        b: d.b,
+        t: d.tq,
+        nh: d.nh,
+        nkv: d.nkv,
+        hs: d.hs,
+    });
+    let [mut q1, mut k1, mut v1] = [qd, kvd, kvd].map(|w| vec![f32::NAN; rows * w]);
+    dev.qkv_rope_fwd(m(&mut q1), m(&mut k1), m(&mut v1), v(&x), None, own, theta)
+        .unwrap();
+    let (mut oq, mut ok) = (part(&x, 0, qd), part(&x, qd, kvd));
+    dev.rope_fwd(m(&mut oq), d.b, d.tq, d.nh, d.hs, 0, None, theta)
+        .unwrap();
+    dev.rope_fwd(m(&mut ok), d.b, d.tq, d.nkv, d.hs, 0, None, theta)
+        .unwrap();
+    assert_eq!(
+        (&q1, &k1, &v1),
+        (&oq, &ok, &wv),
+        "TMAX = TQ: split, then rope"
+    );
     // the position held in memory: the same
-    let [mut q2, mut k2, mut v2] = [qd, kvd, kvd].map(|w| vec![f32::NAN; rows * w]);
+    let mut q2 = vec![f32::NAN; rows * qd];
+    let (mut kc2, mut vc2) = (kc0.clone(), vc0.clone());
     let pos = vec![pos0 as u32];
+    let at0 = CacheDims { pos0: 0, ..d };
     dev.qkv_rope_fwd(
         m(&mut q2),
-        m(&mut k2),
-        m(&mut v2),
+        m(&mut kc2),
+        m(&mut vc2),
         v(&x),
-        d,
-        0,
         Some(&pos),
+        at0,
         theta,
     )
     .unwrap();
-    assert_eq!((&q2, &k2, &v2), (&q, &k, &vv), "pos in memory");
+    assert_eq!((&q2, &kc2, &vc2), (&q, &kc, &vc), "pos in memory");
 
-    let g = random_f32(rows * ld, 62);
-    let (gq, gk, gv) = (part(&g, 0, qd), part(&g, qd, kvd), part(&g, qd + kvd, kvd));
+    let (gq, gk, gv) = (
+        random_f32(rows * qd, 62),
+        random_f32(d.b * d.tmax * kvd, 65),
+        random_f32(d.b * d.tmax * kvd, 66),
+    );
     let mut dx = vec![f32::NAN; rows * ld];
-    dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), d, pos0, theta)
+    dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), d, theta)
         .unwrap();
     let dot =
         |a: &[f32], b: &[f32]| -> f64 { a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum() };
-    let lhs = dot(&q, &gq) + dot(&k, &gk) + dot(&vv, &gv);
+    let lhs = dot(&q, &gq) + dot(&win(&kc), &win(&gk)) + dot(&win(&vc), &win(&gv));
     let rhs = dot(&x, &dx);
     // each side rounds ~rows * ld products of |x| < 1 to f32 once: 1e-5 relative covers it
     assert!(
         (lhs - rhs).abs() <= 1e-5 * lhs.abs().max(1.0),
         "{lhs} vs {rhs}"
     );
-    // the backward's parts are rope_bwd's
-    let (mut bq, mut bk) = (gq.clone(), gk.clone());
-    dev.rope_bwd(m(&mut bq), d.b, d.t, d.nh, d.hs, pos0, theta)
+    // the backward's parts are rope_bwd's of dq and of dk's window, and dv's window
+    let (mut bq, mut bk) = (gq.clone(), win(&gk));
+    dev.rope_bwd(m(&mut bq), d.b, d.tq, d.nh, d.hs, pos0, theta)
         .unwrap();
-    dev.rope_bwd(m(&mut bk), d.b, d.t, d.nkv, d.hs, pos0, theta)
+    dev.rope_bwd(m(&mut bk), d.b, d.tq, d.nkv, d.hs, pos0, theta)
         .unwrap();
     let dparts = (
         part(&dx, 0, qd),
         part(&dx, qd, kvd),
         part(&dx, qd + kvd, kvd),
     );
-    assert_eq!(dparts, (bq, bk, gv.clone()), "rope_bwd, then concatenated");
+    assert_eq!(dparts, (bq, bk, win(&gv)), "rope_bwd, then concatenated");
 
-    // wrong lengths, HS, theta and pos are refused
+    // wrong lengths, HS, theta and positions are refused
     let short = vec![0.0; rows * ld - 1];
+    let fwd = |q: &mut Buf, k: &mut Buf, vv: &mut Buf, x: &Buf, pos: Option<&Vec<u32>>, d| {
+        dev.qkv_rope_fwd(m(q), m(k), m(vv), v(x), pos, d, theta)
+    };
     assert_invalid(
         "qkv_rope_fwd",
-        dev.qkv_rope_fwd(
-            m(&mut q),
-            m(&mut k),
-            m(&mut vv),
-            v(&short),
-            d,
-            0,
-            None,
-            theta,
-        ),
+        fwd(&mut q, &mut kc, &mut vc, &short, None, d),
     );
-    assert_invalid(
-        "qkv_rope_fwd",
-        dev.qkv_rope_fwd(m(&mut k), m(&mut q), m(&mut vv), v(&x), d, 0, None, theta),
-    );
-    let odd = AttnDims { hs: 5, ..d };
-    assert_invalid(
-        "qkv_rope_fwd",
-        dev.qkv_rope_fwd(m(&mut q), m(&mut k), m(&mut vv), v(&x), odd, 0, None, theta),
-    );
+    // q where k goes
+    assert_invalid("qkv_rope_fwd", fwd(&mut kc, &mut q, &mut vc, &x, None, d));
+    let odd = CacheDims { hs: 5, ..d };
+    assert_invalid("qkv_rope_fwd", fwd(&mut q, &mut kc, &mut vc, &x, None, odd));
     let two = vec![0u32; 2];
     assert_invalid(
         "qkv_rope_fwd",
-        dev.qkv_rope_fwd(
-            m(&mut q),
-            m(&mut k),
-            m(&mut vv),
-            v(&x),
-            d,
-            0,
-            Some(&two),
-            theta,
-        ),
+        fwd(&mut q, &mut kc, &mut vc, &x, Some(&two), d),
+    );
+    // positions past the cache's end, from the host or from memory
+    let past = CacheDims { pos0: 8, ..d };
+    assert_invalid(
+        "qkv_rope_fwd",
+        fwd(&mut q, &mut kc, &mut vc, &x, None, past),
+    );
+    let beyond = vec![8u32];
+    assert_invalid(
+        "qkv_rope_fwd",
+        fwd(&mut q, &mut kc, &mut vc, &x, Some(&beyond), d),
     );
     assert_invalid(
         "qkv_rope_bwd",
-        dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), d, 0, f32::NAN),
+        dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), d, f32::NAN),
     );
     assert_invalid(
         "qkv_rope_bwd",
-        dev.qkv_rope_bwd(
-            m(&mut dx),
-            v(&gq),
-            v(&gv[1..].to_vec()),
-            v(&gv),
-            d,
-            0,
-            theta,
-        ),
+        dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gv[1..].to_vec()), v(&gv), d, theta),
+    );
+    assert_invalid(
+        "qkv_rope_bwd",
+        dev.qkv_rope_bwd(m(&mut dx), v(&gq), v(&gk), v(&gv), past, theta),
     );
 }
 

@@ -336,29 +336,32 @@ fn rope(d: &EmuDevice) {
         .unwrap();
     d.rope_bwd(m(&mut x), b, t, h, hs, 3, 10000.0).unwrap();
     // the fused projection's split (kernels/rope.cu too)
-    let dims = AttnDims {
+    // k and v into positions 3.. of 2 more: a cache
+    let dims = CacheDims {
         b,
-        t,
+        tq: t,
+        tmax: t + 5,
         nh: 2 * h,
         nkv: h,
         hs,
+        pos0: 3,
     };
     let (qd, kvd) = (2 * h * hs, h * hs);
     let qkv = vals(b * t * (qd + 2 * kvd), 6, 1.0);
-    let [mut q, mut k, mut v2] = [qd, kvd, kvd].map(|w| zeros(b * t * w));
+    let mut q = zeros(b * t * qd);
+    let [mut k, mut v2] = [kvd, kvd].map(|w| zeros(b * dims.tmax * w));
     d.qkv_rope_fwd(
         m(&mut q),
         m(&mut k),
         m(&mut v2),
         v(&qkv),
-        dims,
-        3,
         None,
+        dims,
         10000.0,
     )
     .unwrap();
     let mut dqkv = zeros(qkv.len());
-    d.qkv_rope_bwd(m(&mut dqkv), v(&q), v(&k), v(&v2), dims, 3, 10000.0)
+    d.qkv_rope_bwd(m(&mut dqkv), v(&q), v(&k), v(&v2), dims, 10000.0)
         .unwrap();
 }
 

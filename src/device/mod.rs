@@ -177,6 +177,22 @@ pub struct CacheDims {
     pub pos0: usize,
 }
 
+impl From<AttnDims> for CacheDims {
+    /// The batch as its own cache: TQ = TMAX = T, pos0 = 0.
+    fn from(d: AttnDims) -> Self {
+        let AttnDims { b, t, nh, nkv, hs } = d;
+        CacheDims {
+            b,
+            tq: t,
+            tmax: t,
+            nh,
+            nkv,
+            hs,
+            pos0: 0,
+        }
+    }
+}
+
 /// How to draw the next token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SampleSpec {
@@ -603,9 +619,12 @@ pub trait Device: Send + Sync + Sized {
         theta: f32,
     ) -> Result<()>;
 
-    /// q [B,T,NH*HS], k and v [B,T,NKV*HS] = the parts of each row of qkv [B,T,(NH+2NKV)*HS]
-    /// (one matmul projects all three: q's heads, then k's, then v's), q and k rotated as
-    /// [`Device::rope_fwd`] (all `=`). `pos` as rope_fwd's.
+    /// q [B,TQ,NH*HS] and, at positions pos0 + t of k and v [B,TMAX,NKV*HS], the parts of
+    /// each row (b, t) of qkv [B,TQ,(NH+2NKV)*HS] (one matmul projects all three: q's heads,
+    /// then k's, then v's), q and k rotated as [`Device::rope_fwd`] at position pos0 + t (all
+    /// `=`; k's and v's other positions keep their values). k and v are a KV cache, or with
+    /// TMAX = TQ and pos0 = 0 (`CacheDims::from(AttnDims)`) the batch's own keys and values.
+    /// `pos` as rope_fwd's; pos0 + TQ <= TMAX.
     #[allow(clippy::too_many_arguments)]
     fn qkv_rope_fwd(
         &self,
@@ -613,13 +632,13 @@ pub trait Device: Send + Sync + Sized {
         k: M<'_, Self>,
         v: M<'_, Self>,
         qkv: V<'_, Self>,
-        d: AttnDims,
-        pos0: usize,
         pos: Option<&Self::Ids>,
+        d: CacheDims,
         theta: f32,
     ) -> Result<()>;
-    /// dqkv [B,T,(NH+2NKV)*HS] = each row's dq, dk and dv, dq and dk rotated back as
-    /// [`Device::rope_bwd`] (`=`): the gradient of the one matmul's output.
+    /// dqkv [B,TQ,(NH+2NKV)*HS] = each row's dq and, from positions pos0 + t of dk and dv
+    /// [B,TMAX,NKV*HS], dk and dv; dq and dk rotated back as [`Device::rope_bwd`] (`=`): the
+    /// gradient of the one matmul's output, the adjoint of [`Device::qkv_rope_fwd`].
     #[allow(clippy::too_many_arguments)]
     fn qkv_rope_bwd(
         &self,
@@ -627,8 +646,7 @@ pub trait Device: Send + Sync + Sized {
         dq: V<'_, Self>,
         dk: V<'_, Self>,
         dv: V<'_, Self>,
-        d: AttnDims,
-        pos0: usize,
+        d: CacheDims,
         theta: f32,
     ) -> Result<()>;
 

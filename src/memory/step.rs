@@ -1380,8 +1380,6 @@ impl<'a> Builder<'a> {
         let rstd2 = self.stat(format!("{pre}.ws.rstd2"), n);
         let qkv = ws(self, "qkv", n * (qd + 2 * kvd));
         let q = ws(self, "q", n * qd);
-        let k = ws(self, "k", n * kvd);
-        let vb = ws(self, "v", n * kvd);
         let att = ws(self, "att", n * qd);
         let gu = ws(self, "gu", 2 * n * f);
         let h = ws(self, "h", n * f);
@@ -1429,8 +1427,8 @@ impl<'a> Builder<'a> {
                 // x and x_out swap roles every block: both are touched
                 self.op(format!("{lp}: rmsnorm_fwd"), &[xn, rstd, x, x_out, w]);
                 self.op(format!("{lp}: qkv_proj"), &[qkv, xn, w]);
-                self.op(format!("{lp}: qkv_rope_fwd"), &[q, k, vb, qkv, pos]);
-                self.op(format!("{lp}: kv_append_fwd"), &[kc, vc, k, vb, pos]);
+                // keys and values straight into the cache
+                self.op(format!("{lp}: qkv_rope_fwd"), &[q, kc, vc, qkv, pos]);
                 self.op(
                     format!("{lp}: decode_attention_fwd"),
                     &[att, q, kc, vc, starts, pos],

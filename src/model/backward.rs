@@ -330,8 +330,7 @@ pub fn backward_blocks<D: Device>(
             View::all(&a.dq),
             View::all(&a.dk),
             View::all(&a.dv),
-            dims,
-            0,
+            dims.into(),
             theta,
         )?;
         // q, k and v as one [QKV,C] weight W_qkv (adjacent in the table, and so in the grads)

@@ -3,10 +3,10 @@
 
 use super::linear::{gate_up_fwd, linear_fwd, linear_fwd_add};
 use super::{LayerParams, Model};
-use crate::device::{AttnDims, Device, View, ViewMut};
+use crate::device::{CacheDims, Device, View, ViewMut};
 use crate::Result;
 
-/// What one block reads and writes, over N = B*T rows.
+/// What one block reads and writes, over N = B*TQ rows.
 pub(crate) struct BlockBufs<'a, B> {
     /// [N,C] the block's input (residual stream)
     pub x: View<'a, B>,
@@ -18,7 +18,8 @@ pub(crate) struct BlockBufs<'a, B> {
     pub rstd1: ViewMut<'a, B>,
     /// [N,(NH+2NKV)*HS] scratch: q, k and v before RoPE, as the one matmul writes them
     pub qkv: ViewMut<'a, B>,
-    /// [N,NH*HS] queries, [N,NKV*HS] keys and values, after RoPE
+    /// [N,NH*HS] queries; [B,TMAX,NKV*HS] keys and values, after RoPE, row (b, t) at position
+    /// pos0 + t (a KV cache, or TMAX = TQ: the batch's own)
     pub q: ViewMut<'a, B>,
     pub k: ViewMut<'a, B>,
     pub v: ViewMut<'a, B>,
@@ -37,14 +38,14 @@ pub(crate) struct BlockBufs<'a, B> {
 
 /// `out = x_mid + down(silu(gate(n2)) * up(n2))`, `x_mid = x + o(attend(rope(q(n1)), rope(k(n1)), v(n1)))`
 /// with n1, n2 the RMS-normed inputs (q, k and v one matmul, gate and up another). Rows are
-/// (b, t) with N = b*t at positions pos0 + t (pos0 read on the device from `pos` where given:
-/// [`Device::qkv_rope_fwd`]); `attend(att, q, k, v)`
-/// writes the attention output (causal over the batch, or over a cache).
+/// (b, t) with N = B*TQ at positions pos0 + t of `d` (pos0 read on the device from `pos` where
+/// given), their keys and values written there ([`Device::qkv_rope_fwd`]); `attend(att, q, k,
+/// v)` writes the attention output (causal over the batch, or over a cache).
 pub(crate) fn block_fwd<D: Device>(
     dev: &D,
     model: &Model<D>,
     lp: &LayerParams,
-    (b, t, pos0): (usize, usize, usize),
+    d: CacheDims,
     pos: Option<&D::Ids>,
     io: BlockBufs<'_, D::Buf>,
     attend: impl FnOnce(
@@ -55,13 +56,8 @@ pub(crate) fn block_fwd<D: Device>(
     ) -> Result<()>,
 ) -> Result<()> {
     let cfg = &model.cfg;
-    let n = b * t;
+    let n = d.b * d.tq;
     let (c, f) = (cfg.hidden_size, cfg.intermediate_size);
-    let (nh, nkv, hs) = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-    );
     let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
     let (eps, theta) = (cfg.rms_norm_eps, cfg.rope_theta);
     let p = |off: usize, len: usize| View::range(model.weights(), off, len);
@@ -94,15 +90,13 @@ pub(crate) fn block_fwd<D: Device>(
         qkvd,
         c,
     )?;
-    let d = AttnDims { b, t, nh, nkv, hs };
     dev.qkv_rope_fwd(
         q.reborrow(),
         k.reborrow(),
         v.reborrow(),
         qkv.as_view(),
-        d,
-        pos0,
         pos,
+        d,
         theta,
     )?;
     attend(att.reborrow(), q.as_view(), k.as_view(), v.as_view())?;

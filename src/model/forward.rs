@@ -232,15 +232,9 @@ pub(crate) fn block_train_fwd<D: Device>(
         h: ViewMut::all(&mut la.h),
     };
     let lse = ViewMut::all(&mut la.lse);
-    block_fwd(
-        dev,
-        model,
-        lp,
-        (dims.b, dims.t, 0),
-        None,
-        io,
-        |att, q, k, v| dev.attention_fwd(att, lse, q, k, v, dims),
-    )
+    block_fwd(dev, model, lp, dims.into(), None, io, |att, q, k, v| {
+        dev.attention_fwd(att, lse, q, k, v, dims)
+    })
 }
 
 /// The embedding and every block, with injections: fills `acts.res` (res[L] is the output of

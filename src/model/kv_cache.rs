@@ -48,11 +48,8 @@ struct Workspace<D: Device> {
     rstd2: D::Buf,
     /// [B*TQ,(NH+2NKV)*HS] the fused q/k/v projection, before RoPE
     qkv: D::Buf,
-    /// [B*TQ,NH*HS]
+    /// [B*TQ,NH*HS] (keys and values go straight into the cache)
     q: D::Buf,
-    /// [B*TQ,NKV*HS]
-    k: D::Buf,
-    v: D::Buf,
     /// [B*TQ,NH*HS]
     att: D::Buf,
     /// [2F,B*TQ] gate^T then up^T; [F,B*TQ] h (feature-major, as in training)
@@ -105,8 +102,6 @@ impl<D: Device> KvCache<D> {
             rstd2: dev.alloc(n)?,
             qkv: dev.alloc_work(n * (qd + 2 * kvd))?,
             q: dev.alloc_work(n * qd)?,
-            k: dev.alloc_work(n * kvd)?,
-            v: dev.alloc_work(n * kvd)?,
             att: dev.alloc_work(n * qd)?,
             gu: dev.alloc_work(2 * n * f)?,
             h: dev.alloc_work(n * f)?,
@@ -168,11 +163,6 @@ impl<D: Device> KvCache<D> {
         if let Some(i) = inj {
             check_injection(dev, i, cfg.num_hidden_layers, n, c)?;
         }
-        let (nh, nkv, hs) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        );
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps;
         let tb = &model.table;
@@ -181,9 +171,9 @@ impl<D: Device> KvCache<D> {
             b,
             tq,
             tmax: self.tmax,
-            nh,
-            nkv,
-            hs,
+            nh: cfg.num_attention_heads,
+            nkv: cfg.num_key_value_heads,
+            hs: cfg.head_dim,
             pos0,
         };
         // the first `len` elements of a scratch buffer
@@ -231,8 +221,9 @@ impl<D: Device> KvCache<D> {
                     rstd1: head(&mut w.rstd, n),
                     qkv: head(&mut w.qkv, n * (qd + 2 * kvd)),
                     q: head(&mut w.q, n * qd),
-                    k: head(&mut w.k, n * kvd),
-                    v: head(&mut w.v, n * kvd),
+                    // this step's keys and values go straight to their cache positions
+                    k: ViewMut::all(&mut kcs[l]),
+                    v: ViewMut::all(&mut vcs[l]),
                     att: head(&mut w.att, n * qd),
                     x_mid: head(&mut w.x2, n * c),
                     xn2: head(&mut w.xn2, n * c),
@@ -240,18 +231,7 @@ impl<D: Device> KvCache<D> {
                     gu: head(&mut w.gu, 2 * n * f),
                     h: head(&mut w.h, n * f),
                 };
-                let (kc, vc) = (&mut kcs[l], &mut vcs[l]);
-                block_fwd(dev, model, lp, (b, tq, pos0), pos, io, |att, q, k, v| {
-                    // append this step's keys and values to the cache, then attend over it
-                    dev.kv_append_fwd(
-                        ViewMut::all(&mut *kc),
-                        ViewMut::all(&mut *vc),
-                        k,
-                        v,
-                        pos,
-                        dims,
-                    )?;
-                    let (kc, vc) = (View::all(&*kc), View::all(&*vc));
+                block_fwd(dev, model, lp, dims, pos, io, |att, q, kc, vc| {
                     dev.decode_attention_fwd(att, q, kc, vc, starts, pos, dims)
                 })?;
                 std::mem::swap(&mut x, &mut x_out);

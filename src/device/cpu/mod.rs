@@ -377,24 +377,39 @@ fn check_rotation(op: &'static str, hs: usize, theta: f32) -> Result<()> {
     Ok(())
 }
 
-/// q [B,T,NH,HS], k and v [B,T,NKV,HS] and the fused qkv [B,T,NH+2NKV,HS] (`lens` in that
-/// order), with rope's conditions on HS and theta.
+/// q [B,TQ,NH,HS], k and v [B,TMAX,NKV,HS] and the fused qkv [B,TQ,NH+2NKV,HS] (`lens` in
+/// that order), with rope's conditions on HS and theta; `d` at the position the op starts at
+/// ([`at_position`]).
 fn check_qkv_rope(
     op: &'static str,
     lens: [usize; 4],
     names: [&str; 4],
-    d: AttnDims,
+    pos: Option<&Vec<u32>>,
+    d: CacheDims,
     theta: f32,
-) -> Result<()> {
-    let AttnDims { b, t, nh, nkv, hs } = d;
+) -> Result<CacheDims> {
+    let CacheDims {
+        b,
+        tq,
+        tmax,
+        nh,
+        nkv,
+        hs,
+        ..
+    } = d;
     check_pos(op, "NH", nh)?;
     check_pos(op, "NKV", nkv)?;
     check_rotation(op, hs, theta)?;
-    let heads = [nh, nkv, nkv, nh + 2 * nkv];
-    for ((len, name), h) in lens.into_iter().zip(names).zip(heads) {
-        check_len(op, name, len, &[b, t, h, hs])?;
+    let dims = [
+        [b, tq, nh, hs],
+        [b, tmax, nkv, hs],
+        [b, tmax, nkv, hs],
+        [b, tq, nh + 2 * nkv, hs],
+    ];
+    for ((len, name), dims) in lens.into_iter().zip(names).zip(&dims) {
+        check_len(op, name, len, dims)?;
     }
-    Ok(())
+    at_position(op, pos, d)
 }
 
 impl Device for CpuDevice {
@@ -593,23 +608,19 @@ impl Device for CpuDevice {
         k: ViewMut<'_, Buf>,
         v: ViewMut<'_, Buf>,
         qkv: View<'_, Buf>,
-        d: AttnDims,
-        pos0: usize,
         pos: Option<&Vec<u32>>,
+        d: CacheDims,
         theta: f32,
     ) -> Result<()> {
         const OP: &str = "qkv_rope_fwd";
         let lens = [q.len(), k.len(), v.len(), qkv.len()];
-        check_qkv_rope(OP, lens, ["q", "k", "v", "qkv"], d, theta)?;
-        let pos0 = position(OP, pos, pos0)?;
+        let d = check_qkv_rope(OP, lens, ["q", "k", "v", "qkv"], pos, d, theta)?;
         rope::qkv_rope_fwd(
             get_mut(OP, "q", q)?,
             get_mut(OP, "k", k)?,
             get_mut(OP, "v", v)?,
             get(OP, "qkv", qkv)?,
-            d.t,
-            (d.nh, d.nkv, d.hs),
-            pos0,
+            d,
             theta,
         );
         Ok(())
@@ -621,21 +632,18 @@ impl Device for CpuDevice {
         dq: View<'_, Buf>,
         dk: View<'_, Buf>,
         dv: View<'_, Buf>,
-        d: AttnDims,
-        pos0: usize,
+        d: CacheDims,
         theta: f32,
     ) -> Result<()> {
         const OP: &str = "qkv_rope_bwd";
         let lens = [dq.len(), dk.len(), dv.len(), dqkv.len()];
-        check_qkv_rope(OP, lens, ["dq", "dk", "dv", "dqkv"], d, theta)?;
+        let d = check_qkv_rope(OP, lens, ["dq", "dk", "dv", "dqkv"], None, d, theta)?;
         rope::qkv_rope_bwd(
             get_mut(OP, "dqkv", dqkv)?,
             get(OP, "dq", dq)?,
             get(OP, "dk", dk)?,
             get(OP, "dv", dv)?,
-            d.t,
-            (d.nh, d.nkv, d.hs),
-            pos0,
+            d,
             theta,
         );
         Ok(())

@@ -567,9 +567,8 @@ impl<T: KernelDevice> Device for T {
         k: M<'_, T>,
         v: M<'_, T>,
         qkv: V<'_, T>,
-        d: AttnDims,
-        pos0: usize,
         pos: Option<&T::Ids>,
+        d: CacheDims,
         theta: f32,
     ) -> Result<()> {
         const OP: &str = "qkv_rope_fwd";
@@ -580,9 +579,8 @@ impl<T: KernelDevice> Device for T {
             T::output(OP, "k", k)?,
             T::output(OP, "v", v)?,
             T::input(OP, "qkv", qkv)?,
-            d,
-            pos0,
             pos,
+            d,
             theta,
         ))
     }
@@ -593,8 +591,7 @@ impl<T: KernelDevice> Device for T {
         dq: V<'_, T>,
         dk: V<'_, T>,
         dv: V<'_, T>,
-        d: AttnDims,
-        pos0: usize,
+        d: CacheDims,
         theta: f32,
     ) -> Result<()> {
         const OP: &str = "qkv_rope_bwd";
@@ -605,7 +602,6 @@ impl<T: KernelDevice> Device for T {
             T::input(OP, "dk", dk)?,
             T::input(OP, "dv", dv)?,
             d,
-            pos0,
             theta,
         ))
     }

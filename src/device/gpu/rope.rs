@@ -2,13 +2,14 @@
 //! rotation in f32): grid B*T, block 32 * ceil(H * HS / 2 / 32) capped at 256 (no pack). The
 //! position of row 0 is `pos0`, or the device word `pos` where given (the kernel reads it and
 //! gets 0 for `pos0`, so the launch is the same at every position).
-//! qkv_rope_fwd_<f32|bf16> / qkv_rope_bwd_<f32|bf16>: q [B,T,NH*HS], k and v [B,T,NKV*HS] from
-//! the fused projection's qkv [B,T,(NH+2NKV)*HS] with q and k rotated (and back), launched as
-//! rope with NH + NKV heads.
+//! qkv_rope_fwd_<f32|bf16> / qkv_rope_bwd_<f32|bf16>: q [B,TQ,NH*HS], and k and v at positions
+//! pos0.. of [B,TMAX,NKV*HS] (a KV cache, or TMAX = TQ), from the fused projection's qkv
+//! [B,TQ,(NH+2NKV)*HS] with q and k rotated (and back), launched as rope with NH + NKV heads.
 
+use super::kv_append::check_positions;
 use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Ids, In, Launch, Out};
 use crate::device::storage::{sym, Storage};
-use crate::device::AttnDims;
+use crate::device::CacheDims;
 use crate::{Error, Result};
 
 /// HS even, > 0 and within the kernel's table (512), theta finite and > 0.
@@ -92,52 +93,60 @@ fn position_args<'a>(
 }
 
 /// The dims of a qkv_rope launch, named.
-fn qkv_dims(d: AttnDims) -> [(&'static str, usize); 5] {
+fn qkv_dims(d: CacheDims) -> [(&'static str, usize); 6] {
     [
         ("B", d.b),
-        ("T", d.t),
+        ("TQ", d.tq),
+        ("TMAX", d.tmax),
         ("NH", d.nh),
         ("NKV", d.nkv),
         ("HS", d.hs),
     ]
 }
 
-/// Checks of both directions: q [B,T,NH*HS], k and v [B,T,NKV*HS], qkv [B,T,(NH+2NKV)*HS];
-/// returns the launch's grid and block, None when there are no rows.
-#[allow(clippy::too_many_arguments)]
+/// Checks of both directions: q [B,TQ,NH*HS], k and v [B,TMAX,NKV*HS], qkv
+/// [B,TQ,(NH+2NKV)*HS], the TQ positions from pos0 (or `pos`) within TMAX; returns the
+/// launch's grid and block, None when there are no rows.
 fn qkv_launch(
     op: &'static str,
-    lens: [usize; 4],
-    names: [&str; 4],
-    d: AttnDims,
-    pos0: usize,
+    (lens, names): ([usize; 4], [&str; 4]),
+    d: CacheDims,
     pos: Option<Ids<'_>>,
     theta: f32,
 ) -> Result<Option<(u32, u32)>> {
-    let AttnDims { b, t, nh, nkv, hs } = d;
+    let CacheDims {
+        b,
+        tq,
+        tmax,
+        nh,
+        nkv,
+        hs,
+        pos0,
+    } = d;
     check_pos(op, "NH", nh)?;
     check_pos(op, "NKV", nkv)?;
     check_rotation(op, hs, theta)?;
     let want = [
-        vec![b, t, nh, hs],
-        vec![b, t, nkv, hs],
-        vec![b, t, nkv, hs],
-        vec![b, t, nh + 2 * nkv, hs],
+        [b, tq, nh, hs],
+        [b, tmax, nkv, hs],
+        [b, tmax, nkv, hs],
+        [b, tq, nh + 2 * nkv, hs],
     ];
     for ((len, name), dims) in lens.into_iter().zip(names).zip(&want) {
         check_len(op, name, len, dims)?;
     }
-    if b * t == 0 {
+    if b * tq == 0 {
         return Ok(None);
     }
-    check_position(op, pos, pos0, t)?;
-    let grid = grid_dim(op, "qkv", b * t, i32::MAX as usize)?;
+    check_positions(op, pos, pos0, tq, tmax)?;
+    let grid = grid_dim(op, "qkv", b * tq, i32::MAX as usize)?;
     let block = (32 * ((nh + nkv) * hs / 2).div_ceil(32)).min(256) as u32;
     Ok(Some((grid, block)))
 }
 
-/// q, k, v = the q, k, v parts of qkv, q and k rotated (qkv_rope_fwd, all T). `pos` as
-/// [`rope`]'s.
+/// q and, at positions pos0.. of k and v, the q, k, v parts of qkv, q and k rotated
+/// (qkv_rope_fwd, all T). `pos`: one id, pos0 read on the device instead of `d.pos0` (the
+/// launch is then the same at every position).
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
@@ -145,50 +154,53 @@ pub fn qkv_fwd<'a, T: Storage, L: Launch + ?Sized>(
     k: impl Into<Out<'a, T>>,
     v: impl Into<Out<'a, T>>,
     qkv: impl Into<In<'a, T>>,
-    d: AttnDims,
-    pos0: usize,
     pos: Option<Ids<'a>>,
+    d: CacheDims,
     theta: f32,
 ) -> Result<()> {
     const OP: &str = "qkv_rope_fwd";
     let (q, k, v, qkv) = (q.into(), k.into(), v.into(), qkv.into());
     let lens = [q.len(), k.len(), v.len(), qkv.len()];
-    let names = ["q [B,T,NH,HS]", "k [B,T,NKV,HS]", "v [B,T,NKV,HS]", "qkv"];
-    let Some((grid, block)) = qkv_launch(OP, lens, names, d, pos0, pos, theta)? else {
+    let names = [
+        "q [B,TQ,NH,HS]",
+        "k [B,TMAX,NKV,HS]",
+        "v [B,TMAX,NKV,HS]",
+        "qkv",
+    ];
+    let Some((grid, block)) = qkv_launch(OP, (lens, names), d, pos, theta)? else {
         return Ok(());
     };
     let mut a = EmuArgs::new();
     a.output(q).output(k).output(v).input(qkv);
-    position_args(&mut a, OP, &qkv_dims(d), pos0, pos, theta)?;
+    position_args(&mut a, OP, &qkv_dims(d), d.pos0, pos, theta)?;
     l.launch(&sym::<T>(OP), dim1(grid), dim1(block), 0, &mut a)
 }
 
-/// dqkv = [rope_bwd(dq) | rope_bwd(dk) | dv] row by row (qkv_rope_bwd, all T).
-#[allow(clippy::too_many_arguments)]
+/// dqkv = [rope_bwd(dq) | rope_bwd(dk) | dv] row by row, dk and dv read at positions pos0..
+/// (qkv_rope_bwd, all T).
 pub fn qkv_bwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     dqkv: impl Into<Out<'a, T>>,
     dq: impl Into<In<'a, T>>,
     dk: impl Into<In<'a, T>>,
     dv: impl Into<In<'a, T>>,
-    d: AttnDims,
-    pos0: usize,
+    d: CacheDims,
     theta: f32,
 ) -> Result<()> {
     const OP: &str = "qkv_rope_bwd";
     let (dqkv, dq, dk, dv) = (dqkv.into(), dq.into(), dk.into(), dv.into());
     let lens = [dq.len(), dk.len(), dv.len(), dqkv.len()];
     let names = [
-        "dq [B,T,NH,HS]",
-        "dk [B,T,NKV,HS]",
-        "dv [B,T,NKV,HS]",
+        "dq [B,TQ,NH,HS]",
+        "dk [B,TMAX,NKV,HS]",
+        "dv [B,TMAX,NKV,HS]",
         "dqkv",
     ];
-    let Some((grid, block)) = qkv_launch(OP, lens, names, d, pos0, None, theta)? else {
+    let Some((grid, block)) = qkv_launch(OP, (lens, names), d, None, theta)? else {
         return Ok(());
     };
     let mut a = EmuArgs::new();
     a.output(dqkv).input(dq).input(dk).input(dv);
-    position_args(&mut a, OP, &qkv_dims(d), pos0, None, theta)?;
+    position_args(&mut a, OP, &qkv_dims(d), d.pos0, None, theta)?;
     l.launch(&sym::<T>(OP), dim1(grid), dim1(block), 0, &mut a)
 }
