@@ -34,7 +34,7 @@
 //         k's and v's other positions are neither read nor written. The same table and rotation
 //         code as rope_fwd / rope_bwd (rope_table, rope_rotate).
 // Shapes  q, dq [B,TQ,NH,HS]; k, v, dk, dv [B,TMAX,NKV,HS]; qkv, dqkv [B,TQ,NH+2NKV,HS];
-//         pos0 + TQ <= TMAX (a launch whose pos0 breaks this writes nothing).
+//         0 <= pos0 <= TMAX - TQ (a launch whose pos0 breaks this writes nothing, q included).
 // Threads as rope: one block per row (b, t), the table in shared memory, then the block's
 //         threads take the (NH + NKV) HS/2 pairs (q's and k's heads are adjacent in a qkv row),
 //         then v's NKV HS elements. Launch: grid B*TQ, block 32 * ceil((NH + NKV) HS / 2 / 32)

@@ -747,6 +747,82 @@ fn check_chunk_refusals<D: Device>(dev: &D, label: &str) {
     assert!(e.contains("state [N,3]"), "{label}: {e}");
 }
 
+// ---- qkv_rope's positions in a cache
+
+/// qkv_rope_fwd refuses, before anything runs and alike on every device: TQ positions past
+/// the cache's end from the host's pos0 or from the device word `pos`, a pos0 whose end
+/// overflows, a `pos` of two ids, and an empty step whose position is past the end. The
+/// cache's last TQ positions are accepted.
+fn check_qkv_rope_refusals<D: Device>(dev: &D, label: &str) {
+    use nla_engine::device::CacheDims;
+    let d = CacheDims {
+        b: 2,
+        tq: 3,
+        tmax: 8,
+        nh: 2,
+        nkv: 1,
+        hs: 4,
+        pos0: 5,
+    };
+    let (rows, qd, kvd) = (6, 8, 4);
+    let qkv = dev.upload(&vec![0.5; rows * (qd + 2 * kvd)]).unwrap();
+    let mut q = dev.alloc(rows * qd).unwrap();
+    let mut k = dev.alloc(2 * 8 * kvd).unwrap();
+    let mut v = dev.alloc(2 * 8 * kvd).unwrap();
+    let mut run = |pos: &[u32], d: CacheDims| {
+        let ids = (!pos.is_empty()).then(|| dev.upload_ids(pos).unwrap());
+        let (nq, nx) = (d.b * d.tq * qd, d.b * d.tq * (qd + 2 * kvd));
+        dev.qkv_rope_fwd(
+            ViewMut::range(&mut q, 0, nq),
+            ViewMut::all(&mut k),
+            ViewMut::all(&mut v),
+            View::range(&qkv, 0, nx),
+            ids.as_ref(),
+            d,
+            1e4,
+        )
+    };
+    run(&[], d).unwrap_or_else(|e| panic!("{label}: the last positions: {e}"));
+    run(&[5], d).unwrap_or_else(|e| panic!("{label}: the last positions from pos: {e}"));
+    let cases: [(&[u32], CacheDims, &str); 5] = [
+        (&[], CacheDims { pos0: 6, ..d }, "past the end"),
+        (&[6], d, "pos past the end"),
+        (&[5, 5], d, "two ids"),
+        (
+            &[],
+            CacheDims {
+                pos0: usize::MAX,
+                ..d
+            },
+            "an overflowing end",
+        ),
+        (
+            &[],
+            CacheDims {
+                tq: 0,
+                pos0: 9,
+                ..d
+            },
+            "an empty step past the end",
+        ),
+    ];
+    for (pos, d, what) in cases {
+        let e = run(pos, d).unwrap_err().to_string();
+        assert!(e.contains("qkv_rope_fwd"), "{label}: {what}: {e}");
+    }
+}
+
+#[test]
+fn qkv_rope_refuses_positions_past_the_cache() {
+    check_qkv_rope_refusals(&CpuDevice::new(), "cpu");
+    for (dev, label) in emu_devices() {
+        let before = dev.launcher().launches();
+        check_qkv_rope_refusals(&dev, &label);
+        // the two accepted calls launched; nothing else did
+        assert_eq!(dev.launcher().launches(), before + 2, "{label}");
+    }
+}
+
 #[test]
 fn chunked_cross_entropy_refuses_bad_chunks() {
     check_chunk_refusals(&CpuDevice::new(), "cpu");

@@ -677,7 +677,7 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 6], pos0: usize, seed: u64) {
     let [wq, wk, wv] = &mut want;
     dev.qkv_rope_fwd(m(wq), m(wk), m(wv), v(&qkv), None, d, theta)
         .unwrap();
-    let run_fwd = |mode, seed, pos: Option<&[u32]>, grid| {
+    let run_fwd = |mode, seed, pos: Option<&[u32]>, grid, pos0| {
         let (mut q, mut k, mut vv) = (
             nan_out::<T>(rows * qd, 0),
             input::<T>(&caches[0], 0),
@@ -696,14 +696,16 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 6], pos0: usize, seed: u64) {
         );
         [q, k, vv].map(|x| read(&tag, &x))
     };
-    let got = both_orders(|mode, seed| run_fwd(mode, seed, None, None));
+    let got = both_orders(|mode, seed| run_fwd(mode, seed, None, None, pos0));
     let pos = [pos0 as u32];
-    let in_memory = run_fwd(EmuMode::Forward, seed, Some(&pos), None);
+    let in_memory = run_fwd(EmuMode::Forward, seed, Some(&pos), None, pos0);
     // two blocks taking the rows in turn: the table rewritten per row behind a barrier
-    let strided = both_orders(|mode, seed| run_fwd(mode, seed, None, Some(2)));
-    // a position whose TQ rows pass the cache's end: nothing written
-    let beyond = [(tmax - tq + 1) as u32];
-    let none = run_fwd(EmuMode::Forward, seed, Some(&beyond), None);
+    let strided = both_orders(|mode, seed| run_fwd(mode, seed, None, Some(2), pos0));
+    // a position whose TQ rows pass the cache's end, read from memory or given: nothing
+    // written
+    let beyond = tmax - tq + 1;
+    let none = run_fwd(EmuMode::Forward, seed, Some(&[beyond as u32]), None, pos0);
+    let none_arg = run_fwd(EmuMode::Forward, seed, None, None, beyond);
     let [sq, sk, sv] = split(&qkv);
     for (i, (name, h)) in [("q", nh), ("k", nkv), ("v", 0)].into_iter().enumerate() {
         let what = format!("{tag} fwd {name}");
@@ -722,10 +724,14 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 6], pos0: usize, seed: u64) {
                 }
             }
             assert_same_bits(&format!("{what}, other positions"), &kept, &was);
-            assert_same_bits(&format!("{what}, pos beyond"), &none[i], &caches[i - 1]);
+            for n in [&none, &none_arg] {
+                assert_same_bits(&format!("{what}, pos beyond"), &n[i], &caches[i - 1]);
+            }
         } else {
             assert!(
-                none[0].iter().all(|x| x.is_nan()),
+                [&none[0], &none_arg[0]]
+                    .iter()
+                    .all(|q| q.iter().all(|x| x.is_nan())),
                 "{what}: a pos beyond the cache wrote q"
             );
         }
@@ -759,7 +765,7 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 6], pos0: usize, seed: u64) {
     let mut want = vec![0.0; rows * ld];
     dev.qkv_rope_bwd(m(&mut want), v(dq), v(dk), v(dv), d, theta)
         .unwrap();
-    let run_bwd = |mode, seed, grid| {
+    let run_bwd = |mode, seed, grid, pos0| {
         let mut ins = dparts.clone().map(|x| input::<T>(&x, 0));
         let mut f = nan_out::<T>(rows * ld, 0);
         let [q, k, v] = &mut ins;
@@ -776,12 +782,17 @@ fn check_qkv_rope<T: Storage>(dims: [usize; 6], pos0: usize, seed: u64) {
         );
         read(&tag, &f)
     };
-    let got = both_orders(|mode, seed| run_bwd(mode, seed, None));
+    let got = both_orders(|mode, seed| run_bwd(mode, seed, None, pos0));
     let what = format!("{tag} bwd");
     assert_same_bits(&what, &got[0], &got[1]);
-    for s in both_orders(|mode, seed| run_bwd(mode, seed, Some(2))) {
+    for s in both_orders(|mode, seed| run_bwd(mode, seed, Some(2), pos0)) {
         assert_same_bits(&format!("{what}, grid 2"), &s, &got[0]);
     }
+    let none = run_bwd(EmuMode::Forward, seed, None, beyond);
+    assert!(
+        none.iter().all(|x| x.is_nan()),
+        "{what}: a pos0 beyond the cache wrote dqkv"
+    );
     tol.out::<T>().check(&what, &got[0], &want);
     let split_got = split(&got[0]);
     for (i, (name, h)) in [("dq", nh), ("dk", nkv), ("dv", 0)].into_iter().enumerate() {

@@ -314,17 +314,16 @@ fn at_position(op: &'static str, pos: Option<&Vec<u32>>, d: CacheDims) -> Result
         pos0: position(op, pos, d.pos0)?,
         ..d
     };
-    if d.pos0 + d.tq > d.tmax {
-        return Err(Error::invalid(
+    match d.pos0.checked_add(d.tq) {
+        Some(end) if end <= d.tmax => Ok(d),
+        _ => Err(Error::invalid(
             op,
             format!(
-                "positions end at {} beyond the cache's {}",
-                d.pos0 + d.tq,
-                d.tmax
+                "{} positions from {} end beyond the cache's {}",
+                d.tq, d.pos0, d.tmax
             ),
-        ));
+        )),
     }
-    Ok(d)
 }
 
 /// A table `[rows, c]` given as a flat length: the number of rows.

@@ -64,6 +64,9 @@ fn rotate<T: Real>(
 /// `(x_i, x_{i+HS/2}) <- (x_i cos - x_{i+HS/2} sin, x_{i+HS/2} cos + x_i sin)`.
 /// Parallel over (b, t) rows; the angle table is built once per call.
 pub fn rope_fwd<T: Real>(x: &mut [T], t: usize, h: usize, hs: usize, pos0: usize, theta: f32) {
+    if x.is_empty() {
+        return;
+    }
     let (cos, sin) = tables::<T>(t, hs, pos0, theta);
     rotate(x, h * hs, (h, hs), (&cos, &sin), false);
 }
@@ -71,6 +74,9 @@ pub fn rope_fwd<T: Real>(x: &mut [T], t: usize, h: usize, hs: usize, pos0: usize
 /// In place on dx [B,T,H,HS]   (`=`): the transpose rotation (angle -> -angle):
 /// `(d_i, d_{i+HS/2}) <- (d_i cos + d_{i+HS/2} sin, d_{i+HS/2} cos - d_i sin)`.
 pub fn rope_bwd<T: Real>(dx: &mut [T], t: usize, h: usize, hs: usize, pos0: usize, theta: f32) {
+    if dx.is_empty() {
+        return;
+    }
     let (cos, sin) = tables::<T>(t, hs, pos0, theta);
     rotate(dx, h * hs, (h, hs), (&cos, &sin), true);
 }
@@ -98,7 +104,7 @@ pub fn qkv_rope_fwd<T: Real>(
     let (qd, kvd) = (nh * hs, nkv * hs);
     let ld = qd + 2 * kvd;
     debug_assert_eq!(qkv.len() * qd, q.len() * ld, "qkv [B,TQ,QKV]");
-    if qd == 0 || kvd == 0 || tq == 0 {
+    if q.is_empty() || kvd == 0 || tq == 0 {
         return;
     }
     let (cos, sin) = tables::<T>(tq, hs, pos0, theta);
@@ -110,18 +116,17 @@ pub fn qkv_rope_fwd<T: Real>(
         .zip(qkv.par_chunks(tq * ld))
         .for_each(|(((q, k), v), rows)| {
             let (k, v) = (&mut k[win.clone()], &mut v[win.clone()]);
-            for (((q, k), v), row) in q
-                .chunks_exact_mut(qd)
-                .zip(k.chunks_exact_mut(kvd))
-                .zip(v.chunks_exact_mut(kvd))
-                .zip(rows.chunks_exact(ld))
-            {
-                let (rq, rest) = row.split_at(qd);
-                let (rk, rv) = rest.split_at(kvd);
-                q.copy_from_slice(rq);
-                k.copy_from_slice(rk);
-                v.copy_from_slice(rv);
-            }
+            q.par_chunks_mut(qd)
+                .zip(k.par_chunks_mut(kvd))
+                .zip(v.par_chunks_mut(kvd))
+                .zip(rows.par_chunks(ld))
+                .for_each(|(((q, k), v), row)| {
+                    let (rq, rest) = row.split_at(qd);
+                    let (rk, rv) = rest.split_at(kvd);
+                    q.copy_from_slice(rq);
+                    k.copy_from_slice(rk);
+                    v.copy_from_slice(rv);
+                });
             rotate(q, qd, (nh, hs), (&cos, &sin), false);
             rotate(k, kvd, (nkv, hs), (&cos, &sin), false);
         });
@@ -150,7 +155,7 @@ pub fn qkv_rope_bwd<T: Real>(
     let (qd, kvd) = (nh * hs, nkv * hs);
     let ld = qd + 2 * kvd;
     debug_assert_eq!(dqkv.len() * qd, dq.len() * ld, "dqkv [B,TQ,QKV]");
-    if qd == 0 || kvd == 0 || tq == 0 {
+    if dq.is_empty() || kvd == 0 || tq == 0 {
         return;
     }
     let (cos, sin) = tables::<T>(tq, hs, pos0, theta);
@@ -161,18 +166,17 @@ pub fn qkv_rope_bwd<T: Real>(
         .zip(dv.par_chunks(tmax * kvd))
         .for_each(|(((rows, dq), dk), dv)| {
             let (dk, dv) = (&dk[win.clone()], &dv[win.clone()]);
-            for (((row, dq), dk), dv) in rows
-                .chunks_exact_mut(ld)
-                .zip(dq.chunks_exact(qd))
-                .zip(dk.chunks_exact(kvd))
-                .zip(dv.chunks_exact(kvd))
-            {
-                let (rq, rest) = row.split_at_mut(qd);
-                let (rk, rv) = rest.split_at_mut(kvd);
-                rq.copy_from_slice(dq);
-                rk.copy_from_slice(dk);
-                rv.copy_from_slice(dv);
-            }
+            rows.par_chunks_mut(ld)
+                .zip(dq.par_chunks(qd))
+                .zip(dk.par_chunks(kvd))
+                .zip(dv.par_chunks(kvd))
+                .for_each(|(((row, dq), dk), dv)| {
+                    let (rq, rest) = row.split_at_mut(qd);
+                    let (rk, rv) = rest.split_at_mut(kvd);
+                    rq.copy_from_slice(dq);
+                    rk.copy_from_slice(dk);
+                    rv.copy_from_slice(dv);
+                });
             // q's heads then k's: adjacent in every row
             rotate(rows, ld, (nh + nkv, hs), (&cos, &sin), true);
         });

@@ -79,16 +79,12 @@ pub(crate) fn check_positions(
     tmax: usize,
 ) -> Result<()> {
     let Some(p) = pos else {
-        return if pos0 + tq > tmax {
-            Err(Error::invalid(
+        return match pos0.checked_add(tq) {
+            Some(end) if end <= tmax => Ok(()),
+            _ => Err(Error::invalid(
                 op,
-                format!(
-                    "new positions end at {} beyond the cache's {tmax}",
-                    pos0 + tq
-                ),
-            ))
-        } else {
-            Ok(())
+                format!("{tq} new positions from {pos0} end beyond the cache's {tmax}"),
+            )),
         };
     };
     check_len(op, "pos", p.len(), &[1])?;

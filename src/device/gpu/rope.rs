@@ -135,10 +135,10 @@ fn qkv_launch(
     for ((len, name), dims) in lens.into_iter().zip(names).zip(&want) {
         check_len(op, name, len, dims)?;
     }
+    check_positions(op, pos, pos0, tq, tmax)?;
     if b * tq == 0 {
         return Ok(None);
     }
-    check_positions(op, pos, pos0, tq, tmax)?;
     let grid = grid_dim(op, "qkv", b * tq, i32::MAX as usize)?;
     let block = (32 * ((nh + nkv) * hs / 2).div_ceil(32)).min(256) as u32;
     Ok(Some((grid, block)))
