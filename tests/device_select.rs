@@ -39,6 +39,10 @@ fn unknown_kinds_are_refused_naming_the_choices() {
 fn cuda_and_auto_follow_the_machine() {
     match cuda::probe() {
         Err(why) => {
+            // scripts/gpu-check.sh sets NLA_REQUIRE_GPU=1: there a missing GPU is a failure
+            if std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("NLA_REQUIRE_GPU=1 but no usable GPU: {why}");
+            }
             eprintln!("no GPU here: {why}");
             for kind in ["cuda", "cuda:0", "cuda:3"] {
                 let e = open(kind).unwrap_err().to_string();

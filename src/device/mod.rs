@@ -454,7 +454,9 @@ pub trait Device: Send + Sync + Sized {
     /// and is captured into a graph; later, when `step` would make the same launches with the
     /// same arguments (buffers, shapes, scalars), the graph is replayed instead (one launch on
     /// a GPU), else run and captured again. `step` runs more than once per call (recorded, run,
-    /// captured), so it must not change host state. A step that does anything else runs as it is. The CPU runs
+    /// captured; on a GPU three times when it is captured, on the emulator twice), so it must not
+    /// change host state: a counter or a swap kept across calls would go wrong on a GPU only.
+    /// A step that does anything else runs as it is. The CPU runs
     /// `step` once. While a step is recorded the device records every launch, so no other
     /// thread may use the device during `replay`.
     fn replay(&self, graph: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {

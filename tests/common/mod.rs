@@ -14,9 +14,17 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
+/// The repository: `NLA_REPO_DIR` where set (scripts/gpu-check.sh runs test executables built
+/// elsewhere), else the one the tests were built in.
+pub fn repo_dir() -> PathBuf {
+    std::env::var_os("NLA_REPO_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// `tests/reference/fixtures`, written by `tests/reference/make_fixtures.py`.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/fixtures")
+    repo_dir().join("tests/reference/fixtures")
 }
 
 /// A tensor read from a fixture, converted to f32 (integer ids are exact below 2^24).
@@ -165,7 +173,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32,
 #[allow(dead_code)]
 pub fn smollm2_gguf() -> PathBuf {
     static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &repo_dir();
     let dir = std::env::var("NLA_MODELS").unwrap_or_else(|_| "target/models".into());
     let path = root.join(dir).join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());

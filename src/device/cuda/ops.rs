@@ -228,7 +228,14 @@ impl CudaDevice {
                 format!("acc: expected 2 f32 elements (one f64), got {}", acc.len()),
             ));
         }
-        // the buffer's start, from cuMemAlloc: aligned for an f64
+        // an f64's atomic add needs 8-byte alignment (a buffer of its own has 256; a part of
+        // a shared allocation may not)
+        if acc.addr() % 8 != 0 {
+            return Err(Error::invalid(
+                OP,
+                format!("acc at {:#x} is not 8-byte aligned for its f64", acc.addr()),
+            ));
+        }
         let acc = Out::Device(DevPtr::<f64>::new(acc.addr(), 1));
         match x.dtype() {
             Dtype::Bf16 => gpu::adamw::sum_squares(
