@@ -204,7 +204,36 @@ pub fn devices_cmd() -> Result<()> {
                     Err(e) => println!("cuda:{i}: cannot open: {e}"),
                 }
             }
+            // which cuBLASLt the device loaded (cudarc tries several names; a report should
+            // say which one served the matmuls)
+            if let Some(lib) = loaded_library("libcublasLt") {
+                println!("cublasLt: {lib}");
+            }
         }
     }
     Ok(())
+}
+
+/// The path of a loaded shared library whose file name starts with `name` (Linux: from
+/// /proc/self/maps), if any.
+fn loaded_library(name: &str) -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| {
+            std::path::Path::new(p)
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(name))
+        })
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_a_loaded_library_by_name() {
+        let libc = super::loaded_library("libc.so").expect("the C library is loaded");
+        assert!(libc.starts_with('/') && libc.contains("libc.so"), "{libc}");
+        assert_eq!(super::loaded_library("libno-such-library"), None);
+    }
 }
