@@ -54,8 +54,10 @@
 //           (recomputing S and dP, 7 instead of 5 tile products) rather than from f32 atomics
 //           into scratch: deterministic, no zeroing, no conversion pass.
 //         Order: attention_bwd_dot, then attention_bwd_dq and attention_bwd_dkdv (independent).
-// Launch  block 128 (all; dkdv declares at least 1 block per SM to its register allocator, which
-//         otherwise kept its bf16 hs32 instance at 128 registers with a spill). Grids: fwd and dq (ceil(T/64), NH, B); dkdv (ceil(T/64), NKV, B);
+// Launch  block 128 (all; dq and dkdv declare at least 1 block per SM to their register
+//         allocator, which otherwise held dkdv's bf16 hs32 instance at 128 registers and dq's
+//         bf16 hs16 at 80, each with a spill). Grids: fwd and dq (ceil(T/64), NH, B); dkdv
+//         (ceil(T/64), NKV, B);
 //         dot: any grid (grid-stride over warps), efficient: ceil(B*T*NH/4) blocks of 128 (one
 //         warp per row), capped at 65535 or a few per SM.
 //         Dynamic shared memory in bytes, with LD = HSB + 1, BI as above, LP = BI + 2:
@@ -276,30 +278,32 @@ __device__ __forceinline__ void attn_load_bf16(nla_bf16* dst, const nla_bf16* __
     }
 }
 
-// A fragment of the 16 x 16 block at (r0, c0) of a bf16 tile t (stride ld).
+// Fragments of bf16 tiles in shared memory (stride ld, rows 16-byte aligned: ld a multiple of
+// 8, r0, k0, n0, c0 multiples of 8), one ldmatrix x4 each (nla_ldmatrix_x4: lane l addresses
+// row l % 8 of matrix l / 8).
+
+// A fragment of the 16 x 16 block at (r0, c0) of t: matrices (rows r0, r0 + 8) x (cols c0,
+// c0 + 8) in a's order.
 __device__ __forceinline__ void attn_frag_a(uint32_t a[4], const nla_bf16* t, int ld, int r0,
-                                            int c0, int gr, int tc) {
-    NLA_UNROLL
-    for (int j = 0; j < 4; ++j) {
-        const nla_bf16* p = t + (r0 + gr + 8 * (j & 1)) * ld + c0 + 2 * tc + 8 * (j >> 1);
-        a[j] = nla_pack_bf16(p[0], p[1]);
-    }
+                                            int c0, int lane) {
+    nla_ldmatrix_x4<false>(a, t + (r0 + 8 * ((lane >> 3) & 1) + (lane & 7)) * ld + c0 +
+                                  8 * (lane >> 4));
 }
 
-// B fragment (16 x 8) B[kk][n] = t[(n0 + n) ld + k0 + kk]: the tile's rows are B's columns.
-__device__ __forceinline__ void attn_frag_bt(uint32_t b[2], const nla_bf16* t, int ld, int k0,
-                                             int n0, int gr, int tc) {
-    const nla_bf16* p = t + (n0 + gr) * ld + k0 + 2 * tc;
-    b[0] = nla_pack_bf16(p[0], p[1]);
-    b[1] = nla_pack_bf16(p[8], p[9]);
+// B fragments (16 x 8) of two n-tiles, B[kk][n] = t[(n0 + n) ld + k0 + kk] (the tile's rows
+// are B's columns): b[0..1] n-tile n0, b[2..3] n-tile n0 + 8.
+__device__ __forceinline__ void attn_frag_bt2(uint32_t b[4], const nla_bf16* t, int ld, int k0,
+                                              int n0, int lane) {
+    nla_ldmatrix_x4<false>(b, t + (n0 + 8 * (lane >> 4) + (lane & 7)) * ld + k0 +
+                                  8 * ((lane >> 3) & 1));
 }
 
-// B fragment (16 x 8) B[kk][n] = t[(k0 + kk) ld + n0 + n]: the tile's rows are B's rows.
-__device__ __forceinline__ void attn_frag_b(uint32_t b[2], const nla_bf16* t, int ld, int k0,
-                                            int n0, int gr, int tc) {
-    const nla_bf16* p = t + (k0 + 2 * tc) * ld + n0 + gr;
-    b[0] = nla_pack_bf16(p[0], p[ld]);
-    b[1] = nla_pack_bf16(p[8 * ld], p[9 * ld]);
+// B fragments (16 x 8) of two n-tiles, B[kk][n] = t[(k0 + kk) ld + n0 + n] (the tile's rows
+// are B's rows: a transposed load): b[0..1] n-tile n0, b[2..3] n-tile n0 + 8.
+__device__ __forceinline__ void attn_frag_b2(uint32_t b[4], const nla_bf16* t, int ld, int k0,
+                                             int n0, int lane) {
+    nla_ldmatrix_x4<true>(b, t + (k0 + 8 * ((lane >> 3) & 1) + (lane & 7)) * ld + n0 +
+                                 8 * (lane >> 4));
 }
 
 // The A fragment of a 16-wide k-step made of two C fragments (n-tiles c0, c1), to bf16.
@@ -314,15 +318,16 @@ __device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], co
 //
 // The same algorithm as attn_fwd with the tile products on tensor cores (nla_mma_bf16_16816).
 // Block 128 = 4 warps, one per 16 query rows of the 64-row query tile; per key tile of BK = 64
-// keys (K and V in shared memory as bf16, rows of HSB + 8: conflict-free fragment reads):
-//   S = Q K^T: per warp a 16 x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps; Q's fragments
-//     stay in registers for the whole block (read once from global memory, zero past hs and
-//     T);
+// keys (K and V in shared memory as bf16, rows of HSB + 8: 16-byte aligned, and the 8 rows of
+// an ldmatrix fall in distinct banks):
+//   S = Q K^T: per warp a 16 x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps, K's B fragments
+//     of two n-tiles per ldmatrix (attn_frag_bt2); Q's fragments stay in registers for the
+//     whole block (read once from global memory, zero past hs and T);
 //   online softmax in the S fragments (a lane holds rows gr and gr + 8, 16 columns each; the
 //     row max and sum over the 4 lanes of a row are 2 xor shuffles); l sums the f32 p;
 //   O += P V: the S fragments, rounded to bf16, are the A fragments of P (two 8-key n-tiles
-//     make one 16-key k-step), V's B fragments gathered from shared memory (2 bf16 of two
-//     rows each), O in HSB/8 f32 fragments.
+//     make one 16-key k-step), V's B fragments of two n-tiles per transposed ldmatrix
+//     (attn_frag_b2), O in HSB/8 f32 fragments.
 // P is rounded to bf16 for the P V product (the tensor cores' input type) while l sums the
 // unrounded p: out moves by at most 2^-9 sum_j p_j |v_j| / l <= 2^-9 max|v| from the f32
 // algorithm, on top of out's own rounding when stored.
@@ -384,18 +389,20 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
         attn_load_bf16<BK, HSB>(Ks, kb, kstr, k0, nt, hs);
         attn_load_bf16<BK, HSB>(Vs, vb, kstr, k0, nt, hs);
         __syncthreads();
-        // S = Q K^T (16 x 64 per warp)
+        // S = Q K^T (16 x 64 per warp), two n-tiles of 8 keys per load
         float s[NS][4];
         NLA_UNROLL
-        for (int n = 0; n < NS; ++n) {
+        for (int n = 0; n < NS; ++n)
             NLA_UNROLL
             for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
-            const nla_bf16* kr = Ks + (n * 8 + gr) * LDS + 2 * tc;
+        NLA_UNROLL
+        for (int n = 0; n < NS; n += 2) {
             NLA_UNROLL
             for (int ks = 0; ks < KS; ++ks) {
-                const uint32_t bk[2] = {nla_pack_bf16(kr[ks * 16], kr[ks * 16 + 1]),
-                                        nla_pack_bf16(kr[ks * 16 + 8], kr[ks * 16 + 9])};
+                uint32_t bk[4];
+                attn_frag_bt2(bk, Ks, LDS, ks * 16, n * 8, lane);
                 nla_mma_bf16_16816(s[n], qa[ks], bk);
+                nla_mma_bf16_16816(s[n + 1], qa[ks], bk + 2);
             }
         }
         // scale, causal mask, online softmax; the rows of this lane: row[0] (s[.][0..1]) and
@@ -437,13 +444,12 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
                                     nla_pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                                     nla_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                     nla_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const nla_bf16* vr = Vs + (kk * 16 + 2 * tc) * LDS + gr;
             NLA_UNROLL
-            for (int n = 0; n < NO; ++n) {
-                const nla_bf16* c = vr + n * 8;
-                const uint32_t bv[2] = {nla_pack_bf16(c[0], c[LDS]),
-                                        nla_pack_bf16(c[8 * LDS], c[9 * LDS])};
+            for (int n = 0; n < NO; n += 2) {
+                uint32_t bv[4];
+                attn_frag_b2(bv, Vs, LDS, kk * 16, n * 8, lane);
                 nla_mma_bf16_16816(o[n], pa, bv);
+                nla_mma_bf16_16816(o[n + 1], pa, bv + 2);
             }
         }
     }
@@ -753,9 +759,10 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
 // ---- backward, bf16: tensor cores
 //
 // attn_bwd_dq_tc and attn_bwd_dkdv_tc: the algorithm of attn_bwd_dq / attn_bwd_dkdv with the
-// tile products on tensor cores, tiles in shared memory as bf16 (rows of HSB + 8), the score
-// and gradient tiles in mma fragments (a lane holds rows gr and gr + 8 of its warp's 16, two
-// columns of each 8-wide n-tile):
+// tile products on tensor cores, tiles in shared memory as bf16 (rows of HSB + 8), their
+// fragments loaded by ldmatrix (attn_frag_a; B fragments two n-tiles at a time: attn_frag_bt2,
+// and transposed attn_frag_b2), the score and gradient tiles in mma fragments (a lane holds
+// rows gr and gr + 8 of its warp's 16, two columns of each 8-wide n-tile):
 //   dq:   per warp 16 query rows; per key tile (BK = 64, 32 for HSB = 128): S = Q K^T and
 //         dP = dO V^T, dS = P (dP - D) in the fragments, dQ += dS K with dS rounded to bf16.
 //   dkdv: per warp 16 keys; per query head of the group and query tile (BQ = 64, 32 for
@@ -826,15 +833,17 @@ __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
         NLA_UNROLL
         for (int ks = 0; ks < KS; ++ks) {
             uint32_t aq[4], ao[4];
-            attn_frag_a(aq, Qs, LDS, w0, ks * 16, gr, tc);
-            attn_frag_a(ao, dOs, LDS, w0, ks * 16, gr, tc);
+            attn_frag_a(aq, Qs, LDS, w0, ks * 16, lane);
+            attn_frag_a(ao, dOs, LDS, w0, ks * 16, lane);
             NLA_UNROLL
-            for (int n = 0; n < NS; ++n) {
-                uint32_t bk[2], bv[2];
-                attn_frag_bt(bk, Ks, LDS, ks * 16, n * 8, gr, tc);
-                attn_frag_bt(bv, Vs, LDS, ks * 16, n * 8, gr, tc);
+            for (int n = 0; n < NS; n += 2) {
+                uint32_t bk[4], bv[4];
+                attn_frag_bt2(bk, Ks, LDS, ks * 16, n * 8, lane);
+                attn_frag_bt2(bv, Vs, LDS, ks * 16, n * 8, lane);
                 nla_mma_bf16_16816(s[n], aq, bk);
+                nla_mma_bf16_16816(s[n + 1], aq, bk + 2);
                 nla_mma_bf16_16816(dp[n], ao, bv);
+                nla_mma_bf16_16816(dp[n + 1], ao, bv + 2);
             }
         }
         // dS = P (dP - D), into s
@@ -852,10 +861,11 @@ __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
             uint32_t da[4];
             attn_c_to_a(da, s[2 * kk], s[2 * kk + 1]);
             NLA_UNROLL
-            for (int n = 0; n < NO; ++n) {
-                uint32_t bk[2];
-                attn_frag_b(bk, Ks, LDS, kk * 16, n * 8, gr, tc);
+            for (int n = 0; n < NO; n += 2) {
+                uint32_t bk[4];
+                attn_frag_b2(bk, Ks, LDS, kk * 16, n * 8, lane);
                 nla_mma_bf16_16816(acc[n], da, bk);
+                nla_mma_bf16_16816(acc[n + 1], da, bk + 2);
             }
         }
     }
@@ -936,15 +946,17 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
             NLA_UNROLL
             for (int ks = 0; ks < KS; ++ks) {
                 uint32_t ak[4], av[4];
-                attn_frag_a(ak, Ks, LDS, w0, ks * 16, gr, tc);
-                attn_frag_a(av, Vs, LDS, w0, ks * 16, gr, tc);
+                attn_frag_a(ak, Ks, LDS, w0, ks * 16, lane);
+                attn_frag_a(av, Vs, LDS, w0, ks * 16, lane);
                 NLA_UNROLL
-                for (int n = 0; n < NS; ++n) {
-                    uint32_t bq[2], bo[2];
-                    attn_frag_bt(bq, Qs, LDS, ks * 16, n * 8, gr, tc);
-                    attn_frag_bt(bo, dOs, LDS, ks * 16, n * 8, gr, tc);
+                for (int n = 0; n < NS; n += 2) {
+                    uint32_t bq[4], bo[4];
+                    attn_frag_bt2(bq, Qs, LDS, ks * 16, n * 8, lane);
+                    attn_frag_bt2(bo, dOs, LDS, ks * 16, n * 8, lane);
                     nla_mma_bf16_16816(s[n], ak, bq);
+                    nla_mma_bf16_16816(s[n + 1], ak, bq + 2);
                     nla_mma_bf16_16816(dp[n], av, bo);
+                    nla_mma_bf16_16816(dp[n + 1], av, bo + 2);
                 }
             }
             // P^T into s, dS^T = P^T (dP^T - D) into dp
@@ -965,12 +977,14 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
                 attn_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
                 attn_c_to_a(da, dp[2 * kk], dp[2 * kk + 1]);
                 NLA_UNROLL
-                for (int n = 0; n < NO; ++n) {
-                    uint32_t bo[2], bq[2];
-                    attn_frag_b(bo, dOs, LDS, kk * 16, n * 8, gr, tc);
-                    attn_frag_b(bq, Qs, LDS, kk * 16, n * 8, gr, tc);
+                for (int n = 0; n < NO; n += 2) {
+                    uint32_t bo[4], bq[4];
+                    attn_frag_b2(bo, dOs, LDS, kk * 16, n * 8, lane);
+                    attn_frag_b2(bq, Qs, LDS, kk * 16, n * 8, lane);
                     nla_mma_bf16_16816(dV[n], pa, bo);
+                    nla_mma_bf16_16816(dV[n + 1], pa, bo + 2);
                     nla_mma_bf16_16816(dK[n], da, bq);
+                    nla_mma_bf16_16816(dK[n + 1], da, bq + 2);
                 }
             }
         }
@@ -1031,7 +1045,7 @@ template <int HSB> struct AttnBwd<nla_bf16, HSB> {
         const T* __restrict__ k, const T* __restrict__ v, int b, int t, int nh, int nkv, int hs) { \
         AttnFwd<T, HSB>::run(out, lse, q, k, v, b, t, nh, nkv, hs);                                \
     }                                                                                              \
-    extern "C" __global__ void __launch_bounds__(ATTN_NT) attention_bwd_dq_##S##_hs##HSB(         \
+    extern "C" __global__ void __launch_bounds__(ATTN_NT, 1) attention_bwd_dq_##S##_hs##HSB(      \
         T* __restrict__ dq, const T* __restrict__ dout, const T* __restrict__ q,                   \
         const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,           \
         const float* __restrict__ D, int b, int t, int nh, int nkv, int hs) {                      \

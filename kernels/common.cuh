@@ -188,6 +188,48 @@ __device__ __forceinline__ uint32_t nla_pack_bf16(nla_bf16 lo, nla_bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
+// ---- ldmatrix: four 8 x 8 bf16 matrices from shared memory into fragment registers, per warp
+//
+// Lane l gives the address of row l % 8 of matrix l / 8 (16 contiguous bytes, 16-byte aligned,
+// in shared memory); with gr = lane / 4 and tc = lane % 4, r[j] receives of matrix j (M its
+// rows as addressed, the register's low half first):
+//   plain: M[gr][2tc], M[gr][2tc + 1]      (a row's pair: a B fragment of a [key][d] tile)
+//   TRANS: M[2tc][gr], M[2tc + 1][gr]      (a column's pair: a B fragment of a [key][d] tile
+//                                           read as [d][key])
+// One instruction loads what 8 two-byte shared loads per lane would. On the emulator: the same
+// registers through a per-warp exchange of the row addresses (so the tests check every
+// caller's addressing); each address's alignment is checked, as the GPU faults on it.
+#ifdef NLA_EMU
+template <bool TRANS>
+__device__ inline void nla_ldmatrix_x4(uint32_t r[4], const nla_bf16* p NLA_VEC_SITE) {
+    NLA_VEC_CHECK(p, 16, false);
+    static const nla_bf16* rows[32][NLA_WARP];  // per warp (blocks run one at a time)
+    const int lin = (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+    const int w = lin / NLA_WARP, lane = lin % NLA_WARP, gr = lane >> 2, tc = lane & 3;
+    rows[w][lane] = p;
+    __syncwarp();
+    for (int j = 0; j < 4; ++j) {
+        const nla_bf16* const* m = rows[w] + 8 * j;
+        r[j] = TRANS ? nla_pack_bf16(m[2 * tc][gr], m[2 * tc + 1][gr])
+                     : nla_pack_bf16(m[gr][2 * tc], m[gr][2 * tc + 1]);
+    }
+    __syncwarp();  // every lane has read before the next call overwrites
+}
+#else
+template <bool TRANS>
+__device__ __forceinline__ void nla_ldmatrix_x4(uint32_t r[4], const nla_bf16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+}
+#endif
+
 // ---- reductions (fixed trees: the result does not depend on scheduling)
 
 // Sum over the 32 lanes of a warp (butterfly: every lane gets the sum). All lanes must call.
