@@ -406,16 +406,28 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
             }
         }
         // scale, causal mask, online softmax; the rows of this lane: row[0] (s[.][0..1]) and
-        // row[1] (s[.][2..3])
+        // row[1] (s[.][2..3]). Only a tile that reaches past the query tile's first row has
+        // keys to mask (those after a row, and any past T, which are after every row); the
+        // tiles before it (all but one or two of a long row's) skip the compare.
         float mx[2] = {-INFINITY, -INFINITY};
-        NLA_UNROLL
-        for (int n = 0; n < NS; ++n)
+        if (k0 + BK - 1 > q0) {
             NLA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-                const int key = k0 + n * 8 + 2 * tc + (i & 1);
-                s[n][i] = key <= row[i >> 1] ? s[n][i] * sl2 : -INFINITY;
-                mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
-            }
+            for (int n = 0; n < NS; ++n)
+                NLA_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                    const int key = k0 + n * 8 + 2 * tc + (i & 1);
+                    s[n][i] = key <= row[i >> 1] ? s[n][i] * sl2 : -INFINITY;
+                    mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+                }
+        } else {
+            NLA_UNROLL
+            for (int n = 0; n < NS; ++n)
+                NLA_UNROLL
+                for (int i = 0; i < 4; ++i) {
+                    s[n][i] *= sl2;
+                    mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+                }
+        }
         float alpha[2];
         NLA_UNROLL
         for (int r = 0; r < 2; ++r) {
