@@ -1021,6 +1021,8 @@ fn attention_bf16_matches_twin() {
     attention_case::<bf16>(2, 150, 4, 2, 32, 26);
     // HS 128 (the tensor-core kernel's largest bucket: 8 k-steps, 16 O tiles), three key tiles
     attention_case::<bf16>(1, 130, 2, 1, 128, 27);
+    // five key tiles
+    attention_case::<bf16>(1, 300, 2, 1, 64, 28);
 }
 
 // ------------------------------------------------------------------------------------------
