@@ -456,9 +456,9 @@ pub trait Device: Send + Sync + Sized {
     /// a GPU), else run and captured again. `step` runs more than once per call (recorded, run,
     /// captured; on a GPU three times when it is captured, on the emulator twice), so it must not
     /// change host state: a counter or a swap kept across calls would go wrong on a GPU only.
-    /// A step that does anything else runs as it is. The CPU runs
-    /// `step` once. While a step is recorded the device records every launch, so no other
-    /// thread may use the device during `replay`.
+    /// A step that does anything else runs as it is. The CPU runs `step` once. While a step is
+    /// recorded the device records every launch, so no other thread may use the device during
+    /// `replay`.
     fn replay(&self, graph: &mut Self::Graph, step: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         let _ = graph;
         step()

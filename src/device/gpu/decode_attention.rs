@@ -113,7 +113,7 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
             format!("NH = {nh} is not a multiple of NKV = {nkv}"),
         ));
     }
-    super::kv_append::check_positions(OP, pos, pos0, tq, tmax)?;
+    super::check_positions(OP, pos, pos0, tq, tmax)?;
     let hsb = hs_bucket(OP, hs)?;
     check_len(OP, "out [B,TQ,NH,HS]", out.len(), &[b, tq, nh, hs])?;
     check_len(OP, "q [B,TQ,NH,HS]", q.len(), &[b, tq, nh, hs])?;

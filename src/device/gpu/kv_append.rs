@@ -2,10 +2,13 @@
 //! KV cache in one launch: one block per new row (grid B*TQ), block [`pack_block`] over the
 //! row's D = NKV*HS elements in packs of `T::PACK` (4 f32 / 8 bf16). Every buffer is T.
 
-use super::{check_len, check_pos, dim1, grid_dim, int, pack_block, EmuArgs, Ids, In, Launch, Out};
+use super::{
+    check_len, check_pos, check_positions, dim1, grid_dim, int, pack_block, EmuArgs, Ids, In,
+    Launch, Out,
+};
 use crate::device::storage::{sym, Storage};
 use crate::device::CacheDims;
-use crate::{Error, Result};
+use crate::Result;
 
 /// kcache[b, pos0 + t] = k[b, t], vcache[b, pos0 + t] = v[b, t]: k, v [B,TQ,NKV,HS], caches
 /// [B,TMAX,NKV,HS] (`d.nh` is not used). `pos`: one id, pos0 read on the device instead of
@@ -67,32 +70,4 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
         0,
         &mut a,
     )
-}
-
-/// The TQ new positions from pos0 (the host's, or the one id of the device word `pos`) end
-/// within the cache's TMAX.
-pub(crate) fn check_positions(
-    op: &'static str,
-    pos: Option<Ids<'_>>,
-    pos0: usize,
-    tq: usize,
-    tmax: usize,
-) -> Result<()> {
-    let Some(p) = pos else {
-        return match pos0.checked_add(tq) {
-            Some(end) if end <= tmax => Ok(()),
-            _ => Err(Error::invalid(
-                op,
-                format!("{tq} new positions from {pos0} end beyond the cache's {tmax}"),
-            )),
-        };
-    };
-    check_len(op, "pos", p.len(), &[1])?;
-    if tq > tmax {
-        return Err(Error::invalid(
-            op,
-            format!("{tq} new positions do not fit the cache's {tmax}"),
-        ));
-    }
-    p.check(op, "pos (+ TQ <= TMAX)", tmax - tq + 1)
 }

@@ -236,6 +236,34 @@ pub(crate) fn check_len(op: &'static str, what: &str, got: usize, dims: &[usize]
     }
 }
 
+/// The TQ new positions from pos0 (the host's, or the one id of the device word `pos`) end
+/// within the cache's TMAX.
+pub(crate) fn check_positions(
+    op: &'static str,
+    pos: Option<Ids<'_>>,
+    pos0: usize,
+    tq: usize,
+    tmax: usize,
+) -> Result<()> {
+    let Some(p) = pos else {
+        return match pos0.checked_add(tq) {
+            Some(end) if end <= tmax => Ok(()),
+            _ => Err(Error::invalid(
+                op,
+                format!("{tq} new positions from {pos0} end beyond the cache's {tmax}"),
+            )),
+        };
+    };
+    check_len(op, "pos", p.len(), &[1])?;
+    if tq > tmax {
+        return Err(Error::invalid(
+            op,
+            format!("{tq} new positions do not fit the cache's {tmax}"),
+        ));
+    }
+    p.check(op, "pos (+ TQ <= TMAX)", tmax - tq + 1)
+}
+
 /// A dim that must be positive.
 pub(crate) fn check_pos(op: &'static str, name: &str, x: usize) -> Result<()> {
     if x > 0 {

@@ -6,8 +6,9 @@
 //! pos0.. of [B,TMAX,NKV*HS] (a KV cache, or TMAX = TQ), from the fused projection's qkv
 //! [B,TQ,(NH+2NKV)*HS] with q and k rotated (and back), launched as rope with NH + NKV heads.
 
-use super::kv_append::check_positions;
-use super::{check_len, check_pos, dim1, grid_dim, int, EmuArgs, Ids, In, Launch, Out};
+use super::{
+    check_len, check_pos, check_positions, dim1, grid_dim, int, EmuArgs, Ids, In, Launch, Out,
+};
 use crate::device::storage::{sym, Storage};
 use crate::device::CacheDims;
 use crate::{Error, Result};
