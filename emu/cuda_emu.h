@@ -3,8 +3,9 @@
 // kernels/common.cuh includes this header when NLA_EMU is defined, so kernels/*.cu compile
 // unchanged as C++20 with g++ (build/emu.rs). One launch runs its blocks one at a time (in order,
 // or shuffled); inside a block every CUDA thread is a fiber with its own 256 KiB stack (its
-// "registers"), switched only at __syncthreads, warp collectives and exit, or, in the OS-thread
-// mode (for ThreadSanitizer), a std::thread. Launches are serialised by one process-wide lock, so
+// "registers"), switched only at __syncthreads, warp collectives and exit, a warp at a time (a
+// warp runs until all its threads wait at a block barrier, then the next warp), or, in the
+// OS-thread mode (for ThreadSanitizer), a std::thread. Launches are serialised by one process-wide lock, so
 // `__shared__` (a `static` moved into a dedicated section, poisoned with 0xFF bytes at each block
 // start) and the built-in variables (thread-locals) are never seen by two launches at once. Built
 // with the `memcheck` feature, the fiber modes also report out-of-bounds and misaligned accesses
@@ -515,8 +516,9 @@ inline void* nla_emu_dynamic_smem() { return nla_emu::dynamic_smem(); }
 //      int nla_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3],
 //                         size_t dyn_smem, void** args, const unsigned long long* extents,
 //                         int mode, unsigned long long seed, char* err, size_t err_len);
-//          mode 0: fibers, threads in order; 1: fibers, threads in reverse order and blocks in a
-//          seeded random order; 2: one OS thread per CUDA thread. Returns 0, or an error code
+//          mode 0: fibers, a warp at a time, warps and lanes in order; 1: fibers, warps and
+//          lanes in reverse order and blocks in a seeded random order; 2: one OS thread per
+//          CUDA thread. Returns 0, or an error code
 //          (NLA_EMU_E_*) with a message in err. Never aborts the process. extents (nullable):
 //          the bytes of each pointer argument's buffer (one entry per parameter), for the
 //          memory check's bounds.

@@ -568,8 +568,15 @@ static void set_thread_vars(const Block& b, unsigned t) {
     threadIdx = b.idx(t);
 }
 
-// Fiber modes: round-robin over the runnable threads in `order` until all are done or one fails.
-static void run_block_fibers(Block& b, const std::vector<unsigned>& order, bool guarded) {
+// Fiber modes: warp at a time. Each warp of `warps` (its threads in lane order), in turn, runs
+// until none of its threads can (each waits at a block barrier or is done): its lanes take turns
+// in order, meeting at warp collectives; then the next warp runs. So between two block barriers
+// a warp runs its whole stretch before the next one starts, as far apart as a GPU's warps can
+// drift: a warp that overwrites shared memory another warp still has to read (a missing barrier
+// before a buffer is refilled) does so before the reader runs, in one of the two orders, even
+// when warp collectives (shuffles, mma, ldmatrix) lie between the read and the write. Repeats
+// until all threads are done or one fails.
+static void run_block_fibers(Block& b, const std::vector<std::vector<unsigned>>& warps, bool guarded) {
     fiber::Context sched;
     tls_sched = &sched;
     tls_block = &b;
@@ -585,13 +592,19 @@ static void run_block_fibers(Block& b, const std::vector<unsigned>& order, bool 
     if (guarded) fiber::arm(&jb);
     for (;;) {
         bool ran = false;
-        for (unsigned t : order) {
-            if (b.th[t].st != St::Run) continue;
-            set_thread_vars(b, t);
-            tls_tid = t;
-            fiber::watch(g_stacks[t]);
-            fiber::switch_to(sched, b.th[t].ctx);
-            ran = true;
+        for (const std::vector<unsigned>& lanes : warps) {
+            for (bool warp_ran = true; warp_ran && !b.err;) {
+                warp_ran = false;
+                for (unsigned t : lanes) {
+                    if (b.th[t].st != St::Run) continue;
+                    set_thread_vars(b, t);
+                    tls_tid = t;
+                    fiber::watch(g_stacks[t]);
+                    fiber::switch_to(sched, b.th[t].ctx);
+                    warp_ran = ran = true;
+                    if (b.err) break;
+                }
+            }
             if (b.err) break;
         }
         if (b.err || b.n_done == b.n) break;
@@ -847,8 +860,13 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
         unsigned long long s = seed;
         for (std::size_t i = nblocks; i > 1; --i) std::swap(border[i - 1], border[splitmix(s) % i]);
     }
-    std::vector<unsigned> torder(nthreads);
-    for (unsigned i = 0; i < nthreads; ++i) torder[i] = mode == 1 ? (unsigned)nthreads - 1 - i : i;
+    // thread order: each warp's lanes, warp after warp (both reversed in mode 1)
+    std::vector<std::vector<unsigned>> warps;
+    for (unsigned i = 0; i < nthreads; ++i) {
+        unsigned t = mode == 1 ? (unsigned)nthreads - 1 - i : i;
+        if (warps.empty() || warps.back()[0] / 32 != t / 32) warps.emplace_back();
+        warps.back().push_back(t);
+    }
 
     Block b;
     b.k = k;
@@ -909,7 +927,7 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
         blockIdx = bidx;
         if (check.on) memcheck::set_block(lin);
         if (fibers)
-            run_block_fibers(b, torder, guarded);
+            run_block_fibers(b, warps, guarded);
         else
             workers->run(bidx);
         auto at = fmt("block (%u,%u,%u): ", bidx.x, bidx.y, bidx.z);

@@ -227,6 +227,50 @@ fn emu_scheduling_orders() {
     assert_eq!(thr, (0..total as u32).collect::<Vec<_>>());
 }
 
+/// Warp at a time: between two block barriers a warp runs its whole stretch, warp collectives
+/// included, before the next warp starts (lanes in order, warps in order; both reversed in the
+/// reversed mode).
+#[test]
+fn emu_scheduling_runs_a_warp_at_a_time() {
+    let threads = 96u32; // 3 warps
+    for mode in FIBERS {
+        let mut order = vec![u32::MAX; 3 * threads as usize];
+        let mut counter = [0u32];
+        run(
+            "emu_record_steps",
+            1,
+            threads,
+            0,
+            EmuArgs::new().ptr_mut(&mut order).ptr_mut(&mut counter),
+            mode,
+        );
+        let warps: Vec<u32> = match mode {
+            EmuMode::Reversed => vec![2, 1, 0],
+            _ => vec![0, 1, 2],
+        };
+        let (thread, step) = (|e: u32| e / 3, |e: u32| e % 3);
+        // steps 0 and 1 (around the __syncwarp): one run per warp, the warps in order
+        let (first, last) = order.split_at(2 * threads as usize);
+        assert!(first.iter().all(|&e| step(e) < 2), "{mode:?}: {order:?}");
+        assert!(last.iter().all(|&e| step(e) == 2), "{mode:?}: {order:?}");
+        for (run, &w) in first.chunks(64).zip(&warps) {
+            assert!(
+                run.iter().all(|&e| thread(e) / 32 == w),
+                "{mode:?}: {run:?}"
+            );
+            // in a warp: every lane's step 0 (lanes in order) before any step 1
+            let (s0, s1) = run.split_at(32);
+            let lanes: Vec<u32> = s0.iter().map(|&e| thread(e) % 32).collect();
+            let mut want: Vec<u32> = (0..32).collect();
+            if mode == EmuMode::Reversed {
+                want.reverse();
+            }
+            assert_eq!(lanes, want, "{mode:?}");
+            assert!(s0.iter().all(|&e| step(e) == 0) && s1.iter().all(|&e| step(e) == 1));
+        }
+    }
+}
+
 #[test]
 fn emu_builtin_variables_of_a_3d_launch() {
     let (grid, block) = ([2u32, 3, 2], [4u32, 2, 3]);
@@ -594,6 +638,27 @@ fn emu_catches_a_missing_syncthreads() {
         EmuMode::Reversed,
     );
     assert!((0..256).all(|t| y[t] == x[(t + 1) % 256]));
+}
+
+/// A slot refilled without a barrier while another warp has still to read it, two warp shuffles
+/// between the read and the refill: the fiber modes run a warp's whole stretch between two
+/// barriers before the next warp's, so the refill lands before the other warp's read (a
+/// scheduler that took every warp through each collective in turn would miss it).
+#[test]
+fn emu_catches_a_missing_syncthreads_before_a_refill() {
+    let x: Vec<f32> = (0..256).map(|i| i as f32 + 1.0).collect();
+    assert!(race_detected("emu_broken_refill", &x));
+    assert!(!race_detected("emu_fixed_refill", &x));
+    let mut y = vec![0f32; 256];
+    run(
+        "emu_fixed_refill",
+        1,
+        256,
+        0,
+        EmuArgs::new().ptr(&x).ptr_mut(&mut y),
+        EmuMode::Forward,
+    );
+    assert!((0..256).all(|t| y[t] == x[((t ^ 3) + 32) % 256]));
 }
 
 #[test]

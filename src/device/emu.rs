@@ -27,9 +27,12 @@ use crate::{Error, Result};
 /// How the emulator schedules the CUDA threads of a launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EmuMode {
-    /// Each CUDA thread a fiber; threads start in index order, blocks run in grid order.
+    /// Each CUDA thread a fiber, a warp at a time: between two block barriers a warp runs its
+    /// whole stretch (its lanes in order, meeting at warp collectives) before the next warp;
+    /// warps in index order, blocks in grid order.
     Forward = 0,
-    /// Fibers; threads in reverse index order, blocks in a random order drawn from the seed.
+    /// Fibers, a warp at a time; warps and lanes in reverse index order, blocks in a random
+    /// order drawn from the seed.
     Reversed = 1,
     /// One OS thread per CUDA thread (for ThreadSanitizer); much slower, use small grids.
     Threads = 2,

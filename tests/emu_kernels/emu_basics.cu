@@ -74,6 +74,17 @@ extern "C" __global__ void emu_record_order(unsigned* __restrict__ order, unsign
     order[k] = blockIdx.x * blockDim.x + threadIdx.x;
 }
 
+// The order of three steps of every thread around a warp collective and a block barrier:
+// order[k] = 3 * (global thread index) + step of the k-th step to run.
+extern "C" __global__ void emu_record_steps(unsigned* __restrict__ order, unsigned* __restrict__ counter) {
+    unsigned g = blockIdx.x * blockDim.x + threadIdx.x;
+    order[atomicAdd(counter, 1u)] = 3 * g;
+    __syncwarp();
+    order[atomicAdd(counter, 1u)] = 3 * g + 1;
+    __syncthreads();
+    order[atomicAdd(counter, 1u)] = 3 * g + 2;
+}
+
 // Built-in variables of a 3D launch: per thread, 9 words (threadIdx, blockIdx, blockDim) at its
 // linear index (block-major, x fastest).
 extern "C" __global__ void emu_builtins(unsigned* __restrict__ out) {
@@ -103,6 +114,7 @@ NLA_EMU_KERNEL(emu_common_block_sum);
 NLA_EMU_KERNEL(emu_dyn_reverse);
 NLA_EMU_KERNEL(emu_read_unwritten);
 NLA_EMU_KERNEL(emu_record_order);
+NLA_EMU_KERNEL(emu_record_steps);
 NLA_EMU_KERNEL(emu_builtins);
 NLA_EMU_KERNEL(emu_atomics);
 #endif

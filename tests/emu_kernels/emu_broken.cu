@@ -97,9 +97,38 @@ extern "C" __global__ void emu_broken_dyn_overflow(float* __restrict__ y) {
     y[threadIdx.x] = s[threadIdx.x + 1];
 }
 
+// y[t] = x[(t ^ 3) + 32 mod n] through shared memory (a slot of the next warp, exchanged across
+// lanes by two shuffles), then each thread refills its own slot for a second use.
+extern "C" __global__ void emu_broken_refill(const float* __restrict__ x, float* __restrict__ y) {
+    __shared__ float s[1024];
+    unsigned t = threadIdx.x, n = blockDim.x;
+    s[t] = x[t];
+    __syncthreads();
+    float v = s[(t + 32) % n];
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+    v = __shfl_xor_sync(0xffffffffu, v, 2);
+    // BUG: __syncthreads() missing: the warp that reads this slot may not have read it yet
+    s[t] = -x[t];
+    y[t] = v;
+}
+extern "C" __global__ void emu_fixed_refill(const float* __restrict__ x, float* __restrict__ y) {
+    __shared__ float s[1024];
+    unsigned t = threadIdx.x, n = blockDim.x;
+    s[t] = x[t];
+    __syncthreads();
+    float v = s[(t + 32) % n];
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+    v = __shfl_xor_sync(0xffffffffu, v, 2);
+    __syncthreads();
+    s[t] = -x[t];
+    y[t] = v;
+}
+
 #ifdef NLA_EMU
 NLA_EMU_KERNEL(emu_broken_no_sync);
 NLA_EMU_KERNEL(emu_fixed_sync);
+NLA_EMU_KERNEL(emu_broken_refill);
+NLA_EMU_KERNEL(emu_fixed_refill);
 NLA_EMU_KERNEL(emu_broken_divergent);
 NLA_EMU_KERNEL(emu_broken_early_exit);
 NLA_EMU_KERNEL(emu_fill);
