@@ -13,7 +13,7 @@
 //
 // Sections:
 //   1. qualifiers and attributes          5. atomics
-//   2. vector types, built-in variables   6. barriers, warp shuffles, votes
+//   2. vector types, built-in variables   6. barriers, warp shuffles, votes, cp.async
 //   3. __nv_bfloat16 / __half             7. the kernel registry (NLA_EMU_KERNEL) and the C ABI
 //   4. math intrinsics, bit casts
 //
@@ -369,7 +369,7 @@ inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_s
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Barriers, warp shuffles and votes. Each is a call into the runtime (emu/runtime.cpp) that
+// 6. Barriers, warp shuffles and votes (and, at the end, asynchronous copies). Each is a call into the runtime (emu/runtime.cpp) that
 //    switches fibers; the call site (file:line:column, a default argument) names the barrier
 //    in error messages. A block barrier is one counting barrier: every thread of the block must
 //    reach the SAME call site, and none may have exited. A warp collective waits for every lane
@@ -498,6 +498,41 @@ NLA_EMU_REDUCE(__reduce_or_sync, unsigned, REDUCE_OR)
 NLA_EMU_REDUCE(__reduce_xor_sync, unsigned, REDUCE_XOR)
 #undef NLA_EMU_REDUCE
 [[noreturn]] inline void __trap(NLA_EMU_SITE) { nla_emu::trap(site); }
+
+// Asynchronous copies (cp.async, sm_80+), reached through nla_cp_async16 / _commit / _wait of
+// kernels/common.cuh. The runtime keeps each CUDA thread's copies in flight and their commit
+// groups; the data moves here, in the kernel's own code, so that the memory check sees the
+// source read (at issue) and the shared-memory write (when the copy lands). A copy lands at the
+// wait that completes its group in the forward order, and at issue in the reversed order and
+// the OS-thread mode: a read before the wait sees poisoned memory in one order, a refill before
+// the readers' barrier overwrites what a lagging warp has still to read in the other.
+namespace nla_emu {
+// Records a copy of `data` to dst (which must be shared memory); true when it lands now.
+bool async_issue(void* dst, const uint4& data, const Site& site);
+void async_commit();
+// The next copy the wait for all but the `n` newest groups must land (false: none left); copies
+// that landed at issue are retired without coming back.
+bool async_landing(int n, void** dst, uint4* data);
+}  // namespace nla_emu
+// 16 bytes from src (global memory, 16-byte aligned) to dst (shared, 16-byte aligned); zero
+// bytes, reading nothing, when !in.
+inline void nla_emu_cp_async16(void* dst, const void* src, bool in, NLA_EMU_SITE) {
+    if (reinterpret_cast<std::uintptr_t>(dst) & 15u) nla_emu::misaligned(dst, 16, true, site);
+    uint4 v{0, 0, 0, 0};
+    if (in) {
+        if (reinterpret_cast<std::uintptr_t>(src) & 15u) nla_emu::misaligned(src, 16, false, site);
+        v = *static_cast<const uint4*>(src);
+    }
+    if (nla_emu::async_issue(dst, v, site)) *static_cast<uint4*>(dst) = v;
+}
+inline void nla_emu_cp_async_commit() { nla_emu::async_commit(); }
+inline void nla_emu_cp_async_wait(int n) {
+    asm volatile("" ::: "memory");
+    void* dst;
+    uint4 v;
+    while (nla_emu::async_landing(n, &dst, &v)) *static_cast<uint4*>(dst) = v;
+    asm volatile("" ::: "memory");
+}
 // The dynamic shared memory of the running launch (16-byte aligned, poisoned at each block
 // start); kernels reach it through NLA_DYNAMIC_SMEM(T, name) of kernels/common.cuh.
 inline void* nla_emu_dynamic_smem() { return nla_emu::dynamic_smem(); }
@@ -594,6 +629,8 @@ enum {
     NLA_EMU_E_RACE = 10,           // two blocks access one byte, one writes (memcheck builds)
     NLA_EMU_E_MEMORY = 11,         // a misaligned nla_load/nla_store; in memcheck builds any
                                    // out-of-bounds or misaligned access
+    NLA_EMU_E_ASYNC = 12,          // a cp.async into memory that is not shared, or a thread that
+                                   // exits with copies it never waited for
 };
 extern "C" int nla_emu_launch(const char* name, const unsigned grid[3], const unsigned block[3], size_t dyn_smem,
                               void** args, const unsigned long long* extents, int mode, unsigned long long seed,

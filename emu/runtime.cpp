@@ -125,6 +125,16 @@ struct Th {
     int b = 0, width = 32;
     unsigned long long result = 0;  // warp collective output
     fiber::Context ctx;
+    // asynchronous copies in flight (cp.async), oldest first; `committed` counts commit groups
+    struct Copy {
+        void* dst;
+        uint4 data;
+        unsigned group;  // `committed` at issue: the group it joins at the next commit
+        bool landed;     // landed at issue (reversed order, OS threads)
+        Site site;
+    };
+    std::vector<Copy> copies;
+    unsigned committed = 0;
 };
 
 struct Group {  // one pending warp collective
@@ -142,7 +152,8 @@ struct Block {
     const unsigned long long* extents = nullptr;  // bytes of each pointer argument (nullable)
     unsigned bdim[3] = {1, 1, 1};
     unsigned n = 0, nwarps = 0;
-    bool threaded = false;
+    std::size_t dyn = 0;  // bytes of dynamic shared memory
+    bool threaded = false, land_at_issue = false;
     std::vector<Th> th;
     unsigned n_run = 0, n_done = 0;
     int first_exited = -1;
@@ -174,6 +185,8 @@ struct Block {
         for (Th& t : th) {
             t.st = St::Run;
             t.nbar = 0;
+            t.copies.clear();
+            t.committed = 0;
         }
         n_run = n;
         n_done = 0;
@@ -527,6 +540,11 @@ static void thread_exit(Block& b, unsigned tid) {
                  "reach each barrier",
                  b.who(tid).c_str(), b.bar_arrived, bar_name(b.bar_op), site_str(b.bar_site).c_str(),
                  b.who(b.bar_first).c_str()));
+    if (const auto& c = b.th[tid].copies; !c.empty())
+        fail(b, lk, NLA_EMU_E_ASYNC,
+             fmt("%s exited with %zu asynchronous copies (cp.async) it never waited for, the first issued at %s: "
+                 "wait for every copy (nla_cp_async_wait) before its data is read, or do not issue it",
+                 b.who(tid).c_str(), c.size(), site_str(c.front().site).c_str()));
     for (const Group& g : b.groups[w])
         if (g.need & bit)
             fail(b, lk, NLA_EMU_E_WARP,
@@ -701,6 +719,7 @@ constexpr std::size_t kMaxDynSmem = 227 * 1024;  // the most an sm_90 block can 
 
 void* dynamic_smem() { return g_dyn; }
 
+
 static int set_err(char* err, std::size_t len, int code, const std::string& msg) {
     if (err && len) {
         std::size_t n = msg.size() < len - 1 ? msg.size() : len - 1;
@@ -785,6 +804,49 @@ void misaligned(const void* p, unsigned bytes, bool write, const Site& site) {
     TsanQuiet quiet(b);
     auto lk = b.lock();
     fail(b, lk, NLA_EMU_E_MEMORY, finding_msg(b, f) + " (at " + site_str(site) + ")");
+}
+
+// ---- asynchronous copies (cp.async) --------------------------------------------------------------
+
+bool async_issue(void* dst, const uint4& data, const Site& site) {
+    Block& b = *tls_block;
+    auto in = [p = reinterpret_cast<std::uintptr_t>(dst)](const void* lo, std::size_t len) {
+        auto a = reinterpret_cast<std::uintptr_t>(lo);
+        return lo && p >= a && p - a + 16 <= len;
+    };
+    bool shared = in(g_dyn, b.dyn) ||
+                  (__start_nla_emu_smem && in(__start_nla_emu_smem, (std::size_t)(__stop_nla_emu_smem - __start_nla_emu_smem)));
+    if (!shared) {
+        TsanQuiet quiet(b);
+        auto lk = b.lock();
+        fail(b, lk, NLA_EMU_E_ASYNC,
+             fmt("%s issued an asynchronous copy (cp.async) at %s to %s, which is not 16 bytes inside shared "
+                 "memory",
+                 b.who(tls_tid).c_str(), site_str(site).c_str(), locate(b.k, b.args, b.extents, (std::uintptr_t)dst).c_str()));
+    }
+    Th& t = b.th[tls_tid];
+    t.copies.push_back(Th::Copy{dst, data, t.committed, b.land_at_issue, site});
+    return b.land_at_issue;
+}
+
+void async_commit() { ++tls_block->th[tls_tid].committed; }
+
+bool async_landing(int n, void** dst, uint4* data) {
+    Th& t = tls_block->th[tls_tid];
+    unsigned keep = n < 0 ? 0u : (unsigned)n;
+    for (std::size_t i = 0; i < t.copies.size();) {
+        const Th::Copy c = t.copies[i];
+        if (c.group + keep >= t.committed) {  // a group among the `keep` newest, or uncommitted
+            ++i;
+            continue;
+        }
+        t.copies.erase(t.copies.begin() + (std::ptrdiff_t)i);
+        if (c.landed) continue;
+        *dst = c.dst;
+        *data = c.data;
+        return true;
+    }
+    return false;
 }
 
 // Checks a launch's memory accesses while it runs (fiber modes of a memcheck build).
@@ -876,6 +938,8 @@ static int launch(const char* name, const unsigned grid[3], const unsigned block
     b.n = (unsigned)nthreads;
     b.nwarps = (b.n + 31) / 32;
     b.threaded = mode == 2;
+    b.land_at_issue = mode != 0;
+    b.dyn = dyn;
     b.th.resize(b.n);
     if (b.threaded) b.cv.reset(new std::condition_variable[b.n]);
     b.exited.resize(b.nwarps);

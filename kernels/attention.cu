@@ -69,8 +69,8 @@
 //           dq    34304   50688   83456  107776
 //           dkdv  51712   68096  100864  116736
 //         Over 48 KiB: raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; all fit sm_80's
-//         163 KiB per block. dot: none. The bf16 forward (tensor cores): 4 * 64 * (HSB + 8)
-//         (6144, 10240, 18432, 34816).
+//         163 KiB per block. dot: none. The bf16 forward (tensor cores): 8 * 64 * (HSB + 8)
+//         (12288, 20480, 36864, 69632).
 // Symbols attention_fwd_<f32|bf16>_hs<16|32|64|128>
 //           (T* out, float* lse, const T* q, const T* k, const T* v,
 //            int b, int t, int nh, int nkv, int hs)
@@ -278,6 +278,25 @@ __device__ __forceinline__ void attn_load_bf16(nla_bf16* dst, const nla_bf16* __
     }
 }
 
+// attn_load_bf16 through cp.async where it moves 16-byte vectors: the copies are in flight until
+// this thread's nla_cp_async_wait (rows past nrows are zero-filled, reading nothing); otherwise
+// (hs < HSB, or src unaligned) the same plain loads and stores as attn_load_bf16, done on return.
+// Either way the tile is complete for every thread after the wait and a __syncthreads.
+template <int ROWS, int HSB>
+__device__ __forceinline__ void attn_load_bf16_async(nla_bf16* dst, const nla_bf16* __restrict__ src,
+                                                     long long rstride, int row0, int nrows, int hs) {
+    if (hs != HSB || rstride % 8 != 0 || !nla_aligned(src, 16)) {
+        attn_load_bf16<ROWS, HSB>(dst, src, rstride, row0, nrows, hs);
+        return;
+    }
+    constexpr int V = HSB / 8;  // 16-byte vectors per row
+    for (int e = (int)threadIdx.x; e < ROWS * V; e += ATTN_NT) {
+        const int r = e / V, c = (e % V) * 8, row = row0 + r;
+        const bool in = row < nrows;
+        nla_cp_async16(dst + r * (HSB + 8) + c, src + (long long)(in ? row : 0) * rstride + c, in);
+    }
+}
+
 // Fragments of bf16 tiles in shared memory (stride ld, rows 16-byte aligned: ld a multiple of
 // 8, r0, k0, n0, c0 multiples of 8), one ldmatrix x4 each (nla_ldmatrix_x4: lane l addresses
 // row l % 8 of matrix l / 8).
@@ -319,7 +338,8 @@ __device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], co
 // The same algorithm as attn_fwd with the tile products on tensor cores (nla_mma_bf16_16816).
 // Block 128 = 4 warps, one per 16 query rows of the 64-row query tile; per key tile of BK = 64
 // keys (K and V in shared memory as bf16, rows of HSB + 8: 16-byte aligned, and the 8 rows of
-// an ldmatrix fall in distinct banks):
+// an ldmatrix fall in distinct banks; two buffers: tile kt + 1 is copied in with cp.async while
+// tile kt is used):
 //   S = Q K^T: per warp a 16 x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps, K's B fragments
 //     of two n-tiles per ldmatrix (attn_frag_bt2); Q's fragments stay in registers for the
 //     whole block (read once from global memory, zero past hs and T);
@@ -331,8 +351,8 @@ __device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], co
 // P is rounded to bf16 for the P V product (the tensor cores' input type) while l sums the
 // unrounded p: out moves by at most 2^-9 sum_j p_j |v_j| / l <= 2^-9 max|v| from the f32
 // algorithm, on top of out's own rounding when stored.
-// Shared memory: 2 * 64 * (HSB + 8) bf16 = 4 * 64 * (HSB + 8) bytes (16: 6144, 32: 10240,
-// 64: 18432, 128: 34816).
+// Shared memory: 2 buffers of K and V, 4 * 64 * (HSB + 8) bf16 = 8 * 64 * (HSB + 8) bytes
+// (16: 12288, 32: 20480, 64: 36864, 128: 69632).
 template <int HSB>
 __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* __restrict__ lse,
                                             const nla_bf16* __restrict__ q,
@@ -343,9 +363,7 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
     constexpr int KS = HSB / 16;  // k-steps of Q K^T
     constexpr int NS = BK / 8;    // n-tiles of S
     constexpr int NO = HSB / 8;   // n-tiles of O
-    NLA_DYNAMIC_SMEM(nla_bf16, smem);
-    nla_bf16* Ks = smem;           // [BK][LDS]
-    nla_bf16* Vs = Ks + BK * LDS;  // [BK][LDS]
+    NLA_DYNAMIC_SMEM(nla_bf16, smem);  // buffer j: K [BK][LDS] at 2 j BK LDS, then V [BK][LDS]
     const int nqt = (nt + BO - 1) / BO;
     if ((int)blockIdx.x >= nqt || (int)blockIdx.y >= nh || (int)blockIdx.z >= nb) return;
     const int qt = nqt - 1 - (int)blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -383,12 +401,21 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
     // key tiles up to the last query of the tile; tile 0 holds key 0, which every row sees,
     // so each row's running max is finite from the first tile on
     const int nkt = (min(nt, q0 + BO) + BK - 1) / BK;
+    attn_load_bf16_async<BK, HSB>(smem, kb, kstr, 0, nt, hs);
+    attn_load_bf16_async<BK, HSB>(smem + BK * LDS, vb, kstr, 0, nt, hs);
+    nla_cp_async_commit();
     for (int kt = 0; kt < nkt; ++kt) {
         const int k0 = kt * BK;
-        __syncthreads();  // the previous tile's readers of Ks, Vs are done
-        attn_load_bf16<BK, HSB>(Ks, kb, kstr, k0, nt, hs);
-        attn_load_bf16<BK, HSB>(Vs, vb, kstr, k0, nt, hs);
-        __syncthreads();
+        const nla_bf16* Ks = smem + (kt & 1) * 2 * BK * LDS;  // [BK][LDS]
+        const nla_bf16* Vs = Ks + BK * LDS;                     // [BK][LDS]
+        if (kt + 1 < nkt) {  // into the other buffer, whose readers passed the last barrier
+            nla_bf16* next = smem + ((kt + 1) & 1) * 2 * BK * LDS;
+            attn_load_bf16_async<BK, HSB>(next, kb, kstr, k0 + BK, nt, hs);
+            attn_load_bf16_async<BK, HSB>(next + BK * LDS, vb, kstr, k0 + BK, nt, hs);
+        }
+        nla_cp_async_commit();
+        nla_cp_async_wait<1>();  // this thread's copies of tile kt have landed
+        __syncthreads();         // and every thread's
         // S = Q K^T (16 x 64 per warp), two n-tiles of 8 keys per load
         float s[NS][4];
         NLA_UNROLL
@@ -464,6 +491,7 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
                 nla_mma_bf16_16816(o[n + 1], pa, bv + 2);
             }
         }
+        __syncthreads();  // every warp is done with this buffer before tile kt + 2 refills it
     }
     NLA_UNROLL
     for (int r = 0; r < 2; ++r) {

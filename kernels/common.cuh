@@ -230,6 +230,38 @@ __device__ __forceinline__ void nla_ldmatrix_x4(uint32_t r[4], const nla_bf16* p
 }
 #endif
 
+// ---- cp.async: 16-byte copies from global to shared memory that complete asynchronously
+//
+// nla_cp_async16(dst, src, in): copies the 16 bytes at src (global memory) to dst (shared), both
+//   16-byte aligned; when !in it writes 16 zero bytes and reads nothing (src must still be a
+//   valid address: pass an in-range row). The copy is in flight until waited for.
+// nla_cp_async_commit(): closes this thread's group of the copies issued since its last commit.
+// nla_cp_async_wait<N>(): waits until at most N of this thread's committed groups are in flight.
+// A thread's copies are visible to the other threads of its block only after its wait and then
+// a __syncthreads; a buffer may be refilled only after a __syncthreads that follows its readers'
+// last read. On the emulator (emu/cuda_emu.h) a copy lands at its wait in one thread order and
+// at issue in the other, so a missing wait or barrier shows; a thread that exits with copies it
+// never waited for fails the launch.
+#ifdef NLA_EMU
+#define nla_cp_async16 nla_emu_cp_async16
+__device__ inline void nla_cp_async_commit() { nla_emu_cp_async_commit(); }
+template <int N> __device__ inline void nla_cp_async_wait() { nla_emu_cp_async_wait(N); }
+#else
+__device__ __forceinline__ void nla_cp_async16(void* dst, const void* src, bool in) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :
+                 : "r"(d), "l"(__cvta_generic_to_global(src)), "r"(in ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void nla_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void nla_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+#endif
+
 // ---- reductions (fixed trees: the result does not depend on scheduling)
 
 // Sum over the 32 lanes of a warp (butterfly: every lane gets the sum). All lanes must call.

@@ -661,6 +661,119 @@ fn emu_catches_a_missing_syncthreads_before_a_refill() {
     assert!((0..256).all(|t| y[t] == x[((t ^ 3) + 32) % 256]));
 }
 
+// ------------------------------------------------------------------------------------------
+// Asynchronous copies (cp.async): tests/emu_kernels/emu_async.cu
+// ------------------------------------------------------------------------------------------
+
+const ASYNC_TILES: usize = 5;
+
+/// emu_async_pipeline's output, computed here.
+fn async_pipeline_ref(x: &[f32]) -> Vec<f32> {
+    (0..ASYNC_TILES * 128)
+        .map(|e| {
+            let (i, t) = (e / 128, e % 128);
+            let r = ((t ^ 3) + 32) % 128;
+            let row = &x[4 * (128 * i + r)..][..4];
+            if (i + r) % 7 == 0 {
+                0.0
+            } else {
+                ((row[0] + row[1]) + row[2]) + row[3]
+            }
+        })
+        .collect()
+}
+
+/// Runs emu_async_pipeline with `bug` (see the kernel): its output, or the launch's error.
+fn async_pipeline(x: &[f32], bug: i32, mode: EmuMode) -> Result<Vec<f32>, String> {
+    let mut y = vec![0f32; ASYNC_TILES * 128];
+    launch(
+        "emu_async_pipeline",
+        [1, 1, 1],
+        [128, 1, 1],
+        0,
+        EmuArgs::new()
+            .ptr(x)
+            .ptr_mut(&mut y)
+            .scalar(ASYNC_TILES as i32)
+            .scalar(bug),
+        mode,
+        7,
+    )
+    .map(|()| y)
+    .map_err(|e| e.to_string())
+}
+
+fn async_input() -> Vec<f32> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    (0..ASYNC_TILES * 512)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect()
+}
+
+#[test]
+fn emu_async_copies_through_a_double_buffer() {
+    let x = async_input();
+    let want = async_pipeline_ref(&x);
+    assert!(want.contains(&0.0) && want.iter().any(|&v| v != 0.0));
+    for mode in ALL {
+        assert_eq!(async_pipeline(&x, 0, mode).unwrap(), want, "{mode:?}");
+    }
+}
+
+/// A wait that leaves the tile about to be read in flight: the forward order lands a copy at
+/// its wait, so the read sees poisoned shared memory (NaN; a `memcheck` build reports the read).
+#[test]
+fn emu_async_catches_a_read_before_the_wait() {
+    let x = async_input();
+    match async_pipeline(&x, 1, EmuMode::Forward) {
+        Ok(y) => assert!(y.iter().any(|v| v.is_nan()), "{y:?}"),
+        Err(e) => {
+            assert!(memcheck(), "{e}");
+            assert_has(&e, &["uninitialized shared memory", "static shared memory"]);
+        }
+    }
+}
+
+/// No barrier between the reads of a buffer and its refill: the reversed order lands a copy at
+/// issue, a warp at a time, so a warp refills a buffer that the warps after it have still to
+/// read (after two shuffles: a scheduler that took all warps through each collective in turn
+/// would not show it).
+#[test]
+fn emu_async_catches_a_refill_before_the_readers_barrier() {
+    let x = async_input();
+    let want = async_pipeline_ref(&x);
+    assert_eq!(async_pipeline(&x, 0, EmuMode::Reversed).unwrap(), want);
+    let y = async_pipeline(&x, 2, EmuMode::Reversed).unwrap();
+    assert_ne!(y, want);
+}
+
+#[test]
+fn emu_async_catches_misuse() {
+    let x = async_input();
+    for mode in ALL {
+        let e = async_pipeline(&x, 3, mode).unwrap_err();
+        assert_has(
+            &e,
+            &[
+                "exited with 1 asynchronous copies (cp.async) it never waited for",
+                "emu_async.cu:",
+                "(code 12)",
+            ],
+        );
+        let e = async_pipeline(&x, 4, mode).unwrap_err();
+        assert_has(
+            &e,
+            &[
+                "not 16 bytes inside shared memory",
+                "parameter 1",
+                "(code 12)",
+            ],
+        );
+        let e = async_pipeline(&x, 5, mode).unwrap_err();
+        assert_has(&e, &["misaligned access", "emu_async.cu:", "(code 11)"]);
+    }
+}
+
 #[test]
 fn emu_catches_a_syncthreads_in_a_divergent_branch() {
     for mode in ALL {

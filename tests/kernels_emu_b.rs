@@ -251,6 +251,12 @@ const ATTN_NT: u32 = 128;
 /// attention case (2400 rows, 600 blocks wanted) runs the dot kernel's grid-stride loop.
 const WARP_GRID_CAP: usize = 4 * 132;
 
+/// The bf16 (tensor-core) forward's dynamic shared memory (bytes) for bucket `hsb`: K and V
+/// tiles in two buffers, 4 x 64 x (HSB + 8) bf16.
+fn attn_tc_fwd_smem(hsb: usize) -> usize {
+    8 * 64 * (hsb + 8)
+}
+
 /// attention.cu's dynamic shared memory (bytes) of fwd, dq, dkdv for bucket `hsb`.
 fn attn_smem(hsb: usize) -> [usize; 3] {
     let bi = if hsb >= 128 { 32 } else { 64 };
@@ -297,9 +303,8 @@ fn attention_fwd_launch<T: Ty>(
     assert_eq!(v.len(), b * t * nkv * hs);
     assert_eq!(lse.len(), b * nh * t);
     let hsb = hs_bucket(hs);
-    // bf16: the tensor-core kernel's K and V tiles, 2 x 64 x (HSB + 8) bf16
     let smem = if T::BF16 {
-        4 * 64 * (hsb + 8)
+        attn_tc_fwd_smem(hsb)
     } else {
         attn_smem(hsb)[0]
     };
@@ -775,6 +780,8 @@ fn attention_smem_sizes_are_the_headers() {
     for (hsb, want) in table {
         assert_eq!(attn_smem(hsb), want, "HSB {hsb}");
     }
+    let tc: Vec<usize> = [16, 32, 64, 128].map(attn_tc_fwd_smem).to_vec();
+    assert_eq!(tc, [12288, 20480, 36864, 69632]);
     let dec: Vec<usize> = [16, 32, 64, 128].iter().map(|&h| dec_smem(h)).collect();
     assert_eq!(dec, [7904, 10464, 15584, 25824]);
     assert_eq!(

@@ -36,10 +36,11 @@ pub fn smem(hsb: usize) -> [usize; 3] {
 }
 
 /// Dynamic shared memory (bytes) of the forward over T for bucket `hsb`: the f32 kernel's
-/// ([`smem`]), or the bf16 tensor-core kernel's K and V tiles, 2 x 64 x (HSB + 8) bf16.
+/// ([`smem`]), or the bf16 tensor-core kernel's K and V tiles in two buffers,
+/// 4 x 64 x (HSB + 8) bf16.
 pub fn fwd_smem<T: Storage>(hsb: usize) -> usize {
     match T::DTYPE {
-        Dtype::Bf16 => 4 * 64 * (hsb + 8),
+        Dtype::Bf16 => 8 * 64 * (hsb + 8),
         _ => smem(hsb)[0],
     }
 }
