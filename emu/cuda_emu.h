@@ -4,9 +4,9 @@
 // unchanged as C++20 with g++ (build/emu.rs). One launch runs its blocks one at a time (in order,
 // or shuffled); inside a block every CUDA thread is a fiber with its own 256 KiB stack (its
 // "registers"), switched only at __syncthreads, warp collectives and exit, a warp at a time (a
-// warp runs until all its threads wait at a block barrier, then the next warp), or, in the
-// OS-thread mode (for ThreadSanitizer), a std::thread. Launches are serialised by one process-wide lock, so
-// `__shared__` (a `static` moved into a dedicated section, poisoned with 0xFF bytes at each block
+// warp runs until each of its threads waits at a block barrier or has exited, then the next
+// warp), or, in the OS-thread mode (for ThreadSanitizer), a std::thread. Launches are
+// serialised by one process-wide lock, so `__shared__` (a `static` moved into a dedicated section, poisoned with 0xFF bytes at each block
 // start) and the built-in variables (thread-locals) are never seen by two launches at once. Built
 // with the `memcheck` feature, the fiber modes also report out-of-bounds and misaligned accesses
 // and races between blocks (memcheck.h).
@@ -369,8 +369,8 @@ inline void __threadfence_block() { std::atomic_thread_fence(std::memory_order_s
 inline void __threadfence_system() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Barriers, warp shuffles and votes (and, at the end, asynchronous copies). Each is a call into the runtime (emu/runtime.cpp) that
-//    switches fibers; the call site (file:line:column, a default argument) names the barrier
+// 6. Barriers, warp shuffles and votes (and, at the end, asynchronous copies). Each of the
+//    first is a call into the runtime (emu/runtime.cpp) that switches fibers; the call site (file:line:column, a default argument) names the barrier
 //    in error messages. A block barrier is one counting barrier: every thread of the block must
 //    reach the SAME call site, and none may have exited. A warp collective waits for every lane
 //    of its mask that exists in the block (the mask must contain the caller; lanes past the end

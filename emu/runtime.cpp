@@ -117,7 +117,8 @@ enum class St : unsigned char { Run, Bar, Warp, Done };
 
 struct Th {
     St st = St::Run;
-    unsigned nbar = 0;  // barriers this thread has reached (ThreadSanitizer tokens alternate on it)
+    unsigned nbar = 0;   // barriers this thread has reached (ThreadSanitizer tokens alternate on it)
+    unsigned nsync = 0;  // __syncwarp calls it has made (the same, for its warp's tokens)
     int op = 0;  // what it waits at (block or warp op), for messages
     Site site;
     unsigned mask = 0;  // warp collective inputs
@@ -154,6 +155,7 @@ struct Block {
     unsigned n = 0, nwarps = 0;
     std::size_t dyn = 0;  // bytes of dynamic shared memory
     bool threaded = false, land_at_issue = false;
+    bool restart = false;  // fibers: a barrier completed, the scheduler starts from the first warp
     std::vector<Th> th;
     unsigned n_run = 0, n_done = 0;
     int first_exited = -1;
@@ -178,13 +180,16 @@ struct Block {
             for (unsigned t = 0; t < n; ++t) cv[t].notify_one();
     }
 
-    // ThreadSanitizer builds: one token per barrier generation parity (see TsanQuiet)
+    // ThreadSanitizer builds: one token per barrier generation parity (see TsanQuiet), and per
+    // warp one per __syncwarp parity
     char bar_token[2] = {0, 0};
+    char warp_token[32][2] = {};
 
     void reset() {
         for (Th& t : th) {
             t.st = St::Run;
             t.nbar = 0;
+            t.nsync = 0;
             t.copies.clear();
             t.committed = 0;
         }
@@ -227,8 +232,9 @@ static void to_scheduler(Block& b, unsigned tid) { fiber::switch_to(b.th[tid].ct
 // later, and TSan would miss the race). The one ordering CUDA defines between threads of a block
 // is made explicit instead: a barrier releases a token on arrival and acquires it on leaving, the
 // token alternating with the barrier count (a fast thread arriving at barrier k+1 must not release
-// into the token a slow thread acquires when leaving barrier k). Warp collectives exchange values
-// only (shuffles and votes order no memory). Elsewhere these are no-ops.
+// into the token a slow thread acquires when leaving barrier k); __syncwarp likewise, per warp.
+// The other warp collectives exchange values only (shuffles and votes order no memory).
+// Elsewhere these are no-ops.
 #if defined(__SANITIZE_THREAD__)
 extern "C" {
 void __tsan_acquire(void* addr);
@@ -350,11 +356,16 @@ static int block_barrier_impl(Block& b, unsigned tid, int op, int pred, const Si
     if (op == BAR_OR) b.bar_acc |= p;
     b.th[tid].op = op;
     b.th[tid].site = site;
-    if (++b.bar_arrived == b.n) {  // complete: release everyone, carry on
+    if (++b.bar_arrived == b.n) {  // complete: release everyone
         b.bar_arrived = 0;
         b.bar_result = b.bar_acc;
         for (unsigned t = 0; t < b.n; ++t)
             if (b.th[t].st == St::Bar) release(b, t);
+        if (!b.threaded) {  // fibers: the next stretch starts from the first warp again
+            b.restart = true;
+            to_scheduler(b, tid);
+            if (b.err) fail(b, lk, b.err, {});
+        }
         return b.bar_result;
     }
     park(b, lk, tid, St::Bar);
@@ -449,8 +460,8 @@ static void complete(Block& b, unsigned w, const Group& g, unsigned self) {
     });
 }
 
-unsigned long long warp_collective(int op, unsigned mask, unsigned long long value, int bval, int width,
-                                   const Site& site) {
+static unsigned long long warp_collective_impl(int op, unsigned mask, unsigned long long value, int bval,
+                                              int width, const Site& site) {
     Block& b = *tls_block;
     unsigned tid = tls_tid, lane = tid & 31u, w = tid >> 5, bit = 1u << lane;
     TsanQuiet quiet(b);
@@ -507,6 +518,22 @@ unsigned long long warp_collective(int op, unsigned mask, unsigned long long val
     return me.result;  // stays valid until this lane arrives at its next collective
 }
 
+// A __syncwarp orders the memory accesses of its lanes (shuffles and votes exchange values only):
+// for ThreadSanitizer, a per-warp token released on arrival and acquired on leaving, alternating
+// with the lane's count of __syncwarp as the block barrier's tokens do. (Lanes that meet in
+// __syncwarp with different masks may share a token: extra order, so a race could be missed,
+// never invented.)
+unsigned long long warp_collective(int op, unsigned mask, unsigned long long value, int bval, int width,
+                                   const Site& site) {
+    Block& b = *tls_block;
+    Th& me = b.th[tls_tid];
+    void* token = op == SYNC ? &b.warp_token[tls_tid >> 5][me.nsync++ & 1u] : nullptr;
+    if (token) tsan_release(b, token);
+    unsigned long long r = warp_collective_impl(op, mask, value, bval, width, site);
+    if (token) tsan_acquire(b, token);
+    return r;
+}
+
 unsigned active_mask() {
     Block& b = *tls_block;
     TsanQuiet quiet(b);
@@ -543,7 +570,8 @@ static void thread_exit(Block& b, unsigned tid) {
     if (const auto& c = b.th[tid].copies; !c.empty())
         fail(b, lk, NLA_EMU_E_ASYNC,
              fmt("%s exited with %zu asynchronous copies (cp.async) it never waited for, the first issued at %s: "
-                 "wait for every copy (nla_cp_async_wait) before its data is read, or do not issue it",
+                 "commit (nla_cp_async_commit) and wait for (nla_cp_async_wait) every copy before its data is read, "
+                 "or do not issue it",
                  b.who(tid).c_str(), c.size(), site_str(c.front().site).c_str()));
     for (const Group& g : b.groups[w])
         if (g.need & bit)
@@ -587,13 +615,16 @@ static void set_thread_vars(const Block& b, unsigned t) {
 }
 
 // Fiber modes: warp at a time. Each warp of `warps` (its threads in lane order), in turn, runs
-// until none of its threads can (each waits at a block barrier or is done): its lanes take turns
-// in order, meeting at warp collectives; then the next warp runs. So between two block barriers
-// a warp runs its whole stretch before the next one starts, as far apart as a GPU's warps can
-// drift: a warp that overwrites shared memory another warp still has to read (a missing barrier
-// before a buffer is refilled) does so before the reader runs, in one of the two orders, even
-// when warp collectives (shuffles, mma, ldmatrix) lie between the read and the write. Repeats
-// until all threads are done or one fails.
+// until none of its threads can (each waits at a block barrier or has exited): its lanes take
+// turns in order, meeting at warp collectives; then the next warp runs. The thread that
+// completes a block barrier yields, and the next stretch starts from the first warp again, so
+// every stretch between two barriers runs its warps in the order of `warps`: a warp runs its
+// whole stretch before the next one starts, as far apart as a GPU's warps can drift, and a warp
+// that overwrites shared memory another warp still has to read (a missing barrier before a
+// buffer is refilled) does so before the reader runs in one of the two (mirrored) orders, even
+// when warp collectives (shuffles, mma, ldmatrix) lie between the read and the write. (A warp
+// that waited for another warp's progress without a block barrier would spin here forever; no
+// CUDA kernel may rely on that either.) Repeats until all threads are done or one fails.
 static void run_block_fibers(Block& b, const std::vector<std::vector<unsigned>>& warps, bool guarded) {
     fiber::Context sched;
     tls_sched = &sched;
@@ -610,8 +641,9 @@ static void run_block_fibers(Block& b, const std::vector<std::vector<unsigned>>&
     if (guarded) fiber::arm(&jb);
     for (;;) {
         bool ran = false;
+        b.restart = false;
         for (const std::vector<unsigned>& lanes : warps) {
-            for (bool warp_ran = true; warp_ran && !b.err;) {
+            for (bool warp_ran = true; warp_ran && !b.err && !b.restart;) {
                 warp_ran = false;
                 for (unsigned t : lanes) {
                     if (b.th[t].st != St::Run) continue;
@@ -620,10 +652,10 @@ static void run_block_fibers(Block& b, const std::vector<std::vector<unsigned>>&
                     fiber::watch(g_stacks[t]);
                     fiber::switch_to(sched, b.th[t].ctx);
                     warp_ran = ran = true;
-                    if (b.err) break;
+                    if (b.err || b.restart) break;
                 }
             }
-            if (b.err) break;
+            if (b.err || b.restart) break;
         }
         if (b.err || b.n_done == b.n) break;
         if (!ran) {  // unreachable: park() fails first; kept as a safety net

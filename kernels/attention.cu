@@ -297,6 +297,17 @@ __device__ __forceinline__ void attn_load_bf16_async(nla_bf16* dst, const nla_bf
     }
 }
 
+// Two tiles of the same rows (K and V, or Q and dO: one stride) into a buffer: a's at dst, b's
+// at dst + ROWS * (HSB + 8), through attn_load_bf16_async.
+template <int ROWS, int HSB>
+__device__ __forceinline__ void attn_load_pair_async(nla_bf16* dst, const nla_bf16* __restrict__ a,
+                                                     const nla_bf16* __restrict__ b,
+                                                     long long rstride, int row0, int nrows,
+                                                     int hs) {
+    attn_load_bf16_async<ROWS, HSB>(dst, a, rstride, row0, nrows, hs);
+    attn_load_bf16_async<ROWS, HSB>(dst + ROWS * (HSB + 8), b, rstride, row0, nrows, hs);
+}
+
 // Fragments of bf16 tiles in shared memory (stride ld, rows 16-byte aligned: ld a multiple of
 // 8, r0, k0, n0, c0 multiples of 8), one ldmatrix x4 each (nla_ldmatrix_x4: lane l addresses
 // row l % 8 of matrix l / 8).
@@ -378,6 +389,9 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
     const nla_bf16* kb = k + (long long)b * nt * kstr + (long long)g * hs;
     const nla_bf16* vb = v + (long long)b * nt * kstr + (long long)g * hs;
     const nla_bf16 zero = nla_from_f32<nla_bf16>(0.0f);
+    // key tile 0 into buffer 0, in flight while Q's fragments are loaded
+    attn_load_pair_async<BK, HSB>(smem, kb, vb, kstr, 0, nt, hs);
+    nla_cp_async_commit();
 
     // Q's A fragments: qa[ks][j] = Q[row j & 1][ks * 16 + 2 tc + 8 (j >> 1) + {0, 1}]
     uint32_t qa[KS][4];
@@ -401,18 +415,13 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
     // key tiles up to the last query of the tile; tile 0 holds key 0, which every row sees,
     // so each row's running max is finite from the first tile on
     const int nkt = (min(nt, q0 + BO) + BK - 1) / BK;
-    attn_load_bf16_async<BK, HSB>(smem, kb, kstr, 0, nt, hs);
-    attn_load_bf16_async<BK, HSB>(smem + BK * LDS, vb, kstr, 0, nt, hs);
-    nla_cp_async_commit();
     for (int kt = 0; kt < nkt; ++kt) {
         const int k0 = kt * BK;
         const nla_bf16* Ks = smem + (kt & 1) * 2 * BK * LDS;  // [BK][LDS]
         const nla_bf16* Vs = Ks + BK * LDS;                     // [BK][LDS]
-        if (kt + 1 < nkt) {  // into the other buffer, whose readers passed the last barrier
-            nla_bf16* next = smem + ((kt + 1) & 1) * 2 * BK * LDS;
-            attn_load_bf16_async<BK, HSB>(next, kb, kstr, k0 + BK, nt, hs);
-            attn_load_bf16_async<BK, HSB>(next + BK * LDS, vb, kstr, k0 + BK, nt, hs);
-        }
+        if (kt + 1 < nkt)  // into the other buffer, whose readers passed the last barrier
+            attn_load_pair_async<BK, HSB>(smem + ((kt + 1) & 1) * 2 * BK * LDS, kb, vb, kstr,
+                                          k0 + BK, nt, hs);
         nla_cp_async_commit();
         nla_cp_async_wait<1>();  // this thread's copies of tile kt have landed
         __syncthreads();         // and every thread's
@@ -811,9 +820,11 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
 //         dS^T rounded to bf16. lse and D of the query tile in shared memory (f32).
 // The rounding of P and dS to bf16 (the tensor cores' input) moves each gradient by at most
 // 2^-9 of the sum of its terms' magnitudes, on top of the stored result's rounding.
+// Both copy the next tile's pair (dq: K and V; dkdv: Q and dO, with lse and D) into a second
+// buffer with cp.async while the current one is used, as the forward does.
 // Shared memory (bytes), LDS = HSB + 8:
-//   dq    2 * (2 * 64 + 2 * BK) * LDS                 16: 12288  32: 20480  64: 36864  128: 52224
-//   dkdv  2 * (2 * 64 + 2 * BQ) * LDS + 8 * BQ        16: 12800  32: 20992  64: 37376  128: 52480
+//   dq    2 * (2 * 64 + 4 * BK) * LDS                 16: 18432  32: 30720  64: 55296  128: 69632
+//   dkdv  2 * (2 * 64 + 4 * BQ) * LDS + 16 * BQ       16: 19456  32: 31744  64: 56320  128: 70144
 
 template <int HSB>
 __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
@@ -827,10 +838,9 @@ __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
     constexpr int BO = ATTN_BO, BK = HSB >= 128 ? 32 : 64, LDS = HSB + 8;
     constexpr int KS = HSB / 16, NS = BK / 8, NO = HSB / 8;
     NLA_DYNAMIC_SMEM(nla_bf16, smem);
-    nla_bf16* Qs = smem;            // [BO][LDS]
-    nla_bf16* dOs = Qs + BO * LDS;  // [BO][LDS]
-    nla_bf16* Ks = dOs + BO * LDS;  // [BK][LDS]
-    nla_bf16* Vs = Ks + BK * LDS;   // [BK][LDS]
+    const nla_bf16* Qs = smem;             // [BO][LDS]
+    const nla_bf16* dOs = Qs + BO * LDS;   // [BO][LDS]
+    nla_bf16* const kv = smem + 2 * BO * LDS;  // buffer j: K [BK][LDS] at 2 j BK LDS, then V
     const int nqt = (nt + BO - 1) / BO;
     if ((int)blockIdx.x >= nqt || (int)blockIdx.y >= nh || (int)blockIdx.z >= nb) return;
     const int qt = nqt - 1 - (int)blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -845,8 +855,10 @@ __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
     const nla_bf16* kb = k + (long long)b * nt * kstr + (long long)g * hs;
     const nla_bf16* vb = v + (long long)b * nt * kstr + (long long)g * hs;
 
-    attn_load_bf16<BO, HSB>(Qs, q + qoff, qstr, q0, nt, hs);
-    attn_load_bf16<BO, HSB>(dOs, dout + qoff, qstr, q0, nt, hs);
+    const int nkt = (min(nt, q0 + BO) + BK - 1) / BK;
+    attn_load_pair_async<BO, HSB>(smem, q + qoff, dout + qoff, qstr, q0, nt, hs);
+    attn_load_pair_async<BK, HSB>(kv, kb, vb, kstr, 0, nt, hs);
+    nla_cp_async_commit();
     float lse2[2], Dr[2], acc[NO][4];
     NLA_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -858,13 +870,16 @@ __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
     for (int n = 0; n < NO; ++n)
         NLA_UNROLL
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
-    const int nkt = (min(nt, q0 + BO) + BK - 1) / BK;
     for (int kt = 0; kt < nkt; ++kt) {
         const int k0 = kt * BK;
-        __syncthreads();  // Q, dO loaded; the previous tile's readers of Ks, Vs are done
-        attn_load_bf16<BK, HSB>(Ks, kb, kstr, k0, nt, hs);
-        attn_load_bf16<BK, HSB>(Vs, vb, kstr, k0, nt, hs);
-        __syncthreads();
+        const nla_bf16* Ks = kv + (kt & 1) * 2 * BK * LDS;  // [BK][LDS]
+        const nla_bf16* Vs = Ks + BK * LDS;                   // [BK][LDS]
+        if (kt + 1 < nkt)  // into the other buffer, whose readers passed the last barrier
+            attn_load_pair_async<BK, HSB>(kv + ((kt + 1) & 1) * 2 * BK * LDS, kb, vb, kstr,
+                                          k0 + BK, nt, hs);
+        nla_cp_async_commit();
+        nla_cp_async_wait<1>();  // this thread's copies of tile kt (and Q, dO) have landed
+        __syncthreads();         // and every thread's
         float s[NS][4], dp[NS][4];
         NLA_UNROLL
         for (int n = 0; n < NS; ++n)
@@ -908,6 +923,7 @@ __device__ __forceinline__ void attn_bwd_dq_tc(nla_bf16* __restrict__ dq,
                 nla_mma_bf16_16816(acc[n + 1], da, bk + 2);
             }
         }
+        __syncthreads();  // every warp is done with this buffer before tile kt + 2 refills it
     }
     NLA_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -936,12 +952,10 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
     constexpr int BKEY = ATTN_BO, BQ = HSB >= 128 ? 32 : 64, LDS = HSB + 8;
     constexpr int KS = HSB / 16, NS = BQ / 8, NO = HSB / 8;
     NLA_DYNAMIC_SMEM(nla_bf16, smem);
-    nla_bf16* Ks = smem;              // [BKEY][LDS]
-    nla_bf16* Vs = Ks + BKEY * LDS;   // [BKEY][LDS]
-    nla_bf16* Qs = Vs + BKEY * LDS;   // [BQ][LDS]
-    nla_bf16* dOs = Qs + BQ * LDS;    // [BQ][LDS]
-    float* lse2s = reinterpret_cast<float*>(dOs + BQ * LDS);  // [BQ]
-    float* Ds = lse2s + BQ;                                   // [BQ]
+    const nla_bf16* Ks = smem;               // [BKEY][LDS]
+    const nla_bf16* Vs = Ks + BKEY * LDS;    // [BKEY][LDS]
+    nla_bf16* const qo = smem + 2 * BKEY * LDS;  // buffer j: Q [BQ][LDS] at 2 j BQ LDS, then dO
+    float* const lsebuf = reinterpret_cast<float*>(qo + 4 * BQ * LDS);  // buffer j: lse2 [BQ] at 2 j BQ, then D
     const int nkt = (nt + BKEY - 1) / BKEY;
     if ((int)blockIdx.x >= nkt || (int)blockIdx.y >= nkv || (int)blockIdx.z >= nb) return;
     const int kt = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
@@ -954,29 +968,43 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
     const long long qstr = (long long)nh * hs, kstr = (long long)nkv * hs;
     const long long koff = (long long)b * nt * kstr + (long long)g * hs;
 
-    attn_load_bf16<BKEY, HSB>(Ks, k + koff, kstr, key0, nt, hs);
-    attn_load_bf16<BKEY, HSB>(Vs, v + koff, kstr, key0, nt, hs);
+    // Steps it = 0 .. grp * nq - 1 over the query heads of the group (h = g grp + it / nq) and,
+    // for each, the query tiles at or after the key tile (q0 = (qt0 + it % nq) BQ). Step it + 1's
+    // Q and dO are copied in (cp.async) and its lse2 and D written into the other buffer while
+    // step it is used.
+    const int qt0 = key0 / BQ, nq = (nt + BQ - 1) / BQ - qt0, nsteps = grp * nq;
+    auto load_step = [&](int it) {
+        const int h = g * grp + it / nq, q0 = (qt0 + it % nq) * BQ;
+        const long long qoff = (long long)b * nt * qstr + (long long)h * hs;
+        attn_load_pair_async<BQ, HSB>(qo + (it & 1) * 2 * BQ * LDS, q + qoff, dout + qoff, qstr,
+                                      q0, nt, hs);
+        float* l2 = lsebuf + (it & 1) * 2 * BQ;
+        for (int r = (int)threadIdx.x; r < BQ; r += ATTN_NT) {
+            const int qi = q0 + r;
+            const long long li = ((long long)b * nh + h) * nt + qi;
+            l2[r] = qi < nt ? lse[li] * ATTN_LOG2E : INFINITY;  // past T: P = 0
+            l2[BQ + r] = qi < nt ? D[li] : 0.0f;
+        }
+    };
+    attn_load_pair_async<BKEY, HSB>(smem, k + koff, v + koff, kstr, key0, nt, hs);
+    load_step(0);
+    nla_cp_async_commit();
     float dK[NO][4], dV[NO][4];
     NLA_UNROLL
     for (int n = 0; n < NO; ++n)
         NLA_UNROLL
         for (int i = 0; i < 4; ++i) dK[n][i] = dV[n][i] = 0.0f;
-    const int nqt = (nt + BQ - 1) / BQ;
-    for (int hh = 0; hh < grp; ++hh) {
-        const int h = g * grp + hh;
-        const long long qoff = (long long)b * nt * qstr + (long long)h * hs;
-        for (int qt = key0 / BQ; qt < nqt; ++qt) {
-            const int q0 = qt * BQ;
-            __syncthreads();  // K, V loaded; the previous tile's readers are done
-            attn_load_bf16<BQ, HSB>(Qs, q + qoff, qstr, q0, nt, hs);
-            attn_load_bf16<BQ, HSB>(dOs, dout + qoff, qstr, q0, nt, hs);
-            for (int r = (int)threadIdx.x; r < BQ; r += ATTN_NT) {
-                const int qi = q0 + r;
-                const long long li = ((long long)b * nh + h) * nt + qi;
-                lse2s[r] = qi < nt ? lse[li] * ATTN_LOG2E : INFINITY;  // past T: P = 0
-                Ds[r] = qi < nt ? D[li] : 0.0f;
-            }
-            __syncthreads();
+    for (int it = 0; it < nsteps; ++it) {
+        {
+            const int q0 = (qt0 + it % nq) * BQ;
+            const nla_bf16* Qs = qo + (it & 1) * 2 * BQ * LDS;  // [BQ][LDS]
+            const nla_bf16* dOs = Qs + BQ * LDS;                // [BQ][LDS]
+            const float* lse2s = lsebuf + (it & 1) * 2 * BQ;    // [BQ]
+            const float* Ds = lse2s + BQ;                       // [BQ]
+            if (it + 1 < nsteps) load_step(it + 1);  // the other buffer: its readers are done
+            nla_cp_async_commit();
+            nla_cp_async_wait<1>();  // this thread's copies of step it (and K, V) have landed
+            __syncthreads();         // and every thread's; lse2 and D written
             float s[NS][4], dp[NS][4];
             NLA_UNROLL
             for (int n = 0; n < NS; ++n)
@@ -1028,6 +1056,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
                 }
             }
         }
+        __syncthreads();  // every warp is done with this buffer before step it + 2 refills it
     }
     NLA_UNROLL
     for (int r = 0; r < 2; ++r) {

@@ -229,7 +229,7 @@ fn emu_scheduling_orders() {
 
 /// Warp at a time: between two block barriers a warp runs its whole stretch, warp collectives
 /// included, before the next warp starts (lanes in order, warps in order; both reversed in the
-/// reversed mode).
+/// reversed mode), and every stretch runs the warps in that order.
 #[test]
 fn emu_scheduling_runs_a_warp_at_a_time() {
     let threads = 96u32; // 3 warps
@@ -268,6 +268,16 @@ fn emu_scheduling_runs_a_warp_at_a_time() {
             assert_eq!(lanes, want, "{mode:?}");
             assert!(s0.iter().all(|&e| step(e) == 0) && s1.iter().all(|&e| step(e) == 1));
         }
+        // step 2 (after the barrier): the warps in the same order again, lanes in order
+        let threads_after: Vec<u32> = last.iter().map(|&e| thread(e)).collect();
+        let mut want: Vec<u32> = warps.iter().flat_map(|&w| 32 * w..32 * w + 32).collect();
+        if mode == EmuMode::Reversed {
+            want = want
+                .chunks(32)
+                .flat_map(|c| c.iter().rev().copied())
+                .collect();
+        }
+        assert_eq!(threads_after, want, "{mode:?}");
     }
 }
 

@@ -257,6 +257,17 @@ fn attn_tc_fwd_smem(hsb: usize) -> usize {
     8 * 64 * (hsb + 8)
 }
 
+/// The bf16 (tensor-core) dq and dkdv kernels' dynamic shared memory (bytes) for bucket `hsb`:
+/// dq: Q, dO [64] and two buffers of K, V [BK]; dkdv: K, V [64] and two buffers of Q, dO [BQ]
+/// and of lse, D [BQ] in f32 (BK = BQ = 64, 32 for HSB 128; rows of HSB + 8 bf16).
+fn attn_tc_bwd_smem(hsb: usize) -> [usize; 2] {
+    let (ld, bk) = (hsb + 8, if hsb >= 128 { 32 } else { 64 });
+    [
+        2 * (2 * 64 + 4 * bk) * ld,
+        2 * (2 * 64 + 4 * bk) * ld + 16 * bk,
+    ]
+}
+
 /// attention.cu's dynamic shared memory (bytes) of fwd, dq, dkdv for bucket `hsb`.
 fn attn_smem(hsb: usize) -> [usize; 3] {
     let bi = if hsb >= 128 { 32 } else { 64 };
@@ -359,13 +370,8 @@ fn attention_bwd_launch<T: Ty>(
     assert_eq!(lse.len(), b * nh * t);
     assert_eq!(dscratch.len(), b * nh * t);
     let hsb = hs_bucket(hs);
-    // bf16: the tensor-core kernels' bf16 tiles (kernels/attention.cu's table)
     let [smem_dq, smem_dkdv] = if T::BF16 {
-        let (ld, bk) = (hsb + 8, if hsb >= 128 { 32 } else { 64 });
-        [
-            2 * (2 * 64 + 2 * bk) * ld,
-            2 * (2 * 64 + 2 * bk) * ld + 8 * bk,
-        ]
+        attn_tc_bwd_smem(hsb)
     } else {
         let [_, dq, dkdv] = attn_smem(hsb);
         [dq, dkdv]
@@ -780,8 +786,19 @@ fn attention_smem_sizes_are_the_headers() {
     for (hsb, want) in table {
         assert_eq!(attn_smem(hsb), want, "HSB {hsb}");
     }
+    // the bf16 (tensor-core) kernels' tables
     let tc: Vec<usize> = [16, 32, 64, 128].map(attn_tc_fwd_smem).to_vec();
     assert_eq!(tc, [12288, 20480, 36864, 69632]);
+    let tc: Vec<[usize; 2]> = [16, 32, 64, 128].map(attn_tc_bwd_smem).to_vec();
+    assert_eq!(
+        tc,
+        [
+            [18432, 19456],
+            [30720, 31744],
+            [55296, 56320],
+            [69632, 70144]
+        ]
+    );
     let dec: Vec<usize> = [16, 32, 64, 128].iter().map(|&h| dec_smem(h)).collect();
     assert_eq!(dec, [7904, 10464, 15584, 25824]);
     assert_eq!(

@@ -1,14 +1,17 @@
 //! ThreadSanitizer over the kernels: every production kernel family (kernels/*.cu, the f32
-//! kernels the CUDA device launches) runs through its launcher (device/gpu/, by way of
+//! kernels the CUDA device launches, and the bf16 attention's tensor-core kernels) runs through
+//! its launcher (device/gpu/, by way of
 //! [`EmuDevice`]) in [`EmuMode::Threads`], one OS thread per CUDA thread, with the emulator and
 //! the kernels compiled with `-fsanitize=thread`; TSan must report no data race. A missing
 //! `__syncthreads` between CUDA threads of a block is then a race between OS threads. The
 //! emulator shows TSan only the ordering CUDA defines (emu/runtime.cpp, `TsanQuiet`): barriers
-//! order threads, its own bookkeeping mutex does not, so a race is reported on every run.
+//! and `__syncwarp` order threads, its own bookkeeping mutex does not, so a race is reported on
+//! every run.
 //!
 //! The proof that the check can fail: tests/emu_kernels/emu_tsan.cu's reduction with a barrier
-//! missing (`emu_tsan_racy_block_sum`) must make TSan report a data race in that kernel, and its
-//! fixed twin must not.
+//! missing (`emu_tsan_racy_block_sum`) and emu_async.cu's cp.async pipeline with a buffer
+//! refilled before its readers' barrier must each make TSan report a data race in that kernel,
+//! and their fixed twins must not.
 //!
 //! Run by scripts/tsan-check.sh, which builds this test with `NLA_EMU_CXXFLAGS=-fsanitize=thread`
 //! and links the TSan runtime, then sets `NLA_TSAN=1`. Without `NLA_TSAN=1` (a plain
@@ -31,6 +34,8 @@
 
 use std::ffi::c_char;
 use std::process::{Command, Output};
+
+use half::bf16;
 
 use nla_engine::device::emu::{launch, EmuArgs, EmuMode};
 use nla_engine::device::emu_device::{EmuBuf, EmuDevice};
@@ -221,10 +226,22 @@ fn assert_clean(name: &str) {
 
 #[test]
 fn tsan_reports_a_reduction_missing_a_syncthreads() {
+    assert_racy("racy_block_sum", "emu_tsan_racy_block_sum", "emu_tsan.cu");
+}
+
+/// A cp.async pipeline whose buffer is refilled without a barrier after its reads
+/// (tests/emu_kernels/emu_async.cu, bug 2): in the OS-thread mode a copy lands at issue, a write
+/// that races with another warp's read. Its fixed twin is `child::async_pipeline_no_race`.
+#[test]
+fn tsan_reports_a_cp_async_refill_missing_a_syncthreads() {
+    assert_racy("racy_async_refill", "emu_async_pipeline", "emu_async.cu");
+}
+
+/// Runs `child::<name>`: TSan must report a data race in `kernel` of `file`.
+fn assert_racy(name: &str, kernel: &str, file: &str) {
     if skipped() {
         return;
     }
-    let name = "racy_block_sum";
     let c = Child::run(name);
     assert!(c.out.status.success(), "failed: {}", c.dump(name));
     assert!(
@@ -232,11 +249,13 @@ fn tsan_reports_a_reduction_missing_a_syncthreads() {
         "the child did not run its launch: {}",
         c.dump(name)
     );
-    let Some(report) = c.ours.iter().find(|r| {
-        r.starts_with(RACE) && r.contains("emu_tsan_racy_block_sum") && r.contains("emu_tsan.cu")
-    }) else {
+    let Some(report) = c
+        .ours
+        .iter()
+        .find(|r| r.starts_with(RACE) && r.contains(kernel) && r.contains(file))
+    else {
         panic!(
-            "no data race reported in emu_tsan_racy_block_sum (emu_tsan.cu): {}",
+            "no data race reported in {kernel} ({file}): {}",
             c.dump(name)
         );
     };
@@ -247,6 +266,26 @@ fn tsan_reports_a_reduction_missing_a_syncthreads() {
         c.ours.len(),
         head.join("\n")
     );
+}
+
+/// emu_async_pipeline with `bug` (0: none, 2: no barrier before a refill), one block of 128.
+fn async_pipeline(bug: i32) -> usize {
+    let ntiles = 5;
+    let x = host(ntiles * 512, 3, 1.0);
+    let mut y = vec![0f32; ntiles * 128];
+    let mut a = EmuArgs::new();
+    a.ptr(&x).ptr_mut(&mut y).scalar(ntiles as i32).scalar(bug);
+    launch(
+        "emu_async_pipeline",
+        [1, 1, 1],
+        [128, 1, 1],
+        0,
+        &mut a,
+        EmuMode::Threads,
+        1,
+    )
+    .unwrap_or_else(|e| panic!("emu_async_pipeline (bug {bug}): {e}"));
+    1
 }
 
 /// One block of 64 threads.
@@ -392,6 +431,61 @@ fn attention(d: &EmuDevice) {
             .unwrap();
         let dout = vals(q.len(), 9, 1.0);
         let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(k.len()));
+        d.attention_bwd(
+            m(&mut dq),
+            m(&mut dk),
+            m(&mut dv),
+            v(&dout),
+            v(&q),
+            v(&k),
+            v(&vv),
+            v(&out),
+            v(&lse),
+            dims,
+        )
+        .unwrap();
+    }
+}
+
+/// `n` values of [`host`], as bf16.
+fn vals_bf16(n: usize, seed: u32, scale: f32) -> EmuBuf {
+    EmuBuf::Bf16(
+        host(n, seed, scale)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect(),
+    )
+}
+
+/// The bf16 attention kernels: tensor-core fragments exchanged through `__syncwarp` (the
+/// emulated mma and ldmatrix), tiles copied in with cp.async into two buffers. HS 32 over T 150
+/// (hs a whole bucket, so the copies are cp.async: three key tiles for the last query tile, and
+/// dkdv's two heads x up to three query tiles, so each buffer is refilled), and hs 8 (the
+/// synchronous loads of a partial bucket).
+fn attention_bf16(d: &EmuDevice) {
+    for (t, hs) in [(150, 32), (70, 8)] {
+        let dims = AttnDims {
+            b: 1,
+            t,
+            nh: 2,
+            nkv: 1,
+            hs,
+        };
+        let (nq, nk) = (t * dims.nh * hs, t * dims.nkv * hs);
+        let (q, k, vv) = (
+            vals_bf16(nq, 6, 1.0),
+            vals_bf16(nk, 7, 1.0),
+            vals_bf16(nk, 8, 1.0),
+        );
+        let (mut out, mut lse) = (vals_bf16(nq, 1, 0.0), zeros(dims.nh * t));
+        d.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), dims)
+            .unwrap();
+        let dout = vals_bf16(nq, 9, 1.0);
+        let (mut dq, mut dk, mut dv) = (
+            vals_bf16(nq, 1, 0.0),
+            vals_bf16(nk, 1, 0.0),
+            vals_bf16(nk, 1, 0.0),
+        );
         d.attention_bwd(
             m(&mut dq),
             m(&mut dk),
@@ -749,11 +843,15 @@ fn counted(d: &EmuDevice, f: fn(&EmuDevice)) -> usize {
 }
 
 children! {
-    racy: racy_block_sum => |_| block_sum("emu_tsan_racy_block_sum");
+    racy:
+    racy_block_sum => |_| block_sum("emu_tsan_racy_block_sum"),
+    racy_async_refill => |_| async_pipeline(2);
     clean:
     fixed_block_sum => |_| block_sum("emu_tsan_block_sum"),
+    async_pipeline_no_race => |_| async_pipeline(0),
     adamw_no_race => |d| counted(d, adamw),
     attention_no_race => |d| counted(d, attention),
+    attention_bf16_no_race => |d| counted(d, attention_bf16),
     cross_entropy_no_race => |d| counted(d, cross_entropy),
     decode_attention_no_race => |d| counted(d, decode_attention),
     embedding_no_race => |d| counted(d, embedding),

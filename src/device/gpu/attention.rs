@@ -47,15 +47,15 @@ pub fn fwd_smem<T: Storage>(hsb: usize) -> usize {
 
 /// Dynamic shared memory (bytes) of the backward's dq and dkdv kernels over T for bucket `hsb`:
 /// the f32 kernels' ([`smem`]), or the bf16 tensor-core kernels' bf16 tiles of HSB + 8
-/// (dq: Q, dO [64] and K, V [BK]; dkdv: K, V [64] and Q, dO [BQ] plus lse and D [BQ] in f32;
-/// BK = BQ = 64, 32 for HSB 128).
+/// (dq: Q, dO [64] and two buffers of K, V [BK]; dkdv: K, V [64] and two buffers of Q, dO [BQ]
+/// plus lse and D [BQ] in f32; BK = BQ = 64, 32 for HSB 128).
 pub fn bwd_smem<T: Storage>(hsb: usize) -> [usize; 2] {
     match T::DTYPE {
         Dtype::Bf16 => {
             let (ld, bk) = (hsb + 8, if hsb >= 128 { 32 } else { 64 });
             [
-                2 * (2 * 64 + 2 * bk) * ld,
-                2 * (2 * 64 + 2 * bk) * ld + 8 * bk,
+                2 * (2 * 64 + 4 * bk) * ld,
+                2 * (2 * 64 + 4 * bk) * ld + 16 * bk,
             ]
         }
         _ => {
