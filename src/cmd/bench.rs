@@ -207,7 +207,7 @@ pub fn devices_cmd() -> Result<()> {
             // which cuBLASLt the device loaded (cudarc tries several names; a report should
             // say which one served the matmuls)
             if let Some(lib) = loaded_library("libcublasLt") {
-                println!("cublasLt: {lib}");
+                println!("cublasLt: {lib} (version {})", cuda::cublaslt_version());
             }
         }
     }

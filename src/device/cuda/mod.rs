@@ -74,6 +74,36 @@ impl CudaIds {
 /// The oldest driver API the embedded PTX and cubins load on (nvcc 13.0 emits PTX ISA 9.0).
 const MIN_DRIVER: i32 = 13000;
 
+/// The cuBLASLt major version the bindings are built for (cudarc's `cuda-13000`): its structs
+/// and enums are what a matmul passes to the library.
+const CUBLASLT_MAJOR: usize = 13;
+
+/// Whether the cuBLASLt that was loaded (`version` from cublasLtGetVersion: major * 10000 +
+/// minor * 100 + patch) is the major version the bindings expect. cudarc also tries the names of
+/// older libraries (libcublasLt.so.12, ...), whose API differs.
+fn cublaslt_version_ok(version: usize) -> std::result::Result<(), String> {
+    let (major, minor, patch) = cublaslt_parts(version);
+    if major == CUBLASLT_MAJOR {
+        return Ok(());
+    }
+    Err(format!(
+        "the cuBLASLt library loaded is version {major}.{minor}.{patch}; the CUDA device needs          cuBLASLt {CUBLASLT_MAJOR} (libcublasLt.so.{CUBLASLT_MAJOR}, from the CUDA {CUBLASLT_MAJOR}          toolkit or the nvidia-cublas wheel): put the folder holding it first on LD_LIBRARY_PATH"
+    ))
+}
+
+/// (major, minor, patch) of a cublasLtGetVersion number.
+fn cublaslt_parts(version: usize) -> (usize, usize, usize) {
+    (version / 10000, version / 100 % 100, version % 100)
+}
+
+/// The version of the cuBLASLt loaded, as "major.minor.patch"; call after [`probe`] succeeded.
+pub fn cublaslt_version() -> String {
+    // SAFETY: as in `probe`, which found the library loadable.
+    let (major, minor, patch) =
+        cublaslt_parts(unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() });
+    format!("{major}.{minor}.{patch}")
+}
+
 /// Why the GPU cannot be used here, or the number of CUDA devices.
 pub fn probe() -> std::result::Result<usize, String> {
     if !super::kernels::available() {
@@ -106,6 +136,9 @@ pub fn probe() -> std::result::Result<usize, String> {
                 .into(),
         );
     }
+    // SAFETY: cuBLASLt is loadable (checked above); cublasLtGetVersion takes no argument, needs
+    // no handle or context, and returns a number.
+    cublaslt_version_ok(unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() })?;
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(n as usize),
         Ok(_) => Err("the CUDA driver sees no GPU".into()),
@@ -603,4 +636,21 @@ pub(crate) fn dev_out<'a, S: Storage>(
     let (off, len) = range(op, what, &v.as_view())?;
     let (buf, _, _) = v.into_parts();
     Ok(DevPtr::new(buf.addr + (off * size_of::<S>()) as u64, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cublaslt_version_ok;
+
+    #[test]
+    fn cublaslt_major_version_is_checked() {
+        assert!(cublaslt_version_ok(130_000).is_ok());
+        assert!(cublaslt_version_ok(130_102).is_ok());
+        let e = cublaslt_version_ok(120_405).unwrap_err();
+        assert!(
+            e.contains("version 12.4.5") && e.contains("libcublasLt.so.13"),
+            "{e}"
+        );
+        assert!(cublaslt_version_ok(140_000).is_err());
+    }
 }
