@@ -4,11 +4,12 @@
 // A launch runs its blocks one after the other on the calling thread (one launch at a time in the
 // process). Within a block, every CUDA thread is in one of the states Run, Bar (waiting at a block
 // barrier), Warp (waiting at a warp collective) or Done. The last thread to arrive at a barrier
-// completes it, releases the others and carries on; a thread that must wait either switches to
-// the scheduler (fibers) or sleeps on the block's condition variable (OS threads). Every check
-// that can fail runs at an arrival or an exit, so a broken kernel is reported instead of hanging:
-// in the fiber modes the failing fiber and the waiting ones are simply never resumed; in the
-// OS-thread mode every thread throws Abort at its next barrier and unwinds.
+// completes it and releases the others (in the fiber modes it then yields, so that the next
+// stretch starts from the first warp; see run_block_fibers); a thread that must wait either
+// switches to the scheduler (fibers) or sleeps on the block's condition variable (OS threads).
+// Every check that can fail runs at an arrival or an exit, so a broken kernel is reported instead
+// of hanging: in the fiber modes the failing fiber and the waiting ones are simply never resumed;
+// in the OS-thread mode every thread throws Abort at its next barrier and unwinds.
 // System headers first: cuda_emu.h defines __noinline__, which libstdc++ uses as an attribute.
 #include <chrono>
 #include <condition_variable>
@@ -520,9 +521,10 @@ static unsigned long long warp_collective_impl(int op, unsigned mask, unsigned l
 
 // A __syncwarp orders the memory accesses of its lanes (shuffles and votes exchange values only):
 // for ThreadSanitizer, a per-warp token released on arrival and acquired on leaving, alternating
-// with the lane's count of __syncwarp as the block barrier's tokens do. (Lanes that meet in
-// __syncwarp with different masks may share a token: extra order, so a race could be missed,
-// never invented.)
+// with the lane's count of __syncwarp as the block barrier's tokens do. This assumes the lanes
+// that meet in a __syncwarp have made equally many before (true of full-mask __syncwarp, the
+// only kind the kernels use); lanes whose counts differ would use different tokens and could
+// be reported as racing.
 unsigned long long warp_collective(int op, unsigned mask, unsigned long long value, int bval, int width,
                                    const Site& site) {
     Block& b = *tls_block;

@@ -18,9 +18,9 @@
 //         running max m2 and sum l of exp2(s2 - m2) in f32, so lse = m2 * ln(2) + ln(l). The
 //         backward recomputes P = exp2(s2 - lse * log2(e)) from the forward's lse.
 // Shapes  q, out, dout, dq [B,T,NH,HS]; k, v, dk, dv [B,T,NKV,HS]; lse, D [B,NH,T] (row-major).
-// Dtypes  q, k, v, out, dout, dq, dk, dv: T; lse and D: f32 in both modes. The f32 kernels and
-//         the bf16 backward widen tiles to f32 on their way into shared memory; every product
-//         and sum is f32 (fmaf); bf16 outputs are rounded once, to nearest even, when stored.
+// Dtypes  q, k, v, out, dout, dq, dk, dv: T; lse and D: f32 in both modes. The f32 kernels
+//         keep their tiles in f32 in shared memory; every product and sum is f32 (fmaf); bf16
+//         outputs are rounded once, to nearest even, when stored.
 //         The bf16 kernels run on tensor cores (attn_fwd_tc, attn_bwd_dq_tc, attn_bwd_dkdv_tc
 //         below: bf16 tiles, f32 accumulators, P and dS rounded to bf16 as mma inputs).
 // Head    the head size is a template parameter HSB (the bucket) in {16, 32, 64, 128}; a kernel
@@ -820,8 +820,9 @@ __device__ __forceinline__ void attn_bwd_dkdv(T* __restrict__ dk, T* __restrict_
 //         dS^T rounded to bf16. lse and D of the query tile in shared memory (f32).
 // The rounding of P and dS to bf16 (the tensor cores' input) moves each gradient by at most
 // 2^-9 of the sum of its terms' magnitudes, on top of the stored result's rounding.
-// Both copy the next tile's pair (dq: K and V; dkdv: Q and dO, with lse and D) into a second
-// buffer with cp.async while the current one is used, as the forward does.
+// Both copy the next tile's pair (dq: K and V; dkdv: Q and dO) into a second buffer with
+// cp.async while the current one is used, as the forward does; dkdv loads the next step's lse
+// and D into registers meanwhile and stores them after the current step's products.
 // Shared memory (bytes), LDS = HSB + 8:
 //   dq    2 * (2 * 64 + 4 * BK) * LDS                 16: 18432  32: 30720  64: 55296  128: 69632
 //   dkdv  2 * (2 * 64 + 4 * BQ) * LDS + 16 * BQ       16: 19456  32: 31744  64: 56320  128: 70144
@@ -955,7 +956,8 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
     const nla_bf16* Ks = smem;               // [BKEY][LDS]
     const nla_bf16* Vs = Ks + BKEY * LDS;    // [BKEY][LDS]
     nla_bf16* const qo = smem + 2 * BKEY * LDS;  // buffer j: Q [BQ][LDS] at 2 j BQ LDS, then dO
-    float* const lsebuf = reinterpret_cast<float*>(qo + 4 * BQ * LDS);  // buffer j: lse2 [BQ] at 2 j BQ, then D
+    // buffer j: lse2 [BQ] at 2 j BQ, then D [BQ]
+    float* const lsebuf = reinterpret_cast<float*>(qo + 4 * BQ * LDS);
     const int nkt = (nt + BKEY - 1) / BKEY;
     if ((int)blockIdx.x >= nkt || (int)blockIdx.y >= nkv || (int)blockIdx.z >= nb) return;
     const int kt = blockIdx.x, g = blockIdx.y, b = blockIdx.z;
@@ -970,25 +972,33 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
 
     // Steps it = 0 .. grp * nq - 1 over the query heads of the group (h = g grp + it / nq) and,
     // for each, the query tiles at or after the key tile (q0 = (qt0 + it % nq) BQ). Step it + 1's
-    // Q and dO are copied in (cp.async) and its lse2 and D written into the other buffer while
-    // step it is used.
+    // Q and dO are copied in (cp.async) into the other buffer while step it is used; its lse2
+    // and D (thread r < BQ: query row r) are loaded into registers then, and stored into the
+    // other buffer after step it's products.
     const int qt0 = key0 / BQ, nq = (nt + BQ - 1) / BQ - qt0, nsteps = grp * nq;
-    auto load_step = [&](int it) {
-        const int h = g * grp + it / nq, q0 = (qt0 + it % nq) * BQ;
+    const int r_ld = (int)threadIdx.x;  // the query row whose lse2 and D this thread loads
+    static_assert(BQ <= ATTN_NT, "one lse2, D row per thread");
+    float l2_next = INFINITY, d_next = 0.0f;  // step it + 1's
+    auto issue_step = [&](int it) {  // Q, dO copies into buffer it & 1; lse2, D into registers
+        const int h = g * grp + it / nq, q0 = (qt0 + it % nq) * BQ, qi = q0 + r_ld;
         const long long qoff = (long long)b * nt * qstr + (long long)h * hs;
         attn_load_pair_async<BQ, HSB>(qo + (it & 1) * 2 * BQ * LDS, q + qoff, dout + qoff, qstr,
                                       q0, nt, hs);
-        float* l2 = lsebuf + (it & 1) * 2 * BQ;
-        for (int r = (int)threadIdx.x; r < BQ; r += ATTN_NT) {
-            const int qi = q0 + r;
-            const long long li = ((long long)b * nh + h) * nt + qi;
-            l2[r] = qi < nt ? lse[li] * ATTN_LOG2E : INFINITY;  // past T: P = 0
-            l2[BQ + r] = qi < nt ? D[li] : 0.0f;
+        const long long li = ((long long)b * nh + h) * nt + qi;
+        l2_next = r_ld < BQ && qi < nt ? lse[li] * ATTN_LOG2E : INFINITY;  // past T: P = 0
+        d_next = r_ld < BQ && qi < nt ? D[li] : 0.0f;
+    };
+    auto store_lse_d = [&](int it) {  // the registers into buffer it & 1
+        if (r_ld < BQ) {
+            float* l2 = lsebuf + (it & 1) * 2 * BQ;
+            l2[r_ld] = l2_next;
+            l2[BQ + r_ld] = d_next;
         }
     };
     attn_load_pair_async<BKEY, HSB>(smem, k + koff, v + koff, kstr, key0, nt, hs);
-    load_step(0);
+    issue_step(0);
     nla_cp_async_commit();
+    store_lse_d(0);
     float dK[NO][4], dV[NO][4];
     NLA_UNROLL
     for (int n = 0; n < NO; ++n)
@@ -1001,10 +1011,10 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
             const nla_bf16* dOs = Qs + BQ * LDS;                // [BQ][LDS]
             const float* lse2s = lsebuf + (it & 1) * 2 * BQ;    // [BQ]
             const float* Ds = lse2s + BQ;                       // [BQ]
-            if (it + 1 < nsteps) load_step(it + 1);  // the other buffer: its readers are done
+            if (it + 1 < nsteps) issue_step(it + 1);  // the other buffer: its readers are done
             nla_cp_async_commit();
             nla_cp_async_wait<1>();  // this thread's copies of step it (and K, V) have landed
-            __syncthreads();         // and every thread's; lse2 and D written
+            __syncthreads();         // and every thread's, and lse2 and D stored
             float s[NS][4], dp[NS][4];
             NLA_UNROLL
             for (int n = 0; n < NS; ++n)
@@ -1056,6 +1066,7 @@ __device__ __forceinline__ void attn_bwd_dkdv_tc(nla_bf16* __restrict__ dk,
                 }
             }
         }
+        if (it + 1 < nsteps) store_lse_d(it + 1);  // that buffer's readers are done (step it - 1)
         __syncthreads();  // every warp is done with this buffer before step it + 2 refills it
     }
     NLA_UNROLL

@@ -460,10 +460,10 @@ fn vals_bf16(n: usize, seed: u32, scale: f32) -> EmuBuf {
 /// The bf16 attention kernels: tensor-core fragments exchanged through `__syncwarp` (the
 /// emulated mma and ldmatrix), tiles copied in with cp.async into two buffers. HS 32 over T 150
 /// (hs a whole bucket, so the copies are cp.async: three key tiles for the last query tile, and
-/// dkdv's two heads x up to three query tiles, so each buffer is refilled), and hs 8 (the
-/// synchronous loads of a partial bucket).
+/// dkdv's two heads x up to three query tiles, so each buffer is refilled), HS 128 over T 70 (the
+/// backward's 32-row tiles), and hs 8 (the synchronous loads of a partial bucket).
 fn attention_bf16(d: &EmuDevice) {
-    for (t, hs) in [(150, 32), (70, 8)] {
+    for (t, hs) in [(150, 32), (70, 128), (70, 8)] {
         let dims = AttnDims {
             b: 1,
             t,
