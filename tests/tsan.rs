@@ -406,44 +406,8 @@ fn rope(d: &EmuDevice) {
 
 fn attention(d: &EmuDevice) {
     // HS 16 (the 64-key tiles), and HS 128 (32-key tiles) over two query tiles (T 70)
-    for dims in [
-        AttnDims {
-            b: 2,
-            t: 8,
-            nh: 4,
-            nkv: 2,
-            hs: 16,
-        },
-        AttnDims {
-            b: 1,
-            t: 70,
-            nh: 2,
-            nkv: 1,
-            hs: 128,
-        },
-    ] {
-        let AttnDims { b, t, nh, nkv, hs } = dims;
-        let q = vals(b * t * nh * hs, 6, 1.0);
-        let k = vals(b * t * nkv * hs, 7, 1.0);
-        let vv = vals(b * t * nkv * hs, 8, 1.0);
-        let (mut out, mut lse) = (zeros(q.len()), zeros(b * nh * t));
-        d.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), dims)
-            .unwrap();
-        let dout = vals(q.len(), 9, 1.0);
-        let (mut dq, mut dk, mut dv) = (zeros(q.len()), zeros(k.len()), zeros(k.len()));
-        d.attention_bwd(
-            m(&mut dq),
-            m(&mut dk),
-            m(&mut dv),
-            v(&dout),
-            v(&q),
-            v(&k),
-            v(&vv),
-            v(&out),
-            v(&lse),
-            dims,
-        )
-        .unwrap();
+    for (b, t, nh, nkv, hs) in [(2, 8, 4, 2, 16), (1, 70, 2, 1, 128)] {
+        attention_case(d, AttnDims { b, t, nh, nkv, hs }, vals);
     }
 }
 
@@ -471,35 +435,34 @@ fn attention_bf16(d: &EmuDevice) {
             nkv: 1,
             hs,
         };
-        let (nq, nk) = (t * dims.nh * hs, t * dims.nkv * hs);
-        let (q, k, vv) = (
-            vals_bf16(nq, 6, 1.0),
-            vals_bf16(nk, 7, 1.0),
-            vals_bf16(nk, 8, 1.0),
-        );
-        let (mut out, mut lse) = (vals_bf16(nq, 1, 0.0), zeros(dims.nh * t));
-        d.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), dims)
-            .unwrap();
-        let dout = vals_bf16(nq, 9, 1.0);
-        let (mut dq, mut dk, mut dv) = (
-            vals_bf16(nq, 1, 0.0),
-            vals_bf16(nk, 1, 0.0),
-            vals_bf16(nk, 1, 0.0),
-        );
-        d.attention_bwd(
-            m(&mut dq),
-            m(&mut dk),
-            m(&mut dv),
-            v(&dout),
-            v(&q),
-            v(&k),
-            v(&vv),
-            v(&out),
-            v(&lse),
-            dims,
-        )
-        .unwrap();
+        attention_case(d, dims, vals_bf16);
     }
+}
+
+/// The forward and the backward once, with q, k, v, dout and the outputs from `make` (f32 or
+/// bf16 buffers; lse stays f32).
+fn attention_case(d: &EmuDevice, dims: AttnDims, make: fn(usize, u32, f32) -> EmuBuf) {
+    let AttnDims { b, t, nh, nkv, hs } = dims;
+    let (nq, nk) = (b * t * nh * hs, b * t * nkv * hs);
+    let (q, k, vv) = (make(nq, 6, 1.0), make(nk, 7, 1.0), make(nk, 8, 1.0));
+    let (mut out, mut lse) = (make(nq, 1, 0.0), zeros(b * nh * t));
+    d.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), dims)
+        .unwrap();
+    let dout = make(nq, 9, 1.0);
+    let (mut dq, mut dk, mut dv) = (make(nq, 1, 0.0), make(nk, 1, 0.0), make(nk, 1, 0.0));
+    d.attention_bwd(
+        m(&mut dq),
+        m(&mut dk),
+        m(&mut dv),
+        v(&dout),
+        v(&q),
+        v(&k),
+        v(&vv),
+        v(&out),
+        v(&lse),
+        dims,
+    )
+    .unwrap();
 }
 
 fn decode_attention(d: &EmuDevice) {
