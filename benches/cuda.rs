@@ -20,6 +20,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use half::bf16;
 use nla_engine::device::cuda::{self, CudaBuf, CudaDevice};
 use nla_engine::device::{AdamwStep, AttnDims, CacheDims, Device, Dtype, View, ViewMut};
 
@@ -62,6 +63,30 @@ fn v(x: &CudaBuf) -> View<'_, CudaBuf> {
 }
 fn m(x: &mut CudaBuf) -> ViewMut<'_, CudaBuf> {
     ViewMut::all(x)
+}
+
+/// The bf16 attention forward with `rows` query rows per block (the kernel by name, where
+/// `Device::attention_fwd` lets the launcher pick).
+fn attention_fwd_rows(
+    dev: &CudaDevice,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    [q, k, vv]: [&CudaBuf; 3],
+    d: AttnDims,
+    rows: usize,
+) -> nla_engine::Result<()> {
+    use nla_engine::device::gpu::{attention, kernel_device::KernelDevice};
+    const OP: &str = "attention_fwd";
+    attention::fwd_with_rows::<bf16, _>(
+        dev.launcher(),
+        CudaDevice::output(OP, "out", m(out))?,
+        CudaDevice::output(OP, "lse", m(lse))?,
+        CudaDevice::input(OP, "q", v(q))?,
+        CudaDevice::input(OP, "k", v(k))?,
+        CudaDevice::input(OP, "v", v(vv))?,
+        d,
+        rows,
+    )
 }
 
 /// Times `f(i)` (i = launch index) with events: criterion picks the iteration counts.
@@ -478,6 +503,19 @@ fn benches(c: &mut Criterion) {
             peak,
             |_| dev.attention_fwd(m(&mut out), m(&mut lse), v(&q), v(&k), v(&vv), d),
         );
+        if dt == Dtype::Bf16 {
+            // the launcher's pick above is the 128-row kernel (attention_fwd_bf16_hs128_bo128);
+            // the 64-row one by name, to compare
+            bench_op(
+                c,
+                &dev,
+                "attention",
+                &id(dt, "fwd", "t4096_hs128_bo64"),
+                Throughput::Elements(fwd_flop as u64),
+                peak,
+                |_| attention_fwd_rows(&dev, &mut out, &mut lse, [&q, &k, &vv], d, 64),
+            );
+        }
         let dout = random(&dev, nq, 12, 1.0, dt);
         let (mut dq, mut dk, mut dv) = (
             dev.alloc_as(nq, dt).expect("a"),

@@ -70,8 +70,11 @@
 //           dkdv  51712   68096  100864  116736
 //         Over 48 KiB: raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES; all fit sm_80's
 //         163 KiB per block. dot: none. The bf16 forward (tensor cores): 8 * 64 * (HSB + 8)
-//         (12288, 20480, 36864, 69632).
-// Symbols attention_fwd_<f32|bf16>_hs<16|32|64|128>
+//         (12288, 20480, 36864, 69632); its _bo128 kernels (HSB 64: 36864, HSB 128:
+//         2 * (4 * 32 + 128) * 136 = 69632) take 128 query rows per block, grid
+//         (ceil(T/128), NH, B). The forwards declare the blocks per SM they are compiled for
+//         (AttnFwd::BLOCKS).
+// Symbols attention_fwd_<f32|bf16>_hs<16|32|64|128>, attention_fwd_bf16_hs<64|128>_bo128
 //           (T* out, float* lse, const T* q, const T* k, const T* v,
 //            int b, int t, int nh, int nkv, int hs)
 //         attention_bwd_dot_<f32|bf16>
@@ -347,34 +350,46 @@ __device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], co
 // ---- forward, bf16: tensor cores
 //
 // The same algorithm as attn_fwd with the tile products on tensor cores (nla_mma_bf16_16816).
-// Block 128 = 4 warps, one per 16 query rows of the 64-row query tile; per key tile of BK = 64
-// keys (K and V in shared memory as bf16, rows of HSB + 8: 16-byte aligned, and the 8 rows of
-// an ldmatrix fall in distinct banks; two buffers: tile kt + 1 is copied in with cp.async while
-// tile kt is used):
-//   S = Q K^T: per warp a 16 x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps, K's B fragments
-//     of two n-tiles per ldmatrix (attn_frag_bt2); Q's fragments stay in registers for the
-//     whole block (read once from global memory, zero past hs and T);
-//   online softmax in the S fragments (a lane holds rows gr and gr + 8, 16 columns each; the
-//     row max and sum over the 4 lanes of a row are 2 xor shuffles); l sums the f32 p;
+// Block 128 = 4 warps; a block takes BO = 64 MT query rows and each warp 16 MT of them (MT
+// m-tiles of 16 rows: MT = 1, the _hs<B> kernels, or 2, the _hs<B>_bo128 ones; with MT = 2
+// every K and V fragment read from shared memory feeds two mma instead of one). Per key tile
+// of BK = 64 keys (K and V in shared memory as bf16, rows of HSB + 8: 16-byte aligned, and the
+// 8 rows of an ldmatrix fall in distinct banks; two buffers: tile kt + 1 is copied in with
+// cp.async while tile kt is used):
+//   S = Q K^T: per warp a 16 MT x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps per m-tile,
+//     K's B fragments of two n-tiles per ldmatrix (attn_frag_bt2), used by every m-tile. Q's
+//     A fragments stay in registers for the whole block where they take at most 32 of them
+//     (MT HSB / 16 k-steps x 4; read once from global memory, zero past hs and T), else (MT 2,
+//     HSB 128) Q sits in shared memory (copied with key tile 0) and each k-step's fragments
+//     are read with ldmatrix (attn_frag_a) per key tile;
+//   online softmax in the S fragments (a lane holds rows gr and gr + 8 of each m-tile, 16
+//     columns each; the row max and sum over the 4 lanes of a row are 2 xor shuffles); l sums
+//     the f32 p;
 //   O += P V: the S fragments, rounded to bf16, are the A fragments of P (two 8-key n-tiles
 //     make one 16-key k-step), V's B fragments of two n-tiles per transposed ldmatrix
-//     (attn_frag_b2), O in HSB/8 f32 fragments.
+//     (attn_frag_b2), O in MT x HSB/8 f32 fragments.
+// A warp skips a key tile that lies wholly after its last row (MT 2: the last tile, for the
+// first two warps), and masks only in a tile that reaches past its first row.
 // P is rounded to bf16 for the P V product (the tensor cores' input type) while l sums the
 // unrounded p: out moves by at most 2^-9 sum_j p_j |v_j| / l <= 2^-9 max|v| from the f32
 // algorithm, on top of out's own rounding when stored.
 // Shared memory: 2 buffers of K and V, 4 * 64 * (HSB + 8) bf16 = 8 * 64 * (HSB + 8) bytes
-// (16: 12288, 32: 20480, 64: 36864, 128: 69632).
-template <int HSB>
+// (16: 12288, 32: 20480, 64: 36864, 128: 69632), and Q's 128 rows after them where it is not
+// in registers (bo128 at HSB 128: + 2 * 128 * 136 = 104448).
+template <int HSB, int MT>
 __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* __restrict__ lse,
                                             const nla_bf16* __restrict__ q,
                                             const nla_bf16* __restrict__ k,
                                             const nla_bf16* __restrict__ v, int nb, int nt,
                                             int nh, int nkv, int hs) {
-    constexpr int BO = ATTN_BO, BK = 64, LDS = HSB + 8;
-    constexpr int KS = HSB / 16;  // k-steps of Q K^T
-    constexpr int NS = BK / 8;    // n-tiles of S
-    constexpr int NO = HSB / 8;   // n-tiles of O
-    NLA_DYNAMIC_SMEM(nla_bf16, smem);  // buffer j: K [BK][LDS] at 2 j BK LDS, then V [BK][LDS]
+    constexpr int BO = ATTN_BO * MT, BK = MT == 2 && HSB == 128 ? 32 : 64, LDS = HSB + 8;
+    constexpr int KS = HSB / 16;               // k-steps of Q K^T
+    constexpr int NS = BK / 8;                 // n-tiles of S
+    constexpr int NO = HSB / 8;                // n-tiles of O
+    constexpr bool QREG = MT * KS * 4 <= 32;   // Q's fragments in registers, else in smem
+    // buffer j: K [BK][LDS] at 2 j BK LDS, then V [BK][LDS]; Q [BO][LDS] at 4 BK LDS (!QREG)
+    NLA_DYNAMIC_SMEM(nla_bf16, smem);
+    nla_bf16* Qs = smem + 4 * BK * LDS;
     const int nqt = (nt + BO - 1) / BO;
     if ((int)blockIdx.x >= nqt || (int)blockIdx.y >= nh || (int)blockIdx.z >= nb) return;
     const int qt = nqt - 1 - (int)blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -382,35 +397,50 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
     const int gr = lane >> 2, tc = lane & 3;
     const int q0 = qt * BO;
-    const int row[2] = {q0 + warp * 16 + gr, q0 + warp * 16 + gr + 8};
+    const int w0 = warp * 16 * MT;               // the warp's first row in the block's tile
+    const int wfirst = q0 + w0, wlast = wfirst + 16 * MT - 1;
+    const int r0 = wfirst + gr;  // this lane's rows: r0 + 16 mt + 8 r (r < 2), m-tile mt
     const float sl2 = (1.0f / sqrtf((float)hs)) * ATTN_LOG2E;
     const long long qstr = (long long)nh * hs, kstr = (long long)nkv * hs;
     const nla_bf16* qb = q + (long long)b * nt * qstr + (long long)h * hs;
     const nla_bf16* kb = k + (long long)b * nt * kstr + (long long)g * hs;
     const nla_bf16* vb = v + (long long)b * nt * kstr + (long long)g * hs;
     const nla_bf16 zero = nla_from_f32<nla_bf16>(0.0f);
-    // key tile 0 into buffer 0, in flight while Q's fragments are loaded
+    // key tile 0 into buffer 0 (and Q into Qs), in flight while Q's fragments are loaded
     attn_load_pair_async<BK, HSB>(smem, kb, vb, kstr, 0, nt, hs);
+    if constexpr (!QREG) attn_load_bf16_async<BO, HSB>(Qs, qb, qstr, q0, nt, hs);
     nla_cp_async_commit();
 
-    // Q's A fragments: qa[ks][j] = Q[row j & 1][ks * 16 + 2 tc + 8 (j >> 1) + {0, 1}]
-    uint32_t qa[KS][4];
-    NLA_UNROLL
-    for (int ks = 0; ks < KS; ++ks) {
+    // Q's A fragments (QREG): qa[mt][ks][j] = Q[r0 + 16 mt + 8 (j & 1)][ks * 16 + 2 tc
+    // + 8 (j >> 1) + {0, 1}]
+    uint32_t qa[QREG ? MT : 1][QREG ? KS : 1][4];
+    if constexpr (QREG) {
         NLA_UNROLL
-        for (int j = 0; j < 4; ++j) {
-            const int r = row[j & 1], c = ks * 16 + 2 * tc + 8 * (j >> 1);
-            const nla_bf16* src = qb + (long long)r * qstr;
-            const bool in = r < nt;
-            qa[ks][j] = nla_pack_bf16(in && c < hs ? src[c] : zero,
-                                      in && c + 1 < hs ? src[c + 1] : zero);
-        }
+        for (int mt = 0; mt < MT; ++mt)
+            NLA_UNROLL
+            for (int ks = 0; ks < KS; ++ks)
+                NLA_UNROLL
+                for (int j = 0; j < 4; ++j) {
+                    const int r = r0 + 16 * mt + 8 * (j & 1), c = ks * 16 + 2 * tc + 8 * (j >> 1);
+                    const nla_bf16* src = qb + (long long)r * qstr;
+                    const bool in = r < nt;
+                    qa[mt][ks][j] = nla_pack_bf16(in && c < hs ? src[c] : zero,
+                                                  in && c + 1 < hs ? src[c + 1] : zero);
+                }
     }
-    float o[NO][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[MT][NO][4], m[MT][2], l[MT][2];
     NLA_UNROLL
-    for (int n = 0; n < NO; ++n)
+    for (int mt = 0; mt < MT; ++mt) {
         NLA_UNROLL
-        for (int i = 0; i < 4; ++i) o[n][i] = 0.0f;
+        for (int r = 0; r < 2; ++r) {
+            m[mt][r] = -INFINITY;
+            l[mt][r] = 0.0f;
+        }
+        NLA_UNROLL
+        for (int n = 0; n < NO; ++n)
+            NLA_UNROLL
+            for (int i = 0; i < 4; ++i) o[mt][n][i] = 0.0f;
+    }
 
     // key tiles up to the last query of the tile; tile 0 holds key 0, which every row sees,
     // so each row's running max is finite from the first tile on
@@ -425,115 +455,160 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
         nla_cp_async_commit();
         nla_cp_async_wait<1>();  // this thread's copies of tile kt have landed
         __syncthreads();         // and every thread's
-        // S = Q K^T (16 x 64 per warp), two n-tiles of 8 keys per load
-        float s[NS][4];
-        NLA_UNROLL
-        for (int n = 0; n < NS; ++n)
+        if (k0 <= wlast) {       // uniform over the warp: some key of the tile is seen
+            // S = Q K^T (16 MT x 64 per warp), two n-tiles of 8 keys per K load
+            float s[MT][NS][4];
             NLA_UNROLL
-            for (int i = 0; i < 4; ++i) s[n][i] = 0.0f;
-        NLA_UNROLL
-        for (int n = 0; n < NS; n += 2) {
+            for (int mt = 0; mt < MT; ++mt)
+                NLA_UNROLL
+                for (int n = 0; n < NS; ++n)
+                    NLA_UNROLL
+                    for (int i = 0; i < 4; ++i) s[mt][n][i] = 0.0f;
             NLA_UNROLL
             for (int ks = 0; ks < KS; ++ks) {
-                uint32_t bk[4];
-                attn_frag_bt2(bk, Ks, LDS, ks * 16, n * 8, lane);
-                nla_mma_bf16_16816(s[n], qa[ks], bk);
-                nla_mma_bf16_16816(s[n + 1], qa[ks], bk + 2);
-            }
-        }
-        // scale, causal mask, online softmax; the rows of this lane: row[0] (s[.][0..1]) and
-        // row[1] (s[.][2..3]). Only a tile that reaches past the query tile's first row has
-        // keys to mask (those after a row, and any past T, which are after every row); the
-        // tiles before it (all but one or two of a long row's) skip the compare.
-        float mx[2] = {-INFINITY, -INFINITY};
-        if (k0 + BK - 1 > q0) {
-            NLA_UNROLL
-            for (int n = 0; n < NS; ++n)
+                uint32_t qf[MT][4];
                 NLA_UNROLL
-                for (int i = 0; i < 4; ++i) {
-                    const int key = k0 + n * 8 + 2 * tc + (i & 1);
-                    s[n][i] = key <= row[i >> 1] ? s[n][i] * sl2 : -INFINITY;
-                    mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+                for (int mt = 0; mt < MT; ++mt) {
+                    if constexpr (QREG) {
+                        NLA_UNROLL
+                        for (int j = 0; j < 4; ++j) qf[mt][j] = qa[mt][ks][j];
+                    } else {
+                        attn_frag_a(qf[mt], Qs, LDS, w0 + mt * 16, ks * 16, lane);
+                    }
                 }
-        } else {
-            NLA_UNROLL
-            for (int n = 0; n < NS; ++n)
                 NLA_UNROLL
-                for (int i = 0; i < 4; ++i) {
-                    s[n][i] *= sl2;
-                    mx[i >> 1] = fmaxf(mx[i >> 1], s[n][i]);
+                for (int n = 0; n < NS; n += 2) {
+                    uint32_t bk[4];
+                    attn_frag_bt2(bk, Ks, LDS, ks * 16, n * 8, lane);
+                    NLA_UNROLL
+                    for (int mt = 0; mt < MT; ++mt) {
+                        nla_mma_bf16_16816(s[mt][n], qf[mt], bk);
+                        nla_mma_bf16_16816(s[mt][n + 1], qf[mt], bk + 2);
+                    }
                 }
-        }
-        float alpha[2];
-        NLA_UNROLL
-        for (int r = 0; r < 2; ++r) {
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float mn = fmaxf(m[r], mx[r]);  // finite (see above)
-            alpha[r] = exp2f(m[r] - mn);          // 0 on the first tile (m = -inf)
-            m[r] = mn;
-            l[r] *= alpha[r];
-        }
-        NLA_UNROLL
-        for (int n = 0; n < NS; ++n)
-            NLA_UNROLL
-            for (int i = 0; i < 4; ++i) {
-                s[n][i] = exp2f(s[n][i] - m[i >> 1]);  // masked: exp2(-inf) = 0
-                l[i >> 1] += s[n][i];  // this lane's columns; summed over the row at the end
             }
-        NLA_UNROLL
-        for (int n = 0; n < NO; ++n)
+            // scale, causal mask, online softmax; the rows of this lane in m-tile mt: r0 +
+            // 16 mt (s[mt][.][0..1]) and r0 + 16 mt + 8 (s[mt][.][2..3]). Only a tile that
+            // reaches past the warp's first row has keys to mask (those after a row, and any
+            // past T, which are after every row); the tiles before it (all but one or two of a
+            // long row's) skip the compare.
+            float mx[MT][2];
             NLA_UNROLL
-            for (int i = 0; i < 4; ++i) o[n][i] *= alpha[i >> 1];
-        // O += P V: k-step kk covers keys kk * 16 .. + 16 (S n-tiles 2 kk and 2 kk + 1)
-        NLA_UNROLL
-        for (int kk = 0; kk < BK / 16; ++kk) {
-            const uint32_t pa[4] = {nla_pack_bf16(s[2 * kk][0], s[2 * kk][1]),
-                                    nla_pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                    nla_pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    nla_pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            for (int mt = 0; mt < MT; ++mt) mx[mt][0] = mx[mt][1] = -INFINITY;
+            if (k0 + BK - 1 > wfirst) {
+                // key k0 + 8 n + 2 tc + (i & 1) <= row r0 + 16 mt + 8 (i >> 1), i.e.
+                // 8 n + (i & 1) - 16 mt - 8 (i >> 1) <= lim: one compare with a constant
+                const int lim = r0 - k0 - 2 * tc;
+                NLA_UNROLL
+                for (int mt = 0; mt < MT; ++mt)
+                    NLA_UNROLL
+                    for (int n = 0; n < NS; ++n)
+                        NLA_UNROLL
+                        for (int i = 0; i < 4; ++i) {
+                            const int key = 8 * n + (i & 1) - 16 * mt - 8 * (i >> 1);
+                            s[mt][n][i] = key <= lim ? s[mt][n][i] * sl2 : -INFINITY;
+                            mx[mt][i >> 1] = fmaxf(mx[mt][i >> 1], s[mt][n][i]);
+                        }
+            } else {
+                NLA_UNROLL
+                for (int mt = 0; mt < MT; ++mt)
+                    NLA_UNROLL
+                    for (int n = 0; n < NS; ++n)
+                        NLA_UNROLL
+                        for (int i = 0; i < 4; ++i) {
+                            s[mt][n][i] *= sl2;
+                            mx[mt][i >> 1] = fmaxf(mx[mt][i >> 1], s[mt][n][i]);
+                        }
+            }
+            float alpha[MT][2];
             NLA_UNROLL
-            for (int n = 0; n < NO; n += 2) {
-                uint32_t bv[4];
-                attn_frag_b2(bv, Vs, LDS, kk * 16, n * 8, lane);
-                nla_mma_bf16_16816(o[n], pa, bv);
-                nla_mma_bf16_16816(o[n + 1], pa, bv + 2);
+            for (int mt = 0; mt < MT; ++mt)
+                NLA_UNROLL
+                for (int r = 0; r < 2; ++r) {
+                    float x = mx[mt][r];
+                    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+                    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+                    const float mn = fmaxf(m[mt][r], x);  // finite (see above)
+                    alpha[mt][r] = exp2f(m[mt][r] - mn);  // 0 on the first tile (m = -inf)
+                    m[mt][r] = mn;
+                    l[mt][r] *= alpha[mt][r];
+                }
+            NLA_UNROLL
+            for (int mt = 0; mt < MT; ++mt) {
+                NLA_UNROLL
+                for (int n = 0; n < NS; ++n)
+                    NLA_UNROLL
+                    for (int i = 0; i < 4; ++i) {
+                        s[mt][n][i] = exp2f(s[mt][n][i] - m[mt][i >> 1]);  // masked: 0
+                        l[mt][i >> 1] += s[mt][n][i];  // this lane's columns (summed at the end)
+                    }
+                NLA_UNROLL
+                for (int n = 0; n < NO; ++n)
+                    NLA_UNROLL
+                    for (int i = 0; i < 4; ++i) o[mt][n][i] *= alpha[mt][i >> 1];
+            }
+            // O += P V: k-step kk covers keys kk * 16 .. + 16 (S n-tiles 2 kk and 2 kk + 1)
+            NLA_UNROLL
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                uint32_t pa[MT][4];
+                NLA_UNROLL
+                for (int mt = 0; mt < MT; ++mt) attn_c_to_a(pa[mt], s[mt][2 * kk], s[mt][2 * kk + 1]);
+                NLA_UNROLL
+                for (int n = 0; n < NO; n += 2) {
+                    uint32_t bv[4];
+                    attn_frag_b2(bv, Vs, LDS, kk * 16, n * 8, lane);
+                    NLA_UNROLL
+                    for (int mt = 0; mt < MT; ++mt) {
+                        nla_mma_bf16_16816(o[mt][n], pa[mt], bv);
+                        nla_mma_bf16_16816(o[mt][n + 1], pa[mt], bv + 2);
+                    }
+                }
             }
         }
         __syncthreads();  // every warp is done with this buffer before tile kt + 2 refills it
     }
     NLA_UNROLL
-    for (int r = 0; r < 2; ++r) {
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-        if (row[r] >= nt) continue;
-        const float inv = 1.0f / l[r];
-        nla_bf16* orow = out + ((long long)b * nt + row[r]) * qstr + (long long)h * hs;
+    for (int mt = 0; mt < MT; ++mt)
         NLA_UNROLL
-        for (int n = 0; n < NO; ++n)
+        for (int r = 0; r < 2; ++r) {
+            float lr = l[mt][r];
+            lr += __shfl_xor_sync(0xffffffffu, lr, 1);
+            lr += __shfl_xor_sync(0xffffffffu, lr, 2);
+            const int qi = r0 + 16 * mt + 8 * r;
+            if (qi >= nt) continue;
+            const float inv = 1.0f / lr;
+            nla_bf16* orow = out + ((long long)b * nt + qi) * qstr + (long long)h * hs;
             NLA_UNROLL
-            for (int i = 0; i < 2; ++i) {
-                const int d = n * 8 + 2 * tc + i;
-                if (d < hs) orow[d] = nla_from_f32<nla_bf16>(o[n][2 * r + i] * inv);
-            }
-        if (tc == 0) lse[((long long)b * nh + h) * nt + row[r]] = m[r] * ATTN_LN2 + logf(l[r]);
-    }
+            for (int n = 0; n < NO; ++n)
+                NLA_UNROLL
+                for (int i = 0; i < 2; ++i) {
+                    const int d = n * 8 + 2 * tc + i;
+                    if (d < hs) orow[d] = nla_from_f32<nla_bf16>(o[mt][n][2 * r + i] * inv);
+                }
+            if (tc == 0)
+                lse[((long long)b * nh + h) * nt + qi] = m[mt][r] * ATTN_LN2 + logf(lr);
+        }
 }
 
 // The forward of each storage type: f32 on the SIMT cores (the parity path), bf16 on tensor
-// cores.
-template <typename T, int HSB> struct AttnFwd {
+// cores with MT m-tiles per warp. BLOCKS: the blocks per SM each kernel is compiled for (its
+// __launch_bounds__ minimum: ptxas keeps to 64K / (128 BLOCKS) registers a thread). Left to
+// itself, ptxas held the bf16 hs64 forward at 128 registers with a spill; these are the
+// occupancies the kernels reach without spilling (registers in the ptxas report).
+template <typename T, int HSB, int MT = 1> struct AttnFwd {
+    static constexpr int BLOCKS = HSB >= 64 ? 4 : 5;
     static __device__ __forceinline__ void run(T* out, float* lse, const T* q, const T* k,
                                                const T* v, int b, int t, int nh, int nkv,
                                                int hs) {
         attn_fwd<T, HSB>(out, lse, q, k, v, b, t, nh, nkv, hs);
     }
 };
-template <int HSB> struct AttnFwd<nla_bf16, HSB> {
+template <int HSB, int MT> struct AttnFwd<nla_bf16, HSB, MT> {
+    static constexpr int BLOCKS = MT == 2 || HSB == 128 ? 2 : HSB == 64 ? 3 : 4;
     static __device__ __forceinline__ void run(nla_bf16* out, float* lse, const nla_bf16* q,
                                                const nla_bf16* k, const nla_bf16* v, int b, int t,
                                                int nh, int nkv, int hs) {
-        attn_fwd_tc<HSB>(out, lse, q, k, v, b, t, nh, nkv, hs);
+        attn_fwd_tc<HSB, MT>(out, lse, q, k, v, b, t, nh, nkv, hs);
     }
 };
 
@@ -1119,12 +1194,16 @@ template <int HSB> struct AttnBwd<nla_bf16, HSB> {
 
 // ---- symbols
 
-#define ATTN_KERNELS_HS(S, T, HSB)                                                                 \
-    extern "C" __global__ void __launch_bounds__(ATTN_NT) attention_fwd_##S##_hs##HSB(            \
+#define ATTN_FWD(NAME, T, HSB, MT)                                                                 \
+    extern "C" __global__ void __launch_bounds__(ATTN_NT, (AttnFwd<T, HSB, MT>::BLOCKS)) NAME(     \
         T* __restrict__ out, float* __restrict__ lse, const T* __restrict__ q,                     \
         const T* __restrict__ k, const T* __restrict__ v, int b, int t, int nh, int nkv, int hs) { \
-        AttnFwd<T, HSB>::run(out, lse, q, k, v, b, t, nh, nkv, hs);                                \
-    }                                                                                              \
+        AttnFwd<T, HSB, MT>::run(out, lse, q, k, v, b, t, nh, nkv, hs);                            \
+    }
+
+
+#define ATTN_KERNELS_HS(S, T, HSB)                                                                 \
+    ATTN_FWD(attention_fwd_##S##_hs##HSB, T, HSB, 1)                                               \
     extern "C" __global__ void __launch_bounds__(ATTN_NT, 1) attention_bwd_dq_##S##_hs##HSB(      \
         T* __restrict__ dq, const T* __restrict__ dout, const T* __restrict__ q,                   \
         const T* __restrict__ k, const T* __restrict__ v, const float* __restrict__ lse,           \
@@ -1152,6 +1231,9 @@ template <int HSB> struct AttnBwd<nla_bf16, HSB> {
 
 ATTN_KERNELS(f32, float)
 ATTN_KERNELS(bf16, nla_bf16)
+// the bf16 forward with 128 query rows per block (MT = 2): grid (ceil(T/128), NH, B)
+ATTN_FWD(attention_fwd_bf16_hs64_bo128, nla_bf16, 64, 2)
+ATTN_FWD(attention_fwd_bf16_hs128_bo128, nla_bf16, 128, 2)
 
 #ifdef NLA_EMU
 NLA_EMU_KERNEL(attention_bwd_dot_f32);
@@ -1164,6 +1246,8 @@ NLA_EMU_KERNEL(attention_fwd_bf16_hs16);
 NLA_EMU_KERNEL(attention_fwd_bf16_hs32);
 NLA_EMU_KERNEL(attention_fwd_bf16_hs64);
 NLA_EMU_KERNEL(attention_fwd_bf16_hs128);
+NLA_EMU_KERNEL(attention_fwd_bf16_hs64_bo128);
+NLA_EMU_KERNEL(attention_fwd_bf16_hs128_bo128);
 NLA_EMU_KERNEL(attention_bwd_dq_f32_hs16);
 NLA_EMU_KERNEL(attention_bwd_dq_f32_hs32);
 NLA_EMU_KERNEL(attention_bwd_dq_f32_hs64);

@@ -251,10 +251,16 @@ const ATTN_NT: u32 = 128;
 /// attention case (2400 rows, 600 blocks wanted) runs the dot kernel's grid-stride loop.
 const WARP_GRID_CAP: usize = 4 * 132;
 
-/// The bf16 (tensor-core) forward's dynamic shared memory (bytes) for bucket `hsb`: K and V
-/// tiles in two buffers, 4 x 64 x (HSB + 8) bf16.
-fn attn_tc_fwd_smem(hsb: usize) -> usize {
-    8 * 64 * (hsb + 8)
+/// The bf16 (tensor-core) forward's dynamic shared memory (bytes) for bucket `hsb` and `rows`
+/// query rows per block: K and V tiles in two buffers, 4 x BK rows of HSB + 8 bf16 (BK 64,
+/// 32 for 128 rows at HSB 128, which holds Q's 128 rows there too: 256 rows either way).
+fn attn_tc_fwd_smem(hsb: usize, rows: usize) -> usize {
+    let (bk, q_rows) = if rows == 128 && hsb == 128 {
+        (32, 128)
+    } else {
+        (64, 0)
+    };
+    2 * (4 * bk + q_rows) * (hsb + 8)
 }
 
 /// The bf16 (tensor-core) dq and dkdv kernels' dynamic shared memory (bytes) for bucket `hsb`:
@@ -294,7 +300,8 @@ fn check_attn_dims(d: &AttnDims) {
     assert!(d.nh <= 65535 && d.b <= 65535, "grid y/z");
 }
 
-/// attention_fwd_<T>_hs<B>: grid (ceil(T/64), NH, B), block 128.
+/// attention_fwd_<T>_hs<B>: grid (ceil(T/64), NH, B), block 128; with `rows` 128,
+/// attention_fwd_bf16_hs<B>_bo128: grid (ceil(T/128), NH, B).
 #[allow(clippy::too_many_arguments)]
 fn attention_fwd_launch<T: Ty>(
     out: &mut [T],
@@ -303,6 +310,7 @@ fn attention_fwd_launch<T: Ty>(
     k: &[T],
     v: &[T],
     d: AttnDims,
+    rows: usize,
     mode: EmuMode,
     seed: u64,
 ) {
@@ -314,19 +322,24 @@ fn attention_fwd_launch<T: Ty>(
     assert_eq!(v.len(), b * t * nkv * hs);
     assert_eq!(lse.len(), b * nh * t);
     let hsb = hs_bucket(hs);
+    assert!(
+        rows == 64 || (rows == 128 && T::BF16 && hsb >= 64),
+        "{rows} rows"
+    );
     let smem = if T::BF16 {
-        attn_tc_fwd_smem(hsb)
+        attn_tc_fwd_smem(hsb, rows)
     } else {
         attn_smem(hsb)[0]
     };
     let _needs_opt_in = smem > SMEM_DEFAULT_MAX;
-    let name = format!("attention_fwd_{}_hs{hsb}", T::NAME);
+    let bo = if rows == 128 { "_bo128" } else { "" };
+    let name = format!("attention_fwd_{}_hs{hsb}{bo}", T::NAME);
     let mut a = EmuArgs::new();
     a.ptr_mut(out).ptr_mut(lse).ptr(q).ptr(k).ptr(v);
     for x in [b, t, nh, nkv, hs] {
         a.scalar(i32_of(x));
     }
-    let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
+    let grid = [t.div_ceil(rows) as u32, nh as u32, b as u32];
     launch3(&name, grid, ATTN_NT, smem, &mut a, mode, seed);
 }
 
@@ -787,8 +800,9 @@ fn attention_smem_sizes_are_the_headers() {
         assert_eq!(attn_smem(hsb), want, "HSB {hsb}");
     }
     // the bf16 (tensor-core) kernels' tables
-    let tc: Vec<usize> = [16, 32, 64, 128].map(attn_tc_fwd_smem).to_vec();
+    let tc: Vec<usize> = [16, 32, 64, 128].map(|h| attn_tc_fwd_smem(h, 64)).to_vec();
     assert_eq!(tc, [12288, 20480, 36864, 69632]);
+    assert_eq!([64, 128].map(|h| attn_tc_fwd_smem(h, 128)), [36864, 69632]);
     let tc: Vec<[usize; 2]> = [16, 32, 64, 128].map(attn_tc_bwd_smem).to_vec();
     assert_eq!(
         tc,
@@ -835,46 +849,59 @@ fn attention_case<T: Ty>(b: usize, t: usize, nh: usize, nkv: usize, hs: usize, s
         Guarded::from_slice(&conv::<T>(&v)),
     );
 
-    // ---- forward
-    let (out_k, lse_k) = both(&format!("{tag} fwd"), |mode, seed| {
-        let mut out = poisoned::<T>(q.len());
-        let mut lse = poisoned::<f32>(b * nh * t);
-        attention_fwd_launch(
-            out.get_mut(),
-            lse.get_mut(),
-            qg.get(),
-            kg.get(),
-            vg.get(),
-            d,
-            mode,
-            seed,
-        );
-        (take(&out, "out"), take(&lse, "lse"))
-    });
+    // ---- forward: 64 query rows per block, and for bf16 at buckets 64 and 128 also the
+    // _bo128 kernel's 128 (the backward gets the first's out and lse)
     let (out_t, lse_t) = twin_attention_fwd(&q, &k, &v, d);
-    // f32 error model: a score q.k scale carries the rounding of a length-hs dot product
-    // (typically ~sqrt(hs) u sum|q k| scale, < 1e-6 here; hs u sum|q k| scale at worst), the
-    // kernel's base-2 exp2f and the twin's vexp differ by a few ulp, and the sums run in other
-    // orders; out is a convex combination of v rows, so a relative error e of the weights
-    // moves it by <= e max|v|. Bound: 1e-5 (~84 u) of max|v| (= 1 here), seen <= 12% (at
-    // hs 128). lse (~ln T + the max score, |lse| < 10): 1e-5 absolute plus 8 u relative, seen
-    // <= 13% (at hs 128). bf16 runs on tensor cores, whose P V product takes P rounded to
-    // bf16 while l sums the unrounded p: the weights move by <= 2^-9 relative, out by <= 2^-9
-    // max|v| more; bound 2^-8 max|v| on top (and out's own rounding when stored).
+    let rows_all: &[usize] = if T::BF16 && hs > 32 {
+        &[64, 128]
+    } else {
+        &[64]
+    };
+    let mut first = None;
+    for &rows in rows_all {
+        let (out_k, lse_k) = both(&format!("{tag} fwd rows {rows}"), |mode, seed| {
+            let mut out = poisoned::<T>(q.len());
+            let mut lse = poisoned::<f32>(b * nh * t);
+            attention_fwd_launch(
+                out.get_mut(),
+                lse.get_mut(),
+                qg.get(),
+                kg.get(),
+                vg.get(),
+                d,
+                rows,
+                mode,
+                seed,
+            );
+            (take(&out, "out"), take(&lse, "lse"))
+        });
+        // f32 error model: a score q.k scale carries the rounding of a length-hs dot product
+        // (typically ~sqrt(hs) u sum|q k| scale, < 1e-6 here; hs u sum|q k| scale at worst),
+        // the kernel's base-2 exp2f and the twin's vexp differ by a few ulp, and the sums run
+        // in other orders; out is a convex combination of v rows, so a relative error e of the
+        // weights moves it by <= e max|v|. Bound: 1e-5 (~84 u) of max|v| (= 1 here), seen
+        // <= 12% (at hs 128). lse (~ln T + the max score, |lse| < 10): 1e-5 absolute plus 8 u
+        // relative, seen <= 13% (at hs 128). bf16 runs on tensor cores, whose P V product takes
+        // P rounded to bf16 while l sums the unrounded p: the weights move by <= 2^-9 relative,
+        // out by <= 2^-9 max|v| more; bound 2^-8 max|v| on top (and out's own rounding when
+        // stored).
+        let p_round = if T::BF16 { amax(&v) / 256.0 } else { 0.0 };
+        check(
+            &format!("{tag} rows {rows} out"),
+            &widen(&out_k),
+            &out_t,
+            Tol::new(1e-5 * amax(&v) + p_round, 0.0).for_ty::<T>(),
+        );
+        check(
+            &format!("{tag} rows {rows} lse"),
+            &lse_k,
+            &lse_t,
+            Tol::new(1e-5, 8.0 * U),
+        );
+        first.get_or_insert((out_k, lse_k));
+    }
+    let (out_k, lse_k) = first.expect("one forward at least");
     let out_kf = widen(&out_k);
-    let p_round = if T::BF16 { amax(&v) / 256.0 } else { 0.0 };
-    check(
-        &format!("{tag} out"),
-        &out_kf,
-        &out_t,
-        Tol::new(1e-5 * amax(&v) + p_round, 0.0).for_ty::<T>(),
-    );
-    check(
-        &format!("{tag} lse"),
-        &lse_k,
-        &lse_t,
-        Tol::new(1e-5, 8.0 * U),
-    );
 
     // ---- backward: both sides get the kernel forward's out (as T) and lse
     let (dog, og, lg) = (

@@ -439,6 +439,39 @@ fn attention_bf16(d: &EmuDevice) {
     }
 }
 
+/// The bf16 forward with 128 query rows per block (`attention_fwd_bf16_hs<B>_bo128`, asked for
+/// by name: the launcher picks it for grids larger than a test's): HS 64 (Q's fragments in
+/// registers) and HS 128 (Q in shared memory, copied in with key tile 0; 32-key tiles), over T
+/// 150, so the second block's key tiles refill both buffers.
+fn attention_bf16_bo128(d: &EmuDevice) {
+    for hs in [64, 128] {
+        let dims = AttnDims {
+            b: 1,
+            t: 150,
+            nh: 2,
+            nkv: 1,
+            hs,
+        };
+        let (nq, nk) = (150 * 2 * hs, 150 * hs);
+        let make = |n: usize, seed: u32| -> Vec<bf16> {
+            host(n, seed, 1.0).into_iter().map(bf16::from_f32).collect()
+        };
+        let (q, k, vv) = (make(nq, 6), make(nk, 7), make(nk, 8));
+        let (mut out, mut lse) = (vec![bf16::ZERO; nq], vec![0f32; 2 * 150]);
+        nla_engine::device::gpu::attention::fwd_with_rows(
+            d.launcher(),
+            &mut out,
+            &mut lse,
+            &q,
+            &k,
+            &vv,
+            dims,
+            128,
+        )
+        .unwrap();
+    }
+}
+
 /// The forward and the backward once, with q, k, v, dout and the outputs from `make` (f32 or
 /// bf16 buffers; lse stays f32).
 fn attention_case(d: &EmuDevice, dims: AttnDims, make: fn(usize, u32, f32) -> EmuBuf) {
@@ -815,6 +848,7 @@ children! {
     adamw_no_race => |d| counted(d, adamw),
     attention_no_race => |d| counted(d, attention),
     attention_bf16_no_race => |d| counted(d, attention_bf16),
+    attention_bf16_bo128_no_race => |d| counted(d, attention_bf16_bo128),
     cross_entropy_no_race => |d| counted(d, cross_entropy),
     decode_attention_no_race => |d| counted(d, decode_attention),
     embedding_no_race => |d| counted(d, embedding),

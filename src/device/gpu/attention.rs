@@ -1,5 +1,7 @@
 //! `kernels/attention.cu`: causal GQA attention, head sizes bucketed to 16/32/64/128 (one
-//! kernel per bucket). `attention_fwd_<f32|bf16>_hs<B>`: grid (ceil(T/64), NH, B), block 128.
+//! kernel per bucket). `attention_fwd_<f32|bf16>_hs<B>`: grid (ceil(T/64), NH, B), block 128;
+//! for bf16 at buckets 64 and 128 also `attention_fwd_bf16_hs<B>_bo128`, 128 query rows per
+//! block, grid (ceil(T/128), NH, B) ([`fwd_rows`] picks).
 //! The backward is three launches: `attention_bwd_dot_<f32|bf16>` (D = rowsum(dout * out) into
 //! the caller's f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs),
 //! `attention_bwd_dq_<f32|bf16>_hs<B>` (grid as the forward) and
@@ -35,13 +37,32 @@ pub fn smem(hsb: usize) -> [usize; 3] {
     ]
 }
 
-/// Dynamic shared memory (bytes) of the forward over T for bucket `hsb`: the f32 kernel's
-/// ([`smem`]), or the bf16 tensor-core kernel's K and V tiles in two buffers,
-/// 4 x 64 x (HSB + 8) bf16.
-pub fn fwd_smem<T: Storage>(hsb: usize) -> usize {
+/// Dynamic shared memory (bytes) of the forward over T for bucket `hsb` and `rows` query rows
+/// per block ([`fwd_rows`]): the f32 kernel's ([`smem`]), or the bf16 tensor-core kernel's K
+/// and V tiles in two buffers, 4 x BK x (HSB + 8) bf16 (BK = 64, 32 for 128 rows at HSB 128),
+/// plus Q's 128 rows there (its fragments do not fit in registers).
+pub fn fwd_smem<T: Storage>(hsb: usize, rows: usize) -> usize {
+    let (bk, q_rows) = if rows == 128 && hsb == 128 {
+        (32, 128)
+    } else {
+        (64, 0)
+    };
     match T::DTYPE {
-        Dtype::Bf16 => 8 * 64 * (hsb + 8),
+        Dtype::Bf16 => 2 * (4 * bk + q_rows) * (hsb + 8),
         _ => smem(hsb)[0],
+    }
+}
+
+/// Query rows per block of the forward: 128 (the `_bo128` kernels, whose warps take two
+/// 16-row m-tiles, so each K and V fragment read from shared memory feeds two tensor-core
+/// products) for the bf16 forward at HS buckets 64 and 128 when its ceil(T/128) x NH x B blocks
+/// still fill `sms` SMs twice; else 64 (twice the blocks, for short or few sequences).
+pub fn fwd_rows<T: Storage>(hsb: usize, d: &AttnDims, sms: usize) -> usize {
+    let bo128 = T::DTYPE == Dtype::Bf16 && hsb >= 64;
+    if bo128 && d.t.div_ceil(128) * d.nh * d.b >= 2 * sms {
+        128
+    } else {
+        64
     }
 }
 
@@ -91,6 +112,7 @@ fn pack_dims(a: &mut EmuArgs<'_>, d: &AttnDims, with_kv: bool) {
 }
 
 /// out[B,T,NH,HS], lse[B,NH,T] from q[B,T,NH,HS], k, v [B,T,NKV,HS]. out, q, k, v: T; lse: f32.
+/// Query rows per block as [`fwd_rows`] picks them for `l`'s SMs.
 pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     l: &L,
     out: impl Into<Out<'a, T>>,
@@ -100,9 +122,36 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
     v: impl Into<In<'a, T>>,
     d: AttnDims,
 ) -> Result<()> {
+    let rows = fwd_rows::<T>(hs_bucket("attention_fwd", d.hs)?, &d, l.sms());
+    fwd_with_rows(l, out, lse, q, k, v, d, rows)
+}
+
+/// [`fwd`] with `rows` query rows per block: 64, or 128 for the bf16 forward at HS > 32 (the
+/// benches time both).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd_with_rows<'a, T: Storage, L: Launch + ?Sized>(
+    l: &L,
+    out: impl Into<Out<'a, T>>,
+    lse: impl Into<Out<'a, f32>>,
+    q: impl Into<In<'a, T>>,
+    k: impl Into<In<'a, T>>,
+    v: impl Into<In<'a, T>>,
+    d: AttnDims,
+    rows: usize,
+) -> Result<()> {
     const OP: &str = "attention_fwd";
     let (out, lse, q, k, v) = (out.into(), lse.into(), q.into(), k.into(), v.into());
     let hsb = check_dims(OP, &d)?;
+    if rows != 64 && !(rows == 128 && T::DTYPE == Dtype::Bf16 && hsb >= 64) {
+        return Err(Error::invalid(
+            OP,
+            format!(
+                "{rows} query rows per block: 64, or 128 for bf16 at HS > 32 (here {} HS {})",
+                T::DTYPE,
+                d.hs
+            ),
+        ));
+    }
     let AttnDims { b, t, nh, nkv, hs } = d;
     check_len(OP, "out [B,T,NH,HS]", out.len(), &[b, t, nh, hs])?;
     check_len(OP, "lse [B,NH,T]", lse.len(), &[b, nh, t])?;
@@ -119,9 +168,10 @@ pub fn fwd<'a, T: Storage, L: Launch + ?Sized>(
         .scalar(nh as i32)
         .scalar(nkv as i32)
         .scalar(hs as i32);
-    let grid = [t.div_ceil(64) as u32, nh as u32, b as u32];
-    let name = format!("{}_hs{hsb}", sym::<T>("attention_fwd"));
-    l.launch(&name, grid, [NT, 1, 1], fwd_smem::<T>(hsb), &mut a)
+    let grid = [t.div_ceil(rows) as u32, nh as u32, b as u32];
+    let bo = if rows == 128 { "_bo128" } else { "" };
+    let name = format!("{}_hs{hsb}{bo}", sym::<T>("attention_fwd"));
+    l.launch(&name, grid, [NT, 1, 1], fwd_smem::<T>(hsb, rows), &mut a)
 }
 
 /// Elements of [`bwd`]'s f32 scratch `dscratch`: D [B,NH,T] (D_i = dout_i . out_i, written by

@@ -406,6 +406,58 @@ mod tests {
         }
     }
 
+    /// The bf16 forward at HS buckets 64 and 128 takes 128 query rows per block (the `_bo128`
+    /// kernels) where ceil(T/128) x NH x B blocks fill the SMs twice, else 64; f32 always 64.
+    #[test]
+    fn the_attention_forward_takes_128_rows_where_the_grid_fills_the_sms() {
+        use half::bf16;
+        let l = Record::default();
+        let fwd = |t: usize, nh: usize, hs: usize, bf: bool| {
+            let d = AttnDims {
+                b: 1,
+                t,
+                nh,
+                nkv: 1,
+                hs,
+            };
+            let (nq, nkv, nl) = attn_lens(&d);
+            if bf {
+                let (q, kv) = (dev::<bf16>(nq), dev::<bf16>(nkv));
+                attention::fwd(&l, q, dev::<f32>(nl), q, kv, kv, d).unwrap();
+            } else {
+                let (q, kv) = (dev::<f32>(nq), dev::<f32>(nkv));
+                attention::fwd(&l, q, dev::<f32>(nl), q, kv, kv, d).unwrap();
+            }
+            l.last()
+        };
+        // 32 x 32 = 1024 blocks of 128 rows >= 2 x 132
+        let bo128 = ("attention_fwd_bf16_hs128_bo128".to_string(), 32, 128, 69632);
+        assert_eq!(fwd(4096, 32, 128, true), bo128);
+        assert_eq!(fwd(4096, 32, 64, true).0, "attention_fwd_bf16_hs64_bo128");
+        // 4 x 32 = 128 blocks of 128 rows would leave SMs idle: 64 rows, 256 blocks
+        let bo64 = ("attention_fwd_bf16_hs128".to_string(), 8, 128, 69632);
+        assert_eq!(fwd(512, 32, 128, true), bo64);
+        // HS 32 and f32 have no 128-row kernel
+        assert_eq!(fwd(4096, 32, 32, true).0, "attention_fwd_bf16_hs32");
+        assert_eq!(fwd(4096, 32, 128, false).0, "attention_fwd_f32_hs128");
+        assert_eq!(l.last().1, 64);
+        // asked for by name, where it does not exist: an error
+        let d = AttnDims {
+            b: 1,
+            t: 64,
+            nh: 1,
+            nkv: 1,
+            hs: 32,
+        };
+        let (nq, nkv, nl) = attn_lens(&d);
+        let (q, kv) = (dev::<bf16>(nq), dev::<bf16>(nkv));
+        let e = attention::fwd_with_rows(&l, q, dev::<f32>(nl), q, kv, kv, d, 128).unwrap_err();
+        assert!(e.to_string().contains("128 for bf16 at HS > 32"), "{e}");
+        let (q, kv) = (dev::<f32>(nq), dev::<f32>(nkv));
+        let e = attention::fwd_with_rows(&l, q, dev::<f32>(nl), q, kv, kv, d, 128).unwrap_err();
+        assert!(e.to_string().contains("f32"), "{e}");
+    }
+
     /// A bf16 launch picks the `_bf16` symbol and the geometry of 8 bf16 per 16-byte access
     /// where the kernel's header makes it depend on the pack (rmsnorm.cu: "block 512 for C = 4096
     /// in bf16"; f32: 4096 / 4 = 1024).
