@@ -1,9 +1,9 @@
 //! Per-op parity of the CUDA device with the CPU device (the twins) at realistic sizes, too
-//! large for the emulator in CI: attention forward and backward (T 512, HS 64 and 128), rmsnorm
-//! (N 4096, C 2048), cross-entropy (V 32000), matmul and matmul_add (M 1024, N 2048, K 512,
-//! every transpose), swiglu, rope, qkv_rope, embedding (V 32000), adamw (1M elements),
-//! sum_squares (10M), decode attention (TMAX 1024, TQ 1 and 64) and kv_append at its shapes,
-//! sampling, softmax and residual.
+//! large for the emulator in CI: attention forward and backward (T 512, HS 64 and 128; in bf16
+//! on the tensor cores at T 2048 and 512), rmsnorm (N 4096, C 2048), cross-entropy (V 32000),
+//! matmul and matmul_add (M 1024, N 2048, K 512, every transpose), swiglu, rope, qkv_rope,
+//! embedding (V 32000), adamw (1M elements), sum_squares (10M), decode attention (TMAX 1024, TQ
+//! 1 and 64) and kv_append at its shapes, sampling, softmax and residual.
 //!
 //! Every op check is one generic function `op(dev, label, sizes)`: it draws seeded random
 //! inputs, runs the op on `dev` and on the CPU device, and compares each output.
@@ -246,48 +246,94 @@ fn down<E: Device>(e: &E, x: &E::Buf) -> Vec<f32> {
 
 // ---- attention
 
+/// Causal GQA attention on `e`, forward then backward: out, lse, dq, dk, dv. q, k, v, dout and
+/// the outputs in the device's working dtype (the inputs rounded to it), lse f32.
+fn attention_run<E: Device>(e: &E, d: AttnDims, ins: [&[f32]; 4]) -> Vec<Vec<f32>> {
+    let dt = e.work_dtype();
+    let [q, k, v, dout] = ins.map(|x| e.upload_as(x, dt).unwrap());
+    let nans_w = |n: usize| e.upload_as(&vec![f32::NAN; n], dt).unwrap();
+    let (mut out, mut lse) = (nans_w(q.len()), nans(e, d.b * d.nh * d.t));
+    e.attention_fwd(
+        ViewMut::all(&mut out),
+        ViewMut::all(&mut lse),
+        View::all(&q),
+        View::all(&k),
+        View::all(&v),
+        d,
+    )
+    .unwrap();
+    let (mut dq, mut dk, mut dv) = (nans_w(q.len()), nans_w(k.len()), nans_w(v.len()));
+    e.attention_bwd(
+        ViewMut::all(&mut dq),
+        ViewMut::all(&mut dk),
+        ViewMut::all(&mut dv),
+        View::all(&dout),
+        View::all(&q),
+        View::all(&k),
+        View::all(&v),
+        View::all(&out),
+        View::all(&lse),
+        d,
+    )
+    .unwrap();
+    [&out, &lse, &dq, &dk, &dv].map(|x| down(e, x)).to_vec()
+}
+
+/// Seeded attention inputs q, k, v, dout for `d`: q, k in (-2, 2) (scores q.k / sqrt(HS) of
+/// std ~1.3, so rows are neither uniform nor one-hot), v and dout in (-1, 1).
+fn attention_inputs(d: &AttnDims) -> [Vec<f32>; 4] {
+    let AttnDims { b, t, nh, nkv, hs } = *d;
+    let mut r = rng(0xa77 + hs as u64);
+    let q = uniform(&mut r, b * t * nh * hs, -2.0, 2.0);
+    let k = uniform(&mut r, b * t * nkv * hs, -2.0, 2.0);
+    let v = uniform(&mut r, b * t * nkv * hs, -1.0, 1.0);
+    let dout = uniform(&mut r, b * t * nh * hs, -1.0, 1.0);
+    [q, k, v, dout]
+}
+
+/// The bf16 attention (the tensor-core kernels, the forward with the 64 or 128 query rows per
+/// block that the launcher picks for the device's SMs) on `dev`, whose working dtype is bf16,
+/// against the f32 CPU twin on the same inputs rounded to bf16.
+fn attention_bf16<D: Device>(dev: &D, label: &str, dims: &[AttnDims]) {
+    assert_eq!(dev.work_dtype(), Dtype::Bf16, "{label}");
+    for &d in dims {
+        let AttnDims { b, t, nh, nkv, hs } = d;
+        let ins = attention_inputs(&d).map(|x| {
+            x.into_iter()
+                .map(|v| half::bf16::from_f32(v).to_f32())
+                .collect::<Vec<_>>()
+        });
+        let ins = [&ins[0][..], &ins[1], &ins[2], &ins[3]];
+        let (want, tc) = timed(|| attention_run(&CpuDevice::new(), d, ins));
+        let (got, td) = timed(|| attention_run(dev, d, ins));
+        let what = format!("attention bf16 (B {b}, T {t}, NH {nh}, NKV {nkv}, HS {hs})");
+        report(label, &what, tc, td);
+        // Against the f32 twin on the same (bf16) inputs the tensor-core kernels differ by
+        // bf16 roundings, not f32 ones: P (fwd: P V; bwd: dv) and dS (dq, dk) are rounded to
+        // bf16 as mma inputs (2^-9 relative per term), and every output once more when stored
+        // (2^-9 of itself). out is a convex combination of v: <= 2^-9 + 2^-9 of max|v| = 1, so
+        // 1e-2 of max |want|. lse is summed from the unrounded f32 p: f32 rounding only, 1e-5
+        // as in f32. The gradients are sums over up to T keys (dq) or T NH/NKV rows (dk, dv)
+        // of terms rounded by 2^-9 whose signs vary, with dS = P (dP - D) cancelling: 1.5e-2.
+        // Measured with these kernels on the emulator (both rows per block, HS 64 and 128)
+        // at T 150 and at B 1, T 1000, NH 4, NKV 2 (128 rows): out <= 2.7e-3, lse <= 2.4e-7,
+        // dq, dk, dv <= 4.4e-3, no growth with T. A wrong index or mask is off by O(1e-1).
+        let names = ["out", "lse", "dq", "dk", "dv"];
+        let tols = [1e-2, 1e-5, 1.5e-2, 1.5e-2, 1.5e-2];
+        for ((g, w), (name, tol)) in got.iter().zip(&want).zip(names.iter().zip(tols)) {
+            check(label, &format!("{what} {name}"), g, w, tol);
+        }
+    }
+}
+
 /// Causal GQA attention, forward then backward: out, lse, dq, dk, dv.
 fn attention<D: Device>(dev: &D, label: &str, s: &Sizes) {
-    fn run<E: Device>(e: &E, d: AttnDims, [q, k, v, dout]: [&[f32]; 4]) -> Vec<Vec<f32>> {
-        let (q, k, v, dout) = (up(e, q), up(e, k), up(e, v), up(e, dout));
-        let (mut out, mut lse) = (nans(e, q.len()), nans(e, d.b * d.nh * d.t));
-        e.attention_fwd(
-            ViewMut::all(&mut out),
-            ViewMut::all(&mut lse),
-            View::all(&q),
-            View::all(&k),
-            View::all(&v),
-            d,
-        )
-        .unwrap();
-        let (mut dq, mut dk, mut dv) = (nans(e, q.len()), nans(e, k.len()), nans(e, v.len()));
-        e.attention_bwd(
-            ViewMut::all(&mut dq),
-            ViewMut::all(&mut dk),
-            ViewMut::all(&mut dv),
-            View::all(&dout),
-            View::all(&q),
-            View::all(&k),
-            View::all(&v),
-            View::all(&out),
-            View::all(&lse),
-            d,
-        )
-        .unwrap();
-        [&out, &lse, &dq, &dk, &dv].map(|x| down(e, x)).to_vec()
-    }
     for &d in s.attention {
         let AttnDims { b, t, nh, nkv, hs } = d;
-        let mut r = rng(0xa77 + hs as u64);
-        // q, k in (-2, 2): scores q.k / sqrt(HS) of std ~1.3, so rows are neither uniform nor
-        // one-hot
-        let q = uniform(&mut r, b * t * nh * hs, -2.0, 2.0);
-        let k = uniform(&mut r, b * t * nkv * hs, -2.0, 2.0);
-        let v = uniform(&mut r, b * t * nkv * hs, -1.0, 1.0);
-        let dout = uniform(&mut r, b * t * nh * hs, -1.0, 1.0);
+        let [q, k, v, dout] = attention_inputs(&d);
         let ins = [&q[..], &k, &v, &dout];
-        let (want, tc) = timed(|| run(&CpuDevice::new(), d, ins));
-        let (got, td) = timed(|| run(dev, d, ins));
+        let (want, tc) = timed(|| attention_run(&CpuDevice::new(), d, ins));
+        let (got, td) = timed(|| attention_run(dev, d, ins));
         let what = format!("attention (B {b}, T {t}, NH {nh}, NKV {nkv}, HS {hs})");
         report(label, &what, tc, td);
         // Each score is a dot of HS terms, each output a softmax-weighted sum over up to T keys
@@ -1127,6 +1173,64 @@ fn on_gpu(op: fn(&CudaDevice, &str, &Sizes)) {
 #[test]
 fn cuda_attention() {
     on_gpu(attention);
+}
+
+/// The bf16 attention's GPU sizes: T 2048 with NH 32 (the forward's 128-row kernels: 16 x 32
+/// blocks fill 132 SMs twice) at HS 128 and 64, and GPU's T 512 case at HS 128 (64 rows: 4 x 16
+/// x 2 blocks would not).
+const GPU_BF16_ATTENTION: &[AttnDims] = &[
+    AttnDims {
+        b: 1,
+        t: 2048,
+        nh: 32,
+        nkv: 8,
+        hs: 128,
+    },
+    AttnDims {
+        b: 1,
+        t: 2048,
+        nh: 32,
+        nkv: 8,
+        hs: 64,
+    },
+    AttnDims {
+        b: 2,
+        t: 512,
+        nh: 16,
+        nkv: 4,
+        hs: 128,
+    },
+];
+
+#[test]
+fn cuda_attention_bf16() {
+    if let Some(dev) = gpu(Dtype::Bf16) {
+        attention_bf16(&dev, "cuda", GPU_BF16_ATTENTION);
+        dev.synchronize().unwrap();
+    }
+}
+
+/// [`attention_bf16`] on the emulator, in both schedules: B 1, T 150, NH 2 at HS 128 and 64,
+/// sized for 132 SMs (the forward takes 64 query rows per block) and for 1 SM (128 rows: the
+/// `_bo128` kernels through the launcher).
+#[test]
+fn attention_bf16_runs_on_emu() {
+    let dims = [128, 64].map(|hs| AttnDims {
+        b: 1,
+        t: 150,
+        nh: 2,
+        nkv: 1,
+        hs,
+    });
+    for (mode, seed) in [(EmuMode::Forward, 0), (EmuMode::Reversed, 0xbf16)] {
+        for sms in [132, 1] {
+            let dev = EmuDevice::new(mode, seed)
+                .with_work_dtype(Dtype::Bf16)
+                .unwrap()
+                .with_sms(sms);
+            attention_bf16(&dev, &format!("emu {mode:?} {sms} SMs"), &dims);
+        }
+    }
 }
 
 #[test]

@@ -304,6 +304,14 @@ impl EmuDevice {
         self
     }
 
+    /// This device sizing grids for `sms` SMs (the launchers' choices that depend on the GPU's
+    /// size: grid-stride caps, decode attention's split, the attention forward's rows per
+    /// block), instead of an H100's 132.
+    pub fn with_sms(mut self, sms: usize) -> Self {
+        self.launcher.sms = sms.max(1);
+        self
+    }
+
     pub fn mode(&self) -> EmuMode {
         self.launcher.mode
     }

@@ -137,6 +137,8 @@ pub fn smem_opt_in(
 pub struct EmuLaunch {
     pub mode: EmuMode,
     pub seed: u64,
+    /// The SM count the launchers size grids for ([`Launch::sms`]; [`SMS_DEFAULT`] unless set)
+    pub sms: usize,
     count: std::sync::atomic::AtomicU64,
     recorder: graph::Recorder,
 }
@@ -146,6 +148,7 @@ impl EmuLaunch {
         EmuLaunch {
             mode,
             seed,
+            sms: SMS_DEFAULT,
             count: std::sync::atomic::AtomicU64::new(0),
             recorder: graph::Recorder::default(),
         }
@@ -192,6 +195,10 @@ impl Launch for EmuLaunch {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let seed = self.seed ^ k.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         super::emu::launch(sym, grid, block, smem, args, self.mode, seed)
+    }
+
+    fn sms(&self) -> usize {
+        self.sms
     }
 
     fn recorder(&self) -> Option<&graph::Recorder> {
