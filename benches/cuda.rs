@@ -515,6 +515,28 @@ fn benches(c: &mut Criterion) {
                 peak,
                 |_| attention_fwd_rows(&dev, &mut out, &mut lse, [&q, &k, &vv], d, 64),
             );
+            // HS 64 (SmolLM2's heads): the launcher takes 64 rows (3 blocks per SM); the
+            // 128-row kernel (2 blocks per SM, half the shared-memory reads per product) by
+            // name, to decide which it should take
+            let d64 = AttnDims { hs: 64, ..d };
+            let (nq, nk) = (nq / 2, nk / 2);
+            let (q, k, vv) = (
+                random(&dev, nq, 13, 1.0, dt),
+                random(&dev, nk, 14, 1.0, dt),
+                random(&dev, nk, 15, 1.0, dt),
+            );
+            let mut out = dev.alloc_as(nq, dt).expect("a");
+            for (rows, name) in [(64, "t4096_hs64"), (128, "t4096_hs64_bo128")] {
+                bench_op(
+                    c,
+                    &dev,
+                    "attention",
+                    &id(dt, "fwd", name),
+                    Throughput::Elements(fwd_flop as u64 / 2),
+                    peak,
+                    |_| attention_fwd_rows(&dev, &mut out, &mut lse, [&q, &k, &vv], d64, rows),
+                );
+            }
         }
         let dout = random(&dev, nq, 12, 1.0, dt);
         let (mut dq, mut dk, mut dv) = (

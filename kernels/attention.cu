@@ -56,8 +56,8 @@
 //         Order: attention_bwd_dot, then attention_bwd_dq and attention_bwd_dkdv (independent).
 // Launch  block 128 (all; dq and dkdv declare at least 1 block per SM to their register
 //         allocator, which otherwise held dkdv's bf16 hs32 instance at 128 registers and dq's
-//         bf16 hs16 at 80, each with a spill). Grids: fwd and dq (ceil(T/64), NH, B); dkdv
-//         (ceil(T/64), NKV, B);
+//         bf16 hs16 at 80, each with a spill). Grids: fwd and dq (ceil(T/64), NH, B), the
+//         bf16 forward's _bo128 kernels (ceil(T/128), NH, B); dkdv (ceil(T/64), NKV, B);
 //         dot: any grid (grid-stride over warps), efficient: ceil(B*T*NH/4) blocks of 128 (one
 //         warp per row), capped at 65535 or a few per SM.
 //         Dynamic shared memory in bytes, with LD = HSB + 1, BI as above, LP = BI + 2:
@@ -353,10 +353,11 @@ __device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], co
 // Block 128 = 4 warps; a block takes BO = 64 MT query rows and each warp 16 MT of them (MT
 // m-tiles of 16 rows: MT = 1, the _hs<B> kernels, or 2, the _hs<B>_bo128 ones; with MT = 2
 // every K and V fragment read from shared memory feeds two mma instead of one). Per key tile
-// of BK = 64 keys (K and V in shared memory as bf16, rows of HSB + 8: 16-byte aligned, and the
-// 8 rows of an ldmatrix fall in distinct banks; two buffers: tile kt + 1 is copied in with
-// cp.async while tile kt is used):
-//   S = Q K^T: per warp a 16 MT x 64 tile, 8 n-tiles of 8 keys x HSB/16 k-steps per m-tile,
+// of BK = 64 keys (32 at MT 2, HSB 128, to keep S at 32 registers beside O's 128; K and V in
+// shared memory as bf16, rows of HSB + 8: 16-byte aligned, and the 8 rows of an ldmatrix fall
+// in distinct banks; two buffers: tile kt + 1 is copied in with cp.async while tile kt is
+// used):
+//   S = Q K^T: per warp a 16 MT x BK tile, BK/8 n-tiles of 8 keys x HSB/16 k-steps per m-tile,
 //     K's B fragments of two n-tiles per ldmatrix (attn_frag_bt2), used by every m-tile. Q's
 //     A fragments stay in registers for the whole block where they take at most 32 of them
 //     (MT HSB / 16 k-steps x 4; read once from global memory, zero past hs and T), else (MT 2,
@@ -368,14 +369,15 @@ __device__ __forceinline__ void attn_c_to_a(uint32_t a[4], const float c0[4], co
 //   O += P V: the S fragments, rounded to bf16, are the A fragments of P (two 8-key n-tiles
 //     make one 16-key k-step), V's B fragments of two n-tiles per transposed ldmatrix
 //     (attn_frag_b2), O in MT x HSB/8 f32 fragments.
-// A warp skips a key tile that lies wholly after its last row (MT 2: the last tile, for the
-// first two warps), and masks only in a tile that reaches past its first row.
+// A warp skips a key tile that lies wholly after its last row (MT 2 on the diagonal: at HSB 64
+// warps 0 and 1 skip the last tile; at HSB 128, 32-key tiles, warps 0, 1, 2 skip 3, 2, 1), and
+// masks only in a tile that reaches past its first row.
 // P is rounded to bf16 for the P V product (the tensor cores' input type) while l sums the
 // unrounded p: out moves by at most 2^-9 sum_j p_j |v_j| / l <= 2^-9 max|v| from the f32
 // algorithm, on top of out's own rounding when stored.
-// Shared memory: 2 buffers of K and V, 4 * 64 * (HSB + 8) bf16 = 8 * 64 * (HSB + 8) bytes
-// (16: 12288, 32: 20480, 64: 36864, 128: 69632), and Q's 128 rows after them where it is not
-// in registers (bo128 at HSB 128: + 2 * 128 * 136 = 104448).
+// Shared memory: 2 buffers of K and V, 4 * BK * (HSB + 8) bf16 = 8 * 64 * (HSB + 8) bytes at
+// BK 64 (16: 12288, 32: 20480, 64: 36864, 128: 69632), and Q's 128 rows after them where it is
+// not in registers (bo128 at HSB 128, BK 32: 2 * (4 * 32 + 128) * 136 = 69632).
 template <int HSB, int MT>
 __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* __restrict__ lse,
                                             const nla_bf16* __restrict__ q,
@@ -456,7 +458,7 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
         nla_cp_async_wait<1>();  // this thread's copies of tile kt have landed
         __syncthreads();         // and every thread's
         if (k0 <= wlast) {       // uniform over the warp: some key of the tile is seen
-            // S = Q K^T (16 MT x 64 per warp), two n-tiles of 8 keys per K load
+            // S = Q K^T (16 MT x BK per warp), two n-tiles of 8 keys per K load
             float s[MT][NS][4];
             NLA_UNROLL
             for (int mt = 0; mt < MT; ++mt)
@@ -592,9 +594,10 @@ __device__ __forceinline__ void attn_fwd_tc(nla_bf16* __restrict__ out, float* _
 
 // The forward of each storage type: f32 on the SIMT cores (the parity path), bf16 on tensor
 // cores with MT m-tiles per warp. BLOCKS: the blocks per SM each kernel is compiled for (its
-// __launch_bounds__ minimum: ptxas keeps to 64K / (128 BLOCKS) registers a thread). Left to
-// itself, ptxas held the bf16 hs64 forward at 128 registers with a spill; these are the
-// occupancies the kernels reach without spilling (registers in the ptxas report).
+// __launch_bounds__ minimum), i.e. its register budget: ptxas keeps to 64K / (128 BLOCKS)
+// registers a thread. Left to itself, ptxas held the bf16 hs64 forward at 128 registers with
+// a spill; these budgets hold every instance without spilling (registers in the ptxas report).
+// Shared memory may allow fewer blocks (the f32 kernels at HSB 64 and 128: 3).
 template <typename T, int HSB, int MT = 1> struct AttnFwd {
     static constexpr int BLOCKS = HSB >= 64 ? 4 : 5;
     static __device__ __forceinline__ void run(T* out, float* lse, const T* q, const T* k,

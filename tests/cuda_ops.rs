@@ -22,11 +22,12 @@
 //! Comparison: the largest |got - want| over the largest |want| of each output, against a
 //! tolerance written at each op with its reason; a NaN or infinity in either fails (outputs
 //! documented `=` start as NaN, so an element the op leaves unwritten fails too; `+=` outputs
-//! start at the same random values on both devices). The results differ by f32 rounding only:
-//! the kernels and cuBLASLt (f32 compute, not TF32) sum in other orders than the twins, and
-//! the GPU's expf/exp2f/logf (2 ulp, no fast math) and FMA contraction move results by ulps.
-//! That difference grows with the length of a reduction; a wrong op (an index, a mask, a
-//! missing term) is off by > 1e-3 of the output's scale.
+//! start at the same random values on both devices). The results differ by f32 rounding only
+//! (except in the bf16 attention check, `cuda_attention_bf16` and `attention_bf16_runs_on_emu`,
+//! whose tensor-core products round to bf16): the kernels and cuBLASLt (f32 compute, not TF32)
+//! sum in other orders than the twins, and the GPU's expf/exp2f/logf (2 ulp, no fast math) and
+//! FMA contraction move results by ulps. That difference grows with the length of a reduction;
+//! a wrong op (an index, a mask, a missing term) is off by > 1e-3 of the output's scale.
 
 mod common;
 
@@ -1175,9 +1176,9 @@ fn cuda_attention() {
     on_gpu(attention);
 }
 
-/// The bf16 attention's GPU sizes: T 2048 with NH 32 (the forward's 128-row kernels: 16 x 32
-/// blocks fill 132 SMs twice) at HS 128 and 64, and GPU's T 512 case at HS 128 (64 rows: 4 x 16
-/// x 2 blocks would not).
+/// The bf16 attention's GPU sizes: T 2048 with NH 32 at HS 128 (the forward's 128-row kernel:
+/// 16 x 32 blocks fill 132 SMs twice) and HS 64 (64 rows, as the launcher takes at HS 64), and
+/// GPU's T 512 case at HS 128 (64 rows: 4 x 16 x 2 blocks would not fill the SMs twice).
 const GPU_BF16_ATTENTION: &[AttnDims] = &[
     AttnDims {
         b: 1,
@@ -1211,8 +1212,8 @@ fn cuda_attention_bf16() {
 }
 
 /// [`attention_bf16`] on the emulator, in both schedules: B 1, T 150, NH 2 at HS 128 and 64,
-/// sized for 132 SMs (the forward takes 64 query rows per block) and for 1 SM (128 rows: the
-/// `_bo128` kernels through the launcher).
+/// sized for 132 SMs (the forward takes 64 query rows per block) and for 1 SM (at HS 128 the
+/// launcher then takes the 128-row kernel).
 #[test]
 fn attention_bf16_runs_on_emu() {
     let dims = [128, 64].map(|hs| AttnDims {

@@ -1074,6 +1074,10 @@ fn attention_bf16_matches_twin() {
     attention_case::<bf16>(1, 130, 2, 1, 128, 27);
     // five key tiles
     attention_case::<bf16>(1, 300, 2, 1, 64, 28);
+    // B 2 with hs 48 (HSB 64, plain loads: Q's fragments in registers from a partial bucket),
+    // and T 20 at HS 128 (one partial 32-key tile in the 128-row kernel)
+    attention_case::<bf16>(2, 5, 2, 1, 48, 29);
+    attention_case::<bf16>(1, 20, 2, 1, 128, 30);
 }
 
 // ------------------------------------------------------------------------------------------

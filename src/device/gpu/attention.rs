@@ -1,7 +1,7 @@
 //! `kernels/attention.cu`: causal GQA attention, head sizes bucketed to 16/32/64/128 (one
 //! kernel per bucket). `attention_fwd_<f32|bf16>_hs<B>`: grid (ceil(T/64), NH, B), block 128;
 //! for bf16 at buckets 64 and 128 also `attention_fwd_bf16_hs<B>_bo128`, 128 query rows per
-//! block, grid (ceil(T/128), NH, B) ([`fwd_rows`] picks).
+//! block, grid (ceil(T/128), NH, B) ([`fwd_rows`] picks it at 128; [`fwd_with_rows`] names it).
 //! The backward is three launches: `attention_bwd_dot_<f32|bf16>` (D = rowsum(dout * out) into
 //! the caller's f32 scratch, one warp per row, ceil(rows / 4) blocks of 128 capped at 4 * SMs),
 //! `attention_bwd_dq_<f32|bf16>_hs<B>` (grid as the forward) and
@@ -55,11 +55,14 @@ pub fn fwd_smem<T: Storage>(hsb: usize, rows: usize) -> usize {
 
 /// Query rows per block of the forward: 128 (the `_bo128` kernels, whose warps take two
 /// 16-row m-tiles, so each K and V fragment read from shared memory feeds two tensor-core
-/// products) for the bf16 forward at HS buckets 64 and 128 when its ceil(T/128) x NH x B blocks
-/// still fill `sms` SMs twice; else 64 (twice the blocks, for short or few sequences).
+/// products) for the bf16 forward at HS bucket 128 when its ceil(T/128) x NH x B blocks still
+/// fill `sms` SMs twice; else 64 (twice the blocks, for short or few sequences). At HS 64 the
+/// 128-row kernel exists too ([`fwd_with_rows`]) but would hold 2 blocks per SM instead of 3:
+/// the benches time both, and the launcher keeps 64 until a GPU run says otherwise.
 pub fn fwd_rows<T: Storage>(hsb: usize, d: &AttnDims, sms: usize) -> usize {
-    let bo128 = T::DTYPE == Dtype::Bf16 && hsb >= 64;
-    if bo128 && d.t.div_ceil(128) * d.nh * d.b >= 2 * sms {
+    let bo128 = T::DTYPE == Dtype::Bf16 && hsb == 128;
+    let blocks = d.t.div_ceil(128).saturating_mul(d.nh).saturating_mul(d.b);
+    if bo128 && blocks >= 2 * sms {
         128
     } else {
         64

@@ -82,7 +82,8 @@ pub trait Launch {
         args: &mut EmuArgs<'_>,
     ) -> Result<()>;
 
-    /// Streaming multiprocessors of the device (grid sizes of grid-stride kernels).
+    /// Streaming multiprocessors of the device: grid sizes of grid-stride kernels, decode
+    /// attention's split, the attention forward's rows per block.
     fn sms(&self) -> usize {
         SMS_DEFAULT
     }
@@ -413,8 +414,9 @@ mod tests {
         }
     }
 
-    /// The bf16 forward at HS buckets 64 and 128 takes 128 query rows per block (the `_bo128`
-    /// kernels) where ceil(T/128) x NH x B blocks fill the SMs twice, else 64; f32 always 64.
+    /// The bf16 forward at HS bucket 128 takes 128 query rows per block (the `_bo128` kernel)
+    /// where ceil(T/128) x NH x B blocks fill the SMs twice, else 64; HS 64 and f32 take 64
+    /// (HS 64's 128-row kernel only by name).
     #[test]
     fn the_attention_forward_takes_128_rows_where_the_grid_fills_the_sms() {
         use half::bf16;
@@ -440,10 +442,26 @@ mod tests {
         // 32 x 32 = 1024 blocks of 128 rows >= 2 x 132
         let bo128 = ("attention_fwd_bf16_hs128_bo128".to_string(), 32, 128, 69632);
         assert_eq!(fwd(4096, 32, 128, true), bo128);
-        assert_eq!(fwd(4096, 32, 64, true).0, "attention_fwd_bf16_hs64_bo128");
+        // the boundary: 8 x 33 = 264 = 2 x 132 blocks take 128 rows, 8 x 32 = 256 do not
+        assert_eq!(fwd(1024, 33, 128, true).0, bo128.0);
+        assert_eq!(fwd(1024, 32, 128, true).0, "attention_fwd_bf16_hs128");
         // 4 x 32 = 128 blocks of 128 rows would leave SMs idle: 64 rows, 256 blocks
         let bo64 = ("attention_fwd_bf16_hs128".to_string(), 8, 128, 69632);
         assert_eq!(fwd(512, 32, 128, true), bo64);
+        // HS 64 keeps 64 rows (3 blocks per SM); its 128-row kernel by name
+        assert_eq!(fwd(4096, 32, 64, true).0, "attention_fwd_bf16_hs64");
+        let d64 = AttnDims {
+            b: 1,
+            t: 4096,
+            nh: 32,
+            nkv: 1,
+            hs: 64,
+        };
+        let (nq, nkv, nl) = attn_lens(&d64);
+        let (q, kv) = (dev::<bf16>(nq), dev::<bf16>(nkv));
+        attention::fwd_with_rows(&l, q, dev::<f32>(nl), q, kv, kv, d64, 128).unwrap();
+        let hs64 = ("attention_fwd_bf16_hs64_bo128".to_string(), 32, 128, 36864);
+        assert_eq!(l.last(), hs64);
         // HS 32 and f32 have no 128-row kernel
         assert_eq!(fwd(4096, 32, 32, true).0, "attention_fwd_bf16_hs32");
         assert_eq!(fwd(4096, 32, 128, false).0, "attention_fwd_f32_hs128");
