@@ -210,11 +210,11 @@ fn check(label: &str, what: &str, got: &[f32], want: &[f32], tol: f64) -> f64 {
         .enumerate()
         .fold((0, 0f64), |m, (i, e)| if e > m.1 { (i, e) } else { m });
     let rel = if err == 0.0 { 0.0 } else { err / scale };
-    eprintln!("{label} {what}: max rel err {rel:.2e} (tol {tol:.0e})");
+    eprintln!("{label} {what}: max rel err {rel:.2e} (tol {tol:.1e})");
     assert!(
         rel <= tol,
         "{label} {what}: max |diff| {err:.3e} = {rel:.2e} of max |want| {scale:.3e} > tol \
-         {tol:.0e}; worst at [{worst}]: got {} want {}",
+         {tol:.1e}; worst at [{worst}]: got {} want {}",
         got[worst],
         want[worst]
     );
@@ -292,23 +292,38 @@ fn attention_inputs(d: &AttnDims) -> [Vec<f32>; 4] {
     [q, k, v, dout]
 }
 
+/// Attention on `dev` and on the CPU twin from the same inputs `ins` (q, k, v, dout), each
+/// output (out, lse, dq, dk, dv) compared against its tolerance in `tols`.
+fn attention_compare<D: Device>(
+    dev: &D,
+    label: &str,
+    kind: &str,
+    d: AttnDims,
+    ins: [&[f32]; 4],
+    tols: [f64; 5],
+) {
+    let AttnDims { b, t, nh, nkv, hs } = d;
+    let (want, tc) = timed(|| attention_run(&CpuDevice::new(), d, ins));
+    let (got, td) = timed(|| attention_run(dev, d, ins));
+    let what = format!("{kind} (B {b}, T {t}, NH {nh}, NKV {nkv}, HS {hs})");
+    report(label, &what, tc, td);
+    let names = ["out", "lse", "dq", "dk", "dv"];
+    for ((g, w), (name, tol)) in got.iter().zip(&want).zip(names.iter().zip(tols)) {
+        check(label, &format!("{what} {name}"), g, w, tol);
+    }
+}
+
 /// The bf16 attention (the tensor-core kernels, the forward with the 64 or 128 query rows per
 /// block that the launcher picks for the device's SMs) on `dev`, whose working dtype is bf16,
 /// against the f32 CPU twin on the same inputs rounded to bf16.
 fn attention_bf16<D: Device>(dev: &D, label: &str, dims: &[AttnDims]) {
     assert_eq!(dev.work_dtype(), Dtype::Bf16, "{label}");
     for &d in dims {
-        let AttnDims { b, t, nh, nkv, hs } = d;
         let ins = attention_inputs(&d).map(|x| {
             x.into_iter()
                 .map(|v| half::bf16::from_f32(v).to_f32())
                 .collect::<Vec<_>>()
         });
-        let ins = [&ins[0][..], &ins[1], &ins[2], &ins[3]];
-        let (want, tc) = timed(|| attention_run(&CpuDevice::new(), d, ins));
-        let (got, td) = timed(|| attention_run(dev, d, ins));
-        let what = format!("attention bf16 (B {b}, T {t}, NH {nh}, NKV {nkv}, HS {hs})");
-        report(label, &what, tc, td);
         // Against the f32 twin on the same (bf16) inputs the tensor-core kernels differ by
         // bf16 roundings, not f32 ones: P (fwd: P V; bwd: dv) and dS (dq, dk) are rounded to
         // bf16 as mma inputs (2^-9 relative per term), and every output once more when stored
@@ -319,24 +334,16 @@ fn attention_bf16<D: Device>(dev: &D, label: &str, dims: &[AttnDims]) {
         // Measured with these kernels on the emulator (both rows per block, HS 64 and 128)
         // at T 150 and at B 1, T 1000, NH 4, NKV 2 (128 rows): out <= 2.7e-3, lse <= 2.4e-7,
         // dq, dk, dv <= 4.4e-3, no growth with T. A wrong index or mask is off by O(1e-1).
-        let names = ["out", "lse", "dq", "dk", "dv"];
+        let ins = [&ins[0][..], &ins[1], &ins[2], &ins[3]];
         let tols = [1e-2, 1e-5, 1.5e-2, 1.5e-2, 1.5e-2];
-        for ((g, w), (name, tol)) in got.iter().zip(&want).zip(names.iter().zip(tols)) {
-            check(label, &format!("{what} {name}"), g, w, tol);
-        }
+        attention_compare(dev, label, "attention bf16", d, ins, tols);
     }
 }
 
 /// Causal GQA attention, forward then backward: out, lse, dq, dk, dv.
 fn attention<D: Device>(dev: &D, label: &str, s: &Sizes) {
     for &d in s.attention {
-        let AttnDims { b, t, nh, nkv, hs } = d;
         let [q, k, v, dout] = attention_inputs(&d);
-        let ins = [&q[..], &k, &v, &dout];
-        let (want, tc) = timed(|| attention_run(&CpuDevice::new(), d, ins));
-        let (got, td) = timed(|| attention_run(dev, d, ins));
-        let what = format!("attention (B {b}, T {t}, NH {nh}, NKV {nkv}, HS {hs})");
-        report(label, &what, tc, td);
         // Each score is a dot of HS terms, each output a softmax-weighted sum over up to T keys
         // (online softmax over key tiles, exp2f within 2 ulp); the backward sums over up to T
         // keys (dq) and T * NH/NKV query rows (dk, dv), with ds = p (dp - D) cancelling. f32
@@ -344,11 +351,8 @@ fn attention<D: Device>(dev: &D, label: &str, s: &Sizes) {
         // (1.4e-6 for n = 2048); 1e-4 leaves ~50x for the exponentials and tile rescales.
         // lse = m + ln(l): a few ulp of a value ~ln(T): 1e-5. Measured with these kernels on
         // the emulator at the GPU sizes: <= 1.4e-6 (out), 2.5e-7 (lse), 2.5e-6 (dk, HS 128).
-        let names = ["out", "lse", "dq", "dk", "dv"];
         let tols = [1e-4, 1e-5, 1e-4, 1e-4, 1e-4];
-        for ((g, w), (name, tol)) in got.iter().zip(&want).zip(names.iter().zip(tols)) {
-            check(label, &format!("{what} {name}"), g, w, tol);
-        }
+        attention_compare(dev, label, "attention", d, [&q[..], &k, &v, &dout], tols);
     }
 }
 
