@@ -61,3 +61,34 @@ fn cuda_and_auto_follow_the_machine() {
         }
     }
 }
+
+/// The GPU's memory budget counts memory freed into the device's pool as free: the pool keeps
+/// what a step frees (for the next step's allocations), which cuMemGetInfo counts as used.
+#[test]
+fn cuda_memory_budget_counts_memory_freed_into_the_pool() {
+    let Ok(_) = cuda::probe() else {
+        assert!(
+            !std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1"),
+            "NLA_REQUIRE_GPU=1 but no usable GPU"
+        );
+        return;
+    };
+    let dev = cuda::CudaDevice::new(0).unwrap();
+    let budget = |what: &str| {
+        let b = dev.memory_budget().unwrap().unwrap();
+        eprintln!("{what}: {:.3} GiB", b as f64 / (1u64 << 30) as f64);
+        b as i64
+    };
+    const GIB: i64 = 1 << 30;
+    // other allocations of the driver or cuBLASLt may come and go by a few MiB
+    const SLACK: i64 = 64 << 20;
+    let before = budget("before");
+    let buf = dev.alloc(1 << 28).unwrap(); // 1 GiB of f32
+    dev.synchronize().unwrap();
+    let held = budget("1 GiB held");
+    assert!((before - GIB - held).abs() < SLACK, "{before} -> {held}");
+    drop(buf);
+    dev.synchronize().unwrap();
+    let after = budget("freed");
+    assert!((before - after).abs() < SLACK, "{before} -> {after}");
+}

@@ -280,6 +280,44 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     }
 }
 
+/// Bytes the device's default memory pool holds without a live allocation in them (reserved
+/// minus used); 0 where the device has no memory pools.
+fn pool_idle(ctx: &CudaContext) -> Result<usize> {
+    use cudarc::driver::sys;
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(driver("memory pools supported"))?;
+    if pools == 0 {
+        return Ok(0);
+    }
+    ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let (mut reserved, mut used) = (0u64, 0u64);
+    // SAFETY: `pool` is a valid out-pointer for one handle and `ctx.cu_device()` a device the
+    // driver enumerated; both attributes write one u64 (cuuint64_t) through the pointer, and
+    // `reserved` and `used` are u64s alive across the calls.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(driver("cuDeviceGetDefaultMemPool"))?;
+        for (attr, out) in [
+            (
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                &mut reserved,
+            ),
+            (
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+                &mut used,
+            ),
+        ] {
+            sys::cuMemPoolGetAttribute(pool, attr, out as *mut u64 as *mut std::ffi::c_void)
+                .result()
+                .map_err(driver("cuMemPoolGetAttribute"))?;
+        }
+    }
+    Ok(usize::try_from(reserved.saturating_sub(used)).unwrap_or(usize::MAX))
+}
+
 impl CudaDevice {
     /// Opens GPU `ordinal`: its context, a stream, the kernels and cuBLASLt.
     pub fn new(ordinal: usize) -> Result<Self> {
@@ -374,9 +412,12 @@ impl CudaDevice {
         Ok(f64::from(ms) / 1e3)
     }
 
-    /// (free, total) bytes of device memory.
+    /// (free, total) bytes of device memory. Free counts the memory this device's pool holds
+    /// unused (freed buffers it keeps, [`keep_freed_memory`]), which cuMemGetInfo counts as
+    /// used although the next allocation takes it first.
     pub fn memory(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))
+        let (free, total) = self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))?;
+        Ok((free.saturating_add(pool_idle(&self.ctx)?), total))
     }
 
     fn alloc_typed(&self, n: usize, dtype: Dtype) -> Result<CudaBuf> {
