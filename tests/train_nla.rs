@@ -301,6 +301,85 @@ fn released_activations_give_the_same_steps() {
     assert_eq!(kept, released);
 }
 
+/// The first mini-batch's old log-probs come from its first update forward (before any
+/// optimizer step) instead of a forward of their own: the same updates as recomputing them,
+/// bit for bit, over 2 epochs of 2 mini-batches (the later epoch and mini-batch must keep
+/// the old log-probs of before the first step), micro-batches of 1 and 2, KL on.
+#[test]
+fn rl_update_reuses_the_first_forward_as_old_log_probs() {
+    let dev = Dev::new();
+    let seed = fresh_seed("rl old logps");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
+        .unwrap()
+        .params_to_host(&dev)
+        .unwrap();
+    let seqs: Vec<RlSequence> = [(3, 1.3f32), (6, -0.8), (10, 0.45), (4, -0.9)]
+        .iter()
+        .map(|&(r, adv)| {
+            let e = example(&mut rng, r, C);
+            RlSequence {
+                ids: e.ids,
+                prompt_len: e.prompt_len,
+                sites: e.sites,
+                vectors: e.vectors,
+                advantage: adv,
+                // as a rollout would give them: near, not equal
+                rollout_logps: (0..=r).map(|_| -1.0 - rng.random::<f32>()).collect(),
+            }
+        })
+        .collect();
+    let reference = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
+    let spec = PolicyLossSpec {
+        clip_low: 0.2,
+        clip_high: 0.2,
+        dual_clip: Some(3.0),
+        kl_coef: 0.1,
+        kl_type: KlType::K3,
+        agg: LossAgg::TokenMean,
+    };
+    let run = |recompute: bool, epochs: usize, mini: usize, micro: usize| {
+        let a = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
+        let mut t = ActorTrainer::new(
+            &dev,
+            a,
+            AdamwConfig::default(),
+            // large steps, so that a later pass that took moved weights' log-probs as the
+            // old ones would clip where the right ones do not
+            LrSchedule::constant(3e-2),
+            1.0,
+        )
+        .unwrap();
+        t.recompute_old = recompute;
+        let st = t
+            .rl_update(
+                &dev,
+                &seqs,
+                Some(&reference),
+                &spec,
+                epochs,
+                mini,
+                micro,
+                EOS,
+            )
+            .unwrap();
+        (st, dev.download(View::all(&t.actor.model.params)).unwrap())
+    };
+    for (epochs, mini, micro) in [(1, 4, 2), (2, 2, 1), (2, 4, 4)] {
+        let name = format!("epochs {epochs}, mini {mini}, micro {micro}");
+        let (st, params) = run(false, epochs, mini, micro);
+        let (want, want_params) = run(true, epochs, mini, micro);
+        assert!(params == want_params, "{name}: the weights differ");
+        assert_eq!(st, want, "{name}");
+        assert!(st.rollout_logp_diff.is_finite(), "{name}");
+        if epochs > 1 {
+            // the later passes ran on moved weights: ratios off 1 (the check above would not
+            // see old log-probs taken afresh in every pass otherwise)
+            assert!((st.ratio_mean - 1.0).abs() > 1e-6, "{name}: {st:?}");
+        }
+    }
+}
+
 #[test]
 fn sft_loss_is_the_mean_over_samples_of_token_means() {
     let dev = Dev::new();

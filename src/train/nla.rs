@@ -98,6 +98,10 @@ pub struct ActorTrainer<D: Device> {
     /// (rollout, critic, actor) share memory as the step's plan assumes (`train` sets it on a
     /// device with fixed memory); false keeps them for the next step of the same shape.
     pub release_acts: bool,
+    /// Recompute the old log-probs of the first mini-batch in a forward of their own, as for
+    /// every later one, instead of taking them from the update's first forward (the same
+    /// numbers: the parameters have not moved yet). For checking that they are the same.
+    pub recompute_old: bool,
     acts: Option<Activations<D>>,
 }
 
@@ -120,6 +124,7 @@ impl<D: Device> ActorTrainer<D> {
             temperature: 1.0,
             memory: MemoryOptions::default(),
             release_acts: false,
+            recompute_old: false,
             acts: None,
         })
     }
@@ -394,6 +399,36 @@ pub struct PolicyStats {
     pub tokens: usize,
 }
 
+/// One micro-batch of an RL update, collated once for every epoch.
+struct RlMicro {
+    /// its mini-batch (one optimizer step)
+    mini: usize,
+    /// its sequences' indices in the update's `seqs`
+    seqs: std::ops::Range<usize>,
+    /// sequences in its mini-batch
+    mini_rows: usize,
+    ab: crate::nla::ActorBatch,
+    /// advantages [B*T]
+    adv: Vec<f32>,
+    /// old log-probs [B*T]; None until the update's first forward gives them
+    old: Option<Vec<f32>>,
+    /// the reference's log-probs [B*T], for the KL loss
+    rf: Option<Vec<f32>>,
+}
+
+/// Adds |old log-prob - rollout log-prob| over the response tokens of the collated `chunk`
+/// (its rows `t` long, `old` [B*T]) to `sum.0`, and their count to `sum.1`.
+fn rollout_mismatch(sum: &mut (f64, f64), chunk: &[RlSequence], t: usize, old: &[f32]) {
+    for (row, s) in chunk.iter().enumerate() {
+        // the log-prob of the token at p is at p - 1 (the position that predicts it)
+        let base = row * t + s.prompt_len - 1;
+        for (k, &lp) in s.rollout_logps.iter().enumerate() {
+            sum.0 += (old[base + k] as f64 - lp as f64).abs();
+            sum.1 += 1.0;
+        }
+    }
+}
+
 impl<D: Device> ActorTrainer<D> {
     /// The collated micro-batch of RL sequences: response targets in the mask (weight 1).
     fn rl_batch(seqs: &[&RlSequence], pad_id: u32) -> Result<(crate::nla::ActorBatch, Vec<f32>)> {
@@ -437,6 +472,11 @@ impl<D: Device> ActorTrainer<D> {
     /// loss) once, then `epochs` passes over mini-batches of `mini` sequences, each one
     /// optimizer step accumulated over micro-batches of `micro`. The reference is a whole
     /// actor: its log-probs take its own injection (its projection, in `project` mode).
+    ///
+    /// The first mini-batch's old log-probs are those of its first update pass, taken before
+    /// any optimizer step (the same parameters, the same forward, so the same numbers): with
+    /// one epoch and one mini-batch (the default) that saves one of the three forwards per
+    /// micro-batch ([`ActorTrainer::recompute_old`] computes them apart).
     #[allow(clippy::too_many_arguments)]
     pub fn rl_update(
         &mut self,
@@ -453,7 +493,7 @@ impl<D: Device> ActorTrainer<D> {
             return Err(Error::invalid("rl step", "no sequences"));
         }
         let (mini, micro) = (mini.max(1), micro.max(1).min(mini.max(1)));
-        // fixed micro-batches: (first sequence, collated batch, advantages, old, ref)
+        let temp = (self.temperature, self.memory);
         let mut micros = vec![];
         let mut mismatch = (0.0, 0.0);
         for (m, mb) in seqs.chunks(mini).enumerate() {
@@ -461,30 +501,36 @@ impl<D: Device> ActorTrainer<D> {
                 let refs: Vec<&RlSequence> = chunk.iter().collect();
                 let (ab, adv) = Self::rl_batch(&refs, pad_id)?;
                 ab.batch.check_vocab(self.actor.model.cfg.vocab_size)?;
-                let temp = (self.temperature, self.memory);
-                let old = Self::logps(
-                    dev,
-                    &self.actor.model,
-                    &self.actor,
-                    &mut self.acts,
-                    &ab,
-                    temp,
-                )?;
-                for (row, s) in chunk.iter().enumerate() {
-                    // the rollout's log-probs of the response tokens against the recomputed ones
-                    let base = row * ab.batch.t + s.prompt_len - 1;
-                    for (k, &lp) in s.rollout_logps.iter().enumerate() {
-                        mismatch.0 += (old[base + k] as f64 - lp as f64).abs();
-                        mismatch.1 += 1.0;
-                    }
-                }
+                let first = m * mini + u * micro;
+                let old = if m > 0 || self.recompute_old {
+                    let old = Self::logps(
+                        dev,
+                        &self.actor.model,
+                        &self.actor,
+                        &mut self.acts,
+                        &ab,
+                        temp,
+                    )?;
+                    rollout_mismatch(&mut mismatch, chunk, ab.batch.t, &old);
+                    Some(old)
+                } else {
+                    None
+                };
                 let rf = match reference {
                     Some(r) if spec.kl_coef != 0.0 => {
                         Some(Self::logps(dev, &r.model, r, &mut self.acts, &ab, temp)?)
                     }
                     _ => None,
                 };
-                micros.push((m, u, chunk.len(), mb.len(), ab, adv, old, rf));
+                micros.push(RlMicro {
+                    mini: m,
+                    seqs: first..first + chunk.len(),
+                    mini_rows: mb.len(),
+                    ab,
+                    adv,
+                    old,
+                    rf,
+                });
             }
         }
         let mut st = PolicyStats::default();
@@ -493,13 +539,14 @@ impl<D: Device> ActorTrainer<D> {
         for _ in 0..epochs.max(1) {
             let mut i = 0;
             while i < micros.len() {
-                let m = micros[i].0;
+                let m = micros[i].mini;
                 self.actor.zero_grads(dev)?;
-                while i < micros.len() && micros[i].0 == m {
-                    let (_, _, rows, mini_rows, ab, adv, old, rf) = &micros[i];
-                    let db = ab.batch.upload(dev)?;
+                while i < micros.len() && micros[i].mini == m {
+                    let db = micros[i].ab.batch.upload(dev)?;
                     let n = db.b * db.t;
-                    let mut ai = self.actor.injection(dev, &ab.sites, &ab.vecs)?;
+                    let mut ai =
+                        self.actor
+                            .injection(dev, &micros[i].ab.sites, &micros[i].ab.vecs)?;
                     let acts = acts_for(
                         dev,
                         &mut self.acts,
@@ -509,9 +556,16 @@ impl<D: Device> ActorTrainer<D> {
                     )?;
                     let temp = self.temperature;
                     let logp = policy_logps(dev, &self.actor.model, acts, &db, &ai.inj, temp)?;
+                    let mc = &mut micros[i];
+                    if mc.old.is_none() {
+                        // the first mini-batch before its optimizer step: these are the old
+                        // log-probs (kept for the later epochs)
+                        rollout_mismatch(&mut mismatch, &seqs[mc.seqs.clone()], db.t, &logp);
+                    }
+                    let old = mc.old.get_or_insert_with(|| logp.clone());
                     let (logp, old_d, adv_d) =
-                        (dev.upload(&logp)?, dev.upload(old)?, dev.upload(adv)?);
-                    let ref_d = rf.as_ref().map(|r| dev.upload(r)).transpose()?;
+                        (dev.upload(&logp)?, dev.upload(old)?, dev.upload(&mc.adv)?);
+                    let ref_d = mc.rf.as_ref().map(|r| dev.upload(r)).transpose()?;
                     dev.policy_loss_fwd(
                         ViewMut::all(&mut stats),
                         View::all(&logp),
@@ -538,7 +592,7 @@ impl<D: Device> ActorTrainer<D> {
                     // d loss / d (logits / T) = -dlogp (softmax - onehot): cross-entropy's
                     // backward with -dlogp * share as the per-position weights (the 1 / T to the
                     // raw logits is the LM-head backward's, acts.logit_scale)
-                    let share = *rows as f32 / *mini_rows as f32;
+                    let share = mc.seqs.len() as f32 / mc.mini_rows as f32;
                     let w: Vec<f32> = dev
                         .download(View::all(&dlogp))?
                         .iter()
