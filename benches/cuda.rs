@@ -15,7 +15,16 @@
 //! p, g, m, v) stay f32; bytes count 2 per bf16 and 4 per f32 element. One device serves both:
 //! every op dispatches on its buffers' dtypes, whatever the device's working dtype.
 //!
+//! The ops run once or a few times per step (the elementwise backwards, the embedding, softmax,
+//! the NLA ops, sampling) are cases of benches/common/op_cases.rs, generic over the device, so
+//! that tests/bench_cases.rs runs each case's launches on the emulator in CI; they are timed
+//! for half a second each.
+//!
 //! Without a GPU (or without kernels in the build) it prints why and measures nothing.
+
+#[path = "common/op_cases.rs"]
+#[allow(dead_code)] // TINY: the sizes of tests/bench_cases.rs
+mod op_cases;
 
 use std::time::Duration;
 
@@ -23,6 +32,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use nla_engine::device::cuda::{self, CudaBuf, CudaDevice};
 use nla_engine::device::{AdamwStep, AttnDims, CacheDims, Device, Dtype, View, ViewMut};
+use op_cases::id;
 
 /// Dense f32 FMA rate of an H100 SXM (132 SMs x 128 lanes x 2 x 1.98 GHz), FLOP/s.
 const F32_PEAK: f64 = 67e12;
@@ -35,27 +45,7 @@ const DTYPES: [Dtype; 2] = [Dtype::F32, Dtype::Bf16];
 
 /// `n` pseudo-random values in [-scale, scale), stored as `dt` (rounded to it).
 fn random(dev: &CudaDevice, n: usize, seed: u64, scale: f32, dt: Dtype) -> CudaBuf {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let host: Vec<f32> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            scale * ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0)
-        })
-        .collect();
-    dev.upload_as(&host, dt).expect("upload")
-}
-
-/// A bench id: `op_shape` in f32 (the ids the f32 benches always had), `op_bf16_shape` in
-/// bf16; an empty op gives `shape` and `bf16_shape`.
-fn id(dt: Dtype, op: &str, shape: &str) -> String {
-    let dt = (dt != Dtype::F32).then(|| dt.name());
-    [Some(op).filter(|o| !o.is_empty()), dt, Some(shape)]
-        .into_iter()
-        .flatten()
-        .collect::<Vec<_>>()
-        .join("_")
+    op_cases::random(dev, n, seed, scale, dt).expect("upload")
 }
 
 fn v(x: &CudaBuf) -> View<'_, CudaBuf> {
@@ -97,13 +87,38 @@ fn bench_op(
     name: &str,
     thrpt: Throughput,
     limit: (f64, &str),
+    f: impl FnMut(usize) -> nla_engine::Result<()>,
+) {
+    bench_for(
+        c,
+        dev,
+        (group, name),
+        thrpt,
+        limit,
+        Duration::from_secs(2),
+        f,
+    )
+}
+
+/// [`bench_op`] measured for `measure` (warm-up a sixth of it, 10 samples under a second).
+fn bench_for(
+    c: &mut Criterion,
+    dev: &CudaDevice,
+    (group, name): (&str, &str),
+    thrpt: Throughput,
+    limit: (f64, &str),
+    measure: Duration,
     mut f: impl FnMut(usize) -> nla_engine::Result<()>,
 ) {
     let mut g = c.benchmark_group(group);
     g.throughput(thrpt.clone());
-    g.warm_up_time(Duration::from_millis(300));
-    g.measurement_time(Duration::from_secs(2));
-    g.sample_size(20);
+    g.warm_up_time(measure / 6);
+    g.measurement_time(measure);
+    g.sample_size(if measure < Duration::from_secs(1) {
+        10
+    } else {
+        20
+    });
     let mut k = 0usize;
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
@@ -705,6 +720,31 @@ fn benches(c: &mut Criterion) {
                 dev.residual_fwd(m(&mut out), v(&x), v(&p))
             },
         );
+    }
+
+    // the other ops (benches/common/op_cases.rs: the elementwise backwards, the embedding,
+    // softmax, the NLA ops, sampling), memory-bound: against the copy bandwidth, measured for
+    // half a second each (most run once or a few times per step)
+    for dt in DTYPES {
+        op_cases::each(
+            &dev,
+            &op_cases::GPU,
+            dt,
+            &mut |group, name, bytes, launch| {
+                let half = Duration::from_millis(500);
+                bench_for(
+                    c,
+                    &dev,
+                    (group, name),
+                    Throughput::Bytes(bytes),
+                    bw,
+                    half,
+                    launch,
+                );
+                Ok(())
+            },
+        )
+        .expect("bench cases");
     }
 }
 

@@ -350,7 +350,11 @@ sanitizer_part synccheck 120 synccheck
     echo "  launcher's pick, then the other kernel by name: 64 or 128 query rows per block)"
     { grep -h "^attention/fwd_bf16_t4096.*fraction" "$log/bench-attention.txt" 2>/dev/null ||
         echo "(no figure)"; } | sed 's/^/  /'
-    echo "memory-bound kernels: target above 80 % of the measured copy bandwidth (fraction lines above)"
+    echo "memory-bound kernels: target above 80 % of the measured copy bandwidth (per kernel:"
+    echo "  fraction, time per launch, bandwidth)"
+    { grep -h "^copy:\|fraction of measured copy bandwidth" "$log/bench-kernels.txt" 2>/dev/null ||
+        echo "(no figure)"; } |
+        sed -E 's/: ([0-9.]+ ms), ([0-9.]+ GB\/s), fraction of measured copy bandwidth: ([0-9.]+ %)$/: \3 (\1, \2)/; s/^/  /'
 } | section "summary against the targets"
 
 if [ "${#skipped[@]}" -gt 0 ]; then
