@@ -9,6 +9,8 @@
 mod emu;
 #[path = "build/nvcc.rs"]
 mod nvcc;
+#[path = "build/ptxas.rs"]
+mod ptxas;
 
 use std::path::PathBuf;
 

@@ -39,6 +39,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::ptxas::{hot_spills, parse_ptxas, KernelStats};
+
 fn find_nvcc() -> Option<PathBuf> {
     if let Some(p) = env::var_os("NVCC").filter(|p| !p.is_empty()) {
         return Some(PathBuf::from(p));
@@ -89,21 +91,6 @@ struct Done {
     ok: bool,
     stderr: String,
     took: Duration,
-}
-
-/// ptxas's figures for one kernel (sm_90a).
-#[derive(Default, Debug)]
-struct KernelStats {
-    file: String,
-    /// an `extern "C" __global__` kernel (else a subroutine ptxas kept, e.g. a math slow path)
-    entry: bool,
-    registers: Option<u32>,
-    barriers: u32,
-    stack: u32,
-    spill_stores: u32,
-    spill_loads: u32,
-    smem: u32,
-    lines: Vec<String>,
 }
 
 pub fn build(kernels: &[PathBuf]) {
@@ -197,22 +184,11 @@ pub fn build(kernels: &[PathBuf]) {
             parse_ptxas(&j.stem, &d.stderr, &mut stats);
         }
     }
-    let mut hot_spills = Vec::new();
-    for src in kernels {
-        let stem = src.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
-        let text = fs::read_to_string(src).unwrap_or_default();
-        for (name, k) in stats.iter().filter(|(_, k)| k.file == stem && k.entry) {
-            if is_hot(&text, name) && (k.spill_stores > 0 || k.spill_loads > 0) {
-                let spills: Vec<&str> = k
-                    .lines
-                    .iter()
-                    .filter(|l| l.contains("spill"))
-                    .map(|l| l.trim())
-                    .collect();
-                hot_spills.push(format!("{name} ({}): {}", src.display(), spills.join("; ")));
-            }
-        }
-    }
+    let texts: Vec<(PathBuf, String)> = kernels
+        .iter()
+        .map(|src| (src.clone(), fs::read_to_string(src).unwrap_or_default()))
+        .collect();
+    let hot_spills = hot_spills(&texts, &stats);
     let report = render_report(&nvcc, &jobs, &done, &stats, wall, workers);
     fs::write(out_dir.join("ptxas-report.txt"), &report).expect("write ptxas-report.txt");
     if let Some(target_dir) = target_dir(&out_dir) {
@@ -278,78 +254,6 @@ fn run_nvcc(nvcc: &Path, ccbin: &str, job: &Job) -> Done {
             took,
         },
     }
-}
-
-/// Reads ptxas -v lines ("Compiling entry function 'x' for 'sm_90a'", "Function properties for
-/// x", "N bytes stack frame, N bytes spill stores, N bytes spill loads", "Used N registers, used
-/// N barriers, N bytes smem") into per-kernel figures.
-fn parse_ptxas(stem: &str, text: &str, stats: &mut BTreeMap<String, KernelStats>) {
-    let mut current: Option<String> = None;
-    for line in text.lines() {
-        let quoted = line.split('\'').nth(1).map(str::to_string);
-        if line.contains("Compiling entry function") || line.contains("Function properties for") {
-            if let Some(name) = line
-                .split("Function properties for ")
-                .nth(1)
-                .map(|s| s.trim().to_string())
-                .or(quoted)
-            {
-                current = Some(name);
-            }
-        }
-        let Some(name) = &current else { continue };
-        let k = stats.entry(name.clone()).or_default();
-        k.file = stem.to_string();
-        k.entry |= line.contains("Compiling entry function");
-        let l = line.trim();
-        if l.is_empty() {
-            continue;
-        }
-        k.lines.push(l.to_string());
-        if l.contains("stack frame") || l.contains("spill") {
-            k.stack = number_before(l, "bytes stack frame").unwrap_or(k.stack);
-            k.spill_stores = number_before(l, "bytes spill stores").unwrap_or(k.spill_stores);
-            k.spill_loads = number_before(l, "bytes spill loads").unwrap_or(k.spill_loads);
-        }
-        if l.contains("Used") && l.contains("registers") {
-            k.registers = number_after(l, "Used ");
-            k.barriers = number_before(l, "barriers").unwrap_or(0);
-            k.smem = number_before(l, "bytes smem").unwrap_or(0);
-        }
-    }
-}
-
-/// The integer right before `unit` in `line` ("12 bytes spill stores" -> 12).
-fn number_before(line: &str, unit: &str) -> Option<u32> {
-    let head = &line[..line.find(unit)?];
-    head.split(|c: char| !c.is_ascii_digit())
-        .rfind(|s| !s.is_empty())?
-        .parse()
-        .ok()
-}
-
-/// The integer right after `prefix` in `line` ("Used 30 registers" -> 30).
-fn number_after(line: &str, prefix: &str) -> Option<u32> {
-    let tail = &line[line.find(prefix)? + prefix.len()..];
-    tail.split(|c: char| !c.is_ascii_digit())
-        .find(|s| !s.is_empty())?
-        .parse()
-        .ok()
-}
-
-/// Whether `symbol` is marked hot in a kernel file's text: a line `// nla: hot` (every kernel
-/// of the file) or `// nla: hot <symbol> ...`.
-fn is_hot(text: &str, symbol: &str) -> bool {
-    text.lines().any(|l| {
-        let Some(rest) = l.trim().strip_prefix("//") else {
-            return false;
-        };
-        let Some(names) = rest.trim().strip_prefix("nla: hot") else {
-            return false;
-        };
-        let names: Vec<&str> = names.split_whitespace().collect();
-        names.is_empty() || names.contains(&symbol)
-    })
 }
 
 fn render_report(

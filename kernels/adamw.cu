@@ -33,8 +33,7 @@
 //         adamw_bf16 (float* p, bf16* p16, const float* g, float* m, float* v, i64 n, ... as above)
 //         sum_squares_f32, sum_squares_bf16 (double* out, const T* x, i64 n)
 //
-// nla: hot adamw_f32
-// nla: hot adamw_bf16
+// nla: hot
 
 #include "common.cuh"
 

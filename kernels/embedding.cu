@@ -17,8 +17,7 @@
 //         embedding_bwd_f32, embedding_bwd_bf16 (float* dwte, const u32* ids, const T* dout,
 //                                                int n, int c, int v)
 //
-// nla: hot embedding_fwd_f32
-// nla: hot embedding_fwd_bf16
+// nla: hot
 
 #include "common.cuh"
 

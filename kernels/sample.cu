@@ -54,6 +54,8 @@
 //            float temperature, int top_k, float top_p)
 //         top_k = 0: off; top_p = 1: off (the launcher checks 0 < top_p <= 1, temperature >= 0,
 //         passes min(top_k, V)).
+//
+// nla: hot
 
 #include "common.cuh"
 
