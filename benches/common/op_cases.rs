@@ -286,7 +286,7 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
     // rewards and GRPO advantages of S reconstructions [S, C] (pred and target read: 2 T per
     // element; one block for the batch, as once per RL step)
     {
-        let (k, c) = (s.sites * 4, s.c);
+        let (k, c) = (s.sites, s.c);
         let (pred, target) = (
             random(dev, k * c, 18, 1.0, dt)?,
             random(dev, k * c, 19, 1.0, dt)?,
