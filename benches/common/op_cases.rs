@@ -6,6 +6,8 @@
 //! [`TINY`] sizes, so that a case whose buffers or dimensions a launcher refuses fails in CI,
 //! not on the GPU.
 //!
+//! Inputs smaller than the H100's 50 MiB L2 come in several sets, cycled (as in
+//! benches/cuda.rs), except where a case is bound by its launch or runs as one block.
 //! Bytes count what a launch must move at least: each T element 2 bytes in bf16 and 4 in f32,
 //! the always-f32 arguments 4 (kernels/<op>.cu, "Dtypes"); per-row terms (a norm's weights,
 //! masks, targets) are left out where they are negligible next to the rows.
@@ -96,6 +98,12 @@ pub fn id(dt: Dtype, op: &str, shape: &str) -> String {
         .flatten()
         .collect::<Vec<_>>()
         .join("_")
+}
+
+/// `k` input sets made by `make(i)`, cycled through by a bench whose inputs would otherwise
+/// stay in L2 from one launch to the next.
+fn sets<B>(k: u64, make: impl Fn(u64) -> Result<B>) -> Result<Vec<B>> {
+    (0..k).map(make).collect()
 }
 
 fn v<B: DeviceBuf>(x: &B) -> View<'_, B> {
@@ -236,18 +244,19 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
     // reads dy and x and writes dx (3 T)
     {
         let (n, c) = (s.n / 4, s.c);
-        let x = random(dev, n * c, 14, 1.0, dt)?;
+        // 32 MiB in bf16: 4 input sets, cycled, so that a launch does not find x in L2
+        let xs = sets(4, |i| random(dev, n * c, 14 + i, 1.0, dt))?;
         let mut y = dev.alloc_as(n * c, dt)?;
         let sc = (c as f32).sqrt();
         let g = "norm_scale";
         let (fwd, bwd) = fwd_bwd(&format!("{n}x{c}"));
-        time(g, &fwd, 2 * t * (n * c) as u64, &mut |_| {
-            dev.norm_scale_fwd(m(&mut y), v(&x), n, c, sc)
+        time(g, &fwd, 2 * t * (n * c) as u64, &mut |i| {
+            dev.norm_scale_fwd(m(&mut y), v(&xs[i % 4]), n, c, sc)
         })?;
-        let dy = random(dev, n * c, 15, 1.0, dt)?;
+        let dys = sets(4, |i| random(dev, n * c, 18 + i, 1.0, dt))?;
         let mut dx = dev.alloc_as(n * c, dt)?;
-        time(g, &bwd, 3 * t * (n * c) as u64, &mut |_| {
-            dev.norm_scale_bwd(m(&mut dx), v(&dy), v(&x), n, c, sc)
+        time(g, &bwd, 3 * t * (n * c) as u64, &mut |i| {
+            dev.norm_scale_bwd(m(&mut dx), v(&dys[i % 4]), v(&xs[i % 4]), n, c, sc)
         })?;
     }
 
@@ -369,7 +378,8 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
     // (the logits read at least once: T per element; the radix search reads them again)
     {
         let (n, vv) = (s.sample_rows, s.v);
-        let logits = random(dev, n * vv, 24, 6.0, dt)?;
+        // 16 MiB in bf16: 4 sets, cycled (L2 is 50 MiB)
+        let logits = sets(4, |i| random(dev, n * vv, 24 + i, 6.0, dt))?;
         let u: Vec<f32> = (0..n).map(|i| (i as f32 + 0.5) / n as f32).collect();
         let u = dev.upload(&u)?;
         let mut ids = dev.upload_ids(&vec![0; n])?;
@@ -383,7 +393,10 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
             "sample",
             &id(dt, "fwd", &format!("{n}x{vv}_top_p")),
             t * (n * vv) as u64,
-            &mut |_| dev.sample_fwd(&mut ids, m(&mut logp), v(&logits), v(&u), n, vv, &spec),
+            &mut |i| {
+                let x = v(&logits[i % 4]);
+                dev.sample_fwd(&mut ids, m(&mut logp), x, v(&u), n, vv, &spec)
+            },
         )?;
     }
     Ok(())
