@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::ptxas::{hot_spills, parse_ptxas, KernelStats};
+use crate::ptxas::{hot_spills, parse_ptxas, KernelStats, CUBIN_TARGET, NVCC_FLAGS};
 
 fn find_nvcc() -> Option<PathBuf> {
     if let Some(p) = env::var_os("NVCC").filter(|p| !p.is_empty()) {
@@ -73,7 +73,7 @@ impl Target {
     fn flags(self) -> &'static [&'static str] {
         match self {
             Target::Ptx => &["-ptx", "-arch=compute_80"],
-            Target::Cubin => &["-cubin", "-arch=sm_90a", "-Xptxas", "-v"],
+            Target::Cubin => CUBIN_TARGET,
         }
     }
 }
@@ -232,7 +232,8 @@ fn run_nvcc(nvcc: &Path, ccbin: &str, job: &Job) -> Done {
     let t0 = Instant::now();
     let out = Command::new(nvcc)
         .args(job.target.flags())
-        .args(["-std=c++17", "-O3", "-lineinfo", "-ccbin", ccbin])
+        .args(NVCC_FLAGS)
+        .args(["-ccbin", ccbin])
         .arg("-o")
         .arg(&job.out)
         .arg(&job.src)

@@ -5,6 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+/// nvcc's flags for every kernel file (build/nvcc.rs adds `-ccbin` and the output).
+pub const NVCC_FLAGS: &[&str] = &["-std=c++17", "-O3", "-lineinfo"];
+/// nvcc's target flags for the cubin, whose ptxas -v report is read here.
+pub const CUBIN_TARGET: &[&str] = &["-cubin", "-arch=sm_90a", "-Xptxas", "-v"];
+
 /// ptxas's figures for one kernel (sm_90a).
 #[derive(Default, Debug)]
 pub struct KernelStats {

@@ -351,8 +351,9 @@ sanitizer_part synccheck 120 synccheck
     { grep -h "^attention/fwd_bf16_t4096.*fraction" "$log/bench-attention.txt" 2>/dev/null ||
         echo "(no figure)"; } | sed 's/^/  /'
     echo "memory-bound kernels: target above 80 % of the measured copy bandwidth (per kernel:"
-    echo "  fraction, time per launch, bandwidth; reward_advantage and policy_loss run as one block,"
-    echo "  once per step, and inject at a few hundred KiB is bound by the launch: not held to it)"
+    echo "  fraction, time per launch, bandwidth). Not held to it: reward_advantage and policy_loss"
+    echo "  (one block, once per step), inject (256 KiB: bound by the launch), pool (one block per"
+    echo "  sequence: 64 blocks), sample (several passes over each row; bytes count one)"
     { grep -h "^copy:\|fraction of measured copy bandwidth" "$log/bench-kernels.txt" 2>/dev/null ||
         echo "(no figure)"; } |
         sed -E 's/: ([0-9.]+ ms), ([0-9.]+ GB\/s), fraction of measured copy bandwidth: ([0-9.]+ %)$/: \3 (\1, \2)/; s/^/  /'

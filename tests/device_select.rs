@@ -35,8 +35,12 @@ fn unknown_kinds_are_refused_naming_the_choices() {
     }
 }
 
+/// Held by the tests of this file that open the GPU, one at a time.
+static ONE_GPU_TEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn cuda_and_auto_follow_the_machine() {
+    let _one = ONE_GPU_TEST.lock().unwrap_or_else(|e| e.into_inner());
     match cuda::probe() {
         Err(why) => {
             // scripts/gpu-check.sh sets NLA_REQUIRE_GPU=1: there a missing GPU is a failure
@@ -64,8 +68,10 @@ fn cuda_and_auto_follow_the_machine() {
 
 /// The GPU's memory budget counts memory freed into the device's pool as free: the pool keeps
 /// what a step frees (for the next step's allocations), which cuMemGetInfo counts as used.
+/// (Measured with the other GPU test of this file held off: a device it opens allocates too.)
 #[test]
 fn cuda_memory_budget_counts_memory_freed_into_the_pool() {
+    let _one = ONE_GPU_TEST.lock().unwrap_or_else(|e| e.into_inner());
     let Ok(_) = cuda::probe() else {
         assert!(
             !std::env::var("NLA_REQUIRE_GPU").is_ok_and(|v| v == "1"),
@@ -91,4 +97,11 @@ fn cuda_memory_budget_counts_memory_freed_into_the_pool() {
     dev.synchronize().unwrap();
     let after = budget("freed");
     assert!((before - after).abs() < SLACK, "{before} -> {after}");
+    // the pool kept the freed GiB (else the driver took it back and the budget above proves
+    // nothing about the pool)
+    let idle = dev.pool_idle().unwrap() as i64;
+    assert!(
+        idle > GIB - SLACK,
+        "the pool keeps {idle} bytes after a GiB was freed"
+    );
 }

@@ -73,7 +73,7 @@ fn hot_marks_name_kernels_or_the_whole_file() {
     assert!(hot_spills(&other, &stats).is_empty());
 }
 
-/// tests/ptxas/spill.cu through nvcc and ptxas as build/nvcc.rs runs them for the cubin: the
+/// tests/ptxas/spill.cu through nvcc and ptxas with build/nvcc.rs's cubin flags: the
 /// hot spilling kernel is reported, the spilling one not marked hot and the hot one that fits
 /// are not.
 #[test]
@@ -86,8 +86,9 @@ fn a_hot_kernel_that_ptxas_spills_is_reported() {
     let out = tempfile::tempdir().unwrap();
     let ccbin = std::env::var("NVCC_CCBIN").unwrap_or_else(|_| "g++".into());
     let run = Command::new(&nvcc)
-        .args(["-cubin", "-arch=sm_90a", "-Xptxas", "-v"])
-        .args(["-std=c++17", "-O3", "-lineinfo", "-ccbin", &ccbin, "-o"])
+        .args(ptxas::CUBIN_TARGET)
+        .args(ptxas::NVCC_FLAGS)
+        .args(["-ccbin", &ccbin, "-o"])
         .arg(out.path().join("spill.cubin"))
         .arg(&src)
         .output()
@@ -100,11 +101,15 @@ fn a_hot_kernel_that_ptxas_spills_is_reported() {
     assert!(run.status.success(), "nvcc failed:\n{text}");
     let mut stats: BTreeMap<String, KernelStats> = BTreeMap::new();
     parse_ptxas("spill", &text, &mut stats);
+    let get = |k: &str| match stats.get(k) {
+        Some(s) => s,
+        None => panic!("{k} is not in ptxas's report:\n{text}"),
+    };
     for k in ["spills_hot", "spills_cold"] {
-        assert!(stats[k].spill_stores > 0, "{k} does not spill:\n{text}");
-        assert_eq!(stats[k].registers, Some(32), "{k}");
+        assert!(get(k).spill_stores > 0, "{k} does not spill:\n{text}");
+        assert_eq!(get(k).registers, Some(32), "{k}");
     }
-    assert_eq!(stats["fits_hot"].spill_stores, 0);
+    assert_eq!(get("fits_hot").spill_stores, 0);
     let file = std::fs::read_to_string(&src).unwrap();
     let spills = hot_spills(&[(src.clone(), file)], &stats);
     assert_eq!(spills.len(), 1, "{spills:?}");

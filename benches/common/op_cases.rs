@@ -26,7 +26,7 @@ pub struct Sizes {
     pub c: usize,
     /// vocabulary
     pub v: usize,
-    /// elements of the elementwise backward (swiglu's n; residual's)
+    /// elements of the elementwise backwards (swiglu's n, as its forward bench; residual's)
     pub elems: usize,
     /// rope's [B, T, NH, HS]
     pub rope: [usize; 4],
@@ -35,8 +35,10 @@ pub struct Sizes {
     /// sequences x positions of the critic's pooling and of the policy loss
     pub seqs: usize,
     pub t: usize,
-    /// injection sites
+    /// injection sites (one per sequence of a micro-batch)
     pub sites: usize,
+    /// samples of an RL step (rewards and advantages)
+    pub samples: usize,
     /// rows sampled at once (a rollout's batch)
     pub sample_rows: usize,
 }
@@ -52,7 +54,8 @@ pub const GPU: Sizes = Sizes {
     qkv: [8, 2048, 32, 4, 64],
     seqs: 64,
     t: 512,
-    sites: 256,
+    sites: 32,
+    samples: 256,
     sample_rows: 256,
 };
 
@@ -67,6 +70,7 @@ pub const TINY: Sizes = Sizes {
     seqs: 3,
     t: 7,
     sites: 4,
+    samples: 8,
     sample_rows: 3,
 };
 
@@ -120,7 +124,8 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
     let f = Dtype::F32;
     let fwd_bwd = |shape: &str| (id(dt, "fwd", shape), id(dt, "bwd", shape));
 
-    // the elementwise backwards, at their forwards' shapes in benches/cuda.rs
+    // the elementwise backwards: swiglu's, rope's and qkv_rope's at their forwards' shapes in
+    // benches/cuda.rs, residual's at swiglu's size
     {
         let n = s.elems;
         // dgu = [dgate; dup] written, dout and gu = [gate; up] read: 5 T per element
@@ -220,8 +225,8 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
         })?;
     }
 
-    // injection at S sites of a [N, C] residual stream (one per sequence in a batch: a few
-    // hundred KiB, so bound by the launch): vecs read and the sites' rows written (2 T); the
+    // injection at S sites of a [N, C] residual stream (one per sequence of a micro-batch: 256
+    // KiB of vectors in bf16, so bound by the launch): vecs read and the sites' rows written (2 T); the
     // backward reads the sites' rows of dh, writes dvecs and (replace) zeroes those rows (3 T)
     {
         let (n, c, k) = (s.n, s.c, s.sites);
@@ -295,7 +300,7 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
     // rewards and GRPO advantages of S reconstructions [S, C] (pred and target read: 2 T per
     // element; one block for the batch, as once per RL step)
     {
-        let (k, c) = (s.sites, s.c);
+        let (k, c) = (s.samples, s.c);
         let (pred, target) = (
             random(dev, k * c, 18, 1.0, dt)?,
             random(dev, k * c, 19, 1.0, dt)?,

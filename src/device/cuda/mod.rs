@@ -280,8 +280,9 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
     }
 }
 
-/// Bytes the device's default memory pool holds without a live allocation in them (reserved
-/// minus used); 0 where the device has no memory pools.
+/// Bytes the device's current memory pool (where cuMemAllocAsync takes memory from: the default
+/// pool, [`keep_freed_memory`]) holds without a live allocation in them (reserved minus used);
+/// 0 where the device has no memory pools.
 fn pool_idle(ctx: &CudaContext) -> Result<usize> {
     use cudarc::driver::sys;
     let pools = ctx
@@ -297,9 +298,9 @@ fn pool_idle(ctx: &CudaContext) -> Result<usize> {
     // driver enumerated; both attributes write one u64 (cuuint64_t) through the pointer, and
     // `reserved` and `used` are u64s alive across the calls.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+        sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device())
             .result()
-            .map_err(driver("cuDeviceGetDefaultMemPool"))?;
+            .map_err(driver("cuDeviceGetMemPool"))?;
         for (attr, out) in [
             (
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
@@ -414,10 +415,16 @@ impl CudaDevice {
 
     /// (free, total) bytes of device memory. Free counts the memory this device's pool holds
     /// unused (freed buffers it keeps, [`keep_freed_memory`]), which cuMemGetInfo counts as
-    /// used although the next allocation takes it first.
+    /// used although the next allocation takes it first (a driver that cannot say: none).
     pub fn memory(&self) -> Result<(usize, usize)> {
         let (free, total) = self.ctx.mem_get_info().map_err(driver("cuMemGetInfo"))?;
-        Ok((free.saturating_add(pool_idle(&self.ctx)?), total))
+        Ok((free.saturating_add(self.pool_idle().unwrap_or(0)), total))
+    }
+
+    /// Bytes the device's memory pool keeps without a live allocation in them (memory freed
+    /// into it, kept for the next allocations); 0 where the device has no memory pools.
+    pub fn pool_idle(&self) -> Result<usize> {
+        pool_idle(&self.ctx)
     }
 
     fn alloc_typed(&self, n: usize, dtype: Dtype) -> Result<CudaBuf> {
