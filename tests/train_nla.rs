@@ -118,11 +118,16 @@ fn actor(
 
 fn trainer(dev: &Dev, actor: Actor<Dev>) -> ActorTrainer<Dev> {
     // lr 0: a step leaves the weights as they are and the gradient in the grads buffer
+    trainer_lr(dev, actor, 0.0)
+}
+
+/// A trainer of `actor` at a constant learning rate, default AdamW, clip 1.
+fn trainer_lr(dev: &Dev, actor: Actor<Dev>, lr: f32) -> ActorTrainer<Dev> {
     ActorTrainer::new(
         dev,
         actor,
         AdamwConfig::default(),
-        LrSchedule::constant(0.0),
+        LrSchedule::constant(lr),
         1.0,
     )
     .unwrap()
@@ -279,14 +284,7 @@ fn released_activations_give_the_same_steps() {
         .collect();
     let run = |release: bool| {
         let a = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
-        let mut t = ActorTrainer::new(
-            &dev,
-            a,
-            AdamwConfig::default(),
-            LrSchedule::constant(1e-3),
-            1.0,
-        )
-        .unwrap();
+        let mut t = trainer_lr(&dev, a, 1e-3);
         t.release_acts = release;
         let losses: Vec<f64> = (0..3)
             .map(|_| t.sft_step(&dev, &ex, 2, EOS).unwrap().loss)
@@ -340,16 +338,9 @@ fn rl_update_reuses_the_first_forward_as_old_log_probs() {
     };
     let run = |recompute: bool, epochs: usize, mini: usize, micro: usize| {
         let a = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
-        let mut t = ActorTrainer::new(
-            &dev,
-            a,
-            AdamwConfig::default(),
-            // large steps, so that a later pass that took moved weights' log-probs as the
-            // old ones would clip where the right ones do not
-            LrSchedule::constant(3e-2),
-            1.0,
-        )
-        .unwrap();
+        // large steps, so that a later pass that took moved weights' log-probs as the old ones
+        // would clip where the right ones do not
+        let mut t = trainer_lr(&dev, a, 3e-2);
         t.recompute_old = recompute;
         let st = t
             .rl_update(
