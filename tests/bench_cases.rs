@@ -38,6 +38,7 @@ fn every_bench_case_launches_on_the_emulator() {
             };
         op_cases::each(&dev, &op_cases::TINY, dt, &mut time).unwrap();
     }
-    // 16 cases in each dtype, and the policy loss (fwd, bwd) in f32 only
-    assert_eq!(ids.len(), 2 * 16 + 2, "{ids:?}");
+    // 16 cases in each dtype, and the policy loss (fwd, bwd) and the conversions (both ways)
+    // once
+    assert_eq!(ids.len(), 2 * 16 + 2 + 2, "{ids:?}");
 }

@@ -1,10 +1,10 @@
 //! The benches of the ops the first groups of benches/cuda.rs leave out: the backward of the
 //! elementwise ops, the embedding, softmax, the NLA ops (injection, the critic's norm and
-//! pooling, rewards and advantages, the policy loss) and sampling. Each case allocates its
-//! inputs and hands its launch to a timer, generic over the device: benches/cuda.rs times them
-//! on the GPU at [`GPU`] sizes; tests/bench_cases.rs runs every launch on the emulator at
-//! [`TINY`] sizes, so that a case whose buffers or dimensions a launcher refuses fails in CI,
-//! not on the GPU.
+//! pooling, rewards and advantages, the policy loss), sampling and the dtype conversion. Each
+//! case allocates its inputs and hands its launch to a timer, generic over the device:
+//! benches/cuda.rs times them on the GPU at [`GPU`] sizes; tests/bench_cases.rs runs every
+//! launch on the emulator at [`TINY`] sizes, so that a case whose buffers or dimensions a
+//! launcher refuses fails in CI, not on the GPU.
 //!
 //! Inputs smaller than the H100's 50 MiB L2 come in several sets, cycled (as in
 //! benches/cuda.rs), except where a case is bound by its launch or runs as one block.
@@ -377,6 +377,30 @@ pub fn each<D: Device>(dev: &D, s: &Sizes, dt: Dtype, time: &mut Timer<'_>) -> R
                 &spec,
             )
         })?;
+    }
+
+    // the dtype conversion of `copy` (f32 -> bf16 and back; the convert kernels) over the
+    // elementwise size: 4 + 2 bytes an element; once, in f32 (it converts between the two)
+    if dt == f {
+        let n = s.elems;
+        let (a32, a16) = (
+            random(dev, n, 25, 1.0, Dtype::F32)?,
+            random(dev, n, 26, 1.0, Dtype::Bf16)?,
+        );
+        let (mut b16, mut b32) = (dev.alloc_as(n, Dtype::Bf16)?, dev.alloc_as(n, Dtype::F32)?);
+        let shape = format!("{}M", (n + 500_000) / 1_000_000);
+        time(
+            "convert",
+            &format!("f32_to_bf16_{shape}"),
+            6 * n as u64,
+            &mut |_| dev.copy(m(&mut b16), v(&a32)),
+        )?;
+        time(
+            "convert",
+            &format!("bf16_to_f32_{shape}"),
+            6 * n as u64,
+            &mut |_| dev.copy(m(&mut b32), v(&a16)),
+        )?;
     }
 
     // one token for each of a rollout's rows over the vocabulary, temperature 1, top-p 0.9
