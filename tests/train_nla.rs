@@ -121,6 +121,14 @@ fn trainer(dev: &Dev, actor: Actor<Dev>) -> ActorTrainer<Dev> {
     trainer_lr(dev, actor, 0.0)
 }
 
+/// The flat weights of a random tiny model (init scale 0.2), on the host.
+fn tiny_weights(dev: &Dev, seed: u64) -> Vec<f32> {
+    Model::init_random(dev, tiny_config(), seed, 0.2)
+        .unwrap()
+        .params_to_host(dev)
+        .unwrap()
+}
+
 /// A trainer of `actor` at a constant learning rate, default AdamW, clip 1.
 fn trainer_lr(dev: &Dev, actor: Actor<Dev>, lr: f32) -> ActorTrainer<Dev> {
     ActorTrainer::new(
@@ -274,10 +282,7 @@ fn released_activations_give_the_same_steps() {
     let dev = Dev::new();
     let seed = fresh_seed("release_acts");
     let mut rng = StdRng::seed_from_u64(seed);
-    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
-        .unwrap()
-        .params_to_host(&dev)
-        .unwrap();
+    let base = tiny_weights(&dev, seed);
     let ex: Vec<ActorExample> = [2, 7, 13]
         .iter()
         .map(|&r| example(&mut rng, r, C))
@@ -308,10 +313,7 @@ fn rl_update_reuses_the_first_forward_as_old_log_probs() {
     let dev = Dev::new();
     let seed = fresh_seed("rl old logps");
     let mut rng = StdRng::seed_from_u64(seed);
-    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
-        .unwrap()
-        .params_to_host(&dev)
-        .unwrap();
+    let base = tiny_weights(&dev, seed);
     let seqs: Vec<RlSequence> = [(3, 1.3f32), (6, -0.8), (10, 0.45), (4, -0.9)]
         .iter()
         .map(|&(r, adv)| {
@@ -376,10 +378,7 @@ fn sft_loss_is_the_mean_over_samples_of_token_means() {
     let dev = Dev::new();
     let seed = fresh_seed("sft_loss");
     let mut rng = StdRng::seed_from_u64(seed);
-    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
-        .unwrap()
-        .params_to_host(&dev)
-        .unwrap();
+    let base = tiny_weights(&dev, seed);
     let cases = [
         ("replace [0]", vec![0], InjectionMode::Replace, C),
         ("replace [2]", vec![2], InjectionMode::Replace, C),
@@ -516,10 +515,7 @@ fn project_injection_gradient_matches_finite_differences() {
     let seed = fresh_seed("project grad");
     let mut rng = StdRng::seed_from_u64(seed);
     let a = 24;
-    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
-        .unwrap()
-        .params_to_host(&dev)
-        .unwrap();
+    let base = tiny_weights(&dev, seed);
     let mut t = trainer(
         &dev,
         actor(&dev, &base, vec![0, 1], InjectionMode::Project, a, seed),
@@ -726,10 +722,7 @@ fn rl_update_gradient_matches_finite_differences() {
     let seed = fresh_seed("rl grad");
     let mut rng = StdRng::seed_from_u64(seed);
     let a = 24;
-    let base = Model::init_random(&dev, tiny_config(), seed, 0.2)
-        .unwrap()
-        .params_to_host(&dev)
-        .unwrap();
+    let base = tiny_weights(&dev, seed);
     // the reference: another model near the actor (every weight moved by N(0, 0.01^2)), as an
     // SFT reference is near its policy; far apart, k3 would sit on its clamp (at 10) for
     // some tokens, where the loss has a kink that central differences straddle
