@@ -121,6 +121,18 @@ fn trainer(dev: &Dev, actor: Actor<Dev>) -> ActorTrainer<Dev> {
     trainer_lr(dev, actor, 0.0)
 }
 
+/// An RL sequence of example `e` with its advantage and rollout log-probs.
+fn rl_sequence(e: ActorExample, advantage: f32, rollout_logps: Vec<f32>) -> RlSequence {
+    RlSequence {
+        ids: e.ids,
+        prompt_len: e.prompt_len,
+        sites: e.sites,
+        vectors: e.vectors,
+        advantage,
+        rollout_logps,
+    }
+}
+
 /// The flat weights of a random tiny model (init scale 0.2), on the host.
 fn tiny_weights(dev: &Dev, seed: u64) -> Vec<f32> {
     Model::init_random(dev, tiny_config(), seed, 0.2)
@@ -318,15 +330,9 @@ fn rl_update_reuses_the_first_forward_as_old_log_probs() {
         .iter()
         .map(|&(r, adv)| {
             let e = example(&mut rng, r, C);
-            RlSequence {
-                ids: e.ids,
-                prompt_len: e.prompt_len,
-                sites: e.sites,
-                vectors: e.vectors,
-                advantage: adv,
-                // as a rollout would give them: near, not equal
-                rollout_logps: (0..=r).map(|_| -1.0 - rng.random::<f32>()).collect(),
-            }
+            // as a rollout would give them: near, not equal
+            let logps = (0..=r).map(|_| -1.0 - rng.random::<f32>()).collect();
+            rl_sequence(e, adv, logps)
         })
         .collect();
     let reference = actor(&dev, &base, vec![0], InjectionMode::Replace, C, seed);
@@ -743,17 +749,7 @@ fn rl_update_gradient_matches_finite_differences() {
     // responses of 4, 7 and 11 tokens, advantages of both signs
     let seqs: Vec<RlSequence> = [(3, 1.3f32), (6, -0.8), (10, 0.45)]
         .iter()
-        .map(|&(r, adv)| {
-            let e = example(&mut rng, r, a);
-            RlSequence {
-                ids: e.ids,
-                prompt_len: e.prompt_len,
-                sites: e.sites,
-                vectors: e.vectors,
-                advantage: adv,
-                rollout_logps: vec![],
-            }
-        })
+        .map(|&(r, adv)| rl_sequence(example(&mut rng, r, a), adv, vec![]))
         .collect();
     let params = dev.download(View::all(&t.actor.model.params)).unwrap();
     let old1 = rl_logps(&dev, &t.actor.model, &t.actor, &seqs, 1.0);
